@@ -1,0 +1,3 @@
+from sae_mcp.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,262 @@
+"""sae-mcp serve | call | doctor | train-sae  (and the corpus/explanation commands later issues add).
+
+stdout belongs to JSON-RPC under `serve`: logs, progress bars and any library chatter go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from sae_mcp.settings import DEFAULT_MODEL, DEFAULT_SAE, Settings, default_data_dir
+
+log = logging.getLogger("sae_mcp")
+
+
+def _engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="transformer-lens official name or local HF model folder")
+    p.add_argument(
+        "--sae",
+        action="append",
+        dest="saes",
+        metavar="SPEC",
+        help="RELEASE/SAE_ID or a local SAELens folder, optionally ALIAS=SPEC; repeatable "
+        f"(default: {DEFAULT_SAE})",
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--corpus", default=None, help="HF dataset name or local .txt/.jsonl/.parquet for scans")
+    p.add_argument("--data-dir", default=None, type=Path, help=f"stores live here (default: {default_data_dir()})")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    kw = dict(
+        model=args.model,
+        saes=tuple(args.saes) if args.saes else (DEFAULT_SAE,),
+        device=args.device,
+        dtype=args.dtype,
+        corpus=args.corpus,
+    )
+    if args.data_dir is not None:
+        kw["data_dir"] = args.data_dir
+    return Settings(**kw)
+
+
+def build_engine(settings: Settings):
+    """Load model + SAEs with every byte of library chatter sent to stderr."""
+    from sae_mcp.engine.runtime import Engine
+
+    with contextlib.redirect_stdout(sys.stderr):
+        return Engine.from_settings(settings)
+
+
+def build_app(settings: Settings):
+    """Engine + MCP server for serve/call."""
+    from sae_mcp.server.app import build_server
+
+    engine = build_engine(settings)
+    return engine, build_server(engine, settings)
+
+
+# --------------------------------------------------------------------------------------------------- commands
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    _, server = build_app(settings)
+    log.info("sae-mcp serving on stdio")
+    server.run("stdio")
+    return 0
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    import anyio
+    from mcp import Client
+
+    try:
+        arguments = json.loads(args.json) if args.json else {}
+    except json.JSONDecodeError as exc:
+        print(f"error: --json is not valid JSON: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(arguments, dict):
+        print("error: --json must be a JSON object of tool arguments", file=sys.stderr)
+        return 2
+    settings = settings_from_args(args)
+    _, server = build_app(settings)
+
+    async def run() -> int:
+        async with Client(server) as client:
+            result = await client.call_tool(args.tool, arguments)
+        if result.is_error:
+            text = " ".join(getattr(c, "text", "") for c in result.content)
+            print(f"error: {text}", file=sys.stderr)
+            return 1
+        payload = result.structured_content
+        if payload is None:
+            payload = [c.model_dump(mode="json", exclude_none=True) for c in result.content]
+        print(json.dumps(payload, indent=None if args.compact else 2, ensure_ascii=False))
+        return 0
+
+    return anyio.run(run)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """What is installed, the device, and whether the default model and SAE are cached."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = sys.stdout
+    for pkg in ("sae-mcp", "torch", "transformer-lens", "sae-lens", "mcp", "transformers", "pydantic", "pandas"):
+        try:
+            v = version(pkg)
+        except PackageNotFoundError:
+            v = "NOT INSTALLED"
+        print(f"{pkg:18s} {v}", file=out)
+    import torch
+
+    from sae_mcp.engine import loading
+
+    print(f"{'cuda':18s} {torch.cuda.is_available()}" + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""), file=out)
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    print(f"{'mps':18s} {mps}", file=out)
+    print(f"{'device (auto)':18s} {loading.resolve_device('auto')}", file=out)
+    print(f"{'hub reachable':18s} {loading.hub_reachable()}", file=out)
+    print(f"{'data dir':18s} {args.data_dir or default_data_dir()}", file=out)
+    model = args.model
+    if loading._is_local_model_dir(model):
+        print(f"{'model':18s} {model}: local folder", file=out)
+    else:
+        from transformer_lens.loading_from_pretrained import get_official_model_name
+
+        try:
+            official = get_official_model_name(model)
+            cached = loading._hf_repo_cached(official, "config.json")
+            print(f"{'model':18s} {model} ({official}): {'cached' if cached else 'NOT cached'}", file=out)
+        except ValueError:
+            print(f"{'model':18s} {model}: not an official transformer-lens name", file=out)
+    for spec in args.saes or [DEFAULT_SAE]:
+        _, source = loading.split_alias(spec)
+        if Path(source).is_dir():
+            print(f"{'sae':18s} {source}: local folder", file=out)
+            continue
+        try:
+            release, sae_id = loading._parse_release_id(source)
+            cached = loading._sae_cached(release, sae_id)
+            print(f"{'sae':18s} {release}/{sae_id}: {'cached' if cached else 'NOT cached'}", file=out)
+        except Exception as exc:
+            print(f"{'sae':18s} {source}: {exc}", file=out)
+    return 0
+
+
+def cmd_train_sae(args: argparse.Namespace) -> int:
+    """Train a small SAE on a local corpus with sae-lens' runner and save it as a SAELens folder."""
+    from sae_mcp.engine.loading import load_model, resolve_device, resolve_dtype
+    from sae_mcp.engine.training import train_sae
+
+    with contextlib.redirect_stdout(sys.stderr):
+        loaded = load_model(args.model, resolve_device(args.device), resolve_dtype("float32"))
+        texts = _read_texts(Path(args.texts), args.max_docs)
+        out = train_sae(
+            loaded.model,
+            texts,
+            hook_name=args.hook,
+            out_dir=Path(args.out),
+            d_sae=args.d_sae,
+            training_tokens=args.tokens,
+            context_size=args.context_size,
+            l1_coefficient=args.l1,
+            model_name=loaded.name,
+        )
+    print(str(out))
+    return 0
+
+
+def _read_texts(path: Path, max_docs: int | None) -> list[str]:
+    """.jsonl with a `text` field, or .txt with one document per line."""
+    if not path.exists():
+        raise SystemExit(f"error: {path} does not exist")
+    texts: list[str] = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if path.suffix == ".jsonl":
+                line = line.strip()
+                if line:
+                    texts.append(json.loads(line)["text"])
+            elif line.strip():
+                texts.append(line.rstrip("\n"))
+            if max_docs and len(texts) >= max_docs:
+                break
+    return texts
+
+
+# ------------------------------------------------------------------------------------------------------- main
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sae-mcp", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (stderr)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the MCP server on stdio")
+    _engine_flags(p)
+    p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("call", help="run one tool in-process and print its structured result as JSON")
+    p.add_argument("tool", help="tool name, e.g. get_feature_acts")
+    p.add_argument("--json", default="{}", help="tool arguments as a JSON object")
+    p.add_argument("--compact", action="store_true", help="one-line JSON")
+    _engine_flags(p)
+    p.set_defaults(fn=cmd_call)
+
+    p = sub.add_parser("doctor", help="installed versions, device, and whether the model/SAE are cached")
+    _engine_flags(p)
+    p.set_defaults(fn=cmd_doctor)
+
+    p = sub.add_parser("train-sae", help="train a small SAE offline on a local corpus (a SAELens folder)")
+    p.add_argument("--model", required=True, help="official name or local HF model folder")
+    p.add_argument("--hook", required=True, help="hook name, e.g. blocks.2.hook_resid_pre")
+    p.add_argument("--texts", required=True, help=".jsonl (text field) or .txt (one document per line)")
+    p.add_argument("--out", required=True, help="output folder (cfg.json + sae_weights.safetensors)")
+    p.add_argument("--d-sae", type=int, default=256)
+    p.add_argument("--tokens", type=int, default=300_000, help="training tokens")
+    p.add_argument("--context-size", type=int, default=128)
+    p.add_argument("--l1", type=float, default=2.0, help="L1 coefficient")
+    p.add_argument("--max-docs", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(fn=cmd_train_sae)
+
+    for register in _extra_commands():
+        register(sub, _engine_flags)
+    return parser
+
+
+def _extra_commands():
+    """Subcommands contributed by other modules (index, explanations, dashboard): each a register(sub, flags)."""
+    return []
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from sae_mcp.errors import SaeMcpError
+
+    try:
+        return args.fn(args)
+    except SaeMcpError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

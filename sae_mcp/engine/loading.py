@@ -1,0 +1,343 @@
+"""Model and SAE sources -> LoadedModel, LoadedSAE.
+
+Models: a transformer-lens official name (fetched/cached by Hugging Face) or a local Hugging Face folder,
+converted with transformer-lens' own config and weight converters. SAEs: a SAELens `RELEASE/SAE_ID` from the
+pretrained directory, or a local SAELens folder (`cfg.json` + `sae_weights.safetensors`).
+
+Offline behaviour (measured, library-facts.md): hub loaders retry for ~23 s before failing, ~1.5 s with
+HF_HUB_OFFLINE=1. We probe the hub once (2 s timeout); when it is unreachable we set HF_HUB_OFFLINE=1 so a
+populated cache still works and a missing one fails at once with a message naming what to download.
+Only safetensors weights are read; remote code is never trusted.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sae_mcp.errors import LoadError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The hub: reachable or not, decided once per process.
+
+_hub_reachable: bool | None = None
+
+
+def hub_reachable(timeout_s: float = 2.0) -> bool:
+    """True when huggingface.co answers a TCP connect within the timeout (HF_HUB_OFFLINE=1 means no)."""
+    global _hub_reachable
+    if os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "True", "YES", "yes"):
+        return False
+    if _hub_reachable is None:
+        try:
+            with socket.create_connection(("huggingface.co", 443), timeout=timeout_s):
+                _hub_reachable = True
+        except OSError:
+            _hub_reachable = False
+        if not _hub_reachable:
+            # Make every later hub call fail (or hit the cache) at once instead of retrying for ~23 s.
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            try:
+                import huggingface_hub.constants as hc
+
+                hc.HF_HUB_OFFLINE = True
+            except Exception:  # pragma: no cover - older/newer hub layouts
+                pass
+    return _hub_reachable
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LoadError(f"--device {device} was asked for but CUDA is not available here; use --device cpu or auto")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise LoadError("--device mps was asked for but MPS is not available here; use --device cpu or auto")
+    if device not in ("cpu", "mps") and not device.startswith("cuda"):
+        raise LoadError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise LoadError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclass
+class LoadedModel:
+    model: "object"  # sae_lens.HookedSAETransformer (kept loose so this module imports fast)
+    name: str
+    """The official name, or the folder's name for a local model."""
+    source: str
+    """'official' or the absolute path of the local folder."""
+    architecture: str
+    """The Hugging Face architecture transformer-lens converted (e.g. GPT2LMHeadModel, LlamaForCausalLM)."""
+
+
+def _is_local_model_dir(spec: str) -> bool:
+    p = Path(spec).expanduser()
+    return p.is_dir() and (p / "config.json").exists()
+
+
+def load_model(spec: str, device: str, dtype: torch.dtype) -> LoadedModel:
+    """Load `spec` (official name or local HF folder) as a HookedSAETransformer on `device`."""
+    from sae_lens import HookedSAETransformer
+
+    if _is_local_model_dir(spec):
+        return _load_local_model(Path(spec).expanduser().resolve(), device, dtype)
+    if Path(spec).expanduser().exists():
+        raise LoadError(f"--model {spec}: the folder exists but has no config.json; pass a Hugging Face model folder")
+
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        official = get_official_model_name(spec)
+    except ValueError:
+        raise LoadError(
+            f"--model {spec!r} is neither a transformer-lens official model name nor a local Hugging Face folder "
+            "(a folder with config.json). Examples: gpt2-small, gemma-2-2b, meta-llama/Llama-3.1-8B."
+        ) from None
+    online = hub_reachable()
+    if not online and not _hf_repo_cached(official, "config.json"):
+        raise LoadError(
+            f"model {spec!r} ({official}) is not in the Hugging Face cache and the hub cannot be reached. "
+            f"With network, run `huggingface-cli download {official}` once (or just start sae-mcp online), "
+            "or pass --model /path/to/a/local/hf/model/folder."
+        )
+    try:
+        model = HookedSAETransformer.from_pretrained(spec, device=device, dtype=dtype)
+    except Exception as exc:  # the hub stack raises many types; all mean "could not load"
+        raise LoadError(
+            f"could not load model {spec!r}: {type(exc).__name__}: {exc}. "
+            + ("" if online else "The hub is unreachable, so the cache must hold the full model. ")
+            + "Pass --model /path/to/a/local/hf/model/folder to load from disk."
+        ) from exc
+    model.eval()
+    return LoadedModel(model=model, name=spec, source="official", architecture=model.cfg.original_architecture or "")
+
+
+def _hf_repo_cached(repo_id: str, filename: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(repo_id, filename)
+        return isinstance(hit, str)
+    except Exception:
+        return False
+
+
+def _load_local_model(folder: Path, device: str, dtype: torch.dtype) -> LoadedModel:
+    """Local HF folder -> transformer-lens: its own config builder and weight converter, safetensors only."""
+    from sae_lens import HookedSAETransformer
+    from transformer_lens.loading_from_pretrained import get_pretrained_model_config, get_pretrained_state_dict
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not any(folder.glob("*.safetensors")):
+        raise LoadError(f"--model {folder}: no *.safetensors weights found; sae-mcp never unpickles .bin weights")
+    try:
+        cfg = get_pretrained_model_config(str(folder), fold_ln=True, device=device, dtype=dtype)
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        state_dict = get_pretrained_state_dict(str(folder), cfg, hf_model=hf_model, dtype=dtype)
+    except LoadError:
+        raise
+    except Exception as exc:
+        raise LoadError(
+            f"could not convert the local model {folder}: {type(exc).__name__}: {exc}. transformer-lens converts "
+            "GPT-2, GPT-Neo(X), Llama, Mistral, Gemma 1-3, Qwen 2-3, Phi, OLMo and a few more architectures."
+        ) from exc
+    del hf_model
+    model = HookedSAETransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(state_dict, fold_ln=True, center_writing_weights=True, center_unembed=True)
+    model.to(device)
+    model.eval()
+    return LoadedModel(model=model, name=folder.name, source=str(folder), architecture=cfg.original_architecture or "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SAEs
+
+
+@dataclass
+class LoadedSAE:
+    sae: "object"  # sae_lens.SAE
+    key: str
+    """How tools address it: the alias when given, else the hook name."""
+    hook_name: str
+    layer: int
+    """The block index of the hook: a forward with stop_at_layer = layer + 1 reaches it."""
+    d_in: int
+    d_sae: int
+    architecture: str
+    """standard | topk | jumprelu | gated | ... (sae-lens' own name)."""
+    source: str
+    """`RELEASE/SAE_ID` or the local folder's absolute path."""
+    release: str | None
+    sae_id: str | None
+    neuronpedia_id: str | None
+    prepend_bos: bool
+    context_size: int | None
+    dataset_path: str | None
+
+
+def split_alias(spec: str) -> tuple[str | None, str]:
+    """`ALIAS=SPEC` -> (ALIAS, SPEC); a spec without `=` (or with `=` after a `/`) has no alias."""
+    head, sep, tail = spec.partition("=")
+    if sep and head and "/" not in head and not Path(spec).exists():
+        return head, tail
+    return None, spec
+
+
+def load_sae(spec: str, device: str, dtype: torch.dtype) -> LoadedSAE:
+    """Load one SAE spec (without alias). Key is set to the hook name; the caller applies aliases."""
+    from sae_lens import SAE
+
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        if not (folder / "cfg.json").exists():
+            raise LoadError(f"--sae {spec}: the folder has no cfg.json; a SAELens folder holds cfg.json + sae_weights.safetensors")
+        try:
+            sae = SAE.load_from_disk(str(folder), device=device, dtype=_dtype_name(dtype))
+        except Exception as exc:
+            raise LoadError(f"could not load the SAE folder {folder}: {type(exc).__name__}: {exc}") from exc
+        release = sae_id = None
+        source = str(folder.resolve())
+    else:
+        release, sae_id = _parse_release_id(spec)
+        if not hub_reachable() and not _sae_cached(release, sae_id):
+            raise LoadError(
+                f"SAE {release}/{sae_id} is not in the Hugging Face cache and the hub cannot be reached. With network, "
+                "start sae-mcp once online to cache it, or pass --sae /path/to/a/local/saelens/folder "
+                "(cfg.json + sae_weights.safetensors)."
+            )
+        try:
+            sae = SAE.from_pretrained(release, sae_id, device=device, dtype=_dtype_name(dtype))
+        except Exception as exc:
+            raise LoadError(f"could not load SAE {release}/{sae_id}: {type(exc).__name__}: {exc}") from exc
+        source = f"{release}/{sae_id}"
+    sae.eval()
+    meta = sae.cfg.metadata
+    hook_name = getattr(meta, "hook_name", None)
+    if not hook_name:
+        raise LoadError(f"SAE {spec}: its config names no hook (metadata.hook_name); cannot attach it to a model")
+    from sae_lens.util import extract_layer_from_tlens_hook_name
+
+    layer = extract_layer_from_tlens_hook_name(hook_name)
+    if layer is None:
+        raise LoadError(f"SAE {spec}: hook {hook_name!r} is not inside a transformer block; sae-mcp needs blocks.L.*")
+    return LoadedSAE(
+        sae=sae,
+        key=hook_name,
+        hook_name=hook_name,
+        layer=int(layer),
+        d_in=int(sae.cfg.d_in),
+        d_sae=int(sae.cfg.d_sae),
+        architecture=str(sae.cfg.architecture()) if callable(getattr(sae.cfg, "architecture", None)) else type(sae).__name__,
+        source=source,
+        release=release,
+        sae_id=sae_id,
+        neuronpedia_id=getattr(meta, "neuronpedia_id", None) or None,
+        prepend_bos=bool(getattr(meta, "prepend_bos", True) if getattr(meta, "prepend_bos", None) is not None else True),
+        context_size=getattr(meta, "context_size", None),
+        dataset_path=getattr(meta, "dataset_path", None) or None,
+    )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def _parse_release_id(spec: str) -> tuple[str, str]:
+    """`RELEASE/SAE_ID` checked against SAELens' pretrained directory (ships in the wheel; works offline)."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    directory = get_pretrained_saes_directory()
+    release, sep, sae_id = spec.partition("/")
+    if release not in directory:
+        # Releases may contain '/' in principle: try the longest known prefix.
+        for name in sorted(directory, key=len, reverse=True):
+            if spec.startswith(name + "/"):
+                release, sae_id, sep = name, spec[len(name) + 1 :], "/"
+                break
+    if release not in directory:
+        near = difflib.get_close_matches(release, list(directory), n=3)
+        hint = f" Did you mean: {', '.join(near)}?" if near else ""
+        raise LoadError(
+            f"--sae {spec!r} is neither a local SAELens folder nor a known SAELens release.{hint} "
+            "Use RELEASE/SAE_ID, e.g. gpt2-small-res-jb/blocks.7.hook_resid_pre."
+        )
+    ids = directory[release].saes_map
+    if not sep or sae_id not in ids:
+        near = difflib.get_close_matches(sae_id, list(ids), n=3) if sep else list(ids)[:3]
+        raise LoadError(
+            f"--sae {spec!r}: release {release} has no SAE id {sae_id!r}. Some of its ids: {', '.join(near)}."
+        )
+    return release, sae_id
+
+
+def _sae_cached(release: str, sae_id: str) -> bool:
+    """Whether the SAE's cfg.json is in the HF cache (the weights may still be missing; the loader then says so)."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    info = get_pretrained_saes_directory()[release]
+    path = info.saes_map[sae_id]
+    return _hf_repo_cached(info.repo_id, f"{path}/cfg.json") or _hf_repo_cached(info.repo_id, f"{path}/cfg.json".lstrip("/"))
+
+
+def hook_width(model, hook_name: str, layer: int) -> int:
+    """The width of the activation at `hook_name`, measured by a 1-token forward (hook_z is flattened)."""
+    if hook_name not in model.hook_dict:
+        raise LoadError(f"hook {hook_name!r} does not exist in this model")
+    tokens = torch.zeros((1, 1), dtype=torch.long, device=model.cfg.device)
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(tokens, names_filter=[hook_name], stop_at_layer=layer + 1)
+    act = cache[hook_name]
+    # [batch, pos, d] or [batch, pos, n_heads, d_head] for hook_z/q/k/v
+    return int(act.shape[2] * act.shape[3]) if act.ndim == 4 else int(act.shape[-1])
+
+
+def check_compatible(loaded: LoadedModel, sae: LoadedSAE) -> None:
+    """Refuse an SAE whose hook or d_in does not fit the model, saying why."""
+    model = loaded.model
+    if sae.hook_name not in model.hook_dict:
+        near = difflib.get_close_matches(sae.hook_name, list(model.hook_dict), n=3)
+        raise LoadError(
+            f"SAE {sae.source} reads hook {sae.hook_name!r}, which model {loaded.name} does not have "
+            f"({model.cfg.n_layers} layers).{' Nearest hooks: ' + ', '.join(near) if near else ''}"
+        )
+    width = hook_width(model, sae.hook_name, sae.layer)
+    if width != sae.d_in:
+        raise LoadError(
+            f"SAE {sae.source} has d_in={sae.d_in} but model {loaded.name} gives width {width} at {sae.hook_name}: "
+            "this SAE was trained on a different model."
+        )
+    meta_model = getattr(sae.sae.cfg.metadata, "model_name", None)
+    if meta_model and loaded.source == "official" and meta_model not in (loaded.name, getattr(model.cfg, "model_name", "")):
+        log.warning("SAE %s was trained on %s, loaded on %s (shapes fit; check this is intended)", sae.source, meta_model, loaded.name)
+
+
+def read_cfg_json(folder: Path) -> dict:
+    return json.loads((folder / "cfg.json").read_text())

@@ -1,0 +1,100 @@
+"""Next-token tables (the tutorial's test_prompt) and the decoder logit lens (W_dec[f] @ W_U)."""
+
+from __future__ import annotations
+
+import torch
+
+from sae_mcp.engine.loading import LoadedSAE
+from sae_mcp.engine.runtime import Engine
+from sae_mcp.errors import InvalidInput
+from sae_mcp.results import AnswerScore, NextToken, TokenLogit, TokenProb, VocabProjection, r
+
+
+def answer_token_ids(engine: Engine, answer: str) -> list[int]:
+    """How `answer` tokenizes as a continuation (no BOS), as test_prompt does; empty -> a clear error."""
+    if answer is None or answer == "":
+        raise InvalidInput("the answer is empty; pass the expected next token, e.g. ' Paris' (mind the leading space)")
+    ids = engine.model.to_tokens(answer, prepend_bos=False)[0].tolist()
+    bos = engine.model.tokenizer.bos_token_id
+    ids = [i for i in ids if i != bos] if bos is not None and len(ids) > 1 and ids[0] == bos else ids
+    if not ids:
+        raise InvalidInput(f"the answer {answer!r} tokenizes to nothing; pass visible text")
+    return ids
+
+
+def next_token_table(
+    engine: Engine, last_logits: torch.Tensor, top_k: int, answer_ids: list[int] | None
+) -> tuple[list[TokenProb], AnswerScore | None]:
+    """last_logits [d_vocab] (one position) -> the top_k table and the answer's rank/probability/logit."""
+    logits = last_logits.float()
+    probs = logits.softmax(-1)  # [d_vocab]
+    k = min(top_k, logits.shape[-1])
+    top_p, top_i = probs.topk(k)
+    top_l = logits[top_i]
+    top = [
+        TokenProb(token=engine.str_tokens(torch.tensor([i]))[0], token_id=int(i), probability=r(p, 6), logit=r(l))
+        for p, i, l in zip(top_p.tolist(), top_i.tolist(), top_l.tolist())
+    ]
+    answer = None
+    if answer_ids:
+        a = answer_ids[0]
+        # rank = how many tokens have a strictly larger logit (ties share the better rank)
+        rank = int((logits > logits[a]).sum().item())
+        answer = AnswerScore(
+            token=engine.str_tokens(torch.tensor([a]))[0],
+            token_id=a,
+            rank=rank,
+            probability=r(probs[a].item(), 6),
+            logit=r(logits[a].item()),
+            answer_tokens=engine.str_tokens(torch.tensor(answer_ids)),
+            multi_token=len(answer_ids) > 1,
+        )
+    return top, answer
+
+
+def next_token(engine: Engine, prompt: str, answer: str | None = None, top_k: int = 10) -> NextToken:
+    """The plain model's next-token distribution after `prompt` (BOS prepended as the model expects)."""
+    answer_ids = answer_token_ids(engine, answer) if answer is not None else None
+    prepend = bool(getattr(engine.model.cfg, "default_prepend_bos", True))
+    with engine.device_work():
+        tokens = engine.to_tokens(prompt, prepend_bos=prepend)
+        with torch.inference_mode():
+            logits = engine.model(tokens, return_type="logits")[0, -1]  # [d_vocab]
+        top, ans = next_token_table(engine, logits, top_k, answer_ids)
+    return NextToken(tokens=engine.str_tokens(tokens), top=top, answer=ans)
+
+
+def decoder_direction_in_resid(engine: Engine, sae: LoadedSAE, features: torch.Tensor | None = None) -> torch.Tensor:
+    """W_dec rows as residual-stream directions [n, d_model]. hook_z SAEs go through W_O of their layer."""
+    W_dec = sae.sae.W_dec if features is None else sae.sae.W_dec[features]  # [n, d_in]
+    d_model = engine.model.cfg.d_model
+    if sae.hook_name.endswith("hook_z"):
+        W_O = engine.model.W_O[sae.layer]  # [n_heads, d_head, d_model]
+        per_head = W_dec.reshape(W_dec.shape[0], W_O.shape[0], W_O.shape[1]).to(W_O.dtype)  # [n, n_heads, d_head]
+        return torch.einsum("nhd,hdm->nm", per_head, W_O)
+    if sae.d_in != d_model:
+        raise InvalidInput(
+            f"SAE {sae.key} reads {sae.hook_name} (width {sae.d_in}), not the residual stream (d_model {d_model}); "
+            "its decoder directions cannot be projected onto the vocabulary directly"
+        )
+    return W_dec
+
+
+def project_to_vocab(engine: Engine, feature: int, sae: str | None = None, top_k: int = 10) -> VocabProjection:
+    """The decoder direction through the unembedding: W_dec[f] @ W_U, top and bottom tokens."""
+    s = engine.sae(sae)
+    engine.check_feature(s, feature)
+    with engine.device_work(), torch.inference_mode():
+        direction = decoder_direction_in_resid(engine, s, torch.tensor([feature], device=s.sae.W_dec.device))[0]
+        W_U = engine.model.W_U  # [d_model, d_vocab]
+        logits = direction.to(W_U.dtype) @ W_U  # [d_vocab]
+        k = min(top_k, logits.shape[0])
+        pos_v, pos_i = logits.topk(k)
+        neg_v, neg_i = (-logits).topk(k)
+        pos = list(zip(pos_v.float().tolist(), pos_i.tolist()))
+        neg = list(zip((-neg_v).float().tolist(), neg_i.tolist()))
+
+    def rows(pairs):
+        return [TokenLogit(token=engine.str_tokens(torch.tensor([i]))[0], token_id=int(i), logit=r(v)) for v, i in pairs]
+
+    return VocabProjection(sae=s.key, feature=feature, top_positive=rows(pos), top_negative=rows(neg))

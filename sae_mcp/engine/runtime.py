@@ -1,0 +1,225 @@
+"""Engine: owns the device, the loaded model and SAEs, one worker lock, cancellation and hook hygiene.
+
+MCP runs plain `def` tools on worker threads, possibly concurrently (library-facts.md), so every piece of
+device work goes through `Engine.device_work()`: one lock (answering `Busy` after a timeout rather than queueing
+forever), and on the way out, whatever happened, the model is left with no hooks and no SAEs attached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from sae_mcp.engine.loading import (
+    LoadedModel,
+    LoadedSAE,
+    check_compatible,
+    load_model,
+    load_sae,
+    resolve_device,
+    resolve_dtype,
+    split_alias,
+)
+from sae_mcp.errors import Busy, Cancelled, InvalidInput, LoadError, NotFound
+from sae_mcp.settings import Limits, Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CancelToken:
+    """Checked by long work between batches/steps; `cancel()` from any thread."""
+
+    _event: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Cancelled("the operation was cancelled; nothing was stored from the unfinished batch")
+
+
+class Engine:
+    """The loaded model + SAEs on one device. Engine functions (features.py, logits.py, ...) take it first."""
+
+    def __init__(self, model: LoadedModel, saes: list[LoadedSAE], device: str, limits: Limits | None = None):
+        self.loaded_model = model
+        self.model = model.model
+        self.device = device
+        self.limits = limits or Limits()
+        self.saes: dict[str, LoadedSAE] = {}
+        for s in saes:
+            if s.key in self.saes:
+                raise LoadError(
+                    f"two SAEs are addressed as {s.key!r}; give one an alias: --sae ALIAS={s.source}"
+                )
+            self.saes[s.key] = s
+        self._lock = threading.Lock()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for s in self.saes.values():
+            for p in s.sae.parameters():
+                p.requires_grad_(False)
+
+    # -- construction -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Engine":
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype)
+        model = load_model(settings.model, device, dtype)
+        saes = []
+        for spec in settings.saes:
+            alias, source = split_alias(spec)
+            s = load_sae(source, device, dtype)
+            check_compatible(model, s)
+            if alias:
+                s.key = alias
+            saes.append(s)
+        return cls(model, saes, device, settings.limits)
+
+    # -- addressing ---------------------------------------------------------------------------------------------
+
+    def sae(self, key: str | None) -> LoadedSAE:
+        """Resolve `sae` as a tool gives it: hook name or alias; optional when exactly one SAE is loaded."""
+        if key is None or key == "":
+            if len(self.saes) == 1:
+                return next(iter(self.saes.values()))
+            if not self.saes:
+                raise NotFound("no SAE is loaded; start the server with --sae RELEASE/SAE_ID or a local SAE folder")
+            raise InvalidInput(f"several SAEs are loaded; pass sae= one of: {', '.join(self.saes)}")
+        if key in self.saes:
+            return self.saes[key]
+        by_hook = [s for s in self.saes.values() if s.hook_name == key]
+        if len(by_hook) == 1:
+            return by_hook[0]
+        raise NotFound(f"unknown SAE {key!r}; loaded SAEs: {', '.join(self.saes) or '(none)'}")
+
+    def check_feature(self, sae: LoadedSAE, feature: int) -> int:
+        if not 0 <= feature < sae.d_sae:
+            raise InvalidInput(
+                f"feature {feature} is out of range: SAE {sae.key} has {sae.d_sae} features (0..{sae.d_sae - 1})"
+            )
+        return feature
+
+    # -- tokens -------------------------------------------------------------------------------------------------
+
+    def to_tokens(self, prompt: str, prepend_bos: bool = True) -> torch.Tensor:
+        """prompt -> [1, seq] token ids on the device, BOS prepended when asked; bad prompts get clear errors."""
+        if not isinstance(prompt, str) or prompt.strip() == "":
+            raise InvalidInput("the prompt is empty; pass some text")
+        tokens = self.model.to_tokens(prompt, prepend_bos=prepend_bos, truncate=False)
+        n_ctx = self.model.cfg.n_ctx
+        if tokens.shape[1] > n_ctx:
+            raise InvalidInput(
+                f"the prompt is {tokens.shape[1]} tokens long but the model's context is {n_ctx}; shorten it"
+            )
+        if tokens.shape[1] == 0:
+            raise InvalidInput("the prompt tokenizes to nothing; pass some text")
+        return tokens
+
+    def str_tokens(self, tokens: torch.Tensor) -> list[str]:
+        """[seq] or [1, seq] ids -> one string per token, as the tokenizer writes it."""
+        ids = [int(i) for i in tokens.reshape(-1).tolist()]
+        tok = self.model.tokenizer
+        texts = [tok.decode([i]) for i in ids]
+        # SentencePiece tokenizers (Llama, Gemma) drop a token's leading space when it is decoded alone; the
+        # piece keeps it as U+2581. Put the space back so ' Lily' and 'Lily' stay distinguishable.
+        pieces = tok.convert_ids_to_tokens(ids)
+        return [" " + t if isinstance(p, str) and p.startswith("\u2581") and not t.startswith(" ") else t
+                for t, p in zip(texts, pieces)]
+
+    # -- device work --------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def device_work(self, timeout_s: float | None = None) -> Iterator[None]:
+        """Serialise device work; after it (success or failure) no hooks and no SAEs stay attached."""
+        timeout = self.limits.busy_timeout_s if timeout_s is None else timeout_s
+        if not self._lock.acquire(timeout=timeout):
+            raise Busy(f"the device is busy with another call for more than {timeout:.0f} s; try again shortly")
+        try:
+            yield
+        finally:
+            try:
+                self.clean_model()
+            finally:
+                self._lock.release()
+
+    def clean_model(self) -> None:
+        """Detach everything. Order matters (library-facts.md): hooks first, then SAEs, then the SAEs' own hooks."""
+        self.model.reset_hooks(including_permanent=False)
+        if getattr(self.model, "acts_to_saes", None):
+            self.model.reset_saes()
+            self.model.reset_hooks(including_permanent=False)
+        for s in self.saes.values():
+            s.sae.reset_hooks()
+
+    def is_clean(self) -> bool:
+        """No hooks on any hook point of the model or the SAEs, and no SAE spliced in."""
+        if getattr(self.model, "acts_to_saes", None):
+            return False
+        modules = list(self.model.hook_dict.values())
+        for s in self.saes.values():
+            modules += list(s.sae.hook_dict.values())
+        return all(not hp.fwd_hooks and not hp.bwd_hooks for hp in modules)
+
+    def forward_to_hook(self, tokens: torch.Tensor, sae: LoadedSAE) -> torch.Tensor:
+        """[batch, seq] -> the model's activations at the SAE's hook [batch, seq, d_in]; stops after its layer."""
+        with torch.inference_mode():
+            _, cache = self.model.run_with_cache(
+                tokens, names_filter=[sae.hook_name], stop_at_layer=sae.layer + 1
+            )
+        act = cache[sae.hook_name]
+        if act.ndim == 4:  # hook_z: [batch, seq, n_heads, d_head] -> flattened, as sae-lens trains on it
+            act = act.flatten(-2)
+        return act
+
+    def encode(self, sae: LoadedSAE, acts: torch.Tensor) -> torch.Tensor:
+        """[..., d_in] -> SAE post-activation feature values [..., d_sae] (the hook_sae_acts_post values)."""
+        with torch.inference_mode():
+            return sae.sae.encode(acts.to(sae.sae.dtype))
+
+
+def model_info(engine: Engine) -> "ModelInfo":
+    from sae_mcp.results import ModelInfo, SaeInfo
+
+    cfg = engine.model.cfg
+    return ModelInfo(
+        model=engine.loaded_model.name,
+        source=engine.loaded_model.source,
+        architecture=engine.loaded_model.architecture,
+        n_layers=cfg.n_layers,
+        d_model=cfg.d_model,
+        n_ctx=cfg.n_ctx,
+        d_vocab=cfg.d_vocab,
+        device=str(engine.device),
+        dtype=str(cfg.dtype).removeprefix("torch."),
+        saes=[
+            SaeInfo(
+                key=s.key,
+                hook_name=s.hook_name,
+                layer=s.layer,
+                d_in=s.d_in,
+                d_sae=s.d_sae,
+                architecture=s.architecture,
+                source=s.source,
+                release=s.release,
+                sae_id=s.sae_id,
+                neuronpedia_id=s.neuronpedia_id,
+                prepend_bos=s.prepend_bos,
+                context_size=s.context_size,
+                dataset_path=s.dataset_path,
+            )
+            for s in engine.saes.values()
+        ],
+    )

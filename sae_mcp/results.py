@@ -1,0 +1,151 @@
+"""Pydantic results: what engine functions return and what tools serve as structured content.
+
+Kept compact (an agent pays for every token): floats are rounded where the digits carry no meaning, and
+lists are bounded by the caller's top_k.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+def r(x: float, nd: int = 4) -> float:
+    """Round for display: enough digits to compare, few enough to read."""
+    return float(round(float(x), nd))
+
+
+# ------------------------------------------------------------------------------------------------- model_info
+
+
+class SaeInfo(BaseModel):
+    key: str = Field(description="How tools address this SAE (alias, else hook name)")
+    hook_name: str = Field(description="transformer-lens hook the SAE reads and writes")
+    layer: int = Field(description="Block index of the hook")
+    d_in: int = Field(description="Width of the activation the SAE encodes")
+    d_sae: int = Field(description="Number of features")
+    architecture: str = Field(description="SAE architecture (standard, topk, jumprelu, ...)")
+    source: str = Field(description="RELEASE/SAE_ID or the local folder")
+    release: str | None = Field(default=None, description="SAELens release, when loaded from the directory")
+    sae_id: str | None = Field(default=None, description="SAE id inside the release")
+    neuronpedia_id: str | None = Field(default=None, description="Neuronpedia id, when known")
+    prepend_bos: bool = Field(description="Whether prompts get BOS prepended, as the SAE was trained")
+    context_size: int | None = Field(default=None, description="Training context size, when known")
+    dataset_path: str | None = Field(default=None, description="Training dataset, when known")
+
+
+class ModelInfo(BaseModel):
+    model: str = Field(description="Model name (official name or local folder name)")
+    source: str = Field(description="'official' or the local folder")
+    architecture: str = Field(description="Hugging Face architecture that was converted")
+    n_layers: int
+    d_model: int
+    n_ctx: int = Field(description="Context length in tokens")
+    d_vocab: int
+    device: str
+    dtype: str
+    saes: list[SaeInfo]
+
+
+# ----------------------------------------------------------------------------------------- get_feature_acts
+
+
+class FeatureActivation(BaseModel):
+    feature: int
+    activation: float
+
+
+class PositionTopFeatures(BaseModel):
+    position: int = Field(description="Token index (0 = BOS when prepended)")
+    token: str
+    top: list[FeatureActivation] = Field(description="Features firing here (activation > 0), largest first")
+
+
+class FeatureTrace(BaseModel):
+    feature: int
+    activations: list[float] = Field(description="One activation per token position")
+
+
+class FeatureActs(BaseModel):
+    sae: str
+    tokens: list[str]
+    positions: list[PositionTopFeatures]
+    features: list[FeatureTrace] | None = Field(default=None, description="Traces of the features asked for")
+
+
+# ------------------------------------------------------------------------------------------ compare_prompts
+
+
+class FeatureDiff(BaseModel):
+    feature: int
+    activation_a: float
+    activation_b: float
+    difference: float = Field(description="activation_a - activation_b")
+
+
+class PromptComparison(BaseModel):
+    sae: str
+    position: int = Field(description="Position compared (negative counts from the end)")
+    token_a: str
+    token_b: str
+    diffs: list[FeatureDiff] = Field(description="Sorted by |difference|, largest first")
+
+
+class FeatureSetDiff(BaseModel):
+    feature: int
+    mean_a: float
+    mean_b: float
+    difference: float = Field(description="mean_a - mean_b")
+    effect_size: float | None = Field(
+        description="Cohen's d: difference / pooled standard deviation (None when a set has one prompt)"
+    )
+
+
+class PromptSetComparison(BaseModel):
+    sae: str
+    position: int
+    n_a: int
+    n_b: int
+    sort_by: str = Field(description="'difference' or 'effect_size'")
+    diffs: list[FeatureSetDiff]
+
+
+# --------------------------------------------------------------------------------------------- next_token
+
+
+class TokenProb(BaseModel):
+    token: str
+    token_id: int
+    probability: float
+    logit: float
+
+
+class AnswerScore(BaseModel):
+    token: str = Field(description="The answer's first token (the one scored)")
+    token_id: int
+    rank: int = Field(description="0 = most likely next token")
+    probability: float
+    logit: float
+    answer_tokens: list[str] = Field(description="How the whole answer tokenizes")
+    multi_token: bool = Field(description="True when the answer is several tokens: only the first is scored")
+
+
+class NextToken(BaseModel):
+    tokens: list[str] = Field(description="The prompt's tokens as the model saw them")
+    top: list[TokenProb]
+    answer: AnswerScore | None = None
+
+
+# -------------------------------------------------------------------------------------------- project_to_vocab
+
+
+class TokenLogit(BaseModel):
+    token: str
+    token_id: int
+    logit: float
+
+
+class VocabProjection(BaseModel):
+    sae: str
+    feature: int
+    top_positive: list[TokenLogit] = Field(description="Tokens the decoder direction promotes most (W_dec[f] @ W_U)")
+    top_negative: list[TokenLogit] = Field(description="Tokens it suppresses most")
