@@ -148,4 +148,8 @@ def build_server(engine: Engine, settings: Settings | None = None, store: Any = 
         (top_positive) and suppresses most (top_negative)."""
         return lg.project_to_vocab(engine, feature, sae=sae, top_k=top_k)
 
+    # Tool modules of the other areas: each has register(server, tool, engine, settings), where `tool` is the
+    # decorator above (read-only annotations and domain-error translation by default).
+    # --- more tool modules register here ---
+
     return server
