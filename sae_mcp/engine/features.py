@@ -20,7 +20,6 @@ from sae_mcp.results import (
     FeatureTrace,
     PositionTopFeatures,
     PromptComparison,
-    PromptSetComparison,
     r,
 )
 
@@ -103,6 +102,7 @@ def compare_prompts(
         rows = torch.stack([idx.float(), a[idx], b[idx], diff[idx]], dim=1).cpu().tolist()  # [k, 4]
     return PromptComparison(
         sae=s.key,
+        mode="pair",
         position=position,
         token_a=engine.str_tokens(tok_a[pa])[0],
         token_b=engine.str_tokens(tok_b[pb])[0],
@@ -122,7 +122,7 @@ def compare_prompt_sets(
     top_k: int = 10,
     position: int = -1,
     sort_by: str = "difference",
-) -> PromptSetComparison:
+) -> PromptComparison:
     """Mean activation at `position` over each set, per feature, with Cohen's d (pooled sd)."""
     s = engine.sae(sae)
     cap = engine.limits.max_prompts_per_set
@@ -158,8 +158,9 @@ def compare_prompt_sets(
         idx = key.topk(min(top_k, s.d_sae)).indices
         cols = [idx.float(), mean_a[idx], mean_b[idx], diff[idx]] + ([effect[idx]] if effect is not None else [])
         rows = torch.stack(cols, dim=1).cpu().tolist()
-    return PromptSetComparison(
+    return PromptComparison(
         sae=s.key,
+        mode="sets",
         position=position,
         n_a=na,
         n_b=nb,

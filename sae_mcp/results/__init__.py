@@ -82,31 +82,26 @@ class FeatureDiff(BaseModel):
     difference: float = Field(description="activation_a - activation_b")
 
 
-class PromptComparison(BaseModel):
-    sae: str
-    position: int = Field(description="Position compared (negative counts from the end)")
-    token_a: str
-    token_b: str
-    diffs: list[FeatureDiff] = Field(description="Sorted by |difference|, largest first")
-
-
 class FeatureSetDiff(BaseModel):
     feature: int
-    mean_a: float
-    mean_b: float
+    mean_a: float = Field(description="Mean activation over set A")
+    mean_b: float = Field(description="Mean activation over set B")
     difference: float = Field(description="mean_a - mean_b")
     effect_size: float | None = Field(
         description="Cohen's d: difference / pooled standard deviation (None when a set has one prompt)"
     )
 
 
-class PromptSetComparison(BaseModel):
+class PromptComparison(BaseModel):
     sae: str
-    position: int
-    n_a: int
-    n_b: int
-    sort_by: str = Field(description="'difference' or 'effect_size'")
-    diffs: list[FeatureSetDiff]
+    mode: str = Field(description="'pair' (prompt_a vs prompt_b) or 'sets' (prompts_a vs prompts_b)")
+    position: int = Field(description="Position compared in every prompt (negative counts from the end)")
+    token_a: str | None = Field(default=None, description="Pair mode: the token at that position in prompt_a")
+    token_b: str | None = Field(default=None, description="Pair mode: the token at that position in prompt_b")
+    n_a: int = Field(default=1, description="Prompts in set A")
+    n_b: int = Field(default=1, description="Prompts in set B")
+    sort_by: str = Field(default="difference", description="'difference' or 'effect_size' (sets mode)")
+    diffs: list[FeatureDiff] | list[FeatureSetDiff] = Field(description="Sorted by |sort_by|, largest first")
 
 
 # --------------------------------------------------------------------------------------------- next_token

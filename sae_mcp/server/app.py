@@ -21,7 +21,7 @@ from sae_mcp.engine import features as feat
 from sae_mcp.engine import logits as lg
 from sae_mcp.engine.runtime import Engine, model_info
 from sae_mcp.errors import SaeMcpError
-from sae_mcp.results import FeatureActs, ModelInfo, NextToken, PromptComparison, PromptSetComparison, VocabProjection
+from sae_mcp.results import FeatureActs, ModelInfo, NextToken, PromptComparison, VocabProjection
 from sae_mcp.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def build_server(engine: Engine, settings: Settings | None = None, store: Any = 
         sort_by: Annotated[
             str, Field(pattern="^(difference|effect_size)$", description="Sets only: rank by |difference| or |effect size|")
         ] = "difference",
-    ) -> PromptComparison | PromptSetComparison:
+    ) -> PromptComparison:
         """Features whose activation at `position` differs most between two prompts (prompt_a/prompt_b), or between
         two sets of prompts (prompts_a/prompts_b: per-feature means, difference and Cohen's d effect size)."""
         single = prompt_a is not None or prompt_b is not None

@@ -1,0 +1,145 @@
+"""The prompt-level tools against the tutorial computation, written plainly here.
+
+Reference: run_with_cache_with_saes(tokens, saes=[sae]) and its `<hook>.hook_sae_acts_post`; softmax of the
+last logits; W_dec @ W_U. The engine computes these differently (stop_at_layer, no splicing, top-k on device),
+so agreement is evidence, not tautology.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import needs_stories
+from sae_mcp.engine import features as F
+from sae_mcp.engine import logits as L
+
+PROMPTS = ["Once upon a time there was a little girl named Lily.", "The dog ran to the park and saw a big red ball!"]
+
+
+def tutorial_feature_acts(engine, prompt):
+    """The tutorial way: splice the SAE in and read hook_sae_acts_post from the cache. [seq, d_sae]"""
+    s = next(iter(engine.saes.values()))
+    model = engine.model
+    tokens = model.to_tokens(prompt, prepend_bos=True)
+    with torch.no_grad():
+        _, cache = model.run_with_cache_with_saes(tokens, saes=[s.sae])
+    model.reset_saes()
+    return tokens[0], cache[f"{s.hook_name}.hook_sae_acts_post"][0]
+
+
+@pytest.fixture(params=["tiny", pytest.param("stories", marks=needs_stories)])
+def engine(request):
+    return request.getfixturevalue(f"{request.param}_engine")
+
+
+def prompts_for(engine):
+    # the tiny word-level vocabulary has no punctuation-free unknown words; keep to its words
+    if engine.loaded_model.name == "tiny":
+        return ["the cat sat on the mat .", "Lily saw a big red ball and was happy"]
+    return PROMPTS
+
+
+def test_get_feature_acts_matches_run_with_cache_with_saes(engine):
+    for prompt in prompts_for(engine):
+        tokens, ref = tutorial_feature_acts(engine, prompt)
+        feats = [0, 5, 17]
+        out = F.get_feature_acts(engine, prompt, top_k=4, features=feats)
+        assert len(out.tokens) == tokens.shape[0]
+        assert out.tokens[0] == engine.model.tokenizer.decode([tokens[0].item()])  # BOS first, as trained
+        for i, f in enumerate(feats):
+            assert_close(torch.tensor(out.features[i].activations), ref[:, f], atol=2e-4, rtol=1e-4)
+        for p, pos in enumerate(out.positions):
+            ref_top = ref[p].topk(4)
+            expected = [(int(i), float(v)) for v, i in zip(ref_top.values, ref_top.indices) if v > 0]
+            assert [x.feature for x in pos.top] == [f for f, _ in expected]
+            assert_close(torch.tensor([x.activation for x in pos.top]), torch.tensor([v for _, v in expected]), atol=2e-4, rtol=1e-4)
+            assert all(x.activation > 0 for x in pos.top)
+
+
+def test_compare_prompts_ranks_by_absolute_difference_at_last_token(engine):
+    a, b = prompts_for(engine)
+    _, ref_a = tutorial_feature_acts(engine, a)
+    _, ref_b = tutorial_feature_acts(engine, b)
+    diff = ref_a[-1] - ref_b[-1]
+    order = diff.abs().argsort(descending=True)[:6]
+    out = F.compare_prompts(engine, a, b, top_k=6, position=-1)
+    assert [d.feature for d in out.diffs] == [int(i) for i in order if diff[i] != 0]
+    for d in out.diffs:
+        assert d.difference == pytest.approx(float(diff[d.feature]), abs=1e-3)
+        assert d.activation_a == pytest.approx(float(ref_a[-1, d.feature]), abs=1e-3)
+
+
+def test_compare_prompt_sets_reports_means_and_cohens_d(engine):
+    a, b = prompts_for(engine)
+    set_a = [a, a.replace("the", "a", 1) if "the" in a else a + " .", b]
+    set_b = [b, b + " .", a + " ."]
+    rows_a = torch.stack([tutorial_feature_acts(engine, p)[1][1] for p in set_a])  # position 1 in each prompt
+    rows_b = torch.stack([tutorial_feature_acts(engine, p)[1][1] for p in set_b])
+    out = F.compare_prompt_sets(engine, set_a, set_b, top_k=5, position=1)
+    for d in out.diffs:
+        xa, xb = rows_a[:, d.feature].tolist(), rows_b[:, d.feature].tolist()
+        mean_a, mean_b = sum(xa) / 3, sum(xb) / 3
+        var_a = sum((x - mean_a) ** 2 for x in xa) / 2
+        var_b = sum((x - mean_b) ** 2 for x in xb) / 2
+        pooled = ((2 * var_a + 2 * var_b) / 4) ** 0.5
+        assert d.mean_a == pytest.approx(mean_a, abs=1e-3)
+        assert d.mean_b == pytest.approx(mean_b, abs=1e-3)
+        if pooled > 1e-6:
+            assert d.effect_size == pytest.approx((mean_a - mean_b) / pooled, rel=2e-3, abs=2e-3)
+    # sorted by |difference|
+    diffs = [abs(d.difference) for d in out.diffs]
+    assert diffs == sorted(diffs, reverse=True)
+
+
+def test_next_token_matches_softmax_of_last_logits(engine):
+    prompt = prompts_for(engine)[0]
+    model = engine.model
+    tokens = model.to_tokens(prompt)
+    with torch.no_grad():
+        logits = model(tokens)[0, -1]
+    probs = logits.softmax(-1)
+    top = probs.topk(5)
+    answer_id = int(probs.argsort(descending=True)[3])  # the 4th most likely token
+    answer = model.tokenizer.decode([answer_id])
+    out = L.next_token(engine, prompt, answer=answer, top_k=5)
+    assert [t.token_id for t in out.top] == top.indices.tolist()
+    assert_close(torch.tensor([t.probability for t in out.top]), top.values, atol=1e-5, rtol=1e-4)
+    assert_close(torch.tensor([t.logit for t in out.top]), logits[top.indices], atol=1e-3, rtol=1e-4)
+    ids = model.to_tokens(answer, prepend_bos=False)[0].tolist()
+    if ids[0] == answer_id:  # round-trip through text can re-tokenize differently; only check when it does not
+        assert out.answer.rank == 3
+        assert out.answer.probability == pytest.approx(float(probs[answer_id]), abs=1e-5)
+
+
+def test_project_to_vocab_matches_W_dec_times_W_U(engine):
+    s = next(iter(engine.saes.values()))
+    for feature in (0, 7, s.d_sae - 1):
+        ref = s.sae.W_dec[feature] @ engine.model.W_U
+        out = L.project_to_vocab(engine, feature, top_k=6)
+        assert [t.token_id for t in out.top_positive] == ref.topk(6).indices.tolist()
+        assert [t.token_id for t in out.top_negative] == (-ref).topk(6).indices.tolist()
+        assert_close(torch.tensor([t.logit for t in out.top_positive]), ref.topk(6).values, atol=1e-3, rtol=1e-4)
+
+
+@needs_stories
+def test_real_model_prefers_lily_after_named(stories_engine):
+    """A fact of the real pretrained model (SOURCES.md's greedy continuation names Lily)."""
+    out = L.next_token(stories_engine, "Once upon a time, there was a little girl named", answer=" Lily", top_k=3)
+    assert out.answer.rank == 0
+    assert out.top[0].token.strip() == "Lily"
+    assert not out.answer.multi_token
+
+
+def test_multi_token_answer_is_scored_on_its_first_token_and_says_so(tiny_engine):
+    out = L.next_token(tiny_engine, "the cat sat on the", answer="mat dog", top_k=3)
+    assert out.answer.multi_token
+    assert out.answer.answer_tokens == ["mat", "dog"]
+    assert out.answer.token == "mat"
+
+
+def test_engine_is_left_clean_after_every_read(engine):
+    F.get_feature_acts(engine, prompts_for(engine)[0])
+    L.next_token(engine, prompts_for(engine)[0])
+    assert engine.is_clean()

@@ -1,0 +1,87 @@
+"""The real protocol: `sae-mcp serve` as a subprocess over stdio, `sae-mcp call`, `doctor`, and fast offline failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import anyio
+import pytest
+from mcp import Client, StdioServerParameters
+
+from conftest import STORIES_HF, needs_stories
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+CLI = [sys.executable, "-m", "sae_mcp"]
+
+
+@needs_stories
+def test_serve_answers_every_prompt_tool_over_stdio(stories_sae_dir, tmp_path):
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "sae_mcp", "serve", "--model", str(STORIES_HF), "--sae", f"res2={stories_sae_dir}",
+              "--device", "cpu", "--data-dir", str(tmp_path)],
+        env=ENV,
+    )
+
+    async def session():
+        async with Client(params, read_timeout_seconds=300) as client:
+            names = {t.name for t in (await client.list_tools()).tools}
+            info = await client.call_tool("model_info", {})
+            acts = await client.call_tool("get_feature_acts", {"prompt": "Once upon a time", "sae": "res2", "top_k": 3})
+            bad = await client.call_tool("project_to_vocab", {"feature": 99999})
+            nxt = await client.call_tool("next_token", {"prompt": "Once upon a time, there was a little girl named", "answer": " Lily"})
+            proj = await client.call_tool("project_to_vocab", {"feature": 1, "top_k": 3})
+            cmp = await client.call_tool("compare_prompts", {"prompt_a": "She was happy.", "prompt_b": "She was sad."})
+            return names, info, acts, bad, nxt, proj, cmp
+
+    names, info, acts, bad, nxt, proj, cmp = anyio.run(session)
+    assert {"model_info", "get_feature_acts", "compare_prompts", "next_token", "project_to_vocab"} <= names
+    assert info.structured_content["saes"][0]["key"] == "res2"
+    assert acts.structured_content["tokens"] == ["<s>", " Once", " upon", " a", " time"]
+    assert bad.is_error and "out of range" in bad.content[0].text
+    assert nxt.structured_content["answer"]["rank"] == 0  # the server kept working after the error
+    assert len(proj.structured_content["top_positive"]) == 3
+    assert cmp.structured_content["mode"] == "pair"
+
+
+@needs_stories
+def test_call_prints_the_structured_result_as_json_on_stdout(stories_sae_dir):
+    out = subprocess.run(
+        CLI + ["call", "next_token", "--json", json.dumps({"prompt": "Once upon a time", "top_k": 2}),
+               "--model", str(STORIES_HF), "--sae", str(stories_sae_dir), "--device", "cpu", "--compact"],
+        capture_output=True, text=True, env=ENV, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)  # stdout holds nothing but the JSON
+    assert len(result["top"]) == 2 and result["tokens"][0] == "<s>"
+
+
+@needs_stories
+def test_call_with_bad_arguments_exits_nonzero_with_the_message(stories_sae_dir):
+    out = subprocess.run(
+        CLI + ["call", "project_to_vocab", "--json", '{"feature": 100000}', "--model", str(STORIES_HF),
+               "--sae", str(stories_sae_dir), "--device", "cpu"],
+        capture_output=True, text=True, env=ENV, timeout=300,
+    )
+    assert out.returncode == 1 and out.stdout == ""
+    assert "out of range" in out.stderr and "0..255" in out.stderr
+
+
+def test_default_serve_offline_without_cache_fails_fast_with_what_to_do(tmp_path):
+    out = subprocess.run(CLI + ["serve", "--device", "cpu", "--data-dir", str(tmp_path)],
+                         capture_output=True, text=True, env=ENV, timeout=120, stdin=subprocess.DEVNULL)
+    if out.returncode == 0:
+        pytest.skip("gpt2-small and its SAE are cached here, so serve would start")
+    assert out.returncode == 2
+    assert "not in the Hugging Face cache" in out.stderr and "--model" in out.stderr
+    assert out.stdout == ""
+
+
+def test_doctor_reports_versions_device_and_cache_state(tmp_path):
+    out = subprocess.run(CLI + ["doctor", "--data-dir", str(tmp_path)], capture_output=True, text=True, env=ENV, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for needle in ("torch", "sae-lens", "transformer-lens", "mcp", "device (auto)", "gpt2-small", "blocks.7.hook_resid_pre"):
+        assert needle in out.stdout
