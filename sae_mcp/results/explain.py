@@ -1,0 +1,83 @@
+"""Results of the explanation, statistics and card tools (compact: an agent pays for every token)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+# ------------------------------------------------------------------------------------- search_explanations
+
+
+class ExplanationMatch(BaseModel):
+    feature: int
+    sae: str = Field(description="SAE key (alias or hook name) the feature belongs to")
+    description: str
+    source: str = Field(description="'label' (recorded by label_feature) or where it was imported from")
+    score: float = Field(description="Ranking score, larger is better (bm25, or fused rank when semantic)")
+
+
+class ExplanationSearch(BaseModel):
+    query: str
+    ranking: str = Field(description="'lexical' (FTS5 bm25) or 'lexical+semantic' (bm25 and MiniLM fused by rank)")
+    matches: list[ExplanationMatch]
+    note: str | None = Field(default=None, description="Why there may be few matches, and what to do")
+
+
+class LabelRecorded(BaseModel):
+    feature: int
+    sae: str
+    label: str
+    evidence: str | None = None
+    labels_for_feature: int = Field(description="How many labels this feature now has")
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+
+
+class FeatureStat(BaseModel):
+    feature: int
+    mean: float = Field(description="Mean of W_dec[f] @ W_U over the vocabulary")
+    std: float = Field(description="Standard deviation (population) over the vocabulary")
+    skewness: float = Field(description="Third standardised moment; large positive = promotes a few tokens")
+    kurtosis: float = Field(description="Fourth standardised moment (3 for a Gaussian); large = heavy tails")
+    density: float | None = Field(default=None, description="Fraction of indexed tokens it fires on, when indexed")
+
+
+class FeatureStats(BaseModel):
+    sae: str
+    sort_by: str
+    n_features: int = Field(description="Features considered (after filters) before `top` was applied")
+    densities: str = Field(description="'indexed' or 'not indexed: run sae-mcp index'")
+    features: list[FeatureStat]
+
+
+class EnrichedFeature(BaseModel):
+    feature: int
+    score: float = Field(description="Rank-biserial r = 2*AUC-1 in [-1, 1]: >0 the set's tokens are promoted")
+    z: float = Field(description="Mann-Whitney z of the set's logit weights vs the rest of the vocabulary")
+    direction: str = Field(description="'promotes' or 'suppresses' the set")
+
+
+class SetEnrichment(BaseModel):
+    name: str
+    size: int = Field(description="Tokens of the vocabulary in the set")
+    examples: list[str] = Field(description="A few of its tokens")
+    unmatched: list[str] | None = Field(default=None, description="Given tokens that are not single vocabulary tokens")
+    promoted: list[EnrichedFeature] = Field(description="Features whose decoder most promotes the set")
+    suppressed: list[EnrichedFeature] = Field(description="Features whose decoder most suppresses the set")
+
+
+class TokenSetEnrichment(BaseModel):
+    sae: str
+    n_features: int
+    method: str = Field(description="How the score is computed")
+    sets: list[SetEnrichment]
+
+
+# ------------------------------------------------------------------------------------------------ cards
+
+
+class FeatureCardResult(BaseModel):
+    sae: str
+    feature: int
+    uri: str = Field(description="The card as an MCP resource")
+    markdown: str

