@@ -104,3 +104,18 @@ def test_every_prompt_tool_on_the_real_model(stories_engine):
     assert info["architecture"] == "LlamaForCausalLM" and info["n_layers"] == 5 and info["d_vocab"] == 512
     assert acts["tokens"][0] == "<s>"
     assert nxt["answer"]["rank"] == 0
+
+
+def test_a_call_that_cannot_get_the_device_answers_busy_and_the_next_one_works(tiny_loaded, tiny_engine):
+    from sae_mcp.engine.runtime import Engine
+    from sae_mcp.settings import Limits
+
+    engine = Engine(tiny_loaded, list(tiny_engine.saes.values()), "cpu", Limits(busy_timeout_s=0.2))
+    server = build_server(engine)
+    engine._lock.acquire()  # another call holds the device
+    try:
+        busy = call_tool(server, "next_token", {"prompt": "the cat"})
+    finally:
+        engine._lock.release()
+    assert "busy" in error_text(busy)
+    assert not call_tool(server, "next_token", {"prompt": "the cat"}).is_error
