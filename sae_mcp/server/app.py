@@ -151,5 +151,6 @@ def build_server(engine: Engine, settings: Settings | None = None, store: Any = 
     # Tool modules of the other areas: each has register(server, tool, engine, settings), where `tool` is the
     # decorator above (read-only annotations and domain-error translation by default).
     # --- more tool modules register here ---
+    from sae_mcp.server import tools_corpus; tools_corpus.register(server, tool, engine, settings)  # noqa: E702
 
     return server

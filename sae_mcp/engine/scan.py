@@ -1,0 +1,255 @@
+"""One pass over a corpus: for every feature at once, its top-k examples, firing count and activation histogram.
+
+Per batch of windows: forward only up to the SAE's layer, encode, and fold the [tokens, d_sae] activations into
+a small running state that lives on the device:
+    top_vals  [K, F] float32   the K largest activations seen so far, per feature
+    top_pos   [K, F] int64     where: global token position = window_index * context_size + position_in_window
+    n_fired   [F]    int64     tokens where the feature fired (activation > 0)
+    hist      [F, NB] int64    positive activations in NB log-spaced bins (10^-4 .. 10^4, 8 bins a decade)
+Only this state ever leaves the device (at checkpoints), never the dense token x d_sae matrix.
+
+Exactness: the examples are exactly the K largest activations over the scanned tokens, ties broken by earlier
+position. torch.topk picks arbitrarily among equal values, and ties are real here (TinyStories documents share
+their first words, so "Once upon a time" gives bit-identical activations in many documents). Each batch's top-K
+is made exact by redoing the few features with a tie at the K-th value on an int64 key
+    key = float32_bits(value) << 32 | (2^32 - 1 - position)
+which orders by value, then by earlier position (float32 bits of non-negative values sort like the values);
+the merge with the running state uses the same key. The global top-K is inside the union of the batches' top-K.
+
+Scanned tokens: every document token of a window; BOS is context, not a document token, and is not scanned
+(its activations are outliers at many hooks and it has no document offset).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from sae_mcp.engine.corpus import Window
+from sae_mcp.engine.loading import LoadedSAE
+from sae_mcp.engine.runtime import CancelToken, Engine
+
+HIST_LO, HIST_HI, HIST_PER_DECADE = -4, 4, 8
+HIST_BINS = (HIST_HI - HIST_LO) * HIST_PER_DECADE  # 64
+KEEP = 50  # examples kept per feature (the tool's k ceiling)
+MAX_POS = 2**32 - 1  # global token positions must stay below this (checked)
+
+
+def hist_edges() -> list[float]:
+    """The NB + 1 bin edges; values below 1e-4 count in the first bin, above 1e4 in the last."""
+    return [10 ** (HIST_LO + i / HIST_PER_DECADE) for i in range(HIST_BINS + 1)]
+
+
+@dataclass
+class ScanState:
+    """The running per-feature state (device tensors) and how far the scan got."""
+
+    top_vals: torch.Tensor  # [K, F] float32
+    top_pos: torch.Tensor  # [K, F] int64
+    n_fired: torch.Tensor  # [F] int64
+    hist: torch.Tensor  # [F, NB] int64
+    tokens: int = 0  # document tokens scanned
+    windows: int = 0  # windows consumed from the stream (the resume point)
+    exhausted: bool = False  # the corpus ended before the token budget
+
+    @classmethod
+    def empty(cls, n_features: int, k: int, device) -> "ScanState":
+        return cls(
+            top_vals=torch.zeros(k, n_features, device=device),
+            top_pos=torch.full((k, n_features), MAX_POS, dtype=torch.long, device=device),
+            n_fired=torch.zeros(n_features, dtype=torch.long, device=device),
+            hist=torch.zeros(n_features, HIST_BINS, dtype=torch.long, device=device),
+        )
+
+    def to(self, device) -> "ScanState":
+        return ScanState(
+            self.top_vals.to(device), self.top_pos.to(device), self.n_fired.to(device), self.hist.to(device),
+            self.tokens, self.windows, self.exhausted,
+        )
+
+
+def _key(vals: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """(value desc, position asc) as one int64 per element; values must be >= 0."""
+    bits = vals.float().contiguous().view(torch.int32).long()
+    return (bits << 32) | (MAX_POS - pos)
+
+
+def update_state(state: ScanState, acts: torch.Tensor, pos: torch.Tensor) -> ScanState:
+    """Fold one batch into the state. acts [N, F] (invalid rows already 0), pos [N] int64 global positions."""
+    n, f = acts.shape
+    k = state.top_vals.shape[0]
+    fired = acts > 0  # [N, F] bool
+    n_fired = state.n_fired + fired.sum(0)
+
+    # Histogram of positive values, in row chunks so the [nnz] index arrays stay small (~4M entries).
+    hist = state.hist
+    rows = max(1, (1 << 22) // f)
+    cols_all = torch.arange(f, device=acts.device)
+    for r0 in range(0, n, rows):
+        m = fired[r0 : r0 + rows]  # [r, F]
+        v = acts[r0 : r0 + rows][m].float()  # [nnz]
+        if v.numel() == 0:
+            continue
+        cols = cols_all.expand(m.shape[0], f)[m]  # [nnz] feature of each value
+        b = ((v.log10() - HIST_LO) * HIST_PER_DECADE).floor().clamp_(0, HIST_BINS - 1).long()
+        hist = hist + torch.bincount(cols * HIST_BINS + b, minlength=f * HIST_BINS).view(f, HIST_BINS)
+
+    # This batch's exact top-kb per feature.
+    kb = min(k, n)
+    vals, idx = acts.topk(kb, dim=0)  # [kb, F]
+    t = vals[-1]  # [F] the kb-th value
+    tied = ((acts == t).sum(0) > (vals == t).sum(0)) & (t > 0)  # a tie at the boundary was cut arbitrarily
+    if bool(tied.any()):
+        cols = tied.nonzero()[:, 0]
+        sub = acts[:, cols]  # [N, c]
+        ii = _key(sub, pos[:, None].expand_as(sub)).topk(kb, dim=0).indices  # [kb, c]
+        idx[:, cols] = ii
+        vals[:, cols] = sub.gather(0, ii)
+    cand_pos = pos[idx]  # [kb, F]
+
+    # Merge with the running top-K on the (value, position) key.
+    all_v = torch.cat([state.top_vals, vals.float()])  # [K + kb, F]
+    all_p = torch.cat([state.top_pos, cand_pos])
+    keep = _key(all_v, all_p).topk(k, dim=0).indices  # [K, F]
+    return ScanState(
+        all_v.gather(0, keep), all_p.gather(0, keep), n_fired, hist, state.tokens, state.windows, state.exhausted
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batching and the pass
+
+
+def batch_windows_for(engine: Engine, sae: LoadedSAE, context_size: int, n_features: int) -> int:
+    """Windows per batch. CPU: ~32M dense activations per batch (128 MB fp32), at most 64 windows.
+    CUDA: from free memory, 40% of it, at ~(d_sae * 24 + d_model * 64) bytes a token (acts, masks, top-k
+    workspace, worst-case histogram index arrays; the forward's residual stream and MLP). Unmeasured on a GPU."""
+    if str(engine.device).startswith("cuda") and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(torch.device(engine.device))
+        per_token = n_features * 24 + engine.model.cfg.d_model * 64
+        return int(max(1, min(1024, 0.4 * free // (per_token * context_size))))
+    return int(max(1, min(64, (1 << 25) // (context_size * max(n_features, 1)))))
+
+
+def _autocast(engine: Engine):
+    """CUDA with fp32 weights: compute the scan in bf16 (fp16 where bf16 is unsupported); elsewhere as loaded."""
+    if str(engine.device).startswith("cuda") and engine.model.cfg.dtype == torch.float32:
+        dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dt)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _batches(windows: Iterable[Window], max_tokens: int, tokens_so_far: int, batch: int, bos: bool) -> Iterator[list[Window]]:
+    """Group windows, stopping once the token budget is reached (at a window boundary)."""
+    cur: list[Window] = []
+    seen = tokens_so_far
+    for w in windows:
+        if seen >= max_tokens:
+            break
+        cur.append(w)
+        seen += len(w.ids) - (1 if bos else 0)
+        if len(cur) == batch:
+            yield cur
+            cur = []
+    if cur:
+        yield cur
+
+
+def scan(
+    engine: Engine,
+    sae: LoadedSAE,
+    windows: Iterable[Window],
+    *,
+    context_size: int,
+    bos: bool,
+    max_tokens: int,
+    state: ScanState | None = None,
+    features: list[int] | None = None,
+    k: int = KEEP,
+    batch_windows: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    cancel: CancelToken | None = None,
+    on_batch: Callable[[list[Window], ScanState], None] | None = None,
+) -> ScanState:
+    """Scan `windows` (from the resume point) until max_tokens document tokens or the corpus' end.
+
+    `features`: None for all d_sae features, else a subset (the on-demand single-feature scan; the full encode
+    still runs, since e.g. a TopK SAE's feature value depends on all the others). `on_batch(windows, state)` runs
+    after each batch, outside the device lock: the store writes windows and checkpoints there.
+    The device lock is taken per batch, so other tools can run between batches of a long scan.
+    """
+    n_features = sae.d_sae if features is None else len(features)
+    if state is None:
+        state = ScanState.empty(n_features, k, engine.device)
+    if batch_windows is None:
+        batch_windows = batch_windows_for(engine, sae, context_size, n_features)
+    first = 1 if bos else 0
+    pad = int(windows_pad_id(engine))
+    fidx = None if features is None else torch.tensor(features, dtype=torch.long, device=engine.device)
+    ended = True
+    for batch in _batches(windows, max_tokens, state.tokens, batch_windows, bos):
+        if cancel is not None:
+            cancel.check()
+        T = max(len(w.ids) for w in batch)
+        if batch[-1].index * context_size + T >= MAX_POS:
+            raise ValueError("scan too long: token positions exceed 2^32; use a smaller --tokens")
+        ids = torch.full((len(batch), T), pad, dtype=torch.long)
+        valid = torch.zeros((len(batch), T), dtype=torch.bool)
+        for i, w in enumerate(batch):
+            ids[i, : len(w.ids)] = torch.tensor(w.ids)
+            valid[i, first : len(w.ids)] = True
+        base = torch.tensor([w.index * context_size for w in batch], dtype=torch.long)
+        pos = (base[:, None] + torch.arange(T)[None, :]).reshape(-1)  # [B*T]
+        with engine.device_work(), torch.inference_mode(), _autocast(engine):
+            # Right padding is safe: attention is causal, so pads never reach a real token.
+            x = engine.forward_to_hook(ids.to(engine.device), sae)  # [B, T, d_in]
+            acts = engine.encode(sae, x).reshape(len(batch) * T, -1)  # [B*T, d_sae]
+            if fidx is not None:
+                acts = acts[:, fidx]  # [B*T, F]
+            v = valid.reshape(-1, 1).to(engine.device)
+            acts = torch.where(v, acts.clamp_min(0), torch.zeros((), dtype=acts.dtype, device=acts.device))
+            state = update_state(state, acts, pos.to(engine.device))
+        state.tokens += int(valid.sum())
+        state.windows = batch[-1].index + 1
+        if on_batch is not None:
+            on_batch(batch, state)
+        if progress is not None:
+            progress(min(state.tokens, max_tokens), max_tokens)
+        if state.tokens >= max_tokens:
+            ended = False
+            break
+    state.exhausted = ended and state.tokens < max_tokens
+    return state
+
+
+def windows_pad_id(engine: Engine) -> int:
+    tok = engine.model.tokenizer
+    for cand in (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, 0):
+        if cand is not None:
+            return cand
+    return 0
+
+
+def bos_id(engine: Engine, sae: LoadedSAE) -> int | None:
+    """The BOS id windows start with (None when the SAE was trained without BOS)."""
+    if not sae.prepend_bos:
+        return None
+    tok = engine.model.tokenizer
+    return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+
+class Throughput:
+    """Tokens per second over a scan (for the CLI's final line and the bench)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def rate(self, tokens: int) -> float:
+        dt = time.perf_counter() - self.t0
+        return tokens / dt if dt > 0 else math.inf

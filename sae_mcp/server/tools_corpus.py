@@ -1,0 +1,73 @@
+"""Tools of the corpus area: top_examples (max-activating examples, from the index or an on-demand scan).
+
+No `from __future__ import annotations`: the SDK reads these annotations at registration.
+"""
+
+import json
+import logging
+from typing import Annotated, Any
+
+import anyio.from_thread
+from mcp.server.mcpserver import Context
+from mcp.types import CallToolResult, ImageContent, TextContent
+from pydantic import Field
+
+from sae_mcp.engine.runtime import CancelToken, Engine
+from sae_mcp.examples import DEFAULT_CONTEXT, DEFAULT_SCAN_TOKENS, KEEP, MAX_CONTEXT, MAX_SCAN_TOKENS, get_example_source
+from sae_mcp.results.corpus import TopExamples
+from sae_mcp.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SaeArg = Annotated[
+    str | None, Field(description="SAE key (alias or hook name) from model_info; optional when one SAE is loaded")
+]
+
+
+def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None:
+    source = get_example_source(engine, settings)
+
+    @tool()
+    def top_examples(
+        feature: Annotated[int, Field(ge=0, description="Feature index (0..d_sae-1)")],
+        sae: SaeArg = None,
+        k: Annotated[int, Field(ge=1, le=KEEP, description="Examples to return, largest activation first")] = 10,
+        context: Annotated[
+            int, Field(ge=0, le=MAX_CONTEXT, description="Tokens of context shown on each side of the max token")
+        ] = DEFAULT_CONTEXT,
+        max_scan_tokens: Annotated[
+            int,
+            Field(ge=1, le=MAX_SCAN_TOKENS, description="Without an index: corpus tokens the on-demand scan reads"),
+        ] = DEFAULT_SCAN_TOKENS,
+        plot: Annotated[bool, Field(description="Also return a PNG of the activation histogram")] = False,
+        ctx: Context = None,
+    ) -> Annotated[CallToolResult, TopExamples]:
+        """Max-activating corpus examples of a feature: the k largest activations with their context (tokens,
+        position of the max token in them, document index and token offset), plus max activation, density
+        (fraction of scanned tokens where it fired) and an activation histogram. From the corpus index when one
+        was built (`sae-mcp index`), else an on-demand scan of this one feature over max_scan_tokens tokens
+        (cached; reports progress). Each example's window starts with BOS at the document's window start."""
+        cancel = CancelToken()
+
+        def progress(done: int, total: int) -> None:
+            if ctx is None:
+                return
+            try:
+                anyio.from_thread.run(ctx.report_progress, done, total, f"scanned {done}/{total} tokens")
+            except Exception:  # the request is gone (cancelled, disconnected): stop between batches
+                log.info("progress report failed; cancelling the scan")
+                cancel.cancel()
+
+        res = source.top_examples(sae, feature, k=k, context=context, max_scan_tokens=max_scan_tokens,
+                                  progress=progress, cancel=cancel)
+        data = res.model_dump(mode="json")
+        content: list[Any] = [TextContent(type="text", text=json.dumps(data, ensure_ascii=False))]
+        if plot:
+            import base64
+
+            from sae_mcp.server.render import histogram_png
+
+            png = histogram_png(res.histogram, f"{res.sae} feature {feature}: {res.n_fired} of "
+                                f"{res.tokens_scanned} tokens fired (max {res.max_activation:g})")
+            content.append(ImageContent(type="image", data=base64.b64encode(png).decode(), mime_type="image/png"))
+        return CallToolResult(content=content, structured_content=data)
