@@ -236,9 +236,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 def _extra_commands():
     """Subcommands contributed by other modules (index, explanations, dashboard): each a register(sub, flags)."""
+    from sae_mcp import cli_explain
     from sae_mcp import cli_index
 
-    return [cli_index.register_cli]
+    return [cli_explain.register, cli_index.register_cli]
 
 
 def main(argv: list[str] | None = None) -> int:

