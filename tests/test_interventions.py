@@ -1,0 +1,280 @@
+"""Steering and ablation against independent plain computations (the tutorial's way, hooks written plainly)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from sae_mcp.engine import interventions as iv
+from sae_mcp.errors import InvalidInput
+
+PROMPT = "the cat sat on the mat and the dog"
+
+
+def tokens_of(engine, prompt=PROMPT):
+    s = engine.sae(None)
+    return engine.to_tokens(prompt, prepend_bos=s.prepend_bos)
+
+
+def plain_acts(engine, tokens):
+    """The SAE's feature activations [S, d_sae] the tutorial way: run_with_cache_with_saes."""
+    s = engine.sae(None)
+    with torch.inference_mode():
+        _, cache = engine.model.run_with_cache_with_saes(tokens, saes=[s.sae])
+    engine.clean_model()
+    return cache[f"{s.hook_name}.hook_sae_acts_post"][0]
+
+
+# ------------------------------------------------------------------------------------------------ ablation
+
+
+def test_error_term_with_nothing_ablated_gives_the_plain_models_logits(tiny_engine):
+    e, s = tiny_engine, tiny_engine.sae(None)
+    tokens = tokens_of(e)
+    with e.device_work(), torch.inference_mode():
+        plain = e.model(tokens)[0, -1]
+        spliced = iv._spliced_logits(e, s, tokens, [[]], list(range(tokens.shape[1])), error_term=True)[0]
+        tutorial = e.model.run_with_saes(tokens, saes=[s.sae], use_error_term=True)[0, -1]
+    assert_close(spliced, plain)
+    assert_close(tutorial, plain)
+    assert e.is_clean()
+
+
+def test_ablation_with_error_term_removes_exactly_act_times_decoder_at_the_positions(tiny_engine):
+    e, s = tiny_engine, tiny_engine.sae(None)
+    tokens = tokens_of(e)
+    acts = plain_acts(e, tokens)  # [S, d_sae]
+    positions = [2, 4, -1]
+    pos = [p % tokens.shape[1] for p in positions]
+    feats = [int(f) for f in acts[pos].sum(0).topk(3).indices]  # features that fire there
+
+    # plain: subtract sum_f act[p, f] * W_dec[f] at the hook, no SAE anywhere
+    delta = torch.zeros(tokens.shape[1], s.d_in)
+    delta[pos] = acts[pos][:, feats] @ s.sae.W_dec[feats]  # [n_pos, d_in]
+
+    def remove(x, hook):
+        return x - delta[None]
+
+    with torch.inference_mode():
+        expected = e.model.run_with_hooks(tokens, fwd_hooks=[(s.hook_name, remove)])[0, -1]
+    with e.device_work(), torch.inference_mode():
+        got = iv._spliced_logits(e, s, tokens, [feats], pos, error_term=True)[0]
+    assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+    res = iv.ablate_and_test(e, PROMPT, " mat", feats, position=positions)
+    answer_id = res.ablated.answer.token_id
+    assert res.positions == sorted(pos)
+    assert res.ablated.answer.logit == pytest.approx(float(expected[answer_id]), abs=1e-3)
+    assert res.ablated.answer_logit_change != 0.0
+    assert [f.feature for f in res.features] == feats
+    assert res.features[0].activation == pytest.approx(float(acts[pos, feats[0]].sum()), abs=1e-3)
+
+
+def test_tables_without_error_term_match_tutorial_run_with_saes(tiny_engine):
+    e, s = tiny_engine, tiny_engine.sae(None)
+    tokens = tokens_of(e)
+    feats = [int(f) for f in plain_acts(e, tokens).sum(0).topk(2).indices]
+
+    def zero(acts, hook):
+        acts[:, :, feats] = 0.0
+        return acts
+
+    with torch.inference_mode():
+        recon = e.model.run_with_saes(tokens, saes=[s.sae], use_error_term=False)[0, -1]
+        ablated = e.model.run_with_hooks_with_saes(
+            tokens, saes=[s.sae], fwd_hooks=[(f"{s.hook_name}.hook_sae_acts_post", zero)]
+        )[0, -1]
+        base = e.model(tokens)[0, -1]
+    e.clean_model()
+    res = iv.ablate_and_test(e, PROMPT, " mat", feats)
+    a = res.baseline.answer.token_id
+    assert res.baseline.answer.logit == pytest.approx(float(base[a]), abs=1e-3)
+    assert res.reconstruction_only.answer.logit == pytest.approx(float(recon[a]), abs=1e-3)
+    assert res.ablated_without_error_term.answer.logit == pytest.approx(float(ablated[a]), abs=1e-3)
+    assert res.reconstruction_only.answer_logit_change == pytest.approx(float(recon[a] - base[a]), abs=1e-3)
+    assert res.reconstruction_only.kl_from_baseline > 0  # a random SAE distorts; the table says by how much
+    assert e.is_clean() and not s.sae.use_error_term
+
+
+def test_ablating_a_feature_that_does_not_fire_changes_nothing(tiny_engine):
+    e, s = tiny_engine, tiny_engine.sae(None)
+    acts = plain_acts(e, tokens_of(e))
+    silent = int((acts.sum(0) == 0).nonzero()[0])
+    res = iv.ablate_and_test(e, PROMPT, " mat", [silent], controls=True, n_controls=3)
+    assert res.features[0].activation == 0.0
+    assert res.ablated.answer.logit == pytest.approx(res.baseline.answer.logit, abs=1e-4)
+    assert "do not fire" in res.controls.note
+
+
+def test_ablation_controls_are_seeded_firing_features_other_than_the_targets(tiny_engine):
+    e = tiny_engine
+    acts = plain_acts(e, tokens_of(e))
+    feats = [int(f) for f in acts[-1].topk(2).indices]
+    one = iv.ablate_and_test(e, PROMPT, " mat", feats, position=-1, controls=True, n_controls=4, seed=7)
+    two = iv.ablate_and_test(e, PROMPT, " mat", feats, position=-1, controls=True, n_controls=4, seed=7)
+    other = iv.ablate_and_test(e, PROMPT, " mat", feats, position=-1, controls=True, n_controls=4, seed=8)
+    assert one.controls == two.controls
+    assert [r.features for r in one.controls.runs] != [r.features for r in other.controls.runs]
+    assert len(one.controls.runs) == 4
+    for run in one.controls.runs:
+        assert len(run.features) == 2 and not set(run.features) & set(feats)
+        assert all(float(acts[-1, f]) > 0 for f in run.features)
+    metrics = {st.metric for st in one.controls.stats}
+    assert metrics == {"answer_logit_change", "answer_probability_change", "kl_next_token"}
+    st = next(st for st in one.controls.stats if st.metric == "answer_logit_change")
+    assert st.target == pytest.approx(one.ablated.answer_logit_change, abs=1e-3)
+    assert st.control_min <= st.control_mean <= st.control_max
+
+
+def test_positions_resolve_negative_indices_and_reject_out_of_range():
+    assert iv.resolve_positions(None, 4) == [0, 1, 2, 3]
+    assert iv.resolve_positions(-1, 4) == [3]
+    assert iv.resolve_positions([0, -4, 2], 4) == [0, 2]
+    with pytest.raises(InvalidInput, match="out of range: the prompt has 4 tokens"):
+        iv.resolve_positions([4], 4)
+    with pytest.raises(InvalidInput, match="empty list"):
+        iv.resolve_positions([], 4)
+
+
+# ------------------------------------------------------------------------------------------------ steering
+
+
+def plain_greedy(engine, tokens, hook_name, vector, n):
+    """Greedy decoding the plain way: the whole sequence each step, the vector added by run_with_hooks."""
+    seq = tokens
+    for _ in range(n):
+        with torch.inference_mode():
+            logits = engine.model.run_with_hooks(seq, fwd_hooks=[(hook_name, lambda x, hook: x + vector)])
+        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq[0, tokens.shape[1]:]
+
+
+def test_steering_adds_coefficient_times_decoder_at_every_prompt_position(tiny_engine):
+    e, s = tiny_engine, tiny_engine.sae(None)
+    tokens = tokens_of(e)
+    vec = 3.0 * s.sae.W_dec[5] - 2.0 * s.sae.W_dec[9]
+    with torch.inference_mode():
+        expected = e.model.run_with_hooks(tokens, fwd_hooks=[(s.hook_name, lambda x, hook: x + vec)])[0]
+    with e.device_work():
+        _, logits, _ = iv.generate_rows(e, tokens, s.hook_name, torch.stack([torch.zeros_like(vec), vec]),
+                                        1, 0.0, 1.0, 0)
+    assert_close(logits[1], expected, atol=1e-5, rtol=1e-5)
+    assert e.is_clean()
+
+
+def test_greedy_steered_generation_matches_a_plain_decoding_loop(tiny_engine):
+    e, s = tiny_engine, tiny_engine.sae(None)
+    res = iv.steer_generate(e, PROMPT, [(5, 3.0), (9, -2.0)], calibration="absolute", max_new_tokens=8,
+                            temperature=0.0)
+    tokens = tokens_of(e)
+    vec = 3.0 * s.sae.W_dec[5] - 2.0 * s.sae.W_dec[9]
+    steered = plain_greedy(e, tokens, s.hook_name, vec, 8)
+    unsteered = plain_greedy(e, tokens, s.hook_name, torch.zeros_like(vec), 8)
+    tok = e.model.tokenizer
+    assert res.steered[0].continuation.text == tok.decode(steered.tolist())
+    assert res.unsteered.text == tok.decode(unsteered.tolist())
+    assert res.steered[0].continuation.text != res.unsteered.text
+    assert [f.coefficient for f in res.features] == [3.0, -2.0]
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 0.9)])
+def test_steered_generation_is_the_same_with_and_without_the_kv_cache(stories_engine, temperature, top_p):
+    e = stories_engine
+    kw = dict(calibration="absolute", max_new_tokens=20, temperature=temperature, top_p=top_p, seed=3,
+              strengths=[0.0, 1.0, 4.0])
+    cached = iv.steer_generate(e, "Once upon a time, Lily", [(7, 2.0)], use_cache=True, **kw)
+    uncached = iv.steer_generate(e, "Once upon a time, Lily", [(7, 2.0)], use_cache=False, **kw)
+    assert [r.continuation for r in cached.steered] == [r.continuation for r in uncached.steered]
+    assert cached.unsteered == uncached.unsteered
+    # a zero dose is the unsteered run exactly, and the strongest dose changes the text
+    assert cached.steered[0].continuation == cached.unsteered
+    assert cached.steered[0].kl_next_token == 0.0
+    assert cached.steered[2].continuation.text != cached.unsteered.text
+    assert cached.steered[2].mean_kl_prompt > cached.steered[1].mean_kl_prompt > 0
+
+
+def test_sampling_is_reproducible_by_seed_and_a_tiny_top_p_is_greedy(tiny_engine):
+    e = tiny_engine
+    kw = dict(calibration="absolute", max_new_tokens=10)
+    a = iv.steer_generate(e, PROMPT, [(5, 1.0)], temperature=1.0, top_p=1.0, seed=11, **kw)
+    b = iv.steer_generate(e, PROMPT, [(5, 1.0)], temperature=1.0, top_p=1.0, seed=11, **kw)
+    c = iv.steer_generate(e, PROMPT, [(5, 1.0)], temperature=1.0, top_p=1.0, seed=12, **kw)
+    assert a == b
+    assert (a.unsteered.text, a.steered[0].continuation.text) != (c.unsteered.text, c.steered[0].continuation.text)
+    nucleus = iv.steer_generate(e, PROMPT, [(5, 1.0)], temperature=1.0, top_p=1e-6, seed=11, **kw)
+    greedy = iv.steer_generate(e, PROMPT, [(5, 1.0)], temperature=0.0, **kw)
+    assert nucleus.steered[0].continuation == greedy.steered[0].continuation
+
+
+def test_generation_stops_at_eos(tiny_engine):
+    e, s = tiny_engine, tiny_engine.sae(None)
+    eos = e.model.tokenizer.eos_token_id
+    push = e.model.W_U[:, eos] - e.model.W_U.mean(-1)  # a direction that makes EOS the argmax after ln_final
+    vec = 1e3 * push / push.norm()
+    with e.device_work():
+        new, _, stopped = iv.generate_rows(e, tokens_of(e), "blocks.1.hook_resid_post",
+                                           torch.stack([torch.zeros_like(vec), vec]), 6, 0.0, 1.0, 0)
+    assert stopped[1] and new[1, 0] == eos
+    cont = iv._continuation(e, new[1], eos, stopped[1])
+    assert cont.text == "" and cont.n_tokens == 0 and cont.stopped_at_eos
+
+
+def test_max_activation_calibration_scales_strength_by_the_features_max(tiny_engine):
+    e = tiny_engine
+    maxes = {5: (2.5, "index"), 9: (4.0, "scan")}
+    res = iv.steer_generate(e, PROMPT, [(5, 2.0), (9, -0.5)], max_new_tokens=2, temperature=0.0,
+                            calibration="max_activation", max_activation_fn=lambda sae, f: maxes[f],
+                            strengths=[1.0, 3.0])
+    assert [(f.max_activation, f.max_activation_source, f.coefficient) for f in res.features] == [
+        (2.5, "index", 5.0), (4.0, "scan", -2.0)
+    ]
+    assert res.steered[1].coefficients == [15.0, -6.0]
+    with pytest.raises(InvalidInput, match="--corpus.*calibration='absolute'"):
+        iv.steer_generate(e, PROMPT, [(5, 1.0)], calibration="max_activation", max_activation_fn=None)
+    with pytest.raises(InvalidInput, match="never fired"):
+        iv.steer_generate(e, PROMPT, [(5, 1.0)], max_activation_fn=lambda sae, f: (0.0, "index"))
+
+
+def test_steering_controls_match_decoder_norm_and_coefficient(tiny_engine):
+    e, s = tiny_engine, tiny_engine.sae(None)
+    norms = s.sae.W_dec.norm(dim=-1)
+    res = iv.steer_generate(e, PROMPT, [(5, 4.0)], calibration="absolute", max_new_tokens=4, temperature=0.0,
+                            answer=" mat", controls=True, n_controls=5, seed=1, strengths=[1.0, -2.0])
+    again = iv.steer_generate(e, PROMPT, [(5, 4.0)], calibration="absolute", max_new_tokens=4, temperature=0.0,
+                              answer=" mat", controls=True, n_controls=5, seed=1, strengths=[1.0, -2.0])
+    assert res.controls == again.controls
+    assert len(res.controls.runs) == 5 and "scale -2" in res.controls.matched_on
+    nearest = (norms - norms[5]).abs().argsort()[1:21].tolist()  # the pool: 20 nearest in norm, target excluded
+    for run in res.controls.runs:
+        assert run.features[0] != 5 and run.features[0] in nearest
+    kl = next(st for st in res.controls.stats if st.metric == "kl_next_token")
+    assert kl.target == pytest.approx(res.steered[1].kl_next_token, abs=1e-5)
+    ans = next(st for st in res.controls.stats if st.metric == "answer_probability_change")
+    assert ans.target == pytest.approx(res.steered[1].answer_probability_change, abs=1e-5)
+    assert res.steered[0].answer_probability == pytest.approx(
+        res.unsteered_answer_probability + res.steered[0].answer_probability_change, abs=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(features=[(5, math.nan)]), "finite"),
+        (dict(features=[(5, math.inf)]), "finite"),
+        (dict(features=[(5, 2000.0)]), "<= 1000"),
+        (dict(features=[(5, 1.0)], strengths=[1.0, math.nan]), "finite"),
+        (dict(features=[(5, 1.0)], max_new_tokens=10_000), "max_new_tokens"),
+        (dict(features=[(5, 1.0)], max_new_tokens=60), "exceeds the model's context"),
+        (dict(features=[(500, 1.0)]), "out of range"),
+        (dict(features=[(5, 1.0), (5, 2.0)]), "repeat"),
+        (dict(features=[]), "no features"),
+        (dict(features=[(5, 1.0)], top_p=0.0), "top_p"),
+    ],
+)
+def test_steer_generate_rejects_bad_input_with_what_to_change(tiny_engine, kwargs, message):
+    with pytest.raises(InvalidInput, match=message):
+        iv.steer_generate(tiny_engine, PROMPT, calibration="absolute", **kwargs)
+    assert tiny_engine.is_clean()
