@@ -1,0 +1,153 @@
+"""Gradient x activation attribution against the plain computation (retain_grad on hook_sae_acts_post)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import make_sae_folder
+from sae_mcp.engine import attribution as attr
+from sae_mcp.errors import InvalidInput
+
+PROMPT = "the cat sat on the mat and the dog"
+
+
+def plain_attribution(engine, sae, tokens, a, c, pos):
+    """The tutorial way: SAE spliced with the error term, acts_post made to require grad, one backward."""
+    model, kept = engine.model, {}
+
+    def keep(acts, hook):
+        acts.requires_grad_(True)  # nothing upstream requires grad, so acts is a leaf here
+        acts.retain_grad()
+        kept["acts"] = acts
+        return acts
+
+    with torch.enable_grad(), model.saes(saes=[sae.sae], use_error_term=True):
+        logits = model.run_with_hooks(tokens, fwd_hooks=[(f"{sae.hook_name}.hook_sae_acts_post", keep)])
+        metric = logits[0, pos, a] - logits[0, pos, c]
+        metric.backward()
+    engine.clean_model()
+    acts = kept["acts"]
+    return float(metric), logits.detach(), (acts.grad * acts.detach())[0]  # [S, d_sae]
+
+
+def plain_hook_gradient(engine, sae, tokens, a, c, pos):
+    """x at the hook and d metric / d x there, from the plain model with no SAE."""
+    model, kept = engine.model, {}
+
+    def leaf(x, hook):
+        x = x.detach().requires_grad_(True)
+        kept["x"] = x
+        return x
+
+    with torch.enable_grad():
+        logits = model.run_with_hooks(tokens, fwd_hooks=[(sae.hook_name, leaf)])
+        (logits[0, pos, a] - logits[0, pos, c]).backward()
+    engine.clean_model()
+    return kept["x"].detach()[0], kept["x"].grad[0]  # [S, d_in] each
+
+
+def ids(engine, *words):
+    return [int(engine.model.to_tokens(w, prepend_bos=False)[0, 0]) for w in words]
+
+
+def test_single_sae_attributions_equal_the_plain_grad_times_activation(tiny_engine):
+    e, s = tiny_engine, tiny_engine.sae(None)
+    tokens = e.to_tokens(PROMPT)
+    a, c = ids(e, " mat", " park")
+    metric, logits, plain = plain_attribution(e, s, tokens, a, c, -2)
+    res = attr.attribute(e, PROMPT, " mat", counterfactual=" park", top_k=15, position=-2)
+    assert res.metric_value == pytest.approx(metric, abs=1e-5)
+    assert res.position == tokens.shape[1] - 2 and "logit['mat'] - logit['park']" in res.metric
+    assert_close(torch.tensor(res.per_token[s.key]), plain.sum(-1), atol=2e-5, rtol=1e-4)
+    expected = sorted(((p, f) for p in range(plain.shape[0]) for f in range(plain.shape[1])),
+                      key=lambda pf: -abs(float(plain[pf])))[:15]
+    assert [(t.position, t.feature) for t in res.top] == expected
+    for t in res.top:
+        assert t.attribution == pytest.approx(float(plain[t.position, t.feature]), abs=1e-5)
+        assert t.token == e.str_tokens(tokens)[t.position]
+    assert all(t.position <= res.position for t in res.top)  # causal: later positions get no gradient
+    with torch.inference_mode():
+        assert_close(logits, e.model(tokens))  # the error term kept the model's output
+
+
+def test_error_attribution_is_gradient_dot_error_and_the_parts_sum_to_gradient_dot_input(tiny_engine):
+    e, s = tiny_engine, tiny_engine.sae(None)
+    tokens = e.to_tokens(PROMPT)
+    a, c = ids(e, " mat", " park")
+    x, g = plain_hook_gradient(e, s, tokens, a, c, -1)
+    with torch.inference_mode():
+        x_hat = s.sae.decode(s.sae.encode(x))  # [S, d_in]
+    res = attr.attribute(e, PROMPT, " mat", counterfactual=" park")
+    err, rec = float((g * (x - x_hat)).sum()), float((g * x_hat).sum())
+    assert res.error_attribution[s.key] == pytest.approx(err, abs=1e-4)
+    assert res.reconstruction_attribution[s.key] == pytest.approx(rec, abs=1e-4)
+    assert res.error_share[s.key] == pytest.approx(abs(err) / (abs(err) + abs(rec)), abs=1e-3)
+    # completeness (the decoder is linear): features + g.b_dec + error = g.x
+    b_dec = float((g * s.sae.b_dec).sum())
+    assert sum(res.per_token[s.key]) + b_dec + err == pytest.approx(float((g * x).sum()), abs=1e-3)
+    assert res.error_share[s.key] != 0.5  # a ratio of gradient norms would always say 0.5
+
+
+def test_answer_alone_differentiates_the_answer_logit(tiny_engine):
+    e = tiny_engine
+    tokens = e.to_tokens(PROMPT)
+    with torch.inference_mode():
+        logit = float(e.model(tokens)[0, -1, ids(e, " mat")[0]])
+    res = attr.attribute(e, PROMPT, " mat")
+    assert res.metric_value == pytest.approx(logit, abs=1e-4)
+    assert res.metric.startswith("logit['mat'] at position")
+
+
+@pytest.fixture(scope="module")
+def two_sae_engine(tiny_loaded, tiny_dir, tiny_sae_dir):
+    from sae_mcp.engine.loading import check_compatible, load_sae
+    from sae_mcp.engine.runtime import Engine
+
+    l0 = make_sae_folder(tiny_dir / "attr_sae_l0", 32, 96, "blocks.0.hook_resid_post", seed=3)
+    saes = [load_sae(str(tiny_sae_dir), "cpu", torch.float32), load_sae(str(l0), "cpu", torch.float32)]
+    for s in saes:
+        check_compatible(tiny_loaded, s)
+    return Engine(tiny_loaded, saes, "cpu")
+
+
+def test_several_saes_in_one_pass_give_each_saes_attributions_alone(two_sae_engine):
+    e = two_sae_engine
+    both = attr.attribute(e, PROMPT, " mat", counterfactual=" park", top_k=30)
+    assert set(both.per_token) == set(e.saes)
+    for key in e.saes:
+        alone = attr.attribute(e, PROMPT, " mat", counterfactual=" park", sae=key, top_k=30)
+        assert_close(torch.tensor(both.per_token[key]), torch.tensor(alone.per_token[key]), atol=1e-4, rtol=1e-3)
+        assert both.error_attribution[key] == pytest.approx(alone.error_attribution[key], abs=1e-3)
+        mine = [(t.position, t.feature, t.attribution) for t in both.top if t.sae == key]
+        theirs = {(t.position, t.feature): t.attribution for t in alone.top}
+        for p, f, v in mine:
+            assert v == pytest.approx(theirs[(p, f)], abs=1e-4)
+    assert {t.sae for t in both.top} == set(e.saes)
+    assert [abs(t.attribution) for t in both.top] == sorted((abs(t.attribution) for t in both.top), reverse=True)
+    assert e.is_clean()
+
+
+def test_attribute_rejects_bad_input_with_what_to_change(tiny_engine, two_sae_engine):
+    with pytest.raises(InvalidInput, match="same token"):
+        attr.attribute(tiny_engine, PROMPT, " mat", counterfactual=" mat")
+    with pytest.raises(InvalidInput, match="out of range"):
+        attr.attribute(tiny_engine, PROMPT, " mat", position=99)
+    with pytest.raises(InvalidInput, match="not both"):
+        attr.attribute(two_sae_engine, PROMPT, " mat", sae="blocks.1.hook_resid_pre", saes=["blocks.1.hook_resid_pre"])
+    assert tiny_engine.is_clean()
+
+
+def test_attribution_on_the_real_model_matches_the_plain_computation(stories_engine):
+    e, s = stories_engine, stories_engine.sae(None)
+    prompt = "Once upon a time, there was a little girl named Lily. She"
+    tokens = e.to_tokens(prompt)
+    a, c = ids(e, " was", " saw")
+    metric, _, plain = plain_attribution(e, s, tokens, a, c, -1)
+    res = attr.attribute(e, prompt, " was", counterfactual=" saw", top_k=10)
+    assert res.metric_value == pytest.approx(metric, abs=1e-4)
+    assert_close(torch.tensor(res.per_token[s.key]), plain.sum(-1), atol=1e-4, rtol=1e-3)
+    for t in res.top:
+        assert t.attribution == pytest.approx(float(plain[t.position, t.feature]), abs=1e-4)
+    assert 0 < res.error_share[s.key] < 1
