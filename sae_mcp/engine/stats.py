@@ -172,9 +172,16 @@ def build_token_sets(
     sets: list[str] | None = None,
     token_sets: dict[str, list[str]] | None = None,
     regex_sets: dict[str, str] | None = None,
+    skipped: list[str] | None = None,
 ) -> list[tuple[str, list[int], list[str]]]:
-    """Named sets -> [(name, token ids, unmatched given tokens)]. Built-in names, token lists, or regexes."""
+    """Named sets -> [(name, token ids, unmatched given tokens)]. Built-in names, token lists, or regexes.
+
+    sets=None with no token/regex sets means every built-in set; then a set that is empty (or the whole
+    vocabulary) in this tokenizer is left out and its name appended to `skipped` instead of being an error."""
     vocab = vocab_strings(engine)
+    lenient = sets is None and not token_sets and not regex_sets
+    if lenient:
+        sets = list(BUILTIN_SETS)
     wanted: list[tuple[str, str | None, list[str] | None]] = []
     for name in sets or []:
         if name not in BUILTIN_SETS:
@@ -209,6 +216,10 @@ def build_token_sets(
                 else:
                     unmatched.append(t)
             ids = sorted(set(ids))
+        if (not ids or len(ids) >= len(vocab)) and lenient:
+            if skipped is not None:
+                skipped.append(name)
+            continue
         if not ids or len(ids) >= len(vocab):
             raise InvalidInput(
                 f"token set {name!r} has {len(ids)} of the {len(vocab)} vocabulary tokens; enrichment needs a set "
@@ -258,7 +269,8 @@ def token_set_enrichment(
     """For each token set: the features whose logit weights most promote it, and most suppress it."""
     s = engine.sae(sae)
     idx = _feature_index(engine, s, features)
-    named = build_token_sets(engine, sets, token_sets, regex_sets)
+    skipped: list[str] = []
+    named = build_token_sets(engine, sets, token_sets, regex_sets, skipped)
     vocab = vocab_strings(engine)
     with engine.device_work():
         score, z = enrichment_scores(engine, s, idx, [ids for _, ids, _ in named])  # [n, n_sets] each
@@ -292,6 +304,7 @@ def token_set_enrichment(
     return TokenSetEnrichment(
         sae=s.key,
         n_features=len(idx),
+        skipped=skipped or None,
         method="Mann-Whitney rank-biserial r = 2*AUC-1 of the set's W_dec[f] @ W_U values vs the rest; z from U",
         sets=out,
     )

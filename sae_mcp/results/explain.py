@@ -69,6 +69,7 @@ class SetEnrichment(BaseModel):
 class TokenSetEnrichment(BaseModel):
     sae: str
     n_features: int
+    skipped: list[str] | None = Field(default=None, description="Built-in sets left out: empty in this vocabulary")
     method: str = Field(description="How the score is computed")
     sets: list[SetEnrichment]
 

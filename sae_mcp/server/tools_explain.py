@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
+from mcp.server.mcpserver.exceptions import ResourceError
 from mcp.server.mcpserver.prompts.base import Prompt, PromptArgument
 from mcp.types import ToolAnnotations
 from pydantic import Field
@@ -23,7 +24,7 @@ from pydantic import Field
 from sae_mcp import cards
 from sae_mcp.engine import stats
 from sae_mcp.engine.runtime import Engine
-from sae_mcp.errors import InvalidInput
+from sae_mcp.errors import SaeMcpError
 from sae_mcp.results.explain import (
     ExplanationMatch,
     ExplanationSearch,
@@ -164,8 +165,6 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings, store: 
         """Which features' logit weights (W_dec[f] @ W_U) are enriched for a set of tokens: per set, the features
         that most promote it and most suppress it. Score = rank-biserial r = 2*AUC-1 of the set's logit weights
         against the rest of the vocabulary (Mann-Whitney), in [-1, 1], with its z; the sign is the direction."""
-        if sets is None and not token_sets and not regex_sets:
-            sets = list(stats.BUILTIN_SETS)
         return stats.token_set_enrichment(
             engine, sets=sets, token_sets=token_sets, regex_sets=regex_sets, sae=sae, features=features, top=top
         )
@@ -179,11 +178,15 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings, store: 
         mime_type="text/markdown",
     )
     def feature_resource(sae: str, feature: str) -> str:
+        # ResourceError carries our message to the client (other exceptions become a generic error)
         try:
             f = int(feature)
         except ValueError:
-            raise InvalidInput(f"feature {feature!r} in the URI is not an integer: use feature://{sae}/123") from None
-        return cards.card_markdown(ctx, f, sae)
+            raise ResourceError(f"feature {feature!r} in the URI is not an integer: use feature://{sae}/123") from None
+        try:
+            return cards.card_markdown(ctx, f, sae)
+        except SaeMcpError as exc:
+            raise ResourceError(str(exc)) from exc
 
     for prompt in load_prompts():
         server.add_prompt(prompt)

@@ -1,0 +1,232 @@
+"""Feature cards (resource, tool, HTML), feature_stats / token_set_enrichment tools, and the MCP prompts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+from mcp import Client
+
+from sae_mcp import cards
+from sae_mcp.results.corpus import Example, FeatureSummary, Histogram, TopExamples
+from sae_mcp.server import tools_explain
+from sae_mcp.server.app import build_server
+from sae_mcp.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def lexical_only(monkeypatch):
+    monkeypatch.setenv("SAE_MCP_SEMANTIC", "0")
+
+
+def sae_of(engine):
+    return next(iter(engine.saes.values()))
+
+
+class FakeIndex:
+    """Stands in for sae_mcp.examples' source with the contract's real result models (an index that exists)."""
+
+    def __init__(self, key: str):
+        self.key = key
+        self.calls: list[str] = []
+
+    def _summary(self, feature: int) -> dict:
+        return dict(sae=self.key, feature=feature, max_activation=4.2, density=0.0123, n_fired=123,
+                    tokens_scanned=10_000, histogram=Histogram(edges=[0.1, 1.0, 2.0, 4.2], counts=[100, 20, 3]))
+
+    def feature_summary(self, sae, feature):
+        self.calls.append("summary")
+        return FeatureSummary(**self._summary(feature))
+
+    def top_examples(self, sae, feature, k=10, **kw):
+        self.calls.append(f"top_examples k={k}")
+        ex = Example(activation=4.2, tokens=["<s>", "the", " cat", " sat", " on"], position=2, document=0, offset=1)
+        return TopExamples(**self._summary(feature), source="index", corpus="fake", context_size=8, examples=[ex])
+
+    def densities(self, sae):
+        import torch
+
+        return torch.linspace(0, 0.5, 128)
+
+
+def read(server, uri: str):
+    async def go():
+        async with Client(server) as c:
+            return await c.read_resource(uri)
+
+    return anyio.run(go)
+
+
+def test_resource_template_matches_a_dotted_hook_name(tiny_engine, tmp_path):
+    s = sae_of(tiny_engine)
+    assert "." in s.key  # blocks.1.hook_resid_pre
+    res = read(build_server(tiny_engine, Settings(data_dir=tmp_path)), f"feature://{s.key}/5")
+    text = res.contents[0].text
+    assert res.contents[0].mime_type == "text/markdown"
+    assert text.startswith(f"# Feature 5 · {s.key}")
+    assert "not indexed: run sae-mcp index" in text
+    assert "promotes:" in text and "kurtosis" in text
+
+
+def test_card_holds_labels_imports_logit_lens_and_moments(tiny_engine, tmp_path):
+    from sae_mcp.engine import logits as lg
+
+    s = sae_of(tiny_engine)
+    ctx = cards.ExplainContext(tiny_engine, Settings(data_dir=tmp_path))
+    ctx.store.import_rows(s.source, [(9, "imported: about dogs", "gpt-4o-mini")], "neuronpedia")
+    ctx.store.add_label(s.source, 9, "dog and cat words", evidence="get_feature_acts on 'the dog'")
+    md = cards.card_markdown(ctx, 9, s.key, n_tokens=3)
+    assert "- label: dog and cat words (evidence: get_feature_acts on 'the dog')" in md
+    assert "- imported: about dogs (neuronpedia, gpt-4o-mini)" in md
+    proj = lg.project_to_vocab(tiny_engine, 9, top_k=3)
+    assert "promotes: " + ", ".join(f"{t.token!r} {t.logit:.3g}" for t in proj.top_positive) in md
+    full = (s.sae.W_dec[9].detach().float() @ tiny_engine.model.W_U.detach().float())
+    assert f"mean {full.mean().item():.3g}" in md
+
+
+def test_card_uses_the_index_when_built_and_marks_the_firing_token(tiny_engine, tmp_path):
+    s = sae_of(tiny_engine)
+    ctx = cards.ExplainContext(tiny_engine, Settings(data_dir=tmp_path))
+    fake = FakeIndex(s.key)
+    ctx._source, ctx._source_tried = fake, True
+    md = cards.card_markdown(ctx, 3, s.key, n_examples=4)
+    assert "density 0.0123 · of 10,000 tokens · max activation 4.2" in md
+    assert "histogram `█▂▁` (0.1 .. 4.2)" in md
+    assert "1. 4.2: <s>the« cat» sat on" in md
+    assert fake.calls == ["summary", "top_examples k=4"]  # index reads only, no scan
+    html = cards.card_html(ctx, 3, s.key)
+    assert "<mark> cat</mark>" in html and "class='hist'" in html
+
+
+def test_card_never_scans_when_the_index_has_no_summary(tiny_engine, tmp_path):
+    class Empty(FakeIndex):
+        def feature_summary(self, sae, feature):
+            return None
+
+        def top_examples(self, *a, **k):  # pragma: no cover - must not be called
+            raise AssertionError("a card must not start a scan")
+
+    ctx = cards.ExplainContext(tiny_engine, Settings(data_dir=tmp_path))
+    ctx._source, ctx._source_tried = Empty(sae_of(tiny_engine).key), True
+    assert cards.NOT_INDEXED in cards.card_markdown(ctx, 3)
+
+
+def test_feature_card_tool_and_bad_inputs(tiny_engine, tmp_path):
+    server = build_server(tiny_engine, Settings(data_dir=tmp_path))
+
+    async def go():
+        async with Client(server) as c:
+            ok = await c.call_tool("feature_card", {"feature": 4})
+            bad = await c.call_tool("feature_card", {"feature": 128})
+            errors = []
+            for uri in ("feature://nope/5", f"feature://{sae_of(tiny_engine).key}/500", f"feature://{sae_of(tiny_engine).key}/x"):
+                try:
+                    await c.read_resource(uri)
+                    errors.append(None)
+                except Exception as exc:
+                    errors.append(str(exc))
+            again = await c.read_resource(f"feature://{sae_of(tiny_engine).key}/4")
+            return ok, bad, errors, again
+
+    ok, bad, errors, again = anyio.run(go)
+    assert ok.structured_content["uri"] == f"feature://{sae_of(tiny_engine).key}/4"
+    assert ok.structured_content["markdown"].startswith("# Feature 4")
+    assert bad.is_error and "out of range" in bad.content[0].text
+    assert "unknown SAE 'nope'" in errors[0]
+    assert "out of range" in errors[1]
+    assert "not an integer" in errors[2]
+    assert again.contents[0].text == ok.structured_content["markdown"]
+
+
+def test_stats_tools_through_the_client(tiny_engine, tmp_path):
+    server = build_server(tiny_engine, Settings(data_dir=tmp_path))
+
+    async def go():
+        async with Client(server) as c:
+            return [
+                await c.call_tool("feature_stats", {"sort_by": "kurtosis", "top": 3}),
+                await c.call_tool("feature_stats", {"sort_by": "density"}),
+                await c.call_tool("token_set_enrichment", {"token_sets": {"pets": ["cat", "dog"]}, "top": 2}),
+                await c.call_tool("token_set_enrichment", {"top": 1}),
+                await c.call_tool("token_set_enrichment", {"sets": ["nope"]}),
+                await c.call_tool("feature_stats", {"top": 1000}),
+            ]
+
+    kurt, dens, pets, builtin, bad_set, too_many = anyio.run(go)
+    rows = kurt.structured_content["features"]
+    assert len(rows) == 3 and rows[0]["kurtosis"] >= rows[1]["kurtosis"] >= rows[2]["kurtosis"]
+    assert dens.is_error and "sae-mcp index" in dens.content[0].text
+    (pet,) = pets.structured_content["sets"]
+    assert pet["name"] == "pets" and pet["size"] == 2 and len(pet["promoted"]) <= 2
+    assert all(e["direction"] == "promotes" and e["score"] > 0 for e in pet["promoted"])
+    assert {s["name"] for s in builtin.structured_content["sets"]} >= {"all_digits", "capitalised", "punctuation"}
+    assert "starts_with_space" in builtin.structured_content["skipped"]  # a word-level vocabulary has none
+    assert bad_set.is_error and "built-in sets" in bad_set.content[0].text
+    assert too_many.is_error  # top is bounded by the schema
+
+
+def test_feature_stats_uses_index_densities(tiny_engine, tmp_path):
+    from sae_mcp.engine import stats
+
+    dens = FakeIndex("k").densities(None)
+    out = stats.feature_stats(tiny_engine, sort_by="density", top=2, densities=dens, max_density=0.25)
+    assert [f.feature for f in out.features] == [63, 62]  # linspace(0, .5, 128): 63 is the last <= 0.25
+    assert out.densities == "indexed"
+
+
+def test_prompts_are_served_with_their_arguments(tiny_engine, tmp_path):
+    server = build_server(tiny_engine, Settings(data_dir=tmp_path))
+
+    async def go():
+        async with Client(server) as c:
+            listed = (await c.list_prompts()).prompts
+            got = await c.get_prompt("investigate_feature", {"feature": "42", "sae": "blocks.1.hook_resid_pre"})
+            pred = await c.get_prompt("explain_prediction", {"prompt": "The capital of France is"})
+            return listed, got, pred
+
+    listed, got, pred = anyio.run(go)
+    by = {p.name: p for p in listed}
+    assert set(by) == {"investigate_feature", "find_concept_features", "explain_prediction", "steering_study"}
+    assert [(a.name, a.required) for a in by["investigate_feature"].arguments] == [("feature", True), ("sae", False)]
+    text = got.messages[0].content.text
+    assert "Investigate feature 42 (SAE: blocks.1.hook_resid_pre" in text
+    for name in ("top_examples", "project_to_vocab", "get_feature_acts", "ablate_and_test", "label_feature"):
+        assert name in text
+    assert "The capital of France is" in pred.messages[0].content.text
+    assert "{" + "answer}" not in pred.messages[0].content.text  # optional argument left out: placeholder filled
+
+
+def test_each_recipe_names_the_tools_it_relies_on():
+    recipes = {p.name: p for p in tools_explain.load_prompts(REPO / "prompts")}
+    needs = {
+        "investigate_feature": ["top_examples", "project_to_vocab", "label_feature", "ablate_and_test"],
+        "find_concept_features": ["search_explanations", "compare_prompts", "attribute"],
+        "explain_prediction": ["next_token", "attribute", "ablate_and_test"],
+        "steering_study": ["steer_generate", "get_feature_acts", "next_token"],
+    }
+    for name, tools in needs.items():
+        body = recipes[name].fn(**{a.name: "X" for a in recipes[name].arguments})
+        for t in tools:
+            assert f"`{t}`" in body, (name, t)
+
+
+def test_packaged_prompt_copies_match_the_top_level_prompts():
+    """sae_mcp/_prompts ships in the wheel; prompts/ is what people edit. Keep them identical."""
+    top = {p.name: p.read_bytes() for p in (REPO / "prompts").glob("*.md")}
+    packaged = {p.name: p.read_bytes() for p in (REPO / "sae_mcp" / "_prompts").glob("*.md")}
+    assert top and top == packaged, "copy prompts/*.md to sae_mcp/_prompts/ after editing them"
+
+
+def test_mcp_http_app_serves_the_card_page_next_to_mcp(tiny_engine, tmp_path):
+    """Over streamable HTTP the same server also answers /features/{sae}/{feature} with the HTML card."""
+    from starlette.testclient import TestClient
+
+    server = build_server(tiny_engine, Settings(data_dir=tmp_path))
+    client = TestClient(server.streamable_http_app())
+    key = sae_of(tiny_engine).key
+    page = client.get(f"/features/{key}/2")
+    assert page.status_code == 200 and f"Feature 2 · {key}" in page.text
+    assert client.get(f"/features/{key}/999").status_code == 404
