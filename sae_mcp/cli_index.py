@@ -24,11 +24,8 @@ def register_cli(sub, engine_flags) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from sae_mcp.cli import build_engine, settings_from_args
     from sae_mcp.engine.runtime import CancelToken
-    from sae_mcp.errors import Cancelled
     from sae_mcp.examples import get_example_source
 
     settings = settings_from_args(args)
@@ -37,7 +34,18 @@ def cmd_index(args: argparse.Namespace) -> int:
     keys = [args.only] if args.only else list(engine.saes)
     cancel = CancelToken()
     # Ctrl-C: stop between batches, keep the last whole batch in a checkpoint; a second Ctrl-C kills at once.
-    signal.signal(signal.SIGINT, lambda *_: (cancel.cancel(), signal.signal(signal.SIGINT, signal.SIG_DFL)))
+    old = signal.signal(signal.SIGINT, lambda *_: (cancel.cancel(), signal.signal(signal.SIGINT, signal.SIG_DFL)))
+    try:
+        return _index_all(source, keys, args, cancel)
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _index_all(source, keys, args, cancel) -> int:
+    from tqdm import tqdm
+
+    from sae_mcp.errors import Cancelled
+
     for key in keys:
         bar = tqdm(total=args.tokens, unit="tok", unit_scale=True, desc=f"index {key}", file=sys.stderr)
 

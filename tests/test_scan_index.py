@@ -1,0 +1,245 @@
+"""The one-pass feature index against a brute-force loop written plainly here (the tutorial's way: every
+window through run_with_cache_with_saes, every token's activations kept, then sorted), on the real stories260K
+model with a small SAE trained in this session. Plus the exact tie rule, resume, reuse, cancel and keys."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import STORIES_CORPUS, STORIES_HF, needs_stories, stories_texts
+from sae_mcp.engine.runtime import CancelToken
+from sae_mcp.engine.scan import ScanState, update_state
+from sae_mcp.errors import Cancelled
+from sae_mcp.examples import ExampleSource, get_example_source
+from sae_mcp.settings import Settings
+
+TOKENS = 12_000  # ~100 windows: brute force ~2 s
+K = 12
+FEATURES = list(range(0, 256, 9))  # a sample of 29 features
+
+
+# ------------------------------------------------------------------------------------------- tie rule (unit)
+
+
+def test_update_state_keeps_exactly_the_k_largest_with_ties_by_earlier_position():
+    torch.manual_seed(0)
+    n_tok, f, k = 300, 7, 5
+    # Few distinct values so ties are everywhere; many zeros, like a sparse feature.
+    vals = torch.randint(0, 4, (n_tok, f)).float() * 0.5
+    state = ScanState.empty(f, k, "cpu")
+    for b0 in range(0, n_tok, 37):  # uneven batches
+        pos = torch.arange(b0, min(b0 + 37, n_tok))
+        with torch.inference_mode():
+            state = update_state(state, vals[b0 : b0 + 37].clone(), pos)
+    for j in range(f):
+        plain = sorted(((float(vals[i, j]), i) for i in range(n_tok)), key=lambda t: (-t[0], t[1]))[:k]
+        got = list(zip(state.top_vals[:, j].tolist(), state.top_pos[:, j].tolist()))
+        assert got == plain
+        assert int(state.n_fired[j]) == int((vals[:, j] > 0).sum())
+        # Histogram: 0.5 -> bin (log10(0.5)+4)*8 = 29, 1.0 -> 32, 1.5 -> 33.
+        for v, b in ((0.5, 29), (1.0, 32), (1.5, 33)):
+            assert int(state.hist[j, b]) == int((vals[:, j] == v).sum())
+
+
+# ------------------------------------------------------------------------------------------- brute force
+
+
+def brute_force(engine, max_tokens: int):
+    """Every scanned token's activations [N, d_sae] and its (document, offset), windows one at a time."""
+    s = next(iter(engine.saes.values()))
+    model, tok, ctx, bos = engine.model, engine.model.tokenizer, 128, 1
+    rows, locs, n = [], [], 0
+    for d, text in enumerate(stories_texts()):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids), ctx - 1):
+            if n >= max_tokens:
+                break
+            window = torch.tensor([[bos] + ids[start : start + ctx - 1]])
+            with torch.inference_mode():
+                _, cache = model.run_with_cache_with_saes(window, saes=[s.sae])
+            acts = cache[f"{s.hook_name}.hook_sae_acts_post"][0, 1:]  # BOS is context, not scanned
+            rows.append(acts)
+            locs += [(d, start + p) for p in range(acts.shape[0])]
+            n += acts.shape[0]
+        if n >= max_tokens:
+            break
+    return torch.cat(rows), locs
+
+
+def plain_top(acts, locs, feature: int, k: int):
+    order = sorted(range(len(locs)), key=lambda i: (-float(acts[i, feature]), i))
+    return [(float(acts[i, feature]), locs[i]) for i in order[:k] if acts[i, feature] > 0]
+
+
+@pytest.fixture(scope="module")
+def brute(stories_engine):
+    return brute_force(stories_engine, TOKENS)
+
+
+def settings_for(engine_dir, data_dir, corpus=STORIES_CORPUS) -> Settings:
+    return Settings(model=str(STORIES_HF), saes=(str(engine_dir),), corpus=str(corpus), data_dir=data_dir)
+
+
+@pytest.fixture
+def source(stories_engine, stories_sae_dir, tmp_path):
+    return ExampleSource(stories_engine, settings_for(stories_sae_dir, tmp_path))
+
+
+# ------------------------------------------------------------------------------------------- correctness
+
+
+@needs_stories
+def test_index_equals_brute_force_value_location_and_density(stories_engine, source, brute):
+    """One window per batch: the same arithmetic as the plain loop, so values and locations (ties included)
+    must match exactly."""
+    acts, locs = brute
+    rep = source.build_index(None, TOKENS, batch_windows=1)
+    assert rep.tokens_scanned == len(locs) and not rep.reused
+    for f in FEATURES:
+        res = source.top_examples(None, f, k=K, context=3)
+        want = plain_top(acts, locs, f, K)
+        assert res.source == "index" and res.tokens_scanned == len(locs)
+        assert [(e.document, e.offset) for e in res.examples] == [loc for _, loc in want]
+        torch.testing.assert_close(
+            torch.tensor([e.activation for e in res.examples]), torch.tensor([v for v, _ in want]), atol=1e-4, rtol=0
+        )
+        assert res.n_fired == int((acts[:, f] > 0).sum())
+        assert res.density == pytest.approx(res.n_fired / len(locs), rel=1e-3)
+        assert res.max_activation == pytest.approx(float(acts[:, f].max()), abs=1e-4)
+
+
+@needs_stories
+def test_batched_index_matches_brute_force_up_to_float_noise(stories_engine, source, brute):
+    """Default batching (64 padded windows): batched matmuls differ from single ones by ~1e-6, so locations
+    must match wherever the plain ranking is not a near-tie, and values everywhere."""
+    acts, locs = brute
+    source.build_index(None, TOKENS)
+    dens = source.densities(None)
+    torch.testing.assert_close(dens, ((acts > 0).sum(0) / len(locs)).float())
+    for f in FEATURES:
+        res = source.top_examples(None, f, k=K, context=0)
+        want = plain_top(acts, locs, f, K + 1)
+        torch.testing.assert_close(
+            torch.tensor([e.activation for e in res.examples]), torch.tensor([v for v, _ in want[:K]]), atol=1e-4, rtol=0
+        )
+        for i, e in enumerate(res.examples):
+            near = [w for j, w in enumerate(want) if j != i and abs(w[0] - want[i][0]) < 1e-5]
+            if not near:
+                assert (e.document, e.offset) == want[i][1]
+            assert abs(float(acts[locs.index((e.document, e.offset)), f]) - e.activation) < 1e-4
+
+
+@needs_stories
+def test_example_tokens_show_the_window_around_the_max_token(stories_engine, source):
+    source.build_index(None, 5_000)
+    tok = stories_engine.model.tokenizer
+    texts = stories_texts(60)
+    res = source.top_examples(None, 18, k=5, context=4)
+    assert res.examples
+    for e in res.examples:
+        ids = tok(texts[e.document], add_special_tokens=False)["input_ids"]
+        start = e.offset - e.offset % 127  # the window holding the max token
+        window = [1] + ids[start : start + 127]
+        at = e.offset - start + 1
+        lo = max(0, at - 4)
+        assert e.tokens == stories_engine.str_tokens(torch.tensor(window[lo : at + 5]))
+        assert e.position == at - lo
+
+
+@needs_stories
+def test_on_demand_scan_of_one_feature_matches_brute_force(stories_engine, source, brute):
+    acts, locs = brute
+    f = 27
+    res = source.top_examples(None, f, k=K, max_scan_tokens=TOKENS)
+    assert res.source == "scan" and res.tokens_scanned == len(locs)
+    want = plain_top(acts, locs, f, K)
+    torch.testing.assert_close(
+        torch.tensor([e.activation for e in res.examples]), torch.tensor([v for v, _ in want]), atol=1e-4, rtol=0
+    )
+    assert res.n_fired == int((acts[:, f] > 0).sum())
+    # Cached: a second call with the same budget scans nothing (no progress reported).
+    calls = []
+    again = source.top_examples(None, f, k=K, max_scan_tokens=TOKENS, progress=lambda d, t: calls.append(d))
+    assert calls == [] and again == res
+    assert source.max_activation(None, f, max_scan_tokens=TOKENS) == (pytest.approx(float(acts[:, f].max()), abs=1e-4), "scan")
+    assert source.feature_summary(None, f) is None and source.densities(None) is None  # index only
+
+
+# ------------------------------------------------------------------------------------------- resume, keys
+
+
+@needs_stories
+def test_rerun_reuses_and_a_larger_budget_resumes_to_the_fresh_result(stories_engine, stories_sae_dir, tmp_path):
+    a = ExampleSource(stories_engine, settings_for(stories_sae_dir, tmp_path / "a"))
+    first = a.build_index(None, 4_000)
+    assert not first.reused and a.build_index(None, 4_000).reused
+    resumed = a.build_index(None, 9_000)
+    assert not resumed.reused and resumed.tokens_scanned >= 9_000
+    b = ExampleSource(stories_engine, settings_for(stories_sae_dir, tmp_path / "b"))
+    fresh = b.build_index(None, 9_000)
+    assert fresh.tokens_scanned == resumed.tokens_scanned
+    for f in FEATURES[:8]:
+        ra, rb = a.top_examples(None, f, k=K), b.top_examples(None, f, k=K)
+        assert ra.n_fired == rb.n_fired and ra.histogram == rb.histogram
+        torch.testing.assert_close(
+            torch.tensor([e.activation for e in ra.examples]), torch.tensor([e.activation for e in rb.examples]), atol=1e-4, rtol=0
+        )
+
+
+@needs_stories
+def test_cancel_keeps_the_last_whole_batch_and_a_rerun_resumes(stories_engine, stories_sae_dir, tmp_path):
+    src = ExampleSource(stories_engine, settings_for(stories_sae_dir, tmp_path))
+    cancel = CancelToken()
+    seen = []
+
+    def progress(done, total):
+        seen.append(done)
+        if len(seen) == 2:
+            cancel.cancel()
+
+    with pytest.raises(Cancelled):
+        src.build_index(None, 20_000, progress=progress, cancel=cancel, batch_windows=16)
+    row = src.store(stories_engine.sae(None)).load_scan("index")
+    assert row.tokens == seen[-1] and not row.exhausted
+    rep = src.build_index(None, 20_000, batch_windows=16)
+    assert not rep.reused and rep.tokens_scanned >= 20_000
+    assert src.feature_summary(None, 0).tokens_scanned == rep.tokens_scanned
+
+
+@needs_stories
+def test_a_different_corpus_makes_a_separate_index(stories_engine, stories_sae_dir, tmp_path):
+    txt = tmp_path / "few.txt"
+    txt.write_text("\n".join(t.replace("\n", " ") for t in stories_texts(30)) + "\n", encoding="utf-8")
+    a = ExampleSource(stories_engine, settings_for(stories_sae_dir, tmp_path / "d"))
+    b = ExampleSource(stories_engine, settings_for(stories_sae_dir, tmp_path / "d", corpus=txt))
+    ra = a.build_index(None, 3_000)
+    rb = b.build_index(None, 10**9)
+    assert ra.path != rb.path and rb.exhausted and not rb.reused
+    assert a.build_index(None, 3_000).reused
+
+
+@needs_stories
+def test_example_source_is_one_per_engine_and_settings(stories_engine, stories_sae_dir, tmp_path):
+    st = settings_for(stories_sae_dir, tmp_path)
+    assert get_example_source(stories_engine, st) is get_example_source(stories_engine, st)
+    assert get_example_source(stories_engine) is get_example_source(stories_engine, st)
+
+
+@needs_stories
+def test_cli_index_prints_a_report_and_reuses_on_rerun(stories_sae_dir, tmp_path, capsys):
+    from sae_mcp.cli import main
+
+    argv = ["index", "--model", str(STORIES_HF), "--sae", str(stories_sae_dir), "--corpus", str(STORIES_CORPUS),
+            "--data-dir", str(tmp_path), "--tokens", "3000", "--device", "cpu"]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    second = json.loads(out.out.strip().splitlines()[-1])
+    assert first["tokens_scanned"] >= 3000 and not first["reused"] and second["reused"]
+    assert "index blocks.2.hook_resid_pre" in out.err  # the progress bar is on stderr
+    assert np.isfinite(first["tokens_per_second"])

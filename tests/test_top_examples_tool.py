@@ -1,0 +1,92 @@
+"""The top_examples tool through the in-memory MCP client: structured examples, the PNG histogram, progress
+notifications during an on-demand scan, and bad inputs as isError results after which the server still works."""
+
+from __future__ import annotations
+
+import base64
+
+import anyio
+import pytest
+from mcp import Client
+
+from conftest import STORIES_CORPUS, STORIES_HF, needs_stories
+from sae_mcp.server.app import build_server
+from sae_mcp.settings import Settings
+
+
+def calls(server, *steps, progress=None):
+    async def go():
+        async with Client(server) as c:
+            return [await c.call_tool(name, args, progress_callback=progress) for name, args in steps]
+
+    return anyio.run(go)
+
+
+def text(res) -> str:
+    return " ".join(getattr(c, "text", "") for c in res.content)
+
+
+@pytest.fixture
+def server(stories_engine, stories_sae_dir, tmp_path):
+    st = Settings(model=str(STORIES_HF), saes=(str(stories_sae_dir),), corpus=str(STORIES_CORPUS), data_dir=tmp_path)
+    return build_server(stories_engine, st)
+
+
+@needs_stories
+def test_top_examples_scans_on_demand_reports_progress_and_plots(server):
+    seen = []
+
+    async def progress(done, total, message):
+        seen.append((done, total))
+
+    (res,) = calls(server, ("top_examples", {"feature": 7, "k": 3, "context": 5, "max_scan_tokens": 8000, "plot": True}),
+                   progress=progress)
+    assert not res.is_error, text(res)
+    out = res.structured_content
+    assert out["source"] == "scan" and out["feature"] == 7 and out["tokens_scanned"] >= 8000
+    assert 1 <= len(out["examples"]) <= 3
+    acts = [e["activation"] for e in out["examples"]]
+    assert acts == sorted(acts, reverse=True) and acts[0] == out["max_activation"]
+    for e in out["examples"]:
+        assert 0 <= e["position"] < len(e["tokens"]) <= 11 and e["offset"] >= 0 and e["document"] >= 0
+    assert 0 < out["density"] < 1 and sum(out["histogram"]["counts"]) == out["n_fired"]
+    assert len(out["histogram"]["edges"]) == len(out["histogram"]["counts"]) + 1 <= 17
+    images = [c for c in res.content if getattr(c, "type", "") == "image"]
+    assert len(images) == 1 and base64.b64decode(images[0].data)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert seen and seen[-1][1] == 8000 and [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+@needs_stories
+def test_bad_inputs_are_errors_that_say_what_to_change_and_the_next_call_works(server):
+    r_range, r_k, r_ctx, ok = calls(
+        server,
+        ("top_examples", {"feature": 256, "max_scan_tokens": 2000}),
+        ("top_examples", {"feature": 1, "k": 51}),
+        ("top_examples", {"feature": 1, "context": -1}),
+        ("top_examples", {"feature": 1, "k": 2, "max_scan_tokens": 2000}),
+    )
+    assert r_range.is_error and "out of range" in text(r_range) and "0..255" in text(r_range)
+    assert r_k.is_error and "less than or equal to 50" in text(r_k)
+    assert r_ctx.is_error and "greater than or equal to 0" in text(r_ctx)
+    assert not ok.is_error and ok.structured_content["source"] == "scan"
+
+
+@needs_stories
+def test_missing_corpus_file_is_an_error_and_the_server_keeps_working(stories_engine, stories_sae_dir, tmp_path):
+    st = Settings(model=str(STORIES_HF), saes=(str(stories_sae_dir),), corpus=str(tmp_path / "missing.jsonl"),
+                  data_dir=tmp_path)
+    srv = build_server(stories_engine, st)
+    bad, info = calls(srv, ("top_examples", {"feature": 3}), ("model_info", {}))
+    assert bad.is_error and "missing.jsonl does not exist" in text(bad) and "--corpus" in text(bad)
+    assert not info.is_error
+
+
+@needs_stories
+def test_top_examples_answers_from_the_index_when_built(stories_engine, stories_sae_dir, tmp_path):
+    from sae_mcp.examples import get_example_source
+
+    st = Settings(model=str(STORIES_HF), saes=(str(stories_sae_dir),), corpus=str(STORIES_CORPUS), data_dir=tmp_path)
+    get_example_source(stories_engine, st).build_index(None, 4000)
+    (res,) = calls(build_server(stories_engine, st), ("top_examples", {"feature": 9, "k": 2}))
+    assert not res.is_error and res.structured_content["source"] == "index"
+    assert res.structured_content["tokens_scanned"] >= 4000
