@@ -152,6 +152,7 @@ def build_server(engine: Engine, settings: Settings | None = None, store: Any = 
     # decorator above (read-only annotations and domain-error translation by default).
     # --- more tool modules register here ---
     from sae_mcp.server import tools_corpus; tools_corpus.register(server, tool, engine, settings)  # noqa: E702
+    from sae_mcp.server import tools_causal; tools_causal.register(server, tool, engine, settings)  # noqa: E702
     from sae_mcp.server import tools_explain
 
     tools_explain.register(server, tool, engine, settings)

@@ -1,0 +1,155 @@
+"""Causal tools: steer_generate, ablate_and_test, attribute. Validation and wiring only; the math is in
+engine/interventions.py and engine/attribution.py.
+
+No `from __future__ import annotations` here: the SDK reads the tools' annotations at registration.
+"""
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field
+
+from sae_mcp.engine import attribution as attr
+from sae_mcp.engine import interventions as iv
+from sae_mcp.engine.loading import LoadedSAE
+from sae_mcp.engine.runtime import Engine
+from sae_mcp.errors import InvalidInput, SaeMcpError
+from sae_mcp.results.causal import AblationResult, Attribution, SteerResult
+from sae_mcp.settings import Settings
+
+SaeArg = Annotated[
+    str | None, Field(description="SAE key (alias or hook name) from model_info; optional when one SAE is loaded")
+]
+Prompt = Annotated[str, Field(description="Text to run through the model (BOS is prepended as the SAE expects)")]
+Answer = Annotated[str, Field(description="Expected next token, e.g. ' Paris' (mind the leading space)")]
+Strength = Annotated[float, Field(ge=-iv.MAX_STRENGTH, le=iv.MAX_STRENGTH, allow_inf_nan=False)]
+
+
+class SteerSpec(BaseModel):
+    feature: int = Field(ge=0, description="Feature index")
+    strength: Strength = Field(
+        default=1.0, description="Multiple of the feature's max activation (or the coefficient, calibration='absolute')"
+    )
+
+
+def _max_activation_fn(engine: Engine, settings: Settings):
+    """The feature index's max activation, else a bounded on-demand scan's (examples.DEFAULT_SCAN_TOKENS), as a
+    callable for the engine; a clear error when neither is available."""
+    hint = "start the server with --corpus (a feature index or a text corpus), or pass calibration='absolute'"
+    try:
+        from sae_mcp.examples import DEFAULT_SCAN_TOKENS, get_example_source  # corpus/index area; lazily
+    except ImportError:
+        raise InvalidInput(f"calibration='max_activation' needs each feature's max activation: {hint}") from None
+    try:
+        source = get_example_source(engine, settings)
+    except SaeMcpError as exc:
+        raise InvalidInput(f"calibration='max_activation' cannot find max activations ({exc}); {hint}") from exc
+    if source is None:
+        raise InvalidInput(f"calibration='max_activation' needs each feature's max activation: {hint}")
+
+    def fn(sae: LoadedSAE, feature: int) -> tuple[float, str]:
+        try:
+            value, where = source.max_activation(sae.key, feature, max_scan_tokens=DEFAULT_SCAN_TOKENS)
+        except SaeMcpError as exc:
+            raise InvalidInput(f"calibration='max_activation': feature {feature}: {exc}; {hint}") from exc
+        return float(value), str(where)
+
+    return fn
+
+
+def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None:
+    max_k = engine.limits.max_top_k
+    max_feats = engine.limits.max_features_per_call
+
+    @tool()
+    def steer_generate(
+        prompt: Prompt,
+        features: Annotated[
+            list[SteerSpec],
+            Field(min_length=1, max_length=iv.MAX_STEER_FEATURES, description="Features to add: [{feature, strength}]"),
+        ],
+        sae: SaeArg = None,
+        max_new_tokens: Annotated[int, Field(ge=1, le=iv.MAX_NEW_TOKENS, description="Tokens to generate")] = 30,
+        temperature: Annotated[float, Field(ge=0, le=10, allow_inf_nan=False, description="0 = greedy")] = 1.0,
+        top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False, description="Nucleus sampling mass")] = 0.9,
+        seed: Annotated[int, Field(ge=0, le=2**31 - 1, description="Same seed for the unsteered and steered runs")] = 0,
+        calibration: Annotated[
+            Literal["max_activation", "absolute"],
+            Field(description="max_activation: coefficient = strength * the feature's max activation; "
+                  "absolute: coefficient = strength"),
+        ] = "max_activation",
+        strengths: Annotated[
+            list[Strength] | None,
+            Field(min_length=1, max_length=iv.MAX_STRENGTHS,
+                  description="Dose-response: one run per value, every coefficient multiplied by it"),
+        ] = None,
+        answer: Annotated[
+            str | None, Field(description="Also report P(answer) after the prompt for every run, e.g. ' Paris'")
+        ] = None,
+        controls: Annotated[
+            bool, Field(description="Also steer with random features matched in decoder norm, same coefficients")
+        ] = False,
+        n_controls: Annotated[int, Field(ge=1, le=iv.MAX_CONTROLS, description="Control runs when controls")] = 5,
+    ) -> SteerResult:
+        """Steer generation: add coefficient * W_dec[feature] at the SAE's hook at every position (prompt and
+        generated tokens) and return the unsteered and steered continuations from the same seed side by side,
+        with the coefficients used, the KL from the unsteered next-token distribution, P(answer) shifts with
+        `answer`, a dose-response table with `strengths`, and matched random-feature controls with `controls`."""
+        calib = _max_activation_fn(engine, settings) if calibration == "max_activation" else None
+        return iv.steer_generate(
+            engine, prompt, [(f.feature, f.strength) for f in features], sae=sae, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, seed=seed, calibration=calibration, max_activation_fn=calib,
+            strengths=strengths, answer=answer, controls=controls, n_controls=n_controls,
+        )
+
+    @tool()
+    def ablate_and_test(
+        prompt: Prompt,
+        answer: Answer,
+        features: Annotated[
+            list[Annotated[int, Field(ge=0)]],
+            Field(min_length=1, max_length=max_feats, description="Features to zero"),
+        ],
+        sae: SaeArg = None,
+        position: Annotated[
+            int | list[int] | None,
+            Field(description="Token position(s) to ablate at (negative counts from the end); omit for all"),
+        ] = None,
+        top_k: Annotated[int, Field(ge=1, le=max_k, description="Next tokens listed per table")] = 10,
+        controls: Annotated[
+            bool, Field(description="Also ablate random features matched in activation at those positions")
+        ] = False,
+        n_controls: Annotated[int, Field(ge=1, le=iv.MAX_CONTROLS, description="Control runs when controls")] = 5,
+        seed: Annotated[int, Field(ge=0, le=2**31 - 1, description="Seed for drawing control features")] = 0,
+    ) -> AblationResult:
+        """Zero features in the SAE's activations at the given positions and compare next-token predictions:
+        baseline (plain model), reconstruction_only (SAE spliced without error term, nothing ablated: the SAE's
+        own distortion), ablated (SAE with the error term, so only the ablation changes the model) and
+        ablated_without_error_term; each with the answer's rank/probability/logit and its change from baseline."""
+        return iv.ablate_and_test(
+            engine, prompt, answer, features, sae=sae, position=position, top_k=top_k, controls=controls,
+            n_controls=n_controls, seed=seed,
+        )
+
+    @tool()
+    def attribute(
+        prompt: Prompt,
+        answer: Answer,
+        counterfactual: Annotated[
+            str | None, Field(description="Contrast token: metric = logit[answer] - logit[counterfactual]")
+        ] = None,
+        sae: SaeArg = None,
+        saes: Annotated[
+            list[str] | None, Field(max_length=64, description="Several SAE keys at once (default: every loaded SAE)")
+        ] = None,
+        top_k: Annotated[int, Field(ge=1, le=max_k, description="Top (position, feature) attributions")] = 20,
+        position: Annotated[
+            int, Field(ge=-4096, le=4096, description="Position whose logits define the metric; -1 = last")
+        ] = -1,
+    ) -> Attribution:
+        """Which SAE features drive a prediction: gradient x activation of every feature (and of each SAE's
+        error) on logit[answer] - logit[counterfactual] at `position`, with the error term on so the model's
+        output is unchanged. Returns the top (position, feature) attributions, per-token sums, and each SAE's
+        error attribution and error share (how much of the metric the SAE does not explain)."""
+        return attr.attribute(
+            engine, prompt, answer, counterfactual=counterfactual, sae=sae, saes=saes, top_k=top_k, position=position
+        )

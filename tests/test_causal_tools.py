@@ -1,0 +1,121 @@
+"""steer_generate, ablate_and_test, attribute through the in-memory MCP client: schemas, results, errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from mcp_client import call_many, call_tool, error_text, list_tools
+from sae_mcp.errors import NotFound
+from sae_mcp.server.app import build_server
+
+PROMPT = "the cat sat on the mat and the dog"
+CAUSAL = ("steer_generate", "ablate_and_test", "attribute")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine):
+    return build_server(tiny_engine)
+
+
+def test_causal_tools_are_listed_read_only_with_bounded_inputs(server):
+    tools = {t.name: t for t in list_tools(server)}
+    for name in CAUSAL:
+        t = tools[name]
+        assert t.annotations.read_only_hint and not t.annotations.destructive_hint
+        assert t.output_schema is not None
+    steer = tools["steer_generate"].input_schema
+    assert steer["properties"]["max_new_tokens"]["maximum"] == 256
+    assert steer["properties"]["features"]["maxItems"] == 16
+    assert steer["properties"]["calibration"]["enum"] == ["max_activation", "absolute"]
+
+
+def test_steer_generate_tool_returns_unsteered_and_steered_side_by_side(server):
+    res = call_tool(server, "steer_generate", {
+        "prompt": PROMPT, "features": [{"feature": 5, "strength": 4.0}], "calibration": "absolute",
+        "max_new_tokens": 6, "temperature": 0, "strengths": [0.5, 2.0], "answer": " mat", "controls": True,
+        "n_controls": 3,
+    })
+    assert not res.is_error, error_text(res)
+    out = res.structured_content
+    assert out["features"][0]["coefficient"] == 4.0
+    assert [r["coefficients"] for r in out["steered"]] == [[2.0], [8.0]]
+    assert out["unsteered"]["n_tokens"] == 6 and out["unsteered_answer_probability"] > 0
+    assert len(out["controls"]["runs"]) == 3
+
+
+def test_steer_generate_max_activation_calibration_reads_the_example_source(server, monkeypatch):
+    asked = []
+
+    class Source:
+        def max_activation(self, sae, feature, max_scan_tokens):
+            asked.append((sae, feature))
+            return 3.0, "index"
+
+    monkeypatch.setattr("sae_mcp.examples.get_example_source", lambda engine, settings: Source())
+    res = call_tool(server, "steer_generate", {
+        "prompt": PROMPT, "features": [{"feature": 5, "strength": 2.0}], "max_new_tokens": 2,
+    })
+    assert not res.is_error, error_text(res)
+    f = res.structured_content["features"][0]
+    assert (f["max_activation"], f["max_activation_source"], f["coefficient"]) == (3.0, "index", 6.0)
+    assert asked == [("blocks.1.hook_resid_pre", 5)]
+
+
+def test_max_activation_calibration_without_a_corpus_says_to_pass_corpus_or_absolute(server, monkeypatch):
+    # the real example source: the tiny SAE has no dataset and the server no --corpus
+    res = call_tool(server, "steer_generate", {"prompt": PROMPT, "features": [{"feature": 5}], "max_new_tokens": 2})
+    msg = error_text(res)
+    assert "--corpus" in msg and "calibration='absolute'" in msg
+
+    def no_source(engine, settings):
+        raise NotFound("no corpus")
+
+    monkeypatch.setattr("sae_mcp.examples.get_example_source", no_source)
+    msg = error_text(call_tool(server, "steer_generate", {"prompt": PROMPT, "features": [{"feature": 5}]}))
+    assert "no corpus" in msg and "--corpus" in msg
+
+
+def test_ablate_and_test_tool_returns_four_tables_and_controls(server):
+    res = call_tool(server, "ablate_and_test", {
+        "prompt": PROMPT, "answer": " mat", "features": [3, 7], "position": [-1, -2], "top_k": 3,
+        "controls": True, "n_controls": 2, "seed": 1,
+    })
+    assert not res.is_error, error_text(res)
+    out = res.structured_content
+    for name in ("baseline", "reconstruction_only", "ablated", "ablated_without_error_term"):
+        assert len(out[name]["top"]) == 3 and out[name]["answer"]["token"] == "mat"
+    assert out["positions"] == [len(out["tokens"]) - 2, len(out["tokens"]) - 1]
+    assert out["baseline"]["answer_logit_change"] == 0.0
+    assert out["controls"]["seed"] == 1
+
+
+def test_attribute_tool_returns_top_features_and_error_share(server):
+    res = call_tool(server, "attribute", {"prompt": PROMPT, "answer": " mat", "counterfactual": " park", "top_k": 5})
+    assert not res.is_error, error_text(res)
+    out = res.structured_content
+    key = "blocks.1.hook_resid_pre"
+    assert len(out["top"]) == 5 and len(out["per_token"][key]) == len(out["tokens"])
+    assert 0 <= out["error_share"][key] <= 1
+
+
+@pytest.mark.parametrize(
+    "name,args,message",
+    [
+        ("steer_generate", {"features": [{"feature": 5, "strength": 5000}], "calibration": "absolute"}, "1000"),
+        ("steer_generate", {"features": [{"feature": 999}], "calibration": "absolute"}, "out of range"),
+        ("steer_generate", {"features": [], "calibration": "absolute"}, "features"),
+        ("steer_generate", {"features": [{"feature": 5}], "calibration": "absolute", "max_new_tokens": 999},
+         "max_new_tokens"),
+        ("ablate_and_test", {"answer": " mat", "features": [3], "position": 40}, "out of range"),
+        ("ablate_and_test", {"answer": "", "features": [3]}, "answer is empty"),
+        ("attribute", {"answer": " mat", "counterfactual": " mat"}, "same token"),
+        ("attribute", {"answer": " mat", "sae": "nope"}, "unknown SAE"),
+    ],
+)
+def test_bad_input_is_an_error_that_says_what_to_change_and_the_next_call_works(server, name, args, message):
+    bad, good = call_many(server, [
+        (name, {"prompt": PROMPT, **args}),
+        ("ablate_and_test", {"prompt": PROMPT, "answer": " mat", "features": [3]}),
+    ])
+    assert message in error_text(bad)
+    assert not good.is_error
