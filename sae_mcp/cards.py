@@ -23,6 +23,7 @@ import torch
 from sae_mcp.engine import logits as lg
 from sae_mcp.engine import stats
 from sae_mcp.engine.runtime import Engine
+from sae_mcp.errors import InvalidInput
 from sae_mcp.results import VocabProjection
 from sae_mcp.settings import Settings
 from sae_mcp.store.explanations import Explanation, ExplanationStore
@@ -99,8 +100,9 @@ class CardData:
     sae_source: str
     neuronpedia: str | None
     explanations: list[Explanation]
-    projection: VocabProjection
-    moments: tuple[float, float, float, float]  # mean, std, skewness, kurtosis of W_dec[f] @ W_U
+    projection: VocabProjection | None  # None when the decoder does not write to the residual stream
+    moments: tuple[float, float, float, float] | None  # mean, std, skewness, kurtosis of W_dec[f] @ W_U
+    lens_note: str | None = None  # why there is no logit lens
     index_note: str | None = None  # None when indexed, else why not
     density: float | None = None
     max_activation: float | None = None
@@ -113,9 +115,14 @@ def gather(ctx: ExplainContext, feature: int, sae: str | None = None, n_examples
     engine = ctx.engine
     s = engine.sae(sae)
     engine.check_feature(s, feature)
-    projection = lg.project_to_vocab(engine, feature, sae=s.key, top_k=n_tokens)
-    with engine.device_work():
-        m = stats.logit_weight_moments(engine, s, [feature])[0].tolist()
+    projection, moments, lens_note = None, None, None
+    try:
+        projection = lg.project_to_vocab(engine, feature, sae=s.key, top_k=n_tokens)
+        with engine.device_work():
+            m = stats.logit_weight_moments(engine, s, [feature])[0].tolist()
+        moments = (m[0], m[1], m[2], m[3])
+    except InvalidInput as exc:  # e.g. an SAE on hook_mlp_pre: no direct path to the unembedding
+        lens_note = f"no logit lens: {exc}"
     card = CardData(
         sae_key=s.key,
         hook_name=s.hook_name,
@@ -125,7 +132,8 @@ def gather(ctx: ExplainContext, feature: int, sae: str | None = None, n_examples
         neuronpedia=f"{s.neuronpedia_id}/{feature}" if s.neuronpedia_id else None,
         explanations=ctx.store.for_feature(s.source, feature),
         projection=projection,
-        moments=(m[0], m[1], m[2], m[3]),
+        moments=moments,
+        lens_note=lens_note,
     )
     src = ctx.example_source()
     if src is None:
@@ -234,6 +242,9 @@ def to_markdown(c: CardData) -> str:
                 out.append(f"{i}. {act:.3g}: {text}")
     p = c.projection
     out += ["", "## Logit lens (W_dec[f] @ W_U)"]
+    if p is None or c.moments is None:
+        out.append(c.lens_note or "no logit lens")
+        return "\n".join(out) + "\n"
     out.append("promotes: " + ", ".join(f"{t.token!r} {t.logit:.3g}" for t in p.top_positive))
     out.append("suppresses: " + ", ".join(f"{t.token!r} {t.logit:.3g}" for t in p.top_negative))
     mean, std, skew, kurt = c.moments
@@ -298,6 +309,9 @@ def to_html(c: CardData) -> str:
             parts.append(f"<p class='ex'><span class='act'>{act:.3g}</span>{text}</p>")
     parts.append("</div>")
     p = c.projection
+    if p is None or c.moments is None:
+        parts += ["<h2>Logit lens</h2>", f"<p id='logits'>{e(c.lens_note or 'no logit lens')}</p></body></html>"]
+        return "".join(parts)
     rows = "".join(
         f"<tr><td class='pos tok'>{e(repr(a.token))}</td><td>{a.logit:.3g}</td>"
         f"<td class='neg tok'>{e(repr(b.token))}</td><td>{b.logit:.3g}</td></tr>"

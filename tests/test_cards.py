@@ -230,3 +230,17 @@ def test_mcp_http_app_serves_the_card_page_next_to_mcp(tiny_engine, tmp_path):
     page = client.get(f"/features/{key}/2")
     assert page.status_code == 200 and f"Feature 2 · {key}" in page.text
     assert client.get(f"/features/{key}/999").status_code == 404
+
+
+def test_card_of_an_sae_off_the_residual_stream_says_why_there_is_no_logit_lens(tiny_loaded, tmp_path):
+    """An SAE on hook_mlp_out's neighbour blocks.0.mlp.hook_post (width d_mlp) has no direct logit lens."""
+    import torch
+
+    from sae_mcp.engine.loading import load_sae
+    from sae_mcp.engine.runtime import Engine
+    from tests.conftest import make_sae_folder
+
+    folder = make_sae_folder(tmp_path / "mlp_sae", 64, 16, "blocks.0.mlp.hook_post")
+    engine = Engine(tiny_loaded, [load_sae(str(folder), "cpu", torch.float32)], "cpu")
+    md = cards.card_markdown(cards.ExplainContext(engine, Settings(data_dir=tmp_path)), 2)
+    assert "no logit lens:" in md and "residual stream" in md

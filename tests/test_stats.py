@@ -138,3 +138,19 @@ def test_bad_sets_say_what_to_change(tiny_engine):
         stats.build_token_sets(tiny_engine, regex_sets={"bad": "("})
     with pytest.raises(InvalidInput, match="out of range"):
         stats.feature_stats(tiny_engine, features=[10_000])
+
+
+def test_real_model_moments_and_builtin_sets_on_a_sentencepiece_vocab(stories_engine):
+    """stories260K (Llama SentencePiece, 512 tokens): moments match the plain formulas; spaces are restored, so
+    starts_with_space is a real set; the planted-free scores stay in [-1, 1]."""
+    s = next(iter(stories_engine.saes.values()))
+    stats._moment_cache.pop(stories_engine, None)
+    with stories_engine.device_work():
+        got = stats.logit_weight_moments(stories_engine, s, list(range(20)))
+    full = (s.sae.W_dec[:20].detach().float() @ stories_engine.model.W_U.detach().float()).double().tolist()
+    assert_close(got, torch.tensor([plain_moments(row) for row in full], dtype=torch.float32), rtol=1e-4, atol=1e-5)
+    out = stats.token_set_enrichment(stories_engine, top=3)
+    names = {x.name for x in out.sets}
+    assert {"starts_with_space", "capitalised", "punctuation"} <= names
+    for x in out.sets:
+        assert all(-1 <= e.score <= 1 for e in x.promoted + x.suppressed)
