@@ -69,8 +69,13 @@ def build_app(settings: Settings):
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     _, server = build_app(settings)
-    log.info("sae-mcp serving on stdio")
-    server.run("stdio")
+    if args.transport == "http":
+        # Streamable HTTP at /mcp, and the feature-card pages at /features/{sae}/{feature} beside it.
+        log.info("sae-mcp serving on http://%s:%d/mcp (cards at /features/SAE/FEATURE)", args.host, args.port)
+        server.run("streamable-http", host=args.host, port=args.port)
+    else:
+        log.info("sae-mcp serving on stdio")
+        server.run("stdio")
     return 0
 
 
@@ -201,8 +206,11 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (stderr)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("serve", help="run the MCP server on stdio")
+    p = sub.add_parser("serve", help="run the MCP server (stdio, or streamable HTTP with the card pages)")
     _engine_flags(p)
+    p.add_argument("--transport", choices=["stdio", "http"], default="stdio")
+    p.add_argument("--host", default="127.0.0.1", help="http only; keep it on localhost unless you mean it")
+    p.add_argument("--port", type=int, default=8765, help="http only")
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("call", help="run one tool in-process and print its structured result as JSON")
