@@ -85,3 +85,46 @@ def test_doctor_reports_versions_device_and_cache_state(tmp_path):
     assert out.returncode == 0, out.stderr
     for needle in ("torch", "sae-lens", "transformer-lens", "mcp", "device (auto)", "gpt2-small", "blocks.7.hook_resid_pre"):
         assert needle in out.stdout
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@needs_stories
+def test_serve_over_http_answers_mcp_and_serves_the_card_page(stories_sae_dir, tmp_path):
+    import time
+
+    import requests
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        CLI + ["serve", "--transport", "http", "--port", str(port), "--model", str(STORIES_HF),
+               "--sae", f"res2={stories_sae_dir}", "--device", "cpu", "--data-dir", str(tmp_path)],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        page = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                page = requests.get(f"http://127.0.0.1:{port}/features/res2/3", timeout=30)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        assert page is not None, proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no answer"
+        assert page.status_code == 200 and "res2" in page.text
+
+        async def session():
+            async with Client(f"http://127.0.0.1:{port}/mcp", read_timeout_seconds=120) as client:
+                return await client.call_tool("get_feature_acts", {"prompt": "Once upon a time", "top_k": 2})
+
+        acts = anyio.run(session)
+        assert acts.structured_content["tokens"][0] == "<s>"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
