@@ -77,7 +77,9 @@ def attribute(
         tokens = engine.to_tokens(prompt, prepend_bos=bos.pop())  # [1, S]
         S = tokens.shape[1]
         if not -S <= position < S:
-            raise InvalidInput(f"position {position} is out of range: the prompt has {S} tokens (0..{S - 1} or -{S}..-1)")
+            raise InvalidInput(
+                f"position {position} is out of range: the prompt has {S} tokens (0..{S - 1} or -{S}..-1)"
+            )
         pos = position % S
         store: dict[str, dict[str, torch.Tensor]] = {s.hook_name: {} for s in loaded}
 

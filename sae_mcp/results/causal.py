@@ -108,7 +108,9 @@ class AblationResult(BaseModel):
     reconstruction_only: NextTokenTable = Field(
         description="SAE spliced without the error term, nothing ablated: the SAE's own distortion"
     )
-    ablated: NextTokenTable = Field(description="SAE spliced with the error term, features zeroed: the ablation's effect")
+    ablated: NextTokenTable = Field(
+        description="SAE spliced with the error term, features zeroed: the ablation's effect"
+    )
     ablated_without_error_term: NextTokenTable = Field(description="SAE reconstruction only, features zeroed")
     controls: Controls | None = None
 

@@ -139,7 +139,7 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None
         ] = None,
         sae: SaeArg = None,
         saes: Annotated[
-            list[str] | None, Field(max_length=64, description="Several SAE keys at once (default: every loaded SAE)")
+            list[str] | None, Field(max_length=64, description="Several SAE keys, one backward pass (default: every loaded SAE, one per hook)")
         ] = None,
         top_k: Annotated[int, Field(ge=1, le=max_k, description="Top (position, feature) attributions")] = 20,
         position: Annotated[
