@@ -25,11 +25,12 @@ FEATURES = list(range(0, 256, 9))  # a sample of 29 features
 # ------------------------------------------------------------------------------------------- tie rule (unit)
 
 
-def test_update_state_keeps_exactly_the_k_largest_with_ties_by_earlier_position():
+@pytest.mark.parametrize("fire", [0.75, 0.04], ids=["dense-topk-path", "sparse-sort-path"])
+def test_update_state_keeps_exactly_the_k_largest_with_ties_by_earlier_position(fire):
     torch.manual_seed(0)
     n_tok, f, k = 300, 7, 5
-    # Few distinct values so ties are everywhere; many zeros, like a sparse feature.
-    vals = torch.randint(0, 4, (n_tok, f)).float() * 0.5
+    # Few distinct values so ties are everywhere; `fire` of the entries non-zero.
+    vals = (torch.randint(1, 4, (n_tok, f)).float() * 0.5) * (torch.rand(n_tok, f) < fire)
     state = ScanState.empty(f, k, "cpu")
     for b0 in range(0, n_tok, 37):  # uneven batches
         pos = torch.arange(b0, min(b0 + 37, n_tok))
