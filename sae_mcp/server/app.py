@@ -32,10 +32,14 @@ READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempot
 
 INSTRUCTIONS = """\
 sae-mcp runs sparse-autoencoder (SAE) experiments on a loaded transformer language model.
-Start with model_info to see the model and the SAEs (address an SAE by its key; optional when one is loaded).
-get_feature_acts shows which features fire on each token; compare_prompts contrasts prompts or sets of minimal
-pairs; next_token is the model's prediction; project_to_vocab shows which tokens a feature's decoder direction
-promotes. Activations depend on context: prompts get BOS prepended as the SAE was trained."""
+Start with model_info (the model and its SAEs; address an SAE by its key, optional when one is loaded).
+Read: get_feature_acts (features firing per token), compare_prompts (pairs, or sets of minimal pairs with effect
+sizes), next_token, project_to_vocab (what a decoder direction promotes), top_examples (max-activating corpus
+examples), feature_card (everything known about a feature), search_explanations, feature_stats,
+token_set_enrichment. Test cause: ablate_and_test (compare `ablated` with `reconstruction_only`, use controls),
+steer_generate (calibrated, dose-response, controls), attribute (gradient x activation, error share).
+Record what you learn with label_feature. Activations depend on context: prompts get BOS prepended as the SAE was
+trained. The MCP prompts hold investigation recipes."""
 
 
 def domain_errors(fn: F) -> F:
