@@ -111,7 +111,7 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None
         ],
         sae: SaeArg = None,
         position: Annotated[
-            int | list[int] | None,
+            Annotated[int, Field(ge=-4096, le=4096)] | Annotated[list[Annotated[int, Field(ge=-4096, le=4096)]], Field(max_length=512)] | None,
             Field(description="Token position(s) to ablate at (negative counts from the end); omit for all"),
         ] = None,
         top_k: Annotated[int, Field(ge=1, le=max_k, description="Next tokens listed per table")] = 10,
