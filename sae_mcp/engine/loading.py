@@ -13,6 +13,7 @@ Only safetensors weights are read; remote code is never trusted.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import logging
 import os
@@ -201,6 +202,23 @@ class LoadedSAE:
     prepend_bos: bool
     context_size: int | None
     dataset_path: str | None
+    weights_id: str = ""
+    """Identifies the weights: `RELEASE/SAE_ID` for the pretrained directory (fixed by name), else a SHA-256
+    prefix of the folder's cfg.json + sae_weights.safetensors, so stores keyed by it notice retrained weights."""
+    model_kwargs: dict | None = None
+    """metadata.model_from_pretrained_kwargs: the model processing the SAE was trained with."""
+
+
+def folder_weights_id(folder: Path) -> str:
+    """SHA-256 of cfg.json and the safetensors weights (streamed in 8 MiB chunks), first 16 hex digits."""
+    h = hashlib.sha256()
+    for name in ("cfg.json", "sae_weights.safetensors"):
+        f = folder / name
+        if f.exists():
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(8 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def split_alias(spec: str) -> tuple[str | None, str]:
@@ -263,6 +281,8 @@ def load_sae(spec: str, device: str, dtype: torch.dtype) -> LoadedSAE:
         prepend_bos=bool(getattr(meta, "prepend_bos", True) if getattr(meta, "prepend_bos", None) is not None else True),
         context_size=getattr(meta, "context_size", None),
         dataset_path=getattr(meta, "dataset_path", None) or None,
+        weights_id=source if release else folder_weights_id(folder),
+        model_kwargs=dict(getattr(meta, "model_from_pretrained_kwargs", None) or {}),
     )
 
 
