@@ -10,13 +10,28 @@ from sae_mcp.errors import InvalidInput
 from sae_mcp.results import AnswerScore, NextToken, TokenLogit, TokenProb, VocabProjection, r
 
 
+ANCHOR = "\n"
+
+
 def answer_token_ids(engine: Engine, answer: str) -> list[int]:
-    """How `answer` tokenizes as a continuation (no BOS), as test_prompt does; empty -> a clear error."""
+    """How `answer` tokenizes as a continuation of a prompt (no BOS); empty -> a clear error.
+
+    Tokenizing the answer alone is wrong on SentencePiece tokenizers with a dummy prefix (Llama 2, Mistral,
+    stories260K): "." becomes ['\u2581', '.'] and "Lily" the same id as " Lily". So we tokenize ANCHOR + answer
+    and drop the anchor's ids, which is how the answer's tokens look after a prompt. When the tokenizer merges
+    across the boundary (the anchor's ids are not a prefix), we fall back to the answer alone.
+    """
     if answer is None or answer == "":
         raise InvalidInput("the answer is empty; pass the expected next token, e.g. ' Paris' (mind the leading space)")
-    ids = engine.model.to_tokens(answer, prepend_bos=False)[0].tolist()
-    bos = engine.model.tokenizer.bos_token_id
-    ids = [i for i in ids if i != bos] if bos is not None and len(ids) > 1 and ids[0] == bos else ids
+    tok = engine.model.tokenizer
+    anchor = tok(ANCHOR, add_special_tokens=False)["input_ids"]
+    both = tok(ANCHOR + answer, add_special_tokens=False)["input_ids"]
+    if both[: len(anchor)] == anchor:
+        ids = both[len(anchor) :]
+    else:
+        ids = tok(answer, add_special_tokens=False)["input_ids"]
+    special = set(tok.all_special_ids or [])
+    ids = [i for i in ids if i not in special or i == tok.unk_token_id]
     if not ids:
         raise InvalidInput(f"the answer {answer!r} tokenizes to nothing; pass visible text")
     return ids
@@ -59,7 +74,7 @@ def next_token(engine: Engine, prompt: str, answer: str | None = None, top_k: in
     with engine.device_work():
         tokens = engine.to_tokens(prompt, prepend_bos=prepend)
         with torch.inference_mode():
-            logits = engine.model(tokens, return_type="logits")[0, -1]  # [d_vocab]
+            logits = engine.model(tokens, return_type="logits", attention_mask=torch.ones_like(tokens))[0, -1]
         top, ans = next_token_table(engine, logits, top_k, answer_ids)
     return NextToken(tokens=engine.str_tokens(tokens), top=top, answer=ans)
 

@@ -176,8 +176,11 @@ class Engine:
     def forward_to_hook(self, tokens: torch.Tensor, sae: LoadedSAE) -> torch.Tensor:
         """[batch, seq] -> the model's activations at the SAE's hook [batch, seq, d_in]; stops after its layer."""
         with torch.inference_mode():
+            # An explicit all-ones mask: with a left-padding tokenizer whose pad id is EOS (Llama-style),
+            # transformer-lens would otherwise mask every literal EOS token of the prompt.
             _, cache = self.model.run_with_cache(
-                tokens, names_filter=[sae.hook_name], stop_at_layer=sae.layer + 1
+                tokens, names_filter=[sae.hook_name], stop_at_layer=sae.layer + 1,
+                attention_mask=torch.ones_like(tokens),
             )
         act = cache[sae.hook_name]
         if act.ndim == 4:  # hook_z: [batch, seq, n_heads, d_head] -> flattened, as sae-lens trains on it
