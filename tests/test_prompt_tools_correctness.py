@@ -164,3 +164,20 @@ def test_engine_is_left_clean_after_every_read(engine):
     F.get_feature_acts(engine, prompts_for(engine)[0])
     L.next_token(engine, prompts_for(engine)[0])
     assert engine.is_clean()
+
+
+def test_perfectly_separated_minimal_pairs_rank_first_and_are_flagged(tiny_engine):
+    """At the differing token of minimal pairs every feature is constant within each set, so the pooled sd is 0:
+    a feature that differs between the sets is the strongest evidence and must not read as d = 0."""
+    set_a = ["the cat sat on the mat", "the dog ran to the park", "the girl saw a ball"]
+    set_b = ["a cat sat on the mat", "a dog ran to the park", "a girl saw a ball"]
+    out = F.compare_prompt_sets(tiny_engine, set_a, set_b, top_k=8, position=1, sort_by="effect_size")
+    acts_a = tutorial_feature_acts(tiny_engine, set_a[0])[1][1]  # position 1 = "the" in every prompt of set A
+    acts_b = tutorial_feature_acts(tiny_engine, set_b[0])[1][1]  # position 1 = "a"
+    differing = (acts_a - acts_b).abs()
+    expected = [int(i) for i in differing.argsort(descending=True)[:8] if differing[i] > 1e-6]
+    assert expected, "the random SAE should have features that tell 'the' from 'a'"
+    assert [d.feature for d in out.diffs[: len(expected)]] == expected
+    for d in out.diffs[: len(expected)]:
+        assert d.separated and d.effect_size is None
+        assert d.difference == pytest.approx(float(acts_a[d.feature] - acts_b[d.feature]), abs=1e-3)

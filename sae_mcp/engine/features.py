@@ -149,14 +149,26 @@ def compare_prompt_sets(
         diff = mean_a - mean_b
         na, nb = A.shape[0], B.shape[0]
         if na >= 2 and nb >= 2:
-            pooled = (((na - 1) * A.var(0) + (nb - 1) * B.var(0)) / (na + nb - 2)).sqrt()
-            # Both sets constant on a feature: d is undefined; report 0 (no evidence) rather than inf.
-            effect = torch.where(pooled > 0, diff / pooled.clamp_min(1e-12), torch.zeros_like(diff))
+            pooled = (((na - 1) * A.var(0) + (nb - 1) * B.var(0)) / (na + nb - 2)).sqrt()  # [d_sae]
+            # Constant within both sets (typical for minimal pairs at the differing token): d is unbounded when the
+            # means differ (perfect separation, flagged and ranked first) and undefined (0) when they agree.
+            # "Constant" up to float noise: the same token after different suffix lengths can differ in the last bits.
+            constant = pooled <= 1e-6 * (mean_a.abs() + mean_b.abs()) + 1e-9
+            separated = constant & (diff.abs() > 1e-6)
+            effect = torch.where(constant, torch.zeros_like(diff), diff / pooled.clamp_min(1e-30))
         else:
-            effect = None
-        key = effect.abs() if sort_by == "effect_size" else diff.abs()
-        idx = key.topk(min(top_k, s.d_sae)).indices
-        cols = [idx.float(), mean_a[idx], mean_b[idx], diff[idx]] + ([effect[idx]] if effect is not None else [])
+            separated = effect = None
+        k = min(top_k, s.d_sae)
+        if sort_by == "effect_size":
+            # separated features first (by |difference|), then the rest by |d|
+            sep = separated.nonzero()[:, 0]
+            rest = (~separated).nonzero()[:, 0]
+            idx = torch.cat([sep[diff[sep].abs().argsort(descending=True)], rest[effect[rest].abs().argsort(descending=True)]])[:k]
+        else:
+            idx = diff.abs().topk(k).indices
+        cols = [idx.float(), mean_a[idx], mean_b[idx], diff[idx]]
+        if effect is not None:
+            cols += [effect[idx], separated[idx].float()]
         rows = torch.stack(cols, dim=1).cpu().tolist()
     return PromptComparison(
         sae=s.key,
@@ -171,7 +183,8 @@ def compare_prompt_sets(
                 mean_a=r(row[1]),
                 mean_b=r(row[2]),
                 difference=r(row[3]),
-                effect_size=r(row[4], 3) if effect is not None else None,
+                effect_size=r(row[4], 3) if effect is not None and not row[5] else None,
+                separated=bool(effect is not None and row[5]),
             )
             for row in rows
             if row[3] != 0 or (effect is not None and row[4] != 0)

@@ -88,7 +88,13 @@ class FeatureSetDiff(BaseModel):
     mean_b: float = Field(description="Mean activation over set B")
     difference: float = Field(description="mean_a - mean_b")
     effect_size: float | None = Field(
-        description="Cohen's d: difference / pooled standard deviation (None when a set has one prompt)"
+        description="Cohen's d: difference / pooled standard deviation (None when a set has one prompt, or when "
+        "the sets are perfectly separated: constant within each set, different between them)"
+    )
+    separated: bool = Field(
+        default=False,
+        description="True when the feature is constant within each set and differs between them: d is unbounded, "
+        "the strongest evidence a set comparison can give",
     )
 
 
