@@ -7,8 +7,9 @@
       .max_activation(sae, feature)             (value, 'index' | 'scan'), for steering calibration
       .densities(sae)                           [d_sae] firing density from the index (None if absent)
 
-The corpus is --corpus, else the SAE's metadata.dataset_path. The index file is keyed by model, SAE and
-corpus (index_path); on-demand single-feature scans live in the same file as rows 'feature:<f>', over the same
+The corpus is --corpus, else the SAE's metadata.dataset_path. The index file is keyed by model, SAE weights
+(store/db.sae_store_key: the source, plus the weights' hash for a local folder) and corpus (index_path), so an
+SAE re-trained into the same folder never gets the old weights' examples, densities or max activations; on-demand single-feature scans live in the same file as rows 'feature:<f>', over the same
 window stream, so their tokens and windows are shared with the index.
 """
 
@@ -32,6 +33,7 @@ from sae_mcp.errors import Cancelled, InvalidInput, SaeMcpError
 from sae_mcp.results import r
 from sae_mcp.results.corpus import Example, FeatureSummary, Histogram, IndexReport, TopExamples
 from sae_mcp.settings import Settings
+from sae_mcp.store.db import store_key_of
 from sae_mcp.store.index import IndexStore, StoredScan, index_path, meta_for
 
 log = logging.getLogger(__name__)
@@ -82,16 +84,16 @@ class ExampleSource:
         return lm.name if lm.source == "official" else lm.source
 
     def store(self, s: LoadedSAE, create: bool = True) -> IndexStore | None:
-        """The index file of (model, SAE, corpus); None when create=False and it does not exist."""
+        """The index file of (model, SAE weights, corpus); None when create=False and it does not exist."""
         src = self.corpus(s)
-        path = index_path(self.settings.data_dir, self._model_key(), s.source, src.key)
+        path = index_path(self.settings.data_dir, self._model_key(), store_key_of(s), src.key)
         with self._guard:
             if str(path) in self._stores:
                 return self._stores[str(path)]
             if not create and not path.exists():
                 return None
             meta = meta_for(self._model_key(), s.source, src.key, src.fingerprint, self.context_size(s),
-                            bos_id(self.engine, s), s.d_sae)
+                            bos_id(self.engine, s), s.d_sae, s.weights_id)
             st = self._stores[str(path)] = IndexStore(path, meta)
             return st
 

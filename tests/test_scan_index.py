@@ -244,3 +244,73 @@ def test_cli_index_prints_a_report_and_reuses_on_rerun(stories_sae_dir, tmp_path
     assert first["tokens_scanned"] >= 3000 and not first["reused"] and second["reused"]
     assert "index blocks.2.hook_resid_pre" in out.err  # the progress bar is on stderr
     assert np.isfinite(first["tokens_per_second"])
+
+
+# ------------------------------------------------------------------------------------------- weights identity
+
+
+def _tiny_engine_on(tiny_loaded, folder):
+    from sae_mcp.engine.loading import load_sae
+    from sae_mcp.engine.runtime import Engine
+
+    return Engine(tiny_loaded, [load_sae(str(folder), "cpu", torch.float32)], "cpu")
+
+
+def test_an_sae_retrained_into_the_same_folder_never_gets_the_old_index(tiny_loaded, tmp_path):
+    from conftest import make_sae_folder
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(["the cat sat on the mat and Lily saw it", "Tom ran to the park with a red ball",
+                                 "one day the little girl played"] * 20) + "\n", encoding="utf-8")
+    folder = make_sae_folder(tmp_path / "sae", 32, 128, "blocks.1.hook_resid_pre", seed=0)
+    st = Settings(model="tiny", saes=(str(folder),), corpus=str(corpus), data_dir=tmp_path / "data")
+
+    old_engine = _tiny_engine_on(tiny_loaded, folder)
+    old = ExampleSource(old_engine, st)
+    old.build_index(None, 10**6)
+    old_dens = old.densities(None)
+    assert old_dens is not None
+
+    make_sae_folder(folder, 32, 128, "blocks.1.hook_resid_pre", seed=1)  # re-trained: same folder, new weights
+    new = ExampleSource(_tiny_engine_on(tiny_loaded, folder), st)  # a restart
+    assert new.engine.sae(None).weights_id != old_engine.sae(None).weights_id
+    assert new.densities(None) is None and new.feature_summary(None, 0) is None
+    rep = new.build_index(None, 10**6)
+    assert not rep.reused
+    # The new index holds the new weights' activations: firing counts from a plain forward over the same tokens.
+    s = new.engine.sae(None)
+    tok = tiny_loaded.model.tokenizer
+    fired, n = torch.zeros(128), 0
+    for line in corpus.read_text().splitlines():
+        ids = [1] + tok(line, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            _, cache = tiny_loaded.model.run_with_cache_with_saes(torch.tensor([ids]), saes=[s.sae])
+        acts = cache[f"{s.hook_name}.hook_sae_acts_post"][0, 1:]
+        fired += (acts > 0).sum(0)
+        n += acts.shape[0]
+    torch.testing.assert_close(new.densities(None), (fired / n).float())
+    assert not torch.equal(new.densities(None), old_dens)
+
+    make_sae_folder(folder, 32, 128, "blocks.1.hook_resid_pre", seed=0)  # the original weights again
+    back = ExampleSource(_tiny_engine_on(tiny_loaded, folder), st)
+    assert back.engine.sae(None).weights_id == old_engine.sae(None).weights_id
+    assert back.build_index(None, 10**6).reused
+    torch.testing.assert_close(back.densities(None), old_dens)
+
+
+def test_a_pretrained_sae_keeps_an_index_written_before_weights_were_recorded(tmp_path):
+    from sae_mcp.store.index import IndexStore, meta_for
+
+    pre = meta_for("gpt2-small", "rel/id", "/c.txt", "1-2", 128, 50256, 8, weights_id="rel/id")
+    legacy = {k: v for k, v in pre.items() if k != "weights"}
+    st = IndexStore(tmp_path / "a.sqlite", legacy)
+    st.save_scan("index", tokens=5, windows=1, exhausted=False, target=5, top_vals=np.zeros((2, 8), np.float32),
+                 top_pos=np.zeros((2, 8), np.int64), n_fired=np.zeros(8, np.int64), hist=np.zeros((8, 4), np.int64))
+    st.close()
+    assert IndexStore(tmp_path / "a.sqlite", pre).load_scan("index").tokens == 5  # kept, meta now records weights
+    local = meta_for("gpt2-small", "/sae", "/c.txt", "1-2", 128, 50256, 8, weights_id="0123abcd")
+    st = IndexStore(tmp_path / "b.sqlite", {k: v for k, v in local.items() if k != "weights"})
+    st.save_scan("index", tokens=5, windows=1, exhausted=False, target=5, top_vals=np.zeros((2, 8), np.float32),
+                 top_pos=np.zeros((2, 8), np.int64), n_fired=np.zeros(8, np.int64), hist=np.zeros((8, 4), np.int64))
+    st.close()
+    assert IndexStore(tmp_path / "b.sqlite", local).load_scan("index") is None  # unknown weights: emptied

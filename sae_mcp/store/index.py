@@ -1,7 +1,10 @@
-"""The feature index on disk: one SQLite file (WAL) per (model, SAE, corpus).
+"""The feature index on disk: one SQLite file (WAL) per (model, SAE weights, corpus).
 
-    <data_dir>/index/<model>/<sae>/<corpus>.sqlite
-      meta(key, value)             what the file describes: model, SAE, corpus, its fingerprint, window length, BOS
+    <data_dir>/index/<model>/<sae>/<corpus>.sqlite      <sae> = store/db.sae_store_key: the source, plus the
+                                                        weights' hash for a local folder (a retrained SAE in the
+                                                        same folder gets a new file, never the old index)
+      meta(key, value)             what the file describes: model, SAE, its weights id, corpus, its fingerprint,
+                                   window length, BOS
       windows(id, document, start, tokens)   every scanned window's token ids (int32 blob), to show contexts
       scans(name, ...)             one row per scan: 'index' (all features) or 'feature:<f>' (on-demand scans):
                                    progress (tokens, windows, exhausted, target) and the state as blobs:
@@ -36,8 +39,19 @@ CREATE TABLE IF NOT EXISTS scans (
 """
 
 
-def index_path(data_dir: Path, model_key: str, sae_source: str, corpus_key: str) -> Path:
-    return Path(data_dir) / "index" / slug(model_key) / slug(sae_source) / f"{slug(corpus_key)}.sqlite"
+def index_path(data_dir: Path, model_key: str, sae_key: str, corpus_key: str) -> Path:
+    """`sae_key` is store/db.sae_store_key(source, weights_id), so the path changes with a local SAE's weights."""
+    return Path(data_dir) / "index" / slug(model_key) / slug(sae_key) / f"{slug(corpus_key)}.sqlite"
+
+
+def same_meta(old: dict[str, str], new: dict[str, str]) -> bool:
+    """Whether a file's meta describes the index `new` asks for. A file written before weights were recorded
+    (no 'weights' key) still matches an SAE whose weights are fixed by its name (weights id = source: the
+    pretrained directory), so those indexes are kept; a local folder's file never lacks it (its path has it)."""
+    if old == new:
+        return True
+    legacy = {k: v for k, v in new.items() if k != "weights"}
+    return "weights" not in old and new.get("weights") == new.get("sae") and old == legacy
 
 
 @dataclass
@@ -65,7 +79,7 @@ class IndexStore:
         self.conn.executescript(SCHEMA)
         self._lock = threading.Lock()
         old = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
-        if old and old != meta:
+        if old and not same_meta(old, meta):
             self.conn.executescript("DELETE FROM windows; DELETE FROM scans; DELETE FROM meta;")
         if old != meta:
             self.conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(meta.items()))
@@ -133,8 +147,10 @@ class IndexStore:
 
 
 def meta_for(model_key: str, sae_source: str, corpus_key: str, fingerprint: str, context_size: int,
-             bos: int | None, d_sae: int) -> dict[str, str]:
+             bos: int | None, d_sae: int, weights_id: str = "") -> dict[str, str]:
+    """`weights_id` is LoadedSAE.weights_id (RELEASE/SAE_ID, or the hash of a local folder's weights)."""
     return {
-        "model": model_key, "sae": sae_source, "corpus": corpus_key, "fingerprint": fingerprint,
+        "model": model_key, "sae": sae_source, "weights": weights_id or sae_source, "corpus": corpus_key,
+        "fingerprint": fingerprint,
         "context_size": str(context_size), "bos": json.dumps(bos), "d_sae": str(d_sae), "format": "1",
     }
