@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import time
 
+import anyio
+import pytest
+from mcp import Client
+
+from sae_mcp.engine import interventions as iv
 from mcp_client import call_many, call_tool, error_text, list_tools
 from sae_mcp.errors import NotFound
 from sae_mcp.server.app import build_server
@@ -119,3 +124,65 @@ def test_bad_input_is_an_error_that_says_what_to_change_and_the_next_call_works(
     ])
     assert message in error_text(bad)
     assert not good.is_error
+
+
+# ------------------------------------------------------------------------------------- progress and cancellation
+
+
+def test_steer_generate_reports_progress_per_generated_token(server):
+    seen = []
+
+    async def progress(done, total, message):
+        seen.append((done, total))
+
+    async def go():
+        async with Client(server) as client:
+            res = await client.call_tool("steer_generate", {
+                "prompt": PROMPT, "features": [{"feature": 5, "strength": 4.0}], "calibration": "absolute",
+                "max_new_tokens": 7, "temperature": 0, "strengths": [1.0, 2.0],
+            }, progress_callback=progress)
+            await anyio.sleep(0.05)  # progress callbacks run as their own tasks: let the last ones land
+            return res
+
+    res = anyio.run(go)
+    assert not res.is_error, error_text(res)
+    steps = max(r["continuation"]["n_tokens"] for r in res.structured_content["steered"])
+    assert sorted(seen) == [(i, 7) for i in range(1, len(seen) + 1)]  # one per generated token, out of 7
+    assert len(seen) >= max(steps, 1)
+
+
+def test_a_client_cancel_stops_steer_generate_between_tokens(server, tiny_engine, monkeypatch):
+    sampled = []
+    real = iv._sample
+
+    def slow_sample(*a):
+        sampled.append(1)
+        time.sleep(0.02)
+        return real(*a)
+
+    monkeypatch.setattr(iv, "_sample", slow_sample)
+
+    async def go():
+        async with Client(server) as client:
+            async with anyio.create_task_group() as tg:
+                first = anyio.Event()
+
+                async def progress(done, total, message):
+                    first.set()
+
+                async def call():
+                    await client.call_tool("steer_generate", {
+                        "prompt": PROMPT, "features": [{"feature": 5, "strength": 4.0}], "calibration": "absolute",
+                        "max_new_tokens": 50, "temperature": 0,
+                    }, progress_callback=progress)
+
+                tg.start_soon(call)
+                await first.wait()
+                tg.cancel_scope.cancel()  # the client abandons the request (sends notifications/cancelled)
+            # the next call waits for the engine, which is free once the generation has stopped
+            return await client.call_tool("ablate_and_test", {"prompt": PROMPT, "answer": " mat", "features": [3]})
+
+    after = anyio.run(go)
+    assert not after.is_error, error_text(after)
+    assert len(sampled) < 25, f"generation ran {len(sampled)} of 50 steps after the client cancelled"
+    assert tiny_engine.is_clean()

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
 import torch
 from torch.testing import assert_close
 
+from conftest import needs_stories
 from sae_mcp.engine import interventions as iv
-from sae_mcp.errors import InvalidInput
+from sae_mcp.engine.runtime import CancelToken
+from sae_mcp.errors import Cancelled, InvalidInput
 
 PROMPT = "the cat sat on the mat and the dog"
 
@@ -278,3 +281,67 @@ def test_steer_generate_rejects_bad_input_with_what_to_change(tiny_engine, kwarg
     with pytest.raises(InvalidInput, match=message):
         iv.steer_generate(tiny_engine, PROMPT, calibration="absolute", **kwargs)
     assert tiny_engine.is_clean()
+
+
+def test_a_cancelled_token_stops_generation_between_steps_and_leaves_the_model_clean(tiny_engine):
+    e = tiny_engine
+    tokens = tokens_of(e)
+    with torch.inference_mode():
+        before = e.model(tokens).clone()
+    token, steps = CancelToken(), []
+
+    def progress(step, total):
+        steps.append((step, total))
+        if step == 3:
+            token.cancel()  # as the tool does when the client cancels
+
+    with pytest.raises(Cancelled, match="cancelled"):
+        iv.steer_generate(e, PROMPT, [(5, 3.0)], calibration="absolute", max_new_tokens=20, temperature=0.0,
+                          strengths=[1.0, 2.0], controls=True, n_controls=3, cancel=token, progress=progress)
+    assert steps == [(1, 20), (2, 20), (3, 20)]  # stopped before the 4th step
+    assert e.is_clean()
+    with torch.inference_mode():
+        assert torch.equal(e.model(tokens), before)
+    ok = iv.steer_generate(e, PROMPT, [(5, 3.0)], calibration="absolute", max_new_tokens=4, temperature=0.0)
+    assert ok.steered[0].continuation.n_tokens <= 4  # the engine is free again
+
+
+def test_engine_and_tool_default_to_the_same_sampling_settings(tiny_engine):
+    from sae_mcp.server.app import build_server
+    from mcp_client import list_tools
+
+    engine_defaults = inspect.signature(iv.steer_generate).parameters
+    tool = next(t for t in list_tools(build_server(tiny_engine)) if t.name == "steer_generate")
+    props = tool.input_schema["properties"]
+    for name in ("temperature", "top_p", "max_new_tokens", "seed", "calibration", "n_controls"):
+        assert props[name]["default"] == engine_defaults[name].default, name
+    assert (props["temperature"]["default"], props["top_p"]["default"]) == (1.0, 0.9)
+    assert "greedy" in props["temperature"]["description"]
+
+
+@needs_stories
+def test_kv_cached_steered_greedy_text_equals_an_independent_full_forward_loop(stories_engine):
+    e, s = stories_engine, stories_engine.sae(None)
+    prompt, n = "Once upon a time, Lily", 24
+    res = iv.steer_generate(e, prompt, [(7, 2.0), (30, -1.0)], calibration="absolute", max_new_tokens=n,
+                            temperature=0.0, strengths=[1.0, 4.0], use_cache=True)
+    tokens = tokens_of(e, prompt)
+    base = 2.0 * s.sae.W_dec[7] - 1.0 * s.sae.W_dec[30]
+    model, tok = e.model, e.model.tokenizer
+
+    def plain(vector):
+        # the whole sequence through the model every step, the vector added by a plain hook; argmax; stop at EOS
+        seq, out = tokens, []
+        with torch.inference_mode(), model.hooks(fwd_hooks=[(s.hook_name, lambda x, hook: x + vector)]):
+            for _ in range(n):
+                nxt = int(model(seq, attention_mask=torch.ones_like(seq))[0, -1].argmax())
+                if nxt == tok.eos_token_id:
+                    break
+                out.append(nxt)
+                seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)
+        return tok.decode(out)
+
+    assert res.unsteered.text == plain(torch.zeros_like(base))
+    assert [r.continuation.text for r in res.steered] == [plain(1.0 * base), plain(4.0 * base)]
+    assert res.steered[1].continuation.text != res.unsteered.text  # the strong dose does steer
+    assert e.is_clean()

@@ -4,17 +4,22 @@ engine/interventions.py and engine/attribution.py.
 No `from __future__ import annotations` here: the SDK reads the tools' annotations at registration.
 """
 
+import logging
 from typing import Annotated, Any, Literal
 
+import anyio.from_thread
+from mcp.server.mcpserver import Context
 from pydantic import BaseModel, Field
 
 from sae_mcp.engine import attribution as attr
 from sae_mcp.engine import interventions as iv
 from sae_mcp.engine.loading import LoadedSAE
-from sae_mcp.engine.runtime import Engine
+from sae_mcp.engine.runtime import CancelToken, Engine
 from sae_mcp.errors import InvalidInput, SaeMcpError
 from sae_mcp.results.causal import AblationResult, Attribution, SteerResult
 from sae_mcp.settings import Settings
+
+log = logging.getLogger(__name__)
 
 SaeArg = Annotated[
     str | None, Field(description="SAE key (alias or hook name) from model_info; optional when one SAE is loaded")
@@ -56,6 +61,21 @@ def _max_activation_fn(engine: Engine, settings: Settings):
     return fn
 
 
+def _request_cancelled() -> bool:
+    """True when the MCP request running this worker thread was cancelled (the client sent
+    notifications/cancelled: the SDK cancels the handler's scope, but a sync tool's thread runs on unless it
+    looks). False outside an anyio worker thread."""
+    try:
+        anyio.from_thread.check_cancelled()
+    except RuntimeError:  # not an anyio worker thread (NoEventLoopError): nothing to check
+        return False
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:  # the backend's cancellation exception (asyncio.CancelledError)
+        return True
+    return False
+
+
 def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None:
     max_k = engine.limits.max_top_k
     max_feats = engine.limits.max_features_per_call
@@ -69,8 +89,15 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None
         ],
         sae: SaeArg = None,
         max_new_tokens: Annotated[int, Field(ge=1, le=iv.MAX_NEW_TOKENS, description="Tokens to generate")] = 30,
-        temperature: Annotated[float, Field(ge=0, le=10, allow_inf_nan=False, description="0 = greedy")] = 1.0,
-        top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False, description="Nucleus sampling mass")] = 0.9,
+        temperature: Annotated[
+            float,
+            Field(ge=0, le=10, allow_inf_nan=False,
+                  description="Sampling temperature; default 1 (sampled, as in the SAELens steering tutorial, "
+                  "reproducible by seed); 0 = greedy"),
+        ] = iv.DEFAULT_TEMPERATURE,
+        top_p: Annotated[
+            float, Field(gt=0, le=1, allow_inf_nan=False, description="Nucleus sampling mass (ignored when greedy)")
+        ] = iv.DEFAULT_TOP_P,
         seed: Annotated[int, Field(ge=0, le=2**31 - 1, description="Same seed for the unsteered and steered runs")] = 0,
         calibration: Annotated[
             Literal["max_activation", "absolute"],
@@ -89,16 +116,35 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None
             bool, Field(description="Also steer with random features matched in decoder norm, same coefficients")
         ] = False,
         n_controls: Annotated[int, Field(ge=1, le=iv.MAX_CONTROLS, description="Control runs when controls")] = 5,
+        ctx: Context = None,
     ) -> SteerResult:
         """Steer generation: add coefficient * W_dec[feature] at the SAE's hook at every position (prompt and
         generated tokens) and return the unsteered and steered continuations from the same seed side by side,
         with the coefficients used, the KL from the unsteered next-token distribution, P(answer) shifts with
-        `answer`, a dose-response table with `strengths`, and matched random-feature controls with `controls`."""
+        `answer`, a dose-response table with `strengths`, and matched random-feature controls with `controls`.
+        Sampled by default (temperature 1, top_p 0.9, as in the SAELens tutorial; the same seed for every run);
+        temperature=0 is greedy. Reports progress per generated token; cancellable."""
         calib = _max_activation_fn(engine, settings) if calibration == "max_activation" else None
+        cancel = CancelToken()
+
+        def progress(step: int, total: int) -> None:
+            if ctx is None:  # called directly, not through MCP
+                return
+            if _request_cancelled():
+                log.info("the client cancelled steer_generate; stopping the generation")
+                cancel.cancel()
+                return
+            try:
+                anyio.from_thread.run(ctx.report_progress, step, total, f"generated {step}/{total} tokens")
+            except Exception:  # the request is gone (disconnected): stop before the next step
+                log.info("progress report failed; cancelling the generation")
+                cancel.cancel()
+
         return iv.steer_generate(
             engine, prompt, [(f.feature, f.strength) for f in features], sae=sae, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, seed=seed, calibration=calibration, max_activation_fn=calib,
-            strengths=strengths, answer=answer, controls=controls, n_controls=n_controls,
+            strengths=strengths, answer=answer, controls=controls, n_controls=n_controls, cancel=cancel,
+            progress=progress,
         )
 
     @tool()
