@@ -26,6 +26,7 @@ from sae_mcp.engine.runtime import Engine
 from sae_mcp.errors import InvalidInput
 from sae_mcp.results import VocabProjection
 from sae_mcp.settings import Settings
+from sae_mcp.store.db import store_key_of
 from sae_mcp.store.explanations import Explanation, ExplanationStore
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def gather(ctx: ExplainContext, feature: int, sae: str | None = None, n_examples
         d_sae=s.d_sae,
         sae_source=s.source,
         neuronpedia=f"{s.neuronpedia_id}/{feature}" if s.neuronpedia_id else None,
-        explanations=ctx.store.for_feature(s.source, feature),
+        explanations=ctx.store.for_feature(store_key_of(s), feature),
         projection=projection,
         moments=moments,
         lens_note=lens_note,
@@ -333,15 +334,16 @@ def index_html(ctx: ExplainContext) -> str:
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>sae-mcp features</title>",
              f"<style>{CSS}</style></head><body><h1>sae-mcp features</h1>"]
     for s in ctx.engine.saes.values():
-        counts = ctx.store.counts(s.source)
+        key = store_key_of(s)
+        counts = ctx.store.counts(key)
         parts.append(
             f"<h2>{e(s.key)}</h2><p class='meta'>{s.d_sae} features · {counts['imported']} imported explanations · "
             f"{counts['labels']} labels</p>"
             f"<form action='/features/{e(s.key)}/' onsubmit=\"location.href=this.action+this.f.value;return false\">"
             f"feature <input name='f' type='number' min='0' max='{s.d_sae - 1}'> <button>open</button></form><ul>"
         )
-        for f in ctx.store.labelled_features(s.source, limit=100):
-            labels = [x.description for x in ctx.store.for_feature(s.source, f) if x.source == "label"]
+        for f in ctx.store.labelled_features(key, limit=100):
+            labels = [x.description for x in ctx.store.for_feature(key, f) if x.source == "label"]
             parts.append(f"<li><a href='/features/{e(s.key)}/{f}'>{f}</a> {e(labels[0] if labels else '')}</li>")
         parts.append("</ul>")
     parts.append("</body></html>")

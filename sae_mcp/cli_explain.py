@@ -4,8 +4,9 @@
     sae-mcp explanations import --sae ./my_sae --model ./my_model explanations.json     (JSON, JSONL or CSV)
     sae-mcp dashboard --port 8765                                                        (feature cards as pages)
 
-Importing needs neither the model nor the SAE's weights: only their names, to file the explanations under the
-same keys the server uses (the model's name or folder, the SAE's RELEASE/SAE_ID or folder).
+Importing needs neither the model nor the SAE's weights loaded: only their names, to file the explanations under
+the same keys the server uses (the model's name or folder; the SAE's RELEASE/SAE_ID, or its folder plus the hash
+of the weights in it: store/db.sae_store_key).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ log = logging.getLogger("sae_mcp")
 
 
 def _sae_identity(spec: str) -> tuple[str, str | None, int | None]:
-    """An --sae spec -> (source as the loader names it, neuronpedia id, d_sae when it can be read offline)."""
+    """An --sae spec -> (store key as the server computes it, neuronpedia id, d_sae when it can be read offline)."""
+    from sae_mcp.store.db import sae_store_key
+
     from sae_mcp.engine import loading
 
     _, spec = loading.split_alias(spec)
@@ -33,7 +36,7 @@ def _sae_identity(spec: str) -> tuple[str, str | None, int | None]:
         cfg = json.loads((folder / "cfg.json").read_text())
         meta = cfg.get("metadata") or {}
         np_id = meta.get("neuronpedia_id") or cfg.get("neuronpedia_id")
-        return str(folder.resolve()), np_id, cfg.get("d_sae")
+        return sae_store_key(str(folder.resolve()), loading.folder_weights_id(folder)), np_id, cfg.get("d_sae")
     release, sae_id = loading._parse_release_id(spec)
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 

@@ -13,6 +13,7 @@ from sae_mcp.results.corpus import Example, FeatureSummary, Histogram, TopExampl
 from sae_mcp.server import tools_explain
 from sae_mcp.server.app import build_server
 from sae_mcp.settings import Settings
+from sae_mcp.store.db import store_key_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,8 +77,8 @@ def test_card_holds_labels_imports_logit_lens_and_moments(tiny_engine, tmp_path)
 
     s = sae_of(tiny_engine)
     ctx = cards.ExplainContext(tiny_engine, Settings(data_dir=tmp_path))
-    ctx.store.import_rows(s.source, [(9, "imported: about dogs", "gpt-4o-mini")], "neuronpedia")
-    ctx.store.add_label(s.source, 9, "dog and cat words", evidence="get_feature_acts on 'the dog'")
+    ctx.store.import_rows(store_key_of(s), [(9, "imported: about dogs", "gpt-4o-mini")], "neuronpedia")
+    ctx.store.add_label(store_key_of(s), 9, "dog and cat words", evidence="get_feature_acts on 'the dog'")
     md = cards.card_markdown(ctx, 9, s.key, n_tokens=3)
     assert "- label: dog and cat words (evidence: get_feature_acts on 'the dog')" in md
     assert "- imported: about dogs (neuronpedia, gpt-4o-mini)" in md

@@ -13,6 +13,7 @@ import pytest
 
 from sae_mcp import cards
 from sae_mcp.settings import Settings
+from sae_mcp.store.db import store_key_of
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 
@@ -63,7 +64,7 @@ def dump_dom(url: str, profile) -> str:
 def test_feature_page_renders_in_chromium_with_labels_and_logit_lens(dashboard, tiny_engine, tmp_path):
     ctx, base = dashboard
     s = next(iter(tiny_engine.saes.values()))
-    ctx.store.add_label(s.source, 6, "cats & dogs <pets>", evidence="top examples")
+    ctx.store.add_label(store_key_of(s), 6, "cats & dogs <pets>", evidence="top examples")
     dom = dump_dom(f"{base}/features/{s.key}/6", tmp_path / "profile")
     assert f"Feature 6 · {s.key}" in dom  # the dotted hook name routes as one path segment
     assert "label: cats &amp; dogs &lt;pets&gt;" in dom  # escaped: a label cannot inject markup
@@ -75,7 +76,7 @@ def test_feature_page_renders_in_chromium_with_labels_and_logit_lens(dashboard, 
 def test_front_page_lists_labelled_features_and_unknown_sae_is_a_404_page(dashboard, tiny_engine, tmp_path):
     ctx, base = dashboard
     s = next(iter(tiny_engine.saes.values()))
-    ctx.store.add_label(s.source, 11, "the word park")
+    ctx.store.add_label(store_key_of(s), 11, "the word park")
     dom = dump_dom(f"{base}/", tmp_path / "profile")
     assert f"/features/{s.key}/11" in dom and "the word park" in dom
     dom = dump_dom(f"{base}/features/nope/1", tmp_path / "profile2")

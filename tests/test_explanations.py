@@ -296,3 +296,36 @@ def test_real_minilm_finds_a_description_by_meaning_when_installed(tmp_path):
     found, ranking = store.search("religious texts", ["s"], top_k=3)  # no word in common with any description
     assert ranking == "lexical+semantic"
     assert [e.feature for e in found] == [1, 3]  # unrelated descriptions fall below the cosine floor
+
+
+def test_labels_belong_to_the_weights_not_the_folder(tiny_loaded, tmp_path):
+    """A label recorded for an SAE folder is not shown once the folder holds re-trained weights (a restart with
+    the new weights starts empty), and is shown again, after a restart, for the same weights."""
+    import torch
+
+    from conftest import make_sae_folder
+    from sae_mcp.engine.loading import load_sae
+    from sae_mcp.engine.runtime import Engine
+
+    folder = make_sae_folder(tmp_path / "sae", 32, 128, "blocks.1.hook_resid_pre", seed=0)
+    data = tmp_path / "data"
+
+    def serve():
+        return build_server(Engine(tiny_loaded, [load_sae(str(folder), "cpu", torch.float32)], "cpu"),
+                            Settings(data_dir=data))
+
+    lab, again = call(serve(), [("label_feature", {"feature": 4, "label": "the word park"}),
+                                ("feature_card", {"feature": 4, "examples": 0})])
+    assert not lab.is_error and "label: the word park" in again.structured_content["markdown"]
+
+    make_sae_folder(folder, 32, 128, "blocks.1.hook_resid_pre", seed=1)  # re-trained into the same folder
+    found, card, lab2 = call(serve(), [("search_explanations", {"query": "park"}),
+                                       ("feature_card", {"feature": 4, "examples": 0}),
+                                       ("label_feature", {"feature": 4, "label": "commas"})])
+    assert found.structured_content["matches"] == []
+    assert "the word park" not in card.structured_content["markdown"]
+    assert lab2.structured_content["labels_for_feature"] == 1  # the old weights' label is not counted
+
+    make_sae_folder(folder, 32, 128, "blocks.1.hook_resid_pre", seed=0)  # the original weights again
+    (found,) = call(serve(), [("search_explanations", {"query": "park commas"})])
+    assert [(m["feature"], m["description"]) for m in found.structured_content["matches"]] == [(4, "the word park")]

@@ -35,6 +35,7 @@ from sae_mcp.results.explain import (
 )
 from sae_mcp.server import http
 from sae_mcp.settings import Settings
+from sae_mcp.store.db import store_key_of
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings, store: 
     max_feats = engine.limits.max_features_per_call
 
     def key_of_source() -> dict[str, str]:
-        return {s.source: s.key for s in engine.saes.values()}
+        """Store key (source + weights id) -> the key tools address the SAE by."""
+        return {store_key_of(s): s.key for s in engine.saes.values()}
 
     @tool()
     def search_explanations(
@@ -64,7 +66,7 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings, store: 
         and the labels recorded with label_feature. Ranked by FTS5 bm25, fused with sentence-embedding similarity
         when the optional semantic extra is installed (`ranking` says which). Without sae, searches every loaded SAE."""
         saes = [engine.sae(sae)] if sae else list(engine.saes.values())
-        found, ranking = ctx.store.search(query, [s.source for s in saes], top_k=top_k)
+        found, ranking = ctx.store.search(query, [store_key_of(s) for s in saes], top_k=top_k)
         keys = key_of_source()
         matches = [
             ExplanationMatch(feature=e.feature, sae=keys.get(e.sae, e.sae), description=e.description,
@@ -73,7 +75,7 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings, store: 
         ]
         note = None
         if not matches:
-            total = sum(sum(ctx.store.counts(s.source).values()) for s in saes)
+            total = sum(sum(ctx.store.counts(store_key_of(s)).values()) for s in saes)
             note = (
                 "no explanation or label matched" if total else
                 "nothing to search yet: import explanations (`sae-mcp explanations import --sae SPEC --neuronpedia`, or a "
@@ -91,13 +93,13 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings, store: 
             Field(max_length=4000, description="What supports the label: examples, tool results, ablation effects"),
         ] = None,
     ) -> LabelRecorded:
-        """Record your own explanation of a feature, with the evidence behind it. Labels persist across restarts,
-        are searchable at once with search_explanations (source 'label') and appear on the feature's card.
+        """Record your own explanation of a feature, with the evidence behind it. Labels persist across restarts
+        (for these weights: an SAE re-trained into the same folder starts without labels), are searchable at once with search_explanations (source 'label') and appear on the feature's card.
         Each call adds a label (earlier ones are kept)."""
         s = engine.sae(sae)
         engine.check_feature(s, feature)
-        rec = ctx.store.add_label(s.source, feature, label, (evidence or "").strip() or None)
-        n = sum(1 for e in ctx.store.for_feature(s.source, feature) if e.source == "label")
+        rec = ctx.store.add_label(store_key_of(s), feature, label, (evidence or "").strip() or None)
+        n = sum(1 for e in ctx.store.for_feature(store_key_of(s), feature) if e.source == "label")
         return LabelRecorded(feature=feature, sae=s.key, label=rec.description, evidence=rec.evidence, labels_for_feature=n)
 
     @tool()

@@ -1,7 +1,9 @@
 """Explanations of features: imported ones (Neuronpedia's export, or any file) and the agent's own labels.
 
 One SQLite file per model, <data_dir>/explanations/<model>/explanations.sqlite, with rows keyed by the SAE's
-*source* (`RELEASE/SAE_ID` or its folder), which stays the same whatever alias the SAE is served under. One file
+store key (store/db.sae_store_key: `RELEASE/SAE_ID`, or a local folder plus the hash of its weights), which
+stays the same whatever alias the SAE is served under, and changes when an SAE is re-trained into the same
+folder, so the old weights' labels are never shown for the new ones. One file
 per model (rather than per SAE) lets a search over every loaded SAE rank all matches with one BM25 model.
 
 Tables
@@ -88,7 +90,7 @@ def explanations_db_path(data_dir: Path, model_name: str, model_source: str) -> 
 @dataclass
 class Explanation:
     sae: str
-    """The SAE's source (RELEASE/SAE_ID or folder)."""
+    """The SAE's store key (RELEASE/SAE_ID, or folder#weights-hash: store/db.sae_store_key)."""
     feature: int
     description: str
     source: str
