@@ -90,3 +90,18 @@ def test_top_examples_answers_from_the_index_when_built(stories_engine, stories_
     (res,) = calls(build_server(stories_engine, st), ("top_examples", {"feature": 9, "k": 2}))
     assert not res.is_error and res.structured_content["source"] == "index"
     assert res.structured_content["tokens_scanned"] >= 4000
+
+
+def test_top_examples_is_annotated_as_a_cache_write_that_may_stream_a_dataset(tiny_engine, tmp_path):
+    """It writes scan rows to the index (not read-only, but idempotent) and reaches out only for a hub corpus."""
+    local = tmp_path / "c.txt"
+    local.write_text("the cat sat\n", encoding="utf-8")
+
+    async def annotations(corpus):
+        async with Client(build_server(tiny_engine, Settings(corpus=corpus, data_dir=tmp_path))) as c:
+            return {t.name: t.annotations for t in (await c.list_tools()).tools}["top_examples"]
+
+    for corpus, remote in ((str(local), False), ("roneneldan/TinyStories", True), (None, True)):
+        ann = anyio.run(annotations, corpus)
+        assert ann.read_only_hint is False and ann.destructive_hint is False and ann.idempotent_hint is True
+        assert ann.open_world_hint is remote, corpus

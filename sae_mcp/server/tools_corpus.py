@@ -9,10 +9,12 @@ from typing import Annotated, Any
 
 import anyio.from_thread
 from mcp.server.mcpserver import Context
-from mcp.types import CallToolResult, ImageContent, TextContent
+from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 from pydantic import Field
 
+from sae_mcp.engine.corpus import resolve_corpus
 from sae_mcp.engine.runtime import CancelToken, Engine
+from sae_mcp.errors import SaeMcpError
 from sae_mcp.examples import DEFAULT_CONTEXT, DEFAULT_SCAN_TOKENS, KEEP, MAX_CONTEXT, MAX_SCAN_TOKENS, get_example_source
 from sae_mcp.results.corpus import TopExamples
 from sae_mcp.settings import Settings
@@ -24,10 +26,26 @@ SaeArg = Annotated[
 ]
 
 
+def corpus_is_remote(engine: Engine, settings: Settings) -> bool:
+    """Whether a scan may stream a Hugging Face dataset: True unless every loaded SAE's corpus is a local file
+    (an SAE with no usable corpus counts as remote: the hint errs on the side of saying 'may reach out')."""
+    for s in engine.saes.values():
+        try:
+            if resolve_corpus(settings.corpus, s.dataset_path).kind == "hf":
+                return True
+        except SaeMcpError:
+            return True
+    return False
+
+
 def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None:
     source = get_example_source(engine, settings)
+    # It never modifies the model, but an on-demand scan writes its rows and windows to the SQLite index (a
+    # cache: the same call gives the same answer, so idempotent), and may stream a Hugging Face dataset.
+    annotations = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True,
+                                  open_world_hint=corpus_is_remote(engine, settings))
 
-    @tool()
+    @tool(annotations=annotations)
     def top_examples(
         feature: Annotated[int, Field(ge=0, description="Feature index (0..d_sae-1)")],
         sae: SaeArg = None,
