@@ -81,13 +81,39 @@ def test_error_attribution_is_gradient_dot_error_and_the_parts_sum_to_gradient_d
         x_hat = s.sae.decode(s.sae.encode(x))  # [S, d_in]
     res = attr.attribute(e, PROMPT, " mat", counterfactual=" park")
     err, rec = float((g * (x - x_hat)).sum()), float((g * x_hat).sum())
-    assert res.error_attribution[s.key] == pytest.approx(err, abs=1e-4)
+    assert res.error_attribution[s.key] == pytest.approx(err, abs=1e-4)  # the signed totals, BOS included
     assert res.reconstruction_attribution[s.key] == pytest.approx(rec, abs=1e-4)
-    assert res.error_share[s.key] == pytest.approx(abs(err) / (abs(err) + abs(rec)), abs=1e-3)
+    # per position p: g_p . e_p; the share sums |.| per position over 1..last, BOS (position 0) left out
+    err_p, rec_p = (g * (x - x_hat)).sum(-1), (g * x_hat).sum(-1)  # [S]
+    assert_close(torch.tensor(res.error_attribution_per_token[s.key]), err_p, atol=1e-5, rtol=1e-4)
+    num = sum(abs(float(v)) for v in err_p[1:])
+    share = num / (num + sum(abs(float(v)) for v in rec_p[1:]))
+    assert res.error_share[s.key] == pytest.approx(share, abs=1e-3)
+    assert res.error_share_positions == [1, tokens.shape[1] - 1]
+    assert abs(share - abs(err) / (abs(err) + abs(rec))) > 1e-2  # the old signed-total formula differs here
     # completeness (the decoder is linear): features + g.b_dec + error = g.x
     b_dec = float((g * s.sae.b_dec).sum())
     assert sum(res.per_token[s.key]) + b_dec + err == pytest.approx(float((g * x).sum()), abs=1e-3)
     assert res.error_share[s.key] != 0.5  # a ratio of gradient norms would always say 0.5
+
+
+def test_error_share_is_taken_over_positions_one_to_the_metric_position_without_bos(tiny_engine):
+    e, s = tiny_engine, tiny_engine.sae(None)
+    tokens = e.to_tokens(PROMPT)
+    a, c = ids(e, " mat", " park")
+    pos = tokens.shape[1] - 3
+    x, g = plain_hook_gradient(e, s, tokens, a, c, pos)
+    with torch.inference_mode():
+        x_hat = s.sae.decode(s.sae.encode(x))
+    err_p, rec_p = (g * (x - x_hat)).sum(-1).abs(), (g * x_hat).sum(-1).abs()  # [S]
+    res = attr.attribute(e, PROMPT, " mat", counterfactual=" park", position=pos)
+    per = res.error_attribution_per_token[s.key]
+    assert per[0] != 0.0 and all(v == 0.0 for v in per[pos + 1:])  # BOS has some; after the metric, none
+    assert res.error_share_positions == [1, pos]
+    share = float(err_p[1 : pos + 1].sum() / (err_p[1 : pos + 1].sum() + rec_p[1 : pos + 1].sum()))
+    with_bos = float(err_p.sum() / (err_p.sum() + rec_p.sum()))
+    assert res.error_share[s.key] == pytest.approx(share, abs=2e-4)  # rounded to 4 places
+    assert res.error_share[s.key] != pytest.approx(with_bos, abs=2e-4)  # BOS left out (it counts here)
 
 
 def test_answer_alone_differentiates_the_answer_logit(tiny_engine):

@@ -13,10 +13,17 @@ through this SAE's encoder/decoder only, so an upstream feature's attribution wo
 SAEs are loaded. With the identity path every node sees the plain model's gradient, and each SAE's attributions
 are the same alone or together (tested). Model parameters keep requires_grad=False (the Engine turns it off).
 
-Error share, honestly: the first-order contribution of the error to the metric is g . e, that of the
-reconstruction g . x_hat (g = gradient at the hook, summed over positions); the share is |g.e| / (|g.e| +
-|g.x_hat|). A ratio of gradient norms would be useless here: both nodes receive the same gradient g, so such a
-ratio is always 0.5.
+Error share, honestly: at position p the first-order contribution of the error to the metric is g_p . e_p, that
+of the reconstruction g_p . x_hat_p (g_p = gradient at the hook). The share is
+
+    sum_p |g_p . e_p| / (sum_p |g_p . e_p| + sum_p |g_p . x_hat_p|)   over p = 1 .. metric position
+
+absolute per position, so contributions of opposite sign at different positions cannot cancel into a small
+share, and without BOS (position 0 when the SAE prepends it: its large norms would dominate, and an SAE is not
+meant to reconstruct it); later positions have zero gradient. The per-position g_p . e_p is reported too
+(error_attribution_per_token), to show where the SAE fails. error_attribution / reconstruction_attribution stay
+the signed totals over all positions (BOS included), so features + g.b_dec + error = g.x holds exactly. A ratio
+of gradient norms would be useless here: both nodes receive the same gradient g, so such a ratio is always 0.5.
 """
 
 from __future__ import annotations
@@ -72,15 +79,18 @@ def attribute(
     bos = {s.prepend_bos for s in loaded}
     if len(bos) > 1:
         raise InvalidInput("these SAEs disagree on prepending BOS; attribute them one at a time (sae=...)")
+    prepend_bos = bos.pop()
     model = engine.model
     with engine.device_work():
-        tokens = engine.to_tokens(prompt, prepend_bos=bos.pop())  # [1, S]
+        tokens = engine.to_tokens(prompt, prepend_bos=prepend_bos)  # [1, S]
         S = tokens.shape[1]
         if not -S <= position < S:
             raise InvalidInput(
                 f"position {position} is out of range: the prompt has {S} tokens (0..{S - 1} or -{S}..-1)"
             )
         pos = position % S
+        # positions the error share is taken over: 1..pos without BOS (0..pos without a BOS, or when pos is BOS)
+        first = 1 if prepend_bos and pos >= 1 else 0
         store: dict[str, dict[str, torch.Tensor]] = {s.hook_name: {} for s in loaded}
 
         def keep_input(h: str):
@@ -135,6 +145,7 @@ def attribute(
 
         str_tokens = engine.str_tokens(tokens)
         per_token: dict[str, list[float]] = {}
+        err_per_token: dict[str, list[float]] = {}
         err_attr: dict[str, float] = {}
         rec_attr: dict[str, float] = {}
         share: dict[str, float] = {}
@@ -149,9 +160,12 @@ def attribute(
             g = g_err[0].float().reshape(S, -1)  # [S, d_in]: the gradient at the hook's output
             e = st["err"].detach()[0].float().reshape(S, -1)
             x_hat = st["out"][0].float().reshape(S, -1) - e  # the reconstruction
-            ea, ra = float((g * e).sum()), float((g * x_hat).sum())
-            err_attr[s.key], rec_attr[s.key] = r(ea, 6), r(ra, 6)
-            share[s.key] = r(abs(ea) / (abs(ea) + abs(ra)), 4) if abs(ea) + abs(ra) > 0 else 0.0
+            ea_p, ra_p = (g * e).sum(-1), (g * x_hat).sum(-1)  # [S] each: g_p . e_p, g_p . x_hat_p
+            err_per_token[s.key] = [r(v, 6) for v in ea_p.tolist()]
+            err_attr[s.key], rec_attr[s.key] = r(float(ea_p.sum()), 6), r(float(ra_p.sum()), 6)  # signed totals
+            num = float(ea_p[first : pos + 1].abs().sum())
+            den = num + float(ra_p[first : pos + 1].abs().sum())
+            share[s.key] = r(num / den, 4) if den > 0 else 0.0
             k = min(top_k, attr.numel())
             vals, flat = attr.flatten().abs().topk(k)
             for v, j in zip(vals.tolist(), flat.tolist()):
@@ -175,6 +189,8 @@ def attribute(
         top=top,
         per_token=per_token,
         error_attribution=err_attr,
+        error_attribution_per_token=err_per_token,
         reconstruction_attribution=rec_attr,
         error_share=share,
+        error_share_positions=[first, pos],
     )

@@ -134,10 +134,21 @@ class Attribution(BaseModel):
     tokens: list[str]
     top: list[AttributionEntry] = Field(description="Sorted by |attribution|, largest first, across all SAEs")
     per_token: dict[str, list[float]] = Field(description="Per SAE: sum of feature attributions at each position")
-    error_attribution: dict[str, float] = Field(description="Per SAE: gradient . SAE error, summed over positions")
+    error_attribution: dict[str, float] = Field(
+        description="Per SAE: gradient . SAE error, signed, summed over all positions (BOS included); "
+        "per_token + gradient . b_dec + error_attribution = gradient . SAE input"
+    )
+    error_attribution_per_token: dict[str, list[float]] = Field(
+        description="Per SAE: gradient . SAE error at each position (where the SAE's error moves the metric)"
+    )
     reconstruction_attribution: dict[str, float] = Field(
-        description="Per SAE: gradient . SAE reconstruction (incl. b_dec), summed over positions"
+        description="Per SAE: gradient . SAE reconstruction (incl. b_dec), signed, summed over all positions"
     )
     error_share: dict[str, float] = Field(
-        description="Per SAE: |error_attribution| / (|error_attribution| + |reconstruction_attribution|)"
+        description="Per SAE: sum_p |gradient_p . error_p| / (sum_p |gradient_p . error_p| + "
+        "sum_p |gradient_p . reconstruction_p|) over error_share_positions: how much of the metric the SAE "
+        "does not explain (absolute per position, so signs cannot cancel; BOS excluded)"
+    )
+    error_share_positions: list[int] = Field(
+        description="[first, last] positions error_share is taken over: 1 (0 without BOS) .. the metric position"
     )
