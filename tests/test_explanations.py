@@ -12,6 +12,7 @@ from mcp import Client
 from sae_mcp.errors import InvalidInput, LoadError
 from sae_mcp.server.app import build_server
 from sae_mcp.settings import Settings
+from sae_mcp.store.db import store_key_of
 from sae_mcp.store import explanations as ex
 from sae_mcp.store.explanations import ExplanationStore
 
@@ -329,3 +330,33 @@ def test_labels_belong_to_the_weights_not_the_folder(tiny_loaded, tmp_path):
     make_sae_folder(folder, 32, 128, "blocks.1.hook_resid_pre", seed=0)  # the original weights again
     (found,) = call(serve(), [("search_explanations", {"query": "park commas"})])
     assert [(m["feature"], m["description"]) for m in found.structured_content["matches"]] == [(4, "the word park")]
+
+
+def test_stopwords_do_not_match_unless_the_query_has_nothing_else(tiny_engine, tmp_path):
+    store = store_for(tiny_engine, tmp_path)
+    store.import_rows("s", [(1, "girl names and the letter g", None), (2, "playground swings", None)], "np")
+    found, _ = store.search("swings and slides", ["s"])
+    assert [e.feature for e in found] == [2]  # not feature 1 through "and"
+    assert store.search("slides and the", ["s"])[0] == []
+    assert [e.feature for e in store.search("and the", ["s"])[0]] == [1]  # only stopwords: they are the query
+
+
+def test_lexical_scores_keep_significant_digits_on_a_small_store(tiny_engine, tmp_path):
+    """On a 3-row store a word in 2 rows has bm25 idf clamped to ~1e-6: 4 decimals would print every score 0.0.
+    The tool's scores are -bm25 from a plain FTS5 query to 4 significant digits, ordered as bm25 orders them."""
+    import sqlite3
+
+    rows = [(1, "the park", None), (2, "a park bench in the big park", None), (3, "red balls", None)]
+    store = store_for(tiny_engine, tmp_path)
+    key = store_key_of(sae_of(tiny_engine))
+    store.import_rows(key, rows, "np")
+    (res,) = call(build_server(tiny_engine, Settings(data_dir=tmp_path)), [("search_explanations", {"query": "park"})])
+    got = [(m["description"], m["score"]) for m in res.structured_content["matches"]]
+
+    plain = sqlite3.connect(":memory:")
+    plain.execute("CREATE VIRTUAL TABLE t USING fts5(body, tokenize = 'porter unicode61')")
+    plain.executemany("INSERT INTO t (body) VALUES (?)", [(d,) for _, d, _ in rows])
+    want = [(b, float(f"{-s:.4g}")) for b, s in plain.execute(
+        "SELECT body, bm25(t) AS s FROM t WHERE t MATCH '\"park\"' ORDER BY s")]
+    assert got == want
+    assert all(score > 0 for _, score in got) and len({s for _, s in got}) == 2

