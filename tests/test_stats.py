@@ -154,3 +154,24 @@ def test_real_model_moments_and_builtin_sets_on_a_sentencepiece_vocab(stories_en
     assert {"starts_with_space", "capitalised", "punctuation"} <= names
     for x in out.sets:
         assert all(-1 <= e.score <= 1 for e in x.promoted + x.suppressed)
+
+
+def test_mean_of_a_centred_unembedding_reads_zero_not_minus_zero(tiny_engine, monkeypatch):
+    """With W_U mean-centred over the vocabulary (transformer-lens' center_unembed), every feature's logit-weight
+    mean is float noise around 0: it is reported as +0.0, and the other moments are the plain ones."""
+    s = next(iter(tiny_engine.saes.values()))
+    W_U = tiny_engine.model.W_U.detach().float()
+    centred = W_U - W_U.mean(dim=1, keepdim=True)  # what center_unembed does to the weights
+    real = stats._logit_weights
+    monkeypatch.setattr(stats, "_logit_weights", lambda e, sae, idx: real(e, sae, idx) - real(e, sae, idx).mean(1, keepdim=True))
+    stats._moment_cache.pop(tiny_engine, None)
+    try:
+        out = stats.feature_stats(tiny_engine, sort_by="feature", descending=False, top=s.d_sae)
+    finally:
+        stats._moment_cache.pop(tiny_engine, None)
+    full = (s.sae.W_dec.detach().float() @ centred).double().tolist()
+    plain = [plain_moments(row) for row in full]
+    assert max(abs(p[0]) for p in plain) < 5e-5  # ~0 by construction
+    assert [f.feature for f in out.features] == list(range(s.d_sae))
+    assert all(f.mean == 0.0 and math.copysign(1.0, f.mean) == 1.0 for f in out.features)
+    assert [f.std for f in out.features] == pytest.approx([p[1] for p in plain], abs=2e-4)

@@ -9,6 +9,9 @@ gpt2-small's 24576 x 50257), and only the small per-feature numbers leave the de
 Moments (as the tutorial's get_stats_df): with x = W_dec[f] @ W_U over the V vocabulary tokens,
     mean = sum(x) / V,  std = sqrt(sum((x - mean)^2) / V)          (population std)
     skewness = mean(z^3),  kurtosis = mean(z^4),  z = (x - mean) / std   (Pearson: 3 for a Gaussian, not excess)
+The mean is ~0 by construction for a model loaded with transformer-lens' center_unembed (its default, and how
+sae-mcp loads local models): each row of W_U then sums to 0 over the vocabulary, so x does too, whatever the
+feature. It is reported (as 0.0, never -0.0) for completeness; std, skewness and kurtosis carry the information.
 
 Token-set enrichment: for a set S of tokens and a feature, is x larger on S than on the rest of the vocabulary?
 We use the Mann-Whitney U statistic of x[S] against x[not S] (ties counted 1/2), reported as
@@ -98,6 +101,11 @@ def logit_weight_moments(engine: Engine, sae: LoadedSAE, features: list[int] | N
     return moments
 
 
+def _r0(x: float) -> float:
+    """r() without the sign of a rounded-away zero: a mean of -1e-9 reads 0.0, not -0.0."""
+    return r(x) + 0.0
+
+
 def feature_stats(
     engine: Engine,
     sae: str | None = None,
@@ -139,10 +147,10 @@ def feature_stats(
     rows = [
         FeatureStat(
             feature=int(idx[i]),
-            mean=r(moments[i, 0]),
-            std=r(moments[i, 1]),
-            skewness=r(moments[i, 2]),
-            kurtosis=r(moments[i, 3]),
+            mean=_r0(moments[i, 0]),
+            std=_r0(moments[i, 1]),
+            skewness=_r0(moments[i, 2]),
+            kurtosis=_r0(moments[i, 3]),
             density=r(dens[i], 6) if dens is not None else None,
         )
         for i in order.tolist()

@@ -35,7 +35,10 @@ class LabelRecorded(BaseModel):
 
 class FeatureStat(BaseModel):
     feature: int
-    mean: float = Field(description="Mean of W_dec[f] @ W_U over the vocabulary")
+    mean: float = Field(
+        description="Mean of W_dec[f] @ W_U over the vocabulary: ~0 for every feature when the unembedding is "
+        "mean-centred (transformer-lens' center_unembed, its default), as W_U's rows then sum to 0"
+    )
     std: float = Field(description="Standard deviation (population) over the vocabulary")
     skewness: float = Field(description="Third standardised moment; large positive = promotes a few tokens")
     kurtosis: float = Field(description="Fourth standardised moment (3 for a Gaussian); large = heavy tails")

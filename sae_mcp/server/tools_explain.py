@@ -134,7 +134,10 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings, store: 
     ) -> FeatureStats:
         """Statistics of each feature's logit weights W_dec[f] @ W_U over the vocabulary: mean, std, skewness and
         kurtosis (the tutorial's feature statistics), with density when the corpus is indexed. Sort and filter,
-        e.g. the most skewed features (sort_by='skewness') are the ones that promote a few specific tokens."""
+        e.g. the most skewed features (sort_by='skewness') are the ones that promote a few specific tokens.
+        The mean is ~0 for every feature when the model's unembedding is mean-centred (transformer-lens'
+        center_unembed, its default), since W_U's rows then sum to 0 over the vocabulary; compare features by
+        std, skewness and kurtosis."""
         s = engine.sae(sae)
         dens = ctx.densities(s.key)
         return stats.feature_stats(
