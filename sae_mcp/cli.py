@@ -175,6 +175,8 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
             context_size=args.context_size,
             l1_coefficient=args.l1,
             model_name=loaded.name,
+            dataset_path=str(Path(args.texts).resolve()),
+            model_processing=loaded.processing,
         )
     print(str(out))
     return 0

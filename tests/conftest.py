@@ -139,6 +139,7 @@ def stories_sae_dir(stories_loaded, tmp_path_factory) -> Path:
     return train_sae(
         stories_loaded.model, stories_texts(), hook_name=STORIES_HOOK, out_dir=out, d_sae=256,
         training_tokens=300_000, context_size=128, model_name="stories260K",
+        dataset_path=str(STORIES_CORPUS), model_processing=stories_loaded.processing,
     )
 
 

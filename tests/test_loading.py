@@ -96,3 +96,75 @@ def test_local_llama_folder_matches_hugging_face_log_probs(stories_loaded):
         theirs = hf(tokens).logits.log_softmax(-1)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     assert stories_loaded.architecture == "LlamaForCausalLM"
+
+
+# ------------------------------------------------------------------ model processing recorded by the SAE
+
+
+def _tiny_gpt2_folder(folder):
+    """A random-weight GPT-2 (LayerNorm, so processing matters) saved as a real local HF folder."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from conftest import _make_tiny_tokenizer
+
+    tok = _make_tiny_tokenizer(folder)
+    torch.manual_seed(0)
+    # n_ctx: real GPT-2 config.json files carry it, and transformer-lens 3.9 reads it (transformers 5 no longer sets it)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_ctx=64, n_embd=32, n_layer=2, n_head=4,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    GPT2LMHeadModel(cfg).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def _sae_with_processing(folder, kwargs, d_in=32, hook="blocks.1.hook_resid_pre"):
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    meta = SAEMetadata(hook_name=hook, model_name="tiny-gpt2", context_size=32, prepend_bos=True,
+                       model_from_pretrained_kwargs=kwargs)
+    StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=64, metadata=meta)).save_model(str(folder))
+    return folder
+
+
+def test_model_is_processed_as_the_sae_was_trained_so_activations_match_hugging_face(tmp_path):
+    """An SAE trained on the unprocessed residual stream (center_writing_weights=False, sae-lens' training default)
+    must read the residual stream Hugging Face computes, not transformer-lens' centred one."""
+    from transformers import AutoModelForCausalLM
+
+    from sae_mcp.settings import Settings
+
+    model_dir = _tiny_gpt2_folder(tmp_path / "gpt2")
+    sae_dir = _sae_with_processing(tmp_path / "sae", {"center_writing_weights": False})
+    engine = Engine.from_settings(Settings(model=str(model_dir), saes=(str(sae_dir),), device="cpu", data_dir=tmp_path))
+    assert engine.loaded_model.processing["center_writing_weights"] is False
+    assert engine.loaded_model.architecture == "GPT2LMHeadModel"
+    s = engine.sae(None)
+    tokens = engine.to_tokens("the cat sat on the mat")
+    ours = engine.forward_to_hook(tokens, s)[0]
+    hf = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        theirs = hf(tokens, output_hidden_states=True).hidden_states[1][0]  # the input of block 1
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    # and with transformer-lens' default processing the residual stream is centred, i.e. different
+    centred = Engine.from_settings(Settings(model=str(model_dir), saes=(str(_sae_with_processing(tmp_path / "sae2", {})),),
+                                            device="cpu", data_dir=tmp_path))
+    assert not torch.allclose(centred.forward_to_hook(tokens, centred.sae(None))[0], theirs, atol=1e-3)
+
+
+def test_saes_that_need_different_model_processing_are_refused_together(tmp_path):
+    from sae_mcp.settings import Settings
+
+    model_dir = _tiny_gpt2_folder(tmp_path / "gpt2")
+    a = _sae_with_processing(tmp_path / "a", {"center_writing_weights": False})
+    b = _sae_with_processing(tmp_path / "b", {"center_writing_weights": True})
+    with pytest.raises(LoadError, match="center_writing_weights.*separate servers"):
+        Engine.from_settings(Settings(model=str(model_dir), saes=(f"a={a}", f"b={b}"), device="cpu", data_dir=tmp_path))
+
+
+@needs_stories
+def test_train_sae_records_its_corpus_and_model_processing(stories_sae_dir, stories_loaded):
+    from conftest import STORIES_CORPUS
+
+    s = load_sae(str(stories_sae_dir), "cpu", torch.float32)
+    assert s.dataset_path == str(STORIES_CORPUS)  # so scans default to the corpus it was trained on
+    assert s.model_kwargs == stories_loaded.processing

@@ -76,7 +76,9 @@ def test_default_serve_offline_without_cache_fails_fast_with_what_to_do(tmp_path
     if out.returncode == 0:
         pytest.skip("gpt2-small and its SAE are cached here, so serve would start")
     assert out.returncode == 2
-    assert "not in the Hugging Face cache" in out.stderr and "--model" in out.stderr
+    # one message names both missing pieces and what to do about each
+    assert "not in the Hugging Face cache" in out.stderr
+    assert "--model /path" in out.stderr and "--sae /path" in out.stderr and "huggingface-cli download gpt2" in out.stderr
     assert out.stdout == ""
 
 

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -94,6 +94,32 @@ class LoadedModel:
     """'official' or the absolute path of the local folder."""
     architecture: str
     """The Hugging Face architecture transformer-lens converted (e.g. GPT2LMHeadModel, LlamaForCausalLM)."""
+    processing: dict = field(default_factory=dict)
+    """The weight processing applied (fold_ln, center_writing_weights, ...): SAEs read activations that depend on it."""
+
+
+# transformer-lens' weight processing and its defaults. center_writing_weights changes the residual stream itself,
+# fold_value_biases changes hook_z, so an SAE must see the model processed as it was during its training; sae-lens
+# records that in metadata.model_from_pretrained_kwargs.
+DEFAULT_PROCESSING = {"fold_ln": True, "center_writing_weights": True, "center_unembed": True, "fold_value_biases": True}
+
+
+def processing_for(saes: list["LoadedSAE"]) -> dict:
+    """The model processing every SAE asks for (defaults elsewhere); LoadError when two SAEs disagree."""
+    chosen: dict = {}
+    who: dict = {}
+    for s in saes:
+        for key, value in (s.model_kwargs or {}).items():
+            if key not in DEFAULT_PROCESSING:
+                log.info("SAE %s: ignoring model_from_pretrained_kwargs[%r] (not weight processing)", s.source, key)
+                continue
+            if key in chosen and chosen[key] != bool(value):
+                raise LoadError(
+                    f"SAE {s.source} was trained on the model loaded with {key}={value}, but SAE {who[key]} with "
+                    f"{key}={chosen[key]}; their activations differ, so serve them from separate servers"
+                )
+            chosen[key], who[key] = bool(value), s.source
+    return {**DEFAULT_PROCESSING, **chosen}
 
 
 def _is_local_model_dir(spec: str) -> bool:
@@ -101,12 +127,14 @@ def _is_local_model_dir(spec: str) -> bool:
     return p.is_dir() and (p / "config.json").exists()
 
 
-def load_model(spec: str, device: str, dtype: torch.dtype) -> LoadedModel:
-    """Load `spec` (official name or local HF folder) as a HookedSAETransformer on `device`."""
+def load_model(spec: str, device: str, dtype: torch.dtype, processing: dict | None = None) -> LoadedModel:
+    """Load `spec` (official name or local HF folder) as a HookedSAETransformer on `device`, with the weight
+    `processing` (default: transformer-lens' own, DEFAULT_PROCESSING)."""
+    processing = {**DEFAULT_PROCESSING, **(processing or {})}
     from sae_lens import HookedSAETransformer
 
     if _is_local_model_dir(spec):
-        return _load_local_model(Path(spec).expanduser().resolve(), device, dtype)
+        return _load_local_model(Path(spec).expanduser().resolve(), device, dtype, processing)
     if Path(spec).expanduser().exists():
         raise LoadError(f"--model {spec}: the folder exists but has no config.json; pass a Hugging Face model folder")
 
@@ -127,7 +155,7 @@ def load_model(spec: str, device: str, dtype: torch.dtype) -> LoadedModel:
             "or pass --model /path/to/a/local/hf/model/folder."
         )
     try:
-        model = HookedSAETransformer.from_pretrained(spec, device=device, dtype=dtype)
+        model = HookedSAETransformer.from_pretrained(spec, device=device, dtype=dtype, **processing)
     except Exception as exc:  # the hub stack raises many types; all mean "could not load"
         raise LoadError(
             f"could not load model {spec!r}: {type(exc).__name__}: {exc}. "
@@ -135,7 +163,40 @@ def load_model(spec: str, device: str, dtype: torch.dtype) -> LoadedModel:
             + "Pass --model /path/to/a/local/hf/model/folder to load from disk."
         ) from exc
     model.eval()
-    return LoadedModel(model=model, name=spec, source="official", architecture=model.cfg.original_architecture or "")
+    return LoadedModel(model=model, name=spec, source="official", architecture=model.cfg.original_architecture or "",
+                       processing=processing)
+
+
+def preflight_offline(model_spec: str, sae_specs: list[str]) -> None:
+    """Offline: name everything missing from the cache in one error, before loading anything."""
+    if hub_reachable():
+        return
+    missing = []
+    if not _is_local_model_dir(model_spec) and not Path(model_spec).expanduser().exists():
+        from transformer_lens.loading_from_pretrained import get_official_model_name
+
+        try:
+            official = get_official_model_name(model_spec)
+        except ValueError:
+            official = None  # load_model explains unknown names
+        if official and not _hf_repo_cached(official, "config.json"):
+            missing.append(f"model {model_spec!r} ({official}): `huggingface-cli download {official}`, "
+                           "or pass --model /path/to/a/local/hf/model/folder")
+    for spec in sae_specs:
+        _, source = split_alias(spec)
+        if Path(source).expanduser().is_dir():
+            continue
+        try:
+            release, sae_id = _parse_release_id(source)
+        except LoadError:
+            continue  # load_sae explains unknown names
+        if not _sae_cached(release, sae_id):
+            missing.append(f"SAE {release}/{sae_id}: start once online to cache it, or pass "
+                           "--sae /path/to/a/local/saelens/folder (cfg.json + sae_weights.safetensors)")
+    if missing:
+        raise LoadError(
+            "the hub cannot be reached and these are not in the Hugging Face cache: " + "; ".join(missing)
+        )
 
 
 def _hf_repo_cached(repo_id: str, filename: str) -> bool:
@@ -148,7 +209,7 @@ def _hf_repo_cached(repo_id: str, filename: str) -> bool:
         return False
 
 
-def _load_local_model(folder: Path, device: str, dtype: torch.dtype) -> LoadedModel:
+def _load_local_model(folder: Path, device: str, dtype: torch.dtype, processing: dict) -> LoadedModel:
     """Local HF folder -> transformer-lens: its own config builder and weight converter, safetensors only."""
     from sae_lens import HookedSAETransformer
     from transformer_lens.loading_from_pretrained import get_pretrained_model_config, get_pretrained_state_dict
@@ -157,7 +218,7 @@ def _load_local_model(folder: Path, device: str, dtype: torch.dtype) -> LoadedMo
     if not any(folder.glob("*.safetensors")):
         raise LoadError(f"--model {folder}: no *.safetensors weights found; sae-mcp never unpickles .bin weights")
     try:
-        cfg = get_pretrained_model_config(str(folder), fold_ln=True, device=device, dtype=dtype)
+        cfg = get_pretrained_model_config(str(folder), fold_ln=processing["fold_ln"], device=device, dtype=dtype)
         hf_model = AutoModelForCausalLM.from_pretrained(
             str(folder), dtype=torch.float32, use_safetensors=True, trust_remote_code=False
         )
@@ -172,10 +233,11 @@ def _load_local_model(folder: Path, device: str, dtype: torch.dtype) -> LoadedMo
         ) from exc
     del hf_model
     model = HookedSAETransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    model.load_and_process_state_dict(state_dict, fold_ln=True, center_writing_weights=True, center_unembed=True)
+    model.load_and_process_state_dict(state_dict, **processing)
     model.to(device)
     model.eval()
-    return LoadedModel(model=model, name=folder.name, source=str(folder), architecture=cfg.original_architecture or "")
+    return LoadedModel(model=model, name=folder.name, source=str(folder), architecture=cfg.original_architecture or "",
+                       processing=processing)
 
 
 # ---------------------------------------------------------------------------------------------------------------

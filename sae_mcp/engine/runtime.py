@@ -21,6 +21,8 @@ from sae_mcp.engine.loading import (
     check_compatible,
     load_model,
     load_sae,
+    preflight_offline,
+    processing_for,
     resolve_device,
     resolve_dtype,
     split_alias,
@@ -77,15 +79,18 @@ class Engine:
     def from_settings(cls, settings: Settings) -> "Engine":
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype)
-        model = load_model(settings.model, device, dtype)
+        preflight_offline(settings.model, list(settings.saes))
+        # SAEs first: they say how the model's weights must be processed for their activations to match training.
         saes = []
         for spec in settings.saes:
             alias, source = split_alias(spec)
             s = load_sae(source, device, dtype)
-            check_compatible(model, s)
             if alias:
                 s.key = alias
             saes.append(s)
+        model = load_model(settings.model, device, dtype, processing_for(saes))
+        for s in saes:
+            check_compatible(model, s)
         return cls(model, saes, device, settings.limits)
 
     # -- addressing ---------------------------------------------------------------------------------------------
@@ -207,6 +212,7 @@ def model_info(engine: Engine) -> "ModelInfo":
         d_vocab=cfg.d_vocab,
         device=str(engine.device),
         dtype=str(cfg.dtype).removeprefix("torch."),
+        processing=dict(engine.loaded_model.processing),
         saes=[
             SaeInfo(
                 key=s.key,

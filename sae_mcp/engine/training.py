@@ -39,6 +39,8 @@ def train_sae(
     lr: float = 3e-3,
     seed: int = 0,
     model_name: str = "local-model",
+    dataset_path: str | None = None,
+    model_processing: dict | None = None,
 ) -> Path:
     """Train a standard (ReLU, L1) SAE on `model` at `hook_name` and save it as a SAELens folder in out_dir."""
     import datasets
@@ -63,7 +65,9 @@ def train_sae(
         sae=StandardTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l1_coefficient=l1_coefficient),
         model_name=model_name,
         hook_name=hook_name,
-        dataset_path="local",
+        # Recorded in the SAE's metadata: the corpus (so scans default to it) and the model processing it saw.
+        dataset_path=dataset_path or "local",
+        model_from_pretrained_kwargs=dict(model_processing or {}),
         is_dataset_tokenized=True,
         context_size=context_size,
         prepend_bos=True,

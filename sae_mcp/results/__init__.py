@@ -43,6 +43,9 @@ class ModelInfo(BaseModel):
     d_vocab: int
     device: str
     dtype: str
+    processing: dict[str, bool] = Field(
+        default_factory=dict, description="transformer-lens weight processing applied (as the SAEs were trained)"
+    )
     saes: list[SaeInfo]
 
 
