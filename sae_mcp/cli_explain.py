@@ -64,19 +64,24 @@ def cmd_import(args: argparse.Namespace) -> int:
     saes = args.saes or [DEFAULT_SAE]
     if len(saes) != 1:
         raise InvalidInput("import into one SAE at a time: pass --sae once")
-    source, np_id, d_sae = _sae_identity(saes[0])
+    source, own_np_id, d_sae = _sae_identity(saes[0])
     name, model_source = _model_identity(args.model or DEFAULT_MODEL)
+    # The rows' modelId/layer must name this SAE on Neuronpedia, when its id is known (its config, else the one
+    # given): explanations of another SAE's features would be filed under this one's. --force skips the check.
+    expect = None if args.force else (own_np_id or args.neuronpedia_id)
+    sae_name = f"SAE {saes[0]}"
     if args.neuronpedia:
-        np_id = args.neuronpedia_id or np_id
+        np_id = args.neuronpedia_id or own_np_id
         if not np_id:
             raise InvalidInput(
                 f"SAE {source} has no Neuronpedia id in its config; pass --neuronpedia-id MODEL/SAE (e.g. gpt2-small/7-res-jb)"
             )
         print(f"downloading Neuronpedia's explanations for {np_id} ...", file=sys.stderr)
-        rows = normalise_rows(fetch_neuronpedia_export(np_id, timeout_s=args.timeout), d_sae, "neuronpedia: ")
+        rows = normalise_rows(fetch_neuronpedia_export(np_id, timeout_s=args.timeout), d_sae, "neuronpedia: ",
+                              neuronpedia_id=expect, sae_name=sae_name)
         label = "neuronpedia"
     else:
-        rows = read_explanations_file(Path(args.file), d_sae)
+        rows = read_explanations_file(Path(args.file), d_sae, neuronpedia_id=expect, sae_name=sae_name)
         label = f"file:{Path(args.file).name}"
     store = ExplanationStore.for_model(args.data_dir or default_data_dir(), name, model_source, embedder=None)
     try:
@@ -111,6 +116,8 @@ def register(sub: argparse._SubParsersAction, engine_flags) -> None:
     imp.add_argument("--neuronpedia", action="store_true", help="download Neuronpedia's export (needs network once)")
     imp.add_argument("--neuronpedia-id", default=None, help="MODEL/SAE on Neuronpedia, when the SAE's config has none")
     imp.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the download")
+    imp.add_argument("--force", action="store_true",
+                     help="import even when the export's modelId/layer name another Neuronpedia SAE than --sae's")
     imp.add_argument("--model", default=None, help="the model the SAE belongs to (official name or local folder)")
     imp.add_argument("--sae", action="append", dest="saes", metavar="SPEC", help="RELEASE/SAE_ID or a local SAELens folder")
     imp.add_argument("--data-dir", default=None, type=Path, help="where the stores live")

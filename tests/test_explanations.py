@@ -360,3 +360,42 @@ def test_lexical_scores_keep_significant_digits_on_a_small_store(tiny_engine, tm
         "SELECT body, bm25(t) AS s FROM t WHERE t MATCH '\"park\"' ORDER BY s")]
     assert got == want
     assert all(score > 0 for _, score in got) and len({s for _, s in got}) == 2
+
+
+def test_cli_import_refuses_an_export_of_another_neuronpedia_sae_unless_forced(tiny_sae_dir, tmp_path, capsys):
+    """Rows of Neuronpedia's export say which SAE they explain (modelId + layer = 'tiny/1-res-test'): into an SAE
+    whose Neuronpedia id is another, the import is refused naming both, --force imports anyway, and the right
+    id (or an SAE with no id) imports as before."""
+    import shutil
+
+    from sae_mcp.cli import main
+
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps(neuronpedia_export()))
+
+    def sae_with_id(np_id, name):
+        folder = tmp_path / name
+        shutil.copytree(tiny_sae_dir, folder)
+        cfg = json.loads((folder / "cfg.json").read_text())
+        cfg.setdefault("metadata", {})["neuronpedia_id"] = np_id
+        (folder / "cfg.json").write_text(json.dumps(cfg))
+        return folder
+
+    def run(folder, *extra):
+        rc = main(["explanations", "import", "--sae", str(folder), "--model", "tiny", "--data-dir",
+                   str(tmp_path / "data"), *extra, str(export)])
+        return rc, capsys.readouterr()
+
+    other = sae_with_id("tiny/1-res-other", "other")
+    rc, out = run(other)
+    assert rc == 2
+    assert "Neuronpedia SAE tiny/1-res-test (modelId 'tiny', layer '1-res-test')" in out.err
+    assert "is tiny/1-res-other on Neuronpedia" in out.err and "--force" in out.err
+    rc, out = run(other, "--force")
+    assert rc == 0 and json.loads(out.out)["added"] == 6
+    rc, out = run(sae_with_id("tiny/1-res-test", "same"))
+    assert rc == 0 and json.loads(out.out)["added"] == 6
+    rc, out = run(tiny_sae_dir)  # no Neuronpedia id in its config: nothing to check against
+    assert rc == 0 and json.loads(out.out)["added"] == 6
+    with pytest.raises(InvalidInput, match="row 1 explains a feature of Neuronpedia SAE tiny/1-res-test"):
+        ex.read_explanations_file(export, d_sae=128, neuronpedia_id="gpt2-small/7-res-jb")

@@ -362,13 +362,36 @@ def _pick(obj: dict, keys: Sequence[str]):
     return None
 
 
-def normalise_rows(records: Iterable[dict], d_sae: int | None = None, where: str = "") -> list[tuple[int, str, str | None]]:
+def check_neuronpedia_ids(records: Sequence[dict], neuronpedia_id: str | None, sae_name: str = "the SAE",
+                          where: str = "") -> None:
+    """Refuse rows of Neuronpedia's export (modelId + layer, e.g. 'gpt2-small' + '7-res-jb') that belong to
+    another Neuronpedia SAE than `neuronpedia_id` ('gpt2-small/7-res-jb'). Nothing to check when either side is
+    unknown (no id for the SAE, or rows without modelId/layer: a plain {feature, description} file)."""
+    if not neuronpedia_id:
+        return
+    for i, rec in enumerate(records, start=1):
+        if not isinstance(rec, dict) or not rec.get("modelId") or not rec.get("layer"):
+            continue
+        theirs = f"{rec['modelId']}/{rec['layer']}"
+        if theirs != neuronpedia_id:
+            raise InvalidInput(
+                f"{where}row {i} explains a feature of Neuronpedia SAE {theirs} (modelId {rec['modelId']!r}, "
+                f"layer {rec['layer']!r}), but {sae_name} is {neuronpedia_id} on Neuronpedia: import the file into "
+                f"the SAE it is for (--sae), or pass --force if they are the same SAE under another name"
+            )
+
+
+def normalise_rows(records: Iterable[dict], d_sae: int | None = None, where: str = "",
+                   neuronpedia_id: str | None = None, sae_name: str = "the SAE") -> list[tuple[int, str, str | None]]:
     """Objects of {feature|index, description, explanationModelName?} -> (feature, description, explainer).
 
     Neuronpedia's export (a JSON list of {modelId, layer, index: "123", description, explanationModelName,
-    typeName, ...}) imports as is. A row without a feature or a description, or with a feature that is not an
-    integer in range, is an error naming the row: a half-imported file would be worse than none.
+    typeName, ...}) imports as is; with `neuronpedia_id` (the target SAE's, when known) its modelId/layer must
+    name that SAE (check_neuronpedia_ids). A row without a feature or a description, or with a feature that is
+    not an integer in range, is an error naming the row: a half-imported file would be worse than none.
     """
+    records = list(records)
+    check_neuronpedia_ids(records, neuronpedia_id, sae_name, where)
     out = []
     for i, rec in enumerate(records, start=1):
         if not isinstance(rec, dict):
@@ -392,9 +415,12 @@ def normalise_rows(records: Iterable[dict], d_sae: int | None = None, where: str
     return out
 
 
-def parse_explanations_text(text: str, name: str, d_sae: int | None = None) -> list[tuple[int, str, str | None]]:
-    """A JSON list (or {"explanations": [...]}), JSONL, or CSV with a header row -> normalised rows."""
+def parse_explanations_text(text: str, name: str, d_sae: int | None = None, neuronpedia_id: str | None = None,
+                            sae_name: str = "the SAE") -> list[tuple[int, str, str | None]]:
+    """A JSON list (or {"explanations": [...]}), JSONL, or CSV with a header row -> normalised rows.
+    `neuronpedia_id`, `sae_name`: the target SAE, checked against the rows' modelId/layer (normalise_rows)."""
     where = f"{name}: "
+    chk = dict(neuronpedia_id=neuronpedia_id, sae_name=sae_name)
     stripped = text.lstrip()
     suffix = Path(name).suffix.lower()
     if not stripped:
@@ -403,7 +429,7 @@ def parse_explanations_text(text: str, name: str, d_sae: int | None = None) -> l
         reader = csv.DictReader(io.StringIO(text))
         if not reader.fieldnames or not (set(reader.fieldnames) & set(FEATURE_KEYS)):
             raise InvalidInput(f"{where}a CSV needs a header row with a 'feature' (or 'index') and a 'description' column")
-        return normalise_rows(reader, d_sae, where)
+        return normalise_rows(reader, d_sae, where, **chk)
     if suffix == ".jsonl" or (stripped.startswith("{") and "\n{" in stripped and suffix != ".json"):
         records = []
         for n, line in enumerate(text.splitlines(), start=1):
@@ -412,7 +438,7 @@ def parse_explanations_text(text: str, name: str, d_sae: int | None = None) -> l
                     records.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise InvalidInput(f"{where}line {n} is not valid JSON: {exc.msg}") from None
-        return normalise_rows(records, d_sae, where)
+        return normalise_rows(records, d_sae, where, **chk)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -421,14 +447,15 @@ def parse_explanations_text(text: str, name: str, d_sae: int | None = None) -> l
         data = data.get("explanations", data.get("data"))
     if not isinstance(data, list):
         raise InvalidInput(f"{where}expected a JSON list of {{feature, description}} objects")
-    return normalise_rows(data, d_sae, where)
+    return normalise_rows(data, d_sae, where, **chk)
 
 
-def read_explanations_file(path: Path, d_sae: int | None = None) -> list[tuple[int, str, str | None]]:
+def read_explanations_file(path: Path, d_sae: int | None = None, neuronpedia_id: str | None = None,
+                           sae_name: str = "the SAE") -> list[tuple[int, str, str | None]]:
     path = Path(path)
     if not path.is_file():
         raise InvalidInput(f"{path} does not exist; pass a JSON, JSONL or CSV file of {{feature, description}}")
-    return parse_explanations_text(path.read_text(encoding="utf-8"), path.name, d_sae)
+    return parse_explanations_text(path.read_text(encoding="utf-8"), path.name, d_sae, neuronpedia_id, sae_name)
 
 
 def fetch_neuronpedia_export(neuronpedia_id: str, timeout_s: float = 60.0) -> list[dict]:
