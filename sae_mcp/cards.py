@@ -44,7 +44,7 @@ class ExplainContext:
 
     def __init__(self, engine: Engine, settings: Settings, store: ExplanationStore | None = None):
         self.engine, self.settings = engine, settings
-        self._store, self._source, self._source_tried = store, None, False
+        self._store, self._source = store, None
         self._lock = threading.Lock()
 
     @property
@@ -56,10 +56,11 @@ class ExplainContext:
             return self._store
 
     def example_source(self) -> Any | None:
-        """sae_mcp.examples.get_example_source(engine, settings), or None when the corpus area is absent."""
+        """sae_mcp.examples.get_example_source(engine, settings), or None when the corpus area is absent or could
+        not be opened. A failure is tried again on the next call (cheap: one cached source per engine), so an
+        index or corpus that appears later is picked up without a restart."""
         with self._lock:
-            if not self._source_tried:
-                self._source_tried = True
+            if self._source is None:
                 try:
                     from sae_mcp.examples import get_example_source
                 except ImportError:

@@ -92,7 +92,7 @@ def test_card_uses_the_index_when_built_and_marks_the_firing_token(tiny_engine, 
     s = sae_of(tiny_engine)
     ctx = cards.ExplainContext(tiny_engine, Settings(data_dir=tmp_path))
     fake = FakeIndex(s.key)
-    ctx._source, ctx._source_tried = fake, True
+    ctx._source = fake
     md = cards.card_markdown(ctx, 3, s.key, n_examples=4)
     assert "density 0.0123 · of 10,000 tokens · max activation 4.2" in md
     assert "histogram `█▂▁` (0.1 .. 4.2)" in md
@@ -111,8 +111,28 @@ def test_card_never_scans_when_the_index_has_no_summary(tiny_engine, tmp_path):
             raise AssertionError("a card must not start a scan")
 
     ctx = cards.ExplainContext(tiny_engine, Settings(data_dir=tmp_path))
-    ctx._source, ctx._source_tried = Empty(sae_of(tiny_engine).key), True
+    ctx._source = Empty(sae_of(tiny_engine).key)
     assert cards.NOT_INDEXED in cards.card_markdown(ctx, 3)
+
+
+def test_example_source_failure_is_retried_on_the_next_call(tiny_engine, tmp_path, monkeypatch):
+    """One failure to open the corpus area must not leave every later card 'not indexed' until a restart."""
+    import sae_mcp.examples
+
+    fake = FakeIndex(sae_of(tiny_engine).key)
+    answers = [RuntimeError("index file locked"), fake]
+
+    def flaky(engine, settings):
+        a = answers.pop(0)
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+    monkeypatch.setattr(sae_mcp.examples, "get_example_source", flaky)
+    ctx = cards.ExplainContext(tiny_engine, Settings(data_dir=tmp_path))
+    assert ctx.example_source() is None
+    assert ctx.example_source() is fake and ctx.example_source() is fake  # kept once it worked
+    assert answers == []
 
 
 def test_feature_card_tool_and_bad_inputs(tiny_engine, tmp_path):
