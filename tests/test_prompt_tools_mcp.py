@@ -60,8 +60,8 @@ def test_every_prompt_tool_answers(server):
 
 
 BAD_INPUTS = [
-    ("feature_out_of_range", "project_to_vocab", {"feature": 128}, "out of range"),
-    ("trace_feature_out_of_range", "get_feature_acts", {"prompt": "the cat", "features": [500]}, "0..127"),
+    ("feature_out_of_range", "project_to_vocab", {"feature": 128}, "less than or equal to 127"),
+    ("trace_feature_out_of_range", "get_feature_acts", {"prompt": "the cat", "features": [500]}, "less than or equal to 127"),
     ("negative_feature", "project_to_vocab", {"feature": -1}, "feature"),
     ("unknown_sae", "get_feature_acts", {"prompt": "the cat", "sae": "blocks.9.hook_resid_pre"}, "unknown SAE"),
     ("empty_prompt", "get_feature_acts", {"prompt": "   "}, "empty"),
@@ -119,3 +119,36 @@ def test_a_call_that_cannot_get_the_device_answers_busy_and_the_next_one_works(t
         engine._lock.release()
     assert "busy" in error_text(busy)
     assert not call_tool(server, "next_token", {"prompt": "the cat"}).is_error
+
+
+def test_schemas_bound_features_positions_and_text_by_the_loaded_model(server):
+    tools = {t.name: t for t in list_tools(server)}
+    feature = tools["project_to_vocab"].input_schema["properties"]["feature"]
+    assert feature["maximum"] == 127  # d_sae 128
+    props = tools["compare_prompts"].input_schema["properties"]
+    position = props["position"]
+    assert position["minimum"] == -64 and position["maximum"] == 63  # n_ctx 64
+    prompt = tools["get_feature_acts"].input_schema["properties"]["prompt"]
+    assert prompt["maxLength"] == 64 * 32
+
+
+def test_an_answer_listing_too_many_activations_is_refused_with_what_to_lower(tiny_loaded, tiny_engine):
+    from sae_mcp.engine import features as F
+    from sae_mcp.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="lower top_k"):
+        F.get_feature_acts(tiny_engine, "the cat " * 30, top_k=F.MAX_LISTED_ACTIVATIONS // 50)
+
+
+def test_a_feature_valid_for_the_widest_sae_but_not_the_addressed_one_gets_the_engine_message(tiny_loaded, tiny_engine, tmp_path):
+    from conftest import make_sae_folder
+    from sae_mcp.engine.loading import load_sae
+    from sae_mcp.engine.runtime import Engine
+
+    narrow = load_sae(str(make_sae_folder(tmp_path / "narrow", 32, 16, "blocks.0.hook_resid_pre")), "cpu", tiny_engine.sae(None).sae.dtype)
+    engine = Engine(tiny_loaded, [tiny_engine.sae(None), narrow], "cpu")
+    server = build_server(engine)
+    bad, good = call_many(server, [("project_to_vocab", {"feature": 100, "sae": "blocks.0.hook_resid_pre"}),
+                                   ("project_to_vocab", {"feature": 100, "sae": "blocks.1.hook_resid_pre"})])
+    assert "feature 100 is out of range: SAE blocks.0.hook_resid_pre has 16 features (0..15)" in error_text(bad)
+    assert not good.is_error

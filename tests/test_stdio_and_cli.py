@@ -41,7 +41,7 @@ def test_serve_answers_every_prompt_tool_over_stdio(stories_sae_dir, tmp_path):
     assert {"model_info", "get_feature_acts", "compare_prompts", "next_token", "project_to_vocab"} <= names
     assert info.structured_content["saes"][0]["key"] == "res2"
     assert acts.structured_content["tokens"] == ["<s>", " Once", " upon", " a", " time"]
-    assert bad.is_error and "out of range" in bad.content[0].text
+    assert bad.is_error and "less than or equal to 255" in bad.content[0].text
     assert nxt.structured_content["answer"]["rank"] == 0  # the server kept working after the error
     assert len(proj.structured_content["top_positive"]) == 3
     assert cmp.structured_content["mode"] == "pair"
@@ -67,7 +67,7 @@ def test_call_with_bad_arguments_exits_nonzero_with_the_message(stories_sae_dir)
         capture_output=True, text=True, env=ENV, timeout=300,
     )
     assert out.returncode == 1 and out.stdout == ""
-    assert "out of range" in out.stderr and "0..255" in out.stderr
+    assert "feature" in out.stderr and "less than or equal to 255" in out.stderr
 
 
 def test_default_serve_offline_without_cache_fails_fast_with_what_to_do(tmp_path):

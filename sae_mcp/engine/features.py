@@ -24,6 +24,9 @@ from sae_mcp.results import (
 )
 
 
+MAX_LISTED_ACTIVATIONS = 25_000  # positions x top_k in one get_feature_acts answer (~0.5 MB of JSON)
+
+
 def prompt_feature_acts(engine: Engine, sae: LoadedSAE, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """prompt -> (tokens [seq], feature activations [seq, d_sae]) on the device. Call inside device_work()."""
     tokens = engine.to_tokens(prompt, prepend_bos=sae.prepend_bos)
@@ -49,6 +52,11 @@ def get_feature_acts(
     features = _check_features(engine, s, features)
     with engine.device_work():
         tokens, acts = prompt_feature_acts(engine, s, prompt)  # [seq], [seq, d_sae]
+        if len(tokens) * top_k > MAX_LISTED_ACTIVATIONS:
+            raise InvalidInput(
+                f"{len(tokens)} tokens x top_k {top_k} would list {len(tokens) * top_k} activations (at most "
+                f"{MAX_LISTED_ACTIVATIONS}); lower top_k or shorten the prompt"
+            )
         k = min(top_k, s.d_sae)
         values, indices = acts.topk(k, dim=-1)  # [seq, k] each: only these leave the device
         values, indices = values.cpu(), indices.cpu()

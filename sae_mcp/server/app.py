@@ -21,6 +21,7 @@ from sae_mcp.engine import features as feat
 from sae_mcp.engine import logits as lg
 from sae_mcp.engine.runtime import Engine, model_info
 from sae_mcp.errors import SaeMcpError
+from sae_mcp.server.args import engine_args
 from sae_mcp.results import FeatureActs, ModelInfo, NextToken, PromptComparison, VocabProjection
 from sae_mcp.settings import Settings
 
@@ -55,18 +56,13 @@ def domain_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-SaeArg = Annotated[
-    str | None, Field(description="SAE key (alias or hook name) from model_info; optional when one SAE is loaded")
-]
-Prompt = Annotated[str, Field(description="Text to run through the model (BOS is prepended as the SAE expects)")]
-
-
 def build_server(engine: Engine, settings: Settings | None = None, store: Any = None) -> MCPServer:
     """Wire every tool, resource and prompt to the engine (and the SQLite store when given)."""
     settings = settings or Settings()
     max_k = engine.limits.max_top_k
     max_sets = engine.limits.max_prompts_per_set
-    max_feats = engine.limits.max_features_per_call
+    A = engine_args(engine)
+    SaeArg, Prompt = A.Sae, A.Prompt
     server = MCPServer("sae-mcp", instructions=INSTRUCTIONS)
 
     def tool(**kw: Any) -> Callable[[F], F]:
@@ -88,8 +84,7 @@ def build_server(engine: Engine, settings: Settings | None = None, store: Any = 
         sae: SaeArg = None,
         top_k: Annotated[int, Field(ge=1, le=max_k, description="Features listed per token position")] = 5,
         features: Annotated[
-            list[Annotated[int, Field(ge=0)]] | None,
-            Field(max_length=max_feats, description="Also return these features' activation at every position"),
+            A.Features | None, Field(description="Also return these features' activation at every position")
         ] = None,
     ) -> FeatureActs:
         """SAE feature activations for each token of a prompt: the top_k features firing at every position
@@ -98,17 +93,15 @@ def build_server(engine: Engine, settings: Settings | None = None, store: Any = 
 
     @tool()
     def compare_prompts(
-        prompt_a: Annotated[str | None, Field(description="First prompt (or use prompts_a for a set)")] = None,
-        prompt_b: Annotated[str | None, Field(description="Second prompt (or use prompts_b for a set)")] = None,
+        prompt_a: Annotated[Prompt | None, Field(description="First prompt (or use prompts_a for a set)")] = None,
+        prompt_b: Annotated[Prompt | None, Field(description="Second prompt (or use prompts_b for a set)")] = None,
         prompts_a: Annotated[
-            list[str] | None, Field(max_length=max_sets, description="Set A of prompts (e.g. one side of minimal pairs)")
+            list[Prompt] | None, Field(max_length=max_sets, description="Set A of prompts (e.g. one side of minimal pairs)")
         ] = None,
-        prompts_b: Annotated[list[str] | None, Field(max_length=max_sets, description="Set B of prompts")] = None,
+        prompts_b: Annotated[list[Prompt] | None, Field(max_length=max_sets, description="Set B of prompts")] = None,
         sae: SaeArg = None,
         top_k: Annotated[int, Field(ge=1, le=max_k, description="Features to return")] = 10,
-        position: Annotated[
-            int, Field(ge=-4096, le=4096, description="Token position compared in every prompt; -1 = last token")
-        ] = -1,
+        position: Annotated[A.Position, Field(description="Token position compared in every prompt; -1 = last token")] = -1,
         sort_by: Annotated[
             str, Field(pattern="^(difference|effect_size)$", description="Sets only: rank by |difference| or |effect size|")
         ] = "difference",
@@ -132,9 +125,7 @@ def build_server(engine: Engine, settings: Settings | None = None, store: Any = 
     @tool()
     def next_token(
         prompt: Prompt,
-        answer: Annotated[
-            str | None, Field(description="Expected next token to score, e.g. ' Paris' (mind the leading space)")
-        ] = None,
+        answer: Annotated[A.Answer | None, Field(description="Expected next token to score, e.g. ' Paris'")] = None,
         top_k: Annotated[int, Field(ge=1, le=max_k, description="Most likely next tokens to list")] = 10,
     ) -> NextToken:
         """The plain model's next-token prediction (the tutorial's test_prompt): top tokens with probability and
@@ -144,7 +135,7 @@ def build_server(engine: Engine, settings: Settings | None = None, store: Any = 
 
     @tool()
     def project_to_vocab(
-        feature: Annotated[int, Field(ge=0, description="Feature index (0..d_sae-1)")],
+        feature: A.Feature,
         sae: SaeArg = None,
         top_k: Annotated[int, Field(ge=1, le=max_k, description="Tokens per side")] = 10,
     ) -> VocabProjection:

@@ -1,0 +1,56 @@
+"""Tool argument types whose bounds come from the loaded engine, shared by every tool module.
+
+Bounds live in the input schema so a client sees them before calling: feature indices stop at the widest loaded
+SAE's d_sae - 1 (each call still checks the addressed SAE), positions at the context length, prompt text at
+32 characters a context token (a ceiling on work, generous for any real prompt).
+
+No `from __future__ import annotations`: the SDK reads these annotations at registration.
+"""
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import Field
+
+from sae_mcp.engine.runtime import Engine
+
+CHARS_PER_TOKEN_CEILING = 32
+
+
+@dataclass(frozen=True)
+class Args:
+    """Annotated types for one engine: Feature, Features, Position, Prompt, Answer, Sae."""
+
+    Feature: Any
+    Features: Any
+    Position: Any
+    Prompt: Any
+    Answer: Any
+    Sae: Any
+    max_feature: int
+    n_ctx: int
+
+
+def engine_args(engine: Engine) -> Args:
+    max_feature = max((s.d_sae for s in engine.saes.values()), default=1) - 1
+    n_ctx = int(engine.model.cfg.n_ctx)
+    max_chars = n_ctx * CHARS_PER_TOKEN_CEILING
+    feature = Annotated[int, Field(ge=0, le=max_feature, description=f"Feature index (0..d_sae-1; widest SAE: {max_feature})")]
+    return Args(
+        Feature=feature,
+        Features=Annotated[list[Annotated[int, Field(ge=0, le=max_feature)]], Field(max_length=engine.limits.max_features_per_call)],
+        Position=Annotated[int, Field(ge=-n_ctx, le=n_ctx - 1, description="Token position; negative counts from the end, -1 = last")],
+        Prompt=Annotated[
+            str,
+            Field(max_length=max_chars, description="Text to run through the model (BOS is prepended as the SAE expects)"),
+        ],
+        Answer=Annotated[
+            str, Field(max_length=256, description="Expected next token, e.g. ' Paris' (mind the leading space)")
+        ],
+        Sae=Annotated[
+            str | None,
+            Field(max_length=256, description="SAE key (alias or hook name) from model_info; optional when one SAE is loaded"),
+        ],
+        max_feature=max_feature,
+        n_ctx=n_ctx,
+    )
