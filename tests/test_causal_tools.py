@@ -107,7 +107,7 @@ def test_attribute_tool_returns_top_features_and_error_share(server):
     "name,args,message",
     [
         ("steer_generate", {"features": [{"feature": 5, "strength": 5000}], "calibration": "absolute"}, "1000"),
-        ("steer_generate", {"features": [{"feature": 999}], "calibration": "absolute"}, "out of range"),
+        ("steer_generate", {"features": [{"feature": 999}], "calibration": "absolute"}, "less than or equal to 127"),
         ("steer_generate", {"features": [], "calibration": "absolute"}, "features"),
         ("steer_generate", {"features": [{"feature": 5}], "calibration": "absolute", "max_new_tokens": 999},
          "max_new_tokens"),

@@ -17,23 +17,12 @@ from sae_mcp.engine.loading import LoadedSAE
 from sae_mcp.engine.runtime import CancelToken, Engine
 from sae_mcp.errors import InvalidInput, SaeMcpError
 from sae_mcp.results.causal import AblationResult, Attribution, SteerResult
+from sae_mcp.server.args import engine_args
 from sae_mcp.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SaeArg = Annotated[
-    str | None, Field(description="SAE key (alias or hook name) from model_info; optional when one SAE is loaded")
-]
-Prompt = Annotated[str, Field(description="Text to run through the model (BOS is prepended as the SAE expects)")]
-Answer = Annotated[str, Field(description="Expected next token, e.g. ' Paris' (mind the leading space)")]
 Strength = Annotated[float, Field(ge=-iv.MAX_STRENGTH, le=iv.MAX_STRENGTH, allow_inf_nan=False)]
-
-
-class SteerSpec(BaseModel):
-    feature: int = Field(ge=0, description="Feature index")
-    strength: Strength = Field(
-        default=1.0, description="Multiple of the feature's max activation (or the coefficient, calibration='absolute')"
-    )
 
 
 def _max_activation_fn(engine: Engine, settings: Settings):
@@ -79,6 +68,15 @@ def _request_cancelled() -> bool:
 def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None:
     max_k = engine.limits.max_top_k
     max_feats = engine.limits.max_features_per_call
+    A = engine_args(engine)
+    SaeArg, Prompt, Answer = A.Sae, A.Prompt, A.Answer
+
+    class SteerSpec(BaseModel):
+        feature: A.Feature
+        strength: Strength = Field(
+            default=1.0,
+            description="Multiple of the feature's max activation (or the coefficient, calibration='absolute')",
+        )
 
     @tool()
     def steer_generate(
@@ -110,7 +108,7 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None
                   description="Dose-response: one run per value, every coefficient multiplied by it"),
         ] = None,
         answer: Annotated[
-            str | None, Field(description="Also report P(answer) after the prompt for every run, e.g. ' Paris'")
+            Answer | None, Field(description="Also report P(answer) after the prompt for every run, e.g. ' Paris'")
         ] = None,
         controls: Annotated[
             bool, Field(description="Also steer with random features matched in decoder norm, same coefficients")
@@ -152,12 +150,12 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None
         prompt: Prompt,
         answer: Answer,
         features: Annotated[
-            list[Annotated[int, Field(ge=0)]],
+            list[Annotated[int, Field(ge=0, le=A.max_feature)]],
             Field(min_length=1, max_length=max_feats, description="Features to zero"),
         ],
         sae: SaeArg = None,
         position: Annotated[
-            Annotated[int, Field(ge=-4096, le=4096)] | Annotated[list[Annotated[int, Field(ge=-4096, le=4096)]], Field(max_length=512)] | None,
+            A.Position | Annotated[list[A.Position], Field(max_length=A.n_ctx)] | None,
             Field(description="Token position(s) to ablate at (negative counts from the end); omit for all"),
         ] = None,
         top_k: Annotated[int, Field(ge=1, le=max_k, description="Next tokens listed per table")] = 10,
@@ -181,16 +179,14 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None
         prompt: Prompt,
         answer: Answer,
         counterfactual: Annotated[
-            str | None, Field(description="Contrast token: metric = logit[answer] - logit[counterfactual]")
+            Answer | None, Field(description="Contrast token: metric = logit[answer] - logit[counterfactual]")
         ] = None,
         sae: SaeArg = None,
         saes: Annotated[
-            list[str] | None, Field(max_length=64, description="Several SAE keys, one backward pass (default: every loaded SAE, one per hook)")
+            list[Annotated[str, Field(max_length=256)]] | None, Field(max_length=64, description="Several SAE keys, one backward pass (default: every loaded SAE, one per hook)")
         ] = None,
         top_k: Annotated[int, Field(ge=1, le=max_k, description="Top (position, feature) attributions")] = 20,
-        position: Annotated[
-            int, Field(ge=-4096, le=4096, description="Position whose logits define the metric; -1 = last")
-        ] = -1,
+        position: Annotated[A.Position, Field(description="Position whose logits define the metric; -1 = last")] = -1,
     ) -> Attribution:
         """Which SAE features drive a prediction: gradient x activation of every feature (and of each SAE's
         error) on logit[answer] - logit[counterfactual] at `position`, with the error term on so the model's
