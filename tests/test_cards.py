@@ -155,7 +155,7 @@ def test_feature_card_tool_and_bad_inputs(tiny_engine, tmp_path):
     ok, bad, errors, again = anyio.run(go)
     assert ok.structured_content["uri"] == f"feature://{sae_of(tiny_engine).key}/4"
     assert ok.structured_content["markdown"].startswith("# Feature 4")
-    assert bad.is_error and "out of range" in bad.content[0].text
+    assert bad.is_error and "less than or equal to 127" in bad.content[0].text
     assert "unknown SAE 'nope'" in errors[0]
     assert "out of range" in errors[1]
     assert "not an integer" in errors[2]

@@ -7,7 +7,6 @@ No `from __future__ import annotations` here: the SDK reads the tools' annotatio
 import logging
 from typing import Annotated, Any, Literal
 
-import anyio.from_thread
 from mcp.server.mcpserver import Context
 from pydantic import BaseModel, Field
 
@@ -18,6 +17,7 @@ from sae_mcp.engine.runtime import CancelToken, Engine
 from sae_mcp.errors import InvalidInput, SaeMcpError
 from sae_mcp.results.causal import AblationResult, Attribution, SteerResult
 from sae_mcp.server.args import engine_args
+from sae_mcp.server.progress import progress_reporter
 from sae_mcp.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,21 +48,6 @@ def _max_activation_fn(engine: Engine, settings: Settings):
         return float(value), str(where)
 
     return fn
-
-
-def _request_cancelled() -> bool:
-    """True when the MCP request running this worker thread was cancelled (the client sent
-    notifications/cancelled: the SDK cancels the handler's scope, but a sync tool's thread runs on unless it
-    looks). False outside an anyio worker thread."""
-    try:
-        anyio.from_thread.check_cancelled()
-    except RuntimeError:  # not an anyio worker thread (NoEventLoopError): nothing to check
-        return False
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException:  # the backend's cancellation exception (asyncio.CancelledError)
-        return True
-    return False
 
 
 def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None:
@@ -125,18 +110,7 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None
         calib = _max_activation_fn(engine, settings) if calibration == "max_activation" else None
         cancel = CancelToken()
 
-        def progress(step: int, total: int) -> None:
-            if ctx is None:  # called directly, not through MCP
-                return
-            if _request_cancelled():
-                log.info("the client cancelled steer_generate; stopping the generation")
-                cancel.cancel()
-                return
-            try:
-                anyio.from_thread.run(ctx.report_progress, step, total, f"generated {step}/{total} tokens")
-            except Exception:  # the request is gone (disconnected): stop before the next step
-                log.info("progress report failed; cancelling the generation")
-                cancel.cancel()
+        progress = progress_reporter(ctx, cancel, "tokens generated")
 
         return iv.steer_generate(
             engine, prompt, [(f.feature, f.strength) for f in features], sae=sae, max_new_tokens=max_new_tokens,

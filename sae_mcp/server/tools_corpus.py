@@ -7,7 +7,6 @@ import json
 import logging
 from typing import Annotated, Any
 
-import anyio.from_thread
 from mcp.server.mcpserver import Context
 from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 from pydantic import Field
@@ -17,13 +16,12 @@ from sae_mcp.engine.runtime import CancelToken, Engine
 from sae_mcp.errors import SaeMcpError
 from sae_mcp.examples import DEFAULT_CONTEXT, DEFAULT_SCAN_TOKENS, KEEP, MAX_CONTEXT, MAX_SCAN_TOKENS, get_example_source
 from sae_mcp.results.corpus import TopExamples
+from sae_mcp.server.args import engine_args
+from sae_mcp.server.progress import progress_reporter
 from sae_mcp.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SaeArg = Annotated[
-    str | None, Field(description="SAE key (alias or hook name) from model_info; optional when one SAE is loaded")
-]
 
 
 def corpus_is_remote(engine: Engine, settings: Settings) -> bool:
@@ -40,6 +38,7 @@ def corpus_is_remote(engine: Engine, settings: Settings) -> bool:
 
 def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None:
     source = get_example_source(engine, settings)
+    A = engine_args(engine)
     # It never modifies the model, but an on-demand scan writes its rows and windows to the SQLite index (a
     # cache: the same call gives the same answer, so idempotent), and may stream a Hugging Face dataset.
     annotations = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True,
@@ -47,8 +46,8 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None
 
     @tool(annotations=annotations)
     def top_examples(
-        feature: Annotated[int, Field(ge=0, description="Feature index (0..d_sae-1)")],
-        sae: SaeArg = None,
+        feature: A.Feature,
+        sae: A.Sae = None,
         k: Annotated[int, Field(ge=1, le=KEEP, description="Examples to return, largest activation first")] = 10,
         context: Annotated[
             int, Field(ge=0, le=MAX_CONTEXT, description="Tokens of context shown on each side of the max token")
@@ -67,14 +66,7 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None
         (cached; reports progress). Each example's window starts with BOS at the document's window start."""
         cancel = CancelToken()
 
-        def progress(done: int, total: int) -> None:
-            if ctx is None:
-                return
-            try:
-                anyio.from_thread.run(ctx.report_progress, done, total, f"scanned {done}/{total} tokens")
-            except Exception:  # the request is gone (cancelled, disconnected): stop between batches
-                log.info("progress report failed; cancelling the scan")
-                cancel.cancel()
+        progress = progress_reporter(ctx, cancel, "tokens scanned")
 
         res = source.top_examples(sae, feature, k=k, context=context, max_scan_tokens=max_scan_tokens,
                                   progress=progress, cancel=cancel)

@@ -34,6 +34,7 @@ from sae_mcp.results.explain import (
     TokenSetEnrichment,
 )
 from sae_mcp.server import http
+from sae_mcp.server.args import engine_args
 from sae_mcp.settings import Settings
 from sae_mcp.store.db import store_key_of
 
@@ -41,16 +42,14 @@ log = logging.getLogger(__name__)
 
 WRITES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False)
 
-SaeArg = Annotated[
-    str | None, Field(description="SAE key (alias or hook name) from model_info; optional when one SAE is loaded")
-]
-FeatureArg = Annotated[int, Field(ge=0, le=2**31 - 1, description="Feature index (0..d_sae-1)")]
 
 
 def register(server: Any, tool: Any, engine: Engine, settings: Settings, store: Any = None) -> cards.ExplainContext:
     ctx = cards.ExplainContext(engine, settings, store)
     max_k = engine.limits.max_top_k
     max_feats = engine.limits.max_features_per_call
+    A = engine_args(engine)
+    SaeArg, FeatureArg = A.Sae, A.Feature
 
     def key_of_source() -> dict[str, str]:
         """Store key (source + weights id) -> the key tools address the SAE by."""
@@ -120,7 +119,7 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings, store: 
     def feature_stats(
         sae: SaeArg = None,
         features: Annotated[
-            list[Annotated[int, Field(ge=0)]] | None,
+            list[Annotated[int, Field(ge=0, le=A.max_feature)]] | None,
             Field(max_length=max_feats, description="Only these features (default: every feature of the SAE)"),
         ] = None,
         sort_by: Annotated[
@@ -148,21 +147,21 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings, store: 
     @tool()
     def token_set_enrichment(
         sets: Annotated[
-            list[str] | None,
+            list[Annotated[str, Field(max_length=64)]] | None,
             Field(max_length=16, description=f"Built-in sets: {', '.join(stats.BUILTIN_SETS)} (default: all, when no "
                   "token_sets/regex_sets are given)"),
         ] = None,
         token_sets: Annotated[
-            dict[str, list[str]] | None,
+            dict[Annotated[str, Field(max_length=64)], Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=4096)]] | None,
             Field(max_length=16, description="Named sets given as token lists, e.g. {\"days\": [\" Monday\", \" Tuesday\"]}"),
         ] = None,
         regex_sets: Annotated[
-            dict[str, str] | None,
+            dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None,
             Field(max_length=16, description="Named sets given as a regex over each token's text, e.g. {\"years\": \"^ ?1[89][0-9]{2}$\"}"),
         ] = None,
         sae: SaeArg = None,
         features: Annotated[
-            list[Annotated[int, Field(ge=0)]] | None,
+            list[Annotated[int, Field(ge=0, le=A.max_feature)]] | None,
             Field(max_length=max_feats, description="Only these features (default: every feature)"),
         ] = None,
         top: Annotated[int, Field(ge=1, le=max_k, description="Features per set and direction")] = 10,
