@@ -97,7 +97,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from sae_mcp.cards import ExplainContext
-    from sae_mcp.cli import build_engine, settings_from_args
+    from sae_mcp.cli_common import build_engine, settings_from_args
     from sae_mcp.server.http import serve_dashboard
 
     settings = settings_from_args(args)

@@ -24,7 +24,7 @@ def register_cli(sub, engine_flags) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from sae_mcp.cli import build_engine, settings_from_args
+    from sae_mcp.cli_common import build_engine, settings_from_args
     from sae_mcp.engine.runtime import CancelToken
     from sae_mcp.examples import get_example_source
 

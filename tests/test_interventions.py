@@ -103,7 +103,7 @@ def test_tables_without_error_term_match_tutorial_run_with_saes(tiny_engine):
 
 
 def test_ablating_a_feature_that_does_not_fire_changes_nothing(tiny_engine):
-    e, s = tiny_engine, tiny_engine.sae(None)
+    e = tiny_engine
     acts = plain_acts(e, tokens_of(e))
     silent = int((acts.sum(0) == 0).nonzero()[0])
     res = iv.ablate_and_test(e, PROMPT, " mat", [silent], controls=True, n_controls=3)
@@ -213,7 +213,7 @@ def test_sampling_is_reproducible_by_seed_and_a_tiny_top_p_is_greedy(tiny_engine
 
 
 def test_generation_stops_at_eos(tiny_engine):
-    e, s = tiny_engine, tiny_engine.sae(None)
+    e = tiny_engine
     eos = e.model.tokenizer.eos_token_id
     push = e.model.W_U[:, eos] - e.model.W_U.mean(-1)  # a direction that makes EOS the argmax after ln_final
     vec = 1e3 * push / push.norm()

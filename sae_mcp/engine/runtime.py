@@ -28,6 +28,7 @@ from sae_mcp.engine.loading import (
     split_alias,
 )
 from sae_mcp.errors import Busy, Cancelled, InvalidInput, LoadError, NotFound
+from sae_mcp.results import ModelInfo, SaeInfo
 from sae_mcp.settings import Limits, Settings
 
 log = logging.getLogger(__name__)
@@ -198,9 +199,8 @@ class Engine:
             return sae.sae.encode(acts.to(sae.sae.dtype))
 
 
-def model_info(engine: Engine) -> "ModelInfo":
-    from sae_mcp.results import ModelInfo, SaeInfo
-
+def model_info(engine: Engine) -> ModelInfo:
+    """The loaded model and every SAE, as model_info serves them."""
     cfg = engine.model.cfg
     return ModelInfo(
         model=engine.loaded_model.name,
