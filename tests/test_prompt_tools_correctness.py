@@ -7,6 +7,8 @@ so agreement is evidence, not tautology.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -181,3 +183,33 @@ def test_perfectly_separated_minimal_pairs_rank_first_and_are_flagged(tiny_engin
     for d in out.diffs[: len(expected)]:
         assert d.separated and d.effect_size is None
         assert d.difference == pytest.approx(float(acts_a[d.feature] - acts_b[d.feature]), abs=1e-3)
+
+
+def test_set_statistics_match_plain_formulas_and_flag_non_overlapping_sets():
+    """Per feature: Cohen's d with pooled sd, the rank-biserial correlation over all pairs, and separation when
+    the sets do not overlap, even with spread inside each set (the review's A=[0,0] vs B=[1.55,1.59] case)."""
+    A = torch.tensor([[0.0, 1.0, 2.0, 0.0], [0.0, 3.0, 2.0, 0.0], [0.0, 2.0, 2.0, 0.0]])
+    B = torch.tensor([[1.55, 2.0, 2.0, 0.0], [1.59, 0.5, 2.0, 0.0]])
+    st = F.set_statistics(A, B)
+    for f in range(4):
+        a, b = A[:, f].tolist(), B[:, f].tolist()
+        ma, mb = sum(a) / len(a), sum(b) / len(b)
+        va = sum((x - ma) ** 2 for x in a) / (len(a) - 1)
+        vb = sum((x - mb) ** 2 for x in b) / (len(b) - 1)
+        pooled = (((len(a) - 1) * va + (len(b) - 1) * vb) / (len(a) + len(b) - 2)) ** 0.5
+        wins = sum(x > y for x in a for y in b)
+        ties = sum(x == y for x in a for y in b)
+        assert st.difference[f].item() == pytest.approx(ma - mb, abs=1e-6)
+        assert st.rank_biserial[f].item() == pytest.approx((2 * wins + ties) / (len(a) * len(b)) - 1, abs=1e-6)
+        if pooled > 0:
+            assert st.cohens_d[f].item() == pytest.approx((ma - mb) / pooled, rel=1e-5)
+        else:
+            assert math.isnan(st.cohens_d[f].item())  # constant in both sets: d is undefined, not 0
+    assert st.separated.tolist() == [True, False, False, False]  # spread in B, no overlap with A
+    assert st.rank_biserial[0].item() == -1.0
+
+
+def test_one_prompt_per_set_has_no_cohens_d_but_a_rank_biserial():
+    st = F.set_statistics(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0]]))
+    assert math.isnan(st.cohens_d[0].item())
+    assert st.rank_biserial.tolist() == [1.0, 0.0] and st.separated.tolist() == [True, False]

@@ -7,6 +7,9 @@ run_with_cache_with_saes, but we stop the forward after the SAE's layer and neve
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
 from sae_mcp.engine.runtime import Engine
@@ -122,6 +125,48 @@ def compare_prompts(
     )
 
 
+@dataclass
+class SetStatistics:
+    """Per-feature statistics of two sets of activations, each [d_sae]."""
+
+    mean_a: torch.Tensor
+    mean_b: torch.Tensor
+    difference: torch.Tensor  # mean_a - mean_b
+    cohens_d: torch.Tensor  # difference / pooled sd; NaN when a set has one member or both are constant
+    rank_biserial: torch.Tensor  # 2 * P(a > b) + P(a == b) - 1, in [-1, 1]: bounded and robust at small n
+    separated: torch.Tensor  # bool: the sets do not overlap (every a above every b, or below) and differ
+
+
+def set_statistics(A: torch.Tensor, B: torch.Tensor) -> SetStatistics:
+    """A [n_a, d_sae], B [n_b, d_sae] -> per-feature means, Cohen's d, rank-biserial correlation, separation.
+
+    Cohen's d alone misleads here: at the differing token of minimal pairs every feature is constant within each
+    set (pooled sd 0, d unbounded), and with 2-3 prompts a set d swings wildly. The rank-biserial correlation
+    (the Mann-Whitney AUC rescaled to [-1, 1]) is bounded and says how often a prompt of A beats one of B;
+    `separated` marks non-overlapping sets, the strongest evidence a handful of prompts can give.
+    """
+    A, B = A.float(), B.float()
+    na, nb = A.shape[0], B.shape[0]
+    mean_a, mean_b = A.mean(0), B.mean(0)
+    diff = mean_a - mean_b
+    # "Equal" up to float noise: the same token after different suffix lengths can differ in the last bits.
+    tol = 1e-6 * (mean_a.abs() + mean_b.abs()) + 1e-9
+    if na >= 2 and nb >= 2:
+        pooled = (((na - 1) * A.var(0) + (nb - 1) * B.var(0)) / (na + nb - 2)).sqrt()
+        d = torch.where(pooled > tol, diff / pooled.clamp_min(1e-30), torch.full_like(diff, float("nan")))
+    else:
+        d = torch.full_like(diff, float("nan"))
+    wins = torch.zeros_like(diff)
+    ties = torch.zeros_like(diff)
+    for i in range(na):  # n_a passes over [n_b, d_sae]: no [n_a, n_b, d_sae] tensor
+        delta = A[i][None, :] - B
+        wins += (delta > tol).sum(0)
+        ties += (delta.abs() <= tol).sum(0)
+    rank_biserial = (2 * wins + ties) / (na * nb) - 1
+    separated = (rank_biserial.abs() == 1) & (diff.abs() > tol)
+    return SetStatistics(mean_a, mean_b, diff, d, rank_biserial, separated)
+
+
 def compare_prompt_sets(
     engine: Engine,
     prompts_a: list[str],
@@ -153,31 +198,21 @@ def compare_prompt_sets(
 
     with engine.device_work():
         A, B = stack(prompts_a, "a"), stack(prompts_b, "b")
-        mean_a, mean_b = A.mean(0), B.mean(0)
-        diff = mean_a - mean_b
-        na, nb = A.shape[0], B.shape[0]
-        if na >= 2 and nb >= 2:
-            pooled = (((na - 1) * A.var(0) + (nb - 1) * B.var(0)) / (na + nb - 2)).sqrt()  # [d_sae]
-            # Constant within both sets (typical for minimal pairs at the differing token): d is unbounded when the
-            # means differ (perfect separation, flagged and ranked first) and undefined (0) when they agree.
-            # "Constant" up to float noise: the same token after different suffix lengths can differ in the last bits.
-            constant = pooled <= 1e-6 * (mean_a.abs() + mean_b.abs()) + 1e-9
-            separated = constant & (diff.abs() > 1e-6)
-            effect = torch.where(constant, torch.zeros_like(diff), diff / pooled.clamp_min(1e-30))
-        else:
-            separated = effect = None
+        st = set_statistics(A, B)
         k = min(top_k, s.d_sae)
         if sort_by == "effect_size":
             # separated features first (by |difference|), then the rest by |d|
-            sep = separated.nonzero()[:, 0]
-            rest = (~separated).nonzero()[:, 0]
-            idx = torch.cat([sep[diff[sep].abs().argsort(descending=True)], rest[effect[rest].abs().argsort(descending=True)]])[:k]
+            sep = st.separated.nonzero()[:, 0]
+            rest = (~st.separated).nonzero()[:, 0]
+            d_abs = st.cohens_d.nan_to_num(0.0).abs()
+            idx = torch.cat([sep[st.difference[sep].abs().argsort(descending=True)], rest[d_abs[rest].argsort(descending=True)]])[:k]
         else:
-            idx = diff.abs().topk(k).indices
-        cols = [idx.float(), mean_a[idx], mean_b[idx], diff[idx]]
-        if effect is not None:
-            cols += [effect[idx], separated[idx].float()]
-        rows = torch.stack(cols, dim=1).cpu().tolist()
+            idx = st.difference.abs().topk(k).indices
+        rows = torch.stack(
+            [idx.float(), st.mean_a[idx], st.mean_b[idx], st.difference[idx], st.cohens_d[idx],
+             st.separated[idx].float(), st.rank_biserial[idx]], dim=1
+        ).cpu().tolist()
+    na, nb = len(prompts_a), len(prompts_b)
     return PromptComparison(
         sae=s.key,
         mode="sets",
@@ -191,10 +226,11 @@ def compare_prompt_sets(
                 mean_a=r(row[1]),
                 mean_b=r(row[2]),
                 difference=r(row[3]),
-                effect_size=r(row[4], 3) if effect is not None and not row[5] else None,
-                separated=bool(effect is not None and row[5]),
+                effect_size=None if math.isnan(row[4]) else r(row[4], 3),
+                rank_biserial=r(row[6], 3),
+                separated=bool(row[5]),
             )
             for row in rows
-            if row[3] != 0 or (effect is not None and row[4] != 0)
+            if row[3] != 0 or row[6] != 0
         ],
     )

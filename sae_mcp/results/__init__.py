@@ -91,13 +91,16 @@ class FeatureSetDiff(BaseModel):
     mean_b: float = Field(description="Mean activation over set B")
     difference: float = Field(description="mean_a - mean_b")
     effect_size: float | None = Field(
-        description="Cohen's d: difference / pooled standard deviation (None when a set has one prompt, or when "
-        "the sets are perfectly separated: constant within each set, different between them)"
+        description="Cohen's d: difference / pooled standard deviation (None when a set has one prompt or both sets "
+        "are constant on this feature)"
+    )
+    rank_biserial: float = Field(
+        description="2 P(a > b) + P(a = b) - 1 over all prompt pairs, in [-1, 1]: bounded, robust at small n"
     )
     separated: bool = Field(
         default=False,
-        description="True when the feature is constant within each set and differs between them: d is unbounded, "
-        "the strongest evidence a set comparison can give",
+        description="The sets do not overlap on this feature (every prompt of A above every prompt of B, or below): "
+        "the strongest evidence a set comparison can give; ranked first by sort_by='effect_size'",
     )
 
 
