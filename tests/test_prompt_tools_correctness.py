@@ -213,3 +213,23 @@ def test_one_prompt_per_set_has_no_cohens_d_but_a_rank_biserial():
     st = F.set_statistics(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0]]))
     assert math.isnan(st.cohens_d[0].item())
     assert st.rank_biserial.tolist() == [1.0, 0.0] and st.separated.tolist() == [True, False]
+
+
+@needs_stories
+def test_byte_fallback_tokens_show_their_bytes_instead_of_replacement_characters(stories_engine):
+    out = F.get_feature_acts(stories_engine, "Lily 😀 saw", top_k=1)
+    emoji = [t for t in out.tokens if t.startswith("<0x")]
+    assert "".join(emoji) == "".join(f"<0x{b:02X}>" for b in "😀".encode())
+    assert "\ufffd" not in "".join(out.tokens)
+
+
+def test_byte_level_bpe_pieces_map_back_to_their_utf8_bytes():
+    """Against the tokenizers library's own byte-level alphabet and pre-tokenizer (GPT-2, Llama 3, Qwen style)."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    from sae_mcp.engine.runtime import _BYTE_LEVEL, _bytes_of_piece
+
+    assert set(_BYTE_LEVEL) == set(ByteLevel.alphabet())
+    for text in ("😀", " 東京", "é"):
+        (piece, _), = ByteLevel(add_prefix_space=False).pre_tokenize_str(text)[:1]
+        assert _bytes_of_piece(piece) == "".join(f"<0x{b:02X}>" for b in text.encode())

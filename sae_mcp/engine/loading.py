@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import socket
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -293,6 +294,14 @@ def split_alias(spec: str) -> tuple[str | None, str]:
 
 def load_sae(spec: str, device: str, dtype: torch.dtype) -> LoadedSAE:
     """Load one SAE spec (without alias). Key is set to the hook name; the caller applies aliases."""
+    with warnings.catch_warnings():
+        # sae-lens warns that the model should be loaded with the SAE's model_from_pretrained_kwargs: we do
+        # (processing_for), so the advice would only mislead whoever reads stderr.
+        warnings.filterwarnings("ignore", message=".*non-empty model_from_pretrained_kwargs.*")
+        return _load_sae(spec, device, dtype)
+
+
+def _load_sae(spec: str, device: str, dtype: torch.dtype) -> LoadedSAE:
     from sae_lens import SAE
 
     folder = Path(spec).expanduser()

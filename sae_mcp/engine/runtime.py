@@ -135,15 +135,25 @@ class Engine:
         return tokens
 
     def str_tokens(self, tokens: torch.Tensor) -> list[str]:
-        """[seq] or [1, seq] ids -> one string per token, as the tokenizer writes it."""
+        """[seq] or [1, seq] ids -> one string per token, as the tokenizer writes it.
+
+        SentencePiece tokenizers (Llama, Gemma) drop a token's leading space when it is decoded alone; the piece
+        keeps it as U+2581, so we put the space back (' Lily' and 'Lily' stay distinguishable). A token holding
+        part of a multi-byte character decodes to U+FFFD alone; we show its bytes instead ('<0xF0><0x9F>'), so an
+        agent can tell the positions of an emoji apart.
+        """
         ids = [int(i) for i in tokens.reshape(-1).tolist()]
         tok = self.model.tokenizer
-        texts = [tok.decode([i]) for i in ids]
-        # SentencePiece tokenizers (Llama, Gemma) drop a token's leading space when it is decoded alone; the
-        # piece keeps it as U+2581. Put the space back so ' Lily' and 'Lily' stay distinguishable.
         pieces = tok.convert_ids_to_tokens(ids)
-        return [" " + t if isinstance(p, str) and p.startswith("\u2581") and not t.startswith(" ") else t
-                for t, p in zip(texts, pieces)]
+        out = []
+        for i, piece in zip(ids, pieces):
+            text = tok.decode([i])
+            if "\ufffd" in text and isinstance(piece, str):
+                text = _bytes_of_piece(piece) or text
+            elif isinstance(piece, str) and piece.startswith("\u2581") and not text.startswith(" "):
+                text = " " + text
+            out.append(text)
+        return out
 
     # -- device work --------------------------------------------------------------------------------------------
 
@@ -197,6 +207,32 @@ class Engine:
         """[..., d_in] -> SAE post-activation feature values [..., d_sae] (the hook_sae_acts_post values)."""
         with torch.inference_mode():
             return sae.sae.encode(acts.to(sae.sae.dtype))
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE writes each byte as a printable character: printable Latin-1 bytes stand for
+    themselves, the other 68 bytes for code points 256 and up, in byte order. Inverse map: char -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
+
+def _bytes_of_piece(piece: str) -> str | None:
+    """A vocabulary piece holding raw bytes -> '<0xF0><0x9F>'; None when it is not a byte piece."""
+    if piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback: already in this form
+        return piece
+    if piece and all(c in _BYTE_LEVEL for c in piece):  # byte-level BPE (GPT-2, Llama 3, Qwen)
+        return "".join(f"<0x{_BYTE_LEVEL[c]:02X}>" for c in piece)
+    return None
 
 
 def model_info(engine: Engine) -> ModelInfo:
