@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 
 import pytest
 import torch
@@ -175,3 +176,34 @@ def test_mean_of_a_centred_unembedding_reads_zero_not_minus_zero(tiny_engine, mo
     assert [f.feature for f in out.features] == list(range(s.d_sae))
     assert all(f.mean == 0.0 and math.copysign(1.0, f.mean) == 1.0 for f in out.features)
     assert [f.std for f in out.features] == pytest.approx([p[1] for p in plain], abs=2e-4)
+
+
+def test_builtin_sets_leave_out_byte_fallback_and_control_tokens(stories_engine):
+    """stories260K's Llama vocabulary has 256 byte-fallback pieces <0x00>..<0xFF>; decoded alone they are control
+    characters or U+FFFD, which a regex like punctuation's [^\\w\\s] would take. Written plainly: a token is left
+    out of every built-in set when it is a special token, a byte piece other than space/tab/newline/CR (the
+    newline byte <0x0A> is Llama's only newline token and stays), or text with a control character (Unicode
+    category C*) other than tab/newline/CR."""
+    tok = stories_engine.model.tokenizer
+    V = stories_engine.model.cfg.d_vocab
+    pieces = tok.convert_ids_to_tokens(list(range(V)))
+    texts = stats.vocab_strings(stories_engine)
+    special = set(tok.all_special_ids)
+
+    def left_out(i: int) -> bool:
+        t = texts[i]
+        if i in special:
+            return True
+        if pieces[i].startswith("<0x") and t not in (" ", "\t", "\n", "\r"):
+            return True
+        return any(unicodedata.category(c).startswith("C") and c not in "\t\n\r" for c in t)
+
+    kept = [i for i in range(V) if not left_out(i)]
+    assert sum(p.startswith("<0x") for p in pieces) == 256 and len(kept) <= V - 3 - 256 + 4  # at most the 4 whitespace bytes kept
+    built = {name: ids for name, ids, _ in stats.build_token_sets(stories_engine, list(stats.BUILTIN_SETS)[:5])}
+    for name, ids in built.items():
+        assert ids == [i for i in kept if re.search(stats.BUILTIN_SETS[name], texts[i])], name
+    assert all(not pieces[i].startswith("<0x") for i in built["punctuation"])
+    assert len(built["punctuation"]) < 40  # was 218 of 512, nearly all byte pieces
+    newline = stats.build_token_sets(stories_engine, ["contains_newline"])[0][1]
+    assert [pieces[i] for i in newline] == ["<0x0A>"]

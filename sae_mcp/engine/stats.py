@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 import weakref
 
 import torch
@@ -40,7 +41,10 @@ from sae_mcp.results.explain import EnrichedFeature, FeatureStat, FeatureStats, 
 CHUNK_BYTES = 256 * 2**20  # working memory per chunk of features (bytes), whatever the device
 SORT_KEYS = ("skewness", "kurtosis", "mean", "std", "density", "feature")
 
-# Regex-defined token sets, matched against each token as the tokenizer writes it (leading space kept).
+# Regex-defined token sets, matched against each token as the tokenizer writes it (leading space kept), over the
+# vocabulary less its byte-fallback and control tokens (builtin_excluded): SentencePiece vocabularies (Llama,
+# Gemma) hold 256 byte pieces <0x00>..<0xFF> that decode alone to control characters or U+FFFD, which
+# punctuation's [^\w\s] would otherwise take (218 of stories260K's 512 tokens).
 BUILTIN_SETS: dict[str, str] = {
     "starts_with_space": r"^ ",
     "capitalised": r"^ ?[A-Z]",
@@ -53,6 +57,8 @@ BUILTIN_SETS: dict[str, str] = {
 # Whole-SAE results are deterministic in the weights: kept per engine (weights are never mutated per request).
 _moment_cache: "weakref.WeakKeyDictionary[Engine, dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
 _vocab_cache: "weakref.WeakKeyDictionary[Engine, list[str]]" = weakref.WeakKeyDictionary()
+_excluded_cache: "weakref.WeakKeyDictionary[Engine, frozenset[int]]" = weakref.WeakKeyDictionary()
+KEPT_WHITESPACE = " \t\n\r"  # byte pieces / control characters that are text: Llama's newline is <0x0A>
 
 
 def _chunk_rows(d_vocab: int, bytes_per_value: int) -> int:
@@ -175,6 +181,25 @@ def vocab_strings(engine: Engine) -> list[str]:
     return _vocab_cache[engine]
 
 
+def builtin_excluded(engine: Engine) -> frozenset[int]:
+    """Token ids no built-in set may contain: special tokens (BOS, EOS, pad, unk), byte-fallback pieces
+    ('<0x..>' from convert_ids_to_tokens) other than space/tab/newline/CR, and tokens whose text holds a control
+    character (Unicode category C*: control, format, unassigned...) other than tab/newline/CR. Cached per engine."""
+    if engine not in _excluded_cache:
+        vocab = vocab_strings(engine)
+        tok = engine.model.tokenizer
+        pieces = tok.convert_ids_to_tokens(list(range(len(vocab)))) if tok is not None else [None] * len(vocab)
+        special = set(getattr(tok, "all_special_ids", None) or [])
+        out = set()
+        for i, (text, piece) in enumerate(zip(vocab, pieces)):
+            byte_piece = isinstance(piece, str) and piece.startswith("<0x") and text not in KEPT_WHITESPACE
+            control = any(unicodedata.category(c).startswith("C") and c not in KEPT_WHITESPACE for c in text)
+            if i in special or byte_piece or control:
+                out.add(i)
+        _excluded_cache[engine] = frozenset(out)
+    return _excluded_cache[engine]
+
+
 def build_token_sets(
     engine: Engine,
     sets: list[str] | None = None,
@@ -184,21 +209,23 @@ def build_token_sets(
 ) -> list[tuple[str, list[int], list[str]]]:
     """Named sets -> [(name, token ids, unmatched given tokens)]. Built-in names, token lists, or regexes.
 
-    sets=None with no token/regex sets means every built-in set; then a set that is empty (or the whole
+    Built-in sets never contain builtin_excluded's byte-fallback and control tokens (your own regexes and
+    token lists are taken as given). sets=None with no token/regex sets means every built-in set; then a set that is empty (or the whole
     vocabulary) in this tokenizer is left out and its name appended to `skipped` instead of being an error."""
     vocab = vocab_strings(engine)
+    excluded = builtin_excluded(engine)
     lenient = sets is None and not token_sets and not regex_sets
     if lenient:
         sets = list(BUILTIN_SETS)
-    wanted: list[tuple[str, str | None, list[str] | None]] = []
+    wanted: list[tuple[str, str | None, list[str] | None, bool]] = []  # (name, regex, tokens, built-in)
     for name in sets or []:
         if name not in BUILTIN_SETS:
             raise InvalidInput(f"unknown token set {name!r}; built-in sets: {', '.join(BUILTIN_SETS)}")
-        wanted.append((name, BUILTIN_SETS[name], None))
+        wanted.append((name, BUILTIN_SETS[name], None, True))
     for name, pattern in (regex_sets or {}).items():
-        wanted.append((name, pattern, None))
+        wanted.append((name, pattern, None, False))
     for name, tokens in (token_sets or {}).items():
-        wanted.append((name, None, list(tokens)))
+        wanted.append((name, None, list(tokens), False))
     if not wanted:
         raise InvalidInput(
             f"no token sets given: name built-in sets ({', '.join(BUILTIN_SETS)}), or pass token_sets / regex_sets"
@@ -207,14 +234,14 @@ def build_token_sets(
     for i, t in enumerate(vocab):
         by_text.setdefault(t, []).append(i)
     out = []
-    for name, pattern, tokens in wanted:
+    for name, pattern, tokens, builtin in wanted:
         unmatched: list[str] = []
         if pattern is not None:
             try:
                 rx = re.compile(pattern)
             except re.error as exc:
                 raise InvalidInput(f"token set {name!r}: the regex {pattern!r} does not compile ({exc})") from None
-            ids = [i for i, t in enumerate(vocab) if rx.search(t)]
+            ids = [i for i, t in enumerate(vocab) if rx.search(t) and not (builtin and i in excluded)]
         else:
             ids = []
             for t in tokens or []:

@@ -149,7 +149,8 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings, store: 
         sets: Annotated[
             list[Annotated[str, Field(max_length=64)]] | None,
             Field(max_length=16, description=f"Built-in sets: {', '.join(stats.BUILTIN_SETS)} (default: all, when no "
-                  "token_sets/regex_sets are given)"),
+                  "token_sets/regex_sets are given). They leave out special tokens, byte-fallback pieces <0x..> "
+                  "(bar whitespace) and tokens with control characters"),
         ] = None,
         token_sets: Annotated[
             dict[Annotated[str, Field(max_length=64)], Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=4096)]] | None,
