@@ -88,3 +88,24 @@ def test_windows_are_bos_plus_next_tokens_of_one_document():
     assert all(len(w.ids) <= ctx and w.ids[0] == bos for w in windows)
     resumed = list(iter_windows(resolve_corpus(str(STORIES_CORPUS)), tok, ctx, bos, skip_windows=100))
     assert [(w.index, w.ids) for w in resumed[:3]] == [(w.index, w.ids) for w in windows[100:103]]
+
+
+def test_empty_documents_count_so_document_is_the_index_in_the_file(tmp_path, tiny_loaded):
+    """An empty (or blank) text is still a document: it gets no windows, but the documents after it keep their
+    index in the file (the jsonl line among non-blank lines, the parquet row)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tok = tiny_loaded.model.tokenizer
+    rows = ["the cat sat", "", "the dog ran", "   ", "Lily saw a ball"]
+    j = tmp_path / "c.jsonl"
+    j.write_text("".join(json.dumps({"text": t}) + "\n" + ("\n" if i == 0 else "") for i, t in enumerate(rows)),
+                 encoding="utf-8")  # a blank line after the first row is not a document
+    q = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"text": ["the cat sat", None, "the dog ran", "   ", "Lily saw a ball"]}), q)
+    for path in (j, q):
+        windows = list(iter_windows(resolve_corpus(str(path)), tok, 8, 1))
+        assert [(w.document, w.ids) for w in windows] == [
+            (d, [1] + tok(rows[d], add_special_tokens=False)["input_ids"]) for d in (0, 2, 4)
+        ], path.suffix
+        assert [w.index for w in windows] == [0, 1, 2]

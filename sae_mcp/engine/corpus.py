@@ -10,6 +10,7 @@ A corpus spec is a local file or a Hugging Face dataset name:
 Windows: each document is tokenized on its own (no special tokens) and cut into windows of `context_size`
 tokens: BOS followed by the next `context_size - 1` document tokens (the last window of a document may be
 shorter). A window never spans two documents, so an example's context is always its own document's text.
+An empty document has no windows but still counts: a window's `document` is its document's index in the corpus.
 An activation depends on everything before it in the window, so the window is the example's whole context.
 """
 
@@ -77,12 +78,20 @@ def corpus_id(src: CorpusSource) -> str:
 # Documents
 
 
-def iter_documents(src: CorpusSource) -> Iterator[str]:
-    """Yield the corpus' documents in order (empty ones skipped, so document indices count real documents)."""
+def iter_indexed_documents(src: CorpusSource) -> Iterator[tuple[int, str]]:
+    """Yield (index, text) of the corpus' non-empty documents in order. `index` is the document's index in the
+    corpus: empty or blank documents (an empty jsonl `text`, a null parquet/HF value) are counted but not yielded,
+    so it stays the jsonl line among non-blank lines, the parquet or dataset row, the .txt paragraph or line."""
     gen = {"txt": _txt_docs, "jsonl": _jsonl_docs, "parquet": _parquet_docs, "hf": _hf_docs}[src.kind]
-    for doc in gen(src):
+    for d, doc in enumerate(gen(src)):
         if doc and doc.strip():
-            yield doc
+            yield d, doc
+
+
+def iter_documents(src: CorpusSource) -> Iterator[str]:
+    """The non-empty documents' texts in order (iter_indexed_documents without the indices)."""
+    for _, doc in iter_indexed_documents(src):
+        yield doc
 
 
 def _txt_docs(src: CorpusSource) -> Iterator[str]:
@@ -127,7 +136,7 @@ def _parquet_docs(src: CorpusSource) -> Iterator[str]:
     if "text" not in pf.schema_arrow.names:
         raise InvalidInput(f"corpus {src.key} has no 'text' column (columns: {', '.join(pf.schema_arrow.names)})")
     for batch in pf.iter_batches(batch_size=1024, columns=["text"]):
-        yield from (t for t in batch.column(0).to_pylist() if t is not None)
+        yield from (t if t is not None else "" for t in batch.column(0).to_pylist())  # a null row still counts
 
 
 def _hf_docs(src: CorpusSource) -> Iterator[str]:
@@ -147,10 +156,9 @@ def _hf_docs(src: CorpusSource) -> Iterator[str]:
             ".jsonl (field 'text') or .parquet (column 'text') file."
         ) from None
     for row in ds:
-        text = row.get("text") if isinstance(row, dict) else None
-        if text is None:
+        if not isinstance(row, dict) or "text" not in row:
             raise InvalidInput(f"dataset {src.key} has no 'text' column (columns: {', '.join(row)})")
-        yield text
+        yield row["text"] or ""  # a null row still counts as a document
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -178,7 +186,7 @@ def iter_windows(
     step = context_size - (1 if bos_id is not None else 0)
     head = [bos_id] if bos_id is not None else []
     w = 0
-    for d, text in enumerate(iter_documents(src)):
+    for d, text in iter_indexed_documents(src):  # d counts empty documents too (they have no windows)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         for start in range(0, len(ids), step):
             if w >= skip_windows:
