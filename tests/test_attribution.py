@@ -126,6 +126,21 @@ def test_answer_alone_differentiates_the_answer_logit(tiny_engine):
     assert res.metric.startswith("logit['mat'] at position")
 
 
+def test_a_multi_token_answer_or_counterfactual_is_scored_on_its_first_token_and_the_result_says_so(tiny_engine):
+    e = tiny_engine
+    tokens = e.to_tokens(PROMPT)
+    a, c = ids(e, " mat", " park")
+    with torch.inference_mode():
+        logits = e.model(tokens)[0, -1]
+    res = attr.attribute(e, PROMPT, " mat on", counterfactual=" park and")
+    assert res.metric_value == pytest.approx(float(logits[a] - logits[c]), abs=1e-4)  # the first tokens only
+    assert (res.answer_tokens, res.multi_token) == (["mat", "on"], True)
+    assert (res.counterfactual_tokens, res.counterfactual_multi_token) == (["park", "and"], True)
+    single = attr.attribute(e, PROMPT, " mat")
+    assert (single.answer_tokens, single.multi_token) == (["mat"], False)
+    assert (single.counterfactual_tokens, single.counterfactual_multi_token) == (None, None)
+
+
 @pytest.fixture(scope="module")
 def two_sae_engine(tiny_loaded, tiny_dir, tiny_sae_dir):
     from sae_mcp.engine.loading import check_compatible, load_sae

@@ -73,7 +73,52 @@ def test_ablation_with_error_term_removes_exactly_act_times_decoder_at_the_posit
     assert res.ablated.answer.logit == pytest.approx(float(expected[answer_id]), abs=1e-3)
     assert res.ablated.answer_logit_change != 0.0
     assert [f.feature for f in res.features] == feats
-    assert res.features[0].activation == pytest.approx(float(acts[pos, feats[0]].sum()), abs=1e-3)
+    for f, got_f in zip(feats, res.features):
+        assert got_f.activation_sum == pytest.approx(float(acts[pos, f].sum()), abs=1e-3)
+        assert got_f.max_activation == pytest.approx(float(acts[pos, f].max()), abs=1e-3)
+        assert got_f.fired
+    assert res.note is None
+
+
+def test_without_the_error_term_the_ablation_is_measured_against_reconstruction_only(tiny_engine):
+    e, s = tiny_engine, tiny_engine.sae(None)
+    tokens = tokens_of(e)
+    feats = [int(f) for f in plain_acts(e, tokens).sum(0).topk(2).indices]
+
+    def zero(acts, hook):
+        acts[:, :, feats] = 0.0
+        return acts
+
+    with torch.inference_mode():
+        base = e.model(tokens)[0, -1]
+        recon = e.model.run_with_saes(tokens, saes=[s.sae], use_error_term=False)[0, -1]
+        no_err = e.model.run_with_hooks_with_saes(
+            tokens, saes=[s.sae], fwd_hooks=[(f"{s.hook_name}.hook_sae_acts_post", zero)]
+        )[0, -1]
+        with e.model.saes(saes=[s.sae], use_error_term=True):
+            with_err = e.model.run_with_hooks(tokens, fwd_hooks=[(f"{s.hook_name}.hook_sae_acts_post", zero)])[0, -1]
+    e.clean_model()
+
+    def kl(p, q):  # KL(P || Q) from logits, written out
+        lp, lq = torch.log_softmax(p, -1), torch.log_softmax(q, -1)
+        return float((lp.exp() * (lp - lq)).sum())
+
+    res = iv.ablate_and_test(e, PROMPT, " mat", feats)
+    a = res.baseline.answer.token_id
+    t = res.ablated_without_error_term
+    p_no, p_rec = float(no_err.softmax(-1)[a]), float(recon.softmax(-1)[a])
+    assert t.answer_probability_change_vs_reconstruction == pytest.approx(p_no - p_rec, abs=1e-5)
+    assert t.answer_logit_change_vs_reconstruction == pytest.approx(float(no_err[a] - recon[a]), abs=1e-3)
+    assert t.kl_from_reconstruction == pytest.approx(kl(recon, no_err), abs=1e-5)
+    # the change from baseline mixes in the SAE's own distortion, so the two differ
+    assert t.kl_from_baseline == pytest.approx(kl(base, no_err), abs=1e-5)
+    assert abs(t.kl_from_baseline - t.kl_from_reconstruction) > 1e-3
+    # the summary names the causal effect (with the error term, vs baseline) and the SAE's distortion, in numbers
+    line = res.summary
+    assert "\n" not in line and "ablated vs baseline" in line and "vs reconstruction_only" in line
+    assert f"logit {float(with_err[a] - base[a]):+.4g}" in line
+    assert f"logit {float(no_err[a] - recon[a]):+.4g}" in line
+    assert f"distortion (reconstruction_only vs baseline): KL {kl(base, recon):.4g}" in line
 
 
 def test_tables_without_error_term_match_tutorial_run_with_saes(tiny_engine):
@@ -107,9 +152,27 @@ def test_ablating_a_feature_that_does_not_fire_changes_nothing(tiny_engine):
     acts = plain_acts(e, tokens_of(e))
     silent = int((acts.sum(0) == 0).nonzero()[0])
     res = iv.ablate_and_test(e, PROMPT, " mat", [silent], controls=True, n_controls=3)
-    assert res.features[0].activation == 0.0
+    assert res.features[0].activation_sum == 0.0 and not res.features[0].fired
     assert res.ablated.answer.logit == pytest.approx(res.baseline.answer.logit, abs=1e-4)
     assert "do not fire" in res.controls.note
+
+
+def test_a_target_that_never_fires_is_flagged_per_feature_and_in_a_note_even_without_controls(tiny_engine):
+    e = tiny_engine
+    acts = plain_acts(e, tokens_of(e))  # [S, d_sae]
+    silent = int((acts[-1] == 0).nonzero()[0])
+    firing = int(acts[-1].argmax())
+    alone = iv.ablate_and_test(e, PROMPT, " mat", [silent], position=-1)
+    assert alone.controls is None
+    assert [(f.fired, f.activation_sum, f.max_activation) for f in alone.features] == [(False, 0.0, 0.0)]
+    assert str(silent) in alone.note and "changes nothing" in alone.note and "by construction" in alone.note
+    assert alone.ablated.top == alone.baseline.top
+    assert alone.ablated_without_error_term.top == alone.reconstruction_only.top
+    mixed = iv.ablate_and_test(e, PROMPT, " mat", [firing, silent], position=-1)
+    assert [f.fired for f in mixed.features] == [True, False]
+    assert mixed.features[0].max_activation == pytest.approx(float(acts[-1, firing]), abs=1e-3)
+    assert str(silent) in mixed.note and "by construction" not in mixed.note
+    assert iv.ablate_and_test(e, PROMPT, " mat", [firing], position=-1).note is None
 
 
 def test_ablation_controls_are_seeded_firing_features_other_than_the_targets(tiny_engine):
@@ -155,17 +218,83 @@ def plain_greedy(engine, tokens, hook_name, vector, n):
     return seq[0, tokens.shape[1]:]
 
 
+def plain_kl_per_position(p_logits, q_logits):
+    """KL(P || Q) at each position [S] from logits [S, V], written out."""
+    lp, lq = torch.log_softmax(p_logits, -1), torch.log_softmax(q_logits, -1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
 def test_steering_adds_coefficient_times_decoder_at_every_prompt_position(tiny_engine):
     e, s = tiny_engine, tiny_engine.sae(None)
     tokens = tokens_of(e)
     vec = 3.0 * s.sae.W_dec[5] - 2.0 * s.sae.W_dec[9]
     with torch.inference_mode():
+        plain = e.model(tokens)[0]  # [S, V]
         expected = e.model.run_with_hooks(tokens, fwd_hooks=[(s.hook_name, lambda x, hook: x + vec)])[0]
     with e.device_work():
-        _, logits, _ = iv.generate_rows(e, tokens, s.hook_name, torch.stack([torch.zeros_like(vec), vec]),
-                                        1, 0.0, 1.0, 0)
-    assert_close(logits[1], expected, atol=1e-5, rtol=1e-5)
+        _, stats, _ = iv.generate_rows(e, tokens, s.hook_name, torch.stack([torch.zeros_like(vec), vec]),
+                                       1, 0.0, 1.0, 0, answer_id=7)
+    assert stats.last_logits.shape == (2, plain.shape[-1])  # only the last position is kept
+    assert_close(stats.last_logits[1], expected[-1], atol=1e-5, rtol=1e-5)
+    # every prompt position enters the mean KL: it equals the plain per-position KL averaged
+    assert stats.kl_mean[1] == pytest.approx(float(plain_kl_per_position(plain, expected).mean()), abs=1e-5)
+    assert stats.kl_last[1] == pytest.approx(float(plain_kl_per_position(plain, expected)[-1]), abs=1e-5)
+    assert stats.p_answer[1] == pytest.approx(float(expected[-1].softmax(-1)[7]), abs=1e-6)
+    assert stats.kl_mean[0] == 0.0 and stats.kl_last[0] == 0.0
     assert e.is_clean()
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 3 * 64, 2**24])
+def test_prompt_stats_chunked_over_rows_and_positions_equal_the_plain_full_tensor_computation(monkeypatch,
+                                                                                              chunk_elements):
+    torch.manual_seed(0)
+    logits = torch.randn(4, 9, 64) * 3  # [B, S, V]
+    monkeypatch.setattr(iv, "KL_CHUNK_ELEMENTS", chunk_elements)  # 1 position, 3 positions, all at once
+    stats = iv._prompt_stats(logits, answer_id=5)
+    for b in range(4):
+        kl = plain_kl_per_position(logits[0], logits[b])  # [S]
+        assert stats.kl_mean[b] == pytest.approx(float(kl.mean()), abs=1e-5)
+        assert stats.kl_last[b] == pytest.approx(float(kl[-1]), abs=1e-5)
+        assert stats.p_answer[b] == pytest.approx(float(logits[b, -1].softmax(-1)[5]), abs=1e-6)
+    assert torch.equal(stats.last_logits, logits[:, -1])
+    assert iv._prompt_stats(logits, answer_id=None).p_answer is None
+
+
+def test_steer_generate_kl_and_answer_probability_equal_a_plain_computation(tiny_engine):
+    e, s = tiny_engine, tiny_engine.sae(None)
+    tokens = tokens_of(e)
+    res = iv.steer_generate(e, PROMPT, [(5, 3.0), (9, -2.0)], calibration="absolute", max_new_tokens=3,
+                            temperature=0.0, answer=" mat", strengths=[1.0, 2.5])
+    vec = 3.0 * s.sae.W_dec[5] - 2.0 * s.sae.W_dec[9]
+    a = int(e.model.to_tokens(" mat", prepend_bos=False)[0, 0])
+    with torch.inference_mode():
+        plain = e.model(tokens)[0]  # [S, V]
+        assert res.unsteered_answer_probability == pytest.approx(float(plain[-1].softmax(-1)[a]), abs=1e-6)
+        for run, x in zip(res.steered, (1.0, 2.5)):
+            steered = e.model.run_with_hooks(tokens, fwd_hooks=[(s.hook_name, lambda t, hook: t + x * vec)])[0]
+            kl = plain_kl_per_position(plain, steered)
+            assert run.kl_next_token == pytest.approx(float(kl[-1]), abs=1e-5)
+            assert run.mean_kl_prompt == pytest.approx(float(kl.mean()), abs=1e-5)
+            assert run.answer_probability == pytest.approx(float(steered[-1].softmax(-1)[a]), abs=1e-6)
+    assert e.is_clean()
+
+
+def test_generation_keeps_no_prompt_sized_logits_while_generating(tiny_engine):
+    import gc
+
+    e, s = tiny_engine, tiny_engine.sae(None)
+    tokens = tokens_of(e)
+    B, S, V = 3, tokens.shape[1], e.model.cfg.d_vocab
+    vectors = torch.stack([torch.zeros(s.d_in), s.sae.W_dec[5], 2 * s.sae.W_dec[5]])
+    held = []
+
+    def progress(step, total):  # after each step: is a [B, S, V] tensor (the prompt's logits) still alive?
+        gc.collect()
+        held.append(any(isinstance(o, torch.Tensor) and tuple(o.shape) == (B, S, V) for o in gc.get_objects()))
+
+    with e.device_work():
+        iv.generate_rows(e, tokens, s.hook_name, vectors, 3, 0.0, 1.0, 0, progress=progress)
+    assert held == [False, False, False]
 
 
 def test_greedy_steered_generation_matches_a_plain_decoding_loop(tiny_engine):
@@ -181,6 +310,46 @@ def test_greedy_steered_generation_matches_a_plain_decoding_loop(tiny_engine):
     assert res.unsteered.text == tok.decode(unsteered.tolist())
     assert res.steered[0].continuation.text != res.unsteered.text
     assert [f.coefficient for f in res.features] == [3.0, -2.0]
+
+
+def test_each_run_says_whether_its_text_changed_and_the_first_generated_token_where_it_diverged(tiny_engine):
+    e, s = tiny_engine, tiny_engine.sae(None)
+    res = iv.steer_generate(e, PROMPT, [(5, 3.0), (9, -2.0)], calibration="absolute", max_new_tokens=8,
+                            temperature=0.0, strengths=[0.0, 1.0])
+    tokens = tokens_of(e)
+    vec = 3.0 * s.sae.W_dec[5] - 2.0 * s.sae.W_dec[9]
+    steered = plain_greedy(e, tokens, s.hook_name, vec, 8).tolist()
+    unsteered = plain_greedy(e, tokens, s.hook_name, torch.zeros_like(vec), 8).tolist()
+    first = next(i for i, (x, y) in enumerate(zip(steered, unsteered)) if x != y)
+    zero, one = res.steered
+    assert (zero.changed, zero.first_divergent_token) == (False, None)  # a zero dose is the unsteered run
+    assert (one.changed, one.first_divergent_token) == (True, first)
+    assert iv._first_divergence([1, 2, 3], [1, 2]) == 2  # a run that stopped earlier diverges where it ends
+    assert iv._first_divergence([1, 2], [1, 2]) is None
+
+
+def test_a_multi_token_answer_is_scored_on_its_first_token_and_the_result_says_so(tiny_engine):
+    e = tiny_engine
+    kw = dict(calibration="absolute", max_new_tokens=2, temperature=0.0)
+    multi = iv.steer_generate(e, PROMPT, [(5, 3.0)], answer=" cat sat", **kw)
+    single = iv.steer_generate(e, PROMPT, [(5, 3.0)], answer=" cat", **kw)
+    assert (multi.answer_tokens, multi.multi_token) == (["cat", "sat"], True)
+    assert (single.answer_tokens, single.multi_token) == (["cat"], False)
+    assert multi.steered[0].answer_probability == single.steered[0].answer_probability
+    none = iv.steer_generate(e, PROMPT, [(5, 3.0)], **kw)
+    assert (none.answer_tokens, none.multi_token) == (None, None)
+
+
+def test_fewer_than_five_controls_carry_a_caution_that_they_are_weak_evidence(tiny_engine):
+    e = tiny_engine
+    kw = dict(calibration="absolute", max_new_tokens=2, temperature=0.0, answer=" mat", controls=True)
+    few = iv.steer_generate(e, PROMPT, [(5, 3.0)], n_controls=3, **kw)
+    enough = iv.steer_generate(e, PROMPT, [(5, 3.0)], n_controls=5, **kw)
+    assert "3 control" in few.controls.caution and "weak evidence" in few.controls.caution
+    assert enough.controls.caution is None
+    feats = [int(f) for f in plain_acts(e, tokens_of(e))[-1].topk(2).indices]
+    abl = iv.ablate_and_test(e, PROMPT, " mat", feats, position=-1, controls=True, n_controls=2)
+    assert "weak evidence" in abl.controls.caution
 
 
 @pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 0.9)])

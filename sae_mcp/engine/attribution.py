@@ -1,6 +1,7 @@
 """Gradient x activation attribution of SAE features and SAE error nodes, several SAEs in one backward pass.
 
-metric = logit[answer] - logit[counterfactual] at `position` (or logit[answer] alone). Every SAE is spliced in
+metric = logit[answer] - logit[counterfactual] at `position` (or logit[answer] alone; the first token of each is
+scored, and the result says when there are more: answer_tokens, multi_token). Every SAE is spliced in
 WITH the error term, so the forward pass gives the plain model's logits. Hooks (inside context managers):
 
   <hook>.hook_sae_input      keeps x, the SAE's input (in the autograd graph when an earlier SAE made it so)
@@ -68,7 +69,8 @@ def attribute(
     top_k: int = 20,
     position: int = -1,
 ) -> Attribution:
-    """Gradient x activation of every SAE feature (and each SAE's error) on the metric; one backward pass."""
+    """Gradient x activation of every SAE feature (and each SAE's error) on the metric; one backward pass.
+    A multi-token answer or counterfactual is scored on its first token only (answer_tokens / multi_token say so)."""
     loaded = _resolve_saes(engine, sae, saes)
     a_ids = answer_token_ids(engine, answer)
     c_ids = answer_token_ids(engine, counterfactual) if counterfactual is not None else None
@@ -183,6 +185,10 @@ def attribute(
     what = f"logit[{a_tok!r}]" + (f" - logit[{engine.str_tokens(torch.tensor(c_ids[:1]))[0]!r}]" if c_ids else "")
     return Attribution(
         metric=f"{what} at position {pos}",
+        answer_tokens=engine.str_tokens(torch.tensor(a_ids)),
+        multi_token=len(a_ids) > 1,
+        counterfactual_tokens=engine.str_tokens(torch.tensor(c_ids)) if c_ids else None,
+        counterfactual_multi_token=len(c_ids) > 1 if c_ids else None,
         metric_value=r(metric_value, 6),
         position=pos,
         tokens=str_tokens,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -39,6 +40,7 @@ from sae_mcp.results.causal import (
     Controls,
     ControlStat,
     NextTokenTable,
+    ReconstructionTable,
     SteerFeature,
     SteerResult,
     SteerRun,
@@ -103,6 +105,41 @@ def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     lp = p_logits.float().log_softmax(-1)
     lq = q_logits.float().log_softmax(-1)
     return (lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0)
+
+
+# Elements of one float32 chunk in _prompt_stats (64 MiB): bounds the memory of the mean KL over the prompt.
+KL_CHUNK_ELEMENTS = 2**24
+FEW_CONTROLS = 5  # fewer control runs than this: exceeding all of them is weak evidence
+
+
+@dataclass
+class PromptStats:
+    """What steering needs from the first forward's prompt logits [B, S, V], computed at once so the full tensor is
+    not kept during generation. Row 0 is the reference (the unsteered row)."""
+
+    last_logits: torch.Tensor  # [B, V]: the next-token logits after the prompt
+    kl_last: list[float]  # KL(row 0 || row b) at the last position
+    kl_mean: list[float]  # KL(row 0 || row b) averaged over the prompt's positions
+    p_answer: list[float] | None  # P(answer_id) at the last position, when an answer id is given
+
+
+def _prompt_stats(logits: torch.Tensor, answer_id: int | None) -> PromptStats:
+    """logits [B, S, V] -> PromptStats, one row and a chunk of positions at a time (at most KL_CHUNK_ELEMENTS
+    floats per temporary), never a full-size float copy."""
+    B, S, V = logits.shape
+    chunk = max(1, KL_CHUNK_ELEMENTS // V)
+    kl_sum = [0.0] * B
+    for start in range(0, S, chunk):
+        ref = logits[0, start : start + chunk].float().log_softmax(-1)  # [c, V]
+        p_ref = ref.exp()
+        for b in range(1, B):
+            lq = logits[b, start : start + chunk].float().log_softmax(-1)  # [c, V]
+            kl_sum[b] += float((p_ref * (ref - lq)).sum(-1).clamp_min(0.0).sum())
+        del ref, p_ref
+    last = logits[:, -1].clone()  # [B, V]
+    kl_last = _kl(last[:1], last).tolist()  # [B]
+    p_ans = last.float().softmax(-1)[:, answer_id].tolist() if answer_id is not None else None
+    return PromptStats(last_logits=last, kl_last=kl_last, kl_mean=[v / S for v in kl_sum], p_answer=p_ans)
 
 
 def _matched_controls(
@@ -202,14 +239,16 @@ def generate_rows(
     use_cache: bool = True,
     cancel: CancelToken | None = None,
     progress: ProgressFn | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+    answer_id: int | None = None,
+) -> tuple[torch.Tensor, PromptStats, list[bool]]:
     """Generate one continuation per row of `vectors` [B, d_in] (added at `hook_name` at every position; a zero
     row is the unsteered model) from prompt `tokens` [1, S]. `cancel` is checked before every step (a cancelled
     token raises Cancelled there; the hooks go with the context managers); `progress(step, max_new_tokens)` is
     called after every step (it may cancel the token, e.g. when the client is gone).
 
-    Returns (new tokens [B, T] (after EOS: EOS), prompt logits [B, S, d_vocab] of the first forward,
-    stopped_at_eos per row). Call inside device_work().
+    Returns (new tokens [B, T] (after EOS: EOS), PromptStats of the first forward against row 0 (KL at the last
+    position and over the prompt, P(answer_id), the last position's logits: the [B, S, d_vocab] logits themselves
+    are dropped at once), stopped_at_eos per row). Call inside device_work().
     """
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
@@ -226,7 +265,7 @@ def generate_rows(
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, B) if use_cache else None
     new: list[torch.Tensor] = []
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    prompt_logits = None
+    stats: PromptStats | None = None
     step_input = seq
     with torch.inference_mode(), model.hooks(fwd_hooks=[(hook_name, steer)]):
         for step in range(max_new_tokens):
@@ -235,9 +274,11 @@ def generate_rows(
             x = step_input if use_cache else seq
             # An explicit all-ones mask: otherwise transformer-lens masks tokens equal to pad (= EOS = BOS for GPT-2)
             logits = model(x, return_type="logits", past_kv_cache=cache, attention_mask=torch.ones_like(x))
-            if prompt_logits is None:
-                prompt_logits = logits  # [B, S, V]
-            nxt = _sample(logits[:, -1], temperature, top_p, gens)  # [B]
+            if stats is None:
+                stats = _prompt_stats(logits, answer_id)  # from the [B, S, V] prompt logits, then drop them
+            last = logits[:, -1].clone()  # [B, V]: a copy, so the [B, S, V] storage goes with `del`
+            del logits
+            nxt = _sample(last, temperature, top_p, gens)  # [B]
             if eos is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
                 done = done | (nxt == eos)
@@ -248,18 +289,39 @@ def generate_rows(
                 progress(step + 1, max_new_tokens)
             if eos is not None and bool(done.all()):
                 break
-        if prompt_logits is None:  # max_new_tokens == 0: still score the prompt
-            prompt_logits = model(seq, return_type="logits")
+        if stats is None:  # max_new_tokens == 0: still score the prompt
+            stats = _prompt_stats(model(seq, return_type="logits", attention_mask=torch.ones_like(seq)), answer_id)
     out = torch.stack(new, dim=1) if new else torch.zeros((B, 0), dtype=torch.long, device=device)
-    return out, prompt_logits, done.tolist()
+    return out, stats, done.tolist()
 
 
-def _continuation(engine: Engine, row: torch.Tensor, eos: int | None, stopped: bool) -> Continuation:
+def _generated_ids(row: torch.Tensor, eos: int | None) -> list[int]:
     ids = row.tolist()
     if eos is not None and eos in ids:
         ids = ids[: ids.index(eos)]
+    return ids
+
+
+def _continuation(engine: Engine, row: torch.Tensor, eos: int | None, stopped: bool) -> Continuation:
+    ids = _generated_ids(row, eos)
     text = engine.model.tokenizer.decode(ids) if ids else ""
     return Continuation(text=text, n_tokens=len(ids), stopped_at_eos=stopped)
+
+
+def _first_divergence(a: list[int], b: list[int]) -> int | None:
+    """Index of the first generated token where a and b differ (a shorter run differs where it ends); None if equal."""
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _few_controls_caution(n_runs: int) -> str | None:
+    if n_runs >= FEW_CONTROLS:
+        return None
+    return (
+        f"only {n_runs} control run(s): exceeding all of so few controls is weak evidence; use n_controls >= "
+        f"{FEW_CONTROLS} (at most {MAX_CONTROLS})"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -360,20 +422,20 @@ def steer_generate(
                 rows.append(ctrl_scale * (coef @ W_dec[torch.tensor(cs, device=W_dec.device)]))
         vectors = torch.stack(rows)  # [B, d_in]
 
-        new, prompt_logits, stopped = generate_rows(
+        # Effects of each row against row 0, on the prompt (identical input, so the comparison is exact), taken
+        # from the first forward at once: the [B, S, V] prompt logits are not kept during generation
+        new, stats, stopped = generate_rows(
             engine, tokens, s.hook_name, vectors, max_new_tokens, temperature, top_p, seed, use_cache, cancel,
-            progress,
+            progress, answer_id=answer_ids[0] if answer_ids else None,
         )
-        # Effects of each row against row 0, on the prompt (identical input, so the comparison is exact)
-        kl_last = _kl(prompt_logits[:1, -1], prompt_logits[:, -1])  # [B]
-        kl_mean = _kl(prompt_logits[:1], prompt_logits).mean(-1)  # [B]
-        p_ans = prompt_logits[:, -1].float().softmax(-1)[:, answer_ids[0]] if answer_ids else None  # [B]
-        new, kl_last, kl_mean = new.cpu(), kl_last.tolist(), kl_mean.tolist()
-        p_ans = p_ans.tolist() if p_ans is not None else None
+        new = new.cpu()
+        kl_last, kl_mean, p_ans = stats.kl_last, stats.kl_mean, stats.p_answer
         str_prompt = engine.str_tokens(tokens)
+        answer_strs = engine.str_tokens(torch.tensor(answer_ids)) if answer_ids else None
 
     eos = engine.model.tokenizer.eos_token_id
     conts = [_continuation(engine, new[b], eos, stopped[b]) for b in range(new.shape[0])]
+    gen_ids = [_generated_ids(new[b], eos) for b in range(new.shape[0])]
 
     def effects(b: int) -> dict[str, float]:
         e = {"kl_next_token": kl_last[b], "mean_kl_prompt": kl_mean[b]}
@@ -386,6 +448,8 @@ def steer_generate(
             scale=x,
             coefficients=[r(c * x, 6) for c in base],
             continuation=conts[1 + i],
+            changed=conts[1 + i].text != conts[0].text,
+            first_divergent_token=_first_divergence(gen_ids[0], gen_ids[1 + i]),
             kl_next_token=r(kl_last[1 + i], 6),
             mean_kl_prompt=r(kl_mean[1 + i], 6),
             answer_probability=r(p_ans[1 + i], 6) if p_ans else None,
@@ -412,6 +476,7 @@ def steer_generate(
             runs=ctrl_runs,
             stats=_control_stats(effects(target_row), ctrl_runs),
             note=note,
+            caution=_few_controls_caution(len(ctrl_runs)),
         )
     return SteerResult(
         sae=s.key,
@@ -434,6 +499,8 @@ def steer_generate(
         prompt_tokens=str_prompt,
         unsteered=conts[0],
         unsteered_answer_probability=r(p_ans[0], 6) if p_ans else None,
+        answer_tokens=answer_strs,
+        multi_token=len(answer_ids) > 1 if answer_ids else None,
         steered=runs,
         controls=ctrl,
     )
@@ -495,9 +562,11 @@ def ablate_and_test(
             base = engine.model(tokens, return_type="logits")[0, -1]  # [V]
             acts = engine.encode(s, engine.forward_to_hook(tokens, s))[0].float()  # [S, d_sae]
             act_sum = acts[positions].sum(0)  # [d_sae]: how much each feature fires where we ablate
-            control_sets, note = [], None
+            act_max = acts[positions].max(0).values  # [d_sae]
+            fired = (acts[positions] != 0).any(0)  # [d_sae]
+            control_sets, ctrl_note = [], None
             if controls:
-                control_sets, note = _matched_controls(act_sum, feats, n_controls, seed, act_sum > 0)
+                control_sets, ctrl_note = _matched_controls(act_sum, feats, n_controls, seed, act_sum > 0)
             # without the error term: row 0 = nothing ablated (the SAE's own distortion), row 1 = ablated
             no_err = _spliced_logits(engine, s, tokens, [[], feats], positions, error_term=False)
             # with the error term: row 0 = the targets, then one row per control set
@@ -514,46 +583,81 @@ def ablate_and_test(
                 kl_from_baseline=r(float(_kl(base, logits)), 6),
             )
 
-        def effects(logits: torch.Tensor) -> dict[str, float]:
+        def changes(logits: torch.Tensor, ref: torch.Tensor) -> tuple[float, float, float]:
+            """(P(answer) change, answer logit change, KL(ref || this)), unrounded."""
             a = answer_ids[0]
-            lp_b, lp = base.float().log_softmax(-1), logits.float().log_softmax(-1)
-            return {
-                "answer_logit_change": float(logits[a] - base[a]),
-                "answer_probability_change": float(lp[a].exp() - lp_b[a].exp()),
-                "kl_next_token": float(_kl(base, logits)),
-            }
+            lp_r, lp = ref.float().log_softmax(-1), logits.float().log_softmax(-1)
+            return float(lp[a].exp() - lp_r[a].exp()), float(logits[a] - ref[a]), float(_kl(ref, logits))
+
+        def effects(logits: torch.Tensor) -> dict[str, float]:
+            dp, dl, kl = changes(logits, base)
+            return {"answer_logit_change": dl, "answer_probability_change": dp, "kl_next_token": kl}
 
         base_top, base_ans = next_token_table(engine, base, top_k, answer_ids)
+        no_err_table = table(no_err[1])
+        dp_rec, dl_rec, kl_rec = changes(no_err[1], no_err[0])  # the ablation alone, SAE spliced without error
+        dp_abl, dl_abl, kl_abl = changes(with_err[0], base)  # the ablation's causal effect
+        dp_sae, _, kl_sae = changes(no_err[0], base)  # the SAE's own distortion
+        silent = [f for f in feats if not bool(fired[f])]
+        summary = (
+            f"causal effect of the ablation (ablated vs baseline, with the error term): P(answer) {dp_abl:+.4g}, "
+            f"logit {dl_abl:+.4g}, KL {kl_abl:.4g}; without the error term (vs reconstruction_only): P(answer) "
+            f"{dp_rec:+.4g}, logit {dl_rec:+.4g}, KL {kl_rec:.4g}; the SAE's own distortion (reconstruction_only "
+            f"vs baseline): KL {kl_sae:.4g}, P(answer) {dp_sae:+.4g}"
+        )
+        note = None
+        if silent:
+            none = len(silent) == len(feats)
+            note = (
+                f"feature(s) {silent} have zero activation at the ablated positions: ablating them changes nothing"
+                + (" (every target is silent, so the ablated tables equal baseline and reconstruction_only by "
+                   "construction)" if none else "")
+                + "; pick positions where they fire (get_feature_acts) or other features"
+            )
         result = AblationResult(
             sae=s.key,
             hook_name=s.hook_name,
             tokens=str_tokens,
             positions=positions,
-            features=[AblatedFeature(feature=f, activation=r(float(act_sum[f]))) for f in feats],
+            features=[
+                AblatedFeature(
+                    feature=f, fired=bool(fired[f]), activation_sum=r(float(act_sum[f])),
+                    max_activation=r(float(act_max[f])),
+                )
+                for f in feats
+            ],
             baseline=NextTokenTable(
                 top=base_top, answer=base_ans, answer_probability_change=0.0, answer_logit_change=0.0,
                 kl_from_baseline=0.0,
             ),
             reconstruction_only=table(no_err[0]),
             ablated=table(with_err[0]),
-            ablated_without_error_term=table(no_err[1]),
+            ablated_without_error_term=ReconstructionTable(
+                **no_err_table.model_dump(),
+                answer_probability_change_vs_reconstruction=r(dp_rec, 6),
+                answer_logit_change_vs_reconstruction=r(dl_rec),
+                kl_from_reconstruction=r(kl_rec, 6),
+            ),
+            summary=summary,
+            note=note,
         )
         if controls:
             runs = [
                 ControlRun(features=cs, effects={k: r(v, 6) for k, v in effects(with_err[1 + i]).items()})
                 for i, cs in enumerate(control_sets)
             ]
-            if not runs and note is None:
-                note = "no control could be drawn"
-            if float(act_sum[feats].sum()) == 0.0:
-                note = (note + "; " if note else "") + "the target features do not fire at these positions: " \
-                    "ablating them changes nothing"
+            if not runs and ctrl_note is None:
+                ctrl_note = "no control could be drawn"
+            if len(silent) == len(feats):
+                ctrl_note = (ctrl_note + "; " if ctrl_note else "") + "the target features do not fire at these " \
+                    "positions: ablating them changes nothing"
             result.controls = Controls(
                 matched_on=f"summed activation at the ablated positions (nearest {max(4 * n_controls, 20)} "
                 "firing features, drawn by seed); ablated with the error term",
                 seed=seed,
                 runs=runs,
                 stats=_control_stats(effects(with_err[0]), runs),
-                note=note,
+                note=ctrl_note,
+                caution=_few_controls_caution(len(runs)),
             )
     return result

@@ -37,6 +37,9 @@ class Controls(BaseModel):
     runs: list[ControlRun]
     stats: list[ControlStat] = Field(description="The targets' effect next to the controls' spread, per metric")
     note: str | None = Field(default=None, description="Why fewer controls than asked, when so")
+    caution: str | None = Field(
+        default=None, description="Set when there are fewer than 5 controls: exceeding all of few is weak evidence"
+    )
 
 
 # ------------------------------------------------------------------------------------------------- steering
@@ -61,9 +64,17 @@ class SteerRun(BaseModel):
     scale: float = Field(description="Dose: every feature's coefficient is multiplied by this (1 without strengths)")
     coefficients: list[float] = Field(description="Coefficient per feature, in the order of `features`")
     continuation: Continuation
+    changed: bool = Field(description="The text differs from the unsteered run's (same seed)")
+    first_divergent_token: int | None = Field(
+        default=None, description="Index into the generated tokens where this run first differs from the unsteered "
+        "run; None when the tokens are identical"
+    )
     kl_next_token: float = Field(description="KL(unsteered || steered) of the next-token distribution after the prompt")
     mean_kl_prompt: float = Field(description="KL(unsteered || steered) averaged over the prompt's positions")
-    answer_probability: float | None = Field(default=None, description="P(answer) after the prompt, when answer given")
+    answer_probability: float | None = Field(
+        default=None, description="P(answer's first token) at the prompt's next-token position (not during "
+        "generation), when answer given"
+    )
     answer_probability_change: float | None = Field(default=None, description="Minus the unsteered P(answer)")
 
 
@@ -77,7 +88,13 @@ class SteerResult(BaseModel):
     top_p: float
     prompt_tokens: list[str]
     unsteered: Continuation = Field(description="The plain model's continuation from the same seed")
-    unsteered_answer_probability: float | None = None
+    unsteered_answer_probability: float | None = Field(
+        default=None, description="The unsteered P(answer's first token) at the prompt's next-token position"
+    )
+    answer_tokens: list[str] | None = Field(default=None, description="How the whole answer tokenizes")
+    multi_token: bool | None = Field(
+        default=None, description="True when the answer is several tokens: only the first is scored"
+    )
     steered: list[SteerRun] = Field(description="One run per dose (one entry unless strengths was given)")
     controls: Controls | None = None
 
@@ -93,9 +110,22 @@ class NextTokenTable(BaseModel):
     kl_from_baseline: float = Field(description="KL(baseline || this) of the next-token distribution")
 
 
+class ReconstructionTable(NextTokenTable):
+    """The ablation without the error term, also measured against reconstruction_only (the same SAE spliced,
+    nothing ablated): the change that is the ablation's own, without the SAE's distortion."""
+
+    answer_probability_change_vs_reconstruction: float | None = Field(
+        default=None, description="Versus reconstruction_only: the ablation's effect without the error term"
+    )
+    answer_logit_change_vs_reconstruction: float | None = Field(default=None, description="Versus reconstruction_only")
+    kl_from_reconstruction: float = Field(description="KL(reconstruction_only || this) of the next-token distribution")
+
+
 class AblatedFeature(BaseModel):
     feature: int
-    activation: float = Field(description="Sum of its activations over the ablated positions (0 = ablation is a no-op)")
+    fired: bool = Field(description="Nonzero at some ablated position; False = ablating it changes nothing")
+    activation_sum: float = Field(description="Sum of its activations over the ablated positions")
+    max_activation: float = Field(description="Its largest activation at the ablated positions")
 
 
 class AblationResult(BaseModel):
@@ -109,9 +139,18 @@ class AblationResult(BaseModel):
         description="SAE spliced without the error term, nothing ablated: the SAE's own distortion"
     )
     ablated: NextTokenTable = Field(
-        description="SAE spliced with the error term, features zeroed: the ablation's effect"
+        description="SAE spliced with the error term, features zeroed: its change from baseline is the ablation's "
+        "causal effect"
     )
-    ablated_without_error_term: NextTokenTable = Field(description="SAE reconstruction only, features zeroed")
+    ablated_without_error_term: ReconstructionTable = Field(
+        description="SAE reconstruction only, features zeroed; its *_vs_reconstruction / kl_from_reconstruction "
+        "fields are the ablation's effect without the error term (its change from baseline mixes in the SAE's "
+        "own distortion)"
+    )
+    summary: str = Field(description="One line: the ablation's causal effect, and the SAE's own distortion")
+    note: str | None = Field(
+        default=None, description="Set when a target feature does not fire at the ablated positions"
+    )
     controls: Controls | None = None
 
 
@@ -128,7 +167,16 @@ class AttributionEntry(BaseModel):
 
 
 class Attribution(BaseModel):
-    metric: str = Field(description="What was differentiated, e.g. logit[' Paris'] - logit[' London'] at position 7")
+    metric: str = Field(
+        description="What was differentiated, e.g. logit[' Paris'] - logit[' London'] at position 7; only the "
+        "first token of a multi-token answer or counterfactual is scored"
+    )
+    answer_tokens: list[str] = Field(description="How the whole answer tokenizes")
+    multi_token: bool = Field(description="True when the answer is several tokens: only the first is scored")
+    counterfactual_tokens: list[str] | None = Field(default=None, description="How the counterfactual tokenizes")
+    counterfactual_multi_token: bool | None = Field(
+        default=None, description="True when the counterfactual is several tokens: only the first is scored"
+    )
     metric_value: float
     position: int = Field(description="Position whose logits define the metric (non-negative index)")
     tokens: list[str]
