@@ -46,6 +46,25 @@ def test_steer_generate_tool_returns_unsteered_and_steered_side_by_side(server):
     assert [r["coefficients"] for r in out["steered"]] == [[2.0], [8.0]]
     assert out["unsteered"]["n_tokens"] == 6 and out["unsteered_answer_probability"] > 0
     assert len(out["controls"]["runs"]) == 3
+    assert "weak evidence" in out["controls"]["caution"]
+    assert (out["answer_tokens"], out["multi_token"]) == (["mat"], False)
+    for run in out["steered"]:
+        assert run["changed"] == (run["continuation"]["text"] != out["unsteered"]["text"])
+        assert (run["first_divergent_token"] is None) == (not run["changed"])
+
+
+def test_causal_tool_descriptions_say_what_is_scored_and_what_the_ablation_effect_is(server):
+    tools = {t.name: t for t in list_tools(server)}
+    steer = tools["steer_generate"]
+    assert "first token" in steer.input_schema["properties"]["answer"]["description"]
+    run = steer.output_schema["$defs"]["SteerRun"]["properties"]
+    assert "next-token position" in run["answer_probability"]["description"]
+    assert {"changed", "first_divergent_token"} <= set(run)
+    abl = tools["ablate_and_test"]
+    assert "vs_reconstruction" in abl.description and "summary" in abl.description
+    feat = abl.output_schema["$defs"]["AblatedFeature"]["properties"]
+    assert {"fired", "activation_sum", "max_activation"} <= set(feat) and "activation" not in feat
+    assert "first token" in tools["attribute"].description
 
 
 def test_steer_generate_max_activation_calibration_reads_the_example_source(server, monkeypatch):
@@ -92,6 +111,10 @@ def test_ablate_and_test_tool_returns_four_tables_and_controls(server):
     assert out["positions"] == [len(out["tokens"]) - 2, len(out["tokens"]) - 1]
     assert out["baseline"]["answer_logit_change"] == 0.0
     assert out["controls"]["seed"] == 1
+    assert "ablated vs baseline" in out["summary"]
+    no_err = out["ablated_without_error_term"]
+    assert {"answer_probability_change_vs_reconstruction", "kl_from_reconstruction"} <= set(no_err)
+    assert [set(f) for f in out["features"]] == [{"feature", "fired", "activation_sum", "max_activation"}] * 2
 
 
 def test_attribute_tool_returns_top_features_and_error_share(server):
@@ -101,6 +124,7 @@ def test_attribute_tool_returns_top_features_and_error_share(server):
     key = "blocks.1.hook_resid_pre"
     assert len(out["top"]) == 5 and len(out["per_token"][key]) == len(out["tokens"])
     assert 0 <= out["error_share"][key] <= 1
+    assert (out["answer_tokens"], out["multi_token"], out["counterfactual_tokens"]) == (["mat"], False, ["park"])
 
 
 @pytest.mark.parametrize(

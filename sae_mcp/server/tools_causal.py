@@ -93,18 +93,23 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None
                   description="Dose-response: one run per value, every coefficient multiplied by it"),
         ] = None,
         answer: Annotated[
-            Answer | None, Field(description="Also report P(answer) after the prompt for every run, e.g. ' Paris'")
+            Answer | None,
+            Field(description="Also report P(answer) at the prompt's next-token position for every run, e.g. "
+                  "' Paris'; only the first token of a multi-token answer is scored"),
         ] = None,
         controls: Annotated[
-            bool, Field(description="Also steer with random features matched in decoder norm, same coefficients")
+            bool, Field(description="Also steer with random features matched in decoder norm, same coefficients "
+                        "(use n_controls >= 5: exceeding all of few controls is weak evidence)")
         ] = False,
         n_controls: Annotated[int, Field(ge=1, le=iv.MAX_CONTROLS, description="Control runs when controls")] = 5,
         ctx: Context = None,
     ) -> SteerResult:
         """Steer generation: add coefficient * W_dec[feature] at the SAE's hook at every position (prompt and
         generated tokens) and return the unsteered and steered continuations from the same seed side by side,
-        with the coefficients used, the KL from the unsteered next-token distribution, P(answer) shifts with
-        `answer`, a dose-response table with `strengths`, and matched random-feature controls with `controls`.
+        with the coefficients used, whether each run's text changed and where it first diverged, the KL from the
+        unsteered next-token distribution, P(answer) at the prompt's next-token position with `answer` (first token
+        only: answer_tokens / multi_token say when there are more), a dose-response table with `strengths`, and
+        matched random-feature controls with `controls`.
         Sampled by default (temperature 1, top_p 0.9, as in the SAELens tutorial; the same seed for every run);
         temperature=0 is greedy. Reports progress per generated token; cancellable."""
         calib = _max_activation_fn(engine, settings) if calibration == "max_activation" else None
@@ -141,8 +146,12 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None
     ) -> AblationResult:
         """Zero features in the SAE's activations at the given positions and compare next-token predictions:
         baseline (plain model), reconstruction_only (SAE spliced without error term, nothing ablated: the SAE's
-        own distortion), ablated (SAE with the error term, so only the ablation changes the model) and
-        ablated_without_error_term; each with the answer's rank/probability/logit and its change from baseline."""
+        own distortion), ablated (SAE with the error term, so only the ablation changes the model: its change
+        from baseline is the causal effect) and ablated_without_error_term (its effect is the change versus
+        reconstruction_only, given as *_vs_reconstruction and kl_from_reconstruction); each with the answer's
+        rank/probability/logit and its change from baseline. `summary` says which number is the effect and how
+        large the SAE's distortion is; per feature: fired, activation_sum and max_activation at those positions,
+        and `note` warns when a target does not fire there (ablating it changes nothing)."""
         return iv.ablate_and_test(
             engine, prompt, answer, features, sae=sae, position=position, top_k=top_k, controls=controls,
             n_controls=n_controls, seed=seed,
@@ -163,8 +172,8 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None
         position: Annotated[A.Position, Field(description="Position whose logits define the metric; -1 = last")] = -1,
     ) -> Attribution:
         """Which SAE features drive a prediction: gradient x activation of every feature (and of each SAE's
-        error) on logit[answer] - logit[counterfactual] at `position`, with the error term on so the model's
-        output is unchanged. Returns the top (position, feature) attributions, per-token sums, and each SAE's
+        error) on logit[answer] - logit[counterfactual] at `position` (the first token of each: answer_tokens,
+        multi_token say when there are more), with the error term on so the model's output is unchanged. Returns the top (position, feature) attributions, per-token sums, and each SAE's
         error attribution and error share (how much of the metric the SAE does not explain)."""
         return attr.attribute(
             engine, prompt, answer, counterfactual=counterfactual, sae=sae, saes=saes, top_k=top_k, position=position
