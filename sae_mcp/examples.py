@@ -3,6 +3,7 @@
     get_example_source(engine, settings) -> ExampleSource      one per engine (per process)
       .build_index(sae, max_tokens, ...)        the one-pass index of every feature (resumes, reuses)
       .top_examples(sae, feature, k, context)   from the index; else an on-demand scan of the feature, cached
+      .cached_top_examples(sae, feature, ...)   the same from the index or an already cached scan; never scans
       .feature_summary(sae, feature)            index only: max activation, density, histogram (None if absent)
       .max_activation(sae, feature)             (value, 'index' | 'scan'), for steering calibration
       .densities(sae)                           [d_sae] firing density from the index (None if absent)
@@ -28,7 +29,7 @@ import torch
 from sae_mcp.engine.corpus import CorpusSource, iter_windows, resolve_corpus, window_context
 from sae_mcp.engine.loading import LoadedSAE
 from sae_mcp.engine.runtime import CancelToken, Engine
-from sae_mcp.engine.scan import HIST_BINS, KEEP, ScanState, bos_id, hist_edges, scan
+from sae_mcp.engine.scan import HIST_BINS, KEEP, ScanState, bos_id, compute_dtype, hist_edges, scan
 from sae_mcp.errors import Cancelled, InvalidInput, SaeMcpError
 from sae_mcp.results import r
 from sae_mcp.results.corpus import Example, FeatureSummary, Histogram, IndexReport, TopExamples
@@ -136,6 +137,9 @@ class ExampleSource:
             if prev is not None and (prev.exhausted or prev.tokens >= target):
                 return store, prev, True
             dev = self.engine.device
+            dtype = compute_dtype(self.engine, s)
+            if prev is not None and prev.tokens and prev.compute_dtype != dtype:  # resumed in another precision
+                dtype = "+".join(sorted({prev.compute_dtype or "unknown", dtype}))
             state = None
             if prev is not None:  # resume from the last checkpoint
                 state = ScanState(
@@ -152,7 +156,7 @@ class ExampleSource:
                 store.save_scan(
                     name, tokens=st.tokens, windows=st.windows, exhausted=st.exhausted, target=target,
                     top_vals=st.top_vals.cpu().numpy(), top_pos=st.top_pos.cpu().numpy(),
-                    n_fired=st.n_fired.cpu().numpy(), hist=st.hist.cpu().numpy(),
+                    n_fired=st.n_fired.cpu().numpy(), hist=st.hist.cpu().numpy(), compute_dtype=dtype,
                 )
                 last_save[0] = time.monotonic()
 
@@ -204,27 +208,18 @@ class ExampleSource:
             density=float(f"{row.n_fired[col] / max(row.tokens, 1):.4g}"),
             n_fired=int(row.n_fired[col]), tokens_scanned=int(row.tokens),
             histogram=compact_histogram(row.hist[col]),
+            compute_dtype=row.compute_dtype,
         )
 
-    def top_examples(self, sae: str | None, feature: int, k: int = 10, context: int = DEFAULT_CONTEXT,
-                     max_scan_tokens: int = DEFAULT_SCAN_TOKENS, progress: Progress | None = None,
-                     cancel: CancelToken | None = None) -> TopExamples:
-        s = self.engine.sae(sae)
+    def _check_request(self, s: LoadedSAE, feature: int, k: int, context: int) -> None:
         self.engine.check_feature(s, feature)
         if not 1 <= k <= KEEP:
             raise InvalidInput(f"k={k} is out of range: between 1 and {KEEP} examples")
         if not 0 <= context <= MAX_CONTEXT:
             raise InvalidInput(f"context={context} is out of range: 0..{MAX_CONTEXT} tokens each side")
-        if not 1 <= max_scan_tokens <= MAX_SCAN_TOKENS:
-            raise InvalidInput(f"max_scan_tokens={max_scan_tokens} is out of range: 1..{MAX_SCAN_TOKENS}; "
-                               "for more, build an index with `sae-mcp index --tokens N`")
-        found = self._index_row(s)
-        if found is not None:
-            store, row = found
-            col, source = feature, "index"
-        else:
-            store, row, _ = self._run(s, f"feature:{feature}", [feature], max_scan_tokens, progress, cancel)
-            col, source = 0, "scan"
+
+    def _answer(self, s: LoadedSAE, store: IndexStore, row: StoredScan, col: int, feature: int, source: str,
+                k: int, context: int) -> TopExamples:
         ctx = self.context_size(s)
         nbos = 1 if bos_id(self.engine, s) is not None else 0
         vals, pos = row.top_vals[:, col], row.top_pos[:, col]
@@ -235,12 +230,47 @@ class ExampleSource:
             w, at = divmod(p, ctx)
             document, start, ids = wins[w]
             lo, hi = max(0, at - context), min(len(ids), at + context + 1)
+            tokens = self.engine.str_tokens(torch.tensor(ids[lo:hi]))
             examples.append(Example(
-                activation=r(v), tokens=self.engine.str_tokens(torch.tensor(ids[lo:hi])), position=at - lo,
+                activation=r(v), token=tokens[at - lo], tokens=tokens, position=at - lo,
                 document=document, offset=start + at - nbos,
             ))
         return TopExamples(**self._summary(s, row, col, feature), source=source, corpus=self.corpus(s).describe(),
                            context_size=ctx, examples=examples)
+
+    def top_examples(self, sae: str | None, feature: int, k: int = 10, context: int = DEFAULT_CONTEXT,
+                     max_scan_tokens: int = DEFAULT_SCAN_TOKENS, progress: Progress | None = None,
+                     cancel: CancelToken | None = None) -> TopExamples:
+        s = self.engine.sae(sae)
+        self._check_request(s, feature, k, context)
+        if not 1 <= max_scan_tokens <= MAX_SCAN_TOKENS:
+            raise InvalidInput(f"max_scan_tokens={max_scan_tokens} is out of range: 1..{MAX_SCAN_TOKENS}; "
+                               "for more, build an index with `sae-mcp index --tokens N`")
+        found = self._index_row(s)
+        if found is not None:
+            store, row = found
+            return self._answer(s, store, row, feature, feature, "index", k, context)
+        store, row, _ = self._run(s, f"feature:{feature}", [feature], max_scan_tokens, progress, cancel)
+        return self._answer(s, store, row, 0, feature, "scan", k, context)
+
+    def cached_top_examples(self, sae: str | None, feature: int, k: int = 10, context: int = DEFAULT_CONTEXT
+                            ) -> TopExamples | None:
+        """top_examples from the index, else from an on-demand scan of this feature already cached (whatever
+        its budget; `tokens_scanned` says how far it read). None when neither exists: this never scans."""
+        s = self.engine.sae(sae)
+        self._check_request(s, feature, k, context)
+        found = self._index_row(s)
+        if found is not None:
+            return self._answer(s, found[0], found[1], feature, feature, "index", k, context)
+        try:
+            store = self.store(s, create=False)
+        except SaeMcpError as exc:  # no corpus known: nothing can be cached
+            log.debug("no cached scan for %s: %s", s.key, exc)
+            return None
+        row = None if store is None else self._scan_row(store, f"feature:{feature}")
+        if row is None or row.tokens == 0:
+            return None
+        return self._answer(s, store, row, 0, feature, "scan", k, context)
 
     def feature_summary(self, sae: str | None, feature: int) -> FeatureSummary | None:
         s = self.engine.sae(sae)

@@ -314,3 +314,74 @@ def test_a_pretrained_sae_keeps_an_index_written_before_weights_were_recorded(tm
                  top_pos=np.zeros((2, 8), np.int64), n_fired=np.zeros(8, np.int64), hist=np.zeros((8, 4), np.int64))
     st.close()
     assert IndexStore(tmp_path / "b.sqlite", local).load_scan("index") is None  # unknown weights: emptied
+
+
+# ------------------------------------------------------------------------------------------- compute dtype
+
+
+def _tiny_corpus(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(["the cat sat on the mat and Lily saw it", "Tom ran to the park with a red ball"] * 10)
+                      + "\n", encoding="utf-8")
+    return corpus
+
+
+def test_cpu_scans_record_and_report_float32_compute_dtype(tiny_engine, tiny_sae_dir, tmp_path):
+    """The index and on-demand scans record the precision they computed in; results report it."""
+    st = Settings(model="tiny", saes=(str(tiny_sae_dir),), corpus=str(_tiny_corpus(tmp_path)), data_dir=tmp_path / "d")
+    src = ExampleSource(tiny_engine, st)
+    scanned = src.top_examples(None, 4, k=2, max_scan_tokens=100)
+    assert scanned.source == "scan" and scanned.compute_dtype == "float32"
+    src.build_index(None, 10**6)
+    s = tiny_engine.sae(None)
+    assert src.store(s).load_scan("index").compute_dtype == "float32"
+    assert src.store(s).load_scan("feature:4").compute_dtype == "float32"
+    assert src.top_examples(None, 4, k=2).compute_dtype == "float32"
+    assert src.feature_summary(None, 4).compute_dtype == "float32"
+
+
+def test_compute_dtype_names_the_cuda_autocast_precision(monkeypatch):
+    from types import SimpleNamespace
+
+    from sae_mcp.engine import scan as scan_mod
+
+    sae = SimpleNamespace(sae=torch.nn.Linear(2, 2))  # float32 parameters
+    cpu = SimpleNamespace(device="cpu", model=SimpleNamespace(cfg=SimpleNamespace(dtype=torch.float32)))
+    cuda = SimpleNamespace(device="cuda:0", model=cpu.model)
+    assert scan_mod.compute_dtype(cpu, sae) == "float32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert scan_mod.compute_dtype(cuda, sae) == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert scan_mod.compute_dtype(cuda, sae) == "float16"
+    half = SimpleNamespace(device="cpu", model=SimpleNamespace(cfg=SimpleNamespace(dtype=torch.bfloat16)))
+    assert scan_mod.compute_dtype(half, sae) == "bfloat16 (model), float32 (SAE)"
+
+
+def test_an_index_file_from_before_compute_dtype_opens_and_reports_none(tmp_path):
+    import sqlite3
+
+    from sae_mcp.store.index import IndexStore, meta_for
+
+    path = tmp_path / "old.sqlite"
+    con = sqlite3.connect(path)
+    con.executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "CREATE TABLE windows (id INTEGER PRIMARY KEY, document INTEGER NOT NULL, start INTEGER NOT NULL, tokens BLOB NOT NULL);"
+        "CREATE TABLE scans (name TEXT PRIMARY KEY, n_features INTEGER NOT NULL, k INTEGER NOT NULL, tokens INTEGER NOT NULL,"
+        " windows INTEGER NOT NULL, exhausted INTEGER NOT NULL, target INTEGER NOT NULL, updated REAL NOT NULL,"
+        " top_vals BLOB, top_pos BLOB, n_fired BLOB, hist BLOB);"
+    )
+    z = lambda shape, dt: np.zeros(shape, dt).tobytes()  # noqa: E731
+    con.execute("INSERT INTO scans VALUES ('index', 8, 2, 5, 1, 0, 5, 1.0, ?, ?, ?, ?)",
+                (z((2, 8), np.float32), z((2, 8), np.int64), z(8, np.int64), z((8, 4), np.int64)))
+    meta = meta_for("m", "s", "/c.txt", "1-2", 128, 1, 8)
+    con.executemany("INSERT INTO meta VALUES (?, ?)", list(meta.items()))
+    con.commit()
+    con.close()
+    st = IndexStore(path, meta)
+    row = st.load_scan("index")
+    assert row.tokens == 5 and row.compute_dtype is None
+    st.save_scan("index", tokens=6, windows=1, exhausted=False, target=6, top_vals=np.zeros((2, 8), np.float32),
+                 top_pos=np.zeros((2, 8), np.int64), n_fired=np.zeros(8, np.int64), hist=np.zeros((8, 4), np.int64),
+                 compute_dtype="bfloat16")
+    assert st.load_scan("index").compute_dtype == "bfloat16"

@@ -145,3 +145,20 @@ def test_a_client_cancel_stops_an_on_demand_scan_between_batches(server, stories
     n = len(batches)
     assert n < 15, f"the scan ran {n} batches (of ~36) after the client cancelled"
     assert stories_engine.is_clean()
+
+
+@needs_stories
+def test_each_example_names_its_max_token_and_the_schema_calls_the_histogram_bins(server):
+    async def go():
+        async with Client(server) as c:
+            tools = {t.name: t for t in (await c.list_tools()).tools}
+            res = await c.call_tool("top_examples", {"feature": 5, "k": 4, "context": 3, "max_scan_tokens": 3000})
+            return tools["top_examples"], res
+
+    tool, res = anyio.run(go)
+    assert not res.is_error, text(res)
+    out = res.structured_content
+    assert out["examples"] and all(e["token"] == e["tokens"][e["position"]] for e in out["examples"])
+    assert out["compute_dtype"] == "float32"  # a CPU scan computes as loaded
+    hist = tool.output_schema["$defs"]["Histogram"]["properties"]
+    assert "[edges[i], edges[i+1])" in hist["counts"]["description"] and "len(counts) + 1" in hist["edges"]["description"]

@@ -156,14 +156,38 @@ def batch_windows_for(engine: Engine, sae: LoadedSAE, context_size: int, n_featu
     return int(max(1, min(64, (1 << 25) // (context_size * max(n_features, 1)))))
 
 
-def _autocast(engine: Engine):
-    """CUDA with fp32 weights: compute the scan in bf16 (fp16 where bf16 is unsupported); elsewhere as loaded."""
+def _autocast_dtype(engine: Engine) -> torch.dtype | None:
+    """CUDA with fp32 weights: the scan computes in bf16 (fp16 where bf16 is unsupported); elsewhere None (as loaded)."""
     if str(engine.device).startswith("cuda") and engine.model.cfg.dtype == torch.float32:
-        dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
+def _autocast(engine: Engine):
+    dt = _autocast_dtype(engine)
+    if dt is not None:
         return torch.autocast("cuda", dtype=dt)
     import contextlib
 
     return contextlib.nullcontext()
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def compute_dtype(engine: Engine, sae: LoadedSAE) -> str:
+    """The precision a scan's activations are computed in, e.g. 'float32', or 'bfloat16' under CUDA autocast
+    (the prompt tools compute as loaded, so their activations can differ from a bf16 scan's in the 3rd digit).
+    'float32 (model), bfloat16 (SAE)' when the model and the SAE were loaded in different dtypes."""
+    auto = _autocast_dtype(engine)
+    if auto is not None:
+        return _dtype_name(auto)
+    model_dt = engine.model.cfg.dtype
+    sae_dt = next(iter(sae.sae.parameters()), torch.empty(0, dtype=model_dt)).dtype
+    if sae_dt == model_dt:
+        return _dtype_name(model_dt)
+    return f"{_dtype_name(model_dt)} (model), {_dtype_name(sae_dt)} (SAE)"
 
 
 def _batches(windows: Iterable[Window], max_tokens: int, tokens_so_far: int, batch: int, bos: bool) -> Iterator[list[Window]]:

@@ -8,12 +8,19 @@ from pydantic import BaseModel, Field
 
 
 class Histogram(BaseModel):
-    edges: list[float] = Field(description="Bin edges of positive activations (log-spaced); len(counts) + 1 values")
-    counts: list[int] = Field(description="Tokens whose activation fell in each bin")
+    """Bins, not points: counts[i] is the tokens with edges[i] <= activation < edges[i + 1]."""
+
+    edges: list[float] = Field(
+        description="Bin edges of the positive activations, log-spaced, ascending: len(counts) + 1 values, bin i "
+        "spanning [edges[i], edges[i+1]) (activations under 1e-4 count in a first bin starting at 1e-4, over 1e4 "
+        "in a last bin ending at 1e4)"
+    )
+    counts: list[int] = Field(description="Tokens per bin: counts[i] fell in [edges[i], edges[i+1]); one fewer than edges")
 
 
 class Example(BaseModel):
     activation: float = Field(description="The feature's activation at the max token")
+    token: str = Field(description="The max token itself: tokens[position]")
     tokens: list[str] = Field(description="Context around the max token, from its window (BOS included when in range)")
     position: int = Field(description="Index of the max token inside `tokens`")
     document: int = Field(description="Index of the document in the corpus (0-based)")
@@ -27,7 +34,16 @@ class FeatureSummary(BaseModel):
     density: float = Field(description="Fraction of scanned tokens where the feature fired (activation > 0)")
     n_fired: int = Field(description="Scanned tokens where the feature fired")
     tokens_scanned: int = Field(description="Document tokens scanned (BOS not counted)")
-    histogram: Histogram = Field(description="Positive activations, compact (at most 16 bins over the used range)")
+    histogram: Histogram = Field(
+        description="Positive activations as bins, compact (at most 16 over the used range): edges has one more "
+        "entry than counts"
+    )
+    compute_dtype: str | None = Field(
+        default=None,
+        description="Precision the scan computed activations in: 'float32', or 'bfloat16'/'float16' under CUDA "
+        "autocast (then max_activation and the examples' activations can differ from get_feature_acts' fp32 "
+        "values in the 3rd digit); None for an index written before it was recorded",
+    )
 
 
 class TopExamples(FeatureSummary):

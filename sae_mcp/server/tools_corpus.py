@@ -60,10 +60,12 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None
         ctx: Context = None,
     ) -> Annotated[CallToolResult, TopExamples]:
         """Max-activating corpus examples of a feature: the k largest activations with their context (tokens,
-        position of the max token in them, document index and token offset), plus max activation, density
-        (fraction of scanned tokens where it fired) and an activation histogram. From the corpus index when one
-        was built (`sae-mcp index`), else an on-demand scan of this one feature over max_scan_tokens tokens
-        (cached; reports progress). Each example's window starts with BOS at the document's window start."""
+        the max token and its position in them, document index and token offset), plus max activation, density
+        (fraction of scanned tokens where it fired), an activation histogram (bins: edges has one more entry than
+        counts) and compute_dtype, the precision the scan ran in (bfloat16 under CUDA autocast). From the corpus
+        index when one was built (`sae-mcp index`), else an on-demand scan of this one feature over
+        max_scan_tokens tokens (cached; reports progress). Each example's window starts with BOS at the
+        document's window start."""
         cancel = CancelToken()
 
         progress = progress_reporter(ctx, cancel, "tokens scanned")

@@ -8,7 +8,10 @@
       windows(id, document, start, tokens)   every scanned window's token ids (int32 blob), to show contexts
       scans(name, ...)             one row per scan: 'index' (all features) or 'feature:<f>' (on-demand scans):
                                    progress (tokens, windows, exhausted, target) and the state as blobs:
-                                   top_vals [K, F] float32, top_pos [K, F] int64, n_fired [F] int64, hist [F, NB] int64
+                                   top_vals [K, F] float32, top_pos [K, F] int64, n_fired [F] int64, hist [F, NB] int64,
+                                   and compute_dtype, the precision its activations were computed in (per scan,
+                                   not in meta: a file stays valid when the server moves between CPU and CUDA;
+                                   NULL in rows written before it was recorded)
 
 The state is written as a whole at checkpoints (a 24576-feature SAE: ~27 MB), in one transaction, so a crash
 or a cancel leaves the last checkpoint, from which a re-run resumes. Windows are immutable given the corpus
@@ -34,9 +37,11 @@ CREATE TABLE IF NOT EXISTS windows (id INTEGER PRIMARY KEY, document INTEGER NOT
 CREATE TABLE IF NOT EXISTS scans (
     name TEXT PRIMARY KEY, n_features INTEGER NOT NULL, k INTEGER NOT NULL,
     tokens INTEGER NOT NULL, windows INTEGER NOT NULL, exhausted INTEGER NOT NULL, target INTEGER NOT NULL,
-    updated REAL NOT NULL, top_vals BLOB, top_pos BLOB, n_fired BLOB, hist BLOB
+    updated REAL NOT NULL, top_vals BLOB, top_pos BLOB, n_fired BLOB, hist BLOB, compute_dtype TEXT
 );
 """
+SCAN_COLUMNS = ("name, n_features, k, tokens, windows, exhausted, target, updated, top_vals, top_pos, n_fired, hist, "
+                "compute_dtype")
 
 
 def index_path(data_dir: Path, model_key: str, sae_key: str, corpus_key: str) -> Path:
@@ -68,6 +73,7 @@ class StoredScan:
     top_pos: np.ndarray  # [K, F] int64
     n_fired: np.ndarray  # [F] int64
     hist: np.ndarray  # [F, NB] int64
+    compute_dtype: str | None = None  # e.g. 'float32', 'bfloat16' (CUDA autocast); None: not recorded
 
 
 class IndexStore:
@@ -77,6 +83,8 @@ class IndexStore:
         self.path = Path(path)
         self.conn = open_db(self.path)
         self.conn.executescript(SCHEMA)
+        if "compute_dtype" not in [c[1] for c in self.conn.execute("PRAGMA table_info(scans)")]:
+            self.conn.execute("ALTER TABLE scans ADD COLUMN compute_dtype TEXT")  # a file from before it existed
         self._lock = threading.Lock()
         old = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
         if old and not same_meta(old, meta):
@@ -109,7 +117,8 @@ class IndexStore:
     # -- scans --------------------------------------------------------------------------------------------------
 
     def save_scan(self, name: str, *, tokens: int, windows: int, exhausted: bool, target: int,
-                  top_vals: np.ndarray, top_pos: np.ndarray, n_fired: np.ndarray, hist: np.ndarray) -> None:
+                  top_vals: np.ndarray, top_pos: np.ndarray, n_fired: np.ndarray, hist: np.ndarray,
+                  compute_dtype: str | None = None) -> None:
         row = (
             name, int(top_vals.shape[1]), int(top_vals.shape[0]), int(tokens), int(windows), int(exhausted),
             int(target), time.time(),
@@ -117,9 +126,10 @@ class IndexStore:
             np.ascontiguousarray(top_pos, dtype=np.int64).tobytes(),
             np.ascontiguousarray(n_fired, dtype=np.int64).tobytes(),
             np.ascontiguousarray(hist, dtype=np.int64).tobytes(),
+            compute_dtype,
         )
         with self._lock:
-            self.conn.execute("INSERT OR REPLACE INTO scans VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+            self.conn.execute(f"INSERT OR REPLACE INTO scans ({SCAN_COLUMNS}) VALUES ({', '.join('?' * len(row))})", row)
 
     def scan_updated(self, name: str) -> float | None:
         row = self.conn.execute("SELECT updated FROM scans WHERE name = ?", (name,)).fetchone()
@@ -127,19 +137,20 @@ class IndexStore:
 
     def load_scan(self, name: str) -> StoredScan | None:
         row = self.conn.execute(
-            "SELECT n_features, k, tokens, windows, exhausted, target, updated, top_vals, top_pos, n_fired, hist "
-            "FROM scans WHERE name = ?",
+            "SELECT n_features, k, tokens, windows, exhausted, target, updated, top_vals, top_pos, n_fired, hist, "
+            "compute_dtype FROM scans WHERE name = ?",
             (name,),
         ).fetchone()
         if row is None:
             return None
-        f, k, tokens, windows, exhausted, target, updated, tv, tp, nf, h = row
+        f, k, tokens, windows, exhausted, target, updated, tv, tp, nf, h, dt = row
         return StoredScan(
             name=name, tokens=tokens, windows=windows, exhausted=bool(exhausted), target=target, updated=updated,
             top_vals=np.frombuffer(tv, dtype=np.float32).reshape(k, f),
             top_pos=np.frombuffer(tp, dtype=np.int64).reshape(k, f),
             n_fired=np.frombuffer(nf, dtype=np.int64).reshape(f),
             hist=np.frombuffer(h, dtype=np.int64).reshape(f, -1),
+            compute_dtype=dt,
         )
 
     def close(self) -> None:
