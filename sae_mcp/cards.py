@@ -2,9 +2,10 @@
 
 A card gathers what is known about a feature without running anything long:
     explanations   the agent's labels and imported explanations (store/explanations.py)
-    index          density, max activation, histogram and top examples, from the corpus index when one was built
-                   (sae_mcp.examples, imported lazily: without it the card says "not indexed: run sae-mcp index";
-                   a card never starts a silent corpus scan)
+    index          density, max activation, histogram and top examples, from the corpus index when one was built,
+                   else from an on-demand top_examples scan of this feature already cached (the card says so and
+                   over how many tokens); sae_mcp.examples is imported lazily. With neither the card says "not
+                   indexed: run sae-mcp index": a card never starts a silent corpus scan
     logit lens     the tokens W_dec[f] @ W_U promotes and suppresses most (engine/logits.py)
     statistics     mean, std, skewness and kurtosis of those logit weights (engine/stats.py)
 The same CardData renders to markdown for the agent and to HTML for a person, so both look at the same thing.
@@ -111,6 +112,8 @@ class CardData:
     tokens_scanned: int | None = None
     histogram: Any = None
     examples: list[Any] = field(default_factory=list)
+    compute_dtype: str | None = None  # the precision the index/scan computed activations in, when recorded
+    scan_note: str | None = None  # set when the activations come from a cached on-demand scan, not the index
 
 
 def gather(ctx: ExplainContext, feature: int, sae: str | None = None, n_examples: int = 5, n_tokens: int = 8) -> CardData:
@@ -121,8 +124,8 @@ def gather(ctx: ExplainContext, feature: int, sae: str | None = None, n_examples
     try:
         projection = lg.project_to_vocab(engine, feature, sae=s.key, top_k=n_tokens)
         with engine.device_work():
-            m = stats.logit_weight_moments(engine, s, [feature])[0].tolist()
-        moments = (m[0], m[1], m[2], m[3])
+            m = [stats.rounded(v) for v in stats.logit_weight_moments(engine, s, [feature])[0].tolist()]
+        moments = (m[0], m[1], m[2], m[3])  # rounded as feature_stats rounds them: a centred mean reads 0
     except InvalidInput as exc:  # e.g. an SAE on hook_mlp_pre: no direct path to the unembedding
         lens_note = f"no logit lens: {exc}"
     card = CardData(
@@ -143,16 +146,28 @@ def gather(ctx: ExplainContext, feature: int, sae: str | None = None, n_examples
         return card
     try:
         summary = src.feature_summary(s.key, feature)
+        top = None
         if summary is None:
-            card.index_note = NOT_INDEXED
-            return card
+            # Not indexed, but top_examples may already have scanned this feature: show that (cached, no scan).
+            cached = getattr(src, "cached_top_examples", None)
+            top = cached(s.key, feature, k=max(n_examples, 1)) if cached is not None else None
+            if top is None:
+                card.index_note = NOT_INDEXED
+                return card
+            summary = top
+            card.scan_note = (
+                f"from an on-demand top_examples scan of this feature over {_get(top, 'tokens_scanned', 0):,} tokens "
+                "(not indexed: `sae-mcp index` covers every feature)"
+            )
         card.density = _get(summary, "density")
         card.max_activation = _get(summary, "max_activation")
         card.tokens_scanned = _get(summary, "tokens_scanned")
         card.histogram = _get(summary, "histogram")
+        card.compute_dtype = _get(summary, "compute_dtype")
         if n_examples:
-            top = src.top_examples(s.key, feature, k=n_examples)
-            card.examples = list(_get(top, "examples", []) or [])
+            if top is None:
+                top = src.top_examples(s.key, feature, k=n_examples)
+            card.examples = list(_get(top, "examples", []) or [])[:n_examples]
     except Exception as exc:  # the index is another area's: report, never fail the card
         log.warning("index read failed for %s/%d: %s", s.key, feature, exc)
         card.index_note = f"index unavailable ({type(exc).__name__}: {exc}); run sae-mcp index"
@@ -231,7 +246,11 @@ def to_markdown(c: CardData) -> str:
             parts.append(f"of {c.tokens_scanned:,} tokens")
         if c.max_activation is not None:
             parts.append(f"max activation {c.max_activation:.3g}")
+        if c.compute_dtype:
+            parts.append(f"computed in {c.compute_dtype}")
         out.append(" · ".join(parts) or "indexed")
+        if c.scan_note:
+            out.append(c.scan_note)
         counts, lo, hi = _hist_counts(c.histogram)
         if counts:
             rng = f" ({lo:.3g} .. {hi:.3g})" if lo is not None else ""
@@ -298,7 +317,11 @@ def to_html(c: CardData) -> str:
             info.append(f"of {c.tokens_scanned:,} tokens")
         if c.max_activation is not None:
             info.append(f"max activation {c.max_activation:.3g}")
+        if c.compute_dtype:
+            info.append(f"computed in {c.compute_dtype}")
         parts.append(f"<p>{e(' · '.join(info) or 'indexed')}</p>")
+        if c.scan_note:
+            parts.append(f"<p class='meta'>{e(c.scan_note)}</p>")
         counts, lo, hi = _hist_counts(c.histogram)
         if counts and max(counts) > 0:
             top = max(counts)

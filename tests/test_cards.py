@@ -44,7 +44,8 @@ class FakeIndex:
 
     def top_examples(self, sae, feature, k=10, **kw):
         self.calls.append(f"top_examples k={k}")
-        ex = Example(activation=4.2, tokens=["<s>", "the", " cat", " sat", " on"], position=2, document=0, offset=1)
+        ex = Example(activation=4.2, token=" cat", tokens=["<s>", "the", " cat", " sat", " on"], position=2, document=0,
+                     offset=1)
         return TopExamples(**self._summary(feature), source="index", corpus="fake", context_size=8, examples=[ex])
 
     def densities(self, sae):
@@ -113,6 +114,49 @@ def test_card_never_scans_when_the_index_has_no_summary(tiny_engine, tmp_path):
     ctx = cards.ExplainContext(tiny_engine, Settings(data_dir=tmp_path))
     ctx._source = Empty(sae_of(tiny_engine).key)
     assert cards.NOT_INDEXED in cards.card_markdown(ctx, 3)
+
+
+def test_card_shows_a_cached_on_demand_scan_instead_of_not_indexed(tiny_engine, tiny_sae_dir, tmp_path, monkeypatch):
+    """top_examples already scanned feature 4 (no index): its card shows that scan and says it is one; a feature
+    never scanned still says not indexed; and the card itself never scans."""
+    from sae_mcp.examples import ExampleSource
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(["the cat sat on the mat and Lily saw it", "Tom ran to the park with a red ball"] * 10)
+                      + "\n", encoding="utf-8")
+    st = Settings(model="tiny", saes=(str(tiny_sae_dir),), corpus=str(corpus), data_dir=tmp_path / "d")
+    src = ExampleSource(tiny_engine, st)
+    scanned = src.top_examples(None, 4, k=3, max_scan_tokens=120)
+    assert scanned.source == "scan" and scanned.examples
+    monkeypatch.setattr(src, "_run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("a card must not scan")))
+    ctx = cards.ExplainContext(tiny_engine, st)
+    ctx._source = src
+    md = cards.card_markdown(ctx, 4, n_examples=2)
+    assert cards.NOT_INDEXED not in md
+    assert f"from an on-demand top_examples scan of this feature over {scanned.tokens_scanned:,} tokens" in md
+    assert f"density {scanned.density:.3g} · of {scanned.tokens_scanned:,} tokens · max activation " \
+           f"{scanned.max_activation:.3g} · computed in float32" in md
+    ex = scanned.examples[0]
+    assert f"1. {ex.activation:.3g}: " in md and f"«{ex.token}»" in md and "\n3. " not in md
+    assert "on-demand" in cards.card_html(ctx, 4)
+    assert cards.NOT_INDEXED in cards.card_markdown(ctx, 5)
+
+
+def test_card_moments_read_as_feature_stats_reports_them(tiny_engine, tmp_path, monkeypatch):
+    """A mean-centred unembedding makes the mean float noise (e.g. -1.3e-08): the card rounds it as feature_stats
+    does (0.0), instead of printing the noise."""
+    from sae_mcp.engine import stats
+
+    real = stats._logit_weights
+    # Centred, plus the float noise a centred W_U leaves on real models (stories260K's card read mean -1.3e-08).
+    monkeypatch.setattr(stats, "_logit_weights",
+                        lambda e, sae, idx: real(e, sae, idx) - real(e, sae, idx).mean(1, keepdim=True) - 1.3e-8)
+    ctx = cards.ExplainContext(tiny_engine, Settings(data_dir=tmp_path))
+    md = cards.card_markdown(ctx, 9)
+    (f,) = stats.feature_stats(tiny_engine, features=[9]).features
+    assert f.mean == 0.0
+    assert f"logit weights: mean {f.mean:.3g}, std {f.std:.3g}, skewness {f.skewness:.3g}, kurtosis {f.kurtosis:.3g}" in md
+    assert "logit weights: mean 0," in md
 
 
 def test_example_source_failure_is_retried_on_the_next_call(tiny_engine, tmp_path, monkeypatch):

@@ -107,8 +107,9 @@ def logit_weight_moments(engine: Engine, sae: LoadedSAE, features: list[int] | N
     return moments
 
 
-def _r0(x: float) -> float:
-    """r() without the sign of a rounded-away zero: a mean of -1e-9 reads 0.0, not -0.0."""
+def rounded(x: float) -> float:
+    """r() without the sign of a rounded-away zero: a mean of -1e-9 reads 0.0, not -0.0. feature_stats and the
+    feature card both report moments through this, so they read the same numbers."""
     return r(x) + 0.0
 
 
@@ -153,10 +154,10 @@ def feature_stats(
     rows = [
         FeatureStat(
             feature=int(idx[i]),
-            mean=_r0(moments[i, 0]),
-            std=_r0(moments[i, 1]),
-            skewness=_r0(moments[i, 2]),
-            kurtosis=_r0(moments[i, 3]),
+            mean=rounded(moments[i, 0]),
+            std=rounded(moments[i, 1]),
+            skewness=rounded(moments[i, 2]),
+            kurtosis=rounded(moments[i, 3]),
             density=r(dens[i], 6) if dens is not None else None,
         )
         for i in order.tolist()
