@@ -32,7 +32,7 @@ from sae_mcp.store.explanations import Explanation, ExplanationStore
 
 log = logging.getLogger(__name__)
 
-NOT_INDEXED = "not indexed: run sae-mcp index"
+NOT_INDEXED = "not indexed: call build_index (or run sae-mcp index)"
 CONTEXT_BEFORE, CONTEXT_AFTER = 12, 4  # tokens shown around the firing token of an example
 
 
@@ -157,7 +157,7 @@ def gather(ctx: ExplainContext, feature: int, sae: str | None = None, n_examples
             summary = top
             card.scan_note = (
                 f"from an on-demand top_examples scan of this feature over {_get(top, 'tokens_scanned', 0):,} tokens "
-                "(not indexed: `sae-mcp index` covers every feature)"
+                "(not indexed: build_index or `sae-mcp index` covers every feature)"
             )
         card.density = _get(summary, "density")
         card.max_activation = _get(summary, "max_activation")
@@ -170,7 +170,7 @@ def gather(ctx: ExplainContext, feature: int, sae: str | None = None, n_examples
             card.examples = list(_get(top, "examples", []) or [])[:n_examples]
     except Exception as exc:  # the index is another area's: report, never fail the card
         log.warning("index read failed for %s/%d: %s", s.key, feature, exc)
-        card.index_note = f"index unavailable ({type(exc).__name__}: {exc}); run sae-mcp index"
+        card.index_note = f"index unavailable ({type(exc).__name__}: {exc}); call build_index or run sae-mcp index"
     return card
 
 

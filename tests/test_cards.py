@@ -69,7 +69,7 @@ def test_resource_template_matches_a_dotted_hook_name(tiny_engine, tmp_path):
     text = res.contents[0].text
     assert res.contents[0].mime_type == "text/markdown"
     assert text.startswith(f"# Feature 5 · {s.key}")
-    assert "not indexed: run sae-mcp index" in text
+    assert "not indexed: call build_index" in text
     assert "promotes:" in text and "kurtosis" in text
 
 

@@ -69,7 +69,7 @@ def test_feature_page_renders_in_chromium_with_labels_and_logit_lens(dashboard, 
     assert f"Feature 6 · {s.key}" in dom  # the dotted hook name routes as one path segment
     assert "label: cats &amp; dogs &lt;pets&gt;" in dom  # escaped: a label cannot inject markup
     assert "<table id=\"logits\">" in dom and "promotes" in dom
-    assert "not indexed: run sae-mcp index" in dom
+    assert "not indexed: call build_index" in dom
     assert "kurtosis" in dom
 
 

@@ -162,3 +162,28 @@ def test_each_example_names_its_max_token_and_the_schema_calls_the_histogram_bin
     assert out["compute_dtype"] == "float32"  # a CPU scan computes as loaded
     hist = tool.output_schema["$defs"]["Histogram"]["properties"]
     assert "[edges[i], edges[i+1])" in hist["counts"]["description"] and "len(counts) + 1" in hist["edges"]["description"]
+
+
+@needs_stories
+def test_build_index_tool_indexes_every_feature_reports_progress_and_then_top_examples_reads_it(server, stories_engine):
+    seen = []
+
+    async def progress(done, total, message):
+        seen.append((done, total))
+
+    built, again, ex, bad = calls(
+        server,
+        ("build_index", {"tokens": 20_000}),
+        ("build_index", {"tokens": 20_000}),
+        ("top_examples", {"feature": 5, "k": 3}),
+        ("build_index", {"tokens": 10_000_000}),
+        progress=progress,
+    )
+    assert not built.is_error, text(built)
+    report = built.structured_content
+    assert report["tokens_scanned"] >= 20_000 and report["reused"] is False
+    assert again.structured_content["reused"] is True  # same budget: nothing scanned again
+    assert ex.structured_content["source"] == "index"
+    assert ex.structured_content["tokens_scanned"] == report["tokens_scanned"]
+    assert seen and all(total == 20_000 for _, total in seen)
+    assert bad.is_error and "less than or equal to 2000000" in text(bad)

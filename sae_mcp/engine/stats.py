@@ -131,7 +131,7 @@ def feature_stats(
     if densities is None and (sort_by == "density" or min_density is not None or max_density is not None):
         raise InvalidInput(
             "densities are not indexed for this SAE, so sort_by='density' and density filters cannot work: "
-            "run `sae-mcp index` first, or sort by skewness/kurtosis/mean/std"
+            "call build_index (or run `sae-mcp index`) first, or sort by skewness/kurtosis/mean/std"
         )
     with engine.device_work():
         moments = logit_weight_moments(engine, s, features)  # [n, 4]
@@ -166,7 +166,7 @@ def feature_stats(
         sae=s.key,
         sort_by=sort_by,
         n_features=len(kept),
-        densities="indexed" if dens is not None else "not indexed: run sae-mcp index",
+        densities="indexed" if dens is not None else "not indexed: call build_index or run sae-mcp index",
         features=rows,
     )
 

@@ -36,9 +36,10 @@ sae-mcp runs sparse-autoencoder (SAE) experiments on a loaded transformer langua
 Start with model_info (the model and its SAEs; address an SAE by its key, optional when one is loaded).
 Read: get_feature_acts (features firing per token), compare_prompts (pairs, or sets of minimal pairs with effect
 sizes), next_token, project_to_vocab (what a decoder direction promotes), top_examples (max-activating corpus
-examples), feature_card (everything known about a feature), search_explanations, feature_stats,
-token_set_enrichment. Test cause: ablate_and_test (the effect is `ablated` vs `baseline`; read `summary`; use controls),
-steer_generate (calibrated, dose-response, controls), attribute (gradient x activation, error share).
+examples; build_index indexes every feature at once), feature_card (everything known about a feature),
+search_explanations, feature_stats, token_set_enrichment.
+Test cause: ablate_and_test (the effect is `ablated` vs `baseline`; read `summary`; use controls), steer_generate
+(calibrated, dose-response, controls), attribute (gradient x activation, error share).
 Record what you learn with label_feature. Activations depend on context: prompts get BOS prepended as the SAE was
 trained. The MCP prompts hold investigation recipes."""
 

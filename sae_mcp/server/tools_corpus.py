@@ -15,12 +15,16 @@ from sae_mcp.engine.corpus import resolve_corpus
 from sae_mcp.engine.runtime import CancelToken, Engine
 from sae_mcp.errors import SaeMcpError
 from sae_mcp.examples import DEFAULT_CONTEXT, DEFAULT_SCAN_TOKENS, KEEP, MAX_CONTEXT, MAX_SCAN_TOKENS, get_example_source
-from sae_mcp.results.corpus import TopExamples
+from sae_mcp.results.corpus import IndexReport, TopExamples
 from sae_mcp.server.args import engine_args
 from sae_mcp.server.progress import progress_reporter
 from sae_mcp.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# A tool call holds the device between batches only, but an agent should not start an hours-long scan by accident:
+# ~2M tokens is minutes on a GPU and the size of the index that answers most questions about common features.
+MAX_INDEX_TOKENS = 2_000_000
 
 
 
@@ -63,7 +67,7 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None
         the max token and its position in them, document index and token offset), plus max activation, density
         (fraction of scanned tokens where it fired), an activation histogram (bins: edges has one more entry than
         counts) and compute_dtype, the precision the scan ran in (bfloat16 under CUDA autocast). From the corpus
-        index when one was built (`sae-mcp index`), else an on-demand scan of this one feature over
+        index when one was built (build_index or `sae-mcp index`), else an on-demand scan of this one feature over
         max_scan_tokens tokens (cached; reports progress). Each example's window starts with BOS at the
         document's window start."""
         cancel = CancelToken()
@@ -83,3 +87,20 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None
                                 f"{res.tokens_scanned} tokens fired (max {res.max_activation:g})")
             content.append(ImageContent(type="image", data=base64.b64encode(png).decode(), mime_type="image/png"))
         return CallToolResult(content=content, structured_content=data)
+
+    @tool(annotations=annotations)
+    def build_index(
+        sae: A.Sae = None,
+        tokens: Annotated[
+            int, Field(ge=1_000, le=MAX_INDEX_TOKENS, description="Corpus tokens to scan (resumes a smaller index)")
+        ] = 200_000,
+        ctx: Context = None,
+    ) -> IndexReport:
+        """Build (or extend) the corpus index of EVERY feature of an SAE in one pass: top examples, firing density
+        and activation histogram per feature, so top_examples, feature_card and feature_stats(density) answer at
+        once. Re-running with the same or fewer tokens reuses the index; more tokens resume it. Reports progress;
+        a cancelled call keeps what it scanned up to its last checkpoint. For corpora beyond this ceiling use the
+        `sae-mcp index` command."""
+        cancel = CancelToken()
+        return source.build_index(sae, tokens, progress=progress_reporter(ctx, cancel, "tokens indexed"),
+                                  cancel=cancel)
