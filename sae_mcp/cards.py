@@ -239,16 +239,7 @@ def to_markdown(c: CardData) -> str:
     if c.index_note:
         out.append(c.index_note)
     else:
-        parts = []
-        if c.density is not None:
-            parts.append(f"density {c.density:.3g}")
-        if c.tokens_scanned:
-            parts.append(f"of {c.tokens_scanned:,} tokens")
-        if c.max_activation is not None:
-            parts.append(f"max activation {c.max_activation:.3g}")
-        if c.compute_dtype:
-            parts.append(f"computed in {c.compute_dtype}")
-        out.append(" · ".join(parts) or "indexed")
+        out.append(_activation_line(c))
         if c.scan_note:
             out.append(c.scan_note)
         counts, lo, hi = _hist_counts(c.histogram)
@@ -310,16 +301,7 @@ def to_html(c: CardData) -> str:
     if c.index_note:
         parts.append(f"<p>{e(c.index_note)}</p>")
     else:
-        info = []
-        if c.density is not None:
-            info.append(f"density {c.density:.3g}")
-        if c.tokens_scanned:
-            info.append(f"of {c.tokens_scanned:,} tokens")
-        if c.max_activation is not None:
-            info.append(f"max activation {c.max_activation:.3g}")
-        if c.compute_dtype:
-            info.append(f"computed in {c.compute_dtype}")
-        parts.append(f"<p>{e(' · '.join(info) or 'indexed')}</p>")
+        parts.append(f"<p>{e(_activation_line(c))}</p>")
         if c.scan_note:
             parts.append(f"<p class='meta'>{e(c.scan_note)}</p>")
         counts, lo, hi = _hist_counts(c.histogram)
@@ -372,6 +354,20 @@ def index_html(ctx: ExplainContext) -> str:
         parts.append("</ul>")
     parts.append("</body></html>")
     return "".join(parts)
+
+
+def _activation_line(c) -> str:
+    """'density 0.0105 · of 100,015 tokens · max activation 2.01 · computed in float32' (markdown and HTML)."""
+    parts = []
+    if c.density is not None:
+        parts.append(f"density {c.density:.3g}")
+    if c.tokens_scanned:
+        parts.append(f"of {c.tokens_scanned:,} tokens")
+    if c.max_activation is not None:
+        parts.append(f"max activation {c.max_activation:.3g}")
+    if c.compute_dtype:
+        parts.append(f"computed in {c.compute_dtype}")
+    return " · ".join(parts) or "indexed"
 
 
 def card_markdown(ctx: ExplainContext, feature: int, sae: str | None = None, **kw: Any) -> str:
