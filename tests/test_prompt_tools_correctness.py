@@ -233,3 +233,23 @@ def test_byte_level_bpe_pieces_map_back_to_their_utf8_bytes():
     for text in ("😀", " 東京", "é"):
         (piece, _), = ByteLevel(add_prefix_space=False).pre_tokenize_str(text)[:1]
         assert _bytes_of_piece(piece) == "".join(f"<0x{b:02X}>" for b in text.encode())
+
+
+@needs_stories
+def test_multi_token_answer_gets_its_whole_sequence_log_probability_by_teacher_forcing(stories_engine):
+    """log P(' toys' | prompt) = sum of each answer token's log-prob after the prompt and the earlier answer
+    tokens, computed here one token at a time with separate forwards."""
+    model = stories_engine.model
+    prompt = "Lily loved to play with her"
+    out = L.next_token(stories_engine, prompt, answer=" toys", top_k=2).answer
+    assert out.multi_token and len(out.answer_tokens) >= 2
+    ids = model.to_tokens(prompt)[0].tolist()
+    answer_ids = [model.tokenizer.convert_tokens_to_ids(t.replace(" ", "\u2581")) for t in out.answer_tokens]
+    total = 0.0
+    with torch.no_grad():
+        for a in answer_ids:
+            total += model(torch.tensor([ids]))[0, -1].log_softmax(-1)[a].item()
+            ids.append(a)
+    assert out.sequence_log_probability == pytest.approx(total, abs=1e-3)
+    single = L.next_token(stories_engine, prompt, answer=" Lily").answer
+    assert single.sequence_log_probability is None

@@ -72,10 +72,22 @@ def next_token(engine: Engine, prompt: str, answer: str | None = None, top_k: in
     answer_ids = answer_token_ids(engine, answer) if answer is not None else None
     prepend = bool(getattr(engine.model.cfg, "default_prepend_bos", True))
     with engine.device_work():
-        tokens = engine.to_tokens(prompt, prepend_bos=prepend)
+        tokens = engine.to_tokens(prompt, prepend_bos=prepend)  # [1, seq]
+        if answer_ids and len(answer_ids) > 1:
+            # Teacher forcing: one forward over prompt + answer scores every answer token at once.
+            answer_t = torch.tensor([answer_ids], device=tokens.device)
+            full = torch.cat([tokens, answer_t[:, :-1]], dim=1)  # [1, seq + n_answer - 1]
+            if full.shape[1] > engine.model.cfg.n_ctx:
+                raise InvalidInput("the prompt plus the answer is longer than the model's context; shorten the prompt")
+        else:
+            full = tokens
         with torch.inference_mode():
-            logits = engine.model(tokens, return_type="logits", attention_mask=torch.ones_like(tokens))[0, -1]
-        top, ans = next_token_table(engine, logits, top_k, answer_ids)
+            all_logits = engine.model(full, return_type="logits", attention_mask=torch.ones_like(full))[0]
+        seq = tokens.shape[1]
+        top, ans = next_token_table(engine, all_logits[seq - 1], top_k, answer_ids)  # [d_vocab] after the prompt
+        if ans is not None and len(answer_ids) > 1:
+            logp = all_logits[seq - 1 :].float().log_softmax(-1)  # [n_answer, d_vocab]
+            ans.sequence_log_probability = r(logp.gather(1, torch.tensor(answer_ids, device=logp.device)[:, None]).sum().item())
     return NextToken(tokens=engine.str_tokens(tokens), top=top, answer=ans)
 
 

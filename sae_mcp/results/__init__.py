@@ -134,6 +134,10 @@ class AnswerScore(BaseModel):
     logit: float
     answer_tokens: list[str] = Field(description="How the whole answer tokenizes")
     multi_token: bool = Field(description="True when the answer is several tokens: only the first is scored")
+    sequence_log_probability: float | None = Field(
+        default=None,
+        description="next_token only, multi-token answers: log P(all answer tokens | prompt) by teacher forcing",
+    )
 
 
 class NextToken(BaseModel):

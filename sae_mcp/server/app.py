@@ -130,8 +130,8 @@ def build_server(engine: Engine, settings: Settings | None = None, store: Any = 
         top_k: Annotated[int, Field(ge=1, le=max_k, description="Most likely next tokens to list")] = 10,
     ) -> NextToken:
         """The plain model's next-token prediction (the tutorial's test_prompt): top tokens with probability and
-        logit, and the answer's rank (0 = most likely), probability and logit. A multi-token answer is scored on
-        its first token and says so."""
+        logit, and the answer's rank (0 = most likely), probability and logit. A multi-token answer is ranked on
+        its first token and says so, and gets the whole answer's log-probability (teacher forcing)."""
         return lg.next_token(engine, prompt, answer=answer, top_k=top_k)
 
     @tool()
