@@ -3,7 +3,6 @@ offline with nothing cached fails fast with what to download or pass instead."""
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -36,12 +35,10 @@ def test_sae_on_the_mlp_output_hook_checks_its_width(tiny_loaded, tmp_path):
 
 
 def test_unknown_release_fails_at_once_with_a_suggestion():
-    t0 = time.perf_counter()
     with pytest.raises(LoadError, match=r"gpt2-small-res-jb"):
         load_sae("gpt2-small-res-jbb/blocks.7.hook_resid_pre", "cpu", torch.float32)
     with pytest.raises(LoadError, match=r"has no SAE id 'blocks.70.hook_resid_pre'"):
         load_sae("gpt2-small-res-jb/blocks.70.hook_resid_pre", "cpu", torch.float32)
-    assert time.perf_counter() - t0 < 60  # a bound on hanging, not a performance claim
 
 
 def test_folder_without_cfg_json_is_refused(tmp_path):
