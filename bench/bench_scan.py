@@ -11,7 +11,7 @@ SAE at blocks.7.hook_resid_pre, and the real stories260K model on its TinyStorie
 The SAEs are random but made sparse like trained ones: b_enc is set so that ~64 features fire per token
 (L0 ~ 64, as gpt2-small-res-jb), since the histogram's cost grows with the number of firing entries.
 
-    python bench/bench_scan.py [--batches 4] [--skip-gpt2]
+    python bench/bench_scan.py [--batches 4] [--skip-gpt2] [--device cuda --windows 256]
 
 Measured on the shared 2-core dev box, 1 thread, CPU (python bench/bench_scan.py --batches 3):
     stories260K, SAE 64x4096:      scan / bare = 0.92;  tutorial for ONE feature = 1.6x our pass for ALL 4096
@@ -43,7 +43,7 @@ STORIES = SHARED / "fixtures" / "stories260K"
 from sae_mcp.engine.corpus import Window, iter_windows, resolve_corpus  # noqa: E402
 from sae_mcp.engine.loading import LoadedModel, LoadedSAE  # noqa: E402
 from sae_mcp.engine.runtime import Engine  # noqa: E402
-from sae_mcp.engine.scan import scan  # noqa: E402
+from sae_mcp.engine.scan import _autocast, scan  # noqa: E402
 from sae_mcp.store.index import IndexStore  # noqa: E402
 
 
@@ -63,6 +63,7 @@ def sparse_random_sae(model, hook: str, layer: int, d_sae: int, calib: torch.Ten
         q = torch.quantile(pre[:, : min(d_sae, 4096)].flatten().float(), 1 - l0 / d_sae)
     with torch.no_grad():
         sae.b_enc.fill_(-float(q))
+    sae.to(model.cfg.device)
     sae.eval()
     for p in sae.parameters():
         p.requires_grad_(False)
@@ -77,8 +78,10 @@ def bare(engine: Engine, sae: LoadedSAE, batch: list[Window]) -> float:
     ids = torch.zeros((len(batch), T), dtype=torch.long)
     for i, w in enumerate(batch):
         ids[i, : len(w.ids)] = torch.tensor(w.ids)
+    ids = ids.to(engine.device)
     t = time.perf_counter()
-    with engine.device_work(), torch.inference_mode():
+    # the same precision as the scan (bf16 autocast on CUDA), so the ratio compares like with like
+    with engine.device_work(), torch.inference_mode(), _autocast(engine):
         acts = engine.encode(sae, engine.forward_to_hook(ids, sae))
         float(acts[0, 0, 0])  # (a sync point on a GPU)
     return time.perf_counter() - t
@@ -102,6 +105,7 @@ def tutorial_one_feature(engine: Engine, sae: LoadedSAE, batch: list[Window], fe
     ids = torch.zeros((len(batch), T), dtype=torch.long)
     for i, w in enumerate(batch):
         ids[i, : len(w.ids)] = torch.tensor(w.ids)
+    ids = ids.to(engine.device)
     t = time.perf_counter()
     with torch.inference_mode():
         _, cache = engine.model.run_with_cache_with_saes(ids, saes=[sae.sae])
@@ -113,6 +117,7 @@ def tutorial_one_feature(engine: Engine, sae: LoadedSAE, batch: list[Window], fe
             rows.append({"str_tokens": toks[p], "batch": b, "pos": p, "context": "".join(toks[max(0, p - 5): p + 1])})
     df = pd.DataFrame(rows)
     df["feature"] = acts.flatten().tolist()
+    engine.model.reset_saes()
     kept = df[df["feature"] > 0]
     kept.sort_values("feature", ascending=False).head(10)
     return time.perf_counter() - t
@@ -134,8 +139,9 @@ def measure(name: str, engine: Engine, sae: LoadedSAE, batches: list[list[Window
             t_tut += tutorial_one_feature(engine, sae, b, 0, str_tok)
             n_tok += sum(len(w.ids) for w in b)
         t0 = time.perf_counter()
-        store.save_scan("bench", tokens=1, windows=1, exhausted=False, target=1, top_vals=state.top_vals.numpy(),
-                        top_pos=state.top_pos.numpy(), n_fired=state.n_fired.numpy(), hist=state.hist.numpy())
+        store.save_scan("bench", tokens=1, windows=1, exhausted=False, target=1, top_vals=state.top_vals.cpu().numpy(),
+                        top_pos=state.top_pos.cpu().numpy(), n_fired=state.n_fired.cpu().numpy(),
+                        hist=state.hist.cpu().numpy())
         t_ckpt = time.perf_counter() - t0
     print(f"\n== {name}: {len(batches)} batches x {len(batches[0])} windows, {n_tok} tokens, d_sae {sae.d_sae}")
     print(f"scan throughput / bare forward+encode throughput:  {t_bare / t_scan:.3f}   (goal >= 0.9)")
@@ -145,12 +151,12 @@ def measure(name: str, engine: Engine, sae: LoadedSAE, batches: list[list[Window
           f"batches' time (written every 30 s)")
 
 
-def gpt2_shaped(n_batches: int, windows: int) -> None:
+def gpt2_shaped(n_batches: int, windows: int, device: str) -> None:
     from sae_lens import HookedSAETransformer
     from transformer_lens import HookedTransformerConfig
 
     cfg = HookedTransformerConfig(n_layers=12, d_model=768, n_ctx=1024, d_head=64, n_heads=12, d_mlp=3072,
-                                  d_vocab=50257, act_fn="gelu_new", normalization_type="LNPre", device="cpu", seed=0)
+                                  d_vocab=50257, act_fn="gelu_new", normalization_type="LNPre", device=device, seed=0)
     model = HookedSAETransformer(cfg)
     model.eval()
     g = torch.Generator().manual_seed(0)
@@ -161,25 +167,25 @@ def gpt2_shaped(n_batches: int, windows: int) -> None:
             n = b * windows + i
             ws.append(Window(n, n, 0, [50256] + torch.randint(0, 50257, (127,), generator=g).tolist()))
         batches.append(ws)
-    calib = torch.tensor([w.ids for w in batches[0][:2]])
+    calib = torch.tensor([w.ids for w in batches[0][:2]], device=device)
     sae = sparse_random_sae(model, "blocks.7.hook_resid_pre", 7, 24576, calib)
-    engine = Engine(LoadedModel(model, "gpt2-shaped", "random", "generated"), [sae], "cpu")
+    engine = Engine(LoadedModel(model, "gpt2-shaped", "random", "generated"), [sae], device)
     # No tokenizer offline: the tutorial frame gets token ids as strings (cheaper than decoding: favours it).
     measure("gpt2-small shape (random weights), SAE 768x24576 at blocks.7.hook_resid_pre", engine, sae, batches[1:],
             lambda row: [str(int(t)) for t in row])
 
 
-def stories(n_batches: int, windows: int) -> None:
+def stories(n_batches: int, windows: int, device: str) -> None:
     from sae_mcp.engine.loading import load_model
 
-    loaded = load_model(str(STORIES / "hf"), "cpu", torch.float32)
+    loaded = load_model(str(STORIES / "hf"), device, torch.float32)
     model = loaded.model
     src = resolve_corpus(str(STORIES / "corpus" / "tinystories_val.jsonl"))
     it = iter_windows(src, model.tokenizer, 128, 1)
     batches = [[next(it) for _ in range(windows)] for _ in range(n_batches + 1)]
-    calib = torch.tensor([w.ids for w in batches[0] if len(w.ids) == 128][:8])
+    calib = torch.tensor([w.ids for w in batches[0] if len(w.ids) == 128][:8], device=device)
     sae = sparse_random_sae(model, "blocks.2.hook_resid_pre", 2, 4096, calib)
-    engine = Engine(loaded, [sae], "cpu")
+    engine = Engine(loaded, [sae], device)
     measure("stories260K (real), SAE 64x4096 at blocks.2.hook_resid_pre, TinyStories", engine, sae, batches[1:],
             model.to_str_tokens)
 
@@ -189,12 +195,16 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--skip-gpt2", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (the scan then runs under bf16 autocast)")
+    ap.add_argument("--windows", type=int, default=None,
+                    help="windows per batch (default: 64 for stories, 8 for the gpt2 shape on CPU; try 256+ on a GPU)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), CPU (no GPU here: the CUDA path is unmeasured)")
-    stories(args.batches * 2, 64)
+    where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {where}")
+    stories(args.batches * 2, args.windows or 64, args.device)
     if not args.skip_gpt2:
-        gpt2_shaped(args.batches, 8)
+        gpt2_shaped(args.batches, args.windows or 8, args.device)
 
 
 if __name__ == "__main__":
