@@ -25,7 +25,7 @@ from sae_mcp.engine import logits as lg
 from sae_mcp.engine import stats
 from sae_mcp.engine.runtime import Engine
 from sae_mcp.errors import InvalidInput
-from sae_mcp.results import VocabProjection
+from sae_mcp.results import VocabProjection, r
 from sae_mcp.settings import Settings
 from sae_mcp.store.db import store_key_of
 from sae_mcp.store.explanations import Explanation, ExplanationStore
@@ -124,7 +124,7 @@ def gather(ctx: ExplainContext, feature: int, sae: str | None = None, n_examples
     try:
         projection = lg.project_to_vocab(engine, feature, sae=s.key, top_k=n_tokens)
         with engine.device_work():
-            m = [stats.rounded(v) for v in stats.logit_weight_moments(engine, s, [feature])[0].tolist()]
+            m = [r(v) for v in stats.logit_weight_moments(engine, s, [feature])[0].tolist()]
         moments = (m[0], m[1], m[2], m[3])  # rounded as feature_stats rounds them: a centred mean reads 0
     except InvalidInput as exc:  # e.g. an SAE on hook_mlp_pre: no direct path to the unembedding
         lens_note = f"no logit lens: {exc}"

@@ -123,15 +123,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_train_sae(args: argparse.Namespace) -> int:
     """Train a small SAE on a local corpus with sae-lens' runner and save it as a SAELens folder."""
+    from sae_mcp.engine.corpus import resolve_corpus
     from sae_mcp.engine.loading import load_model, resolve_device, resolve_dtype
     from sae_mcp.engine.training import train_sae
 
     with contextlib.redirect_stdout(sys.stderr):
         loaded = load_model(args.model, resolve_device(args.device), resolve_dtype("float32"))
-        texts = _read_texts(Path(args.texts), args.max_docs)
         out = train_sae(
             loaded.model,
-            texts,
+            resolve_corpus(args.texts),
             hook_name=args.hook,
             out_dir=Path(args.out),
             d_sae=args.d_sae,
@@ -139,29 +139,11 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
             context_size=args.context_size,
             l1_coefficient=args.l1,
             model_name=loaded.name,
-            dataset_path=str(Path(args.texts).resolve()),
             model_processing=loaded.processing,
+            max_documents=args.max_docs,
         )
     print(str(out))
     return 0
-
-
-def _read_texts(path: Path, max_docs: int | None) -> list[str]:
-    """.jsonl with a `text` field, or .txt with one document per line."""
-    if not path.exists():
-        raise SystemExit(f"error: {path} does not exist")
-    texts: list[str] = []
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if path.suffix == ".jsonl":
-                line = line.strip()
-                if line:
-                    texts.append(json.loads(line)["text"])
-            elif line.strip():
-                texts.append(line.rstrip("\n"))
-            if max_docs and len(texts) >= max_docs:
-                break
-    return texts
 
 
 # ------------------------------------------------------------------------------------------------------- main
@@ -193,7 +175,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-sae", help="train a small SAE offline on a local corpus (a SAELens folder)")
     p.add_argument("--model", required=True, help="official name or local HF model folder")
     p.add_argument("--hook", required=True, help="hook name, e.g. blocks.2.hook_resid_pre")
-    p.add_argument("--texts", required=True, help=".jsonl (text field) or .txt (one document per line)")
+    p.add_argument("--texts", required=True, help="a local .txt/.jsonl/.parquet corpus, read as --corpus is")
     p.add_argument("--out", required=True, help="output folder (cfg.json + sae_weights.safetensors)")
     p.add_argument("--d-sae", type=int, default=256)
     p.add_argument("--tokens", type=int, default=300_000, help="training tokens")

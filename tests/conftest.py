@@ -133,11 +133,12 @@ def stories_loaded():
 @pytest.fixture(scope="session")
 def stories_sae_dir(stories_loaded, tmp_path_factory) -> Path:
     """A standard SAE trained in this session on the real model by sae-lens' runner (~20 s, 300k tokens)."""
+    from sae_mcp.engine.corpus import resolve_corpus
     from sae_mcp.engine.training import train_sae
 
     out = tmp_path_factory.mktemp("stories_sae")
     return train_sae(
-        stories_loaded.model, stories_texts(), hook_name=STORIES_HOOK, out_dir=out, d_sae=256,
+        stories_loaded.model, resolve_corpus(str(STORIES_CORPUS)), hook_name=STORIES_HOOK, out_dir=out, d_sae=256,
         training_tokens=300_000, context_size=128, model_name="stories260K",
         dataset_path=str(STORIES_CORPUS), model_processing=stories_loaded.processing,
     )

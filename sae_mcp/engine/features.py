@@ -37,22 +37,11 @@ def prompt_feature_acts(engine: Engine, sae: LoadedSAE, prompt: str) -> tuple[to
     return tokens[0], engine.encode(sae, acts)[0].float()  # [seq, d_sae]
 
 
-def _check_features(engine: Engine, sae: LoadedSAE, features: list[int] | None) -> list[int]:
-    features = list(features or [])
-    if len(features) > engine.limits.max_features_per_call:
-        raise InvalidInput(
-            f"{len(features)} features asked for; at most {engine.limits.max_features_per_call} per call"
-        )
-    for f in features:
-        engine.check_feature(sae, f)
-    return features
-
-
 def get_feature_acts(
     engine: Engine, prompt: str, sae: str | None = None, top_k: int = 5, features: list[int] | None = None
 ) -> FeatureActs:
     s = engine.sae(sae)
-    features = _check_features(engine, s, features)
+    features = engine.check_features(s, features)
     with engine.device_work():
         tokens, acts = prompt_feature_acts(engine, s, prompt)  # [seq], [seq, d_sae]
         if len(tokens) * top_k > MAX_LISTED_ACTIVATIONS:

@@ -87,19 +87,6 @@ def resolve_positions(position: int | Sequence[int] | None, seq_len: int) -> lis
     return sorted(out)
 
 
-def _check_features(engine: Engine, sae: LoadedSAE, features: Sequence[int], most: int) -> list[int]:
-    features = [int(f) for f in features]
-    if not features:
-        raise InvalidInput("no features given; pass at least one feature index")
-    if len(features) > most:
-        raise InvalidInput(f"{len(features)} features given; at most {most} per call")
-    if len(set(features)) != len(features):
-        raise InvalidInput(f"features {features} repeat an index; list each feature once")
-    for f in features:
-        engine.check_feature(sae, f)
-    return features
-
-
 def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     """KL(P || Q) over the last dim, from logits [..., d_vocab] -> [...] (float32)."""
     lp = p_logits.float().log_softmax(-1)
@@ -352,7 +339,7 @@ def steer_generate(
     `strengths` = doses: one run per value, every coefficient multiplied by it. All rows are generated as one
     batch: `cancel` stops it between steps (Cancelled), `progress(step, max_new_tokens)` follows it."""
     s = engine.sae(sae)
-    feats = _check_features(engine, s, [f for f, _ in features], MAX_STEER_FEATURES)
+    feats = engine.check_features(s, [f for f, _ in features], MAX_STEER_FEATURES, required=True, unique=True)
     given = [float(st) for _, st in features]
     scales = [1.0] if strengths is None else [float(x) for x in strengths]
     if not 0 <= max_new_tokens <= MAX_NEW_TOKENS:
@@ -551,7 +538,7 @@ def ablate_and_test(
     """Zero `features` at `position` (None = all) with the SAE spliced in; next-token tables for the plain model,
     the reconstruction alone, the ablation with the error term and the ablation without it."""
     s = engine.sae(sae)
-    feats = _check_features(engine, s, features, engine.limits.max_features_per_call)
+    feats = engine.check_features(s, features, engine.limits.max_features_per_call, required=True, unique=True)
     answer_ids = answer_token_ids(engine, answer)
     if controls and not 1 <= n_controls <= MAX_CONTROLS:
         raise InvalidInput(f"n_controls={n_controls}: use 1..{MAX_CONTROLS}")

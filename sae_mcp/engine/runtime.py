@@ -118,6 +118,24 @@ class Engine:
             )
         return feature
 
+    def check_features(
+        self, sae: LoadedSAE, features: list[int] | None, most: int | None = None, *, required: bool = False,
+        unique: bool = False,
+    ) -> list[int]:
+        """Validate a list of feature indices for `sae`: count (at most `most`, default the per-call limit),
+        optionally non-empty and without repeats, each in range. Returns them as ints."""
+        features = [int(f) for f in (features or [])]
+        most = self.limits.max_features_per_call if most is None else most
+        if required and not features:
+            raise InvalidInput("no features given; pass at least one feature index")
+        if len(features) > most:
+            raise InvalidInput(f"{len(features)} features given; at most {most} per call")
+        if unique and len(set(features)) != len(features):
+            raise InvalidInput(f"features {features} repeat an index; list each feature once")
+        for f in features:
+            self.check_feature(sae, f)
+        return features
+
     # -- tokens -------------------------------------------------------------------------------------------------
 
     def to_tokens(self, prompt: str, prepend_bos: bool = True) -> torch.Tensor:

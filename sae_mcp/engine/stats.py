@@ -107,12 +107,6 @@ def logit_weight_moments(engine: Engine, sae: LoadedSAE, features: list[int] | N
     return moments
 
 
-def rounded(x: float) -> float:
-    """r() without the sign of a rounded-away zero: a mean of -1e-9 reads 0.0, not -0.0. feature_stats and the
-    feature card both report moments through this, so they read the same numbers."""
-    return r(x) + 0.0
-
-
 def feature_stats(
     engine: Engine,
     sae: str | None = None,
@@ -154,10 +148,10 @@ def feature_stats(
     rows = [
         FeatureStat(
             feature=int(idx[i]),
-            mean=rounded(moments[i, 0]),
-            std=rounded(moments[i, 1]),
-            skewness=rounded(moments[i, 2]),
-            kurtosis=rounded(moments[i, 3]),
+            mean=r(moments[i, 0]),
+            std=r(moments[i, 1]),
+            skewness=r(moments[i, 2]),
+            kurtosis=r(moments[i, 3]),
             density=r(dens[i], 6) if dens is not None else None,
         )
         for i in order.tolist()

@@ -1,8 +1,9 @@
 """Train a small SAE with sae-lens' own training runner, offline, on a local text corpus.
 
 Used by `sae-mcp train-sae` (so a user with a local model and no hub can still make a local SAELens folder)
-and by the tests' stories260K fixture. Documents are pretokenized into BOS-started windows that never span two
-documents (the same windowing the corpus scans use), which also makes training ~2x faster on a CPU.
+and by the tests' stories260K fixture. The corpus is read and cut into windows by engine/corpus.py, exactly as
+the scans read it (BOS + context_size - 1 tokens of one document), and handed to sae-lens pretokenized, which
+also makes training ~2x faster on a CPU.
 Measured on the 2-core dev box: stories260K (d_model 64), d_sae 256, 300k tokens in ~20 s.
 """
 
@@ -13,23 +14,27 @@ from pathlib import Path
 
 import torch
 
+from sae_mcp.engine.corpus import CorpusSource, iter_windows
+
 log = logging.getLogger(__name__)
 
 
-def pretokenized_windows(tokenizer, texts: list[str], context_size: int, bos_id: int) -> list[list[int]]:
-    """Each document -> full windows of [BOS] + (context_size - 1) tokens; a window never spans documents."""
-    rows: list[list[int]] = []
-    step = context_size - 1
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        for start in range(0, len(ids) - step + 1, step):
-            rows.append([bos_id] + ids[start : start + step])
+def full_windows(corpus: CorpusSource, tokenizer, context_size: int, bos_id: int,
+                 max_documents: int | None = None) -> list[list[int]]:
+    """The corpus scans' windows (BOS + context_size - 1 tokens of one document), full-length ones only: sae-lens
+    trains on fixed-length rows. `max_documents` keeps the windows of the first documents only."""
+    rows = []
+    for w in iter_windows(corpus, tokenizer, context_size, bos_id):
+        if max_documents is not None and w.document >= max_documents:
+            break
+        if len(w.ids) == context_size:
+            rows.append(w.ids)
     return rows
 
 
 def train_sae(
     model,
-    texts: list[str],
+    corpus: CorpusSource,
     hook_name: str,
     out_dir: Path,
     d_sae: int = 256,
@@ -41,6 +46,7 @@ def train_sae(
     model_name: str = "local-model",
     dataset_path: str | None = None,
     model_processing: dict | None = None,
+    max_documents: int | None = None,
 ) -> Path:
     """Train a standard (ReLU, L1) SAE on `model` at `hook_name` and save it as a SAELens folder in out_dir."""
     import datasets
@@ -53,7 +59,7 @@ def train_sae(
 
     tok = model.tokenizer
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    rows = pretokenized_windows(tok, texts, context_size, bos)
+    rows = full_windows(corpus, tok, context_size, bos, max_documents)
     if len(rows) * context_size < 4 * 1024:
         raise ValueError(f"the corpus gives only {len(rows)} windows of {context_size} tokens; give more text")
     dataset = datasets.Dataset.from_dict({"input_ids": rows})
@@ -66,7 +72,7 @@ def train_sae(
         model_name=model_name,
         hook_name=hook_name,
         # Recorded in the SAE's metadata: the corpus (so scans default to it) and the model processing it saw.
-        dataset_path=dataset_path or "local",
+        dataset_path=dataset_path or corpus.key,
         model_from_pretrained_kwargs=dict(model_processing or {}),
         is_dataset_tokenized=True,
         context_size=context_size,
