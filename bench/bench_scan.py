@@ -40,10 +40,10 @@ sys.path.insert(0, str(REPO))
 SHARED = Path(os.environ.get("SAE_MCP_SHARED", REPO.parent / "shared"))
 STORIES = SHARED / "fixtures" / "stories260K"
 
-from sae_mcp.engine.corpus import Window, iter_windows, resolve_corpus  # noqa: E402
+from sae_mcp.engine.corpus import Window, iter_windows, pad_windows, resolve_corpus  # noqa: E402
 from sae_mcp.engine.loading import LoadedModel, LoadedSAE  # noqa: E402
 from sae_mcp.engine.runtime import Engine  # noqa: E402
-from sae_mcp.engine.scan import _autocast, scan  # noqa: E402
+from sae_mcp.engine.scan import autocast_for, scan, windows_pad_id  # noqa: E402
 from sae_mcp.store.index import IndexStore  # noqa: E402
 
 
@@ -74,14 +74,10 @@ def sparse_random_sae(model, hook: str, layer: int, d_sae: int, calib: torch.Ten
 
 def bare(engine: Engine, sae: LoadedSAE, batch: list[Window]) -> float:
     """Forward to the layer + encode, nothing else (the floor a scan can reach)."""
-    T = max(len(w.ids) for w in batch)
-    ids = torch.zeros((len(batch), T), dtype=torch.long)
-    for i, w in enumerate(batch):
-        ids[i, : len(w.ids)] = torch.tensor(w.ids)
-    ids = ids.to(engine.device)
+    ids = pad_windows(batch, windows_pad_id(engine), bos=True)[0].to(engine.device)  # [B, T]
     t = time.perf_counter()
     # the same precision as the scan (bf16 autocast on CUDA), so the ratio compares like with like
-    with engine.device_work(), torch.inference_mode(), _autocast(engine):
+    with engine.device_work(), torch.inference_mode(), autocast_for(engine):
         acts = engine.encode(sae, engine.forward_to_hook(ids, sae))
         float(acts[0, 0, 0])  # (a sync point on a GPU)
     return time.perf_counter() - t
@@ -101,11 +97,7 @@ def tutorial_one_feature(engine: Engine, sae: LoadedSAE, batch: list[Window], fe
     every token, keep what fired."""
     import pandas as pd
 
-    T = max(len(w.ids) for w in batch)
-    ids = torch.zeros((len(batch), T), dtype=torch.long)
-    for i, w in enumerate(batch):
-        ids[i, : len(w.ids)] = torch.tensor(w.ids)
-    ids = ids.to(engine.device)
+    ids = pad_windows(batch, windows_pad_id(engine), bos=True)[0].to(engine.device)  # [B, T]
     t = time.perf_counter()
     with torch.inference_mode():
         _, cache = engine.model.run_with_cache_with_saes(ids, saes=[sae.sae])

@@ -1,4 +1,4 @@
-"""sae-mcp serve | call | doctor | train-sae  (and the corpus/explanation commands later issues add).
+"""sae-mcp serve | call | doctor | train-sae | index | explanations import | dashboard.
 
 stdout belongs to JSON-RPC under `serve`: logs, progress bars and any library chatter go to stderr.
 """
@@ -13,7 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from sae_mcp.cli_common import _engine_flags, build_engine, settings_from_args
+from sae_mcp import cli_explain, cli_index
+from sae_mcp.cli_common import add_engine_flags, build_engine, settings_from_args
 from sae_mcp.settings import DEFAULT_SAE, Settings, default_data_dir
 
 log = logging.getLogger("sae_mcp")
@@ -78,46 +79,43 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     """What is installed, the device, and whether the default model and SAE are cached."""
     from importlib.metadata import PackageNotFoundError, version
 
-    out = sys.stdout
-    for pkg in ("sae-mcp", "torch", "transformer-lens", "sae-lens", "mcp", "transformers", "pydantic", "pandas"):
-        try:
-            v = version(pkg)
-        except PackageNotFoundError:
-            v = "NOT INSTALLED"
-        print(f"{pkg:18s} {v}", file=out)
     import torch
 
     from sae_mcp.engine import loading
+    from sae_mcp.engine.hub import Hub, hf_file_cached
 
-    print(f"{'cuda':18s} {torch.cuda.is_available()}" + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""), file=out)
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    print(f"{'mps':18s} {mps}", file=out)
-    print(f"{'device (auto)':18s} {loading.resolve_device('auto')}", file=out)
-    print(f"{'hub reachable':18s} {loading.hub_reachable()}", file=out)
-    print(f"{'data dir':18s} {args.data_dir or default_data_dir()}", file=out)
-    model = args.model
-    if loading._is_local_model_dir(model):
-        print(f"{'model':18s} {model}: local folder", file=out)
-    else:
-        from transformer_lens.loading_from_pretrained import get_official_model_name
+    def line(name: str, value: object) -> None:
+        print(f"{name:18s} {value}", file=sys.stdout)
 
+    for pkg in ("sae-mcp", "torch", "transformer-lens", "sae-lens", "mcp", "transformers", "pydantic", "pandas"):
         try:
-            official = get_official_model_name(model)
-            cached = loading._hf_repo_cached(official, "config.json")
-            print(f"{'model':18s} {model} ({official}): {'cached' if cached else 'NOT cached'}", file=out)
-        except ValueError:
-            print(f"{'model':18s} {model}: not an official transformer-lens name", file=out)
+            line(pkg, version(pkg))
+        except PackageNotFoundError:
+            line(pkg, "NOT INSTALLED")
+    cuda = torch.cuda.is_available()
+    line("cuda", f"{cuda}" + (f" ({torch.cuda.get_device_name(0)})" if cuda else ""))
+    line("mps", getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available())
+    line("device (auto)", loading.resolve_device("auto"))
+    line("hub reachable", Hub().reachable)
+    line("data dir", args.data_dir or default_data_dir())
+    model = args.model
+    if loading.is_local_model_dir(model):
+        line("model", f"{model}: local folder")
+    elif (official := loading.official_model_name(model)) is not None:
+        cached = hf_file_cached(official, "config.json")
+        line("model", f"{model} ({official}): {'cached' if cached else 'NOT cached'}")
+    else:
+        line("model", f"{model}: not an official transformer-lens name")
     for spec in args.saes or [DEFAULT_SAE]:
         _, source = loading.split_alias(spec)
         if Path(source).is_dir():
-            print(f"{'sae':18s} {source}: local folder", file=out)
+            line("sae", f"{source}: local folder")
             continue
         try:
-            release, sae_id = loading._parse_release_id(source)
-            cached = loading._sae_cached(release, sae_id)
-            print(f"{'sae':18s} {release}/{sae_id}: {'cached' if cached else 'NOT cached'}", file=out)
+            release, sae_id = loading.parse_release_id(source)
+            line("sae", f"{release}/{sae_id}: {'cached' if loading.sae_cached(release, sae_id) else 'NOT cached'}")
         except Exception as exc:
-            print(f"{'sae':18s} {source}: {exc}", file=out)
+            line("sae", f"{source}: {exc}")
     return 0
 
 
@@ -155,7 +153,7 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the MCP server (stdio, or streamable HTTP with the card pages)")
-    _engine_flags(p)
+    add_engine_flags(p)
     p.add_argument("--transport", choices=["stdio", "http"], default="stdio")
     p.add_argument("--host", default="127.0.0.1", help="http only; keep it on localhost unless you mean it")
     p.add_argument("--port", type=int, default=8765, help="http only")
@@ -165,11 +163,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("tool", help="tool name, e.g. get_feature_acts")
     p.add_argument("--json", default="{}", help="tool arguments as a JSON object")
     p.add_argument("--compact", action="store_true", help="one-line JSON")
-    _engine_flags(p)
+    add_engine_flags(p)
     p.set_defaults(fn=cmd_call)
 
     p = sub.add_parser("doctor", help="installed versions, device, and whether the model/SAE are cached")
-    _engine_flags(p)
+    add_engine_flags(p)
     p.set_defaults(fn=cmd_doctor)
 
     p = sub.add_parser("train-sae", help="train a small SAE offline on a local corpus (a SAELens folder)")
@@ -185,17 +183,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(fn=cmd_train_sae)
 
-    for register in _extra_commands():
-        register(sub, _engine_flags)
+    cli_index.register(sub, add_engine_flags)
+    cli_explain.register(sub, add_engine_flags)
     return parser
-
-
-def _extra_commands():
-    """Subcommands contributed by other modules (index, explanations, dashboard): each a register(sub, flags)."""
-    from sae_mcp import cli_explain
-    from sae_mcp import cli_index
-
-    return [cli_explain.register, cli_index.register_cli]
 
 
 def main(argv: list[str] | None = None) -> int:

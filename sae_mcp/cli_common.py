@@ -13,7 +13,7 @@ from pathlib import Path
 from sae_mcp.settings import DEFAULT_MODEL, DEFAULT_SAE, Settings, default_data_dir
 
 
-def _engine_flags(p: argparse.ArgumentParser) -> None:
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="transformer-lens official name or local HF model folder")
     p.add_argument(
         "--sae",

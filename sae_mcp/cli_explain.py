@@ -6,25 +6,23 @@
 
 Importing needs neither the model nor the SAE's weights loaded: only their names, to file the explanations under
 the same keys the server uses (the model's name or folder; the SAE's RELEASE/SAE_ID, or its folder plus the hash
-of the weights in it: store/db.sae_store_key).
+of the weights in it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 from sae_mcp.errors import InvalidInput, LoadError
 
-log = logging.getLogger("sae_mcp")
 
 
 def _sae_identity(spec: str) -> tuple[str, str | None, int | None]:
     """An --sae spec -> (store key as the server computes it, neuronpedia id, d_sae when it can be read offline)."""
-    from sae_mcp.store.db import sae_store_key
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
     from sae_mcp.engine import loading
 
@@ -34,30 +32,20 @@ def _sae_identity(spec: str) -> tuple[str, str | None, int | None]:
         if not (folder / "cfg.json").exists():
             raise LoadError(f"--sae {spec}: the folder has no cfg.json; pass a SAELens folder or RELEASE/SAE_ID")
         cfg = json.loads((folder / "cfg.json").read_text())
-        meta = cfg.get("metadata") or {}
-        np_id = meta.get("neuronpedia_id") or cfg.get("neuronpedia_id")
-        return sae_store_key(str(folder.resolve()), loading.folder_weights_id(folder)), np_id, cfg.get("d_sae")
-    release, sae_id = loading._parse_release_id(spec)
-    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
-
+        np_id = (cfg.get("metadata") or {}).get("neuronpedia_id") or cfg.get("neuronpedia_id")
+        key = loading.sae_store_key(str(folder.resolve()), loading.folder_weights_id(folder))
+        return key, np_id, cfg.get("d_sae")
+    release, sae_id = loading.parse_release_id(spec)
     info = get_pretrained_saes_directory()[release]
     np_id = (getattr(info, "neuronpedia_id", None) or {}).get(sae_id)
-    return f"{release}/{sae_id}", np_id, None
-
-
-def _model_identity(spec: str) -> tuple[str, str]:
-    """--model -> (name, source) as LoadedModel has them: local folders are keyed by their absolute path."""
-    from sae_mcp.engine import loading
-
-    if loading._is_local_model_dir(spec):
-        folder = Path(spec).expanduser().resolve()
-        return folder.name, str(folder)
-    return spec, "official"
+    return loading.sae_store_key(f"{release}/{sae_id}"), np_id, None
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from sae_mcp.engine.loading import model_identity, model_store_key
     from sae_mcp.settings import DEFAULT_MODEL, DEFAULT_SAE, default_data_dir
-    from sae_mcp.store.explanations import ExplanationStore, fetch_neuronpedia_export, normalise_rows, read_explanations_file
+    from sae_mcp.store.explanation_files import fetch_neuronpedia_export, normalise_rows, read_explanations_file
+    from sae_mcp.store.explanations import ExplanationStore
 
     if bool(args.neuronpedia) == bool(args.file):
         raise InvalidInput("pass either --neuronpedia or a FILE to import (one of them)")
@@ -65,7 +53,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     if len(saes) != 1:
         raise InvalidInput("import into one SAE at a time: pass --sae once")
     source, own_np_id, d_sae = _sae_identity(saes[0])
-    name, model_source = _model_identity(args.model or DEFAULT_MODEL)
+    model_key = model_store_key(*model_identity(args.model or DEFAULT_MODEL))
     # The rows' modelId/layer must name this SAE on Neuronpedia, when its id is known (its config, else the one
     # given): explanations of another SAE's features would be filed under this one's. --force skips the check.
     expect = None if args.force else (own_np_id or args.neuronpedia_id)
@@ -83,7 +71,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     else:
         rows = read_explanations_file(Path(args.file), d_sae, neuronpedia_id=expect, sae_name=sae_name)
         label = f"file:{Path(args.file).name}"
-    store = ExplanationStore.for_model(args.data_dir or default_data_dir(), name, model_source, embedder=None)
+    store = ExplanationStore.for_model(args.data_dir or default_data_dir(), model_key, embedder=None)
     try:
         added, skipped = store.import_rows(source, rows, label)
         counts = store.counts(source)
@@ -96,15 +84,15 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from sae_mcp.cards import ExplainContext
     from sae_mcp.cli_common import build_engine, settings_from_args
     from sae_mcp.server.http import serve_dashboard
+    from sae_mcp.services import Services
 
     settings = settings_from_args(args)
-    ctx = ExplainContext(build_engine(settings), settings)
+    services = Services(build_engine(settings), settings)
     print(f"feature cards at http://{args.host}:{args.port}/features/SAE/FEATURE (index: http://{args.host}:{args.port}/)",
           file=sys.stderr)
-    serve_dashboard(ctx, host=args.host, port=args.port)
+    serve_dashboard(services, host=args.host, port=args.port)
     return 0
 
 

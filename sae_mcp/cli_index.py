@@ -9,7 +9,7 @@ import signal
 import sys
 
 
-def register_cli(sub, engine_flags) -> None:
+def register(sub, engine_flags) -> None:
     p = sub.add_parser(
         "index",
         help="scan a corpus once and store every feature's top examples, density and histogram",
@@ -26,12 +26,11 @@ def register_cli(sub, engine_flags) -> None:
 def cmd_index(args: argparse.Namespace) -> int:
     from sae_mcp.cli_common import build_engine, settings_from_args
     from sae_mcp.engine.runtime import CancelToken
-    from sae_mcp.examples import get_example_source
+    from sae_mcp.services.example_source import ExampleSource
 
     settings = settings_from_args(args)
-    engine = build_engine(settings)
-    source = get_example_source(engine, settings)
-    keys = [args.only] if args.only else list(engine.saes)
+    source = ExampleSource(build_engine(settings), settings)
+    keys = [args.only] if args.only else list(source.engine.saes)
     cancel = CancelToken()
     # Ctrl-C: stop between batches, keep the last whole batch in a checkpoint; a second Ctrl-C kills at once.
     old = signal.signal(signal.SIGINT, lambda *_: (cancel.cancel(), signal.signal(signal.SIGINT, signal.SIG_DFL)))

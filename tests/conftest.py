@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -17,6 +18,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import pytest
 import torch
+
+from sae_mcp.results.corpus import Example, FeatureSummary, Histogram, TopExamples
 
 torch.set_num_threads(1)
 
@@ -37,6 +40,69 @@ needs_stories = pytest.mark.skipif(
 def stories_texts(n: int | None = None) -> list[str]:
     texts = [json.loads(line)["text"] for line in STORIES_CORPUS.open(encoding="utf-8") if line.strip()]
     return texts[:n] if n else texts
+
+
+def only_sae(engine):
+    """The engine's one loaded SAE (a LoadedSAE)."""
+    (s,) = engine.saes.values()
+    return s
+
+
+def tutorial_sae_acts(engine, tokens: torch.Tensor) -> torch.Tensor:
+    """The SAE's feature activations the tutorial way, the independent reference for every engine path: splice
+    the SAE in with run_with_cache_with_saes and read <hook>.hook_sae_acts_post. tokens [B, S] -> [B, S, d_sae]."""
+    s = only_sae(engine)
+    with torch.inference_mode():
+        _, cache = engine.model.run_with_cache_with_saes(tokens, saes=[s.sae])
+    engine.model.reset_saes()
+    return cache[f"{s.hook_name}.hook_sae_acts_post"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class FakeIndex:
+    """Stands in for the example source (services.examples) with its real result models: an index that exists,
+    recording what was asked of it."""
+
+    def __init__(self, key: str):
+        self.key = key
+        self.calls: list[str] = []
+
+    def _summary(self, feature: int) -> dict:
+        return dict(sae=self.key, feature=feature, max_activation=4.2, density=0.0123, n_fired=123,
+                    tokens_scanned=10_000, histogram=Histogram(edges=[0.1, 1.0, 2.0, 4.2], counts=[100, 20, 3]))
+
+    def feature_summary(self, sae, feature):
+        self.calls.append("summary")
+        return FeatureSummary(**self._summary(feature))
+
+    def top_examples(self, sae, feature, k=10, **kw):
+        self.calls.append(f"top_examples k={k}")
+        ex = Example(activation=4.2, token=" cat", tokens=["<s>", "the", " cat", " sat", " on"], position=2, document=0,
+                     offset=1)
+        return TopExamples(**self._summary(feature), source="index", corpus="fake", context_size=8, examples=[ex])
+
+    def cached_top_examples(self, sae, feature, k=10, **kw):
+        self.calls.append(f"cached_top_examples k={k}")
+        return self.top_examples(sae, feature, k=k)
+
+    def densities(self, sae):
+        self.calls.append("densities")
+        return torch.linspace(0, 0.5, 128)
+
+    def max_activation(self, sae, feature, max_scan_tokens=None):
+        self.calls.append(f"max_activation {feature}")
+        return 4.2, "index"
+
+
+@pytest.fixture
+def lexical_only(monkeypatch):
+    """Explanation search ranks lexically: the optional MiniLM model is never loaded by accident."""
+    monkeypatch.setenv("SAE_MCP_SEMANTIC", "0")
 
 
 # ------------------------------------------------------------------------------------------ generated tiny
@@ -152,3 +218,30 @@ def stories_engine(stories_loaded, stories_sae_dir):
     s = load_sae(str(stories_sae_dir), "cpu", torch.float32)
     check_compatible(stories_loaded, s)
     return Engine(stories_loaded, [s], "cpu")
+
+
+# ------------------------------------------------------------------------------------------------ MCP servers
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_engine, tmp_path_factory):
+    """The MCP server over the tiny engine (no corpus), its stores in a temporary data dir of the module's own."""
+    from sae_mcp.server.app import build_server
+    from sae_mcp.settings import Settings
+
+    return build_server(tiny_engine, Settings(data_dir=tmp_path_factory.mktemp("tiny_data")))
+
+
+@pytest.fixture
+def stories_settings(stories_sae_dir, tmp_path):
+    """Settings of a server over stories260K and its TinyStories corpus, stores in this test's tmp_path."""
+    from sae_mcp.settings import Settings
+
+    return Settings(model=str(STORIES_HF), saes=(str(stories_sae_dir),), corpus=str(STORIES_CORPUS), data_dir=tmp_path)
+
+
+@pytest.fixture
+def stories_server(stories_engine, stories_settings):
+    from sae_mcp.server.app import build_server
+
+    return build_server(stories_engine, stories_settings)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_sae_folder
 from torch.testing import assert_close
 
-from conftest import make_sae_folder
 from sae_mcp.engine import attribution as attr
 from sae_mcp.errors import InvalidInput
 
@@ -173,7 +173,7 @@ def test_several_saes_in_one_pass_give_each_saes_attributions_alone(two_sae_engi
 def test_attribute_rejects_bad_input_with_what_to_change(tiny_engine, two_sae_engine):
     with pytest.raises(InvalidInput, match="same token"):
         attr.attribute(tiny_engine, PROMPT, " mat", counterfactual=" mat")
-    with pytest.raises(InvalidInput, match="out of range"):
+    with pytest.raises(InvalidInput, match=r"position 99 is out of range: the prompt has \d+ tokens \(use 0\.\.\d+,"):
         attr.attribute(tiny_engine, PROMPT, " mat", position=99)
     with pytest.raises(InvalidInput, match="not both"):
         attr.attribute(two_sae_engine, PROMPT, " mat", sae="blocks.1.hook_resid_pre", saes=["blocks.1.hook_resid_pre"])

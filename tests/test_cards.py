@@ -8,64 +8,28 @@ import anyio
 import pytest
 from mcp import Client
 
-from sae_mcp import cards
-from sae_mcp.results.corpus import Example, FeatureSummary, Histogram, TopExamples
-from sae_mcp.server import tools_explain
+from conftest import FakeIndex, only_sae
+from mcp_client import call_many, error_text, read_resource
+from sae_mcp.engine.stats import LogitWeightStats
+from sae_mcp.server import card_text
 from sae_mcp.server.app import build_server
+from sae_mcp.server.prompts import load_prompts
+from sae_mcp.services import Services
+from sae_mcp.services.cards import NOT_INDEXED
 from sae_mcp.settings import Settings
-from sae_mcp.store.db import store_key_of
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("lexical_only")
 
 
-@pytest.fixture(autouse=True)
-def lexical_only(monkeypatch):
-    monkeypatch.setenv("SAE_MCP_SEMANTIC", "0")
-
-
-def sae_of(engine):
-    return next(iter(engine.saes.values()))
-
-
-class FakeIndex:
-    """Stands in for sae_mcp.examples' source with the contract's real result models (an index that exists)."""
-
-    def __init__(self, key: str):
-        self.key = key
-        self.calls: list[str] = []
-
-    def _summary(self, feature: int) -> dict:
-        return dict(sae=self.key, feature=feature, max_activation=4.2, density=0.0123, n_fired=123,
-                    tokens_scanned=10_000, histogram=Histogram(edges=[0.1, 1.0, 2.0, 4.2], counts=[100, 20, 3]))
-
-    def feature_summary(self, sae, feature):
-        self.calls.append("summary")
-        return FeatureSummary(**self._summary(feature))
-
-    def top_examples(self, sae, feature, k=10, **kw):
-        self.calls.append(f"top_examples k={k}")
-        ex = Example(activation=4.2, token=" cat", tokens=["<s>", "the", " cat", " sat", " on"], position=2, document=0,
-                     offset=1)
-        return TopExamples(**self._summary(feature), source="index", corpus="fake", context_size=8, examples=[ex])
-
-    def densities(self, sae):
-        import torch
-
-        return torch.linspace(0, 0.5, 128)
-
-
-def read(server, uri: str):
-    async def go():
-        async with Client(server) as c:
-            return await c.read_resource(uri)
-
-    return anyio.run(go)
+def services_with(engine, tmp_path, examples=None) -> Services:
+    return Services(engine, Settings(data_dir=tmp_path), examples=examples)
 
 
 def test_resource_template_matches_a_dotted_hook_name(tiny_engine, tmp_path):
-    s = sae_of(tiny_engine)
+    s = only_sae(tiny_engine)
     assert "." in s.key  # blocks.1.hook_resid_pre
-    res = read(build_server(tiny_engine, Settings(data_dir=tmp_path)), f"feature://{s.key}/5")
+    res = read_resource(build_server(tiny_engine, Settings(data_dir=tmp_path)), f"feature://{s.key}/5")
     text = res.contents[0].text
     assert res.contents[0].mime_type == "text/markdown"
     assert text.startswith(f"# Feature 5 · {s.key}")
@@ -76,11 +40,11 @@ def test_resource_template_matches_a_dotted_hook_name(tiny_engine, tmp_path):
 def test_card_holds_labels_imports_logit_lens_and_moments(tiny_engine, tmp_path):
     from sae_mcp.engine import logits as lg
 
-    s = sae_of(tiny_engine)
-    ctx = cards.ExplainContext(tiny_engine, Settings(data_dir=tmp_path))
-    ctx.store.import_rows(store_key_of(s), [(9, "imported: about dogs", "gpt-4o-mini")], "neuronpedia")
-    ctx.store.add_label(store_key_of(s), 9, "dog and cat words", evidence="get_feature_acts on 'the dog'")
-    md = cards.card_markdown(ctx, 9, s.key, n_tokens=3)
+    s = only_sae(tiny_engine)
+    services = services_with(tiny_engine, tmp_path)
+    services.explanations.import_rows(s.store_key, [(9, "imported: about dogs", "gpt-4o-mini")], "neuronpedia")
+    services.explanations.add_label(s.store_key, 9, "dog and cat words", evidence="get_feature_acts on 'the dog'")
+    md = card_text.card_markdown(services, 9, s.key, n_tokens=3)
     assert "- label: dog and cat words (evidence: get_feature_acts on 'the dog')" in md
     assert "- imported: about dogs (neuronpedia, gpt-4o-mini)" in md
     proj = lg.project_to_vocab(tiny_engine, 9, top_k=3)
@@ -90,16 +54,15 @@ def test_card_holds_labels_imports_logit_lens_and_moments(tiny_engine, tmp_path)
 
 
 def test_card_uses_the_index_when_built_and_marks_the_firing_token(tiny_engine, tmp_path):
-    s = sae_of(tiny_engine)
-    ctx = cards.ExplainContext(tiny_engine, Settings(data_dir=tmp_path))
+    s = only_sae(tiny_engine)
     fake = FakeIndex(s.key)
-    ctx._source = fake
-    md = cards.card_markdown(ctx, 3, s.key, n_examples=4)
+    services = services_with(tiny_engine, tmp_path, examples=fake)
+    md = card_text.card_markdown(services, 3, s.key, n_examples=4)
     assert "density 0.0123 · of 10,000 tokens · max activation 4.2" in md
     assert "histogram `█▂▁` (0.1 .. 4.2)" in md
     assert "1. 4.2: <s>the« cat» sat on" in md
     assert fake.calls == ["summary", "top_examples k=4"]  # index reads only, no scan
-    html = cards.card_html(ctx, 3, s.key)
+    html = card_text.card_html(services, 3, s.key)
     assert "<mark> cat</mark>" in html and "class='hist'" in html
 
 
@@ -108,18 +71,20 @@ def test_card_never_scans_when_the_index_has_no_summary(tiny_engine, tmp_path):
         def feature_summary(self, sae, feature):
             return None
 
+        def cached_top_examples(self, *a, **k):
+            return None
+
         def top_examples(self, *a, **k):  # pragma: no cover - must not be called
             raise AssertionError("a card must not start a scan")
 
-    ctx = cards.ExplainContext(tiny_engine, Settings(data_dir=tmp_path))
-    ctx._source = Empty(sae_of(tiny_engine).key)
-    assert cards.NOT_INDEXED in cards.card_markdown(ctx, 3)
+    services = services_with(tiny_engine, tmp_path, examples=Empty(only_sae(tiny_engine).key))
+    assert NOT_INDEXED in card_text.card_markdown(services, 3)
 
 
 def test_card_shows_a_cached_on_demand_scan_instead_of_not_indexed(tiny_engine, tiny_sae_dir, tmp_path, monkeypatch):
     """top_examples already scanned feature 4 (no index): its card shows that scan and says it is one; a feature
     never scanned still says not indexed; and the card itself never scans."""
-    from sae_mcp.examples import ExampleSource
+    from sae_mcp.services.example_source import ExampleSource
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(["the cat sat on the mat and Lily saw it", "Tom ran to the park with a red ball"] * 10)
@@ -129,17 +94,16 @@ def test_card_shows_a_cached_on_demand_scan_instead_of_not_indexed(tiny_engine, 
     scanned = src.top_examples(None, 4, k=3, max_scan_tokens=120)
     assert scanned.source == "scan" and scanned.examples
     monkeypatch.setattr(src, "_run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("a card must not scan")))
-    ctx = cards.ExplainContext(tiny_engine, st)
-    ctx._source = src
-    md = cards.card_markdown(ctx, 4, n_examples=2)
-    assert cards.NOT_INDEXED not in md
+    services = Services(tiny_engine, st, examples=src)
+    md = card_text.card_markdown(services, 4, n_examples=2)
+    assert NOT_INDEXED not in md
     assert f"from an on-demand top_examples scan of this feature over {scanned.tokens_scanned:,} tokens" in md
     assert f"density {scanned.density:.3g} · of {scanned.tokens_scanned:,} tokens · max activation " \
            f"{scanned.max_activation:.3g} · computed in float32" in md
     ex = scanned.examples[0]
     assert f"1. {ex.activation:.3g}: " in md and f"«{ex.token}»" in md and "\n3. " not in md
-    assert "on-demand" in cards.card_html(ctx, 4)
-    assert cards.NOT_INDEXED in cards.card_markdown(ctx, 5)
+    assert "on-demand" in card_text.card_html(services, 4)
+    assert NOT_INDEXED in card_text.card_markdown(services, 5)
 
 
 def test_card_moments_read_as_feature_stats_reports_them(tiny_engine, tmp_path, monkeypatch):
@@ -147,36 +111,36 @@ def test_card_moments_read_as_feature_stats_reports_them(tiny_engine, tmp_path, 
     does (0.0), instead of printing the noise."""
     from sae_mcp.engine import stats
 
-    real = stats._logit_weights
+    real = stats.logit_weights
     # Centred, plus the float noise a centred W_U leaves on real models (stories260K's card read mean -1.3e-08).
-    monkeypatch.setattr(stats, "_logit_weights",
+    monkeypatch.setattr(stats, "logit_weights",
                         lambda e, sae, idx: real(e, sae, idx) - real(e, sae, idx).mean(1, keepdim=True) - 1.3e-8)
-    ctx = cards.ExplainContext(tiny_engine, Settings(data_dir=tmp_path))
-    md = cards.card_markdown(ctx, 9)
-    (f,) = stats.feature_stats(tiny_engine, features=[9]).features
+    md = card_text.card_markdown(services_with(tiny_engine, tmp_path), 9)
+    (f,) = LogitWeightStats(tiny_engine).feature_stats(features=[9]).features
     assert f.mean == 0.0
     assert f"logit weights: mean {f.mean:.3g}, std {f.std:.3g}, skewness {f.skewness:.3g}, kurtosis {f.kurtosis:.3g}" in md
     assert "logit weights: mean 0," in md
 
 
-def test_example_source_failure_is_retried_on_the_next_call(tiny_engine, tmp_path, monkeypatch):
-    """One failure to open the corpus area must not leave every later card 'not indexed' until a restart."""
-    import sae_mcp.examples
+def test_an_index_read_failure_shows_on_that_card_and_the_next_card_reads_the_index(tiny_engine, tmp_path):
+    """One failure to read the corpus index (a locked file, say) must not break the card, nor leave later cards
+    'not indexed' until a restart: that card says why, the next reads the index again."""
 
-    fake = FakeIndex(sae_of(tiny_engine).key)
-    answers = [RuntimeError("index file locked"), fake]
+    class Flaky(FakeIndex):
+        def __init__(self, key):
+            super().__init__(key)
+            self.failures = [RuntimeError("index file locked")]
 
-    def flaky(engine, settings):
-        a = answers.pop(0)
-        if isinstance(a, Exception):
-            raise a
-        return a
+        def feature_summary(self, sae, feature):
+            if self.failures:
+                raise self.failures.pop()
+            return super().feature_summary(sae, feature)
 
-    monkeypatch.setattr(sae_mcp.examples, "get_example_source", flaky)
-    ctx = cards.ExplainContext(tiny_engine, Settings(data_dir=tmp_path))
-    assert ctx.example_source() is None
-    assert ctx.example_source() is fake and ctx.example_source() is fake  # kept once it worked
-    assert answers == []
+    services = services_with(tiny_engine, tmp_path, examples=Flaky(only_sae(tiny_engine).key))
+    first = card_text.card_markdown(services, 3)
+    assert "index unavailable (RuntimeError: index file locked)" in first and "promotes:" in first
+    second = card_text.card_markdown(services, 3)
+    assert "density 0.0123 · of 10,000 tokens · max activation 4.2" in second
 
 
 def test_feature_card_tool_and_bad_inputs(tiny_engine, tmp_path):
@@ -187,17 +151,17 @@ def test_feature_card_tool_and_bad_inputs(tiny_engine, tmp_path):
             ok = await c.call_tool("feature_card", {"feature": 4})
             bad = await c.call_tool("feature_card", {"feature": 128})
             errors = []
-            for uri in ("feature://nope/5", f"feature://{sae_of(tiny_engine).key}/500", f"feature://{sae_of(tiny_engine).key}/x"):
+            for uri in ("feature://nope/5", f"feature://{only_sae(tiny_engine).key}/500", f"feature://{only_sae(tiny_engine).key}/x"):
                 try:
                     await c.read_resource(uri)
                     errors.append(None)
                 except Exception as exc:
                     errors.append(str(exc))
-            again = await c.read_resource(f"feature://{sae_of(tiny_engine).key}/4")
+            again = await c.read_resource(f"feature://{only_sae(tiny_engine).key}/4")
             return ok, bad, errors, again
 
     ok, bad, errors, again = anyio.run(go)
-    assert ok.structured_content["uri"] == f"feature://{sae_of(tiny_engine).key}/4"
+    assert ok.structured_content["uri"] == f"feature://{only_sae(tiny_engine).key}/4"
     assert ok.structured_content["markdown"].startswith("# Feature 4")
     assert bad.is_error and "less than or equal to 127" in bad.content[0].text
     assert "unknown SAE 'nope'" in errors[0]
@@ -208,36 +172,37 @@ def test_feature_card_tool_and_bad_inputs(tiny_engine, tmp_path):
 
 def test_stats_tools_through_the_client(tiny_engine, tmp_path):
     server = build_server(tiny_engine, Settings(data_dir=tmp_path))
-
-    async def go():
-        async with Client(server) as c:
-            return [
-                await c.call_tool("feature_stats", {"sort_by": "kurtosis", "top": 3}),
-                await c.call_tool("feature_stats", {"sort_by": "density"}),
-                await c.call_tool("token_set_enrichment", {"token_sets": {"pets": ["cat", "dog"]}, "top": 2}),
-                await c.call_tool("token_set_enrichment", {"top": 1}),
-                await c.call_tool("token_set_enrichment", {"sets": ["nope"]}),
-                await c.call_tool("feature_stats", {"top": 1000}),
-            ]
-
-    kurt, dens, pets, builtin, bad_set, too_many = anyio.run(go)
+    kurt, dens, pets, builtin, bad_set, too_many = call_many(server, [
+        ("feature_stats", {"sort_by": "kurtosis", "top": 3}),
+        ("feature_stats", {"sort_by": "density"}),
+        ("token_set_enrichment", {"token_sets": {"pets": ["cat", "dog"]}, "top": 2}),
+        ("token_set_enrichment", {"top": 1}),
+        ("token_set_enrichment", {"sets": ["nope"]}),
+        ("feature_stats", {"top": 1000}),
+    ])
     rows = kurt.structured_content["features"]
     assert len(rows) == 3 and rows[0]["kurtosis"] >= rows[1]["kurtosis"] >= rows[2]["kurtosis"]
-    assert dens.is_error and "sae-mcp index" in dens.content[0].text
+    assert "sae-mcp index" in error_text(dens)
     (pet,) = pets.structured_content["sets"]
     assert pet["name"] == "pets" and pet["size"] == 2 and len(pet["promoted"]) <= 2
     assert all(e["direction"] == "promotes" and e["score"] > 0 for e in pet["promoted"])
     assert {s["name"] for s in builtin.structured_content["sets"]} >= {"all_digits", "capitalised", "punctuation"}
     assert "starts_with_space" in builtin.structured_content["skipped"]  # a word-level vocabulary has none
-    assert bad_set.is_error and "built-in sets" in bad_set.content[0].text
+    assert "built-in sets" in error_text(bad_set)
     assert too_many.is_error  # top is bounded by the schema
 
 
 def test_feature_stats_uses_index_densities(tiny_engine, tmp_path):
-    from sae_mcp.engine import stats
+    server = build_server(tiny_engine, services=services_with(tiny_engine, tmp_path, examples=FakeIndex("k")))
+    (res,) = call_many(server, [("feature_stats", {"sort_by": "density", "top": 2, "max_density": 0.25})])
+    out = res.structured_content
+    assert [f["feature"] for f in out["features"]] == [63, 62]  # linspace(0, .5, 128): 63 is the last <= 0.25
+    assert out["densities"] == "indexed"
 
+
+def test_feature_stats_of_given_densities(tiny_engine):
     dens = FakeIndex("k").densities(None)
-    out = stats.feature_stats(tiny_engine, sort_by="density", top=2, densities=dens, max_density=0.25)
+    out = LogitWeightStats(tiny_engine).feature_stats(sort_by="density", top=2, densities=dens, max_density=0.25)
     assert [f.feature for f in out.features] == [63, 62]  # linspace(0, .5, 128): 63 is the last <= 0.25
     assert out.densities == "indexed"
 
@@ -265,7 +230,7 @@ def test_prompts_are_served_with_their_arguments(tiny_engine, tmp_path):
 
 
 def test_each_recipe_names_the_tools_it_relies_on():
-    recipes = {p.name: p for p in tools_explain.load_prompts(REPO / "prompts")}
+    recipes = {p.name: p for p in load_prompts()}
     needs = {
         "investigate_feature": ["top_examples", "project_to_vocab", "label_feature", "ablate_and_test"],
         "find_concept_features": ["search_explanations", "compare_prompts", "attribute"],
@@ -278,11 +243,14 @@ def test_each_recipe_names_the_tools_it_relies_on():
             assert f"`{t}`" in body, (name, t)
 
 
-def test_packaged_prompt_copies_match_the_top_level_prompts():
-    """sae_mcp/_prompts ships in the wheel; prompts/ is what people edit. Keep them identical."""
-    top = {p.name: p.read_bytes() for p in (REPO / "prompts").glob("*.md")}
-    packaged = {p.name: p.read_bytes() for p in (REPO / "sae_mcp" / "_prompts").glob("*.md")}
-    assert top and top == packaged, "copy prompts/*.md to sae_mcp/_prompts/ after editing them"
+def test_the_served_recipes_are_the_top_level_prompts_folder_itself():
+    """prompts/ is the only copy: the installed package sae_mcp.prompts reads those very files (no hand copies)."""
+    from sae_mcp.server.prompts import recipe_files
+
+    top = {p.name: p.read_text(encoding="utf-8") for p in (REPO / "prompts").glob("*.md")}
+    served = {f.name: f.read_text(encoding="utf-8") for f in recipe_files()}
+    assert top and served == top
+    assert {p.name for p in load_prompts()} == {name.removesuffix(".md") for name in top}
 
 
 def test_mcp_http_app_serves_the_card_page_next_to_mcp(tiny_engine, tmp_path):
@@ -291,7 +259,7 @@ def test_mcp_http_app_serves_the_card_page_next_to_mcp(tiny_engine, tmp_path):
 
     server = build_server(tiny_engine, Settings(data_dir=tmp_path))
     client = TestClient(server.streamable_http_app())
-    key = sae_of(tiny_engine).key
+    key = only_sae(tiny_engine).key
     page = client.get(f"/features/{key}/2")
     assert page.status_code == 200 and f"Feature 2 · {key}" in page.text
     assert client.get(f"/features/{key}/999").status_code == 404
@@ -303,9 +271,9 @@ def test_card_of_an_sae_off_the_residual_stream_says_why_there_is_no_logit_lens(
 
     from sae_mcp.engine.loading import load_sae
     from sae_mcp.engine.runtime import Engine
-    from tests.conftest import make_sae_folder
+    from conftest import make_sae_folder
 
     folder = make_sae_folder(tmp_path / "mlp_sae", 64, 16, "blocks.0.mlp.hook_post")
     engine = Engine(tiny_loaded, [load_sae(str(folder), "cpu", torch.float32)], "cpu")
-    md = cards.card_markdown(cards.ExplainContext(engine, Settings(data_dir=tmp_path)), 2)
+    md = card_text.card_markdown(Services(engine, Settings(data_dir=tmp_path)), 2)
     assert "no logit lens:" in md and "residual stream" in md

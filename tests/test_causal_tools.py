@@ -7,19 +7,25 @@ import time
 import anyio
 import pytest
 from mcp import Client
+from mcp_client import call_many, call_tool, cancel_after_first_progress, error_text, list_tools
 
-from sae_mcp.engine import interventions as iv
-from mcp_client import call_many, call_tool, error_text, list_tools
+from sae_mcp.engine import generation
 from sae_mcp.errors import NotFound
 from sae_mcp.server.app import build_server
+from sae_mcp.services import Services
+from sae_mcp.settings import Settings
 
 PROMPT = "the cat sat on the mat and the dog"
 CAUSAL = ("steer_generate", "ablate_and_test", "attribute")
 
 
-@pytest.fixture(scope="module")
-def server(tiny_engine):
-    return build_server(tiny_engine)
+@pytest.fixture
+def server(tiny_server):
+    return tiny_server
+
+
+def server_with_examples(engine, tmp_path, examples):
+    return build_server(engine, services=Services(engine, Settings(data_dir=tmp_path), examples=examples))
 
 
 def test_causal_tools_are_listed_read_only_with_bounded_inputs(server):
@@ -67,7 +73,7 @@ def test_causal_tool_descriptions_say_what_is_scored_and_what_the_ablation_effec
     assert "first token" in tools["attribute"].description
 
 
-def test_steer_generate_max_activation_calibration_reads_the_example_source(server, monkeypatch):
+def test_steer_generate_max_activation_calibration_reads_the_example_source(tiny_engine, tmp_path):
     asked = []
 
     class Source:
@@ -75,7 +81,7 @@ def test_steer_generate_max_activation_calibration_reads_the_example_source(serv
             asked.append((sae, feature))
             return 3.0, "index"
 
-    monkeypatch.setattr("sae_mcp.examples.get_example_source", lambda engine, settings: Source())
+    server = server_with_examples(tiny_engine, tmp_path, Source())
     res = call_tool(server, "steer_generate", {
         "prompt": PROMPT, "features": [{"feature": 5, "strength": 2.0}], "max_new_tokens": 2,
     })
@@ -85,17 +91,18 @@ def test_steer_generate_max_activation_calibration_reads_the_example_source(serv
     assert asked == [("blocks.1.hook_resid_pre", 5)]
 
 
-def test_max_activation_calibration_without_a_corpus_says_to_pass_corpus_or_absolute(server, monkeypatch):
+def test_max_activation_calibration_without_a_corpus_says_to_pass_corpus_or_absolute(server, tiny_engine, tmp_path):
     # the real example source: the tiny SAE has no dataset and the server no --corpus
     res = call_tool(server, "steer_generate", {"prompt": PROMPT, "features": [{"feature": 5}], "max_new_tokens": 2})
     msg = error_text(res)
     assert "--corpus" in msg and "calibration='absolute'" in msg
 
-    def no_source(engine, settings):
-        raise NotFound("no corpus")
+    class NoCorpus:
+        def max_activation(self, sae, feature, max_scan_tokens):
+            raise NotFound("no corpus")
 
-    monkeypatch.setattr("sae_mcp.examples.get_example_source", no_source)
-    msg = error_text(call_tool(server, "steer_generate", {"prompt": PROMPT, "features": [{"feature": 5}]}))
+    no_source = server_with_examples(tiny_engine, tmp_path, NoCorpus())
+    msg = error_text(call_tool(no_source, "steer_generate", {"prompt": PROMPT, "features": [{"feature": 5}]}))
     assert "no corpus" in msg and "--corpus" in msg
 
 
@@ -177,36 +184,20 @@ def test_steer_generate_reports_progress_per_generated_token(server):
 
 def test_a_client_cancel_stops_steer_generate_between_tokens(server, tiny_engine, monkeypatch):
     sampled = []
-    real = iv._sample
+    real = generation._sample
 
     def slow_sample(*a):
         sampled.append(1)
         time.sleep(0.02)
         return real(*a)
 
-    monkeypatch.setattr(iv, "_sample", slow_sample)
+    monkeypatch.setattr(generation, "_sample", slow_sample)
 
-    async def go():
-        async with Client(server) as client:
-            async with anyio.create_task_group() as tg:
-                first = anyio.Event()
-
-                async def progress(done, total, message):
-                    first.set()
-
-                async def call():
-                    await client.call_tool("steer_generate", {
-                        "prompt": PROMPT, "features": [{"feature": 5, "strength": 4.0}], "calibration": "absolute",
-                        "max_new_tokens": 50, "temperature": 0,
-                    }, progress_callback=progress)
-
-                tg.start_soon(call)
-                await first.wait()
-                tg.cancel_scope.cancel()  # the client abandons the request (sends notifications/cancelled)
-            # the next call waits for the engine, which is free once the generation has stopped
-            return await client.call_tool("ablate_and_test", {"prompt": PROMPT, "answer": " mat", "features": [3]})
-
-    after = anyio.run(go)
+    steer = {"prompt": PROMPT, "features": [{"feature": 5, "strength": 4.0}], "calibration": "absolute",
+             "max_new_tokens": 50, "temperature": 0}
+    # the next call waits for the engine, which is free once the generation has stopped
+    after = cancel_after_first_progress(server, "steer_generate", steer,
+                                        then=("ablate_and_test", {"prompt": PROMPT, "answer": " mat", "features": [3]}))
     assert not after.is_error, error_text(after)
     assert len(sampled) < 25, f"generation ran {len(sampled)} of 50 steps after the client cancelled"
     assert tiny_engine.is_clean()

@@ -13,7 +13,7 @@ from sae_mcp.errors import InvalidInput, LoadError, NotFound
 
 
 def docs(path) -> list[str]:
-    return list(iter_documents(resolve_corpus(str(path))))
+    return [text for _, text in iter_documents(resolve_corpus(str(path)))]
 
 
 def test_txt_with_blank_lines_is_one_document_per_paragraph(tmp_path):

@@ -4,28 +4,21 @@ chromium-driver). Skipped with the reason when no chromium binary is installed."
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import threading
 import time
 
 import pytest
 
-from sae_mcp import cards
+from conftest import free_port, only_sae
+from sae_mcp.services import Services
 from sae_mcp.settings import Settings
-from sae_mcp.store.db import store_key_of
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="no chromium binary: apt-get install -y chromium chromium-driver to run the browser test"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -35,16 +28,16 @@ def dashboard(tiny_engine, tmp_path):
 
     from sae_mcp.server.http import dashboard_app
 
-    ctx = cards.ExplainContext(tiny_engine, Settings(data_dir=tmp_path / "data"))
+    services = Services(tiny_engine, Settings(data_dir=tmp_path / "data"))
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(dashboard_app(ctx), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(dashboard_app(services), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 20
     while not server.started and time.time() < deadline:
         time.sleep(0.05)
     assert server.started, "uvicorn did not start"
-    yield ctx, f"http://127.0.0.1:{port}"
+    yield services, f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=10)
 
@@ -62,9 +55,9 @@ def dump_dom(url: str, profile) -> str:
 
 
 def test_feature_page_renders_in_chromium_with_labels_and_logit_lens(dashboard, tiny_engine, tmp_path):
-    ctx, base = dashboard
-    s = next(iter(tiny_engine.saes.values()))
-    ctx.store.add_label(store_key_of(s), 6, "cats & dogs <pets>", evidence="top examples")
+    services, base = dashboard
+    s = only_sae(tiny_engine)
+    services.explanations.add_label(s.store_key, 6, "cats & dogs <pets>", evidence="top examples")
     dom = dump_dom(f"{base}/features/{s.key}/6", tmp_path / "profile")
     assert f"Feature 6 · {s.key}" in dom  # the dotted hook name routes as one path segment
     assert "label: cats &amp; dogs &lt;pets&gt;" in dom  # escaped: a label cannot inject markup
@@ -74,9 +67,9 @@ def test_feature_page_renders_in_chromium_with_labels_and_logit_lens(dashboard, 
 
 
 def test_front_page_lists_labelled_features_and_unknown_sae_is_a_404_page(dashboard, tiny_engine, tmp_path):
-    ctx, base = dashboard
-    s = next(iter(tiny_engine.saes.values()))
-    ctx.store.add_label(store_key_of(s), 11, "the word park")
+    services, base = dashboard
+    s = only_sae(tiny_engine)
+    services.explanations.add_label(s.store_key, 11, "the word park")
     dom = dump_dom(f"{base}/", tmp_path / "profile")
     assert f"/features/{s.key}/11" in dom and "the word park" in dom
     dom = dump_dom(f"{base}/features/nope/1", tmp_path / "profile2")

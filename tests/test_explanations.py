@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import json
 
-import anyio
 import numpy as np
 import pytest
-from mcp import Client
 
+from conftest import only_sae
+from mcp_client import call_many, error_text, tools_by_name
 from sae_mcp.errors import InvalidInput, LoadError
 from sae_mcp.server.app import build_server
 from sae_mcp.settings import Settings
-from sae_mcp.store.db import store_key_of
+from sae_mcp.store import explanation_files as files
 from sae_mcp.store import explanations as ex
 from sae_mcp.store.explanations import ExplanationStore
 
-
-@pytest.fixture(autouse=True)
-def lexical_only(monkeypatch):
-    """Tests pick their ranking explicitly; the optional MiniLM model is never loaded by accident."""
-    monkeypatch.setenv("SAE_MCP_SEMANTIC", "0")
+pytestmark = pytest.mark.usefixtures("lexical_only")  # tests pick their ranking explicitly
 
 
 def neuronpedia_export(n: int = 6) -> list[dict]:
@@ -47,36 +43,18 @@ def neuronpedia_export(n: int = 6) -> list[dict]:
     ]
 
 
-def sae_of(engine):
-    return next(iter(engine.saes.values()))
-
-
 def store_for(engine, tmp_path, embedder=None) -> ExplanationStore:
-    m = engine.loaded_model
-    return ExplanationStore.for_model(tmp_path, m.name, m.source, embedder=embedder)
-
-
-def call(server, calls):
-    async def go():
-        async with Client(server) as c:
-            return [await c.call_tool(n, a) for n, a in calls]
-
-    return anyio.run(go)
-
-
-def err(result) -> str:
-    assert result.is_error, result.structured_content
-    return " ".join(getattr(c, "text", "") for c in result.content)
+    return ExplanationStore.for_model(tmp_path, engine.loaded_model.store_key, embedder=embedder)
 
 
 # ------------------------------------------------------------------------------------------------------ store
 
 
 def test_neuronpedia_export_shape_imports_as_is_and_is_searchable(tiny_engine, tmp_path):
-    s = sae_of(tiny_engine)
+    s = only_sae(tiny_engine)
     path = tmp_path / "export.json"
     path.write_text(json.dumps(neuronpedia_export()))
-    rows = ex.read_explanations_file(path, d_sae=s.d_sae)
+    rows = files.read_explanations_file(path, d_sae=s.d_sae)
     assert rows[0] == (0, "references to the bible and scripture", "gpt-4o-mini")
     store = store_for(tiny_engine, tmp_path)
     assert store.import_rows(s.source, rows, "neuronpedia") == (6, 0)
@@ -91,10 +69,10 @@ def test_neuronpedia_export_shape_imports_as_is_and_is_searchable(tiny_engine, t
 def test_jsonl_and_csv_files_import(tiny_engine, tmp_path):
     jl = tmp_path / "e.jsonl"
     jl.write_text('{"feature": 1, "description": "dogs"}\n\n{"feature": 2, "description": "parks"}\n')
-    assert ex.read_explanations_file(jl) == [(1, "dogs", None), (2, "parks", None)]
+    assert files.read_explanations_file(jl) == [(1, "dogs", None), (2, "parks", None)]
     cs = tmp_path / "e.csv"
     cs.write_text('feature,description\n4,"red things, mostly balls"\n5,happy\n')
-    assert ex.read_explanations_file(cs) == [(4, "red things, mostly balls", None), (5, "happy", None)]
+    assert files.read_explanations_file(cs) == [(4, "red things, mostly balls", None), (5, "happy", None)]
 
 
 @pytest.mark.parametrize(
@@ -112,11 +90,11 @@ def test_malformed_import_files_say_what_is_wrong(content, name, message, tmp_pa
     p = tmp_path / name
     p.write_text(content)
     with pytest.raises(InvalidInput, match=message):
-        ex.read_explanations_file(p, d_sae=128)
+        files.read_explanations_file(p, d_sae=128)
 
 
 def test_labels_persist_across_a_restart_and_stay_apart_from_imports(tiny_engine, tmp_path):
-    s = sae_of(tiny_engine)
+    s = only_sae(tiny_engine)
     a = store_for(tiny_engine, tmp_path)
     a.import_rows(s.source, [(7, "imported text about parks", None)], "file:x.json")
     a.add_label(s.source, 7, "fires on 'park' after 'the'", evidence="top_examples 1-10 all 'the park'")
@@ -185,9 +163,9 @@ def test_neuronpedia_download_offline_fails_with_a_clear_message(monkeypatch):
 
     monkeypatch.setattr(requests, "get", offline)
     with pytest.raises(LoadError, match="could not reach Neuronpedia.*import a file"):
-        ex.fetch_neuronpedia_export("gpt2-small/7-res-jb")
+        files.fetch_neuronpedia_export("gpt2-small/7-res-jb")
     with pytest.raises(InvalidInput, match="MODEL/SAE"):
-        ex.fetch_neuronpedia_export("nonsense")
+        files.fetch_neuronpedia_export("nonsense")
 
 
 def test_neuronpedia_download_parses_the_export(monkeypatch):
@@ -206,9 +184,9 @@ def test_neuronpedia_download_parses_the_export(monkeypatch):
         return Resp()
 
     monkeypatch.setattr(requests, "get", fake_get)
-    data = ex.fetch_neuronpedia_export("gpt2-small/7-res-jb")
+    data = files.fetch_neuronpedia_export("gpt2-small/7-res-jb")
     assert seen["params"] == {"modelId": "gpt2-small", "saeId": "7-res-jb"} and seen["timeout"]
-    assert ex.normalise_rows(data)[1] == (3, "words related to cats and kittens", "gpt-4o-mini")
+    assert files.normalise_rows(data)[1] == (3, "words related to cats and kittens", "gpt-4o-mini")
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
@@ -226,10 +204,10 @@ def test_cli_imports_a_neuronpedia_file_where_the_server_finds_it(tiny_engine, t
     report = json.loads(capsys.readouterr().out)
     assert report["added"] == 6 and report["source"] == "file:export.json"
     server = build_server(tiny_engine, Settings(data_dir=tmp_path / "data"))
-    (res,) = call(server, [("search_explanations", {"query": "kittens"})])
+    (res,) = call_many(server, [("search_explanations", {"query": "kittens"})])
     assert not res.is_error
     assert res.structured_content["matches"][0]["feature"] == 3
-    assert res.structured_content["matches"][0]["sae"] == sae_of(tiny_engine).key
+    assert res.structured_content["matches"][0]["sae"] == only_sae(tiny_engine).key
 
 
 def test_cli_import_rejects_a_malformed_file_and_names_the_row(tiny_sae_dir, tmp_path, capsys):
@@ -247,15 +225,11 @@ def test_cli_import_rejects_a_malformed_file_and_names_the_row(tiny_sae_dir, tmp
 
 def test_label_feature_is_searchable_at_once_and_annotated_as_a_write(tiny_engine, tmp_path):
     server = build_server(tiny_engine, Settings(data_dir=tmp_path))
-
-    async def go():
-        async with Client(server) as c:
-            tools = {t.name: t for t in (await c.list_tools()).tools}
-            lab = await c.call_tool("label_feature", {"feature": 5, "label": "the word park", "evidence": "acts on 'park'"})
-            found = await c.call_tool("search_explanations", {"query": "park"})
-            return tools, lab, found
-
-    tools, lab, found = anyio.run(go)
+    tools = tools_by_name(server)
+    lab, found = call_many(server, [
+        ("label_feature", {"feature": 5, "label": "the word park", "evidence": "acts on 'park'"}),
+        ("search_explanations", {"query": "park"}),
+    ])
     ann = tools["label_feature"].annotations
     assert ann.read_only_hint is False and ann.idempotent_hint is False
     assert tools["search_explanations"].annotations.read_only_hint is True
@@ -265,24 +239,24 @@ def test_label_feature_is_searchable_at_once_and_annotated_as_a_write(tiny_engin
 
 
 def test_search_with_nothing_imported_says_how_to_import(tiny_engine, tmp_path):
-    (res,) = call(build_server(tiny_engine, Settings(data_dir=tmp_path)), [("search_explanations", {"query": "bible"})])
+    (res,) = call_many(build_server(tiny_engine, Settings(data_dir=tmp_path)), [("search_explanations", {"query": "bible"})])
     assert res.structured_content["matches"] == []
     assert "sae-mcp explanations import" in res.structured_content["note"]
 
 
 def test_bad_inputs_are_errors_and_the_next_call_works(tiny_engine, tmp_path):
     server = build_server(tiny_engine, Settings(data_dir=tmp_path))
-    bad_sae, bad_feature, empty_q, blank_label, ok = call(server, [
+    bad_sae, bad_feature, empty_q, blank_label, ok = call_many(server, [
         ("search_explanations", {"query": "x", "sae": "nope"}),
         ("label_feature", {"feature": 128, "label": "x"}),
         ("search_explanations", {"query": "?!"}),
         ("label_feature", {"feature": 1, "label": "   "}),
         ("label_feature", {"feature": 1, "label": "fine"}),
     ])
-    assert "unknown SAE 'nope'" in err(bad_sae)
-    assert "less than or equal to 127" in err(bad_feature)
-    assert "query is empty" in err(empty_q)
-    assert "label is empty" in err(blank_label)
+    assert "unknown SAE 'nope'" in error_text(bad_sae)
+    assert "less than or equal to 127" in error_text(bad_feature)
+    assert "query is empty" in error_text(empty_q)
+    assert "label is empty" in error_text(blank_label)
     assert not ok.is_error and ok.structured_content["label"] == "fine"
 
 
@@ -315,12 +289,12 @@ def test_labels_belong_to_the_weights_not_the_folder(tiny_loaded, tmp_path):
         return build_server(Engine(tiny_loaded, [load_sae(str(folder), "cpu", torch.float32)], "cpu"),
                             Settings(data_dir=data))
 
-    lab, again = call(serve(), [("label_feature", {"feature": 4, "label": "the word park"}),
+    lab, again = call_many(serve(), [("label_feature", {"feature": 4, "label": "the word park"}),
                                 ("feature_card", {"feature": 4, "examples": 0})])
     assert not lab.is_error and "label: the word park" in again.structured_content["markdown"]
 
     make_sae_folder(folder, 32, 128, "blocks.1.hook_resid_pre", seed=1)  # re-trained into the same folder
-    found, card, lab2 = call(serve(), [("search_explanations", {"query": "park"}),
+    found, card, lab2 = call_many(serve(), [("search_explanations", {"query": "park"}),
                                        ("feature_card", {"feature": 4, "examples": 0}),
                                        ("label_feature", {"feature": 4, "label": "commas"})])
     assert found.structured_content["matches"] == []
@@ -328,7 +302,7 @@ def test_labels_belong_to_the_weights_not_the_folder(tiny_loaded, tmp_path):
     assert lab2.structured_content["labels_for_feature"] == 1  # the old weights' label is not counted
 
     make_sae_folder(folder, 32, 128, "blocks.1.hook_resid_pre", seed=0)  # the original weights again
-    (found,) = call(serve(), [("search_explanations", {"query": "park commas"})])
+    (found,) = call_many(serve(), [("search_explanations", {"query": "park commas"})])
     assert [(m["feature"], m["description"]) for m in found.structured_content["matches"]] == [(4, "the word park")]
 
 
@@ -348,9 +322,9 @@ def test_lexical_scores_keep_significant_digits_on_a_small_store(tiny_engine, tm
 
     rows = [(1, "the park", None), (2, "a park bench in the big park", None), (3, "red balls", None)]
     store = store_for(tiny_engine, tmp_path)
-    key = store_key_of(sae_of(tiny_engine))
+    key = only_sae(tiny_engine).store_key
     store.import_rows(key, rows, "np")
-    (res,) = call(build_server(tiny_engine, Settings(data_dir=tmp_path)), [("search_explanations", {"query": "park"})])
+    (res,) = call_many(build_server(tiny_engine, Settings(data_dir=tmp_path)), [("search_explanations", {"query": "park"})])
     got = [(m["description"], m["score"]) for m in res.structured_content["matches"]]
 
     plain = sqlite3.connect(":memory:")
@@ -398,4 +372,4 @@ def test_cli_import_refuses_an_export_of_another_neuronpedia_sae_unless_forced(t
     rc, out = run(tiny_sae_dir)  # no Neuronpedia id in its config: nothing to check against
     assert rc == 0 and json.loads(out.out)["added"] == 6
     with pytest.raises(InvalidInput, match="row 1 explains a feature of Neuronpedia SAE tiny/1-res-test"):
-        ex.read_explanations_file(export, d_sae=128, neuronpedia_id="gpt2-small/7-res-jb")
+        files.read_explanations_file(export, d_sae=128, neuronpedia_id="gpt2-small/7-res-jb")

@@ -11,8 +11,8 @@ import random
 import pytest
 import torch
 
+from sae_mcp.engine import ablation, generation, steering
 from sae_mcp.engine import attribution as attr
-from sae_mcp.engine import interventions as iv
 from sae_mcp.engine.runtime import CancelToken
 from sae_mcp.errors import Cancelled, InvalidInput
 
@@ -38,18 +38,18 @@ class CancelAfter(CancelToken):
 
 
 def steer_ok(e, mp):
-    iv.steer_generate(e, PROMPT, [(5, 3.0)], calibration="absolute", max_new_tokens=5, temperature=1.0,
-                      controls=True, n_controls=2, answer=" mat")
+    steering.steer_generate(e, PROMPT, [(5, 3.0)], calibration="absolute", max_new_tokens=5, temperature=1.0,
+                            controls=True, n_controls=2, answer=" mat")
 
 
 def steer_cancelled(e, mp):
     with pytest.raises(Cancelled):
-        iv.steer_generate(e, PROMPT, [(5, 3.0)], calibration="absolute", max_new_tokens=8, cancel=CancelAfter(3))
+        steering.steer_generate(e, PROMPT, [(5, 3.0)], calibration="absolute", max_new_tokens=8, cancel=CancelAfter(3))
 
 
 def steer_sampler_crashes(e, mp):
     calls = {"n": 0}
-    real = iv._sample
+    real = generation._sample
 
     def sample(*a):
         calls["n"] += 1
@@ -57,13 +57,13 @@ def steer_sampler_crashes(e, mp):
             raise Boom("sampler")
         return real(*a)
 
-    mp.setattr(iv, "_sample", sample)
+    mp.setattr(generation, "_sample", sample)
     with pytest.raises(Boom):
-        iv.steer_generate(e, PROMPT, [(5, 3.0)], calibration="absolute", max_new_tokens=8)
+        steering.steer_generate(e, PROMPT, [(5, 3.0)], calibration="absolute", max_new_tokens=8)
 
 
 def ablate_ok(e, mp):
-    iv.ablate_and_test(e, PROMPT, " mat", [3, 7], position=[-1], controls=True, n_controls=2)
+    ablation.ablate_and_test(e, PROMPT, " mat", [3, 7], position=[-1], controls=True, n_controls=2)
 
 
 def ablate_hook_crashes(e, mp):
@@ -73,14 +73,14 @@ def ablate_hook_crashes(e, mp):
 
         return hook
 
-    mp.setattr(iv, "_ablation_hook", bad_hook)
+    mp.setattr(ablation, "_ablation_hook", bad_hook)
     with pytest.raises(Boom):
-        iv.ablate_and_test(e, PROMPT, " mat", [3])
+        ablation.ablate_and_test(e, PROMPT, " mat", [3])
 
 
 def ablate_bad_position(e, mp):
     with pytest.raises(InvalidInput):
-        iv.ablate_and_test(e, PROMPT, " mat", [3], position=[99])
+        ablation.ablate_and_test(e, PROMPT, " mat", [3], position=[99])
 
 
 def attribute_ok(e, mp):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import make_sae_folder, needs_stories, STORIES_HF
-from sae_mcp.engine.loading import _hf_repo_cached, check_compatible, load_model, load_sae, split_alias
+from sae_mcp.engine.hub import hf_file_cached
+from sae_mcp.engine.loading import check_compatible, load_model, load_sae, split_alias
 from sae_mcp.engine.runtime import Engine
 from sae_mcp.errors import LoadError
 
@@ -47,7 +48,7 @@ def test_folder_without_cfg_json_is_refused(tmp_path):
 
 
 def test_official_model_offline_without_cache_says_what_to_download():
-    if _hf_repo_cached("gpt2", "config.json"):
+    if hf_file_cached("gpt2", "config.json"):
         pytest.skip("gpt2 is in this machine's Hugging Face cache, so offline loading would succeed")
     with pytest.raises(LoadError, match=r"not in the Hugging Face cache.*--model /path"):
         load_model("gpt2-small", "cpu", torch.float32)

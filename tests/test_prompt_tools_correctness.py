@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import needs_stories
+from conftest import needs_stories, tutorial_sae_acts
 from sae_mcp.engine import features as F
 from sae_mcp.engine import logits as L
 
@@ -21,14 +21,9 @@ PROMPTS = ["Once upon a time there was a little girl named Lily.", "The dog ran 
 
 
 def tutorial_feature_acts(engine, prompt):
-    """The tutorial way: splice the SAE in and read hook_sae_acts_post from the cache. [seq, d_sae]"""
-    s = next(iter(engine.saes.values()))
-    model = engine.model
-    tokens = model.to_tokens(prompt, prepend_bos=True)
-    with torch.no_grad():
-        _, cache = model.run_with_cache_with_saes(tokens, saes=[s.sae])
-    model.reset_saes()
-    return tokens[0], cache[f"{s.hook_name}.hook_sae_acts_post"][0]
+    """tokens [seq] and the tutorial's hook_sae_acts_post [seq, d_sae] for one prompt, BOS prepended."""
+    tokens = engine.model.to_tokens(prompt, prepend_bos=True)
+    return tokens[0], tutorial_sae_acts(engine, tokens)[0]
 
 
 @pytest.fixture(params=["tiny", pytest.param("stories", marks=needs_stories)])

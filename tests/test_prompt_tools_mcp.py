@@ -12,9 +12,9 @@ from sae_mcp.server.app import build_server
 PROMPT_TOOLS = {"model_info", "get_feature_acts", "compare_prompts", "next_token", "project_to_vocab"}
 
 
-@pytest.fixture(scope="module")
-def server(tiny_engine):
-    return build_server(tiny_engine)
+@pytest.fixture
+def server(tiny_server):
+    return tiny_server
 
 
 def test_tools_publish_bounded_input_schemas_and_output_schemas(server):

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import STORIES_CORPUS, STORIES_HF, needs_stories, stories_texts
+from conftest import STORIES_CORPUS, STORIES_HF, needs_stories, stories_texts, tutorial_sae_acts
 from sae_mcp.engine.runtime import CancelToken
 from sae_mcp.engine.scan import ScanState, update_state
 from sae_mcp.errors import Cancelled
-from sae_mcp.examples import ExampleSource, get_example_source
+from sae_mcp.services.example_source import ExampleSource
 from sae_mcp.settings import Settings
 
 TOKENS = 12_000  # ~100 windows: brute force ~2 s
@@ -51,8 +51,7 @@ def test_update_state_keeps_exactly_the_k_largest_with_ties_by_earlier_position(
 
 def brute_force(engine, max_tokens: int):
     """Every scanned token's activations [N, d_sae] and its (document, offset), windows one at a time."""
-    s = next(iter(engine.saes.values()))
-    model, tok, ctx, bos = engine.model, engine.model.tokenizer, 128, 1
+    tok, ctx, bos = engine.model.tokenizer, 128, 1
     rows, locs, n = [], [], 0
     for d, text in enumerate(stories_texts()):
         ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -60,9 +59,7 @@ def brute_force(engine, max_tokens: int):
             if n >= max_tokens:
                 break
             window = torch.tensor([[bos] + ids[start : start + ctx - 1]])
-            with torch.inference_mode():
-                _, cache = model.run_with_cache_with_saes(window, saes=[s.sae])
-            acts = cache[f"{s.hook_name}.hook_sae_acts_post"][0, 1:]  # BOS is context, not scanned
+            acts = tutorial_sae_acts(engine, window)[0, 1:]  # BOS is context, not scanned
             rows.append(acts)
             locs += [(d, start + p) for p in range(acts.shape[0])]
             n += acts.shape[0]
@@ -204,7 +201,7 @@ def test_cancel_keeps_the_last_whole_batch_and_a_rerun_resumes(stories_engine, s
 
     with pytest.raises(Cancelled):
         src.build_index(None, 20_000, progress=progress, cancel=cancel, batch_windows=16)
-    row = src.store(stories_engine.sae(None)).load_scan("index")
+    row = src.index_store(stories_engine.sae(None)).load_scan("index")
     assert row.tokens == seen[-1] and not row.exhausted
     rep = src.build_index(None, 20_000, batch_windows=16)
     assert not rep.reused and rep.tokens_scanned >= 20_000
@@ -221,13 +218,6 @@ def test_a_different_corpus_makes_a_separate_index(stories_engine, stories_sae_d
     rb = b.build_index(None, 10**9)
     assert ra.path != rb.path and rb.exhausted and not rb.reused
     assert a.build_index(None, 3_000).reused
-
-
-@needs_stories
-def test_example_source_is_one_per_engine_and_settings(stories_engine, stories_sae_dir, tmp_path):
-    st = settings_for(stories_sae_dir, tmp_path)
-    assert get_example_source(stories_engine, st) is get_example_source(stories_engine, st)
-    assert get_example_source(stories_engine) is get_example_source(stories_engine, st)
 
 
 @needs_stories
@@ -334,8 +324,8 @@ def test_cpu_scans_record_and_report_float32_compute_dtype(tiny_engine, tiny_sae
     assert scanned.source == "scan" and scanned.compute_dtype == "float32"
     src.build_index(None, 10**6)
     s = tiny_engine.sae(None)
-    assert src.store(s).load_scan("index").compute_dtype == "float32"
-    assert src.store(s).load_scan("feature:4").compute_dtype == "float32"
+    assert src.index_store(s).load_scan("index").compute_dtype == "float32"
+    assert src.index_store(s).load_scan("feature:4").compute_dtype == "float32"
     assert src.top_examples(None, 4, k=2).compute_dtype == "float32"
     assert src.feature_summary(None, 4).compute_dtype == "float32"
 

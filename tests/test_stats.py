@@ -10,13 +10,16 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from conftest import only_sae
 from sae_mcp.engine import stats
+from sae_mcp.engine.stats import LogitWeightStats
+from sae_mcp.engine.token_sets import BUILTIN_SETS, vocab_strings
 from sae_mcp.errors import InvalidInput
 
 
 def full_logit_weights(engine) -> torch.Tensor:
     """W_dec @ W_U for every feature at once, the tutorial's way (the tiny SAE reads the residual stream)."""
-    s = next(iter(engine.saes.values()))
+    s = only_sae(engine)
     return (s.sae.W_dec.detach().float() @ engine.model.W_U.detach().float()).cpu()  # [d_sae, d_vocab]
 
 
@@ -32,10 +35,9 @@ def plain_moments(row: list[float]) -> tuple[float, float, float, float]:
 
 def test_moments_match_plain_formulas_on_the_full_matrix(tiny_engine, monkeypatch):
     monkeypatch.setattr(stats, "CHUNK_BYTES", 7 * 3 * 4 * tiny_engine.model.cfg.d_vocab)  # chunks of 7 features
-    s = next(iter(tiny_engine.saes.values()))
-    stats._moment_cache.pop(tiny_engine, None)
+    s = only_sae(tiny_engine)
     with tiny_engine.device_work():
-        got = stats.logit_weight_moments(tiny_engine, s)  # [d_sae, 4]
+        got = LogitWeightStats(tiny_engine).moments(s)  # [d_sae, 4]
     full = full_logit_weights(tiny_engine)
     want = torch.tensor([plain_moments(row) for row in full.double().tolist()], dtype=torch.float32)
     assert got.shape == (s.d_sae, 4)
@@ -43,7 +45,7 @@ def test_moments_match_plain_formulas_on_the_full_matrix(tiny_engine, monkeypatc
 
 
 def test_feature_stats_sorts_by_skewness_and_respects_top(tiny_engine):
-    out = stats.feature_stats(tiny_engine, sort_by="skewness", top=5)
+    out = LogitWeightStats(tiny_engine).feature_stats(sort_by="skewness", top=5)
     skews = [f.skewness for f in out.features]
     assert len(skews) == 5 and skews == sorted(skews, reverse=True)
     full = full_logit_weights(tiny_engine)
@@ -54,9 +56,9 @@ def test_feature_stats_sorts_by_skewness_and_respects_top(tiny_engine):
 
 
 def test_feature_stats_named_features_and_density_filter(tiny_engine):
-    dens = torch.linspace(0, 1, next(iter(tiny_engine.saes.values())).d_sae)
-    out = stats.feature_stats(
-        tiny_engine, features=[3, 5, 120], sort_by="density", descending=False, densities=dens, min_density=0.03
+    dens = torch.linspace(0, 1, only_sae(tiny_engine).d_sae)
+    out = LogitWeightStats(tiny_engine).feature_stats(
+        features=[3, 5, 120], sort_by="density", descending=False, densities=dens, min_density=0.03
     )
     assert [f.feature for f in out.features] == [5, 120]  # feature 3's density is 3/127 < 0.03
     assert out.features[0].density == pytest.approx(5 / 127, abs=1e-6)
@@ -64,7 +66,7 @@ def test_feature_stats_named_features_and_density_filter(tiny_engine):
 
 def test_feature_stats_density_sort_without_index_says_run_index(tiny_engine):
     with pytest.raises(InvalidInput, match="sae-mcp index"):
-        stats.feature_stats(tiny_engine, sort_by="density")
+        LogitWeightStats(tiny_engine).feature_stats(sort_by="density")
 
 
 def plain_rank_biserial(row: list[float], members: set[int]) -> float:
@@ -80,8 +82,8 @@ def plain_rank_biserial(row: list[float], members: set[int]) -> float:
 
 def test_enrichment_score_matches_a_pairwise_loop(tiny_engine, monkeypatch):
     monkeypatch.setattr(stats, "CHUNK_BYTES", 5 * 16 * tiny_engine.model.cfg.d_vocab)  # chunks of 5 features
-    s = next(iter(tiny_engine.saes.values()))
-    vocab = stats.vocab_strings(tiny_engine)
+    s = only_sae(tiny_engine)
+    vocab = vocab_strings(tiny_engine)
     digits = [i for i, t in enumerate(vocab) if re.fullmatch(r" ?[0-9]+", t)]
     some = [3, 7, 11]
     idx = torch.arange(s.d_sae)
@@ -96,8 +98,8 @@ def test_enrichment_score_matches_a_pairwise_loop(tiny_engine, monkeypatch):
 
 def test_enrichment_detects_a_planted_direction(tiny_engine):
     """A decoder row set to the mean unembedding of the digit tokens must be the top 'promotes' feature."""
-    s = next(iter(tiny_engine.saes.values()))
-    vocab = stats.vocab_strings(tiny_engine)
+    s = only_sae(tiny_engine)
+    vocab = vocab_strings(tiny_engine)
     digits = [i for i, t in enumerate(vocab) if re.fullmatch(r" ?[0-9]+", t)]
     W_U = tiny_engine.model.W_U.detach()
     planted = W_U[:, digits].mean(1) - W_U.mean(1)  # [d_model]
@@ -107,11 +109,10 @@ def test_enrichment_detects_a_planted_direction(tiny_engine):
         with torch.no_grad():
             W_dec[17] = planted / planted.norm()
             W_dec[18] = -planted / planted.norm()
-        out = stats.token_set_enrichment(tiny_engine, sets=["all_digits"], top=3)
+        out = LogitWeightStats(tiny_engine).token_set_enrichment(sets=["all_digits"], top=3)
     finally:
         with torch.no_grad():
             W_dec.copy_(saved)
-        stats._moment_cache.pop(tiny_engine, None)
     res = out.sets[0]
     assert res.name == "all_digits" and res.size == len(digits)
     assert res.promoted[0].feature == 17 and res.promoted[0].direction == "promotes"
@@ -120,37 +121,37 @@ def test_enrichment_detects_a_planted_direction(tiny_engine):
 
 
 def test_token_lists_and_regex_sets_build_with_unmatched_reported(tiny_engine):
-    named = stats.build_token_sets(
-        tiny_engine, token_sets={"pets": ["cat", "dog", "unicorn"]}, regex_sets={"short": r"^.{1}$"}
+    named, _ = LogitWeightStats(tiny_engine).token_sets(
+        token_sets={"pets": ["cat", "dog", "unicorn"]}, regex_sets={"short": r"^.{1}$"}
     )
-    by = {n: (ids, un) for n, ids, un in named}
-    vocab = stats.vocab_strings(tiny_engine)
+    by = {ts.name: (ts.ids, ts.unmatched) for ts in named}
+    vocab = vocab_strings(tiny_engine)
     assert sorted(vocab[i] for i in by["pets"][0]) == ["cat", "dog"]
     assert by["pets"][1] == ["unicorn"]
     assert all(len(vocab[i]) == 1 for i in by["short"][0])
 
 
 def test_bad_sets_say_what_to_change(tiny_engine):
+    st = LogitWeightStats(tiny_engine)
     with pytest.raises(InvalidInput, match="built-in sets"):
-        stats.build_token_sets(tiny_engine, sets=["nope"])
+        st.token_sets(sets=["nope"])
     with pytest.raises(InvalidInput, match="neither empty"):
-        stats.build_token_sets(tiny_engine, token_sets={"none": ["zzz"]})
+        st.token_sets(token_sets={"none": ["zzz"]})
     with pytest.raises(InvalidInput, match="does not compile"):
-        stats.build_token_sets(tiny_engine, regex_sets={"bad": "("})
+        st.token_sets(regex_sets={"bad": "("})
     with pytest.raises(InvalidInput, match="out of range"):
-        stats.feature_stats(tiny_engine, features=[10_000])
+        LogitWeightStats(tiny_engine).feature_stats(features=[10_000])
 
 
 def test_real_model_moments_and_builtin_sets_on_a_sentencepiece_vocab(stories_engine):
     """stories260K (Llama SentencePiece, 512 tokens): moments match the plain formulas; spaces are restored, so
     starts_with_space is a real set; the planted-free scores stay in [-1, 1]."""
-    s = next(iter(stories_engine.saes.values()))
-    stats._moment_cache.pop(stories_engine, None)
+    s = only_sae(stories_engine)
     with stories_engine.device_work():
-        got = stats.logit_weight_moments(stories_engine, s, list(range(20)))
+        got = LogitWeightStats(stories_engine).moments(s, list(range(20)))
     full = (s.sae.W_dec[:20].detach().float() @ stories_engine.model.W_U.detach().float()).double().tolist()
     assert_close(got, torch.tensor([plain_moments(row) for row in full], dtype=torch.float32), rtol=1e-4, atol=1e-5)
-    out = stats.token_set_enrichment(stories_engine, top=3)
+    out = LogitWeightStats(stories_engine).token_set_enrichment(top=3)
     names = {x.name for x in out.sets}
     assert {"starts_with_space", "capitalised", "punctuation"} <= names
     for x in out.sets:
@@ -160,16 +161,13 @@ def test_real_model_moments_and_builtin_sets_on_a_sentencepiece_vocab(stories_en
 def test_mean_of_a_centred_unembedding_reads_zero_not_minus_zero(tiny_engine, monkeypatch):
     """With W_U mean-centred over the vocabulary (transformer-lens' center_unembed), every feature's logit-weight
     mean is float noise around 0: it is reported as +0.0, and the other moments are the plain ones."""
-    s = next(iter(tiny_engine.saes.values()))
+    s = only_sae(tiny_engine)
     W_U = tiny_engine.model.W_U.detach().float()
     centred = W_U - W_U.mean(dim=1, keepdim=True)  # what center_unembed does to the weights
-    real = stats._logit_weights
-    monkeypatch.setattr(stats, "_logit_weights", lambda e, sae, idx: real(e, sae, idx) - real(e, sae, idx).mean(1, keepdim=True))
-    stats._moment_cache.pop(tiny_engine, None)
-    try:
-        out = stats.feature_stats(tiny_engine, sort_by="feature", descending=False, top=s.d_sae)
-    finally:
-        stats._moment_cache.pop(tiny_engine, None)
+    real = stats.logit_weights
+    monkeypatch.setattr(stats, "logit_weights",
+                        lambda e, sae, idx: real(e, sae, idx) - real(e, sae, idx).mean(1, keepdim=True))
+    out = LogitWeightStats(tiny_engine).feature_stats(sort_by="feature", descending=False, top=s.d_sae)
     full = (s.sae.W_dec.detach().float() @ centred).double().tolist()
     plain = [plain_moments(row) for row in full]
     assert max(abs(p[0]) for p in plain) < 5e-5  # ~0 by construction
@@ -187,7 +185,7 @@ def test_builtin_sets_leave_out_byte_fallback_and_control_tokens(stories_engine)
     tok = stories_engine.model.tokenizer
     V = stories_engine.model.cfg.d_vocab
     pieces = tok.convert_ids_to_tokens(list(range(V)))
-    texts = stats.vocab_strings(stories_engine)
+    texts = vocab_strings(stories_engine)
     special = set(tok.all_special_ids)
 
     def left_out(i: int) -> bool:
@@ -200,10 +198,11 @@ def test_builtin_sets_leave_out_byte_fallback_and_control_tokens(stories_engine)
 
     kept = [i for i in range(V) if not left_out(i)]
     assert sum(p.startswith("<0x") for p in pieces) == 256 and len(kept) <= V - 3 - 256 + 4  # at most the 4 whitespace bytes kept
-    built = {name: ids for name, ids, _ in stats.build_token_sets(stories_engine, list(stats.BUILTIN_SETS)[:5])}
+    st = LogitWeightStats(stories_engine)
+    built = {ts.name: ts.ids for ts in st.token_sets(list(BUILTIN_SETS)[:5])[0]}
     for name, ids in built.items():
-        assert ids == [i for i in kept if re.search(stats.BUILTIN_SETS[name], texts[i])], name
+        assert ids == [i for i in kept if re.search(BUILTIN_SETS[name], texts[i])], name
     assert all(not pieces[i].startswith("<0x") for i in built["punctuation"])
     assert len(built["punctuation"]) < 40  # was 218 of 512, nearly all byte pieces
-    newline = stats.build_token_sets(stories_engine, ["contains_newline"])[0][1]
-    assert [pieces[i] for i in newline] == ["<0x0A>"]
+    (newline,) = st.token_sets(["contains_newline"])[0]
+    assert [pieces[i] for i in newline.ids] == ["<0x0A>"]

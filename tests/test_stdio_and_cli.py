@@ -11,7 +11,7 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
-from conftest import STORIES_HF, needs_stories
+from conftest import STORIES_HF, free_port, needs_stories
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 CLI = [sys.executable, "-m", "sae_mcp"]
@@ -89,21 +89,13 @@ def test_doctor_reports_versions_device_and_cache_state(tmp_path):
         assert needle in out.stdout
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @needs_stories
 def test_serve_over_http_answers_mcp_and_serves_the_card_page(stories_sae_dir, tmp_path):
     import time
 
     import requests
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         CLI + ["serve", "--transport", "http", "--port", str(port), "--model", str(STORIES_HF),
                "--sae", f"res2={stories_sae_dir}", "--device", "cpu", "--data-dir", str(tmp_path)],

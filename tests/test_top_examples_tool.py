@@ -5,31 +5,18 @@ from __future__ import annotations
 
 import base64
 
-import anyio
 import pytest
-from mcp import Client
 
-from conftest import STORIES_CORPUS, STORIES_HF, needs_stories
+from conftest import STORIES_HF, needs_stories
+from mcp_client import call_many, cancel_after_first_progress, error_text, text_of, tools_by_name
 from sae_mcp.server.app import build_server
+from sae_mcp.services.example_source import ExampleSource
 from sae_mcp.settings import Settings
 
 
-def calls(server, *steps, progress=None):
-    async def go():
-        async with Client(server) as c:
-            return [await c.call_tool(name, args, progress_callback=progress) for name, args in steps]
-
-    return anyio.run(go)
-
-
-def text(res) -> str:
-    return " ".join(getattr(c, "text", "") for c in res.content)
-
-
 @pytest.fixture
-def server(stories_engine, stories_sae_dir, tmp_path):
-    st = Settings(model=str(STORIES_HF), saes=(str(stories_sae_dir),), corpus=str(STORIES_CORPUS), data_dir=tmp_path)
-    return build_server(stories_engine, st)
+def server(stories_server):
+    return stories_server
 
 
 @needs_stories
@@ -39,9 +26,9 @@ def test_top_examples_scans_on_demand_reports_progress_and_plots(server):
     async def progress(done, total, message):
         seen.append((done, total))
 
-    (res,) = calls(server, ("top_examples", {"feature": 7, "k": 3, "context": 5, "max_scan_tokens": 8000, "plot": True}),
-                   progress=progress)
-    assert not res.is_error, text(res)
+    (res,) = call_many(server, [("top_examples", {"feature": 7, "k": 3, "context": 5, "max_scan_tokens": 8000,
+                                                  "plot": True})], progress=progress)
+    assert not res.is_error, text_of(res)
     out = res.structured_content
     assert out["source"] == "scan" and out["feature"] == 7 and out["tokens_scanned"] >= 8000
     assert len(out["examples"]) == min(3, out["n_fired"]) and out["n_fired"] > 0  # exactly k when it fired k times
@@ -58,16 +45,15 @@ def test_top_examples_scans_on_demand_reports_progress_and_plots(server):
 
 @needs_stories
 def test_bad_inputs_are_errors_that_say_what_to_change_and_the_next_call_works(server):
-    r_range, r_k, r_ctx, ok = calls(
-        server,
+    r_range, r_k, r_ctx, ok = call_many(server, [
         ("top_examples", {"feature": 256, "max_scan_tokens": 2000}),
         ("top_examples", {"feature": 1, "k": 51}),
         ("top_examples", {"feature": 1, "context": -1}),
         ("top_examples", {"feature": 1, "k": 2, "max_scan_tokens": 2000}),
-    )
-    assert r_range.is_error and "less than or equal to 255" in text(r_range)
-    assert r_k.is_error and "less than or equal to 50" in text(r_k)
-    assert r_ctx.is_error and "greater than or equal to 0" in text(r_ctx)
+    ])
+    assert "less than or equal to 255" in error_text(r_range)
+    assert "less than or equal to 50" in error_text(r_k)
+    assert "greater than or equal to 0" in error_text(r_ctx)
     assert not ok.is_error and ok.structured_content["source"] == "scan"
 
 
@@ -76,18 +62,15 @@ def test_missing_corpus_file_is_an_error_and_the_server_keeps_working(stories_en
     st = Settings(model=str(STORIES_HF), saes=(str(stories_sae_dir),), corpus=str(tmp_path / "missing.jsonl"),
                   data_dir=tmp_path)
     srv = build_server(stories_engine, st)
-    bad, info = calls(srv, ("top_examples", {"feature": 3}), ("model_info", {}))
-    assert bad.is_error and "missing.jsonl does not exist" in text(bad) and "--corpus" in text(bad)
+    bad, info = call_many(srv, [("top_examples", {"feature": 3}), ("model_info", {})])
+    assert "missing.jsonl does not exist" in error_text(bad) and "--corpus" in error_text(bad)
     assert not info.is_error
 
 
 @needs_stories
-def test_top_examples_answers_from_the_index_when_built(stories_engine, stories_sae_dir, tmp_path):
-    from sae_mcp.examples import get_example_source
-
-    st = Settings(model=str(STORIES_HF), saes=(str(stories_sae_dir),), corpus=str(STORIES_CORPUS), data_dir=tmp_path)
-    get_example_source(stories_engine, st).build_index(None, 4000)
-    (res,) = calls(build_server(stories_engine, st), ("top_examples", {"feature": 9, "k": 2}))
+def test_top_examples_answers_from_the_index_when_built(stories_engine, stories_settings):
+    ExampleSource(stories_engine, stories_settings).build_index(None, 4000)  # e.g. `sae-mcp index`, beforehand
+    (res,) = call_many(build_server(stories_engine, stories_settings), [("top_examples", {"feature": 9, "k": 2})])
     assert not res.is_error and res.structured_content["source"] == "index"
     assert res.structured_content["tokens_scanned"] >= 4000
 
@@ -97,12 +80,9 @@ def test_top_examples_is_annotated_as_a_cache_write_that_may_stream_a_dataset(ti
     local = tmp_path / "c.txt"
     local.write_text("the cat sat\n", encoding="utf-8")
 
-    async def annotations(corpus):
-        async with Client(build_server(tiny_engine, Settings(corpus=corpus, data_dir=tmp_path))) as c:
-            return {t.name: t.annotations for t in (await c.list_tools()).tools}["top_examples"]
-
     for corpus, remote in ((str(local), False), ("roneneldan/TinyStories", True), (None, True)):
-        ann = anyio.run(annotations, corpus)
+        server = build_server(tiny_engine, Settings(corpus=corpus, data_dir=tmp_path))
+        ann = tools_by_name(server)["top_examples"].annotations
         assert ann.read_only_hint is False and ann.destructive_hint is False and ann.idempotent_hint is True
         assert ann.open_world_hint is remote, corpus
 
@@ -122,24 +102,8 @@ def test_a_client_cancel_stops_an_on_demand_scan_between_batches(server, stories
 
     monkeypatch.setattr(stories_engine, "forward_to_hook", slow_forward)
 
-    async def go():
-        async with Client(server) as client:
-            async with anyio.create_task_group() as tg:
-                first = anyio.Event()
-
-                async def progress(done, total, message):
-                    first.set()
-
-                async def call():
-                    await client.call_tool("top_examples", {"feature": 3, "max_scan_tokens": 300_000},
-                                           progress_callback=progress)
-
-                tg.start_soon(call)
-                await first.wait()
-                tg.cancel_scope.cancel()  # the client abandons the request (notifications/cancelled)
-            return await client.call_tool("model_info", {})
-
-    after = anyio.run(go)
+    after = cancel_after_first_progress(server, "top_examples", {"feature": 3, "max_scan_tokens": 300_000},
+                                        then=("model_info", {}))
     assert not after.is_error
     time.sleep(0.5)  # let the worker thread reach its next batch boundary
     n = len(batches)
@@ -149,14 +113,9 @@ def test_a_client_cancel_stops_an_on_demand_scan_between_batches(server, stories
 
 @needs_stories
 def test_each_example_names_its_max_token_and_the_schema_calls_the_histogram_bins(server):
-    async def go():
-        async with Client(server) as c:
-            tools = {t.name: t for t in (await c.list_tools()).tools}
-            res = await c.call_tool("top_examples", {"feature": 5, "k": 4, "context": 3, "max_scan_tokens": 3000})
-            return tools["top_examples"], res
-
-    tool, res = anyio.run(go)
-    assert not res.is_error, text(res)
+    tool = tools_by_name(server)["top_examples"]
+    (res,) = call_many(server, [("top_examples", {"feature": 5, "k": 4, "context": 3, "max_scan_tokens": 3000})])
+    assert not res.is_error, text_of(res)
     out = res.structured_content
     assert out["examples"] and all(e["token"] == e["tokens"][e["position"]] for e in out["examples"])
     assert out["compute_dtype"] == "float32"  # a CPU scan computes as loaded
@@ -171,19 +130,17 @@ def test_build_index_tool_indexes_every_feature_reports_progress_and_then_top_ex
     async def progress(done, total, message):
         seen.append((done, total))
 
-    built, again, ex, bad = calls(
-        server,
+    built, again, ex, bad = call_many(server, [
         ("build_index", {"tokens": 20_000}),
         ("build_index", {"tokens": 20_000}),
         ("top_examples", {"feature": 5, "k": 3}),
         ("build_index", {"tokens": 10_000_000}),
-        progress=progress,
-    )
-    assert not built.is_error, text(built)
+    ], progress=progress)
+    assert not built.is_error, text_of(built)
     report = built.structured_content
     assert report["tokens_scanned"] >= 20_000 and report["reused"] is False
     assert again.structured_content["reused"] is True  # same budget: nothing scanned again
     assert ex.structured_content["source"] == "index"
     assert ex.structured_content["tokens_scanned"] == report["tokens_scanned"]
     assert seen and all(total == 20_000 for _, total in seen)
-    assert bad.is_error and "less than or equal to 2000000" in text(bad)
+    assert "less than or equal to 2000000" in error_text(bad)

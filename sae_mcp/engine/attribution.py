@@ -2,7 +2,8 @@
 
 metric = logit[answer] - logit[counterfactual] at `position` (or logit[answer] alone; the first token of each is
 scored, and the result says when there are more: answer_tokens, multi_token). Every SAE is spliced in
-WITH the error term, so the forward pass gives the plain model's logits. Hooks (inside context managers):
+WITH the error term, so the forward pass gives the plain model's logits. Hooks (inside context managers), one
+SaeCapture per SAE:
 
   <hook>.hook_sae_input      keeps x, the SAE's input (in the autograd graph when an earlier SAE made it so)
   <hook>.hook_sae_acts_post  acts -> a leaf that requires grad: attribution = acts * d metric / d acts
@@ -29,16 +30,108 @@ of gradient norms would be useless here: both nodes receive the same gradient g,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from sae_mcp.engine.loading import LoadedSAE
 from sae_mcp.engine.logits import answer_token_ids
-from sae_mcp.engine.runtime import Engine
+from sae_mcp.engine.runtime import Engine, position_index
 from sae_mcp.errors import InvalidInput
-from sae_mcp.results import r
+from sae_mcp.results import rounded
 from sae_mcp.results.causal import Attribution, AttributionEntry
+
+
+class SaeCapture:
+    """One SAE's hooks for the attribution pass, and what they capture: x (its input), the activations as a leaf
+    that requires grad, the error as a leaf with an identity path to x, and the output."""
+
+    def __init__(self, sae: LoadedSAE):
+        self.sae = sae
+        self.x: torch.Tensor | None = None  # [1, S, d_in] (flattened at hook_z)
+        self.acts: torch.Tensor | None = None  # [1, S, d_sae], a leaf
+        self.err: torch.Tensor | None = None  # [1, S, d_in] or [1, S, n_heads, d_head], a leaf
+        self.out: torch.Tensor | None = None  # x_hat + err, the value that flows on (detached)
+
+    def fwd_hooks(self) -> list[tuple[str, Callable]]:
+        h = self.sae.hook_name
+        return [
+            (f"{h}.hook_sae_input", self._keep_input),
+            (f"{h}.hook_sae_acts_post", self._leaf_acts),
+            (f"{h}.hook_sae_error", self._leaf_error),
+            (f"{h}.hook_sae_output", self._keep_output),
+        ]
+
+    def _keep_input(self, x: torch.Tensor, hook) -> torch.Tensor:
+        self.x = x
+        return x
+
+    def _leaf_acts(self, acts: torch.Tensor, hook) -> torch.Tensor:
+        self.acts = acts.detach().requires_grad_(True)
+        return self.acts
+
+    def _leaf_error(self, err: torch.Tensor, hook) -> torch.Tensor:
+        # called under sae-lens' torch.no_grad(); re-enable to build the identity path to x
+        with torch.enable_grad():
+            self.err = err.detach().requires_grad_(True)
+            x = self.x
+            return self.err + (x - x.detach()).reshape(self.err.shape)
+
+    def _keep_output(self, out: torch.Tensor, hook) -> torch.Tensor:
+        self.out = out.detach()
+        return out
+
+
+class Candidate(NamedTuple):
+    """One (position, feature) of an SAE's top_k, before the top across SAEs is taken."""
+
+    magnitude: float  # |attribution|: the sort key
+    sae: str
+    position: int
+    feature: int
+    activation: float
+    attribution: float
+
+
+@dataclass(frozen=True)
+class SaeAttribution:
+    """One SAE's numbers, rounded as served."""
+
+    per_token: list[float]  # sum of feature attributions at each position
+    error_per_token: list[float]  # g_p . e_p
+    error_total: float  # signed totals over all positions, BOS included
+    reconstruction_total: float
+    error_share: float  # over error_share_positions
+    candidates: list[Candidate]
+
+
+@dataclass(frozen=True)
+class AttributionPlan:
+    """A validated attribute call."""
+
+    saes: list[LoadedSAE]  # one per hook, by layer
+    answer_ids: list[int]
+    counterfactual_ids: list[int] | None
+    prepend_bos: bool
+    top_k: int
+    position: int  # as given; resolved against the prompt's length under device_work
+
+
+@dataclass(frozen=True)
+class AttributionOutcome:
+    """What the device work gives back."""
+
+    tokens: list[str]
+    position: int  # the metric's position, non-negative
+    share_start: int  # the error share is taken over share_start..position
+    metric_value: float
+    per_sae: list[SaeAttribution]  # in the order of plan.saes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation
 
 
 def _resolve_saes(engine: Engine, sae: str | None, saes: Sequence[str] | None) -> list[LoadedSAE]:
@@ -59,6 +152,141 @@ def _resolve_saes(engine: Engine, sae: str | None, saes: Sequence[str] | None) -
     return sorted(by_hook.values(), key=lambda s: s.layer)
 
 
+def _plan(
+    engine: Engine, answer: str, counterfactual: str | None, sae: str | None, saes: Sequence[str] | None,
+    top_k: int, position: int,
+) -> AttributionPlan:
+    loaded = _resolve_saes(engine, sae, saes)
+    a_ids = answer_token_ids(engine, answer)
+    c_ids = answer_token_ids(engine, counterfactual) if counterfactual is not None else None
+    if c_ids and c_ids[0] == a_ids[0]:
+        raise InvalidInput(
+            f"answer {answer!r} and counterfactual {counterfactual!r} start with the same token; the metric would be 0"
+        )
+    bos = {s.prepend_bos for s in loaded}
+    if len(bos) > 1:
+        raise InvalidInput("these SAEs disagree on prepending BOS; attribute them one at a time (sae=...)")
+    return AttributionPlan(
+        saes=loaded, answer_ids=a_ids, counterfactual_ids=c_ids, prepend_bos=bos.pop(), top_k=top_k,
+        position=position,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The device work: one forward, one backward, then each SAE's numbers
+
+
+def _backward(
+    engine: Engine, captured: list[SaeCapture], tokens: torch.Tensor, pos: int, plan: AttributionPlan
+) -> tuple[float, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Every SAE spliced with the error term; the metric at `pos` differentiated to every SAE's leaves at once.
+    Returns (the metric, per SAE (d metric / d acts, d metric / d err), zeros where no gradient arrives)."""
+    model, a_ids, c_ids = engine.model, plan.answer_ids, plan.counterfactual_ids
+    fwd_hooks = [hook for c in captured for hook in c.fwd_hooks()]
+    with torch.enable_grad():
+        with model.saes(saes=[c.sae.sae for c in captured], use_error_term=True):
+            with model.hooks(fwd_hooks=fwd_hooks):
+                logits = model(tokens, return_type="logits")[0, pos]  # [V]
+                metric = logits[a_ids[0]] - (logits[c_ids[0]] if c_ids else 0.0)
+                leaves = [leaf for c in captured for leaf in (c.acts, c.err)]
+                grads = torch.autograd.grad(metric, leaves, allow_unused=True)
+    pairs = []
+    for i, c in enumerate(captured):
+        g_acts = grads[2 * i] if grads[2 * i] is not None else torch.zeros_like(c.acts)
+        g_err = grads[2 * i + 1] if grads[2 * i + 1] is not None else torch.zeros_like(c.err)
+        pairs.append((g_acts, g_err))
+    return float(metric.detach()), pairs
+
+
+def _top_candidates(sae: LoadedSAE, acts: torch.Tensor, attr: torch.Tensor, top_k: int) -> list[Candidate]:
+    """acts, attr [S, d_sae] -> the SAE's top_k (position, feature) by |attribution|, nonzero ones only."""
+    k = min(top_k, attr.numel())
+    vals, flat = attr.flatten().abs().topk(k)  # [k] each
+    out = []
+    for v, j in zip(vals.tolist(), flat.tolist()):
+        p, f = divmod(j, sae.d_sae)
+        if v > 0:
+            out.append(Candidate(v, sae.key, p, f, float(acts[p, f]), float(attr[p, f])))
+    return out
+
+
+def _sae_attribution(
+    c: SaeCapture, g_acts: torch.Tensor, g_err: torch.Tensor, share_start: int, pos: int, top_k: int
+) -> SaeAttribution:
+    """One SAE's feature attributions, error attribution per position and in total, and error share."""
+    acts = c.acts.detach()[0].float()  # [S, d_sae]
+    S = acts.shape[0]
+    attr = acts * g_acts[0].float()  # [S, d_sae]
+    g = g_err[0].float().reshape(S, -1)  # [S, d_in]: the gradient at the hook's output
+    e = c.err.detach()[0].float().reshape(S, -1)  # [S, d_in]
+    x_hat = c.out[0].float().reshape(S, -1) - e  # [S, d_in]: the reconstruction
+    ea_p, ra_p = (g * e).sum(-1), (g * x_hat).sum(-1)  # [S] each: g_p . e_p, g_p . x_hat_p
+    num = float(ea_p[share_start : pos + 1].abs().sum())
+    den = num + float(ra_p[share_start : pos + 1].abs().sum())
+    return SaeAttribution(
+        per_token=[rounded(v, 6) for v in attr.sum(-1).tolist()],
+        error_per_token=[rounded(v, 6) for v in ea_p.tolist()],
+        error_total=rounded(float(ea_p.sum()), 6),
+        reconstruction_total=rounded(float(ra_p.sum()), 6),
+        error_share=rounded(num / den, 4) if den > 0 else 0.0,
+        candidates=_top_candidates(c.sae, acts, attr, top_k),
+    )
+
+
+def _run(engine: Engine, prompt: str, plan: AttributionPlan) -> AttributionOutcome:
+    """Tokens, the metric's position, the backward pass and each SAE's numbers. Inside device_work."""
+    tokens = engine.to_tokens(prompt, prepend_bos=plan.prepend_bos)  # [1, S]
+    pos = position_index(plan.position, tokens.shape[1])
+    # positions the error share is taken over: 1..pos without BOS (0..pos without a BOS, or when pos is BOS)
+    share_start = 1 if plan.prepend_bos and pos >= 1 else 0
+    captured = [SaeCapture(s) for s in plan.saes]
+    metric_value, grads = _backward(engine, captured, tokens, pos, plan)
+    per_sae = [
+        _sae_attribution(c, g_acts, g_err, share_start, pos, plan.top_k)
+        for c, (g_acts, g_err) in zip(captured, grads)
+    ]
+    return AttributionOutcome(
+        tokens=engine.str_tokens(tokens), position=pos, share_start=share_start, metric_value=metric_value,
+        per_sae=per_sae,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The result
+
+
+def _assemble(engine: Engine, plan: AttributionPlan, out: AttributionOutcome) -> Attribution:
+    a_ids, c_ids = plan.answer_ids, plan.counterfactual_ids
+    candidates = sorted((c for sae in out.per_sae for c in sae.candidates), key=lambda c: -c.magnitude)
+    top = [
+        AttributionEntry(
+            sae=c.sae, position=c.position, token=out.tokens[c.position], feature=c.feature,
+            activation=rounded(c.activation), attribution=rounded(c.attribution, 6),
+        )
+        for c in candidates[: plan.top_k]
+    ]
+    a_tok = engine.str_tokens(torch.tensor(a_ids[:1]))[0]
+    what = f"logit[{a_tok!r}]" + (f" - logit[{engine.str_tokens(torch.tensor(c_ids[:1]))[0]!r}]" if c_ids else "")
+    by_key = {s.key: a for s, a in zip(plan.saes, out.per_sae)}
+    return Attribution(
+        metric=f"{what} at position {out.position}",
+        answer_tokens=engine.str_tokens(torch.tensor(a_ids)),
+        multi_token=len(a_ids) > 1,
+        counterfactual_tokens=engine.str_tokens(torch.tensor(c_ids)) if c_ids else None,
+        counterfactual_multi_token=len(c_ids) > 1 if c_ids else None,
+        metric_value=rounded(out.metric_value, 6),
+        position=out.position,
+        tokens=out.tokens,
+        top=top,
+        per_token={k: a.per_token for k, a in by_key.items()},
+        error_attribution={k: a.error_total for k, a in by_key.items()},
+        error_attribution_per_token={k: a.error_per_token for k, a in by_key.items()},
+        reconstruction_attribution={k: a.reconstruction_total for k, a in by_key.items()},
+        error_share={k: a.error_share for k, a in by_key.items()},
+        error_share_positions=[out.share_start, out.position],
+    )
+
+
 def attribute(
     engine: Engine,
     prompt: str,
@@ -71,132 +299,7 @@ def attribute(
 ) -> Attribution:
     """Gradient x activation of every SAE feature (and each SAE's error) on the metric; one backward pass.
     A multi-token answer or counterfactual is scored on its first token only (answer_tokens / multi_token say so)."""
-    loaded = _resolve_saes(engine, sae, saes)
-    a_ids = answer_token_ids(engine, answer)
-    c_ids = answer_token_ids(engine, counterfactual) if counterfactual is not None else None
-    if c_ids and c_ids[0] == a_ids[0]:
-        raise InvalidInput(
-            f"answer {answer!r} and counterfactual {counterfactual!r} start with the same token; the metric would be 0"
-        )
-    bos = {s.prepend_bos for s in loaded}
-    if len(bos) > 1:
-        raise InvalidInput("these SAEs disagree on prepending BOS; attribute them one at a time (sae=...)")
-    prepend_bos = bos.pop()
-    model = engine.model
+    plan = _plan(engine, answer, counterfactual, sae, saes, top_k, position)
     with engine.device_work():
-        tokens = engine.to_tokens(prompt, prepend_bos=prepend_bos)  # [1, S]
-        S = tokens.shape[1]
-        if not -S <= position < S:
-            raise InvalidInput(
-                f"position {position} is out of range: the prompt has {S} tokens (0..{S - 1} or -{S}..-1)"
-            )
-        pos = position % S
-        # positions the error share is taken over: 1..pos without BOS (0..pos without a BOS, or when pos is BOS)
-        first = 1 if prepend_bos and pos >= 1 else 0
-        store: dict[str, dict[str, torch.Tensor]] = {s.hook_name: {} for s in loaded}
-
-        def keep_input(h: str):
-            def hook(x: torch.Tensor, hook):
-                store[h]["x"] = x  # [1, S, d_in] (flattened at hook_z)
-                return x
-
-            return hook
-
-        def leaf_acts(h: str):
-            def hook(acts: torch.Tensor, hook):
-                leaf = acts.detach().requires_grad_(True)  # [1, S, d_sae]
-                store[h]["acts"] = leaf
-                return leaf
-
-            return hook
-
-        def leaf_error(h: str):
-            def hook(err: torch.Tensor, hook):
-                # called under sae-lens' torch.no_grad(); re-enable to build the identity path to x
-                with torch.enable_grad():
-                    leaf = err.detach().requires_grad_(True)  # [1, S, d_in] or [1, S, n_heads, d_head]
-                    x = store[h]["x"]
-                    store[h]["err"] = leaf
-                    return leaf + (x - x.detach()).reshape(leaf.shape)
-
-            return hook
-
-        def keep_output(h: str):
-            def hook(out: torch.Tensor, hook):
-                store[h]["out"] = out.detach()  # x_hat + err, the value that flows on
-                return out
-
-            return hook
-
-        fwd_hooks = []
-        for s in loaded:
-            h = s.hook_name
-            fwd_hooks += [
-                (f"{h}.hook_sae_input", keep_input(h)),
-                (f"{h}.hook_sae_acts_post", leaf_acts(h)),
-                (f"{h}.hook_sae_error", leaf_error(h)),
-                (f"{h}.hook_sae_output", keep_output(h)),
-            ]
-        with torch.enable_grad():
-            with model.saes(saes=[s.sae for s in loaded], use_error_term=True):
-                with model.hooks(fwd_hooks=fwd_hooks):
-                    logits = model(tokens, return_type="logits")[0, pos]  # [V]
-                    metric = logits[a_ids[0]] - (logits[c_ids[0]] if c_ids else 0.0)
-                    leaves = [store[s.hook_name][k] for s in loaded for k in ("acts", "err")]
-                    grads = torch.autograd.grad(metric, leaves, allow_unused=True)
-
-        str_tokens = engine.str_tokens(tokens)
-        per_token: dict[str, list[float]] = {}
-        err_per_token: dict[str, list[float]] = {}
-        err_attr: dict[str, float] = {}
-        rec_attr: dict[str, float] = {}
-        share: dict[str, float] = {}
-        candidates = []  # (|attr|, sae key, position, feature, act, attr) of each SAE's top_k
-        for i, s in enumerate(loaded):
-            st = store[s.hook_name]
-            g_acts = grads[2 * i] if grads[2 * i] is not None else torch.zeros_like(st["acts"])
-            g_err = grads[2 * i + 1] if grads[2 * i + 1] is not None else torch.zeros_like(st["err"])
-            acts = st["acts"].detach()[0].float()  # [S, d_sae]
-            attr = (acts * g_acts[0].float())  # [S, d_sae]
-            per_token[s.key] = [r(v, 6) for v in attr.sum(-1).tolist()]
-            g = g_err[0].float().reshape(S, -1)  # [S, d_in]: the gradient at the hook's output
-            e = st["err"].detach()[0].float().reshape(S, -1)
-            x_hat = st["out"][0].float().reshape(S, -1) - e  # the reconstruction
-            ea_p, ra_p = (g * e).sum(-1), (g * x_hat).sum(-1)  # [S] each: g_p . e_p, g_p . x_hat_p
-            err_per_token[s.key] = [r(v, 6) for v in ea_p.tolist()]
-            err_attr[s.key], rec_attr[s.key] = r(float(ea_p.sum()), 6), r(float(ra_p.sum()), 6)  # signed totals
-            num = float(ea_p[first : pos + 1].abs().sum())
-            den = num + float(ra_p[first : pos + 1].abs().sum())
-            share[s.key] = r(num / den, 4) if den > 0 else 0.0
-            k = min(top_k, attr.numel())
-            vals, flat = attr.flatten().abs().topk(k)
-            for v, j in zip(vals.tolist(), flat.tolist()):
-                p, f = divmod(j, s.d_sae)
-                if v > 0:
-                    candidates.append((v, s.key, p, f, float(acts[p, f]), float(attr[p, f])))
-        metric_value = float(metric.detach())
-
-    candidates.sort(key=lambda c: -c[0])
-    top = [
-        AttributionEntry(sae=k, position=p, token=str_tokens[p], feature=f, activation=r(a), attribution=r(at, 6))
-        for _, k, p, f, a, at in candidates[:top_k]
-    ]
-    a_tok = engine.str_tokens(torch.tensor(a_ids[:1]))[0]
-    what = f"logit[{a_tok!r}]" + (f" - logit[{engine.str_tokens(torch.tensor(c_ids[:1]))[0]!r}]" if c_ids else "")
-    return Attribution(
-        metric=f"{what} at position {pos}",
-        answer_tokens=engine.str_tokens(torch.tensor(a_ids)),
-        multi_token=len(a_ids) > 1,
-        counterfactual_tokens=engine.str_tokens(torch.tensor(c_ids)) if c_ids else None,
-        counterfactual_multi_token=len(c_ids) > 1 if c_ids else None,
-        metric_value=r(metric_value, 6),
-        position=pos,
-        tokens=str_tokens,
-        top=top,
-        per_token=per_token,
-        error_attribution=err_attr,
-        error_attribution_per_token=err_per_token,
-        reconstruction_attribution=rec_attr,
-        error_share=share,
-        error_share_positions=[first, pos],
-    )
+        outcome = _run(engine, prompt, plan)
+    return _assemble(engine, plan, outcome)

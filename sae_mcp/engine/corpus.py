@@ -16,13 +16,15 @@ An activation depends on everything before it in the window, so the window is th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from sae_mcp.engine.hub import Hub
 from sae_mcp.errors import InvalidInput, LoadError, NotFound
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -69,29 +71,22 @@ def resolve_corpus(spec: str | None, dataset_path: str | None = None) -> CorpusS
     return CorpusSource(spec, spec, "hf", "")
 
 
-def corpus_id(src: CorpusSource) -> str:
-    """A short stable id of the corpus identity (used in index file names)."""
-    return hashlib.sha1(f"{src.kind}:{src.key}".encode()).hexdigest()[:10]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Documents
 
 
-def iter_indexed_documents(src: CorpusSource) -> Iterator[tuple[int, str]]:
+def iter_documents(src: CorpusSource, hub: Hub | None = None) -> Iterator[tuple[int, str]]:
     """Yield (index, text) of the corpus' non-empty documents in order. `index` is the document's index in the
     corpus: empty or blank documents (an empty jsonl `text`, a null parquet/HF value) are counted but not yielded,
-    so it stays the jsonl line among non-blank lines, the parquet or dataset row, the .txt paragraph or line."""
-    gen = {"txt": _txt_docs, "jsonl": _jsonl_docs, "parquet": _parquet_docs, "hf": _hf_docs}[src.kind]
-    for d, doc in enumerate(gen(src)):
+    so it stays the jsonl line among non-blank lines, the parquet or dataset row, the .txt paragraph or line.
+    `hub` is asked whether a Hugging Face dataset can be streamed (a new probe when None)."""
+    if src.kind == "hf":
+        docs = _hf_docs(src, hub or Hub())
+    else:
+        docs = {"txt": _txt_docs, "jsonl": _jsonl_docs, "parquet": _parquet_docs}[src.kind](src)
+    for d, doc in enumerate(docs):
         if doc and doc.strip():
             yield d, doc
-
-
-def iter_documents(src: CorpusSource) -> Iterator[str]:
-    """The non-empty documents' texts in order (iter_indexed_documents without the indices)."""
-    for _, doc in iter_indexed_documents(src):
-        yield doc
 
 
 def _txt_docs(src: CorpusSource) -> Iterator[str]:
@@ -139,15 +134,14 @@ def _parquet_docs(src: CorpusSource) -> Iterator[str]:
         yield from (t if t is not None else "" for t in batch.column(0).to_pylist())  # a null row still counts
 
 
-def _hf_docs(src: CorpusSource) -> Iterator[str]:
-    from sae_mcp.engine.loading import hub_reachable
-
-    online = hub_reachable()
+def _hf_docs(src: CorpusSource, hub: Hub) -> Iterator[str]:
+    online = hub.reachable
     try:
         import datasets
 
         # Online: streamed (bounded memory). Offline: only a cached copy can load; it is memory-mapped Arrow.
-        ds = datasets.load_dataset(src.key, split="train", streaming=online)
+        with hub.fail_fast():
+            ds = datasets.load_dataset(src.key, split="train", streaming=online)
     except Exception as exc:  # offline, unknown name, gated: all mean "cannot read it"
         raise LoadError(
             f"cannot read the corpus {src.key!r} as a Hugging Face dataset ({type(exc).__name__}: {exc}). "
@@ -178,7 +172,7 @@ class Window:
 
 
 def iter_windows(
-    src: CorpusSource, tokenizer, context_size: int, bos_id: int | None, skip_windows: int = 0
+    src: CorpusSource, tokenizer, context_size: int, bos_id: int | None, skip_windows: int = 0, hub: Hub | None = None
 ) -> Iterator[Window]:
     """Documents -> windows, in order. `skip_windows` resumes a scan (documents are re-tokenized, not re-run)."""
     if context_size < 2:
@@ -186,12 +180,31 @@ def iter_windows(
     step = context_size - (1 if bos_id is not None else 0)
     head = [bos_id] if bos_id is not None else []
     w = 0
-    for d, text in iter_indexed_documents(src):  # d counts empty documents too (they have no windows)
+    for d, text in iter_documents(src, hub):  # d counts empty documents too (they have no windows)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         for start in range(0, len(ids), step):
             if w >= skip_windows:
                 yield Window(w, d, start, head + ids[start : start + step])
             w += 1
+
+
+def bos_token_id(tokenizer) -> int:
+    """The id windows and prompts start with: the tokenizer's BOS, else its EOS (GPT-2 uses <|endoftext|> as both)."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def pad_windows(windows: Sequence[Window], pad_id: int, bos: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows -> (ids [B, T] right-padded with pad_id, scanned [B, T] bool: the document tokens, i.e. neither
+    the leading BOS nor padding). T is the longest window. Right padding is safe for a causal model: pads never
+    reach a real token."""
+    T = max(len(w.ids) for w in windows)
+    first = 1 if bos else 0
+    ids = torch.full((len(windows), T), pad_id, dtype=torch.long)  # [B, T]
+    scanned = torch.zeros((len(windows), T), dtype=torch.bool)  # [B, T]
+    for i, w in enumerate(windows):
+        ids[i, : len(w.ids)] = torch.tensor(w.ids)
+        scanned[i, first : len(w.ids)] = True
+    return ids, scanned
 
 
 def window_context(sae_context_size: int | None, n_ctx: int) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sae_mcp.engine.runtime import Engine
+from sae_mcp.engine.runtime import Engine, position_index
 from sae_mcp.engine.loading import LoadedSAE
 from sae_mcp.errors import InvalidInput
 from sae_mcp.results import (
@@ -23,7 +23,7 @@ from sae_mcp.results import (
     FeatureTrace,
     PositionTopFeatures,
     PromptComparison,
-    r,
+    rounded,
 )
 
 
@@ -59,7 +59,7 @@ def get_feature_acts(
             position=p,
             token=str_tokens[p],
             top=[
-                FeatureActivation(feature=int(f), activation=r(v))
+                FeatureActivation(feature=int(f), activation=rounded(v))
                 for v, f in zip(values[p].tolist(), indices[p].tolist())
                 if v > 0
             ],
@@ -70,19 +70,10 @@ def get_feature_acts(
         sae=s.key,
         tokens=str_tokens,
         positions=positions,
-        features=[FeatureTrace(feature=f, activations=[r(a) for a in traces[i].tolist()]) for i, f in enumerate(features)]
+        features=[FeatureTrace(feature=f, activations=[rounded(a) for a in traces[i].tolist()]) for i, f in enumerate(features)]
         if features
         else None,
     )
-
-
-def _position_index(position: int, seq_len: int, which: str) -> int:
-    if not -seq_len <= position < seq_len:
-        raise InvalidInput(
-            f"position {position} is outside prompt {which}, which has {seq_len} tokens "
-            f"(valid: {-seq_len}..{seq_len - 1}; -1 = last token)"
-        )
-    return position % seq_len
 
 
 def compare_prompts(
@@ -93,8 +84,8 @@ def compare_prompts(
     with engine.device_work():
         tok_a, acts_a = prompt_feature_acts(engine, s, prompt_a)
         tok_b, acts_b = prompt_feature_acts(engine, s, prompt_b)
-        pa = _position_index(position, len(tok_a), "a")
-        pb = _position_index(position, len(tok_b), "b")
+        pa = position_index(position, len(tok_a), "prompt_a")
+        pb = position_index(position, len(tok_b), "prompt_b")
         a, b = acts_a[pa], acts_b[pb]  # [d_sae] each
         diff = a - b
         k = min(top_k, s.d_sae)
@@ -107,7 +98,7 @@ def compare_prompts(
         token_a=engine.str_tokens(tok_a[pa])[0],
         token_b=engine.str_tokens(tok_b[pb])[0],
         diffs=[
-            FeatureDiff(feature=int(f), activation_a=r(x), activation_b=r(y), difference=r(d))
+            FeatureDiff(feature=int(f), activation_a=rounded(x), activation_b=rounded(y), difference=rounded(d))
             for f, x, y, d in rows
             if d != 0
         ],
@@ -182,11 +173,11 @@ def compare_prompt_sets(
         rows = []
         for i, p in enumerate(prompts):
             tok, acts = prompt_feature_acts(engine, s, p)
-            rows.append(acts[_position_index(position, len(tok), f"{which}[{i}]")])
+            rows.append(acts[position_index(position, len(tok), f"{which}[{i}]")])
         return torch.stack(rows)  # [n, d_sae]
 
     with engine.device_work():
-        A, B = stack(prompts_a, "a"), stack(prompts_b, "b")
+        A, B = stack(prompts_a, "prompts_a"), stack(prompts_b, "prompts_b")
         st = set_statistics(A, B)
         k = min(top_k, s.d_sae)
         if sort_by == "effect_size":
@@ -212,11 +203,11 @@ def compare_prompt_sets(
         diffs=[
             FeatureSetDiff(
                 feature=int(row[0]),
-                mean_a=r(row[1]),
-                mean_b=r(row[2]),
-                difference=r(row[3]),
-                effect_size=None if math.isnan(row[4]) else r(row[4], 3),
-                rank_biserial=r(row[6], 3),
+                mean_a=rounded(row[1]),
+                mean_b=rounded(row[2]),
+                difference=rounded(row[3]),
+                effect_size=None if math.isnan(row[4]) else rounded(row[4], 3),
+                rank_biserial=rounded(row[6], 3),
                 separated=bool(row[5]),
             )
             for row in rows

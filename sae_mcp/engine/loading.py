@@ -4,60 +4,28 @@ Models: a transformer-lens official name (fetched/cached by Hugging Face) or a l
 converted with transformer-lens' own config and weight converters. SAEs: a SAELens `RELEASE/SAE_ID` from the
 pretrained directory, or a local SAELens folder (`cfg.json` + `sae_weights.safetensors`).
 
-Offline behaviour (measured, library-facts.md): hub loaders retry for ~23 s before failing, ~1.5 s with
-HF_HUB_OFFLINE=1. We probe the hub once (2 s timeout); when it is unreachable we set HF_HUB_OFFLINE=1 so a
-populated cache still works and a missing one fails at once with a message naming what to download.
-Only safetensors weights are read; remote code is never trusted.
+Offline, every hub call runs inside `Hub.fail_fast()` (engine/hub.py): a populated cache still works and a missing
+file fails at once with a message naming what to download. Only safetensors weights are read; remote code is
+never trusted.
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
-import json
 import logging
-import os
-import socket
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from sae_mcp.engine.hub import Hub, hf_file_cached
 from sae_mcp.errors import LoadError
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The hub: reachable or not, decided once per process.
-
-_hub_reachable: bool | None = None
-
-
-def hub_reachable(timeout_s: float = 2.0) -> bool:
-    """True when huggingface.co answers a TCP connect within the timeout (HF_HUB_OFFLINE=1 means no)."""
-    global _hub_reachable
-    if os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "True", "YES", "yes"):
-        return False
-    if _hub_reachable is None:
-        try:
-            with socket.create_connection(("huggingface.co", 443), timeout=timeout_s):
-                _hub_reachable = True
-        except OSError:
-            _hub_reachable = False
-        if not _hub_reachable:
-            # Make every later hub call fail (or hit the cache) at once instead of retrying for ~23 s.
-            os.environ["HF_HUB_OFFLINE"] = "1"
-            try:
-                import huggingface_hub.constants as hc
-
-                hc.HF_HUB_OFFLINE = True
-            except Exception:  # pragma: no cover - older/newer hub layouts
-                pass
-    return _hub_reachable
 
 
 def resolve_device(device: str) -> str:
@@ -74,6 +42,11 @@ def resolve_device(device: str) -> str:
     if device not in ("cpu", "mps") and not device.startswith("cuda"):
         raise LoadError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
     return device
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.float32 -> 'float32' (how settings, results and sae-lens name dtypes)."""
+    return str(dtype).removeprefix("torch.")
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
@@ -97,6 +70,11 @@ class LoadedModel:
     """The Hugging Face architecture transformer-lens converted (e.g. GPT2LMHeadModel, LlamaForCausalLM)."""
     processing: dict = field(default_factory=dict)
     """The weight processing applied (fold_ln, center_writing_weights, ...): SAEs read activations that depend on it."""
+
+    @property
+    def store_key(self) -> str:
+        """How the stores (index, explanations) file this model: model_store_key(name, source)."""
+        return model_store_key(self.name, self.source)
 
 
 # transformer-lens' weight processing and its defaults. center_writing_weights changes the residual stream itself,
@@ -123,44 +101,66 @@ def processing_for(saes: list["LoadedSAE"]) -> dict:
     return {**DEFAULT_PROCESSING, **chosen}
 
 
-def _is_local_model_dir(spec: str) -> bool:
+def is_local_model_dir(spec: str) -> bool:
     p = Path(spec).expanduser()
     return p.is_dir() and (p / "config.json").exists()
 
 
-def load_model(spec: str, device: str, dtype: torch.dtype, processing: dict | None = None) -> LoadedModel:
-    """Load `spec` (official name or local HF folder) as a HookedSAETransformer on `device`, with the weight
-    `processing` (default: transformer-lens' own, DEFAULT_PROCESSING)."""
-    processing = {**DEFAULT_PROCESSING, **(processing or {})}
-    from sae_lens import HookedSAETransformer
+def model_store_key(name: str, source: str) -> str:
+    """The key stores file a model under: its official name, or the local folder's absolute path."""
+    return name if source == "official" else source
 
-    if _is_local_model_dir(spec):
-        return _load_local_model(Path(spec).expanduser().resolve(), device, dtype, processing)
-    if Path(spec).expanduser().exists():
-        raise LoadError(f"--model {spec}: the folder exists but has no config.json; pass a Hugging Face model folder")
 
+def model_identity(spec: str) -> tuple[str, str]:
+    """A --model spec -> (name, source) as LoadedModel has them, without loading: a local folder is its absolute
+    path ('official' otherwise)."""
+    if is_local_model_dir(spec):
+        folder = Path(spec).expanduser().resolve()
+        return folder.name, str(folder)
+    return spec, "official"
+
+
+def official_model_name(spec: str) -> str | None:
+    """transformer-lens' official name (the hub repo) for `spec`, or None when it is not one."""
     from transformer_lens.loading_from_pretrained import get_official_model_name
 
     try:
-        official = get_official_model_name(spec)
+        return get_official_model_name(spec)
     except ValueError:
+        return None
+
+
+def load_model(spec: str, device: str, dtype: torch.dtype, processing: dict | None = None,
+               hub: Hub | None = None) -> LoadedModel:
+    """Load `spec` (official name or local HF folder) as a HookedSAETransformer on `device`, with the weight
+    `processing` (default: transformer-lens' own, DEFAULT_PROCESSING)."""
+    processing = {**DEFAULT_PROCESSING, **(processing or {})}
+    if is_local_model_dir(spec):
+        return _load_local_model(Path(spec).expanduser().resolve(), device, dtype, processing)
+    if Path(spec).expanduser().exists():
+        raise LoadError(f"--model {spec}: the folder exists but has no config.json; pass a Hugging Face model folder")
+    official = official_model_name(spec)
+    if official is None:
         raise LoadError(
             f"--model {spec!r} is neither a transformer-lens official model name nor a local Hugging Face folder "
             "(a folder with config.json). Examples: gpt2-small, gemma-2-2b, meta-llama/Llama-3.1-8B."
-        ) from None
-    online = hub_reachable()
-    if not online and not _hf_repo_cached(official, "config.json"):
+        )
+    hub = hub or Hub()
+    if not hub.reachable and not hf_file_cached(official, "config.json"):
         raise LoadError(
             f"model {spec!r} ({official}) is not in the Hugging Face cache and the hub cannot be reached. "
             f"With network, run `huggingface-cli download {official}` once (or just start sae-mcp online), "
             "or pass --model /path/to/a/local/hf/model/folder."
         )
+    from sae_lens import HookedSAETransformer
+
     try:
-        model = HookedSAETransformer.from_pretrained(spec, device=device, dtype=dtype, **processing)
+        with hub.fail_fast():
+            model = HookedSAETransformer.from_pretrained(spec, device=device, dtype=dtype, **processing)
     except Exception as exc:  # the hub stack raises many types; all mean "could not load"
         raise LoadError(
             f"could not load model {spec!r}: {type(exc).__name__}: {exc}. "
-            + ("" if online else "The hub is unreachable, so the cache must hold the full model. ")
+            + ("" if hub.reachable else "The hub is unreachable, so the cache must hold the full model. ")
             + "Pass --model /path/to/a/local/hf/model/folder to load from disk."
         ) from exc
     model.eval()
@@ -168,19 +168,14 @@ def load_model(spec: str, device: str, dtype: torch.dtype, processing: dict | No
                        processing=processing)
 
 
-def preflight_offline(model_spec: str, sae_specs: list[str]) -> None:
+def preflight_offline(model_spec: str, sae_specs: list[str], hub: Hub) -> None:
     """Offline: name everything missing from the cache in one error, before loading anything."""
-    if hub_reachable():
+    if hub.reachable:
         return
     missing = []
-    if not _is_local_model_dir(model_spec) and not Path(model_spec).expanduser().exists():
-        from transformer_lens.loading_from_pretrained import get_official_model_name
-
-        try:
-            official = get_official_model_name(model_spec)
-        except ValueError:
-            official = None  # load_model explains unknown names
-        if official and not _hf_repo_cached(official, "config.json"):
+    if not Path(model_spec).expanduser().exists():
+        official = official_model_name(model_spec)  # None: load_model explains unknown names
+        if official and not hf_file_cached(official, "config.json"):
             missing.append(f"model {model_spec!r} ({official}): `huggingface-cli download {official}`, "
                            "or pass --model /path/to/a/local/hf/model/folder")
     for spec in sae_specs:
@@ -188,26 +183,16 @@ def preflight_offline(model_spec: str, sae_specs: list[str]) -> None:
         if Path(source).expanduser().is_dir():
             continue
         try:
-            release, sae_id = _parse_release_id(source)
+            release, sae_id = parse_release_id(source)
         except LoadError:
             continue  # load_sae explains unknown names
-        if not _sae_cached(release, sae_id):
+        if not sae_cached(release, sae_id):
             missing.append(f"SAE {release}/{sae_id}: start once online to cache it, or pass "
                            "--sae /path/to/a/local/saelens/folder (cfg.json + sae_weights.safetensors)")
     if missing:
         raise LoadError(
             "the hub cannot be reached and these are not in the Hugging Face cache: " + "; ".join(missing)
         )
-
-
-def _hf_repo_cached(repo_id: str, filename: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        hit = try_to_load_from_cache(repo_id, filename)
-        return isinstance(hit, str)
-    except Exception:
-        return False
 
 
 def _load_local_model(folder: Path, device: str, dtype: torch.dtype, processing: dict) -> LoadedModel:
@@ -271,6 +256,22 @@ class LoadedSAE:
     model_kwargs: dict | None = None
     """metadata.model_from_pretrained_kwargs: the model processing the SAE was trained with."""
 
+    @property
+    def store_key(self) -> str:
+        """How the stores (index, explanations, labels) file this SAE: sae_store_key(source, weights_id)."""
+        return sae_store_key(self.source, self.weights_id)
+
+
+def sae_store_key(source: str, weights_id: str = "") -> str:
+    """The key the stores file an SAE under: its source, plus its weights' id when that is not the source itself.
+
+    Pretrained SAEs (`RELEASE/SAE_ID`) are fixed by name, so their key is the source; a local folder's key carries
+    the hash of its cfg.json + weights (folder_weights_id), so an SAE re-trained into the same folder starts with
+    an empty index and no labels, and the same weights find theirs again after a restart. The weights are hashed
+    at load: a folder retrained while the server runs is noticed after a restart.
+    """
+    return source if not weights_id or weights_id == source else f"{source}#{weights_id}"
+
 
 def folder_weights_id(folder: Path) -> str:
     """SHA-256 of cfg.json and the safetensors weights (streamed in 8 MiB chunks), first 16 hex digits."""
@@ -292,51 +293,66 @@ def split_alias(spec: str) -> tuple[str | None, str]:
     return None, spec
 
 
-def load_sae(spec: str, device: str, dtype: torch.dtype) -> LoadedSAE:
+def load_sae(spec: str, device: str, dtype: torch.dtype, hub: Hub | None = None) -> LoadedSAE:
     """Load one SAE spec (without alias). Key is set to the hook name; the caller applies aliases."""
     with warnings.catch_warnings():
         # sae-lens warns that the model should be loaded with the SAE's model_from_pretrained_kwargs: we do
         # (processing_for), so the advice would only mislead whoever reads stderr.
         warnings.filterwarnings("ignore", message=".*non-empty model_from_pretrained_kwargs.*")
-        return _load_sae(spec, device, dtype)
+        folder = Path(spec).expanduser()
+        if folder.is_dir():
+            return _describe_sae(_open_sae_folder(folder, device, dtype), spec, str(folder.resolve()), None, None,
+                                 folder_weights_id(folder))
+        release, sae_id = parse_release_id(spec)
+        sae = _open_pretrained_sae(release, sae_id, device, dtype, hub or Hub())
+        source = f"{release}/{sae_id}"
+        return _describe_sae(sae, spec, source, release, sae_id, source)  # fixed by name: the weights id is it
 
 
-def _load_sae(spec: str, device: str, dtype: torch.dtype) -> LoadedSAE:
+def _open_sae_folder(folder: Path, device: str, dtype: torch.dtype):
     from sae_lens import SAE
 
-    folder = Path(spec).expanduser()
-    if folder.is_dir():
-        if not (folder / "cfg.json").exists():
-            raise LoadError(f"--sae {spec}: the folder has no cfg.json; a SAELens folder holds cfg.json + sae_weights.safetensors")
-        try:
-            sae = SAE.load_from_disk(str(folder), device=device, dtype=_dtype_name(dtype))
-        except Exception as exc:
-            raise LoadError(f"could not load the SAE folder {folder}: {type(exc).__name__}: {exc}") from exc
-        release = sae_id = None
-        source = str(folder.resolve())
-    else:
-        release, sae_id = _parse_release_id(spec)
-        if not hub_reachable() and not _sae_cached(release, sae_id):
-            raise LoadError(
-                f"SAE {release}/{sae_id} is not in the Hugging Face cache and the hub cannot be reached. With network, "
-                "start sae-mcp once online to cache it, or pass --sae /path/to/a/local/saelens/folder "
-                "(cfg.json + sae_weights.safetensors)."
-            )
-        try:
-            sae = SAE.from_pretrained(release, sae_id, device=device, dtype=_dtype_name(dtype))
-        except Exception as exc:
-            raise LoadError(f"could not load SAE {release}/{sae_id}: {type(exc).__name__}: {exc}") from exc
-        source = f"{release}/{sae_id}"
+    if not (folder / "cfg.json").exists():
+        raise LoadError(
+            f"--sae {folder}: the folder has no cfg.json; a SAELens folder holds cfg.json + sae_weights.safetensors"
+        )
+    try:
+        return SAE.load_from_disk(str(folder), device=device, dtype=dtype_name(dtype))
+    except Exception as exc:
+        raise LoadError(f"could not load the SAE folder {folder}: {type(exc).__name__}: {exc}") from exc
+
+
+def _open_pretrained_sae(release: str, sae_id: str, device: str, dtype: torch.dtype, hub: Hub):
+    from sae_lens import SAE
+
+    if not hub.reachable and not sae_cached(release, sae_id):
+        raise LoadError(
+            f"SAE {release}/{sae_id} is not in the Hugging Face cache and the hub cannot be reached. With network, "
+            "start sae-mcp once online to cache it, or pass --sae /path/to/a/local/saelens/folder "
+            "(cfg.json + sae_weights.safetensors)."
+        )
+    try:
+        with hub.fail_fast():
+            return SAE.from_pretrained(release, sae_id, device=device, dtype=dtype_name(dtype))
+    except Exception as exc:
+        raise LoadError(f"could not load SAE {release}/{sae_id}: {type(exc).__name__}: {exc}") from exc
+
+
+def _describe_sae(sae, spec: str, source: str, release: str | None, sae_id: str | None, weights_id: str
+                  ) -> LoadedSAE:
+    """A loaded sae-lens SAE -> LoadedSAE, read from its config (hook, layer, widths, training metadata)."""
+    from sae_lens.util import extract_layer_from_tlens_hook_name
+
     sae.eval()
     meta = sae.cfg.metadata
     hook_name = getattr(meta, "hook_name", None)
     if not hook_name:
         raise LoadError(f"SAE {spec}: its config names no hook (metadata.hook_name); cannot attach it to a model")
-    from sae_lens.util import extract_layer_from_tlens_hook_name
-
     layer = extract_layer_from_tlens_hook_name(hook_name)
     if layer is None:
         raise LoadError(f"SAE {spec}: hook {hook_name!r} is not inside a transformer block; sae-mcp needs blocks.L.*")
+    arch = getattr(sae.cfg, "architecture", None)
+    prepend_bos = getattr(meta, "prepend_bos", None)
     return LoadedSAE(
         sae=sae,
         key=hook_name,
@@ -344,24 +360,20 @@ def _load_sae(spec: str, device: str, dtype: torch.dtype) -> LoadedSAE:
         layer=int(layer),
         d_in=int(sae.cfg.d_in),
         d_sae=int(sae.cfg.d_sae),
-        architecture=str(sae.cfg.architecture()) if callable(getattr(sae.cfg, "architecture", None)) else type(sae).__name__,
+        architecture=str(arch()) if callable(arch) else type(sae).__name__,
         source=source,
         release=release,
         sae_id=sae_id,
         neuronpedia_id=getattr(meta, "neuronpedia_id", None) or None,
-        prepend_bos=bool(getattr(meta, "prepend_bos", True) if getattr(meta, "prepend_bos", None) is not None else True),
+        prepend_bos=True if prepend_bos is None else bool(prepend_bos),
         context_size=getattr(meta, "context_size", None),
         dataset_path=getattr(meta, "dataset_path", None) or None,
-        weights_id=source if release else folder_weights_id(folder),
+        weights_id=weights_id,
         model_kwargs=dict(getattr(meta, "model_from_pretrained_kwargs", None) or {}),
     )
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in DTYPES.items()}[dtype]
-
-
-def _parse_release_id(spec: str) -> tuple[str, str]:
+def parse_release_id(spec: str) -> tuple[str, str]:
     """`RELEASE/SAE_ID` checked against SAELens' pretrained directory (ships in the wheel; works offline)."""
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
@@ -389,13 +401,13 @@ def _parse_release_id(spec: str) -> tuple[str, str]:
     return release, sae_id
 
 
-def _sae_cached(release: str, sae_id: str) -> bool:
+def sae_cached(release: str, sae_id: str) -> bool:
     """Whether the SAE's cfg.json is in the HF cache (the weights may still be missing; the loader then says so)."""
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
     info = get_pretrained_saes_directory()[release]
     path = info.saes_map[sae_id]
-    return _hf_repo_cached(info.repo_id, f"{path}/cfg.json") or _hf_repo_cached(info.repo_id, f"{path}/cfg.json".lstrip("/"))
+    return hf_file_cached(info.repo_id, f"{path}/cfg.json".lstrip("/"))
 
 
 def hook_width(model, hook_name: str, layer: int) -> int:
@@ -425,10 +437,8 @@ def check_compatible(loaded: LoadedModel, sae: LoadedSAE) -> None:
             f"SAE {sae.source} has d_in={sae.d_in} but model {loaded.name} gives width {width} at {sae.hook_name}: "
             "this SAE was trained on a different model."
         )
-    meta_model = getattr(sae.sae.cfg.metadata, "model_name", None)
-    if meta_model and loaded.source == "official" and meta_model not in (loaded.name, getattr(model.cfg, "model_name", "")):
-        log.warning("SAE %s was trained on %s, loaded on %s (shapes fit; check this is intended)", sae.source, meta_model, loaded.name)
-
-
-def read_cfg_json(folder: Path) -> dict:
-    return json.loads((folder / "cfg.json").read_text())
+    trained_on = getattr(sae.sae.cfg.metadata, "model_name", None)
+    names = (loaded.name, getattr(model.cfg, "model_name", ""))
+    if trained_on and loaded.source == "official" and trained_on not in names:
+        log.warning("SAE %s was trained on %s, loaded on %s (shapes fit; check this is intended)", sae.source,
+                    trained_on, loaded.name)

@@ -1,7 +1,7 @@
 """Engine: owns the device, the loaded model and SAEs, one worker lock, cancellation and hook hygiene.
 
-MCP runs plain `def` tools on worker threads, possibly concurrently (library-facts.md), so every piece of
-device work goes through `Engine.device_work()`: one lock (answering `Busy` after a timeout rather than queueing
+The MCP SDK runs plain `def` tools on worker threads, possibly concurrently, so every piece of device work goes
+through `Engine.device_work()`: one lock (answering `Busy` after a timeout rather than queueing
 forever), and on the way out, whatever happened, the model is left with no hooks and no SAEs attached.
 """
 
@@ -10,15 +10,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from sae_mcp.engine.hub import Hub
 from sae_mcp.engine.loading import (
     LoadedModel,
     LoadedSAE,
     check_compatible,
+    dtype_name,
     load_model,
     load_sae,
     preflight_offline,
@@ -32,6 +34,26 @@ from sae_mcp.results import ModelInfo, SaeInfo
 from sae_mcp.settings import Limits, Settings
 
 log = logging.getLogger(__name__)
+
+
+def position_index(position: int, seq_len: int, what: str = "the prompt") -> int:
+    """One token position (negative counts from the end) -> its index in 0..seq_len-1, or a clear error."""
+    if not -seq_len <= int(position) < seq_len:
+        raise InvalidInput(
+            f"position {position} is out of range: {what} has {seq_len} tokens (use 0..{seq_len - 1}, or "
+            f"-{seq_len}..-1 counting from the end)"
+        )
+    return int(position) % seq_len
+
+
+def resolve_positions(position: int | Sequence[int] | None, seq_len: int, what: str = "the prompt") -> list[int]:
+    """None = every position; an int or a list of ints (negative counts from the end) -> sorted unique indices."""
+    if position is None:
+        return list(range(seq_len))
+    items = [position] if isinstance(position, int) else list(position)
+    if not items:
+        raise InvalidInput("position is an empty list; omit it for every position, or list some")
+    return sorted({position_index(p, seq_len, what) for p in items})
 
 
 @dataclass
@@ -55,8 +77,11 @@ class CancelToken:
 class Engine:
     """The loaded model + SAEs on one device. Engine functions (features.py, logits.py, ...) take it first."""
 
-    def __init__(self, model: LoadedModel, saes: list[LoadedSAE], device: str, limits: Limits | None = None):
+    def __init__(self, model: LoadedModel, saes: list[LoadedSAE], device: str, limits: Limits | None = None,
+                 hub: Hub | None = None):
         self.loaded_model = model
+        self.hub = hub or Hub()
+        """The hub as this engine's loads saw it; corpus scans that stream a dataset ask it too."""
         self.model = model.model
         self.device = device
         self.limits = limits or Limits()
@@ -80,19 +105,20 @@ class Engine:
     def from_settings(cls, settings: Settings) -> "Engine":
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype)
-        preflight_offline(settings.model, list(settings.saes))
+        hub = Hub()
+        preflight_offline(settings.model, list(settings.saes), hub)
         # SAEs first: they say how the model's weights must be processed for their activations to match training.
         saes = []
         for spec in settings.saes:
             alias, source = split_alias(spec)
-            s = load_sae(source, device, dtype)
+            s = load_sae(source, device, dtype, hub)
             if alias:
                 s.key = alias
             saes.append(s)
-        model = load_model(settings.model, device, dtype, processing_for(saes))
+        model = load_model(settings.model, device, dtype, processing_for(saes), hub)
         for s in saes:
             check_compatible(model, s)
-        return cls(model, saes, device, settings.limits)
+        return cls(model, saes, device, settings.limits, hub)
 
     # -- addressing ---------------------------------------------------------------------------------------------
 
@@ -190,7 +216,9 @@ class Engine:
                 self._lock.release()
 
     def clean_model(self) -> None:
-        """Detach everything. Order matters (library-facts.md): hooks first, then SAEs, then the SAEs' own hooks."""
+        """Detach everything. Order matters: sae-lens' reset_saes() before reset_hooks() leaves a hook on the SAE's
+        own hook point (a later standalone encode would still be ablated), so hooks first, then SAEs, then the
+        SAEs' own hooks."""
         self.model.reset_hooks(including_permanent=False)
         if getattr(self.model, "acts_to_saes", None):
             self.model.reset_saes()
@@ -265,7 +293,7 @@ def model_info(engine: Engine) -> ModelInfo:
         n_ctx=cfg.n_ctx,
         d_vocab=cfg.d_vocab,
         device=str(engine.device),
-        dtype=str(cfg.dtype).removeprefix("torch."),
+        dtype=dtype_name(cfg.dtype),
         processing=dict(engine.loaded_model.processing),
         saes=[
             SaeInfo(

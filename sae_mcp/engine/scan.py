@@ -23,15 +23,14 @@ Scanned tokens: every document token of a window; BOS is context, not a document
 
 from __future__ import annotations
 
-import math
-import time
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from sae_mcp.engine.corpus import Window
-from sae_mcp.engine.loading import LoadedSAE
+from sae_mcp.engine.corpus import Window, bos_token_id, pad_windows
+from sae_mcp.engine.loading import LoadedSAE, dtype_name
 from sae_mcp.engine.runtime import CancelToken, Engine
 
 HIST_LO, HIST_HI, HIST_PER_DECADE = -4, 4, 8
@@ -64,12 +63,6 @@ class ScanState:
             top_pos=torch.full((k, n_features), MAX_POS, dtype=torch.long, device=device),
             n_fired=torch.zeros(n_features, dtype=torch.long, device=device),
             hist=torch.zeros(n_features, HIST_BINS, dtype=torch.long, device=device),
-        )
-
-    def to(self, device) -> "ScanState":
-        return ScanState(
-            self.top_vals.to(device), self.top_pos.to(device), self.n_fired.to(device), self.hist.to(device),
-            self.tokens, self.windows, self.exhausted,
         )
 
 
@@ -163,17 +156,10 @@ def _autocast_dtype(engine: Engine) -> torch.dtype | None:
     return None
 
 
-def _autocast(engine: Engine):
+def autocast_for(engine: Engine) -> contextlib.AbstractContextManager:
+    """The scan's precision as a context manager: CUDA autocast (see _autocast_dtype), else a no-op."""
     dt = _autocast_dtype(engine)
-    if dt is not None:
-        return torch.autocast("cuda", dtype=dt)
-    import contextlib
-
-    return contextlib.nullcontext()
-
-
-def _dtype_name(dt: torch.dtype) -> str:
-    return str(dt).removeprefix("torch.")
+    return torch.autocast("cuda", dtype=dt) if dt is not None else contextlib.nullcontext()
 
 
 def compute_dtype(engine: Engine, sae: LoadedSAE) -> str:
@@ -182,12 +168,12 @@ def compute_dtype(engine: Engine, sae: LoadedSAE) -> str:
     'float32 (model), bfloat16 (SAE)' when the model and the SAE were loaded in different dtypes."""
     auto = _autocast_dtype(engine)
     if auto is not None:
-        return _dtype_name(auto)
+        return dtype_name(auto)
     model_dt = engine.model.cfg.dtype
     sae_dt = next(iter(sae.sae.parameters()), torch.empty(0, dtype=model_dt)).dtype
     if sae_dt == model_dt:
-        return _dtype_name(model_dt)
-    return f"{_dtype_name(model_dt)} (model), {_dtype_name(sae_dt)} (SAE)"
+        return dtype_name(model_dt)
+    return f"{dtype_name(model_dt)} (model), {dtype_name(sae_dt)} (SAE)"
 
 
 def _batches(windows: Iterable[Window], max_tokens: int, tokens_so_far: int, batch: int, bos: bool) -> Iterator[list[Window]]:
@@ -234,26 +220,20 @@ def scan(
         state = ScanState.empty(n_features, k, engine.device)
     if batch_windows is None:
         batch_windows = batch_windows_for(engine, sae, context_size, n_features)
-    first = 1 if bos else 0
-    pad = int(windows_pad_id(engine))
+    pad = windows_pad_id(engine)
     fidx = None if features is None else torch.tensor(features, dtype=torch.long, device=engine.device)
     ended = True
     for batch in _batches(windows, max_tokens, state.tokens, batch_windows, bos):
         if cancel is not None:
             cancel.check()
-        T = max(len(w.ids) for w in batch)
+        ids, valid = pad_windows(batch, pad, bos)  # [B, T] each
+        T = ids.shape[1]
         if batch[-1].index * context_size + T >= MAX_POS:
             raise ValueError("scan too long: token positions exceed 2^32; use a smaller --tokens")
-        ids = torch.full((len(batch), T), pad, dtype=torch.long)
-        valid = torch.zeros((len(batch), T), dtype=torch.bool)
-        for i, w in enumerate(batch):
-            ids[i, : len(w.ids)] = torch.tensor(w.ids)
-            valid[i, first : len(w.ids)] = True
         base = torch.tensor([w.index * context_size for w in batch], dtype=torch.long)
         pos = (base[:, None] + torch.arange(T)[None, :]).reshape(-1)  # [B*T]
         keep = valid.reshape(-1).nonzero().squeeze(1)  # [N] scanned rows: no BOS, no padding
-        with engine.device_work(), torch.inference_mode(), _autocast(engine):
-            # Right padding is safe: attention is causal, so pads never reach a real token.
+        with engine.device_work(), torch.inference_mode(), autocast_for(engine):
             x = engine.forward_to_hook(ids.to(engine.device), sae)  # [B, T, d_in]
             x = x.reshape(len(batch) * T, -1)[keep.to(engine.device)]  # [N, d_in]: only scanned tokens are encoded
             acts = engine.encode(sae, x)  # [N, d_sae]
@@ -274,12 +254,13 @@ def scan(
 
 
 def windows_pad_id(engine: Engine) -> int:
+    """The id short windows are right-padded with (pad, else BOS, else EOS, else 0); never attended to."""
     tok = engine.model.tokenizer
     if tok is None:  # a config-only model fed token ids (the bench)
         return 0
     for cand in (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, 0):
         if cand is not None:
-            return cand
+            return int(cand)
     return 0
 
 
@@ -287,16 +268,4 @@ def bos_id(engine: Engine, sae: LoadedSAE) -> int | None:
     """The BOS id windows start with (None when the SAE was trained without BOS)."""
     if not sae.prepend_bos:
         return None
-    tok = engine.model.tokenizer
-    return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-
-
-class Throughput:
-    """Tokens per second over a scan (for the CLI's final line and the bench)."""
-
-    def __init__(self) -> None:
-        self.t0 = time.perf_counter()
-
-    def rate(self, tokens: int) -> float:
-        dt = time.perf_counter() - self.t0
-        return tokens / dt if dt > 0 else math.inf
+    return bos_token_id(engine.model.tokenizer)

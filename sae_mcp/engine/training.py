@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from sae_mcp.engine.corpus import CorpusSource, iter_windows
+from sae_mcp.engine.corpus import CorpusSource, bos_token_id, iter_windows
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +57,14 @@ def train_sae(
         StandardTrainingSAEConfig,
     )
 
-    tok = model.tokenizer
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    rows = full_windows(corpus, tok, context_size, bos, max_documents)
+    rows = full_windows(corpus, model.tokenizer, context_size, bos_token_id(model.tokenizer), max_documents)
     if len(rows) * context_size < 4 * 1024:
         raise ValueError(f"the corpus gives only {len(rows)} windows of {context_size} tokens; give more text")
     dataset = datasets.Dataset.from_dict({"input_ids": rows})
     d_in = int(model.cfg.d_model)
     batch_tokens = 1024
-    # sae-lens needs n_batches_in_buffer * context_size >= train_batch_size_tokens (library-facts.md).
+    # sae-lens 6 raises 'Buffer size must be ...' on the first batch unless
+    # n_batches_in_buffer * context_size >= train_batch_size_tokens (both its defaults violate it).
     n_buffer = max(8, -(-2 * batch_tokens // context_size))
     cfg = LanguageModelSAERunnerConfig(
         sae=StandardTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l1_coefficient=l1_coefficient),

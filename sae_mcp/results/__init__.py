@@ -9,7 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 
-def r(x: float, nd: int = 4) -> float:
+def rounded(x: float, nd: int = 4) -> float:
     """Round for display: enough digits to compare, few enough to read. A value rounded to zero reads 0.0, not
     -0.0 (e.g. the mean of a centred unembedding's logit weights, ~1e-9 either side)."""
     return float(round(float(x), nd)) + 0.0

@@ -1,35 +1,22 @@
 """The MCP face: build_server(engine, settings) -> MCPServer.
 
+build_server constructs the services once (services/: the example source, the explanation store, the logit-weight
+statistics) and hands them, with the engine, to each tool module's `register(server, tool, engine, services)`.
 A tool body validates its arguments (bounds live in the signature, so every client sees them in the input
-schema), calls one engine function and returns its pydantic result (structured content + output schema).
-Domain errors (SaeMcpError) become `isError` results with the engine's message; the server keeps working.
-
-No `from __future__ import annotations` here: the SDK reads the tools' annotations at registration.
+schema), calls one engine or service function and returns its pydantic result (structured content + output
+schema). Domain errors (SaeMcpError) become `isError` results with the engine's message; the server keeps working.
 """
 
-import functools
-import logging
-from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from __future__ import annotations
 
 from mcp.server.mcpserver import MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
-from mcp.types import ToolAnnotations
-from pydantic import Field
 
-from sae_mcp.engine import features as feat
-from sae_mcp.engine import logits as lg
-from sae_mcp.engine.runtime import Engine, model_info
-from sae_mcp.errors import SaeMcpError
-from sae_mcp.server.args import engine_args
-from sae_mcp.results import FeatureActs, ModelInfo, NextToken, PromptComparison, VocabProjection
+from sae_mcp.engine.runtime import Engine
+from sae_mcp.server import http, tools_causal, tools_corpus, tools_explain, tools_prompt
+from sae_mcp.server.prompts import load_prompts
+from sae_mcp.server.wiring import tool_decorator
+from sae_mcp.services import Services
 from sae_mcp.settings import Settings
-
-log = logging.getLogger(__name__)
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
 
 INSTRUCTIONS = """\
 sae-mcp runs sparse-autoencoder (SAE) experiments on a loaded transformer language model.
@@ -43,114 +30,18 @@ Test cause: ablate_and_test (the effect is `ablated` vs `baseline`; read `summar
 Record what you learn with label_feature. Activations depend on context: prompts get BOS prepended as the SAE was
 trained. The MCP prompts hold investigation recipes."""
 
-
-def domain_errors(fn: F) -> F:
-    """Turn our domain errors into the SDK's ToolError, so the caller sees our message as an isError result."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except SaeMcpError as exc:
-            raise ToolError(str(exc)) from exc
-
-    return wrapper  # type: ignore[return-value]
+TOOL_MODULES = (tools_prompt, tools_corpus, tools_causal, tools_explain)
 
 
-def build_server(engine: Engine, settings: Settings | None = None, store: Any = None) -> MCPServer:
-    """Wire every tool, resource and prompt to the engine (and the SQLite store when given)."""
-    settings = settings or Settings()
-    max_k = engine.limits.max_top_k
-    max_sets = engine.limits.max_prompts_per_set
-    A = engine_args(engine)
-    SaeArg, Prompt = A.Sae, A.Prompt
+def build_server(engine: Engine, settings: Settings | None = None, services: Services | None = None) -> MCPServer:
+    """Every tool, resource, prompt and page, wired to the engine and to one set of services (built here unless
+    given: tests pass their own)."""
+    services = services or Services(engine, settings)
     server = MCPServer("sae-mcp", instructions=INSTRUCTIONS)
-
-    def tool(**kw: Any) -> Callable[[F], F]:
-        def register(fn: F) -> F:
-            server.tool(annotations=kw.pop("annotations", READ_ONLY), **kw)(domain_errors(fn))
-            return fn
-
-        return register
-
-    @tool(name="model_info")
-    def model_info_tool() -> ModelInfo:
-        """The loaded model (architecture, layers, d_model, context, vocab, device, dtype) and every loaded SAE
-        (hook, d_in, d_sae, architecture, release/id or folder, Neuronpedia id)."""
-        return model_info(engine)
-
-    @tool()
-    def get_feature_acts(
-        prompt: Prompt,
-        sae: SaeArg = None,
-        top_k: Annotated[int, Field(ge=1, le=max_k, description="Features listed per token position")] = 5,
-        features: Annotated[
-            A.Features | None, Field(description="Also return these features' activation at every position")
-        ] = None,
-    ) -> FeatureActs:
-        """SAE feature activations for each token of a prompt: the top_k features firing at every position
-        (activation > 0) and, when `features` is given, those features' activations at every position."""
-        return feat.get_feature_acts(engine, prompt, sae=sae, top_k=top_k, features=features)
-
-    @tool()
-    def compare_prompts(
-        prompt_a: Annotated[Prompt | None, Field(description="First prompt (or use prompts_a for a set)")] = None,
-        prompt_b: Annotated[Prompt | None, Field(description="Second prompt (or use prompts_b for a set)")] = None,
-        prompts_a: Annotated[
-            list[Prompt] | None, Field(max_length=max_sets, description="Set A of prompts (e.g. one side of minimal pairs)")
-        ] = None,
-        prompts_b: Annotated[list[Prompt] | None, Field(max_length=max_sets, description="Set B of prompts")] = None,
-        sae: SaeArg = None,
-        top_k: Annotated[int, Field(ge=1, le=max_k, description="Features to return")] = 10,
-        position: Annotated[A.Position, Field(description="Token position compared in every prompt; -1 = last token")] = -1,
-        sort_by: Annotated[
-            str, Field(pattern="^(difference|effect_size)$", description="Sets only: rank by |difference| or |effect size|")
-        ] = "difference",
-    ) -> PromptComparison:
-        """Features whose activation at `position` differs most between two prompts (prompt_a/prompt_b), or between
-        two sets of prompts (prompts_a/prompts_b: per-feature means, difference and Cohen's d effect size)."""
-        single = prompt_a is not None or prompt_b is not None
-        sets = prompts_a is not None or prompts_b is not None
-        if single == sets:
-            raise ToolError("pass either prompt_a and prompt_b, or prompts_a and prompts_b (not both, not neither)")
-        if single:
-            if prompt_a is None or prompt_b is None:
-                raise ToolError("pass both prompt_a and prompt_b")
-            return feat.compare_prompts(engine, prompt_a, prompt_b, sae=sae, top_k=top_k, position=position)
-        if prompts_a is None or prompts_b is None:
-            raise ToolError("pass both prompts_a and prompts_b")
-        return feat.compare_prompt_sets(
-            engine, prompts_a, prompts_b, sae=sae, top_k=top_k, position=position, sort_by=sort_by
-        )
-
-    @tool()
-    def next_token(
-        prompt: Prompt,
-        answer: Annotated[A.Answer | None, Field(description="Expected next token to score, e.g. ' Paris'")] = None,
-        top_k: Annotated[int, Field(ge=1, le=max_k, description="Most likely next tokens to list")] = 10,
-    ) -> NextToken:
-        """The plain model's next-token prediction (the tutorial's test_prompt): top tokens with probability and
-        logit, and the answer's rank (0 = most likely), probability and logit. A multi-token answer is ranked on
-        its first token and says so, and gets the whole answer's log-probability (teacher forcing)."""
-        return lg.next_token(engine, prompt, answer=answer, top_k=top_k)
-
-    @tool()
-    def project_to_vocab(
-        feature: A.Feature,
-        sae: SaeArg = None,
-        top_k: Annotated[int, Field(ge=1, le=max_k, description="Tokens per side")] = 10,
-    ) -> VocabProjection:
-        """Logit lens on a feature's decoder direction (W_dec[feature] @ W_U): the tokens it promotes most
-        (top_positive) and suppresses most (top_negative)."""
-        return lg.project_to_vocab(engine, feature, sae=sae, top_k=top_k)
-
-    # Tool modules of the other areas: each has register(server, tool, engine, settings), where `tool` is the
-    # decorator above (read-only annotations and domain-error translation by default).
-    # --- more tool modules register here ---
-    from sae_mcp.server import tools_corpus; tools_corpus.register(server, tool, engine, settings)  # noqa: E702
-    from sae_mcp.server import tools_causal; tools_causal.register(server, tool, engine, settings)  # noqa: E702
-    from sae_mcp.server import tools_explain
-
-    tools_explain.register(server, tool, engine, settings)
-
+    tool = tool_decorator(server)
+    for module in TOOL_MODULES:
+        module.register(server, tool, engine, services)
+    for prompt in load_prompts():
+        server.add_prompt(prompt)
+    http.register_routes(server, services)  # the card pages, served beside /mcp over streamable HTTP
     return server

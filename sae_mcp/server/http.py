@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import html
 
+from mcp.server.mcpserver import MCPServer
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
-from sae_mcp.cards import ExplainContext, card_html, index_html
 from sae_mcp.errors import SaeMcpError
+from sae_mcp.server.card_text import card_html, index_html
+from sae_mcp.services import Services
 
 
 def _error_page(message: str, status: int) -> HTMLResponse:
@@ -29,9 +31,9 @@ def _error_page(message: str, status: int) -> HTMLResponse:
     return HTMLResponse(body, status_code=status)
 
 
-def page_routes(ctx: ExplainContext) -> list[Route]:
+def page_routes(services: Services) -> list[Route]:
     async def front(request: Request) -> HTMLResponse:
-        return HTMLResponse(await run_in_threadpool(index_html, ctx))
+        return HTMLResponse(await run_in_threadpool(index_html, services))
 
     async def feature(request: Request) -> HTMLResponse:
         sae, raw = request.path_params["sae"], request.path_params["feature"]
@@ -40,7 +42,7 @@ def page_routes(ctx: ExplainContext) -> list[Route]:
         except ValueError:
             return _error_page(f"feature {raw!r} is not an integer", 404)
         try:
-            return HTMLResponse(await run_in_threadpool(card_html, ctx, f, sae))
+            return HTMLResponse(await run_in_threadpool(card_html, services, f, sae))
         except SaeMcpError as exc:
             return _error_page(str(exc), 404)
 
@@ -50,17 +52,17 @@ def page_routes(ctx: ExplainContext) -> list[Route]:
     ]
 
 
-def register_routes(server, ctx: ExplainContext) -> None:
+def register_routes(server: MCPServer, services: Services) -> None:
     """Add the pages to an MCPServer's HTTP app (used when it is served over streamable HTTP or SSE)."""
-    for route in page_routes(ctx):
+    for route in page_routes(services):
         server.custom_route(route.path, methods=["GET"], name=route.name)(route.endpoint)
 
 
-def dashboard_app(ctx: ExplainContext) -> Starlette:
-    return Starlette(routes=page_routes(ctx))
+def dashboard_app(services: Services) -> Starlette:
+    return Starlette(routes=page_routes(services))
 
 
-def serve_dashboard(ctx: ExplainContext, host: str = "127.0.0.1", port: int = 8765) -> None:
+def serve_dashboard(services: Services, host: str = "127.0.0.1", port: int = 8765) -> None:
     import uvicorn
 
-    uvicorn.run(dashboard_app(ctx), host=host, port=port, log_level="warning")
+    uvicorn.run(dashboard_app(services), host=host, port=port, log_level="warning")

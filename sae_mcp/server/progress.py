@@ -30,19 +30,19 @@ def request_cancelled() -> bool:
     return False
 
 
-def progress_reporter(ctx: Any, cancel: CancelToken, unit: str) -> Callable[[int, int], None]:
+def progress_reporter(mcp_context: Any, cancel: CancelToken, unit: str) -> Callable[[int, int], None]:
     """A (done, total) callback for engine work: reports MCP progress, and cancels `cancel` when the client
-    cancelled or the request is gone. With ctx None (called outside MCP) it only watches for cancellation."""
+    cancelled or the request is gone. With mcp_context None (called outside MCP) it only watches for cancellation."""
 
     def progress(done: int, total: int) -> None:
         if request_cancelled():
             log.info("the client cancelled the request; stopping between steps")
             cancel.cancel()
             return
-        if ctx is None:
+        if mcp_context is None:
             return
         try:
-            anyio.from_thread.run(ctx.report_progress, done, total, f"{done}/{total} {unit}")
+            anyio.from_thread.run(mcp_context.report_progress, done, total, f"{done}/{total} {unit}")
         except Exception:  # the request is gone (disconnected): stop before the next step
             log.info("progress report failed; cancelling")
             cancel.cancel()

@@ -1,58 +1,58 @@
 """Causal tools: steer_generate, ablate_and_test, attribute. Validation and wiring only; the math is in
-engine/interventions.py and engine/attribution.py.
+engine/steering.py, engine/ablation.py and engine/attribution.py.
 
 No `from __future__ import annotations` here: the SDK reads the tools' annotations at registration.
 """
 
-import logging
-from typing import Annotated, Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Literal
 
-from mcp.server.mcpserver import Context
+from mcp.server.mcpserver import Context, MCPServer
 from pydantic import BaseModel, Field
 
+from sae_mcp.engine import ablation, steering
 from sae_mcp.engine import attribution as attr
-from sae_mcp.engine import interventions as iv
+from sae_mcp.engine.controls import MAX_CONTROLS
 from sae_mcp.engine.loading import LoadedSAE
 from sae_mcp.engine.runtime import CancelToken, Engine
+from sae_mcp.engine.steering import (
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
+    MAX_NEW_TOKENS,
+    MAX_STEER_FEATURES,
+    MAX_STRENGTH,
+    MAX_STRENGTHS,
+)
 from sae_mcp.errors import InvalidInput, SaeMcpError
 from sae_mcp.results.causal import AblationResult, Attribution, SteerResult
 from sae_mcp.server.args import engine_args
 from sae_mcp.server.progress import progress_reporter
-from sae_mcp.settings import Settings
+from sae_mcp.server.wiring import ToolDecorator
+from sae_mcp.services import Services
+from sae_mcp.services.example_source import DEFAULT_SCAN_TOKENS, ExampleSource
 
-log = logging.getLogger(__name__)
-
-Strength = Annotated[float, Field(ge=-iv.MAX_STRENGTH, le=iv.MAX_STRENGTH, allow_inf_nan=False)]
+Strength = Annotated[float, Field(ge=-MAX_STRENGTH, le=MAX_STRENGTH, allow_inf_nan=False)]
 
 
-def _max_activation_fn(engine: Engine, settings: Settings):
-    """The feature index's max activation, else a bounded on-demand scan's (examples.DEFAULT_SCAN_TOKENS), as a
-    callable for the engine; a clear error when neither is available."""
-    hint = "start the server with --corpus (a feature index or a text corpus), or pass calibration='absolute'"
-    try:
-        from sae_mcp.examples import DEFAULT_SCAN_TOKENS, get_example_source  # corpus/index area; lazily
-    except ImportError:
-        raise InvalidInput(f"calibration='max_activation' needs each feature's max activation: {hint}") from None
-    try:
-        source = get_example_source(engine, settings)
-    except SaeMcpError as exc:
-        raise InvalidInput(f"calibration='max_activation' cannot find max activations ({exc}); {hint}") from exc
-    if source is None:
-        raise InvalidInput(f"calibration='max_activation' needs each feature's max activation: {hint}")
+CALIBRATION_HINT = "start the server with --corpus (a feature index or a text corpus), or pass calibration='absolute'"
+
+
+def max_activation_of(examples: ExampleSource) -> Callable[[LoadedSAE, int], tuple[float, str]]:
+    """The feature index's max activation, else a bounded on-demand scan's (DEFAULT_SCAN_TOKENS), as the callable
+    steering calibrates with; an error saying what to pass when neither is available."""
 
     def fn(sae: LoadedSAE, feature: int) -> tuple[float, str]:
         try:
-            value, where = source.max_activation(sae.key, feature, max_scan_tokens=DEFAULT_SCAN_TOKENS)
+            value, where = examples.max_activation(sae.key, feature, max_scan_tokens=DEFAULT_SCAN_TOKENS)
         except SaeMcpError as exc:
-            raise InvalidInput(f"calibration='max_activation': feature {feature}: {exc}; {hint}") from exc
+            raise InvalidInput(f"calibration='max_activation': feature {feature}: {exc}; {CALIBRATION_HINT}") from exc
         return float(value), str(where)
 
     return fn
 
 
-def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None:
+def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: Services) -> None:
     max_k = engine.limits.max_top_k
-    max_feats = engine.limits.max_features_per_call
     A = engine_args(engine)
     SaeArg, Prompt, Answer = A.Sae, A.Prompt, A.Answer
 
@@ -68,19 +68,19 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None
         prompt: Prompt,
         features: Annotated[
             list[SteerSpec],
-            Field(min_length=1, max_length=iv.MAX_STEER_FEATURES, description="Features to add: [{feature, strength}]"),
+            Field(min_length=1, max_length=MAX_STEER_FEATURES, description="Features to add: [{feature, strength}]"),
         ],
         sae: SaeArg = None,
-        max_new_tokens: Annotated[int, Field(ge=1, le=iv.MAX_NEW_TOKENS, description="Tokens to generate")] = 30,
+        max_new_tokens: Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS, description="Tokens to generate")] = 30,
         temperature: Annotated[
             float,
             Field(ge=0, le=10, allow_inf_nan=False,
                   description="Sampling temperature; default 1 (sampled, as in the SAELens steering tutorial, "
                   "reproducible by seed); 0 = greedy"),
-        ] = iv.DEFAULT_TEMPERATURE,
+        ] = DEFAULT_TEMPERATURE,
         top_p: Annotated[
             float, Field(gt=0, le=1, allow_inf_nan=False, description="Nucleus sampling mass (ignored when greedy)")
-        ] = iv.DEFAULT_TOP_P,
+        ] = DEFAULT_TOP_P,
         seed: Annotated[int, Field(ge=0, le=2**31 - 1, description="Same seed for the unsteered and steered runs")] = 0,
         calibration: Annotated[
             Literal["max_activation", "absolute"],
@@ -89,7 +89,7 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None
         ] = "max_activation",
         strengths: Annotated[
             list[Strength] | None,
-            Field(min_length=1, max_length=iv.MAX_STRENGTHS,
+            Field(min_length=1, max_length=MAX_STRENGTHS,
                   description="Dose-response: one run per value, every coefficient multiplied by it"),
         ] = None,
         answer: Annotated[
@@ -101,8 +101,8 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None
             bool, Field(description="Also steer with random features matched in decoder norm, same coefficients "
                         "(use n_controls >= 5: exceeding all of few controls is weak evidence)")
         ] = False,
-        n_controls: Annotated[int, Field(ge=1, le=iv.MAX_CONTROLS, description="Control runs when controls")] = 5,
-        ctx: Context = None,
+        n_controls: Annotated[int, Field(ge=1, le=MAX_CONTROLS, description="Control runs when controls")] = 5,
+        mcp_context: Context = None,
     ) -> SteerResult:
         """Steer generation: add coefficient * W_dec[feature] at the SAE's hook at every position (prompt and
         generated tokens) and return the unsteered and steered continuations from the same seed side by side,
@@ -112,12 +112,12 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None
         matched random-feature controls with `controls`.
         Sampled by default (temperature 1, top_p 0.9, as in the SAELens tutorial; the same seed for every run);
         temperature=0 is greedy. Reports progress per generated token; cancellable."""
-        calib = _max_activation_fn(engine, settings) if calibration == "max_activation" else None
+        calib = max_activation_of(services.examples) if calibration == "max_activation" else None
         cancel = CancelToken()
 
-        progress = progress_reporter(ctx, cancel, "tokens generated")
+        progress = progress_reporter(mcp_context, cancel, "tokens generated")
 
-        return iv.steer_generate(
+        return steering.steer_generate(
             engine, prompt, [(f.feature, f.strength) for f in features], sae=sae, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, seed=seed, calibration=calibration, max_activation_fn=calib,
             strengths=strengths, answer=answer, controls=controls, n_controls=n_controls, cancel=cancel,
@@ -128,10 +128,7 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None
     def ablate_and_test(
         prompt: Prompt,
         answer: Answer,
-        features: Annotated[
-            list[Annotated[int, Field(ge=0, le=A.max_feature)]],
-            Field(min_length=1, max_length=max_feats, description="Features to zero"),
-        ],
+        features: Annotated[A.Features, Field(min_length=1, description="Features to zero")],
         sae: SaeArg = None,
         position: Annotated[
             A.Position | Annotated[list[A.Position], Field(max_length=A.n_ctx)] | None,
@@ -141,7 +138,7 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None
         controls: Annotated[
             bool, Field(description="Also ablate random features matched in activation at those positions")
         ] = False,
-        n_controls: Annotated[int, Field(ge=1, le=iv.MAX_CONTROLS, description="Control runs when controls")] = 5,
+        n_controls: Annotated[int, Field(ge=1, le=MAX_CONTROLS, description="Control runs when controls")] = 5,
         seed: Annotated[int, Field(ge=0, le=2**31 - 1, description="Seed for drawing control features")] = 0,
     ) -> AblationResult:
         """Zero features in the SAE's activations at the given positions and compare next-token predictions:
@@ -152,7 +149,7 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None
         rank/probability/logit and its change from baseline. `summary` says which number is the effect and how
         large the SAE's distortion is; per feature: fired, activation_sum and max_activation at those positions,
         and `note` warns when a target does not fire there (ablating it changes nothing)."""
-        return iv.ablate_and_test(
+        return ablation.ablate_and_test(
             engine, prompt, answer, features, sae=sae, position=position, top_k=top_k, controls=controls,
             n_controls=n_controls, seed=seed,
         )

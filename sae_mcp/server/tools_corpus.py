@@ -1,23 +1,28 @@
-"""Tools of the corpus area: top_examples (max-activating examples, from the index or an on-demand scan).
+"""Corpus tools: top_examples (max-activating examples, from the index or an on-demand scan) and build_index.
 
 No `from __future__ import annotations`: the SDK reads these annotations at registration.
 """
 
+import base64
 import json
 import logging
 from typing import Annotated, Any
 
-from mcp.server.mcpserver import Context
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 from pydantic import Field
 
 from sae_mcp.engine.corpus import resolve_corpus
 from sae_mcp.engine.runtime import CancelToken, Engine
+from sae_mcp.engine.scan import KEEP
 from sae_mcp.errors import SaeMcpError
-from sae_mcp.examples import DEFAULT_CONTEXT, DEFAULT_SCAN_TOKENS, KEEP, MAX_CONTEXT, MAX_SCAN_TOKENS, get_example_source
 from sae_mcp.results.corpus import IndexReport, TopExamples
 from sae_mcp.server.args import engine_args
 from sae_mcp.server.progress import progress_reporter
+from sae_mcp.server.render import histogram_png
+from sae_mcp.server.wiring import ToolDecorator
+from sae_mcp.services import Services
+from sae_mcp.services.example_source import DEFAULT_CONTEXT, DEFAULT_SCAN_TOKENS, MAX_CONTEXT, MAX_SCAN_TOKENS
 from sae_mcp.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -25,7 +30,6 @@ log = logging.getLogger(__name__)
 # A tool call holds the device between batches only, but an agent should not start an hours-long scan by accident:
 # ~2M tokens is minutes on a GPU and the size of the index that answers most questions about common features.
 MAX_INDEX_TOKENS = 2_000_000
-
 
 
 def corpus_is_remote(engine: Engine, settings: Settings) -> bool:
@@ -40,13 +44,13 @@ def corpus_is_remote(engine: Engine, settings: Settings) -> bool:
     return False
 
 
-def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None:
-    source = get_example_source(engine, settings)
+def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: Services) -> None:
+    source = services.examples
     A = engine_args(engine)
     # It never modifies the model, but an on-demand scan writes its rows and windows to the SQLite index (a
     # cache: the same call gives the same answer, so idempotent), and may stream a Hugging Face dataset.
     annotations = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True,
-                                  open_world_hint=corpus_is_remote(engine, settings))
+                                  open_world_hint=corpus_is_remote(engine, services.settings))
 
     @tool(annotations=annotations)
     def top_examples(
@@ -61,7 +65,7 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None
             Field(ge=1, le=MAX_SCAN_TOKENS, description="Without an index: corpus tokens the on-demand scan reads"),
         ] = DEFAULT_SCAN_TOKENS,
         plot: Annotated[bool, Field(description="Also return a PNG of the activation histogram")] = False,
-        ctx: Context = None,
+        mcp_context: Context = None,
     ) -> Annotated[CallToolResult, TopExamples]:
         """Max-activating corpus examples of a feature: the k largest activations with their context (tokens,
         the max token and its position in them, document index and token offset), plus max activation, density
@@ -71,18 +75,12 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None
         max_scan_tokens tokens (cached; reports progress). Each example's window starts with BOS at the
         document's window start."""
         cancel = CancelToken()
-
-        progress = progress_reporter(ctx, cancel, "tokens scanned")
-
+        progress = progress_reporter(mcp_context, cancel, "tokens scanned")
         res = source.top_examples(sae, feature, k=k, context=context, max_scan_tokens=max_scan_tokens,
                                   progress=progress, cancel=cancel)
         data = res.model_dump(mode="json")
         content: list[Any] = [TextContent(type="text", text=json.dumps(data, ensure_ascii=False))]
         if plot:
-            import base64
-
-            from sae_mcp.server.render import histogram_png
-
             png = histogram_png(res.histogram, f"{res.sae} feature {feature}: {res.n_fired} of "
                                 f"{res.tokens_scanned} tokens fired (max {res.max_activation:g})")
             content.append(ImageContent(type="image", data=base64.b64encode(png).decode(), mime_type="image/png"))
@@ -94,7 +92,7 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None
         tokens: Annotated[
             int, Field(ge=1_000, le=MAX_INDEX_TOKENS, description="Corpus tokens to scan (resumes a smaller index)")
         ] = 200_000,
-        ctx: Context = None,
+        mcp_context: Context = None,
     ) -> IndexReport:
         """Build (or extend) the corpus index of EVERY feature of an SAE in one pass: top examples, firing density
         and activation histogram per feature, so top_examples, feature_card and feature_stats(density) answer at
@@ -102,5 +100,5 @@ def register(server: Any, tool: Any, engine: Engine, settings: Settings) -> None
         a cancelled call keeps what it scanned up to its last checkpoint. For corpora beyond this ceiling use the
         `sae-mcp index` command."""
         cancel = CancelToken()
-        return source.build_index(sae, tokens, progress=progress_reporter(ctx, cancel, "tokens indexed"),
+        return source.build_index(sae, tokens, progress=progress_reporter(mcp_context, cancel, "tokens indexed"),
                                   cancel=cancel)

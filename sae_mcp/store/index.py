@@ -1,6 +1,6 @@
 """The feature index on disk: one SQLite file (WAL) per (model, SAE weights, corpus).
 
-    <data_dir>/index/<model>/<sae>/<corpus>.sqlite      <sae> = store/db.sae_store_key: the source, plus the
+    <data_dir>/index/<model>/<sae>/<corpus>.sqlite      <sae> = the SAE's store key: its source, plus the
                                                         weights' hash for a local folder (a retrained SAE in the
                                                         same folder gets a new file, never the old index)
       meta(key, value)             what the file describes: model, SAE, its weights id, corpus, its fingerprint,
@@ -45,7 +45,7 @@ SCAN_COLUMNS = ("name, n_features, k, tokens, windows, exhausted, target, update
 
 
 def index_path(data_dir: Path, model_key: str, sae_key: str, corpus_key: str) -> Path:
-    """`sae_key` is store/db.sae_store_key(source, weights_id), so the path changes with a local SAE's weights."""
+    """`sae_key` is LoadedSAE.store_key (source + weights id), so the path changes with a local SAE's weights."""
     return Path(data_dir) / "index" / slug(model_key) / slug(sae_key) / f"{slug(corpus_key)}.sqlite"
 
 

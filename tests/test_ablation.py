@@ -1,0 +1,205 @@
+"""Ablation against independent plain computations (the tutorial's way, hooks written plainly)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from sae_mcp.engine import ablation
+from sae_mcp.engine.runtime import resolve_positions
+from sae_mcp.errors import InvalidInput
+
+PROMPT = "the cat sat on the mat and the dog"
+
+
+def tokens_of(engine, prompt=PROMPT):
+    s = engine.sae(None)
+    return engine.to_tokens(prompt, prepend_bos=s.prepend_bos)
+
+
+def plain_acts(engine, tokens):
+    """The SAE's feature activations [S, d_sae] the tutorial way: run_with_cache_with_saes."""
+    s = engine.sae(None)
+    with torch.inference_mode():
+        _, cache = engine.model.run_with_cache_with_saes(tokens, saes=[s.sae])
+    engine.clean_model()
+    return cache[f"{s.hook_name}.hook_sae_acts_post"][0]
+
+
+def test_error_term_with_nothing_ablated_gives_the_plain_models_logits(tiny_engine):
+    e, s = tiny_engine, tiny_engine.sae(None)
+    tokens = tokens_of(e)
+    with e.device_work(), torch.inference_mode():
+        plain = e.model(tokens)[0, -1]
+        spliced = ablation._spliced_logits(e, s, tokens, [[]], list(range(tokens.shape[1])), error_term=True)[0]
+        tutorial = e.model.run_with_saes(tokens, saes=[s.sae], use_error_term=True)[0, -1]
+    assert_close(spliced, plain)
+    assert_close(tutorial, plain)
+    assert e.is_clean()
+
+
+def test_ablation_with_error_term_removes_exactly_act_times_decoder_at_the_positions(tiny_engine):
+    e, s = tiny_engine, tiny_engine.sae(None)
+    tokens = tokens_of(e)
+    acts = plain_acts(e, tokens)  # [S, d_sae]
+    positions = [2, 4, -1]
+    pos = [p % tokens.shape[1] for p in positions]
+    feats = [int(f) for f in acts[pos].sum(0).topk(3).indices]  # features that fire there
+
+    # plain: subtract sum_f act[p, f] * W_dec[f] at the hook, no SAE anywhere
+    delta = torch.zeros(tokens.shape[1], s.d_in)
+    delta[pos] = acts[pos][:, feats] @ s.sae.W_dec[feats]  # [n_pos, d_in]
+
+    def remove(x, hook):
+        return x - delta[None]
+
+    with torch.inference_mode():
+        expected = e.model.run_with_hooks(tokens, fwd_hooks=[(s.hook_name, remove)])[0, -1]
+    with e.device_work(), torch.inference_mode():
+        got = ablation._spliced_logits(e, s, tokens, [feats], pos, error_term=True)[0]
+    assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+    res = ablation.ablate_and_test(e, PROMPT, " mat", feats, position=positions)
+    answer_id = res.ablated.answer.token_id
+    assert res.positions == sorted(pos)
+    assert res.ablated.answer.logit == pytest.approx(float(expected[answer_id]), abs=1e-3)
+    assert res.ablated.answer_logit_change != 0.0
+    assert [f.feature for f in res.features] == feats
+    for f, got_f in zip(feats, res.features):
+        assert got_f.activation_sum == pytest.approx(float(acts[pos, f].sum()), abs=1e-3)
+        assert got_f.max_activation == pytest.approx(float(acts[pos, f].max()), abs=1e-3)
+        assert got_f.fired
+    assert res.note is None
+
+
+def test_without_the_error_term_the_ablation_is_measured_against_reconstruction_only(tiny_engine):
+    e, s = tiny_engine, tiny_engine.sae(None)
+    tokens = tokens_of(e)
+    feats = [int(f) for f in plain_acts(e, tokens).sum(0).topk(2).indices]
+
+    def zero(acts, hook):
+        acts[:, :, feats] = 0.0
+        return acts
+
+    with torch.inference_mode():
+        base = e.model(tokens)[0, -1]
+        recon = e.model.run_with_saes(tokens, saes=[s.sae], use_error_term=False)[0, -1]
+        no_err = e.model.run_with_hooks_with_saes(
+            tokens, saes=[s.sae], fwd_hooks=[(f"{s.hook_name}.hook_sae_acts_post", zero)]
+        )[0, -1]
+        with e.model.saes(saes=[s.sae], use_error_term=True):
+            with_err = e.model.run_with_hooks(tokens, fwd_hooks=[(f"{s.hook_name}.hook_sae_acts_post", zero)])[0, -1]
+    e.clean_model()
+
+    def kl(p, q):  # KL(P || Q) from logits, written out
+        lp, lq = torch.log_softmax(p, -1), torch.log_softmax(q, -1)
+        return float((lp.exp() * (lp - lq)).sum())
+
+    res = ablation.ablate_and_test(e, PROMPT, " mat", feats)
+    a = res.baseline.answer.token_id
+    t = res.ablated_without_error_term
+    p_no, p_rec = float(no_err.softmax(-1)[a]), float(recon.softmax(-1)[a])
+    assert t.answer_probability_change_vs_reconstruction == pytest.approx(p_no - p_rec, abs=1e-5)
+    assert t.answer_logit_change_vs_reconstruction == pytest.approx(float(no_err[a] - recon[a]), abs=1e-3)
+    assert t.kl_from_reconstruction == pytest.approx(kl(recon, no_err), abs=1e-5)
+    # the change from baseline mixes in the SAE's own distortion, so the two differ
+    assert t.kl_from_baseline == pytest.approx(kl(base, no_err), abs=1e-5)
+    assert abs(t.kl_from_baseline - t.kl_from_reconstruction) > 1e-3
+    # the summary names the causal effect (with the error term, vs baseline) and the SAE's distortion, in numbers
+    line = res.summary
+    assert "\n" not in line and "ablated vs baseline" in line and "vs reconstruction_only" in line
+    assert f"logit {float(with_err[a] - base[a]):+.4g}" in line
+    assert f"logit {float(no_err[a] - recon[a]):+.4g}" in line
+    assert f"distortion (reconstruction_only vs baseline): KL {kl(base, recon):.4g}" in line
+
+
+def test_tables_without_error_term_match_tutorial_run_with_saes(tiny_engine):
+    e, s = tiny_engine, tiny_engine.sae(None)
+    tokens = tokens_of(e)
+    feats = [int(f) for f in plain_acts(e, tokens).sum(0).topk(2).indices]
+
+    def zero(acts, hook):
+        acts[:, :, feats] = 0.0
+        return acts
+
+    with torch.inference_mode():
+        recon = e.model.run_with_saes(tokens, saes=[s.sae], use_error_term=False)[0, -1]
+        ablated = e.model.run_with_hooks_with_saes(
+            tokens, saes=[s.sae], fwd_hooks=[(f"{s.hook_name}.hook_sae_acts_post", zero)]
+        )[0, -1]
+        base = e.model(tokens)[0, -1]
+    e.clean_model()
+    res = ablation.ablate_and_test(e, PROMPT, " mat", feats)
+    a = res.baseline.answer.token_id
+    assert res.baseline.answer.logit == pytest.approx(float(base[a]), abs=1e-3)
+    assert res.reconstruction_only.answer.logit == pytest.approx(float(recon[a]), abs=1e-3)
+    assert res.ablated_without_error_term.answer.logit == pytest.approx(float(ablated[a]), abs=1e-3)
+    assert res.reconstruction_only.answer_logit_change == pytest.approx(float(recon[a] - base[a]), abs=1e-3)
+    assert res.reconstruction_only.kl_from_baseline > 0  # a random SAE distorts; the table says by how much
+    assert e.is_clean() and not s.sae.use_error_term
+
+
+def test_ablating_a_feature_that_does_not_fire_changes_nothing(tiny_engine):
+    e = tiny_engine
+    acts = plain_acts(e, tokens_of(e))
+    silent = int((acts.sum(0) == 0).nonzero()[0])
+    res = ablation.ablate_and_test(e, PROMPT, " mat", [silent], controls=True, n_controls=3)
+    assert res.features[0].activation_sum == 0.0 and not res.features[0].fired
+    assert res.ablated.answer.logit == pytest.approx(res.baseline.answer.logit, abs=1e-4)
+    assert "do not fire" in res.controls.note
+
+
+def test_a_target_that_never_fires_is_flagged_per_feature_and_in_a_note_even_without_controls(tiny_engine):
+    e = tiny_engine
+    acts = plain_acts(e, tokens_of(e))  # [S, d_sae]
+    silent = int((acts[-1] == 0).nonzero()[0])
+    firing = int(acts[-1].argmax())
+    alone = ablation.ablate_and_test(e, PROMPT, " mat", [silent], position=-1)
+    assert alone.controls is None
+    assert [(f.fired, f.activation_sum, f.max_activation) for f in alone.features] == [(False, 0.0, 0.0)]
+    assert str(silent) in alone.note and "changes nothing" in alone.note and "by construction" in alone.note
+    assert alone.ablated.top == alone.baseline.top
+    assert alone.ablated_without_error_term.top == alone.reconstruction_only.top
+    mixed = ablation.ablate_and_test(e, PROMPT, " mat", [firing, silent], position=-1)
+    assert [f.fired for f in mixed.features] == [True, False]
+    assert mixed.features[0].max_activation == pytest.approx(float(acts[-1, firing]), abs=1e-3)
+    assert str(silent) in mixed.note and "by construction" not in mixed.note
+    assert ablation.ablate_and_test(e, PROMPT, " mat", [firing], position=-1).note is None
+
+
+def test_ablation_controls_are_seeded_firing_features_other_than_the_targets(tiny_engine):
+    e = tiny_engine
+    acts = plain_acts(e, tokens_of(e))
+    feats = [int(f) for f in acts[-1].topk(2).indices]
+    one = ablation.ablate_and_test(e, PROMPT, " mat", feats, position=-1, controls=True, n_controls=4, seed=7)
+    two = ablation.ablate_and_test(e, PROMPT, " mat", feats, position=-1, controls=True, n_controls=4, seed=7)
+    other = ablation.ablate_and_test(e, PROMPT, " mat", feats, position=-1, controls=True, n_controls=4, seed=8)
+    assert one.controls == two.controls
+    assert [r.features for r in one.controls.runs] != [r.features for r in other.controls.runs]
+    assert len(one.controls.runs) == 4
+    for run in one.controls.runs:
+        assert len(run.features) == 2 and not set(run.features) & set(feats)
+        assert all(float(acts[-1, f]) > 0 for f in run.features)
+    metrics = {st.metric for st in one.controls.stats}
+    assert metrics == {"answer_logit_change", "answer_probability_change", "kl_next_token"}
+    st = next(st for st in one.controls.stats if st.metric == "answer_logit_change")
+    assert st.target == pytest.approx(one.ablated.answer_logit_change, abs=1e-3)
+    assert st.control_min <= st.control_mean <= st.control_max
+
+
+def test_positions_resolve_negative_indices_and_reject_out_of_range():
+    assert resolve_positions(None, 4) == [0, 1, 2, 3]
+    assert resolve_positions(-1, 4) == [3]
+    assert resolve_positions([0, -4, 2], 4) == [0, 2]
+    with pytest.raises(InvalidInput, match=r"out of range: the prompt has 4 tokens \(use 0\.\.3, or -4\.\.-1 counting"):
+        resolve_positions([4], 4)
+    with pytest.raises(InvalidInput, match="empty list"):
+        resolve_positions([], 4)
+
+
+def test_fewer_than_five_ablation_controls_carry_a_caution_that_they_are_weak_evidence(tiny_engine):
+    e = tiny_engine
+    feats = [int(f) for f in plain_acts(e, tokens_of(e))[-1].topk(2).indices]
+    abl = ablation.ablate_and_test(e, PROMPT, " mat", feats, position=-1, controls=True, n_controls=2)
+    assert "weak evidence" in abl.controls.caution
