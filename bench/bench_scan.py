@@ -41,8 +41,9 @@ SHARED = Path(os.environ.get("SAE_MCP_SHARED", REPO.parent / "shared"))
 STORIES = SHARED / "fixtures" / "stories260K"
 
 from sae_mcp.engine.corpus import Window, iter_windows, pad_windows, resolve_corpus  # noqa: E402
-from sae_mcp.engine.loading import LoadedModel, LoadedSAE  # noqa: E402
+from sae_mcp.engine.loading import LoadedModel  # noqa: E402
 from sae_mcp.engine.runtime import Engine  # noqa: E402
+from sae_mcp.engine.saes import LoadedSAE  # noqa: E402
 from sae_mcp.engine.scan import autocast_for, scan, windows_pad_id  # noqa: E402
 from sae_mcp.store.index import IndexStore  # noqa: E402
 

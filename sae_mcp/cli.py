@@ -81,7 +81,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     import torch
 
-    from sae_mcp.engine import loading
+    from sae_mcp.engine import loading, saes
+    from sae_mcp.engine.devices import resolve_device
     from sae_mcp.engine.hub import Hub, hf_file_cached
 
     def line(name: str, value: object) -> None:
@@ -95,7 +96,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     cuda = torch.cuda.is_available()
     line("cuda", f"{cuda}" + (f" ({torch.cuda.get_device_name(0)})" if cuda else ""))
     line("mps", getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available())
-    line("device (auto)", loading.resolve_device("auto"))
+    line("device (auto)", resolve_device("auto"))
     line("hub reachable", Hub().reachable)
     line("data dir", args.data_dir or default_data_dir())
     model = args.model
@@ -107,13 +108,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     else:
         line("model", f"{model}: not an official transformer-lens name")
     for spec in args.saes or [DEFAULT_SAE]:
-        _, source = loading.split_alias(spec)
+        _, source = saes.split_alias(spec)
         if Path(source).is_dir():
             line("sae", f"{source}: local folder")
             continue
         try:
-            release, sae_id = loading.parse_release_id(source)
-            line("sae", f"{release}/{sae_id}: {'cached' if loading.sae_cached(release, sae_id) else 'NOT cached'}")
+            release, sae_id = saes.parse_release_id(source)
+            line("sae", f"{release}/{sae_id}: {'cached' if saes.sae_cached(release, sae_id) else 'NOT cached'}")
         except Exception as exc:
             line("sae", f"{source}: {exc}")
     return 0
@@ -122,7 +123,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_train_sae(args: argparse.Namespace) -> int:
     """Train a small SAE on a local corpus with sae-lens' runner and save it as a SAELens folder."""
     from sae_mcp.engine.corpus import resolve_corpus
-    from sae_mcp.engine.loading import load_model, resolve_device, resolve_dtype
+    from sae_mcp.engine.devices import resolve_device, resolve_dtype
+    from sae_mcp.engine.loading import load_model
     from sae_mcp.engine.training import train_sae
 
     with contextlib.redirect_stdout(sys.stderr):

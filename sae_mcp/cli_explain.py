@@ -19,26 +19,25 @@ from pathlib import Path
 from sae_mcp.errors import InvalidInput, LoadError
 
 
-
 def _sae_identity(spec: str) -> tuple[str, str | None, int | None]:
     """An --sae spec -> (store key as the server computes it, neuronpedia id, d_sae when it can be read offline)."""
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
-    from sae_mcp.engine import loading
+    from sae_mcp.engine import saes
 
-    _, spec = loading.split_alias(spec)
+    _, spec = saes.split_alias(spec)
     folder = Path(spec).expanduser()
     if folder.is_dir():
         if not (folder / "cfg.json").exists():
             raise LoadError(f"--sae {spec}: the folder has no cfg.json; pass a SAELens folder or RELEASE/SAE_ID")
         cfg = json.loads((folder / "cfg.json").read_text())
         np_id = (cfg.get("metadata") or {}).get("neuronpedia_id") or cfg.get("neuronpedia_id")
-        key = loading.sae_store_key(str(folder.resolve()), loading.folder_weights_id(folder))
+        key = saes.sae_store_key(str(folder.resolve()), saes.folder_weights_id(folder))
         return key, np_id, cfg.get("d_sae")
-    release, sae_id = loading.parse_release_id(spec)
+    release, sae_id = saes.parse_release_id(spec)
     info = get_pretrained_saes_directory()[release]
     np_id = (getattr(info, "neuronpedia_id", None) or {}).get(sae_id)
-    return loading.sae_store_key(f"{release}/{sae_id}"), np_id, None
+    return saes.sae_store_key(f"{release}/{sae_id}"), np_id, None
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -62,7 +61,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         np_id = args.neuronpedia_id or own_np_id
         if not np_id:
             raise InvalidInput(
-                f"SAE {source} has no Neuronpedia id in its config; pass --neuronpedia-id MODEL/SAE (e.g. gpt2-small/7-res-jb)"
+                f"SAE {source} has no Neuronpedia id in its config; pass --neuronpedia-id MODEL/SAE "
+                "(e.g. gpt2-small/7-res-jb)"
             )
         print(f"downloading Neuronpedia's explanations for {np_id} ...", file=sys.stderr)
         rows = normalise_rows(fetch_neuronpedia_export(np_id, timeout_s=args.timeout), d_sae, "neuronpedia: ",
@@ -107,7 +107,8 @@ def register(sub: argparse._SubParsersAction, engine_flags) -> None:
     imp.add_argument("--force", action="store_true",
                      help="import even when the export's modelId/layer name another Neuronpedia SAE than --sae's")
     imp.add_argument("--model", default=None, help="the model the SAE belongs to (official name or local folder)")
-    imp.add_argument("--sae", action="append", dest="saes", metavar="SPEC", help="RELEASE/SAE_ID or a local SAELens folder")
+    imp.add_argument("--sae", action="append", dest="saes", metavar="SPEC",
+                     help="RELEASE/SAE_ID or a local SAELens folder")
     imp.add_argument("--data-dir", default=None, type=Path, help="where the stores live")
     imp.set_defaults(fn=cmd_import)
 

@@ -174,14 +174,21 @@ def tiny_sae_dir(tiny_dir) -> Path:
     return make_sae_folder(tiny_dir / "sae_l1", 32, 128, "blocks.1.hook_resid_pre")
 
 
+def engine_on(loaded, *sae_folders: Path, **engine_kwargs):
+    """An Engine over a loaded model and the SAE folders, each checked against the model, as a server loads them."""
+    from sae_mcp.engine.loading import check_compatible
+    from sae_mcp.engine.runtime import Engine
+    from sae_mcp.engine.saes import load_sae
+
+    saes = [load_sae(str(folder), "cpu", torch.float32) for folder in sae_folders]
+    for s in saes:
+        check_compatible(loaded, s)
+    return Engine(loaded, saes, "cpu", **engine_kwargs)
+
+
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_loaded, tiny_sae_dir):
-    from sae_mcp.engine.loading import check_compatible, load_sae
-    from sae_mcp.engine.runtime import Engine
-
-    s = load_sae(str(tiny_sae_dir), "cpu", torch.float32)
-    check_compatible(tiny_loaded, s)
-    return Engine(tiny_loaded, [s], "cpu")
+    return engine_on(tiny_loaded, tiny_sae_dir)
 
 
 # ----------------------------------------------------------------------------------------------- stories260K
@@ -212,12 +219,7 @@ def stories_sae_dir(stories_loaded, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def stories_engine(stories_loaded, stories_sae_dir):
-    from sae_mcp.engine.loading import check_compatible, load_sae
-    from sae_mcp.engine.runtime import Engine
-
-    s = load_sae(str(stories_sae_dir), "cpu", torch.float32)
-    check_compatible(stories_loaded, s)
-    return Engine(stories_loaded, [s], "cpu")
+    return engine_on(stories_loaded, stories_sae_dir)
 
 
 # ------------------------------------------------------------------------------------------------ MCP servers

@@ -10,6 +10,8 @@ from sae_mcp.engine import ablation
 from sae_mcp.engine.runtime import resolve_positions
 from sae_mcp.errors import InvalidInput
 
+from conftest import tutorial_sae_acts
+
 PROMPT = "the cat sat on the mat and the dog"
 
 
@@ -19,12 +21,31 @@ def tokens_of(engine, prompt=PROMPT):
 
 
 def plain_acts(engine, tokens):
-    """The SAE's feature activations [S, d_sae] the tutorial way: run_with_cache_with_saes."""
+    """The SAE's feature activations [S, d_sae] the tutorial way."""
+    return tutorial_sae_acts(engine, tokens)[0]
+
+
+def plain_ablation_logits(engine, tokens, feats: list[int]) -> dict[str, torch.Tensor]:
+    """Last-position logits [d_vocab] of the plain model ('base'), the SAE spliced without its error term
+    ('recon'), `feats` zeroed on hook_sae_acts_post without ('no_err') and with ('with_err') the error term,
+    each with the tutorial's own calls (run_with_saes, run_with_hooks_with_saes, model.saes)."""
     s = engine.sae(None)
+    hook = f"{s.hook_name}.hook_sae_acts_post"
+
+    def zero(acts, hook):
+        acts[:, :, feats] = 0.0
+        return acts
+
     with torch.inference_mode():
-        _, cache = engine.model.run_with_cache_with_saes(tokens, saes=[s.sae])
+        out = {
+            "base": engine.model(tokens)[0, -1],
+            "recon": engine.model.run_with_saes(tokens, saes=[s.sae], use_error_term=False)[0, -1],
+            "no_err": engine.model.run_with_hooks_with_saes(tokens, saes=[s.sae], fwd_hooks=[(hook, zero)])[0, -1],
+        }
+        with engine.model.saes(saes=[s.sae], use_error_term=True):
+            out["with_err"] = engine.model.run_with_hooks(tokens, fwd_hooks=[(hook, zero)])[0, -1]
     engine.clean_model()
-    return cache[f"{s.hook_name}.hook_sae_acts_post"][0]
+    return out
 
 
 def test_error_term_with_nothing_ablated_gives_the_plain_models_logits(tiny_engine):
@@ -74,23 +95,11 @@ def test_ablation_with_error_term_removes_exactly_act_times_decoder_at_the_posit
 
 
 def test_without_the_error_term_the_ablation_is_measured_against_reconstruction_only(tiny_engine):
-    e, s = tiny_engine, tiny_engine.sae(None)
+    e = tiny_engine
     tokens = tokens_of(e)
     feats = [int(f) for f in plain_acts(e, tokens).sum(0).topk(2).indices]
-
-    def zero(acts, hook):
-        acts[:, :, feats] = 0.0
-        return acts
-
-    with torch.inference_mode():
-        base = e.model(tokens)[0, -1]
-        recon = e.model.run_with_saes(tokens, saes=[s.sae], use_error_term=False)[0, -1]
-        no_err = e.model.run_with_hooks_with_saes(
-            tokens, saes=[s.sae], fwd_hooks=[(f"{s.hook_name}.hook_sae_acts_post", zero)]
-        )[0, -1]
-        with e.model.saes(saes=[s.sae], use_error_term=True):
-            with_err = e.model.run_with_hooks(tokens, fwd_hooks=[(f"{s.hook_name}.hook_sae_acts_post", zero)])[0, -1]
-    e.clean_model()
+    plain = plain_ablation_logits(e, tokens, feats)
+    base, recon, no_err, with_err = plain["base"], plain["recon"], plain["no_err"], plain["with_err"]
 
     def kl(p, q):  # KL(P || Q) from logits, written out
         lp, lq = torch.log_softmax(p, -1), torch.log_softmax(q, -1)
@@ -118,18 +127,8 @@ def test_tables_without_error_term_match_tutorial_run_with_saes(tiny_engine):
     e, s = tiny_engine, tiny_engine.sae(None)
     tokens = tokens_of(e)
     feats = [int(f) for f in plain_acts(e, tokens).sum(0).topk(2).indices]
-
-    def zero(acts, hook):
-        acts[:, :, feats] = 0.0
-        return acts
-
-    with torch.inference_mode():
-        recon = e.model.run_with_saes(tokens, saes=[s.sae], use_error_term=False)[0, -1]
-        ablated = e.model.run_with_hooks_with_saes(
-            tokens, saes=[s.sae], fwd_hooks=[(f"{s.hook_name}.hook_sae_acts_post", zero)]
-        )[0, -1]
-        base = e.model(tokens)[0, -1]
-    e.clean_model()
+    plain = plain_ablation_logits(e, tokens, feats)
+    base, recon, ablated = plain["base"], plain["recon"], plain["no_err"]
     res = ablation.ablate_and_test(e, PROMPT, " mat", feats)
     a = res.baseline.answer.token_id
     assert res.baseline.answer.logit == pytest.approx(float(base[a]), abs=1e-3)

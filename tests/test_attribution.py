@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_sae_folder
 from torch.testing import assert_close
 
 from sae_mcp.engine import attribution as attr
 from sae_mcp.errors import InvalidInput
+
+from conftest import engine_on, make_sae_folder
 
 PROMPT = "the cat sat on the mat and the dog"
 
@@ -143,14 +144,8 @@ def test_a_multi_token_answer_or_counterfactual_is_scored_on_its_first_token_and
 
 @pytest.fixture(scope="module")
 def two_sae_engine(tiny_loaded, tiny_dir, tiny_sae_dir):
-    from sae_mcp.engine.loading import check_compatible, load_sae
-    from sae_mcp.engine.runtime import Engine
-
     l0 = make_sae_folder(tiny_dir / "attr_sae_l0", 32, 96, "blocks.0.hook_resid_post", seed=3)
-    saes = [load_sae(str(tiny_sae_dir), "cpu", torch.float32), load_sae(str(l0), "cpu", torch.float32)]
-    for s in saes:
-        check_compatible(tiny_loaded, s)
-    return Engine(tiny_loaded, saes, "cpu")
+    return engine_on(tiny_loaded, tiny_sae_dir, l0)
 
 
 def test_several_saes_in_one_pass_give_each_saes_attributions_alone(two_sae_engine):

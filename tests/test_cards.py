@@ -8,8 +8,6 @@ import anyio
 import pytest
 from mcp import Client
 
-from conftest import FakeIndex, only_sae
-from mcp_client import call_many, error_text, read_resource
 from sae_mcp.engine.stats import LogitWeightStats
 from sae_mcp.server import card_text
 from sae_mcp.server.app import build_server
@@ -17,6 +15,9 @@ from sae_mcp.server.prompts import load_prompts
 from sae_mcp.services import Services
 from sae_mcp.services.cards import NOT_INDEXED
 from sae_mcp.settings import Settings
+
+from conftest import FakeIndex, only_sae
+from mcp_client import call_many, error_text, read_resource
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("lexical_only")
@@ -118,7 +119,10 @@ def test_card_moments_read_as_feature_stats_reports_them(tiny_engine, tmp_path, 
     md = card_text.card_markdown(services_with(tiny_engine, tmp_path), 9)
     (f,) = LogitWeightStats(tiny_engine).feature_stats(features=[9]).features
     assert f.mean == 0.0
-    assert f"logit weights: mean {f.mean:.3g}, std {f.std:.3g}, skewness {f.skewness:.3g}, kurtosis {f.kurtosis:.3g}" in md
+    assert (
+        f"logit weights: mean {f.mean:.3g}, std {f.std:.3g}, skewness {f.skewness:.3g}, kurtosis {f.kurtosis:.3g}"
+        in md
+    )
     assert "logit weights: mean 0," in md
 
 
@@ -267,13 +271,10 @@ def test_mcp_http_app_serves_the_card_page_next_to_mcp(tiny_engine, tmp_path):
 
 def test_card_of_an_sae_off_the_residual_stream_says_why_there_is_no_logit_lens(tiny_loaded, tmp_path):
     """An SAE on hook_mlp_out's neighbour blocks.0.mlp.hook_post (width d_mlp) has no direct logit lens."""
-    import torch
 
-    from sae_mcp.engine.loading import load_sae
-    from sae_mcp.engine.runtime import Engine
-    from conftest import make_sae_folder
+    from conftest import engine_on, make_sae_folder
 
     folder = make_sae_folder(tmp_path / "mlp_sae", 64, 16, "blocks.0.mlp.hook_post")
-    engine = Engine(tiny_loaded, [load_sae(str(folder), "cpu", torch.float32)], "cpu")
+    engine = engine_on(tiny_loaded, folder)
     md = card_text.card_markdown(Services(engine, Settings(data_dir=tmp_path)), 2)
     assert "no logit lens:" in md and "residual stream" in md

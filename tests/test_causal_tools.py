@@ -7,13 +7,14 @@ import time
 import anyio
 import pytest
 from mcp import Client
-from mcp_client import call_many, call_tool, cancel_after_first_progress, error_text, list_tools
 
 from sae_mcp.engine import generation
 from sae_mcp.errors import NotFound
 from sae_mcp.server.app import build_server
 from sae_mcp.services import Services
 from sae_mcp.settings import Settings
+
+from mcp_client import call_many, call_tool, cancel_after_first_progress, error_text, list_tools
 
 PROMPT = "the cat sat on the mat and the dog"
 CAUSAL = ("steer_generate", "ablate_and_test", "attribute")

@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from conftest import STORIES_CORPUS, STORIES_HF, needs_stories, stories_texts
 from sae_mcp.engine.corpus import iter_documents, iter_windows, resolve_corpus, window_context
 from sae_mcp.errors import InvalidInput, LoadError, NotFound
+
+from conftest import STORIES_CORPUS, STORIES_HF, needs_stories, stories_texts
 
 
 def docs(path) -> list[str]:

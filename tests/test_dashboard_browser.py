@@ -10,9 +10,10 @@ import time
 
 import pytest
 
-from conftest import free_port, only_sae
 from sae_mcp.services import Services
 from sae_mcp.settings import Settings
+
+from conftest import free_port, only_sae
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 

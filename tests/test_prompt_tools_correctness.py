@@ -13,9 +13,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import needs_stories, tutorial_sae_acts
 from sae_mcp.engine import features as F
 from sae_mcp.engine import logits as L
+
+from conftest import needs_stories, tutorial_sae_acts
 
 PROMPTS = ["Once upon a time there was a little girl named Lily.", "The dog ran to the park and saw a big red ball!"]
 
@@ -51,7 +52,12 @@ def test_get_feature_acts_matches_run_with_cache_with_saes(engine):
             ref_top = ref[p].topk(4)
             expected = [(int(i), float(v)) for v, i in zip(ref_top.values, ref_top.indices) if v > 0]
             assert [x.feature for x in pos.top] == [f for f, _ in expected]
-            assert_close(torch.tensor([x.activation for x in pos.top]), torch.tensor([v for _, v in expected]), atol=2e-4, rtol=1e-4)
+            assert_close(
+                torch.tensor([x.activation for x in pos.top]),
+                torch.tensor([v for _, v in expected]),
+                atol=2e-4,
+                rtol=1e-4,
+            )
             assert all(x.activation > 0 for x in pos.top)
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from sae_mcp.server.app import build_server
+
 from conftest import needs_stories
 from mcp_client import call_many, call_tool, error_text, list_tools
-from sae_mcp.server.app import build_server
 
 PROMPT_TOOLS = {"model_info", "get_feature_acts", "compare_prompts", "next_token", "project_to_vocab"}
 
@@ -61,7 +62,12 @@ def test_every_prompt_tool_answers(server):
 
 BAD_INPUTS = [
     ("feature_out_of_range", "project_to_vocab", {"feature": 128}, "less than or equal to 127"),
-    ("trace_feature_out_of_range", "get_feature_acts", {"prompt": "the cat", "features": [500]}, "less than or equal to 127"),
+    (
+        "trace_feature_out_of_range",
+        "get_feature_acts",
+        {"prompt": "the cat", "features": [500]},
+        "less than or equal to 127",
+    ),
     ("negative_feature", "project_to_vocab", {"feature": -1}, "feature"),
     ("unknown_sae", "get_feature_acts", {"prompt": "the cat", "sae": "blocks.9.hook_resid_pre"}, "unknown SAE"),
     ("empty_prompt", "get_feature_acts", {"prompt": "   "}, "empty"),
@@ -70,16 +76,28 @@ BAD_INPUTS = [
     ("top_k_zero", "next_token", {"prompt": "the cat", "top_k": 0}, "top_k"),
     ("answer_that_tokenizes_to_nothing", "next_token", {"prompt": "the cat", "answer": "   "}, "tokenizes to nothing"),
     ("empty_answer", "next_token", {"prompt": "the cat", "answer": ""}, "answer is empty"),
-    ("position_outside_prompt", "compare_prompts", {"prompt_a": "the cat", "prompt_b": "the dog", "position": 9}, "position 9"),
+    (
+        "position_outside_prompt",
+        "compare_prompts",
+        {"prompt_a": "the cat", "prompt_b": "the dog", "position": 9},
+        "position 9",
+    ),
     ("pair_and_sets_mixed", "compare_prompts", {"prompt_a": "the cat", "prompts_b": ["the dog"]}, "either"),
     ("one_prompt_only", "compare_prompts", {"prompt_a": "the cat"}, "both"),
-    ("effect_size_needs_two", "compare_prompts", {"prompts_a": ["the cat"], "prompts_b": ["the dog"], "sort_by": "effect_size"}, "two prompts"),
+    (
+        "effect_size_needs_two",
+        "compare_prompts",
+        {"prompts_a": ["the cat"], "prompts_b": ["the dog"], "sort_by": "effect_size"},
+        "two prompts",
+    ),
     ("too_many_prompts", "compare_prompts", {"prompts_a": ["the cat"] * 65, "prompts_b": ["the dog"]}, "prompts_a"),
 ]
 
 
 @pytest.mark.parametrize("case,tool,args,needle", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_is_an_error_that_says_what_to_change_and_the_next_call_works(server, tiny_engine, case, tool, args, needle):
+def test_bad_input_is_an_error_that_says_what_to_change_and_the_next_call_works(
+    server, tiny_engine, case, tool, args, needle
+):
     bad, good = call_many(server, [(tool, args), ("get_feature_acts", {"prompt": "the cat sat", "top_k": 2})])
     assert needle.lower() in error_text(bad).lower()
     assert not good.is_error and good.structured_content["tokens"] == ["<s>", "the", "cat", "sat"]
@@ -140,12 +158,16 @@ def test_an_answer_listing_too_many_activations_is_refused_with_what_to_lower(ti
         F.get_feature_acts(tiny_engine, "the cat " * 30, top_k=F.MAX_LISTED_ACTIVATIONS // 50)
 
 
-def test_a_feature_valid_for_the_widest_sae_but_not_the_addressed_one_gets_the_engine_message(tiny_loaded, tiny_engine, tmp_path):
-    from conftest import make_sae_folder
-    from sae_mcp.engine.loading import load_sae
+def test_a_feature_valid_for_the_widest_sae_but_not_the_addressed_one_gets_the_engine_message(
+    tiny_loaded, tiny_engine, tmp_path
+):
     from sae_mcp.engine.runtime import Engine
+    from sae_mcp.engine.saes import load_sae
 
-    narrow = load_sae(str(make_sae_folder(tmp_path / "narrow", 32, 16, "blocks.0.hook_resid_pre")), "cpu", tiny_engine.sae(None).sae.dtype)
+    from conftest import make_sae_folder
+
+    narrow_dir = make_sae_folder(tmp_path / "narrow", 32, 16, "blocks.0.hook_resid_pre")
+    narrow = load_sae(str(narrow_dir), "cpu", tiny_engine.sae(None).sae.dtype)
     engine = Engine(tiny_loaded, [tiny_engine.sae(None), narrow], "cpu")
     server = build_server(engine)
     bad, good = call_many(server, [("project_to_vocab", {"feature": 100, "sae": "blocks.0.hook_resid_pre"}),

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import STORIES_CORPUS, STORIES_HF, needs_stories, stories_texts, tutorial_sae_acts
 from sae_mcp.engine.runtime import CancelToken
 from sae_mcp.engine.scan import ScanState, update_state
 from sae_mcp.errors import Cancelled
 from sae_mcp.services.example_source import ExampleSource
 from sae_mcp.settings import Settings
+
+from conftest import STORIES_CORPUS, STORIES_HF, engine_on, needs_stories, stories_texts, tutorial_sae_acts
 
 TOKENS = 12_000  # ~100 windows: brute force ~2 s
 K = 12
@@ -122,7 +123,10 @@ def test_batched_index_matches_brute_force_up_to_float_noise(stories_engine, sou
         res = source.top_examples(None, f, k=K, context=0)
         want = plain_top(acts, locs, f, K + 1)
         torch.testing.assert_close(
-            torch.tensor([e.activation for e in res.examples]), torch.tensor([v for v, _ in want[:K]]), atol=1e-4, rtol=0
+            torch.tensor([e.activation for e in res.examples]),
+            torch.tensor([v for v, _ in want[:K]]),
+            atol=1e-4,
+            rtol=0,
         )
         for i, e in enumerate(res.examples):
             near = [w for j, w in enumerate(want) if j != i and abs(w[0] - want[i][0]) < 1e-5]
@@ -163,7 +167,10 @@ def test_on_demand_scan_of_one_feature_matches_brute_force(stories_engine, sourc
     calls = []
     again = source.top_examples(None, f, k=K, max_scan_tokens=TOKENS, progress=lambda d, t: calls.append(d))
     assert calls == [] and again == res
-    assert source.max_activation(None, f, max_scan_tokens=TOKENS) == (pytest.approx(float(acts[:, f].max()), abs=1e-4), "scan")
+    assert source.max_activation(None, f, max_scan_tokens=TOKENS) == (
+        pytest.approx(float(acts[:, f].max()), abs=1e-4),
+        "scan",
+    )
     assert source.feature_summary(None, f) is None and source.densities(None) is None  # index only
 
 
@@ -184,7 +191,10 @@ def test_rerun_reuses_and_a_larger_budget_resumes_to_the_fresh_result(stories_en
         ra, rb = a.top_examples(None, f, k=K), b.top_examples(None, f, k=K)
         assert ra.n_fired == rb.n_fired and ra.histogram == rb.histogram
         torch.testing.assert_close(
-            torch.tensor([e.activation for e in ra.examples]), torch.tensor([e.activation for e in rb.examples]), atol=1e-4, rtol=0
+            torch.tensor([e.activation for e in ra.examples]),
+            torch.tensor([e.activation for e in rb.examples]),
+            atol=1e-4,
+            rtol=0,
         )
 
 
@@ -239,13 +249,6 @@ def test_cli_index_prints_a_report_and_reuses_on_rerun(stories_sae_dir, tmp_path
 # ------------------------------------------------------------------------------------------- weights identity
 
 
-def _tiny_engine_on(tiny_loaded, folder):
-    from sae_mcp.engine.loading import load_sae
-    from sae_mcp.engine.runtime import Engine
-
-    return Engine(tiny_loaded, [load_sae(str(folder), "cpu", torch.float32)], "cpu")
-
-
 def test_an_sae_retrained_into_the_same_folder_never_gets_the_old_index(tiny_loaded, tmp_path):
     from conftest import make_sae_folder
 
@@ -255,14 +258,14 @@ def test_an_sae_retrained_into_the_same_folder_never_gets_the_old_index(tiny_loa
     folder = make_sae_folder(tmp_path / "sae", 32, 128, "blocks.1.hook_resid_pre", seed=0)
     st = Settings(model="tiny", saes=(str(folder),), corpus=str(corpus), data_dir=tmp_path / "data")
 
-    old_engine = _tiny_engine_on(tiny_loaded, folder)
+    old_engine = engine_on(tiny_loaded, folder)
     old = ExampleSource(old_engine, st)
     old.build_index(None, 10**6)
     old_dens = old.densities(None)
     assert old_dens is not None
 
     make_sae_folder(folder, 32, 128, "blocks.1.hook_resid_pre", seed=1)  # re-trained: same folder, new weights
-    new = ExampleSource(_tiny_engine_on(tiny_loaded, folder), st)  # a restart
+    new = ExampleSource(engine_on(tiny_loaded, folder), st)  # a restart
     assert new.engine.sae(None).weights_id != old_engine.sae(None).weights_id
     assert new.densities(None) is None and new.feature_summary(None, 0) is None
     rep = new.build_index(None, 10**6)
@@ -282,7 +285,7 @@ def test_an_sae_retrained_into_the_same_folder_never_gets_the_old_index(tiny_loa
     assert not torch.equal(new.densities(None), old_dens)
 
     make_sae_folder(folder, 32, 128, "blocks.1.hook_resid_pre", seed=0)  # the original weights again
-    back = ExampleSource(_tiny_engine_on(tiny_loaded, folder), st)
+    back = ExampleSource(engine_on(tiny_loaded, folder), st)
     assert back.engine.sae(None).weights_id == old_engine.sae(None).weights_id
     assert back.build_index(None, 10**6).reused
     torch.testing.assert_close(back.densities(None), old_dens)
@@ -356,8 +359,10 @@ def test_an_index_file_from_before_compute_dtype_opens_and_reports_none(tmp_path
     con = sqlite3.connect(path)
     con.executescript(
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
-        "CREATE TABLE windows (id INTEGER PRIMARY KEY, document INTEGER NOT NULL, start INTEGER NOT NULL, tokens BLOB NOT NULL);"
-        "CREATE TABLE scans (name TEXT PRIMARY KEY, n_features INTEGER NOT NULL, k INTEGER NOT NULL, tokens INTEGER NOT NULL,"
+        "CREATE TABLE windows (id INTEGER PRIMARY KEY, document INTEGER NOT NULL, start INTEGER NOT NULL,"
+        " tokens BLOB NOT NULL);"
+        "CREATE TABLE scans (name TEXT PRIMARY KEY, n_features INTEGER NOT NULL, k INTEGER NOT NULL,"
+        " tokens INTEGER NOT NULL,"
         " windows INTEGER NOT NULL, exhausted INTEGER NOT NULL, target INTEGER NOT NULL, updated REAL NOT NULL,"
         " top_vals BLOB, top_pos BLOB, n_fired BLOB, hist BLOB);"
     )

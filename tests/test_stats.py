@@ -10,11 +10,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import only_sae
 from sae_mcp.engine import stats
 from sae_mcp.engine.stats import LogitWeightStats
 from sae_mcp.engine.token_sets import BUILTIN_SETS, vocab_strings
 from sae_mcp.errors import InvalidInput
+
+from conftest import only_sae
 
 
 def full_logit_weights(engine) -> torch.Tensor:
@@ -90,7 +91,10 @@ def test_enrichment_score_matches_a_pairwise_loop(tiny_engine, monkeypatch):
     with tiny_engine.device_work():
         score, z = stats.enrichment_scores(tiny_engine, s, idx, [digits, some])
     full = full_logit_weights(tiny_engine).double().tolist()
-    want = torch.tensor([[plain_rank_biserial(row, set(digits)), plain_rank_biserial(row, set(some))] for row in full], dtype=torch.float64)
+    want = torch.tensor(
+        [[plain_rank_biserial(row, set(digits)), plain_rank_biserial(row, set(some))] for row in full],
+        dtype=torch.float64,
+    )
     assert_close(score.double(), want, rtol=1e-5, atol=1e-5)
     # z is a monotone function of the score for a fixed set size: same sign
     assert torch.equal(torch.sign(z), torch.sign(score))
@@ -197,7 +201,8 @@ def test_builtin_sets_leave_out_byte_fallback_and_control_tokens(stories_engine)
         return any(unicodedata.category(c).startswith("C") and c not in "\t\n\r" for c in t)
 
     kept = [i for i in range(V) if not left_out(i)]
-    assert sum(p.startswith("<0x") for p in pieces) == 256 and len(kept) <= V - 3 - 256 + 4  # at most the 4 whitespace bytes kept
+    # at most the 4 whitespace bytes kept
+    assert sum(p.startswith("<0x") for p in pieces) == 256 and len(kept) <= V - 3 - 256 + 4
     st = LogitWeightStats(stories_engine)
     built = {ts.name: ts.ids for ts in st.token_sets(list(BUILTIN_SETS)[:5])[0]}
     for name, ids in built.items():

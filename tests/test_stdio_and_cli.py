@@ -32,7 +32,9 @@ def test_serve_answers_every_prompt_tool_over_stdio(stories_sae_dir, tmp_path):
             info = await client.call_tool("model_info", {})
             acts = await client.call_tool("get_feature_acts", {"prompt": "Once upon a time", "sae": "res2", "top_k": 3})
             bad = await client.call_tool("project_to_vocab", {"feature": 99999})
-            nxt = await client.call_tool("next_token", {"prompt": "Once upon a time, there was a little girl named", "answer": " Lily"})
+            nxt = await client.call_tool(
+                "next_token", {"prompt": "Once upon a time, there was a little girl named", "answer": " Lily"}
+            )
             proj = await client.call_tool("project_to_vocab", {"feature": 1, "top_k": 3})
             cmp = await client.call_tool("compare_prompts", {"prompt_a": "She was happy.", "prompt_b": "She was sad."})
             return names, info, acts, bad, nxt, proj, cmp
@@ -78,14 +80,19 @@ def test_default_serve_offline_without_cache_fails_fast_with_what_to_do(tmp_path
     assert out.returncode == 2
     # one message names both missing pieces and what to do about each
     assert "not in the Hugging Face cache" in out.stderr
-    assert "--model /path" in out.stderr and "--sae /path" in out.stderr and "huggingface-cli download gpt2" in out.stderr
+    assert (
+        "--model /path" in out.stderr and "--sae /path" in out.stderr and "huggingface-cli download gpt2" in out.stderr
+    )
     assert out.stdout == ""
 
 
 def test_doctor_reports_versions_device_and_cache_state(tmp_path):
-    out = subprocess.run(CLI + ["doctor", "--data-dir", str(tmp_path)], capture_output=True, text=True, env=ENV, timeout=120)
+    out = subprocess.run(
+        CLI + ["doctor", "--data-dir", str(tmp_path)], capture_output=True, text=True, env=ENV, timeout=120
+    )
     assert out.returncode == 0, out.stderr
-    for needle in ("torch", "sae-lens", "transformer-lens", "mcp", "device (auto)", "gpt2-small", "blocks.7.hook_resid_pre"):
+    needles = ("torch", "sae-lens", "transformer-lens", "mcp", "device (auto)", "gpt2-small", "blocks.7.hook_resid_pre")
+    for needle in needles:
         assert needle in out.stdout
 
 

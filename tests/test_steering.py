@@ -7,12 +7,13 @@ import math
 
 import pytest
 import torch
-from conftest import needs_stories
 from torch.testing import assert_close
 
 from sae_mcp.engine import generation, steering
 from sae_mcp.engine.runtime import CancelToken
 from sae_mcp.errors import Cancelled, InvalidInput
+
+from conftest import needs_stories
 
 PROMPT = "the cat sat on the mat and the dog"
 
@@ -287,9 +288,9 @@ def test_a_cancelled_token_stops_generation_between_steps_and_leaves_the_model_c
 
 
 def test_engine_and_tool_default_to_the_same_sampling_settings(tiny_engine):
-    from mcp_client import list_tools
-
     from sae_mcp.server.app import build_server
+
+    from mcp_client import list_tools
 
     engine_defaults = inspect.signature(steering.steer_generate).parameters
     tool = next(t for t in list_tools(build_server(tiny_engine)) if t.name == "steer_generate")

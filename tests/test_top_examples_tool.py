@@ -7,11 +7,12 @@ import base64
 
 import pytest
 
-from conftest import STORIES_HF, needs_stories
-from mcp_client import call_many, cancel_after_first_progress, error_text, text_of, tools_by_name
 from sae_mcp.server.app import build_server
 from sae_mcp.services.example_source import ExampleSource
 from sae_mcp.settings import Settings
+
+from conftest import STORIES_HF, needs_stories
+from mcp_client import call_many, cancel_after_first_progress, error_text, text_of, tools_by_name
 
 
 @pytest.fixture
@@ -120,7 +121,8 @@ def test_each_example_names_its_max_token_and_the_schema_calls_the_histogram_bin
     assert out["examples"] and all(e["token"] == e["tokens"][e["position"]] for e in out["examples"])
     assert out["compute_dtype"] == "float32"  # a CPU scan computes as loaded
     hist = tool.output_schema["$defs"]["Histogram"]["properties"]
-    assert "[edges[i], edges[i+1])" in hist["counts"]["description"] and "len(counts) + 1" in hist["edges"]["description"]
+    assert "[edges[i], edges[i+1])" in hist["counts"]["description"]
+    assert "len(counts) + 1" in hist["edges"]["description"]
 
 
 @needs_stories

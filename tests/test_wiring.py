@@ -3,11 +3,12 @@ stand-in injected through the constructor is what every tool reads (no module ke
 
 from __future__ import annotations
 
-from conftest import FakeIndex, only_sae
-from mcp_client import call_many
 from sae_mcp.server.app import build_server
 from sae_mcp.services import Services
 from sae_mcp.settings import Settings
+
+from conftest import FakeIndex, only_sae
+from mcp_client import call_many
 
 PROMPT = "the cat sat on the mat and the dog"
 

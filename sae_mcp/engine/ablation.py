@@ -29,9 +29,9 @@ from sae_mcp.engine.controls import (
     pool_size,
     rounded_effects,
 )
-from sae_mcp.engine.loading import LoadedSAE
 from sae_mcp.engine.logits import answer_token_ids, next_token_table
 from sae_mcp.engine.runtime import Engine, resolve_positions
+from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.results import rounded
 from sae_mcp.results.causal import (
     AblatedFeature,

@@ -36,9 +36,9 @@ from typing import NamedTuple
 
 import torch
 
-from sae_mcp.engine.loading import LoadedSAE
 from sae_mcp.engine.logits import answer_token_ids
 from sae_mcp.engine.runtime import Engine, position_index
+from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.errors import InvalidInput
 from sae_mcp.results import rounded
 from sae_mcp.results.causal import Attribution, AttributionEntry

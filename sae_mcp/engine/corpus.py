@@ -63,7 +63,9 @@ def resolve_corpus(spec: str | None, dataset_path: str | None = None) -> CorpusS
     looks_local = path.suffix in LOCAL_SUFFIXES or os.sep in spec and path.exists() or spec.startswith((".", "~", "/"))
     if looks_local:
         if not path.is_file():
-            raise NotFound(f"corpus file {spec} does not exist; pass --corpus with an existing .txt/.jsonl/.parquet file")
+            raise NotFound(
+                f"corpus file {spec} does not exist; pass --corpus with an existing .txt/.jsonl/.parquet file"
+            )
         if path.suffix not in LOCAL_SUFFIXES:
             raise InvalidInput(f"corpus file {spec}: use a .txt, .jsonl or .parquet file")
         st = path.stat()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from sae_mcp.engine.runtime import Engine, position_index
-from sae_mcp.engine.loading import LoadedSAE
+from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.errors import InvalidInput
 from sae_mcp.results import (
     FeatureActivation,
@@ -25,7 +25,6 @@ from sae_mcp.results import (
     PromptComparison,
     rounded,
 )
-
 
 MAX_LISTED_ACTIVATIONS = 25_000  # positions x top_k in one get_feature_acts answer (~0.5 MB of JSON)
 
@@ -70,9 +69,10 @@ def get_feature_acts(
         sae=s.key,
         tokens=str_tokens,
         positions=positions,
-        features=[FeatureTrace(feature=f, activations=[rounded(a) for a in traces[i].tolist()]) for i, f in enumerate(features)]
-        if features
-        else None,
+        features=[
+            FeatureTrace(feature=f, activations=[rounded(a) for a in traces[i].tolist()])
+            for i, f in enumerate(features)
+        ] if features else None,
     )
 
 
@@ -185,7 +185,8 @@ def compare_prompt_sets(
             sep = st.separated.nonzero()[:, 0]
             rest = (~st.separated).nonzero()[:, 0]
             d_abs = st.cohens_d.nan_to_num(0.0).abs()
-            idx = torch.cat([sep[st.difference[sep].abs().argsort(descending=True)], rest[d_abs[rest].argsort(descending=True)]])[:k]
+            by_difference = sep[st.difference[sep].abs().argsort(descending=True)]
+            idx = torch.cat([by_difference, rest[d_abs[rest].argsort(descending=True)]])[:k]
         else:
             idx = st.difference.abs().topk(k).indices
         rows = torch.stack(

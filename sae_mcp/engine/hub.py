@@ -10,6 +10,7 @@ the block (the libraries read module globals, so it is process-wide while the bl
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import socket
 import sys
@@ -76,8 +77,7 @@ _FLAGS = (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "
 
 
 def _offline_flags() -> dict[str, bool]:
-    import huggingface_hub.constants  # noqa: F401  (always present: transformers and sae-lens need it)
-
+    importlib.import_module("huggingface_hub.constants")  # always installed: transformers and sae-lens need it
     return {mod: bool(getattr(sys.modules[mod], attr)) for mod, attr in _FLAGS if mod in sys.modules}
 
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from sae_mcp.engine.loading import LoadedSAE
 from sae_mcp.engine.runtime import Engine
+from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.errors import InvalidInput
 from sae_mcp.results import AnswerScore, NextToken, TokenLogit, TokenProb, VocabProjection, rounded
-
 
 ANCHOR = "\n"
 
@@ -47,8 +46,9 @@ def next_token_table(
     top_p, top_i = probs.topk(k)
     top_l = logits[top_i]
     top = [
-        TokenProb(token=engine.str_tokens(torch.tensor([i]))[0], token_id=int(i), probability=rounded(p, 6), logit=rounded(l))
-        for p, i, l in zip(top_p.tolist(), top_i.tolist(), top_l.tolist())
+        TokenProb(token=engine.str_tokens(torch.tensor([i]))[0], token_id=int(i), probability=rounded(p, 6),
+                  logit=rounded(logit))
+        for p, i, logit in zip(top_p.tolist(), top_i.tolist(), top_l.tolist())
     ]
     answer = None
     if answer_ids:
@@ -87,7 +87,8 @@ def next_token(engine: Engine, prompt: str, answer: str | None = None, top_k: in
         top, ans = next_token_table(engine, all_logits[seq - 1], top_k, answer_ids)  # [d_vocab] after the prompt
         if ans is not None and len(answer_ids) > 1:
             logp = all_logits[seq - 1 :].float().log_softmax(-1)  # [n_answer, d_vocab]
-            ans.sequence_log_probability = rounded(logp.gather(1, torch.tensor(answer_ids, device=logp.device)[:, None]).sum().item())
+            ids = torch.tensor(answer_ids, device=logp.device)[:, None]  # [n_answer, 1]
+            ans.sequence_log_probability = rounded(logp.gather(1, ids).sum().item())
     return NextToken(tokens=engine.str_tokens(tokens), top=top, answer=ans)
 
 
@@ -122,6 +123,7 @@ def project_to_vocab(engine: Engine, feature: int, sae: str | None = None, top_k
         neg = list(zip((-neg_v).float().tolist(), neg_i.tolist()))
 
     def rows(pairs):
-        return [TokenLogit(token=engine.str_tokens(torch.tensor([i]))[0], token_id=int(i), logit=rounded(v)) for v, i in pairs]
+        return [TokenLogit(token=engine.str_tokens(torch.tensor([i]))[0], token_id=int(i), logit=rounded(v))
+                for v, i in pairs]
 
     return VocabProjection(sae=s.key, feature=feature, top_positive=rows(pos), top_negative=rows(neg))

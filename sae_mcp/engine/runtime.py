@@ -15,20 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sae_mcp.engine.devices import dtype_name, resolve_device, resolve_dtype
 from sae_mcp.engine.hub import Hub
-from sae_mcp.engine.loading import (
-    LoadedModel,
-    LoadedSAE,
-    check_compatible,
-    dtype_name,
-    load_model,
-    load_sae,
-    preflight_offline,
-    processing_for,
-    resolve_device,
-    resolve_dtype,
-    split_alias,
-)
+from sae_mcp.engine.loading import LoadedModel, check_compatible, load_model, preflight_offline, processing_for
+from sae_mcp.engine.saes import LoadedSAE, load_sae, split_alias
 from sae_mcp.errors import Busy, Cancelled, InvalidInput, LoadError, NotFound
 from sae_mcp.results import ModelInfo, SaeInfo
 from sae_mcp.settings import Limits, Settings
@@ -258,7 +248,8 @@ class Engine:
 def _byte_level_alphabet() -> dict[str, int]:
     """GPT-2's byte-level BPE writes each byte as a printable character: printable Latin-1 bytes stand for
     themselves, the other 68 bytes for code points 256 and up, in byte order. Inverse map: char -> byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
     table, extra = {}, 0
     for b in range(256):
         if b in printable:

@@ -30,8 +30,9 @@ from dataclasses import dataclass
 import torch
 
 from sae_mcp.engine.corpus import Window, bos_token_id, pad_windows
-from sae_mcp.engine.loading import LoadedSAE, dtype_name
+from sae_mcp.engine.devices import dtype_name
 from sae_mcp.engine.runtime import CancelToken, Engine
+from sae_mcp.engine.saes import LoadedSAE
 
 HIST_LO, HIST_HI, HIST_PER_DECADE = -4, 4, 8
 HIST_BINS = (HIST_HI - HIST_LO) * HIST_PER_DECADE  # 64
@@ -150,7 +151,8 @@ def batch_windows_for(engine: Engine, sae: LoadedSAE, context_size: int, n_featu
 
 
 def _autocast_dtype(engine: Engine) -> torch.dtype | None:
-    """CUDA with fp32 weights: the scan computes in bf16 (fp16 where bf16 is unsupported); elsewhere None (as loaded)."""
+    """CUDA with fp32 weights: the scan computes in bf16 (fp16 where bf16 is unsupported); elsewhere None (as
+    loaded)."""
     if str(engine.device).startswith("cuda") and engine.model.cfg.dtype == torch.float32:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return None
@@ -176,7 +178,8 @@ def compute_dtype(engine: Engine, sae: LoadedSAE) -> str:
     return f"{dtype_name(model_dt)} (model), {dtype_name(sae_dt)} (SAE)"
 
 
-def _batches(windows: Iterable[Window], max_tokens: int, tokens_so_far: int, batch: int, bos: bool) -> Iterator[list[Window]]:
+def _batches(windows: Iterable[Window], max_tokens: int, tokens_so_far: int, batch: int, bos: bool
+             ) -> Iterator[list[Window]]:
     """Group windows, stopping once the token budget is reached (at a window boundary)."""
     cur: list[Window] = []
     seen = tokens_so_far

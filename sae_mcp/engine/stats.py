@@ -33,9 +33,9 @@ import threading
 
 import torch
 
-from sae_mcp.engine.loading import LoadedSAE
 from sae_mcp.engine.logits import decoder_direction_in_resid
 from sae_mcp.engine.runtime import Engine
+from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.engine.token_sets import TokenSet, build_token_sets, excluded_from_builtin, vocab_strings
 from sae_mcp.errors import InvalidInput
 from sae_mcp.results import rounded

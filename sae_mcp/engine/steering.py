@@ -36,9 +36,9 @@ from sae_mcp.engine.generation import (
     generate_rows,
     generated_ids,
 )
-from sae_mcp.engine.loading import LoadedSAE
 from sae_mcp.engine.logits import answer_token_ids
 from sae_mcp.engine.runtime import CancelToken, Engine
+from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.errors import InvalidInput
 from sae_mcp.results import rounded
 from sae_mcp.results.causal import Continuation, ControlRun, Controls, SteerFeature, SteerResult, SteerRun

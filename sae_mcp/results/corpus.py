@@ -1,4 +1,4 @@
-"""Results of the corpus area: top_examples, feature summaries from the index, and index builds."""
+"""Results of the corpus tools: top_examples, feature summaries from the index, and index builds."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ class Histogram(BaseModel):
         "spanning [edges[i], edges[i+1]) (activations under 1e-4 count in a first bin starting at 1e-4, over 1e4 "
         "in a last bin ending at 1e4)"
     )
-    counts: list[int] = Field(description="Tokens per bin: counts[i] fell in [edges[i], edges[i+1]); one fewer than edges")
+    counts: list[int] = Field(
+        description="Tokens per bin: counts[i] fell in [edges[i], edges[i+1]); one fewer than edges"
+    )
 
 
 class Example(BaseModel):
@@ -24,7 +26,9 @@ class Example(BaseModel):
     tokens: list[str] = Field(description="Context around the max token, from its window (BOS included when in range)")
     position: int = Field(description="Index of the max token inside `tokens`")
     document: int = Field(description="Index of the document in the corpus (0-based)")
-    offset: int = Field(description="Offset of the max token in its document's token stream (0 = first token after BOS)")
+    offset: int = Field(
+        description="Offset of the max token in its document's token stream (0 = first token after BOS)"
+    )
 
 
 class FeatureSummary(BaseModel):
@@ -47,7 +51,9 @@ class FeatureSummary(BaseModel):
 
 
 class TopExamples(FeatureSummary):
-    source: Literal["index", "scan"] = Field(description="'index': the corpus index; 'scan': an on-demand scan of this feature")
+    source: Literal["index", "scan"] = Field(
+        description="'index': the corpus index; 'scan': an on-demand scan of this feature"
+    )
     corpus: str = Field(description="The corpus the examples come from")
     context_size: int = Field(description="Window length in tokens (BOS + context_size - 1 document tokens)")
     examples: list[Example] = Field(description="The k largest activations, largest first (ties: earlier first)")

@@ -34,22 +34,25 @@ class Args:
 def engine_args(engine: Engine) -> Args:
     max_feature = max((s.d_sae for s in engine.saes.values()), default=1) - 1
     n_ctx = int(engine.model.cfg.n_ctx)
-    max_chars = n_ctx * CHARS_PER_TOKEN_CEILING
-    feature = Annotated[int, Field(ge=0, le=max_feature, description=f"Feature index (0..d_sae-1; widest SAE: {max_feature})")]
+    index = Annotated[int, Field(ge=0, le=max_feature)]
     return Args(
-        Feature=feature,
-        Features=Annotated[list[Annotated[int, Field(ge=0, le=max_feature)]], Field(max_length=engine.limits.max_features_per_call)],
-        Position=Annotated[int, Field(ge=-n_ctx, le=n_ctx - 1, description="Token position; negative counts from the end, -1 = last")],
+        Feature=Annotated[index, Field(description=f"Feature index (0..d_sae-1; widest SAE: {max_feature})")],
+        Features=Annotated[list[index], Field(max_length=engine.limits.max_features_per_call)],
+        Position=Annotated[
+            int, Field(ge=-n_ctx, le=n_ctx - 1, description="Token position; negative counts from the end, -1 = last")
+        ],
         Prompt=Annotated[
             str,
-            Field(max_length=max_chars, description="Text to run through the model (BOS is prepended as the SAE expects)"),
+            Field(max_length=n_ctx * CHARS_PER_TOKEN_CEILING,
+                  description="Text to run through the model (BOS is prepended as the SAE expects)"),
         ],
         Answer=Annotated[
             str, Field(max_length=256, description="Expected next token, e.g. ' Paris' (mind the leading space)")
         ],
         Sae=Annotated[
             str | None,
-            Field(max_length=256, description="SAE key (alias or hook name) from model_info; optional when one SAE is loaded"),
+            Field(max_length=256,
+                  description="SAE key (alias or hook name) from model_info; optional when one SAE is loaded"),
         ],
         max_feature=max_feature,
         n_ctx=n_ctx,

@@ -18,8 +18,8 @@ def histogram_png(hist: Histogram, title: str) -> bytes:
     ax = fig.subplots()
     if hist.counts:
         lefts, rights = hist.edges[:-1], hist.edges[1:]
-        ax.bar(lefts, hist.counts, width=[r - l for l, r in zip(lefts, rights)], align="edge", edgecolor="black",
-               linewidth=0.4)
+        widths = [right - left for left, right in zip(lefts, rights)]
+        ax.bar(lefts, hist.counts, width=widths, align="edge", edgecolor="black", linewidth=0.4)
         ax.set_xscale("log")
     else:
         ax.text(0.5, 0.5, "never fired on the scanned tokens", ha="center", va="center", transform=ax.transAxes)

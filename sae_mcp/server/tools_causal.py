@@ -13,8 +13,8 @@ from pydantic import BaseModel, Field
 from sae_mcp.engine import ablation, steering
 from sae_mcp.engine import attribution as attr
 from sae_mcp.engine.controls import MAX_CONTROLS
-from sae_mcp.engine.loading import LoadedSAE
 from sae_mcp.engine.runtime import CancelToken, Engine
+from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.engine.steering import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,
@@ -163,15 +163,18 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         ] = None,
         sae: SaeArg = None,
         saes: Annotated[
-            list[Annotated[str, Field(max_length=256)]] | None, Field(max_length=64, description="Several SAE keys, one backward pass (default: every loaded SAE, one per hook)")
+            list[Annotated[str, Field(max_length=256)]] | None,
+            Field(max_length=64, description="Several SAE keys, one backward pass (default: every loaded SAE, "
+                  "one per hook)"),
         ] = None,
         top_k: Annotated[int, Field(ge=1, le=max_k, description="Top (position, feature) attributions")] = 20,
         position: Annotated[A.Position, Field(description="Position whose logits define the metric; -1 = last")] = -1,
     ) -> Attribution:
         """Which SAE features drive a prediction: gradient x activation of every feature (and of each SAE's
         error) on logit[answer] - logit[counterfactual] at `position` (the first token of each: answer_tokens,
-        multi_token say when there are more), with the error term on so the model's output is unchanged. Returns the top (position, feature) attributions, per-token sums, and each SAE's
-        error attribution and error share (how much of the metric the SAE does not explain)."""
+        multi_token say when there are more), with the error term on so the model's output is unchanged. Returns the
+        top (position, feature) attributions, per-token sums, and each SAE's error attribution and error share (how
+        much of the metric the SAE does not explain)."""
         return attr.attribute(
             engine, prompt, answer, counterfactual=counterfactual, sae=sae, saes=saes, top_k=top_k, position=position
         )

@@ -31,6 +31,8 @@ from sae_mcp.server.card_text import card_markdown
 from sae_mcp.server.wiring import WRITES, ToolDecorator
 from sae_mcp.services import Services
 
+SetName = Annotated[str, Field(max_length=64)]
+
 
 def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: Services) -> None:
     max_k = engine.limits.max_top_k
@@ -43,7 +45,9 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
 
     @tool()
     def search_explanations(
-        query: Annotated[str, Field(min_length=1, max_length=500, description="Words to look for, e.g. 'bible verses'")],
+        query: Annotated[
+            str, Field(min_length=1, max_length=500, description="Words to look for, e.g. 'bible verses'")
+        ],
         sae: SaeArg = None,
         top_k: Annotated[int, Field(ge=1, le=max_k, description="Matches to return")] = 10,
     ) -> ExplanationSearch:
@@ -63,8 +67,9 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
             total = sum(sum(services.explanations.counts(s.store_key).values()) for s in saes)
             note = (
                 "no explanation or label matched" if total else
-                "nothing to search yet: import explanations (`sae-mcp explanations import --sae SPEC --neuronpedia`, or a "
-                "JSON/JSONL/CSV file of {feature, description}) or record labels with label_feature"
+                "nothing to search yet: import explanations (`sae-mcp explanations import --sae SPEC "
+                "--neuronpedia`, or a JSON/JSONL/CSV file of {feature, description}) or record labels with "
+                "label_feature"
             )
         return ExplanationSearch(query=query, ranking=ranking, matches=matches, note=note)
 
@@ -79,14 +84,16 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         ] = None,
     ) -> LabelRecorded:
         """Record your own explanation of a feature, with the evidence behind it. Labels persist across restarts
-        (for these weights: an SAE re-trained into the same folder starts without labels), are searchable at once with search_explanations (source 'label') and appear on the feature's card.
+        (for these weights: an SAE re-trained into the same folder starts without labels), are searchable at once
+        with search_explanations (source 'label') and appear on the feature's card.
         Each call adds a label (earlier ones are kept)."""
         s = engine.sae(sae)
         engine.check_feature(s, feature)
         store = services.explanations
         rec = store.add_label(s.store_key, feature, label, (evidence or "").strip() or None)
         n = sum(1 for e in store.for_feature(s.store_key, feature) if e.source == "label")
-        return LabelRecorded(feature=feature, sae=s.key, label=rec.description, evidence=rec.evidence, labels_for_feature=n)
+        return LabelRecorded(feature=feature, sae=s.key, label=rec.description, evidence=rec.evidence,
+                             labels_for_feature=n)
 
     @tool()
     def feature_card(
@@ -114,8 +121,12 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         ] = "skewness",
         descending: Annotated[bool, Field(description="Largest first")] = True,
         top: Annotated[int, Field(ge=1, le=max_k, description="Features to return")] = 20,
-        min_density: Annotated[float | None, Field(ge=0, le=1, description="Keep features firing at least this often (needs the index)")] = None,
-        max_density: Annotated[float | None, Field(ge=0, le=1, description="Keep features firing at most this often (needs the index)")] = None,
+        min_density: Annotated[
+            float | None, Field(ge=0, le=1, description="Keep features firing at least this often (needs the index)")
+        ] = None,
+        max_density: Annotated[
+            float | None, Field(ge=0, le=1, description="Keep features firing at most this often (needs the index)")
+        ] = None,
     ) -> FeatureStats:
         """Statistics of each feature's logit weights W_dec[f] @ W_U over the vocabulary: mean, std, skewness and
         kurtosis (the tutorial's feature statistics), with density when the corpus is indexed. Sort and filter,
@@ -125,28 +136,32 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         std, skewness and kurtosis."""
         s = engine.sae(sae)
         return services.stats.feature_stats(
-            s.key, features=features, sort_by=sort_by, descending=descending, top=top, densities=services.densities(s.key),
-            min_density=min_density, max_density=max_density,
+            s.key, features=features, sort_by=sort_by, descending=descending, top=top,
+            densities=services.densities(s.key), min_density=min_density, max_density=max_density,
         )
 
     @tool()
     def token_set_enrichment(
         sets: Annotated[
-            list[Annotated[str, Field(max_length=64)]] | None,
+            list[SetName] | None,
             Field(max_length=16, description=f"Built-in sets: {', '.join(BUILTIN_SETS)} (default: all, when no "
                   "token_sets/regex_sets are given). They leave out special tokens, byte-fallback pieces <0x..> "
                   "(bar whitespace) and tokens with control characters"),
         ] = None,
         token_sets: Annotated[
-            dict[Annotated[str, Field(max_length=64)], Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=4096)]] | None,
-            Field(max_length=16, description="Named sets given as token lists, e.g. {\"days\": [\" Monday\", \" Tuesday\"]}"),
+            dict[SetName, Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=4096)]] | None,
+            Field(max_length=16,
+                  description="Named sets given as token lists, e.g. {\"days\": [\" Monday\", \" Tuesday\"]}"),
         ] = None,
         regex_sets: Annotated[
-            dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None,
-            Field(max_length=16, description="Named sets given as a regex over each token's text, e.g. {\"years\": \"^ ?1[89][0-9]{2}$\"}"),
+            dict[SetName, Annotated[str, Field(max_length=512)]] | None,
+            Field(max_length=16, description="Named sets given as a regex over each token's text, e.g. "
+                  "{\"years\": \"^ ?1[89][0-9]{2}$\"}"),
         ] = None,
         sae: SaeArg = None,
-        features: Annotated[A.Features | None, Field(description="Only these features (default: every feature)")] = None,
+        features: Annotated[
+            A.Features | None, Field(description="Only these features (default: every feature)")
+        ] = None,
         top: Annotated[int, Field(ge=1, le=max_k, description="Features per set and direction")] = 10,
     ) -> TokenSetEnrichment:
         """Which features' logit weights (W_dec[f] @ W_U) are enriched for a set of tokens: per set, the features

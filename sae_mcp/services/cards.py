@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass, field
 
 from sae_mcp.engine import logits as lg
-from sae_mcp.engine.loading import LoadedSAE
+from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.errors import InvalidInput
 from sae_mcp.results import VocabProjection, rounded
 from sae_mcp.results.corpus import Example, FeatureSummary

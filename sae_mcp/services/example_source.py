@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from sae_mcp.engine.corpus import CorpusSource, iter_windows, resolve_corpus, window_context
-from sae_mcp.engine.loading import LoadedSAE
 from sae_mcp.engine.runtime import CancelToken, Engine
+from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.engine.scan import KEEP, ScanState, bos_id, compute_dtype, hist_edges, scan
 from sae_mcp.errors import Cancelled, InvalidInput, SaeMcpError
 from sae_mcp.results import rounded

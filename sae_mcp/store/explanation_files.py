@@ -62,7 +62,9 @@ def normalise_rows(records: Iterable[dict], d_sae: int | None = None, where: str
     out = []
     for i, rec in enumerate(records, start=1):
         if not isinstance(rec, dict):
-            raise InvalidInput(f"{where}row {i} is not an object; each row needs a feature (or index) and a description")
+            raise InvalidInput(
+                f"{where}row {i} is not an object; each row needs a feature (or index) and a description"
+            )
         raw_f, desc = _pick(rec, FEATURE_KEYS), _pick(rec, DESCRIPTION_KEYS)
         if raw_f is None or desc is None:
             raise InvalidInput(
@@ -95,7 +97,9 @@ def parse_explanations_text(text: str, name: str, d_sae: int | None = None, neur
     if suffix == ".csv" or (suffix not in (".json", ".jsonl") and not stripped.startswith(("[", "{"))):
         reader = csv.DictReader(io.StringIO(text))
         if not reader.fieldnames or not (set(reader.fieldnames) & set(FEATURE_KEYS)):
-            raise InvalidInput(f"{where}a CSV needs a header row with a 'feature' (or 'index') and a 'description' column")
+            raise InvalidInput(
+                f"{where}a CSV needs a header row with a 'feature' (or 'index') and a 'description' column"
+            )
         return normalise_rows(reader, d_sae, where, **chk)
     if suffix == ".jsonl" or (stripped.startswith("{") and "\n{" in stripped and suffix != ".json"):
         records = []
@@ -109,12 +113,21 @@ def parse_explanations_text(text: str, name: str, d_sae: int | None = None, neur
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InvalidInput(f"{where}not valid JSON (line {exc.lineno}: {exc.msg}); expected a list of objects") from None
+        raise InvalidInput(
+            f"{where}not valid JSON (line {exc.lineno}: {exc.msg}); expected a list of objects"
+        ) from None
+    rows = explanation_list(data)
+    if rows is None:
+        raise InvalidInput(f"{where}expected a JSON list of {{feature, description}} objects")
+    return normalise_rows(rows, d_sae, where, **chk)
+
+
+def explanation_list(data: object) -> list | None:
+    """Parsed JSON -> its list of explanation rows: the list itself, or under "explanations" / "data" in an
+    object (Neuronpedia's API wraps its export so); None when there is no list."""
     if isinstance(data, dict):
         data = data.get("explanations", data.get("data"))
-    if not isinstance(data, list):
-        raise InvalidInput(f"{where}expected a JSON list of {{feature, description}} objects")
-    return normalise_rows(data, d_sae, where, **chk)
+    return data if isinstance(data, list) else None
 
 
 def read_explanations_file(path: Path, d_sae: int | None = None, neuronpedia_id: str | None = None,
@@ -142,7 +155,8 @@ def fetch_neuronpedia_export(neuronpedia_id: str, timeout_s: float = 60.0) -> li
     except requests.RequestException as exc:
         raise LoadError(
             f"could not reach Neuronpedia ({type(exc).__name__}); this needs network once. Offline, import a file "
-            "instead: sae-mcp explanations import --sae ... FILE.json (Neuronpedia's export or {feature, description} rows)"
+            "instead: sae-mcp explanations import --sae ... FILE.json (Neuronpedia's export or {feature, description} "
+            "rows)"
         ) from exc
     if resp.status_code != 200:
         raise LoadError(
@@ -152,9 +166,10 @@ def fetch_neuronpedia_export(neuronpedia_id: str, timeout_s: float = 60.0) -> li
     try:
         data = resp.json()
     except ValueError:
-        raise LoadError(f"Neuronpedia's answer for {neuronpedia_id} is not JSON; import a downloaded file instead") from None
-    if isinstance(data, dict):
-        data = data.get("explanations", data.get("data"))
-    if not isinstance(data, list):
+        raise LoadError(
+            f"Neuronpedia's answer for {neuronpedia_id} is not JSON; import a downloaded file instead"
+        ) from None
+    rows = explanation_list(data)
+    if rows is None:
         raise LoadError(f"Neuronpedia's export for {neuronpedia_id} is not a list of explanations")
-    return data
+    return rows

@@ -212,7 +212,8 @@ class ExplanationStore:
             except BaseException:
                 self.conn.execute("ROLLBACK")
                 raise
-        return Explanation(sae=sae, feature=int(feature), description=label, source="label", evidence=evidence, created=now)
+        return Explanation(sae=sae, feature=int(feature), description=label, source="label", evidence=evidence,
+                           created=now)
 
     # -- reading ------------------------------------------------------------------------------------------------
 
@@ -225,7 +226,8 @@ class ExplanationStore:
         out = [
             Explanation(sae=sae, feature=feature, description=lab, source="label", evidence=ev, created=t)
             for lab, ev, t in self.conn.execute(
-                "SELECT label, evidence, created FROM labels WHERE sae = ? AND feature = ? ORDER BY created DESC, id DESC",
+                "SELECT label, evidence, created FROM labels WHERE sae = ? AND feature = ? "
+                "ORDER BY created DESC, id DESC",
                 (sae, int(feature)),
             )
         ]

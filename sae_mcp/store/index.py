@@ -129,7 +129,8 @@ class IndexStore:
             compute_dtype,
         )
         with self._lock:
-            self.conn.execute(f"INSERT OR REPLACE INTO scans ({SCAN_COLUMNS}) VALUES ({', '.join('?' * len(row))})", row)
+            marks = ", ".join("?" * len(row))
+            self.conn.execute(f"INSERT OR REPLACE INTO scans ({SCAN_COLUMNS}) VALUES ({marks})", row)
 
     def scan_updated(self, name: str) -> float | None:
         row = self.conn.execute("SELECT updated FROM scans WHERE name = ?", (name,)).fetchone()
