@@ -9,12 +9,14 @@ schema). Domain errors (SaeMcpError) become `isError` results with the engine's 
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
+
 from mcp.server.mcpserver import MCPServer
 
 from sae_mcp.engine.runtime import Engine
 from sae_mcp.server import http, tools_causal, tools_corpus, tools_explain, tools_prompt
 from sae_mcp.server.prompts import load_prompts
-from sae_mcp.server.wiring import tool_decorator
+from sae_mcp.server.wiring import SaeMcpServer, tool_decorator
 from sae_mcp.services import Services
 from sae_mcp.settings import Settings
 
@@ -33,11 +35,20 @@ trained. The MCP prompts hold investigation recipes."""
 TOOL_MODULES = (tools_prompt, tools_corpus, tools_causal, tools_explain)
 
 
+def package_version() -> str:
+    try:
+        return version("sae-mcp")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        from sae_mcp import __version__
+
+        return __version__
+
+
 def build_server(engine: Engine, settings: Settings | None = None, services: Services | None = None) -> MCPServer:
     """Every tool, resource, prompt and page, wired to the engine and to one set of services (built here unless
     given: tests pass their own)."""
     services = services or Services(engine, settings)
-    server = MCPServer("sae-mcp", instructions=INSTRUCTIONS)
+    server = SaeMcpServer("sae-mcp", version=package_version(), instructions=INSTRUCTIONS)
     tool = tool_decorator(server)
     for module in TOOL_MODULES:
         module.register(server, tool, engine, services)

@@ -4,12 +4,11 @@ No `from __future__ import annotations`: the SDK reads these annotations at regi
 """
 
 import base64
-import json
 import logging
-from typing import Annotated, Any
+from typing import Annotated
 
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
+from mcp.types import CallToolResult, ImageContent, ToolAnnotations
 from pydantic import Field
 
 from sae_mcp.engine.corpus import resolve_corpus
@@ -20,7 +19,7 @@ from sae_mcp.results.corpus import IndexReport, TopExamples
 from sae_mcp.server.args import engine_args
 from sae_mcp.server.progress import progress_reporter
 from sae_mcp.server.render import histogram_png
-from sae_mcp.server.wiring import ToolDecorator
+from sae_mcp.server.wiring import ToolDecorator, as_tool_result
 from sae_mcp.services import Services
 from sae_mcp.services.example_source import DEFAULT_CONTEXT, DEFAULT_SCAN_TOKENS, MAX_CONTEXT, MAX_SCAN_TOKENS
 from sae_mcp.settings import Settings
@@ -78,13 +77,13 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         progress = progress_reporter(mcp_context, cancel, "tokens scanned")
         res = source.top_examples(sae, feature, k=k, context=context, max_scan_tokens=max_scan_tokens,
                                   progress=progress, cancel=cancel)
-        data = res.model_dump(mode="json")
-        content: list[Any] = [TextContent(type="text", text=json.dumps(data, ensure_ascii=False))]
+        result = as_tool_result(res)
         if plot:
             png = histogram_png(res.histogram, f"{res.sae} feature {feature}: {res.n_fired} of "
                                 f"{res.tokens_scanned} tokens fired (max {res.max_activation:g})")
-            content.append(ImageContent(type="image", data=base64.b64encode(png).decode(), mime_type="image/png"))
-        return CallToolResult(content=content, structured_content=data)
+            result.content.append(ImageContent(type="image", data=base64.b64encode(png).decode(),
+                                               mime_type="image/png"))
+        return result
 
     @tool(annotations=annotations)
     def build_index(

@@ -1,0 +1,123 @@
+"""What the agent reads: characters of one fixed investigation's tool results, and of the tool list.
+
+A chat host shows the model each result's text content, and the tool list (names, descriptions, input schemas)
+once per conversation. This runs a fixed investigation of 16 calls across every tool, the way an agent follows the
+SAELens tutorial, through the real MCP client on the real stories260K model with a small SAE trained here (as the
+tests train it), and prints:
+
+    per call: the characters of its text content (what the agent reads), and of its structured content
+    total text characters of the investigation
+    tools/list: characters of the descriptions + input schemas (JSON, as sent)
+
+Characters, not tokens: the ratio between two versions is what matters, and it is deterministic (greedy or
+seeded calls only). Run it on two checkouts to compare them:
+
+    python bench/bench_transcript.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import anyio  # noqa: E402
+import torch  # noqa: E402
+from mcp import Client  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SAE_MCP_SHARED", REPO.parent / "shared"))
+STORIES = SHARED / "fixtures" / "stories260K"
+CORPUS = STORIES / "corpus" / "tinystories_val.jsonl"
+HOOK = "blocks.2.hook_resid_pre"
+PROMPT = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her "
+          "dog. One day, Lily saw a big red ball under a tree. She ran to the ball and")
+
+
+def train_sae(out: Path) -> Path:
+    from sae_mcp.engine.corpus import resolve_corpus
+    from sae_mcp.engine.loading import load_model
+    from sae_mcp.engine.training import train_sae as train
+
+    loaded = load_model(str(STORIES / "hf"), "cpu", torch.float32)
+    return train(loaded.model, resolve_corpus(str(CORPUS)), hook_name=HOOK, out_dir=out, d_sae=256,
+                 training_tokens=300_000, context_size=128, model_name="stories260K", dataset_path=str(CORPUS),
+                 model_processing=loaded.processing)
+
+
+def text_of(result) -> str:
+    return "".join(getattr(c, "text", "") for c in result.content)
+
+
+async def investigate(server) -> tuple[list[tuple[str, int, int]], int]:
+    """The fixed investigation -> ([(call, text chars, structured chars)], tools/list chars)."""
+    rows = []
+    async with Client(server) as c:
+        tools = (await c.list_tools()).tools
+        listing = sum(len(t.description or "") + len(json.dumps(t.input_schema)) for t in tools)
+
+        async def call(name: str, args: dict):
+            res = await c.call_tool(name, args)
+            assert not res.is_error, (name, text_of(res))
+            rows.append((name, len(text_of(res)), len(json.dumps(res.structured_content or {}))))
+            return res.structured_content
+
+        await call("model_info", {})
+        acts = await call("get_feature_acts", {"prompt": PROMPT, "top_k": 3})
+        feature = acts["positions"][-1]["top"][0]["feature"]  # the strongest feature at the last token
+        await call("compare_prompts", {"prompt_a": "Lily saw a big red ball", "prompt_b": "Lily saw a big red dog"})
+        await call("compare_prompts", {"prompts_a": ["Lily saw a red ball", "Tom saw a red ball"],
+                                       "prompts_b": ["Lily saw a red dog", "Tom saw a red dog"], "position": -1})
+        await call("next_token", {"prompt": "Once upon a time, there was a little girl named", "answer": " Lily"})
+        await call("build_index", {"tokens": 20_000})
+        await call("top_examples", {"feature": feature, "k": 5})
+        await call("project_to_vocab", {"feature": feature})
+        await call("feature_card", {"feature": feature})
+        await call("steer_generate", {"prompt": "One day, Lily", "features": [{"feature": feature, "strength": 2.0}],
+                                      "max_new_tokens": 20, "temperature": 0, "strengths": [0.5, 1, 2],
+                                      "controls": True})
+        await call("ablate_and_test", {"prompt": PROMPT, "answer": " play", "features": [feature], "controls": True})
+        await call("attribute", {"prompt": PROMPT, "answer": " play", "counterfactual": " run", "top_k": 10})
+        await call("label_feature", {"feature": feature, "label": "fires at the end of a clause before a verb",
+                                     "evidence": "top_examples 1-5; ablation lowers P(' play')"})
+        await call("search_explanations", {"query": "verb clause"})
+        await call("feature_stats", {"top": 10})
+        await call("token_set_enrichment", {"top": 5})
+    return rows, listing
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    if not (STORIES / "hf" / "config.json").exists():
+        sys.exit(f"the stories260K fixture is not at {STORIES}; set SAE_MCP_SHARED")
+    from sae_mcp.engine.runtime import Engine
+    from sae_mcp.server.app import build_server
+    from sae_mcp.settings import Settings
+
+    with tempfile.TemporaryDirectory() as d:
+        sae_dir = train_sae(Path(d) / "sae")
+        settings = Settings(model=str(STORIES / "hf"), saes=(str(sae_dir),), corpus=str(CORPUS), device="cpu",
+                            data_dir=Path(d) / "data")
+        server = build_server(Engine.from_settings(settings), settings)
+        rows, listing = anyio.run(investigate, server)
+    total = sum(t for _, t, _ in rows)
+    for name, t, s in rows:
+        print(f"{name:22s} text {t:7,d} chars   structured {s:7,d}")
+    print(f"investigation ({len(rows)} calls): text {total:,} chars")
+    print(f"tools/list descriptions + input schemas: {listing:,} chars")
+    if args.json:
+        args.json.write_text(json.dumps({"calls": rows, "text_total": total, "tools_list": listing}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
