@@ -36,6 +36,45 @@ def answer_token_ids(engine: Engine, answer: str) -> list[int]:
     return ids
 
 
+# A variant of the answer "much more likely" than the answer given: this many times its probability, and likely
+# enough to matter (a variant at p=1e-5 beating an answer at p=1e-7 is noise either way).
+VARIANT_RATIO = 10.0
+VARIANT_MIN_PROBABILITY = 0.01
+
+
+def space_variant(answer: str) -> str | None:
+    """' Lily' <-> 'Lily': the answer with its leading space added or removed (None for an all-space answer)."""
+    if answer.startswith(" "):
+        return answer.lstrip(" ") or None
+    return " " + answer
+
+
+def answer_variant_warning(engine: Engine, last_logits: torch.Tensor, answer: str, answer_ids: list[int]
+                           ) -> str | None:
+    """A warning when the answer's space variant (' Lily' for 'Lily', or the reverse) is much more likely as the
+    next token than the answer given, naming it; None otherwise. last_logits [d_vocab] after the prompt.
+
+    Answers are scored as the next token, and most tokenizers fold the leading space into the word: 'Lily' after
+    'named' is a different, rare token, so its tiny probability would read as 'the model does not predict Lily'."""
+    variant = space_variant(answer)
+    if variant is None:
+        return None
+    try:
+        v_ids = answer_token_ids(engine, variant)
+    except InvalidInput:
+        return None
+    if v_ids[0] == answer_ids[0]:  # a tokenizer that treats both alike (word-level)
+        return None
+    probs = last_logits.float().softmax(-1)  # [d_vocab]
+    p_ans, p_var = float(probs[answer_ids[0]]), float(probs[v_ids[0]])
+    if p_var < VARIANT_MIN_PROBABILITY or p_var < VARIANT_RATIO * p_ans:
+        return None
+    rank = int((last_logits > last_logits[v_ids[0]]).sum())
+    return (f"{variant!r} is far more likely here (p={p_var:.3g}, rank {rank}) than {answer!r} (p={p_ans:.3g}): "
+            f"answers are scored as the next token, whose leading space is part of it; pass answer={variant!r} "
+            "if that is the word you mean")
+
+
 def next_token_table(
     engine: Engine, last_logits: torch.Tensor, top_k: int, answer_ids: list[int] | None
 ) -> tuple[list[TokenProb], AnswerScore | None]:

@@ -46,6 +46,15 @@ def resolve_positions(position: int | Sequence[int] | None, seq_len: int, what: 
     return sorted({position_index(p, seq_len, what) for p in items})
 
 
+def context_warning(sae: LoadedSAE, n_tokens: int) -> str | None:
+    """A warning when a prompt is longer than the contexts the SAE was trained on (still answered)."""
+    if not sae.context_size or n_tokens <= sae.context_size:
+        return None
+    return (f"the prompt is {n_tokens} tokens but SAE {sae.key} was trained on {sae.context_size}-token contexts: "
+            f"its activations from position {sae.context_size} on are out of its training distribution; shorten "
+            "the prompt to trust them")
+
+
 @dataclass
 class CancelToken:
     """Checked by long work between batches/steps; `cancel()` from any thread."""

@@ -9,6 +9,18 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 
+def warnings_field():
+    """The `warnings` field every result may carry: None (absent from the agent's text) when there is nothing to
+    warn about."""
+    return Field(default=None, description="How this answer could mislead, each with what to do; absent when none")
+
+
+def collect_warnings(*items: str | None) -> list[str] | None:
+    """The warnings that apply (Nones dropped), or None when none does."""
+    kept = [w for w in items if w]
+    return kept or None
+
+
 def rounded(x: float, nd: int = 4) -> float:
     """Round for display: enough digits to compare, few enough to read. A value rounded to zero reads 0.0, not
     -0.0 (e.g. the mean of a centred unembedding's logit weights, ~1e-9 either side)."""
