@@ -56,8 +56,9 @@ def text_of(result) -> str:
     return "".join(getattr(c, "text", "") for c in result.content)
 
 
-async def investigate(server) -> tuple[list[tuple[str, int, int]], int]:
-    """The fixed investigation -> ([(call, text chars, structured chars)], tools/list chars)."""
+async def investigate(server, show: bool = False) -> tuple[list[tuple[str, int, int]], int]:
+    """The fixed investigation -> ([(call, text chars, structured chars)], tools/list chars); `show` prints each
+    result's text as the agent reads it."""
     rows = []
     async with Client(server) as c:
         tools = (await c.list_tools()).tools
@@ -67,6 +68,8 @@ async def investigate(server) -> tuple[list[tuple[str, int, int]], int]:
             res = await c.call_tool(name, args)
             assert not res.is_error, (name, text_of(res))
             rows.append((name, len(text_of(res)), len(json.dumps(res.structured_content or {}))))
+            if show:
+                print(f"\n--- {name} {json.dumps(args)}\n{text_of(res)}")
             return res.structured_content
 
         await call("model_info", {})
@@ -96,6 +99,7 @@ async def investigate(server) -> tuple[list[tuple[str, int, int]], int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
+    ap.add_argument("--show", action="store_true", help="print every result's text as the agent reads it")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if not (STORIES / "hf" / "config.json").exists():
@@ -109,7 +113,7 @@ def main() -> None:
         settings = Settings(model=str(STORIES / "hf"), saes=(str(sae_dir),), corpus=str(CORPUS), device="cpu",
                             data_dir=Path(d) / "data")
         server = build_server(Engine.from_settings(settings), settings)
-        rows, listing = anyio.run(investigate, server)
+        rows, listing = anyio.run(investigate, server, args.show)
     total = sum(t for _, t, _ in rows)
     for name, t, s in rows:
         print(f"{name:22s} text {t:7,d} chars   structured {s:7,d}")

@@ -8,7 +8,7 @@ import anyio
 import pytest
 from mcp import Client
 
-from sae_mcp.engine import generation
+from sae_mcp.engine import generation, steering
 from sae_mcp.errors import NotFound
 from sae_mcp.server.app import build_server
 from sae_mcp.services import Services
@@ -51,13 +51,15 @@ def test_steer_generate_tool_returns_unsteered_and_steered_side_by_side(server):
     out = res.structured_content
     assert out["features"][0]["coefficient"] == 4.0
     assert [r["coefficients"] for r in out["steered"]] == [[2.0], [8.0]]
-    assert out["unsteered"]["n_tokens"] == 6 and out["unsteered_answer_probability"] > 0
-    assert len(out["controls"]["runs"]) == 3
-    assert "weak evidence" in out["controls"]["caution"]
+    assert out["unsteered"][0]["n_tokens"] == 6 and out["unsteered_answer_probability"] > 0
+    assert [c["scale"] for c in out["controls"]] == [0.5, 2.0]  # controls at every dose
+    assert all(len(c["runs"]) == 3 and "weak evidence" in c["caution"] for c in out["controls"])
     assert (out["answer_tokens"], out["multi_token"]) == (["mat"], False)
     for run in out["steered"]:
-        assert run["changed"] == (run["continuation"]["text"] != out["unsteered"]["text"])
-        assert (run["first_divergent_token"] is None) == (not run["changed"])
+        (cont,) = run["continuations"]  # one seed by default
+        assert cont["changed"] == (cont["text"] != out["unsteered"][0]["text"])
+        assert (cont["first_divergent_token"] is None) == (not cont["changed"])
+        assert len(cont["concept_readout"]) == 1 and run["concept_readout"] == cont["concept_readout"]
 
 
 def test_causal_tool_descriptions_say_what_is_scored_and_what_the_ablation_effect_is(server):
@@ -66,12 +68,50 @@ def test_causal_tool_descriptions_say_what_is_scored_and_what_the_ablation_effec
     assert "first token" in steer.input_schema["properties"]["answer"]["description"]
     run = steer.output_schema["$defs"]["SteerRun"]["properties"]
     assert "next-token position" in run["answer_probability"]["description"]
-    assert {"changed", "first_divergent_token"} <= set(run)
+    cont = steer.output_schema["$defs"]["Continuation"]["properties"]
+    assert {"changed", "first_divergent_token", "concept_readout", "degenerate"} <= set(cont)
+    assert "UNSTEERED model" in cont["concept_readout"]["description"]
     abl = tools["ablate_and_test"]
     assert "vs_reconstruction" in abl.description and "summary" in abl.description
     feat = abl.output_schema["$defs"]["AblatedFeature"]["properties"]
     assert {"fired", "activation_sum", "max_activation"} <= set(feat) and "activation" not in feat
     assert "first token" in tools["attribute"].description
+
+
+def test_steer_generate_tool_runs_several_seeds_and_controls_at_every_dose_or_one(server):
+    args = {"prompt": PROMPT, "features": [{"feature": 5, "strength": 4.0}], "calibration": "absolute",
+            "max_new_tokens": 5, "strengths": [0, 1, 2], "seeds": [4, 7], "controls": True, "n_controls": 2}
+    every, one = call_many(server, [("steer_generate", args), ("steer_generate", {**args, "control_strength": 2})])
+    assert not every.is_error, error_text(every)
+    out = every.structured_content
+    assert out["seeds"] == [4, 7] and [c["seed"] for c in out["unsteered"]] == [4, 7]
+    assert [c["scale"] for c in out["controls"]] == [1.0, 2.0]
+    assert all(len(r["continuations"]) == 2 for c in out["controls"] for r in c["runs"])
+    for run in out["steered"]:
+        assert [c["seed"] for c in run["continuations"]] == [4, 7] and len(run["concept_readout_std"]) == 1
+    assert [c["scale"] for c in one.structured_content["controls"]] == [2.0]
+    assert one.structured_content["controls"][0] == out["controls"][1]
+    tool = next(t for t in list_tools(server) if t.name == "steer_generate")
+    assert str(steering.MAX_BATCH_ROWS) in tool.description
+    seeds = next(x for x in tool.input_schema["properties"]["seeds"]["anyOf"] if x.get("type") == "array")
+    assert seeds["maxItems"] == steering.MAX_SEEDS
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ({"seed": 1, "seeds": [2, 3]}, "seed=1 and seeds=[2, 3] disagree"),
+        ({"seeds": [1, 2, 3, 4, 5, 6, 7, 8, 9]}, "seeds"),
+        ({"strengths": [1, 2], "controls": True, "control_strength": 5}, "control_strength=5 is not one of"),
+        ({"strengths": list(range(1, 13)), "controls": True, "n_controls": 16}, "over the 128"),
+    ],
+)
+def test_steer_generate_bad_seeds_doses_or_batch_say_what_to_change_and_the_next_call_works(server, args, message):
+    base = {"prompt": PROMPT, "features": [{"feature": 5, "strength": 1.0}], "calibration": "absolute",
+            "max_new_tokens": 2}
+    bad, good = call_many(server, [("steer_generate", {**base, **args}), ("steer_generate", base)])
+    assert message in error_text(bad)
+    assert not good.is_error, error_text(good)
 
 
 def test_steer_generate_max_activation_calibration_reads_the_example_source(tiny_engine, tmp_path):
@@ -115,7 +155,8 @@ def test_ablate_and_test_tool_returns_four_tables_and_controls(server):
     assert not res.is_error, error_text(res)
     out = res.structured_content
     for name in ("baseline", "reconstruction_only", "ablated", "ablated_without_error_term"):
-        assert len(out[name]["top"]) == 3 and out[name]["answer"]["token"] == "mat"
+        assert len(out[name]["top"]) == 3 and out[name]["answer_rank"] >= 0
+    assert out["answer"]["token"] == "mat"
     assert out["positions"] == [len(out["tokens"]) - 2, len(out["tokens"]) - 1]
     assert out["baseline"]["answer_logit_change"] == 0.0
     assert out["controls"]["seed"] == 1
@@ -178,7 +219,7 @@ def test_steer_generate_reports_progress_per_generated_token(server):
 
     res = anyio.run(go)
     assert not res.is_error, error_text(res)
-    steps = max(r["continuation"]["n_tokens"] for r in res.structured_content["steered"])
+    steps = max(r["continuations"][0]["n_tokens"] for r in res.structured_content["steered"])
     assert sorted(seen) == [(i, 7) for i in range(1, len(seen) + 1)]  # one per generated token, out of 7
     assert len(seen) >= max(steps, 1)
 

@@ -15,6 +15,7 @@ from torch.testing import assert_close
 
 from sae_mcp.engine import features as F
 from sae_mcp.engine import logits as L
+from sae_mcp.engine import prompt_sets as PS
 
 from conftest import needs_stories, tutorial_sae_acts
 
@@ -47,7 +48,7 @@ def test_get_feature_acts_matches_run_with_cache_with_saes(engine):
         assert len(out.tokens) == tokens.shape[0]
         assert out.tokens[0] == engine.model.tokenizer.decode([tokens[0].item()])  # BOS first, as trained
         for i, f in enumerate(feats):
-            assert_close(torch.tensor(out.features[i].activations), ref[:, f], atol=2e-4, rtol=1e-4)
+            assert_close(torch.tensor(out.features[str(f)]), ref[:, f], atol=2e-4, rtol=1e-4)
         for p, pos in enumerate(out.positions):
             ref_top = ref[p].topk(4)
             expected = [(int(i), float(v)) for v, i in zip(ref_top.values, ref_top.indices) if v > 0]
@@ -80,7 +81,7 @@ def test_compare_prompt_sets_reports_means_and_cohens_d(engine):
     set_b = [b, b + " .", a + " ."]
     rows_a = torch.stack([tutorial_feature_acts(engine, p)[1][1] for p in set_a])  # position 1 in each prompt
     rows_b = torch.stack([tutorial_feature_acts(engine, p)[1][1] for p in set_b])
-    out = F.compare_prompt_sets(engine, set_a, set_b, top_k=5, position=1)
+    out = PS.compare_prompt_sets(engine, set_a, set_b, top_k=5, position=1)
     for d in out.diffs:
         xa, xb = rows_a[:, d.feature].tolist(), rows_b[:, d.feature].tolist()
         mean_a, mean_b = sum(xa) / 3, sum(xb) / 3
@@ -174,7 +175,7 @@ def test_perfectly_separated_minimal_pairs_rank_first_and_are_flagged(tiny_engin
     a feature that differs between the sets is the strongest evidence and must not read as d = 0."""
     set_a = ["the cat sat on the mat", "the dog ran to the park", "the girl saw a ball"]
     set_b = ["a cat sat on the mat", "a dog ran to the park", "a girl saw a ball"]
-    out = F.compare_prompt_sets(tiny_engine, set_a, set_b, top_k=8, position=1, sort_by="effect_size")
+    out = PS.compare_prompt_sets(tiny_engine, set_a, set_b, top_k=8, position=1, sort_by="effect_size")
     acts_a = tutorial_feature_acts(tiny_engine, set_a[0])[1][1]  # position 1 = "the" in every prompt of set A
     acts_b = tutorial_feature_acts(tiny_engine, set_b[0])[1][1]  # position 1 = "a"
     differing = (acts_a - acts_b).abs()
@@ -191,7 +192,7 @@ def test_set_statistics_match_plain_formulas_and_flag_non_overlapping_sets():
     the sets do not overlap, even with spread inside each set (the review's A=[0,0] vs B=[1.55,1.59] case)."""
     A = torch.tensor([[0.0, 1.0, 2.0, 0.0], [0.0, 3.0, 2.0, 0.0], [0.0, 2.0, 2.0, 0.0]])
     B = torch.tensor([[1.55, 2.0, 2.0, 0.0], [1.59, 0.5, 2.0, 0.0]])
-    st = F.set_statistics(A, B)
+    st = PS.set_statistics(A, B)
     for f in range(4):
         a, b = A[:, f].tolist(), B[:, f].tolist()
         ma, mb = sum(a) / len(a), sum(b) / len(b)
@@ -211,7 +212,7 @@ def test_set_statistics_match_plain_formulas_and_flag_non_overlapping_sets():
 
 
 def test_one_prompt_per_set_has_no_cohens_d_but_a_rank_biserial():
-    st = F.set_statistics(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0]]))
+    st = PS.set_statistics(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0]]))
     assert math.isnan(st.cohens_d[0].item())
     assert st.rank_biserial.tolist() == [1.0, 0.0] and st.separated.tolist() == [True, False]
 

@@ -53,7 +53,7 @@ def test_every_prompt_tool_answers(server):
         assert res.structured_content, name
     acts, pair, sets, nxt, proj = (r.structured_content for r in results)
     assert acts["tokens"] == ["<s>", "the", "cat", "sat"]
-    assert len(acts["features"]) == 2 and len(acts["features"][0]["activations"]) == 4
+    assert len(acts["features"]) == 2 and all(len(trace) == 4 for trace in acts["features"].values())
     assert pair["token_a"] == "sat" and pair["token_b"] == "ran"
     assert sets["n_a"] == 2 and all("effect_size" in d for d in sets["diffs"])
     assert nxt["answer"]["token"] == "mat" and 0 <= nxt["answer"]["rank"] < 100

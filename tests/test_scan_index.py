@@ -94,12 +94,12 @@ def source(stories_engine, stories_sae_dir, tmp_path):
 @needs_stories
 def test_index_equals_brute_force_value_location_and_density(stories_engine, source, brute):
     """One window per batch: the same arithmetic as the plain loop, so values and locations (ties included)
-    must match exactly."""
+    must match exactly. merge_duplicates=False: the raw top-k (test_intervals_index.py checks the merged one)."""
     acts, locs = brute
     rep = source.build_index(None, TOKENS, batch_windows=1)
     assert rep.tokens_scanned == len(locs) and not rep.reused
     for f in FEATURES:
-        res = source.top_examples(None, f, k=K, context=3)
+        res = source.top_examples(None, f, k=K, context=3, merge_duplicates=False)
         want = plain_top(acts, locs, f, K)
         assert res.source == "index" and res.tokens_scanned == len(locs)
         assert [(e.document, e.offset) for e in res.examples] == [loc for _, loc in want]
@@ -120,7 +120,7 @@ def test_batched_index_matches_brute_force_up_to_float_noise(stories_engine, sou
     dens = source.densities(None)
     torch.testing.assert_close(dens, ((acts > 0).sum(0) / len(locs)).float())
     for f in FEATURES:
-        res = source.top_examples(None, f, k=K, context=0)
+        res = source.top_examples(None, f, k=K, context=0, merge_duplicates=False)
         want = plain_top(acts, locs, f, K + 1)
         torch.testing.assert_close(
             torch.tensor([e.activation for e in res.examples]),
@@ -156,7 +156,7 @@ def test_example_tokens_show_the_window_around_the_max_token(stories_engine, sou
 def test_on_demand_scan_of_one_feature_matches_brute_force(stories_engine, source, brute):
     acts, locs = brute
     f = 27
-    res = source.top_examples(None, f, k=K, max_scan_tokens=TOKENS)
+    res = source.top_examples(None, f, k=K, max_scan_tokens=TOKENS, merge_duplicates=False)
     assert res.source == "scan" and res.tokens_scanned == len(locs)
     want = plain_top(acts, locs, f, K)
     torch.testing.assert_close(
@@ -165,7 +165,8 @@ def test_on_demand_scan_of_one_feature_matches_brute_force(stories_engine, sourc
     assert res.n_fired == int((acts[:, f] > 0).sum())
     # Cached: a second call with the same budget scans nothing (no progress reported).
     calls = []
-    again = source.top_examples(None, f, k=K, max_scan_tokens=TOKENS, progress=lambda d, t: calls.append(d))
+    again = source.top_examples(None, f, k=K, max_scan_tokens=TOKENS, progress=lambda d, t: calls.append(d),
+                                merge_duplicates=False)
     assert calls == [] and again == res
     assert source.max_activation(None, f, max_scan_tokens=TOKENS) == (
         pytest.approx(float(acts[:, f].max()), abs=1e-4),

@@ -146,3 +146,45 @@ def test_build_index_tool_indexes_every_feature_reports_progress_and_then_top_ex
     assert ex.structured_content["tokens_scanned"] == report["tokens_scanned"]
     assert seen and all(total == 20_000 for _, total in seen)
     assert "less than or equal to 2000000" in error_text(bad)
+
+
+@needs_stories
+def test_intervals_through_mcp_give_bands_by_quantile_with_sampled_examples(server):
+    (plain, res, bad_n, bad_per) = call_many(server, [
+        ("top_examples", {"feature": 7, "k": 3, "max_scan_tokens": 8000}),
+        ("top_examples", {"feature": 7, "k": 3, "intervals": 4, "per_interval": 2, "max_scan_tokens": 8000}),
+        ("top_examples", {"feature": 7, "intervals": 9}),
+        ("top_examples", {"feature": 7, "intervals": 2, "per_interval": 5}),
+    ])
+    assert plain.structured_content["intervals"] is None and "band [" not in text_of(plain)  # default: as before
+    assert not res.is_error, text_of(res)
+    out = res.structured_content
+    assert out["examples"] == plain.structured_content["examples"]
+    bands = out["intervals"]
+    assert 1 <= len(bands) <= 4 and text_of(res).count("band [") == len(bands)
+    assert sum(b["tokens"] for b in bands) == out["n_fired"]  # the bands span every firing token
+    assert bands[0]["upper"] == out["max_activation"] and bands[0]["quantiles"][1] == 1.0
+    assert bands[-1]["quantiles"][0] == 0.0
+    for hi, lo in zip(bands, bands[1:]):  # highest first, adjacent
+        assert lo["upper"] == hi["lower"] and lo["quantiles"][1] == hi["quantiles"][0]
+    for b in bands:
+        assert 1 <= len(b["examples"]) <= 2
+        for e in b["examples"]:
+            assert b["lower"] <= e["activation"] <= b["upper"] and e["token"] == e["tokens"][e["position"]]
+    assert "less than or equal to 8" in error_text(bad_n) and "less than or equal to 4" in error_text(bad_per)
+
+
+@needs_stories
+def test_an_index_from_before_interval_samples_answers_through_mcp_with_a_warning(stories_engine, stories_settings):
+    from test_intervals_index import make_format_1
+
+    first = ExampleSource(stories_engine, stories_settings)
+    path = first.build_index(None, 3000).path
+    first.index_store(stories_engine.sae(None)).close()
+    make_format_1(path)
+    (res,) = call_many(build_server(stories_engine, stories_settings), [("top_examples", {"feature": 9,
+                                                                                          "intervals": 3})])
+    assert not res.is_error and res.structured_content["source"] == "index"
+    assert res.structured_content["examples"] and res.structured_content["intervals"] is None
+    (warning,) = res.structured_content["warnings"]
+    assert "build_index" in warning and warning in text_of(res)

@@ -29,10 +29,12 @@ from sae_mcp.engine.controls import (
     pool_size,
     rounded_effects,
 )
-from sae_mcp.engine.logits import answer_token_ids, next_token_table
-from sae_mcp.engine.runtime import Engine, resolve_positions
+from sae_mcp.engine.features import reconstruction_warning, relative_error
+from sae_mcp.engine.logits import answer_token_ids, answer_variant_warning, next_token_table
+from sae_mcp.engine.runtime import Engine, context_warning, resolve_positions
 from sae_mcp.engine.saes import LoadedSAE
-from sae_mcp.results import rounded
+from sae_mcp.errors import InvalidInput
+from sae_mcp.results import collect_warnings, rounded
 from sae_mcp.results.causal import (
     AblatedFeature,
     AblationResult,
@@ -40,6 +42,7 @@ from sae_mcp.results.causal import (
     Controls,
     NextTokenTable,
     ReconstructionTable,
+    ScoredToken,
 )
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -109,7 +112,9 @@ class AblationPlan:
 
     sae: LoadedSAE
     features: list[int]
+    answer: str
     answer_ids: list[int]
+    counterfactual_ids: list[int] | None  # with one, metric = logit[answer] - logit[counterfactual]
     position: int | Sequence[int] | None  # resolved against the prompt's length under device_work
     top_k: int
     controls: bool
@@ -134,6 +139,7 @@ class AblationOutcome:
 
     tokens: list[str]
     positions: list[int]  # the ablated positions, non-negative
+    recon_error: torch.Tensor  # [S] relative squared reconstruction error per position (features.PromptActs)
     act_sum: torch.Tensor  # [d_sae]: how much each feature fires where we ablate
     act_max: torch.Tensor  # [d_sae]
     fired: torch.Tensor  # [d_sae] bool: nonzero at some ablated position
@@ -149,7 +155,10 @@ def _run(engine: Engine, prompt: str, plan: AblationPlan) -> AblationOutcome:
     positions = resolve_positions(plan.position, tokens.shape[1])
     with torch.inference_mode():
         base = engine.model(tokens, return_type="logits")[0, -1]  # [V]
-        acts = engine.encode(s, engine.forward_to_hook(tokens, s))[0].float()  # [S, d_sae]
+        x = engine.forward_to_hook(tokens, s)[0]  # [S, d_in]
+        raw = engine.encode(s, x)  # [S, d_sae] in the SAE's dtype
+        recon_error = relative_error(x, s.sae.decode(raw))  # [S]
+        acts = raw.float()
         act_sum = acts[positions].sum(0)  # [d_sae]: how much each feature fires where we ablate
         act_max = acts[positions].max(0).values  # [d_sae]
         fired = (acts[positions] != 0).any(0)  # [d_sae]
@@ -167,7 +176,8 @@ def _run(engine: Engine, prompt: str, plan: AblationPlan) -> AblationOutcome:
         controls=[with_err[batches.control_row(i)] for i in range(len(control_sets))],
     )
     return AblationOutcome(
-        tokens=engine.str_tokens(tokens), positions=positions, act_sum=act_sum, act_max=act_max, fired=fired,
+        tokens=engine.str_tokens(tokens), positions=positions, recon_error=recon_error, act_sum=act_sum,
+        act_max=act_max, fired=fired,
         control_sets=control_sets, control_note=note, logits=logits,
     )
 
@@ -176,32 +186,51 @@ def _run(engine: Engine, prompt: str, plan: AblationPlan) -> AblationOutcome:
 # ablate_and_test: the result
 
 
-def _changes(logits: torch.Tensor, ref: torch.Tensor, answer_id: int) -> tuple[float, float, float]:
-    """(P(answer) change, answer logit change, KL(ref || this)), unrounded."""
-    lp_r, lp = ref.float().log_softmax(-1), logits.float().log_softmax(-1)  # [V] each
-    a = answer_id
-    return float(lp[a].exp() - lp_r[a].exp()), float(logits[a] - ref[a]), float(kl(ref, logits))
+@dataclass(frozen=True)
+class Scorer:
+    """What each condition is scored on: the answer's first token, and the metric logit[answer] -
+    logit[counterfactual] when a counterfactual is given (the metric attribute differentiates)."""
+
+    answer_id: int
+    counterfactual_id: int | None
+
+    def metric(self, logits: torch.Tensor) -> float | None:
+        """logits [V] -> the metric, or None without a counterfactual."""
+        if self.counterfactual_id is None:
+            return None
+        return float(logits[self.answer_id] - logits[self.counterfactual_id])
+
+    def changes(self, logits: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+        """Changes of `logits` [V] from `ref` [V], unrounded: P(answer), its logit, the metric, KL(ref || this)."""
+        a = self.answer_id
+        lp_r, lp = ref.float().log_softmax(-1), logits.float().log_softmax(-1)  # [V] each
+        out = {"answer_logit_change": float(logits[a] - ref[a]),
+               "answer_probability_change": float(lp[a].exp() - lp_r[a].exp())}
+        if self.counterfactual_id is not None:
+            out["metric_change"] = self.metric(logits) - self.metric(ref)
+        out["kl_next_token"] = float(kl(ref, logits))
+        return out
 
 
-def _effects(logits: torch.Tensor, baseline: torch.Tensor, answer_id: int) -> dict[str, float]:
-    dp, dl, k = _changes(logits, baseline, answer_id)
-    return {"answer_logit_change": dl, "answer_probability_change": dp, "kl_next_token": k}
-
-
-def _summary(lg: AblationLogits, answer_id: int) -> str:
+def _summary(lg: AblationLogits, scorer: Scorer) -> str:
     """One line: the ablation's causal effect, its effect without the error term, and the SAE's own distortion."""
-    dp_rec, dl_rec, kl_rec = _changes(lg.ablated_without_error_term, lg.reconstruction, answer_id)  # the ablation alone
-    dp_abl, dl_abl, kl_abl = _changes(lg.ablated, lg.baseline, answer_id)  # the ablation's causal effect
-    dp_sae, _, kl_sae = _changes(lg.reconstruction, lg.baseline, answer_id)  # the SAE's own distortion
+
+    def said(c: dict[str, float]) -> str:
+        metric = f"metric {c['metric_change']:+.4g}, " if "metric_change" in c else ""
+        return (f"{metric}P(answer) {c['answer_probability_change']:+.4g}, logit {c['answer_logit_change']:+.4g}, "
+                f"KL {c['kl_next_token']:.4g}")
+
+    effect = scorer.changes(lg.ablated, lg.baseline)  # the ablation's causal effect
+    alone = scorer.changes(lg.ablated_without_error_term, lg.reconstruction)  # without the error term
+    sae = scorer.changes(lg.reconstruction, lg.baseline)  # the SAE's own distortion
     return (
-        f"causal effect of the ablation (ablated vs baseline, with the error term): P(answer) {dp_abl:+.4g}, "
-        f"logit {dl_abl:+.4g}, KL {kl_abl:.4g}; without the error term (vs reconstruction_only): P(answer) "
-        f"{dp_rec:+.4g}, logit {dl_rec:+.4g}, KL {kl_rec:.4g}; the SAE's own distortion (reconstruction_only "
-        f"vs baseline): KL {kl_sae:.4g}, P(answer) {dp_sae:+.4g}"
+        f"causal effect of the ablation (ablated vs baseline, with the error term): {said(effect)}; without the "
+        f"error term (vs reconstruction_only): {said(alone)}; the SAE's own distortion (reconstruction_only vs "
+        f"baseline): KL {sae['kl_next_token']:.4g}, P(answer) {sae['answer_probability_change']:+.4g}"
     )
 
 
-def _silent_note(silent: list[int], features: list[int]) -> str | None:
+def _silent_warning(silent: list[int], features: list[int]) -> str | None:
     """A warning when some targets do not fire at the ablated positions (ablating them changes nothing)."""
     if not silent:
         return None
@@ -214,10 +243,10 @@ def _silent_note(silent: list[int], features: list[int]) -> str | None:
     )
 
 
-def _ablation_controls(plan: AblationPlan, out: AblationOutcome, silent: list[int]) -> Controls:
-    lg, a = out.logits, plan.answer_ids[0]
+def _ablation_controls(plan: AblationPlan, out: AblationOutcome, scorer: Scorer, silent: list[int]) -> Controls:
+    lg = out.logits
     runs = [
-        ControlRun(features=cs, effects=rounded_effects(_effects(logits, lg.baseline, a)))
+        ControlRun(features=cs, effects=rounded_effects(scorer.changes(logits, lg.baseline)))
         for cs, logits in zip(out.control_sets, lg.controls)
     ]
     note = out.control_note
@@ -231,57 +260,73 @@ def _ablation_controls(plan: AblationPlan, out: AblationOutcome, silent: list[in
         "firing features, drawn by seed); ablated with the error term",
         seed=plan.seed,
         runs=runs,
-        stats=control_stats(_effects(lg.ablated, lg.baseline, a), runs),
+        stats=control_stats(scorer.changes(lg.ablated, lg.baseline), runs),
         note=note,
         caution=few_controls_caution(len(runs)),
     )
 
 
+def _table(engine: Engine, plan: AblationPlan, scorer: Scorer, logits: torch.Tensor, baseline: torch.Tensor
+           ) -> NextTokenTable:
+    """logits [V] -> one condition's table, with its changes from baseline."""
+    top, ans = next_token_table(engine, logits, plan.top_k, plan.answer_ids)
+    c = scorer.changes(logits, baseline)
+    metric = scorer.metric(logits)
+    return NextTokenTable(
+        top=top, answer_rank=ans.rank, answer_probability=ans.probability, answer_logit=ans.logit,
+        metric=None if metric is None else rounded(metric),
+        answer_probability_change=rounded(c["answer_probability_change"], 6),
+        answer_logit_change=rounded(c["answer_logit_change"]),
+        metric_change=rounded(c["metric_change"]) if "metric_change" in c else None,
+        kl_from_baseline=rounded(c["kl_next_token"], 6),
+    )
+
+
+def _scored(engine: Engine, ids: list[int]) -> ScoredToken:
+    strs = engine.str_tokens(torch.tensor(ids))
+    return ScoredToken(token=strs[0], token_id=ids[0], tokens=strs)
+
+
+def _warnings(engine: Engine, plan: AblationPlan, out: AblationOutcome, silent: list[int]) -> list[str] | None:
+    s = plan.sae
+    return collect_warnings(
+        answer_variant_warning(engine, out.logits.baseline, plan.answer, plan.answer_ids),
+        context_warning(s, len(out.tokens)),
+        reconstruction_warning(s, out.recon_error, out.positions, out.tokens, "the ablated "),
+        _silent_warning(silent, plan.features),
+    )
+
+
 def _assemble(engine: Engine, plan: AblationPlan, out: AblationOutcome) -> AblationResult:
-    lg, answer_ids, top_k = out.logits, plan.answer_ids, plan.top_k
-    base_top, base_ans = next_token_table(engine, lg.baseline, top_k, answer_ids)
-
-    def table(logits: torch.Tensor) -> NextTokenTable:  # logits [V] -> its table, with its changes from baseline
-        top, ans = next_token_table(engine, logits, top_k, answer_ids)
-        return NextTokenTable(
-            top=top,
-            answer=ans,
-            answer_probability_change=rounded(ans.probability - base_ans.probability, 6),
-            answer_logit_change=rounded(ans.logit - base_ans.logit),
-            kl_from_baseline=rounded(float(kl(lg.baseline, logits)), 6),
-        )
-
-    # the ablation alone, SAE spliced without the error term
-    dp_rec, dl_rec, kl_rec = _changes(lg.ablated_without_error_term, lg.reconstruction, answer_ids[0])
+    lg = out.logits
+    scorer = Scorer(plan.answer_ids[0], plan.counterfactual_ids[0] if plan.counterfactual_ids else None)
     silent = [f for f in plan.features if not bool(out.fired[f])]
-    features = [
-        AblatedFeature(
-            feature=f, fired=bool(out.fired[f]), activation_sum=rounded(float(out.act_sum[f])),
-            max_activation=rounded(float(out.act_max[f])),
-        )
-        for f in plan.features
-    ]
+    alone = scorer.changes(lg.ablated_without_error_term, lg.reconstruction)  # the ablation without the error term
     return AblationResult(
         sae=plan.sae.key,
         hook_name=plan.sae.hook_name,
         tokens=out.tokens,
-        positions=out.positions,
-        features=features,
-        baseline=NextTokenTable(
-            top=base_top, answer=base_ans, answer_probability_change=0.0, answer_logit_change=0.0,
-            kl_from_baseline=0.0,
-        ),
-        reconstruction_only=table(lg.reconstruction),
-        ablated=table(lg.ablated),
+        positions=None if out.positions == list(range(len(out.tokens))) else out.positions,
+        answer=_scored(engine, plan.answer_ids),
+        counterfactual=_scored(engine, plan.counterfactual_ids) if plan.counterfactual_ids else None,
+        features=[
+            AblatedFeature(feature=f, fired=bool(out.fired[f]), activation_sum=rounded(float(out.act_sum[f])),
+                           max_activation=rounded(float(out.act_max[f])))
+            for f in plan.features
+        ],
+        baseline=_table(engine, plan, scorer, lg.baseline, lg.baseline),
+        reconstruction_only=_table(engine, plan, scorer, lg.reconstruction, lg.baseline),
+        ablated=_table(engine, plan, scorer, lg.ablated, lg.baseline),
         ablated_without_error_term=ReconstructionTable(
-            **table(lg.ablated_without_error_term).model_dump(),
-            answer_probability_change_vs_reconstruction=rounded(dp_rec, 6),
-            answer_logit_change_vs_reconstruction=rounded(dl_rec),
-            kl_from_reconstruction=rounded(kl_rec, 6),
+            **_table(engine, plan, scorer, lg.ablated_without_error_term, lg.baseline).model_dump(),
+            answer_probability_change_vs_reconstruction=rounded(alone["answer_probability_change"], 6),
+            answer_logit_change_vs_reconstruction=rounded(alone["answer_logit_change"]),
+            metric_change_vs_reconstruction=rounded(alone["metric_change"]) if "metric_change" in alone else None,
+            kl_from_reconstruction=rounded(alone["kl_next_token"], 6),
         ),
-        summary=_summary(lg, answer_ids[0]),
-        note=_silent_note(silent, plan.features),
-        controls=_ablation_controls(plan, out, silent) if plan.controls else None,
+        summary=_summary(lg, scorer),
+        controls=_ablation_controls(plan, out, scorer, silent) if plan.controls else None,
+        warnings=_warnings(engine, plan, out, silent),
     )
 
 
@@ -296,16 +341,23 @@ def ablate_and_test(
     controls: bool = False,
     n_controls: int = 5,
     seed: int = 0,
+    counterfactual: str | None = None,
 ) -> AblationResult:
     """Zero `features` at `position` (None = all) with the SAE spliced in; next-token tables for the plain model,
-    the reconstruction alone, the ablation with the error term and the ablation without it."""
+    the reconstruction alone, the ablation with the error term and the ablation without it, scored on the answer
+    (and on logit[answer] - logit[counterfactual] when a counterfactual is given)."""
     s = engine.sae(sae)
     feats = engine.check_features(s, features, engine.limits.max_features_per_call, required=True, unique=True)
     answer_ids = answer_token_ids(engine, answer)
+    cf_ids = answer_token_ids(engine, counterfactual) if counterfactual is not None else None
+    if cf_ids and cf_ids[0] == answer_ids[0]:
+        raise InvalidInput(
+            f"answer {answer!r} and counterfactual {counterfactual!r} start with the same token; the metric would be 0"
+        )
     check_n_controls(controls, n_controls)
     plan = AblationPlan(
-        sae=s, features=feats, answer_ids=answer_ids, position=position, top_k=top_k, controls=controls,
-        n_controls=n_controls, seed=seed,
+        sae=s, features=feats, answer=answer, answer_ids=answer_ids, counterfactual_ids=cf_ids, position=position,
+        top_k=top_k, controls=controls, n_controls=n_controls, seed=seed,
     )
     with engine.device_work():
         outcome = _run(engine, prompt, plan)

@@ -101,11 +101,18 @@ def control_stats(target: dict[str, float], runs: list[ControlRun]) -> list[Cont
                 control_std=rounded(std, 6),
                 control_min=rounded(float(vals.min()), 6),
                 control_max=rounded(float(vals.max()), 6),
-                z_score=rounded((t - mean) / std, 3) if std > 0 else None,
+                z_score=rounded((t - mean) / std, 3) if _spread(std, t, mean) else None,
                 exceeds_all_controls=bool(abs(t) > float(vals.abs().max())),
             )
         )
     return stats
+
+
+def _spread(std: float, target: float, mean: float) -> bool:
+    """Whether the controls vary enough for a z-score to mean anything: with controls that all read ~0 (a concept
+    readout no random feature moves) std is float noise and z runs into the hundreds, which would read as
+    certainty; exceeds_all_controls says what there is to say then."""
+    return std > 1e-3 * max(abs(target), abs(mean), 1e-6)
 
 
 def few_controls_caution(n_runs: int) -> str | None:

@@ -3,14 +3,15 @@
 Generation is our own loop over transformer-lens' KV cache so that seed, temperature and top_p are exact. The
 steering hook fires on every cached step too, so steering holds there (tested: greedy steered output with the
 cache equals an independent full-forward greedy loop on stories260K). Measured on stories260K, one CPU thread,
-100 greedy tokens x 2 rows: 0.67 s with the cache, 1.2 s without. Every row draws from its own generator seeded
-identically, so rows differ only by their steering. The loop checks a CancelToken before every step and reports
-progress after each (the tool turns a client's cancel into the token's, and the progress into MCP notifications).
+100 greedy tokens x 2 rows: 0.67 s with the cache, 1.2 s without. Every row draws from its own generator, seeded
+alike (or one seed per row when a call asks for several seeds), so rows of one seed differ only by their steering.
+The loop checks a CancelToken before every step and reports progress after each (the tool turns a client's cancel
+into the token's, and the progress into MCP notifications).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +86,14 @@ def _summed_kl_from_row_0(logits: torch.Tensor) -> list[float]:
     return kl_sum
 
 
+def _generators(seed: int | Sequence[int], B: int, device: torch.device) -> list[torch.Generator]:
+    """One generator per row: all seeded with `seed`, or row b with seed[b]."""
+    seeds = [seed] * B if isinstance(seed, int) else [int(x) for x in seed]
+    if len(seeds) != B:
+        raise ValueError(f"{len(seeds)} seeds for {B} rows")
+    return [torch.Generator(device=device).manual_seed(x) for x in seeds]
+
+
 def generate_rows(
     engine: Engine,
     tokens: torch.Tensor,
@@ -93,20 +102,24 @@ def generate_rows(
     max_new_tokens: int,
     temperature: float,
     top_p: float,
-    seed: int,
+    seed: int | Sequence[int],
     use_cache: bool = True,
     cancel: CancelToken | None = None,
     progress: ProgressFn | None = None,
     answer_id: int | None = None,
+    stats_rows: int | None = None,
 ) -> tuple[torch.Tensor, PromptStats, list[bool]]:
     """Generate one continuation per row of `vectors` [B, d_in] (added at `hook_name` at every position; a zero
     row is the unsteered model) from prompt `tokens` [1, S]. `cancel` is checked before every step (a cancelled
     token raises Cancelled there; the hooks go with the context managers); `progress(step, max_new_tokens)` is
-    called after every step (it may cancel the token, e.g. when the client is gone).
+    called after every step (it may cancel the token, e.g. when the client is gone). `seed` seeds every row's
+    generator alike, or is one seed per row (several seeds in one batch: a row's draws depend only on its own seed,
+    so its text is the one a batch of that seed alone gives).
 
     Returns (new tokens [B, T] (after EOS: EOS), PromptStats of the first forward against row 0 (KL at the last
     position and over the prompt, P(answer_id), the last position's logits: the [B, S, d_vocab] logits themselves
-    are dropped at once), stopped_at_eos per row). Call inside device_work().
+    are dropped at once) over the first `stats_rows` rows (default all: rows that repeat earlier ones under
+    another seed have the same prompt logits), stopped_at_eos per row). Call inside device_work().
     """
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
@@ -114,7 +127,8 @@ def generate_rows(
     B = vectors.shape[0]
     eos = model.tokenizer.eos_token_id if model.tokenizer is not None else None
     device = tokens.device
-    gens = [torch.Generator(device=device).manual_seed(seed) for _ in range(B)]
+    gens = _generators(seed, B, device)
+    n_stats = B if stats_rows is None else stats_rows
 
     def steer(act: torch.Tensor, hook) -> torch.Tensor:  # act [B, pos, d_in] (pos = 1 on cached steps)
         return act + _as_hook_shape(vectors, act)
@@ -133,7 +147,7 @@ def generate_rows(
             # An explicit all-ones mask: otherwise transformer-lens masks tokens equal to pad (= EOS = BOS for GPT-2)
             logits = model(x, return_type="logits", past_kv_cache=cache, attention_mask=torch.ones_like(x))
             if stats is None:
-                stats = PromptStats.from_logits(logits, answer_id)  # from the [B, S, V] prompt logits, then drop them
+                stats = PromptStats.from_logits(logits[:n_stats], answer_id)  # [n_stats, S, V], then dropped
             last = logits[:, -1].clone()  # [B, V]: a copy, so the [B, S, V] storage goes with `del`
             del logits
             nxt = _sample(last, temperature, top_p, gens)  # [B]
@@ -149,7 +163,7 @@ def generate_rows(
                 break
         if stats is None:  # max_new_tokens == 0: still score the prompt
             prompt_logits = model(seq, return_type="logits", attention_mask=torch.ones_like(seq))  # [B, S, V]
-            stats = PromptStats.from_logits(prompt_logits, answer_id)
+            stats = PromptStats.from_logits(prompt_logits[:n_stats], answer_id)
     out = torch.stack(new, dim=1) if new else torch.zeros((B, 0), dtype=torch.long, device=device)  # [B, T]
     return out, stats, done.tolist()
 

@@ -7,7 +7,7 @@ import torch
 from sae_mcp.engine.runtime import Engine
 from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.errors import InvalidInput
-from sae_mcp.results import AnswerScore, NextToken, TokenLogit, TokenProb, VocabProjection, rounded
+from sae_mcp.results import AnswerScore, NextToken, TokenLogit, TokenProb, VocabProjection, collect_warnings, rounded
 
 ANCHOR = "\n"
 
@@ -128,7 +128,8 @@ def next_token(engine: Engine, prompt: str, answer: str | None = None, top_k: in
             logp = all_logits[seq - 1 :].float().log_softmax(-1)  # [n_answer, d_vocab]
             ids = torch.tensor(answer_ids, device=logp.device)[:, None]  # [n_answer, 1]
             ans.sequence_log_probability = rounded(logp.gather(1, ids).sum().item())
-    return NextToken(tokens=engine.str_tokens(tokens), top=top, answer=ans)
+        variant = answer_variant_warning(engine, all_logits[seq - 1], answer, answer_ids) if answer_ids else None
+    return NextToken(tokens=engine.str_tokens(tokens), top=top, answer=ans, warnings=collect_warnings(variant))
 
 
 def decoder_direction_in_resid(engine: Engine, sae: LoadedSAE, features: torch.Tensor | None = None) -> torch.Tensor:
@@ -147,19 +148,25 @@ def decoder_direction_in_resid(engine: Engine, sae: LoadedSAE, features: torch.T
     return W_dec
 
 
-def project_to_vocab(engine: Engine, feature: int, sae: str | None = None, top_k: int = 10) -> VocabProjection:
-    """The decoder direction through the unembedding: W_dec[f] @ W_U, top and bottom tokens."""
+def project_to_vocab(engine: Engine, feature: int, sae: str | None = None, top_k: int = 10,
+                     exclude: frozenset[int] = frozenset()) -> VocabProjection:
+    """The decoder direction through the unembedding: W_dec[f] @ W_U, top and bottom tokens, leaving out the
+    token ids in `exclude` (e.g. special and byte-fallback tokens)."""
     s = engine.sae(sae)
     engine.check_feature(s, feature)
     with engine.device_work(), torch.inference_mode():
         direction = decoder_direction_in_resid(engine, s, torch.tensor([feature], device=s.sae.W_dec.device))[0]
         W_U = engine.model.W_U  # [d_model, d_vocab]
         logits = direction.to(W_U.dtype) @ W_U  # [d_vocab]
-        k = min(top_k, logits.shape[0])
-        pos_v, pos_i = logits.topk(k)
-        neg_v, neg_i = (-logits).topk(k)
-        pos = list(zip(pos_v.float().tolist(), pos_i.tolist()))
-        neg = list(zip((-neg_v).float().tolist(), neg_i.tolist()))
+        keep = torch.ones_like(logits, dtype=torch.bool)  # [d_vocab]
+        keep[list(exclude)] = False
+        ids = keep.nonzero().flatten()  # [n_kept]: topk over the kept tokens only, ids mapped back
+        kept = logits[ids]  # [n_kept]
+        k = min(top_k, kept.shape[0])
+        pos_v, pos_i = kept.topk(k)
+        neg_v, neg_i = (-kept).topk(k)
+        pos = list(zip(pos_v.float().tolist(), ids[pos_i].tolist()))
+        neg = list(zip((-neg_v).float().tolist(), ids[neg_i].tolist()))
 
     def rows(pairs):
         return [TokenLogit(token=engine.str_tokens(torch.tensor([i]))[0], token_id=int(i), logit=rounded(v))

@@ -6,6 +6,9 @@ a small running state that lives on the device:
     top_pos   [K, F] int64     where: global token position = window_index * context_size + position_in_window
     n_fired   [F]    int64     tokens where the feature fired (activation > 0)
     hist      [F, NB] int64    positive activations in NB log-spaced bins (10^-4 .. 10^4, 8 bins a decade)
+    samp_pos, samp_vals [F, SB, S]   interval samples: per feature and per 2 histogram bins, the S firing entries
+                                     with the smallest hash(position), a uniform sample (samples.py)
+Per feature: K * 12 + NB * 8 + 8 = 1120 bytes of top-K, counts and histogram, + 1536 bytes of samples.
 Only this state ever leaves the device (at checkpoints), never the dense token x d_sae matrix.
 
 Exactness: the examples are exactly the K largest activations over the scanned tokens, ties broken by earlier
@@ -33,11 +36,12 @@ from sae_mcp.engine.corpus import Window, bos_token_id, pad_windows
 from sae_mcp.engine.devices import dtype_name
 from sae_mcp.engine.runtime import CancelToken, Engine
 from sae_mcp.engine.saes import LoadedSAE
+from sae_mcp.engine.samples import FINE_PER_BIN, MAX_POS, SAMPLE_BINS, at, empty_samples, fold_samples
 
 HIST_LO, HIST_HI, HIST_PER_DECADE = -4, 4, 8
 HIST_BINS = (HIST_HI - HIST_LO) * HIST_PER_DECADE  # 64
 KEEP = 50  # examples kept per feature (the tool's k ceiling)
-MAX_POS = 2**32 - 1  # global token positions must stay below this (checked)
+assert HIST_BINS == SAMPLE_BINS * FINE_PER_BIN  # MAX_POS (from samples.py): positions stay below it (checked)
 
 
 def hist_edges() -> list[float]:
@@ -53,17 +57,21 @@ class ScanState:
     top_pos: torch.Tensor  # [K, F] int64
     n_fired: torch.Tensor  # [F] int64
     hist: torch.Tensor  # [F, NB] int64
+    samp_pos: torch.Tensor  # [F, SB, S] int64, MAX_POS = empty (updated in place: see samples.fold_samples)
+    samp_vals: torch.Tensor  # [F, SB, S] float32
     tokens: int = 0  # document tokens scanned
     windows: int = 0  # windows consumed from the stream (the resume point)
     exhausted: bool = False  # the corpus ended before the token budget
 
     @classmethod
     def empty(cls, n_features: int, k: int, device) -> "ScanState":
+        samp_pos, samp_vals = empty_samples(n_features, device)
         return cls(
             top_vals=torch.zeros(k, n_features, device=device),
             top_pos=torch.full((k, n_features), MAX_POS, dtype=torch.long, device=device),
             n_fired=torch.zeros(n_features, dtype=torch.long, device=device),
             hist=torch.zeros(n_features, HIST_BINS, dtype=torch.long, device=device),
+            samp_pos=samp_pos, samp_vals=samp_vals,
         )
 
 
@@ -75,64 +83,86 @@ def _key(vals: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 def update_state(state: ScanState, acts: torch.Tensor, pos: torch.Tensor) -> ScanState:
     """Fold one batch into the state. acts [N, F] (scanned tokens only), pos [N] int64 global positions.
+    The returned state shares the sample tensors, updated in place (last, after everything that can fail).
 
     Measured on the 2-core box (1 thread): a dense topk over dim 0 of [8192, 4096] costs as much as the encode
     itself, and so does a bool .sum(0); one nonzero pass costs ~7% of it. So everything is computed from the
     firing entries (SAE activations are sparse: L0 ~ 10-100 of thousands): counts and histogram by bincount,
-    and the per-feature top-K by sorting the firing entries. Dense activations (random SAEs) fall back to topk.
+    the per-feature top-K by sorting the firing entries, the interval samples by sorting the few that can enter.
+    Dense activations (random SAEs) fall back to topk for the top-K.
     """
     n, f = acts.shape
     k = state.top_vals.shape[0]
     flat = torch.nonzero(acts.reshape(-1)).squeeze(1)  # [nnz] flat indices of the firing entries
-    vals = acts.reshape(-1)[flat]
+    vals = at(acts.reshape(-1), flat)  # [nnz]
     if bool((vals < 0).any()):  # no sae-lens architecture outputs negatives; be safe if one does
         keep = vals > 0
         flat, vals = flat[keep], vals[keep]
     rows, cols = flat // f, flat % f  # [nnz] each
     counts = torch.bincount(cols, minlength=f)  # [F] tokens fired in this batch
-    b = ((vals.float().log10() - HIST_LO) * HIST_PER_DECADE).floor().clamp_(0, HIST_BINS - 1).long()
-    hist = state.hist + torch.bincount(cols * HIST_BINS + b, minlength=f * HIST_BINS).view(f, HIST_BINS)
+    b = ((vals.float().log10() - HIST_LO) * HIST_PER_DECADE).floor().clamp_(0, HIST_BINS - 1).long()  # [nnz]
+    cells = cols * HIST_BINS + b  # [nnz] histogram cell of each entry
+    hist = state.hist + torch.bincount(cells, minlength=f * HIST_BINS).view(f, HIST_BINS)
     n_fired = state.n_fired + counts
 
     if flat.numel() * 8 <= n * f:  # sparse: top-K of each feature among its firing entries
-        # Only entries >= the feature's current K-th value can enter its top-K (positions only grow, so an
-        # equal value arriving later loses the tie anyway): once the state is warm this drops most entries.
-        c_in = vals.float() >= state.top_vals[-1][cols]
-        rows, cols, vals = rows[c_in], cols[c_in], vals[c_in]
-        key = _key(vals, pos[rows])
-        o1 = key.argsort(descending=True)
-        order = o1[cols[o1].argsort(stable=True)]  # by feature, then by (value desc, position asc)
-        c = cols[order]
-        n_c = torch.bincount(cols, minlength=f)
-        rank = torch.arange(c.numel(), device=acts.device) - (torch.cumsum(n_c, 0) - n_c)[c]
-        sel = rank < k
-        cand_v = torch.zeros(k, f, device=acts.device)
-        cand_p = torch.full((k, f), MAX_POS, dtype=torch.long, device=acts.device)
-        cand_v[rank[sel], c[sel]] = vals[order][sel].float()
-        cand_p[rank[sel], c[sel]] = pos[rows[order][sel]]
+        cand_v, cand_p = _sparse_candidates(state.top_vals[-1], rows, cols, vals, pos, k)
     else:  # dense: this batch's exact top-kb per feature with topk
-        kb = min(k, n)
-        vv, idx = acts.topk(min(kb + 1, n), dim=0)  # [kb(+1), F]
-        if vv.shape[0] > kb:
-            # topk chooses arbitrarily among equal values: where the (kb+1)-th equals the kb-th (> 0), the cut
-            # went through a tie; redo those few features on the exact (value, position) key.
-            tied = (vv[kb] == vv[kb - 1]) & (vv[kb - 1] > 0)
-            vv, idx = vv[:kb], idx[:kb]
-            if bool(tied.any()):
-                tc = tied.nonzero()[:, 0]
-                sub = acts[:, tc]  # [N, c]
-                ii = _key(sub, pos[:, None].expand_as(sub)).topk(kb, dim=0).indices  # [kb, c]
-                idx[:, tc] = ii
-                vv[:, tc] = sub.gather(0, ii)
-        cand_v, cand_p = vv.float(), pos[idx]
+        cand_v, cand_p = _dense_candidates(acts, pos, k)
 
     # Merge with the running top-K on the (value, position) key.
     all_v = torch.cat([state.top_vals, cand_v])  # [2K, F]
     all_p = torch.cat([state.top_pos, cand_p])
     keep = _key(all_v, all_p).topk(k, dim=0).indices  # [K, F]
+    fold_samples(state.samp_pos, state.samp_vals, rows, cells, vals, pos)
     return ScanState(
-        all_v.gather(0, keep), all_p.gather(0, keep), n_fired, hist, state.tokens, state.windows, state.exhausted
+        top_vals=all_v.gather(0, keep), top_pos=all_p.gather(0, keep), n_fired=n_fired, hist=hist,
+        samp_pos=state.samp_pos, samp_vals=state.samp_vals,
+        tokens=state.tokens, windows=state.windows, exhausted=state.exhausted,
     )
+
+
+def _sparse_candidates(kth: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor,
+                       pos: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's top-K per feature from its firing entries (rows, cols, vals [nnz]) -> cand_v, cand_p [K, F].
+    kth [F]: the running state's K-th value per feature."""
+    f = kth.shape[0]
+    # Only entries >= the feature's current K-th value can enter its top-K (positions only grow, so an
+    # equal value arriving later loses the tie anyway): once the state is warm this drops most entries.
+    c_in = (vals.float() >= at(kth, cols)).nonzero().squeeze(1)
+    rows, cols, vals = at(rows, c_in), at(cols, c_in), at(vals, c_in)
+    key = _key(vals, at(pos, rows))
+    o1 = key.argsort(descending=True)
+    order = at(o1, at(cols, o1).argsort(stable=True))  # by feature, then by (value desc, position asc)
+    c = at(cols, order)
+    n_c = torch.bincount(cols, minlength=f)
+    rank = torch.arange(c.numel(), device=vals.device) - at(torch.cumsum(n_c, 0) - n_c, c)
+    sel = (rank < k).nonzero().squeeze(1)
+    cell = at(rank, sel) * f + at(c, sel)  # flat index into [K, F]
+    cand_v = torch.zeros(k * f, device=vals.device)
+    cand_p = torch.full((k * f,), MAX_POS, dtype=torch.long, device=vals.device)
+    cand_v.index_copy_(0, cell, at(at(vals, order), sel).float())
+    cand_p.index_copy_(0, cell, at(pos, at(at(rows, order), sel)))
+    return cand_v.view(k, f), cand_p.view(k, f)
+
+
+def _dense_candidates(acts: torch.Tensor, pos: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's exact top-kb per feature with topk (dense activations) -> cand_v, cand_p [kb, F]."""
+    n = acts.shape[0]
+    kb = min(k, n)
+    vv, idx = acts.topk(min(kb + 1, n), dim=0)  # [kb(+1), F]
+    if vv.shape[0] > kb:
+        # topk chooses arbitrarily among equal values: where the (kb+1)-th equals the kb-th (> 0), the cut
+        # went through a tie; redo those few features on the exact (value, position) key.
+        tied = (vv[kb] == vv[kb - 1]) & (vv[kb - 1] > 0)
+        vv, idx = vv[:kb], idx[:kb]
+        if bool(tied.any()):
+            tc = tied.nonzero()[:, 0]
+            sub = acts[:, tc]  # [N, c]
+            ii = _key(sub, pos[:, None].expand_as(sub)).topk(kb, dim=0).indices  # [kb, c]
+            idx[:, tc] = ii
+            vv[:, tc] = sub.gather(0, ii)
+    return vv.float(), pos[idx]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -136,6 +136,12 @@ class LogitWeightStats:
             self._moments[sae.key] = m
         return m
 
+    @property
+    def centred_unembed(self) -> bool:
+        """Whether W_U's rows sum to 0 over the vocabulary (transformer-lens' center_unembed), so that every
+        feature's logit-weight mean is 0 by construction and not worth reporting."""
+        return bool(self.engine.loaded_model.processing.get("center_unembed", False))
+
     def vocab(self) -> list[str]:
         with self._lock:
             if self._vocab is None:
@@ -196,7 +202,7 @@ class LogitWeightStats:
             sort_by=sort_by,
             n_features=len(kept),
             densities="indexed" if dens is not None else "not indexed: call build_index or run sae-mcp index",
-            features=[_feature_stat(int(idx[i]), moments[i], None if dens is None else dens[i])
+            features=[_feature_stat(int(idx[i]), moments[i], None if dens is None else dens[i], self.centred_unembed)
                       for i in order.tolist()],
         )
 
@@ -220,15 +226,15 @@ class LogitWeightStats:
             sae=s.key,
             n_features=len(idx),
             skipped=skipped or None,
-            method="Mann-Whitney rank-biserial r = 2*AUC-1 of the set's W_dec[f] @ W_U values vs the rest; z from U",
             sets=[_set_enrichment(ts, vocab, idx, score[:, col], z[:, col], top) for col, ts in enumerate(named)],
         )
 
 
-def _feature_stat(feature: int, m: torch.Tensor, density: torch.Tensor | None) -> FeatureStat:
-    """One row: m [4] = (mean, std, skewness, kurtosis)."""
+def _feature_stat(feature: int, m: torch.Tensor, density: torch.Tensor | None, centred: bool) -> FeatureStat:
+    """One row: m [4] = (mean, std, skewness, kurtosis); the mean left out when it is 0 by construction."""
     return FeatureStat(
-        feature=feature, mean=rounded(m[0]), std=rounded(m[1]), skewness=rounded(m[2]), kurtosis=rounded(m[3]),
+        feature=feature, mean=None if centred else rounded(m[0]), std=rounded(m[1]), skewness=rounded(m[2]),
+        kurtosis=rounded(m[3]),
         density=rounded(density, 6) if density is not None else None,
     )
 
@@ -239,8 +245,7 @@ def _set_enrichment(ts: TokenSet, vocab: list[str], idx: torch.Tensor, score: to
 
     def rows(order: torch.Tensor) -> list[EnrichedFeature]:
         return [
-            EnrichedFeature(feature=int(idx[i]), score=rounded(score[i]), z=rounded(z[i], 2),
-                            direction="promotes" if score[i] >= 0 else "suppresses")
+            EnrichedFeature(feature=int(idx[i]), score=rounded(score[i]), z=rounded(z[i], 2))
             for i in order.tolist()
         ]
 

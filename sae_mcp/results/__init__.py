@@ -30,6 +30,23 @@ def rounded(x: float, nd: int = 4) -> float:
 # ------------------------------------------------------------------------------------------------- model_info
 
 
+class SaeFidelity(BaseModel):
+    """Measured on the first windows of the SAE's corpus (the scans' windows), once per server."""
+
+    tokens: int = Field(description="Document tokens measured on (BOS left out)")
+    explained_variance: float = Field(description="1 - sum ||x - x_hat||^2 / sum ||x - mean x||^2 over the tokens")
+    l0: float = Field(description="Mean number of features active per token")
+    dead_in_sample: int = Field(
+        description="Features that never fired on these tokens (a small sample: an upper bound on dead features)"
+    )
+    loss_clean: float = Field(description="Next-token cross-entropy of the plain model (nats per token)")
+    loss_spliced: float = Field(description="The same with the SAE's reconstruction spliced in (no error term)")
+    loss_zero_ablated: float = Field(description="The same with the hook's activation zeroed")
+    loss_recovered: float = Field(
+        description="(zero_ablated - spliced) / (zero_ablated - clean): 1 = the reconstruction loses nothing"
+    )
+
+
 class SaeInfo(BaseModel):
     key: str = Field(description="How tools address this SAE (alias, else hook name)")
     hook_name: str = Field(description="transformer-lens hook the SAE reads and writes")
@@ -44,6 +61,8 @@ class SaeInfo(BaseModel):
     prepend_bos: bool = Field(description="Whether prompts get BOS prepended, as the SAE was trained")
     context_size: int | None = Field(default=None, description="Training context size, when known")
     dataset_path: str | None = Field(default=None, description="Training dataset, when known")
+    fidelity: SaeFidelity | None = Field(default=None, description="How well it reconstructs, on a corpus sample")
+    fidelity_note: str | None = Field(default=None, description="Why there is no fidelity measurement")
 
 
 class ModelInfo(BaseModel):
@@ -73,19 +92,18 @@ class FeatureActivation(BaseModel):
 class PositionTopFeatures(BaseModel):
     position: int = Field(description="Token index (0 = BOS when prepended)")
     token: str
+    l0: int = Field(description="Features active here (activation > 0), of which `top` lists the largest")
     top: list[FeatureActivation] = Field(description="Features firing here (activation > 0), largest first")
-
-
-class FeatureTrace(BaseModel):
-    feature: int
-    activations: list[float] = Field(description="One activation per token position")
 
 
 class FeatureActs(BaseModel):
     sae: str
-    tokens: list[str]
-    positions: list[PositionTopFeatures]
-    features: list[FeatureTrace] | None = Field(default=None, description="Traces of the features asked for")
+    tokens: list[str] = Field(description="Every token of the prompt as the model saw it (BOS first when prepended)")
+    positions: list[PositionTopFeatures] = Field(description="Every position, or only the one asked for")
+    features: dict[str, list[float]] | None = Field(
+        default=None, description="Feature index -> its activation at each listed position (aligned with `positions`)"
+    )
+    warnings: list[str] | None = warnings_field()
 
 
 # ------------------------------------------------------------------------------------------ compare_prompts
@@ -123,10 +141,13 @@ class PromptComparison(BaseModel):
     position: int = Field(description="Position compared in every prompt (negative counts from the end)")
     token_a: str | None = Field(default=None, description="Pair mode: the token at that position in prompt_a")
     token_b: str | None = Field(default=None, description="Pair mode: the token at that position in prompt_b")
+    tokens_a: list[str] | None = Field(default=None, description="Sets mode: the token compared in each prompt of A")
+    tokens_b: list[str] | None = Field(default=None, description="Sets mode: the token compared in each prompt of B")
     n_a: int = Field(default=1, description="Prompts in set A")
     n_b: int = Field(default=1, description="Prompts in set B")
     sort_by: str = Field(default="difference", description="'difference' or 'effect_size' (sets mode)")
     diffs: list[FeatureDiff] | list[FeatureSetDiff] = Field(description="Sorted by |sort_by|, largest first")
+    warnings: list[str] | None = warnings_field()
 
 
 # --------------------------------------------------------------------------------------------- next_token
@@ -157,6 +178,7 @@ class NextToken(BaseModel):
     tokens: list[str] = Field(description="The prompt's tokens as the model saw them")
     top: list[TokenProb]
     answer: AnswerScore | None = None
+    warnings: list[str] | None = warnings_field()
 
 
 # -------------------------------------------------------------------------------------------- project_to_vocab

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from sae_mcp.results import AnswerScore, TokenProb
+from sae_mcp.results import TokenProb, warnings_field
 
 # ------------------------------------------------------------------------------------------------- controls
 
@@ -17,7 +17,9 @@ from sae_mcp.results import AnswerScore, TokenProb
 class ControlRun(BaseModel):
     features: list[int] = Field(description="Random features used in place of the targets (one per target)")
     effects: dict[str, float] = Field(description="The same effect metrics as the target's, for this control")
-    continuation: str | None = Field(default=None, description="Steering only: the control's continuation")
+    continuations: list[str] | None = Field(
+        default=None, description="Steering only: the control's continuation per seed, in the order of `seeds`"
+    )
 
 
 class ControlStat(BaseModel):
@@ -27,13 +29,19 @@ class ControlStat(BaseModel):
     control_std: float
     control_min: float
     control_max: float
-    z_score: float | None = Field(description="(target - mean) / std of the controls; None when std is 0")
+    z_score: float | None = Field(
+        description="(target - mean) / std of the controls; None when the controls (almost) do not vary"
+    )
     exceeds_all_controls: bool = Field(description="|target| is larger than every control's |effect|")
 
 
 class Controls(BaseModel):
     matched_on: str = Field(description="How control features were matched to the targets")
-    seed: int
+    scale: float | None = Field(
+        default=None, description="Steering only: the dose (scale) these controls ran at; stats compare them with "
+        "the targets' run at that dose"
+    )
+    seed: int = Field(description="Seed the control features were drawn with")
     runs: list[ControlRun]
     stats: list[ControlStat] = Field(description="The targets' effect next to the controls' spread, per metric")
     note: str | None = Field(default=None, description="Why fewer controls than asked, when so")
@@ -55,27 +63,56 @@ class SteerFeature(BaseModel):
 
 
 class Continuation(BaseModel):
+    seed: int | None = Field(default=None, description="The sampling seed of this continuation")
     text: str = Field(description="Generated text after the prompt")
     n_tokens: int
     stopped_at_eos: bool
+    changed: bool | None = Field(
+        default=None, description="Steered runs: the text differs from the unsteered text of the same seed"
+    )
+    first_divergent_token: int | None = Field(
+        default=None, description="Steered runs: index into the generated tokens where this text first differs "
+        "from the unsteered text of the same seed; None when identical"
+    )
+    concept_readout: list[float] | None = Field(
+        default=None, description="Per target feature (order of `features`): its mean SAE activation over the "
+        "generated tokens, read back through the UNSTEERED model (is the concept in the text, not only in the "
+        "hook?); None when nothing was generated"
+    )
+    repetition: float | None = Field(
+        default=None, description="Share of the generated 3-grams that repeat an earlier one (0 = none); None "
+        "below 8 tokens"
+    )
+    degenerate: bool | None = Field(
+        default=None, description="A repetition loop: repetition >= 0.5, or one token is more than half of the "
+        "tokens (judged from 8 tokens on)"
+    )
 
 
 class SteerRun(BaseModel):
     scale: float = Field(description="Dose: every feature's coefficient is multiplied by this (1 without strengths)")
     coefficients: list[float] = Field(description="Coefficient per feature, in the order of `features`")
-    continuation: Continuation
-    changed: bool = Field(description="The text differs from the unsteered run's (same seed)")
-    first_divergent_token: int | None = Field(
-        default=None, description="Index into the generated tokens where this run first differs from the unsteered "
-        "run; None when the tokens are identical"
+    kl_next_token: float = Field(
+        description="KL(unsteered || steered) of the next-token distribution after the prompt (seed-independent)"
     )
-    kl_next_token: float = Field(description="KL(unsteered || steered) of the next-token distribution after the prompt")
     mean_kl_prompt: float = Field(description="KL(unsteered || steered) averaged over the prompt's positions")
     answer_probability: float | None = Field(
         default=None, description="P(answer's first token) at the prompt's next-token position (not during "
-        "generation), when answer given"
+        "generation; seed-independent), when answer given"
     )
     answer_probability_change: float | None = Field(default=None, description="Minus the unsteered P(answer)")
+    continuations: list[Continuation] = Field(description="One per seed, in the order of `seeds`")
+    concept_readout: list[float] | None = Field(
+        default=None, description="Per target feature: the continuations' concept_readout averaged over seeds "
+        "(seeds that generated nothing left out); compare with unsteered_concept_readout"
+    )
+    concept_readout_std: list[float] | None = Field(
+        default=None, description="Per target feature: sample std (n - 1) of concept_readout over seeds; None "
+        "with fewer than 2"
+    )
+    changed_fraction: float = Field(description="Share of seeds whose text differs from the unsteered text")
+    degenerate_fraction: float = Field(description="Share of seeds whose continuation is degenerate")
+    degenerate: bool = Field(description="At least half of the seeds' continuations are degenerate (loops)")
 
 
 class SteerResult(BaseModel):
@@ -83,11 +120,15 @@ class SteerResult(BaseModel):
     hook_name: str
     calibration: str = Field(description="'max_activation' (coefficient = strength * max) or 'absolute'")
     features: list[SteerFeature]
-    seed: int
+    seeds: list[int] = Field(description="Sampling seeds: every run is generated once per seed")
     temperature: float = Field(description="0 = greedy")
     top_p: float
     prompt_tokens: list[str]
-    unsteered: Continuation = Field(description="The plain model's continuation from the same seed")
+    unsteered: list[Continuation] = Field(description="The plain model's continuation per seed")
+    unsteered_concept_readout: list[float] | None = Field(
+        default=None, description="Per target feature: the unsteered continuations' concept_readout averaged "
+        "over seeds: the baseline for each run's concept_readout"
+    )
     unsteered_answer_probability: float | None = Field(
         default=None, description="The unsteered P(answer's first token) at the prompt's next-token position"
     )
@@ -96,17 +137,33 @@ class SteerResult(BaseModel):
         default=None, description="True when the answer is several tokens: only the first is scored"
     )
     steered: list[SteerRun] = Field(description="One run per dose (one entry unless strengths was given)")
-    controls: Controls | None = None
+    controls: list[Controls] | None = Field(
+        default=None, description="One block per dose the controls ran at (`scale`), each compared with the "
+        "targets' run at that dose"
+    )
+    warnings: list[str] | None = warnings_field()
 
 
 # ------------------------------------------------------------------------------------------------- ablation
 
 
+class ScoredToken(BaseModel):
+    token: str = Field(description="The first token of what was given (the one scored)")
+    token_id: int
+    tokens: list[str] = Field(description="How the whole text tokenizes; only the first token is scored")
+
+
 class NextTokenTable(BaseModel):
+    """One condition's next-token prediction after the prompt."""
+
     top: list[TokenProb]
-    answer: AnswerScore | None = None
-    answer_probability_change: float | None = Field(default=None, description="Versus baseline")
-    answer_logit_change: float | None = Field(default=None, description="Versus baseline")
+    answer_rank: int = Field(description="0 = most likely next token")
+    answer_probability: float
+    answer_logit: float
+    metric: float | None = Field(default=None, description="logit[answer] - logit[counterfactual], with one")
+    answer_probability_change: float = Field(description="Versus baseline")
+    answer_logit_change: float = Field(description="Versus baseline")
+    metric_change: float | None = Field(default=None, description="Versus baseline, with a counterfactual")
     kl_from_baseline: float = Field(description="KL(baseline || this) of the next-token distribution")
 
 
@@ -114,10 +171,11 @@ class ReconstructionTable(NextTokenTable):
     """The ablation without the error term, also measured against reconstruction_only (the same SAE spliced,
     nothing ablated): the change that is the ablation's own, without the SAE's distortion."""
 
-    answer_probability_change_vs_reconstruction: float | None = Field(
-        default=None, description="Versus reconstruction_only: the ablation's effect without the error term"
+    answer_probability_change_vs_reconstruction: float = Field(
+        description="Versus reconstruction_only: the ablation's effect without the error term"
     )
-    answer_logit_change_vs_reconstruction: float | None = Field(default=None, description="Versus reconstruction_only")
+    answer_logit_change_vs_reconstruction: float = Field(description="Versus reconstruction_only")
+    metric_change_vs_reconstruction: float | None = Field(default=None, description="Versus reconstruction_only")
     kl_from_reconstruction: float = Field(description="KL(reconstruction_only || this) of the next-token distribution")
 
 
@@ -132,7 +190,11 @@ class AblationResult(BaseModel):
     sae: str
     hook_name: str
     tokens: list[str]
-    positions: list[int] = Field(description="Ablated positions (non-negative indices)")
+    positions: list[int] | None = Field(description="Ablated positions (non-negative); None = every position")
+    answer: ScoredToken
+    counterfactual: ScoredToken | None = Field(
+        default=None, description="With one, metric = logit[answer] - logit[counterfactual] (attribute's metric)"
+    )
     features: list[AblatedFeature]
     baseline: NextTokenTable = Field(description="The plain model, no SAE")
     reconstruction_only: NextTokenTable = Field(
@@ -148,10 +210,8 @@ class AblationResult(BaseModel):
         "own distortion)"
     )
     summary: str = Field(description="One line: the ablation's causal effect, and the SAE's own distortion")
-    note: str | None = Field(
-        default=None, description="Set when a target feature does not fire at the ablated positions"
-    )
     controls: Controls | None = None
+    warnings: list[str] | None = warnings_field()
 
 
 # ------------------------------------------------------------------------------------------------ attribution
@@ -163,7 +223,16 @@ class AttributionEntry(BaseModel):
     token: str
     feature: int
     activation: float
-    attribution: float = Field(description="gradient x activation: first-order effect on the metric of removing it")
+    attribution: float = Field(
+        description="method='gradient': gradient x activation, the first-order effect on the metric of removing it; "
+        "method='integrated_gradients': its share of removing all features together"
+    )
+    exact_effect: float | None = Field(
+        default=None,
+        description="The top `verify` entries only: metric - metric with this one feature zeroed at this one "
+        "position (every SAE spliced with its error term, all else unchanged); attribution ~ exact_effect when the "
+        "metric is linear in the feature, and a warning names the entries where it is not",
+    )
 
 
 class Attribution(BaseModel):
@@ -200,3 +269,42 @@ class Attribution(BaseModel):
     error_share_positions: list[int] = Field(
         description="[first, last] positions error_share is taken over: 1 (0 without BOS) .. the metric position"
     )
+    method: str = Field(
+        description="'gradient' (gradient x activation, one backward pass) or "
+        "'integrated_gradients' (top, per_token and feature_attribution_total; the error fields stay first order)"
+    )
+    feature_attribution_total: dict[str, float] = Field(
+        description="Per SAE: the sum of all its feature attributions (all positions)"
+    )
+    attribution_total: float = Field(
+        description="feature_attribution_total + error_attribution summed over the SAEs. It need not equal "
+        "metric_value: with a linear decoder an SAE's features + error = gradient . (its input - b_dec), the "
+        "first-order effect of what flows through its hook, so it misses the model's nonlinearity, the decoder "
+        "bias and whatever reaches the logits without passing the hook (the residual bypass of an "
+        "attention/MLP-output SAE, biases); SAEs in series on one residual stream each count that stream, so "
+        "compare each SAE's own total",
+    )
+    integrated_gradients: IntegratedGradientsCheck | None = Field(
+        default=None, description="method='integrated_gradients' only: its completeness check"
+    )
+    warnings: list[str] | None = warnings_field()
+
+
+class IntegratedGradientsCheck(BaseModel):
+    """Integrated gradients along alpha * a (every SAE's features at once, each SAE's error held at its clean value)
+    sums exactly to the metric's change over the path; with few steps the midpoint sum is off."""
+
+    steps: int = Field(description="Interpolation points (midpoints of steps intervals of [0, 1])")
+    attribution_sum: float = Field(description="Sum of the integrated-gradients attributions of all features")
+    endpoint_difference: float = Field(
+        description="metric_value - the metric with every feature of every SAE zeroed, errors kept (with several "
+        "SAEs each passes on what earlier ones changed in its input, so this end is the model with every SAE's "
+        "clean feature part subtracted at its hook): what attribution_sum equals in the limit of many steps"
+    )
+    relative_error: float = Field(
+        description="|attribution_sum - endpoint_difference| / |endpoint_difference| (the denominator at least "
+        "0.05 |metric_value|); a warning above 0.05"
+    )
+
+
+Attribution.model_rebuild()

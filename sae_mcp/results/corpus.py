@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from sae_mcp.results import warnings_field
+
 
 class Histogram(BaseModel):
     """Bins, not points: counts[i] is the tokens with edges[i] <= activation < edges[i + 1]."""
@@ -29,6 +31,11 @@ class Example(BaseModel):
     offset: int = Field(
         description="Offset of the max token in its document's token stream (0 = first token after BOS)"
     )
+    count: int | None = Field(
+        default=None,
+        description="How many of the candidates showed exactly these tokens (identical contexts are listed once, "
+        "with the first one's activation and location); absent when this context occurred once",
+    )
 
 
 class FeatureSummary(BaseModel):
@@ -50,13 +57,43 @@ class FeatureSummary(BaseModel):
     )
 
 
+class Interval(BaseModel):
+    lower: float = Field(description="Activations in this band are >= lower (0 for the band that starts at the "
+                         "histogram's first bin)")
+    upper: float = Field(description="... and < upper; the top band's upper is the max activation, included")
+    quantiles: list[float] = Field(
+        description="[q_lo, q_hi]: the band holds the feature's firing tokens from quantile q_lo to q_hi of its "
+        "activation distribution"
+    )
+    tokens: int = Field(description="Scanned tokens whose activation fell in this band")
+    examples: list[Example] = Field(
+        description="Uniformly sampled firing tokens of this band (deterministic), largest activation first"
+    )
+    merged_duplicates: int | None = Field(
+        default=None, description="Sampled tokens folded into an identical shown context (see count); absent if none"
+    )
+
+
 class TopExamples(FeatureSummary):
     source: Literal["index", "scan"] = Field(
         description="'index': the corpus index; 'scan': an on-demand scan of this feature"
     )
     corpus: str = Field(description="The corpus the examples come from")
     context_size: int = Field(description="Window length in tokens (BOS + context_size - 1 document tokens)")
-    examples: list[Example] = Field(description="The k largest activations, largest first (ties: earlier first)")
+    examples: list[Example] = Field(
+        description="The k largest activations with distinct shown contexts, largest first (ties: earlier first)"
+    )
+    merged_duplicates: int | None = Field(
+        default=None,
+        description="Candidates (the kept top 50) folded into an identical shown context listed above them (see "
+        "each example's count); absent when none were",
+    )
+    intervals: list[Interval] | None = Field(
+        default=None,
+        description="With intervals=N: up to N activation bands spanning (0, max] by quantile, highest first, each "
+        "with sampled examples; absent when not asked for or unavailable (see warnings)",
+    )
+    warnings: list[str] | None = warnings_field()
 
 
 class IndexReport(BaseModel):

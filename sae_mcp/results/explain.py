@@ -25,8 +25,7 @@ class ExplanationSearch(BaseModel):
 class LabelRecorded(BaseModel):
     feature: int
     sae: str
-    label: str
-    evidence: str | None = None
+    label_id: int = Field(description="The label's id in the explanation store")
     labels_for_feature: int = Field(description="How many labels this feature now has")
 
 
@@ -35,9 +34,11 @@ class LabelRecorded(BaseModel):
 
 class FeatureStat(BaseModel):
     feature: int
-    mean: float = Field(
-        description="Mean of W_dec[f] @ W_U over the vocabulary: ~0 for every feature when the unembedding is "
-        "mean-centred (transformer-lens' center_unembed, its default), as W_U's rows then sum to 0"
+    mean: float | None = Field(
+        default=None,
+        description="Mean of W_dec[f] @ W_U over the vocabulary; absent when the unembedding is mean-centred "
+        "(transformer-lens' center_unembed, its default), where W_U's rows sum to 0 and the mean is 0 for every "
+        "feature",
     )
     std: float = Field(description="Standard deviation (population) over the vocabulary")
     skewness: float = Field(description="Third standardised moment; large positive = promotes a few tokens")
@@ -57,7 +58,6 @@ class EnrichedFeature(BaseModel):
     feature: int
     score: float = Field(description="Rank-biserial r = 2*AUC-1 in [-1, 1]: >0 the set's tokens are promoted")
     z: float = Field(description="Mann-Whitney z of the set's logit weights vs the rest of the vocabulary")
-    direction: str = Field(description="'promotes' or 'suppresses' the set")
 
 
 class SetEnrichment(BaseModel):
@@ -65,15 +65,14 @@ class SetEnrichment(BaseModel):
     size: int = Field(description="Tokens of the vocabulary in the set")
     examples: list[str] = Field(description="A few of its tokens")
     unmatched: list[str] | None = Field(default=None, description="Given tokens that are not single vocabulary tokens")
-    promoted: list[EnrichedFeature] = Field(description="Features whose decoder most promotes the set")
-    suppressed: list[EnrichedFeature] = Field(description="Features whose decoder most suppresses the set")
+    promoted: list[EnrichedFeature] = Field(description="Features whose decoder most promotes the set (score > 0)")
+    suppressed: list[EnrichedFeature] = Field(description="Features whose decoder most suppresses it (score < 0)")
 
 
 class TokenSetEnrichment(BaseModel):
     sae: str
     n_features: int
     skipped: list[str] | None = Field(default=None, description="Built-in sets left out: empty in this vocabulary")
-    method: str = Field(description="How the score is computed")
     sets: list[SetEnrichment]
 
 

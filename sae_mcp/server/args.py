@@ -36,24 +36,12 @@ def engine_args(engine: Engine) -> Args:
     n_ctx = int(engine.model.cfg.n_ctx)
     index = Annotated[int, Field(ge=0, le=max_feature)]
     return Args(
-        Feature=Annotated[index, Field(description=f"Feature index (0..d_sae-1; widest SAE: {max_feature})")],
+        Feature=index,
         Features=Annotated[list[index], Field(max_length=engine.limits.max_features_per_call)],
-        Position=Annotated[
-            int, Field(ge=-n_ctx, le=n_ctx - 1, description="Token position; negative counts from the end, -1 = last")
-        ],
-        Prompt=Annotated[
-            str,
-            Field(max_length=n_ctx * CHARS_PER_TOKEN_CEILING,
-                  description="Text to run through the model (BOS is prepended as the SAE expects)"),
-        ],
-        Answer=Annotated[
-            str, Field(max_length=256, description="Expected next token, e.g. ' Paris' (mind the leading space)")
-        ],
-        Sae=Annotated[
-            str | None,
-            Field(max_length=256,
-                  description="SAE key (alias or hook name) from model_info; optional when one SAE is loaded"),
-        ],
+        Position=Annotated[int, Field(ge=-n_ctx, le=n_ctx - 1, description="-1 = last token")],
+        Prompt=Annotated[str, Field(max_length=n_ctx * CHARS_PER_TOKEN_CEILING)],
+        Answer=Annotated[str, Field(max_length=256, description="A next token, e.g. ' Paris' (leading space)")],
+        Sae=Annotated[str | None, Field(max_length=256, description="SAE key; optional with one SAE")],
         max_feature=max_feature,
         n_ctx=n_ctx,
     )

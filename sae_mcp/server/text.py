@@ -1,19 +1,16 @@
-"""What the agent reads: the text content of a tool result, compact.
+"""The pieces of what the agent reads (server/renderings.py puts them together).
 
 A chat host shows the model a result's text content, and every character costs it context. The structured content
 keeps the whole typed result (the output schema); the text says the same facts once: compact JSON without
-indentation, without null or empty fields, floats to 4 significant digits; or, for results whose shape reads
-better as lines, a purpose-made rendering (registered below with `@agent_text.register`).
+indentation, without null or empty fields, floats to 4 significant digits, or a purpose-made rendering.
 """
 
 from __future__ import annotations
 
 import json
-from functools import singledispatch
 from typing import Any
 
 from mcp.types import TextContent
-from pydantic import BaseModel
 
 SIGNIFICANT = 4
 
@@ -43,7 +40,14 @@ def text_content(text: str) -> TextContent:
     return TextContent(type="text", text=text)
 
 
-@singledispatch
-def agent_text(result: BaseModel) -> str:
-    """The text content for a result: compact JSON of the whole result unless a renderer is registered."""
-    return compact_json(result.model_dump(mode="json"))
+def tok(t: str) -> str:
+    """A token as the agent reads it: quoted, newlines visible ('\\n' stays escaped by repr)."""
+    return repr(t)
+
+
+def warnings_lines(warnings: list[str] | None) -> list[str]:
+    return [f"warning: {w}" for w in warnings or []]
+
+
+def join(lines: list[str | None]) -> str:
+    return "\n".join(line for line in lines if line)

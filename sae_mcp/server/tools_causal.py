@@ -19,6 +19,8 @@ from sae_mcp.engine.steering import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,
     MAX_NEW_TOKENS,
+    MAX_SEED,
+    MAX_SEEDS,
     MAX_STEER_FEATURES,
     MAX_STRENGTH,
     MAX_STRENGTHS,
@@ -58,60 +60,46 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
 
     class SteerSpec(BaseModel):
         feature: A.Feature
-        strength: Strength = Field(
-            default=1.0,
-            description="Multiple of the feature's max activation (or the coefficient, calibration='absolute')",
-        )
+        strength: Strength = Field(default=1.0, description="x max activation (the coefficient if absolute)")
+
+    Seeds = Annotated[
+        list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None,
+        Field(min_length=1, max_length=MAX_SEEDS, description="Run everything once per seed (default [seed])"),
+    ]
+    ControlStrength = Annotated[
+        Strength | None,
+        Field(description="Run controls at this one dose only (default: every dose)"),
+    ]
 
     @tool()
     def steer_generate(
         prompt: Prompt,
         features: Annotated[
             list[SteerSpec],
-            Field(min_length=1, max_length=MAX_STEER_FEATURES, description="Features to add: [{feature, strength}]"),
+            Field(min_length=1, max_length=MAX_STEER_FEATURES, description="[{feature, strength}]"),
         ],
         sae: SaeArg = None,
-        max_new_tokens: Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS, description="Tokens to generate")] = 30,
-        temperature: Annotated[
-            float,
-            Field(ge=0, le=10, allow_inf_nan=False,
-                  description="Sampling temperature; default 1 (sampled, as in the SAELens steering tutorial, "
-                  "reproducible by seed); 0 = greedy"),
-        ] = DEFAULT_TEMPERATURE,
-        top_p: Annotated[
-            float, Field(gt=0, le=1, allow_inf_nan=False, description="Nucleus sampling mass (ignored when greedy)")
-        ] = DEFAULT_TOP_P,
-        seed: Annotated[int, Field(ge=0, le=2**31 - 1, description="Same seed for the unsteered and steered runs")] = 0,
-        calibration: Annotated[
-            Literal["max_activation", "absolute"],
-            Field(description="max_activation: coefficient = strength * the feature's max activation; "
-                  "absolute: coefficient = strength"),
-        ] = "max_activation",
+        max_new_tokens: Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)] = 30,
+        temperature: Annotated[float, Field(ge=0, le=10, allow_inf_nan=False, description="0 = greedy")] = (
+            DEFAULT_TEMPERATURE),
+        top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = DEFAULT_TOP_P,
+        seed: Annotated[int | None, Field(ge=0, le=MAX_SEED, description="Default 0")] = None,
+        seeds: Seeds = None,
+        calibration: Literal["max_activation", "absolute"] = "max_activation",
         strengths: Annotated[
             list[Strength] | None,
-            Field(min_length=1, max_length=MAX_STRENGTHS,
-                  description="Dose-response: one run per value, every coefficient multiplied by it"),
+            Field(min_length=1, max_length=MAX_STRENGTHS, description="Doses: each multiplies every coefficient"),
         ] = None,
-        answer: Annotated[
-            Answer | None,
-            Field(description="Also report P(answer) at the prompt's next-token position for every run, e.g. "
-                  "' Paris'; only the first token of a multi-token answer is scored"),
-        ] = None,
-        controls: Annotated[
-            bool, Field(description="Also steer with random features matched in decoder norm, same coefficients "
-                        "(use n_controls >= 5: exceeding all of few controls is weak evidence)")
-        ] = False,
-        n_controls: Annotated[int, Field(ge=1, le=MAX_CONTROLS, description="Control runs when controls")] = 5,
+        answer: Annotated[Answer | None, Field(description="Score P(answer) per dose (its first token)")] = None,
+        controls: Annotated[bool, Field(description="Random features matched in decoder norm")] = False,
+        n_controls: Annotated[int, Field(ge=1, le=MAX_CONTROLS)] = 5,
+        control_strength: ControlStrength = None,
         mcp_context: Context = None,
     ) -> SteerResult:
-        """Steer generation: add coefficient * W_dec[feature] at the SAE's hook at every position (prompt and
-        generated tokens) and return the unsteered and steered continuations from the same seed side by side,
-        with the coefficients used, whether each run's text changed and where it first diverged, the KL from the
-        unsteered next-token distribution, P(answer) at the prompt's next-token position with `answer` (first token
-        only: answer_tokens / multi_token say when there are more), a dose-response table with `strengths`, and
-        matched random-feature controls with `controls`.
-        Sampled by default (temperature 1, top_p 0.9, as in the SAELens tutorial; the same seed for every run);
-        temperature=0 is greedy. Reports progress per generated token; cancellable."""
+        """Add coefficient * W_dec[feature] at the SAE's hook at every position and generate, unsteered and per
+        dose side by side from the same seeds. coefficient = strength * max activation (calibration max_activation)
+        or strength (absolute). Per dose: KL, P(answer), the concept readout (the features' activation on the text
+        read back unsteered), changed/degenerate seeds; controls per dose. At most 128 runs x seeds."""
         calib = max_activation_of(services.examples) if calibration == "max_activation" else None
         cancel = CancelToken()
 
@@ -121,60 +109,57 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
             engine, prompt, [(f.feature, f.strength) for f in features], sae=sae, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, seed=seed, calibration=calibration, max_activation_fn=calib,
             strengths=strengths, answer=answer, controls=controls, n_controls=n_controls, cancel=cancel,
-            progress=progress,
+            progress=progress, seeds=seeds, control_strength=control_strength,
         )
 
     @tool()
     def ablate_and_test(
         prompt: Prompt,
         answer: Answer,
-        features: Annotated[A.Features, Field(min_length=1, description="Features to zero")],
+        features: Annotated[A.Features, Field(min_length=1, description="To zero")],
         sae: SaeArg = None,
         position: Annotated[
             A.Position | Annotated[list[A.Position], Field(max_length=A.n_ctx)] | None,
-            Field(description="Token position(s) to ablate at (negative counts from the end); omit for all"),
+            Field(description="Position(s) to ablate at; default all"),
         ] = None,
-        top_k: Annotated[int, Field(ge=1, le=max_k, description="Next tokens listed per table")] = 10,
-        controls: Annotated[
-            bool, Field(description="Also ablate random features matched in activation at those positions")
-        ] = False,
-        n_controls: Annotated[int, Field(ge=1, le=MAX_CONTROLS, description="Control runs when controls")] = 5,
-        seed: Annotated[int, Field(ge=0, le=2**31 - 1, description="Seed for drawing control features")] = 0,
+        top_k: Annotated[int, Field(ge=1, le=max_k)] = 10,
+        controls: Annotated[bool, Field(description="Random features matched in activation")] = False,
+        n_controls: Annotated[int, Field(ge=1, le=MAX_CONTROLS)] = 5,
+        seed: Annotated[int, Field(ge=0, le=2**31 - 1, description="Draws the controls")] = 0,
+        counterfactual: Annotated[
+            Answer | None, Field(description="Also score logit[answer] - logit[counterfactual]")
+        ] = None,
     ) -> AblationResult:
-        """Zero features in the SAE's activations at the given positions and compare next-token predictions:
-        baseline (plain model), reconstruction_only (SAE spliced without error term, nothing ablated: the SAE's
-        own distortion), ablated (SAE with the error term, so only the ablation changes the model: its change
-        from baseline is the causal effect) and ablated_without_error_term (its effect is the change versus
-        reconstruction_only, given as *_vs_reconstruction and kl_from_reconstruction); each with the answer's
-        rank/probability/logit and its change from baseline. `summary` says which number is the effect and how
-        large the SAE's distortion is; per feature: fired, activation_sum and max_activation at those positions,
-        and `note` warns when a target does not fire there (ablating it changes nothing)."""
+        """Zero features at positions and compare the next token: baseline, reconstruction_only (SAE spliced, no
+        error term: its own distortion), ablated (error term on: its change from baseline is the causal effect),
+        ablated_without_error_term (effect *_vs_reconstruction). Read `summary`."""
         return ablation.ablate_and_test(
             engine, prompt, answer, features, sae=sae, position=position, top_k=top_k, controls=controls,
-            n_controls=n_controls, seed=seed,
+            n_controls=n_controls, seed=seed, counterfactual=counterfactual,
         )
 
     @tool()
     def attribute(
         prompt: Prompt,
         answer: Answer,
-        counterfactual: Annotated[
-            Answer | None, Field(description="Contrast token: metric = logit[answer] - logit[counterfactual]")
-        ] = None,
+        counterfactual: Annotated[Answer | None, Field(description="metric = logit[answer] - logit[this]")] = None,
         sae: SaeArg = None,
         saes: Annotated[
             list[Annotated[str, Field(max_length=256)]] | None,
-            Field(max_length=64, description="Several SAE keys, one backward pass (default: every loaded SAE, "
-                  "one per hook)"),
+            Field(max_length=64, description="Several SAEs, one pass (default: all, one per hook)"),
         ] = None,
-        top_k: Annotated[int, Field(ge=1, le=max_k, description="Top (position, feature) attributions")] = 20,
-        position: Annotated[A.Position, Field(description="Position whose logits define the metric; -1 = last")] = -1,
+        top_k: Annotated[int, Field(ge=1, le=max_k)] = 20,
+        position: Annotated[A.Position, Field(description="Whose logits define the metric")] = -1,
+        method: Literal["gradient", "integrated_gradients"] = "gradient",
+        steps: Annotated[int, Field(ge=1, le=attr.checks.MAX_STEPS, description="integrated_gradients")] = 8,
+        verify: Annotated[
+            int, Field(ge=0, le=attr.checks.MAX_VERIFY, description="Top entries to check by zeroing them")
+        ] = 3,
     ) -> Attribution:
-        """Which SAE features drive a prediction: gradient x activation of every feature (and of each SAE's
-        error) on logit[answer] - logit[counterfactual] at `position` (the first token of each: answer_tokens,
-        multi_token say when there are more), with the error term on so the model's output is unchanged. Returns the
-        top (position, feature) attributions, per-token sums, and each SAE's error attribution and error share (how
-        much of the metric the SAE does not explain)."""
+        """Which features drive logit[answer] - logit[counterfactual] (first token of each): gradient x activation
+        of every feature and each SAE's error, error term on; error share; exact_effect (zeroing) of the top
+        `verify` entries beside their attribution, warnings where they disagree."""
         return attr.attribute(
-            engine, prompt, answer, counterfactual=counterfactual, sae=sae, saes=saes, top_k=top_k, position=position
+            engine, prompt, answer, counterfactual=counterfactual, sae=sae, saes=saes, top_k=top_k, position=position,
+            method=method, steps=steps, verify=verify,
         )

@@ -22,6 +22,7 @@ from sae_mcp.server.render import histogram_png
 from sae_mcp.server.wiring import ToolDecorator, as_tool_result
 from sae_mcp.services import Services
 from sae_mcp.services.example_source import DEFAULT_CONTEXT, DEFAULT_SCAN_TOKENS, MAX_CONTEXT, MAX_SCAN_TOKENS
+from sae_mcp.services.example_view import DEFAULT_PER_INTERVAL, MAX_INTERVALS, MAX_PER_INTERVAL
 from sae_mcp.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -55,28 +56,25 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
     def top_examples(
         feature: A.Feature,
         sae: A.Sae = None,
-        k: Annotated[int, Field(ge=1, le=KEEP, description="Examples to return, largest activation first")] = 10,
-        context: Annotated[
-            int, Field(ge=0, le=MAX_CONTEXT, description="Tokens of context shown on each side of the max token")
-        ] = DEFAULT_CONTEXT,
+        k: Annotated[int, Field(ge=1, le=KEEP)] = 10,
+        context: Annotated[int, Field(ge=0, le=MAX_CONTEXT, description="Tokens each side")] = DEFAULT_CONTEXT,
         max_scan_tokens: Annotated[
-            int,
-            Field(ge=1, le=MAX_SCAN_TOKENS, description="Without an index: corpus tokens the on-demand scan reads"),
+            int, Field(ge=1, le=MAX_SCAN_TOKENS, description="Without an index: tokens to scan")
         ] = DEFAULT_SCAN_TOKENS,
-        plot: Annotated[bool, Field(description="Also return a PNG of the activation histogram")] = False,
+        plot: Annotated[bool, Field(description="Add a histogram PNG")] = False,
+        intervals: Annotated[
+            int, Field(ge=0, le=MAX_INTERVALS, description="Also sample from this many activation bands")
+        ] = 0,
+        per_interval: Annotated[int, Field(ge=1, le=MAX_PER_INTERVAL)] = DEFAULT_PER_INTERVAL,
         mcp_context: Context = None,
     ) -> Annotated[CallToolResult, TopExamples]:
-        """Max-activating corpus examples of a feature: the k largest activations with their context (tokens,
-        the max token and its position in them, document index and token offset), plus max activation, density
-        (fraction of scanned tokens where it fired), an activation histogram (bins: edges has one more entry than
-        counts) and compute_dtype, the precision the scan ran in (bfloat16 under CUDA autocast). From the corpus
-        index when one was built (build_index or `sae-mcp index`), else an on-demand scan of this one feature over
-        max_scan_tokens tokens (cached; reports progress). Each example's window starts with BOS at the
-        document's window start."""
+        """A feature's max-activating corpus examples in context (identical contexts once, with a count), with
+        density, max activation and histogram; intervals=N adds examples sampled from N bands by quantile. From
+        the index, else an on-demand scan of this feature (cached)."""
         cancel = CancelToken()
         progress = progress_reporter(mcp_context, cancel, "tokens scanned")
         res = source.top_examples(sae, feature, k=k, context=context, max_scan_tokens=max_scan_tokens,
-                                  progress=progress, cancel=cancel)
+                                  progress=progress, cancel=cancel, intervals=intervals, per_interval=per_interval)
         result = as_tool_result(res)
         if plot:
             png = histogram_png(res.histogram, f"{res.sae} feature {feature}: {res.n_fired} of "
@@ -88,16 +86,12 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
     @tool(annotations=annotations)
     def build_index(
         sae: A.Sae = None,
-        tokens: Annotated[
-            int, Field(ge=1_000, le=MAX_INDEX_TOKENS, description="Corpus tokens to scan (resumes a smaller index)")
-        ] = 200_000,
+        tokens: Annotated[int, Field(ge=1_000, le=MAX_INDEX_TOKENS, description="Corpus tokens to scan")] = 200_000,
         mcp_context: Context = None,
     ) -> IndexReport:
-        """Build (or extend) the corpus index of EVERY feature of an SAE in one pass: top examples, firing density
-        and activation histogram per feature, so top_examples, feature_card and feature_stats(density) answer at
-        once. Re-running with the same or fewer tokens reuses the index; more tokens resume it. Reports progress;
-        a cancelled call keeps what it scanned up to its last checkpoint. For corpora beyond this ceiling use the
-        `sae-mcp index` command."""
+        """Index EVERY feature of an SAE in one corpus pass (top examples, interval samples, density, histogram),
+        so top_examples, feature_card and feature_stats answer at once. Resumes and reuses; `sae-mcp index` for
+        more tokens."""
         cancel = CancelToken()
         return source.build_index(sae, tokens, progress=progress_reporter(mcp_context, cancel, "tokens indexed"),
                                   cancel=cancel)

@@ -23,7 +23,8 @@ from mcp_types import INVALID_PARAMS
 from pydantic import BaseModel, ValidationError
 
 from sae_mcp.errors import SaeMcpError
-from sae_mcp.server.text import agent_text, text_content
+from sae_mcp.server.renderings import agent_text
+from sae_mcp.server.text import text_content
 
 F = TypeVar("F", bound=Callable[..., Any])
 ToolDecorator = Callable[..., Callable[[F], F]]
@@ -54,6 +55,14 @@ class SaeMcpServer(MCPServer):
                 raise ToolError(f"invalid arguments for {name}: {validation_message(exc.__cause__)}") from exc.__cause__
             raise
 
+    async def list_tools(self) -> list[Any]:
+        """The SDK's tool list with the input schemas' `title`s left out: pydantic titles every property with its
+        own name capitalised, which the agent pays for on every tool and learns nothing from."""
+        tools = await super().list_tools()
+        for t in tools:
+            t.input_schema = without_titles(t.input_schema)
+        return tools
+
     async def argument_names(self, name: str) -> set[str]:
         """The tool's argument names from its published input schema (empty for an unknown tool)."""
         if self._argument_names is None:
@@ -67,6 +76,16 @@ class SaeMcpServer(MCPServer):
             if missing:
                 raise MCPError(INVALID_PARAMS, f"prompt {name!r} needs the argument(s) {', '.join(missing)}")
         return await super().get_prompt(name, arguments, context)
+
+
+def without_titles(schema: Any) -> Any:
+    """A JSON schema without its `title` keywords. A property *named* title stays: its value is a schema (a dict),
+    the keyword's a string."""
+    if isinstance(schema, dict):
+        return {k: without_titles(v) for k, v in schema.items() if k != "title" or not isinstance(v, str)}
+    if isinstance(schema, list):
+        return [without_titles(v) for v in schema]
+    return schema
 
 
 def validation_message(exc: ValidationError) -> str:

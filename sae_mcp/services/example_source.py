@@ -2,7 +2,8 @@
 
     ExampleSource(engine, settings)            built once per server (services), or by `sae-mcp index`
       .build_index(sae, max_tokens, ...)        the one-pass index of every feature (resumes, reuses)
-      .top_examples(sae, feature, k, context)   from the index; else an on-demand scan of the feature, cached
+      .top_examples(sae, feature, k, context, intervals, per_interval)
+                                                from the index; else an on-demand scan of the feature, cached
       .cached_top_examples(sae, feature, ...)   the same from the index or an already cached scan; never scans
       .feature_summary(sae, feature)            index only: max activation, density, histogram (None if absent)
       .max_activation(sae, feature)             (value, 'index' | 'scan'), for steering calibration
@@ -12,7 +13,11 @@ The corpus is --corpus, else the SAE's metadata.dataset_path. The index file is 
 SAE's store key: its source, plus the weights' hash for a local folder) and corpus, so an SAE re-trained into the
 same folder never gets the old weights' examples, densities or max activations. On-demand single-feature scans
 live in the same file as rows 'feature:<f>', over the same window stream, so their tokens and windows are shared
-with the index.
+with the index. What an answer shows of a row (identical contexts merged, interval bands) is example_view.py's.
+
+A row written before interval samples (index format 1) still answers, without intervals (a warning says so), and
+is rescanned from the start whenever a scan of it is asked for (build_index, or an on-demand scan): samples cannot
+be added to a scan that has already passed the tokens.
 """
 
 from __future__ import annotations
@@ -29,10 +34,19 @@ import torch
 from sae_mcp.engine.corpus import CorpusSource, iter_windows, resolve_corpus, window_context
 from sae_mcp.engine.runtime import CancelToken, Engine
 from sae_mcp.engine.saes import LoadedSAE
+from sae_mcp.engine.samples import SAMPLE_BINS, SAMPLES_PER_BIN
 from sae_mcp.engine.scan import KEEP, ScanState, bos_id, compute_dtype, hist_edges, scan
 from sae_mcp.errors import Cancelled, InvalidInput, SaeMcpError
 from sae_mcp.results import rounded
-from sae_mcp.results.corpus import Example, FeatureSummary, Histogram, IndexReport, TopExamples
+from sae_mcp.results.corpus import FeatureSummary, Histogram, IndexReport, TopExamples
+from sae_mcp.services.example_view import (
+    DEFAULT_PER_INTERVAL,
+    MAX_INTERVALS,
+    MAX_PER_INTERVAL,
+    View,
+    show,
+    shown_activation,
+)
 from sae_mcp.settings import Settings
 from sae_mcp.store.index import IndexStore, StoredScan, index_path, meta_for
 
@@ -62,14 +76,24 @@ def compact_histogram(fine: np.ndarray, max_bins: int = HIST_SHOWN) -> Histogram
                      counts=counts)
 
 
+def resumable(prev: StoredScan | None) -> bool:
+    """Whether a stored row can be resumed: it has interval samples, in this version's layout [F, SB, S]."""
+    layout = (SAMPLE_BINS, SAMPLES_PER_BIN)
+    return prev is not None and prev.samp_pos is not None and tuple(prev.samp_pos.shape[1:]) == layout
+
+
 def resume_state(prev: StoredScan | None, device) -> ScanState | None:
-    """A stored scan row -> the running state on the device (None: start afresh)."""
-    if prev is None:
+    """A stored scan row -> the running state on the device (None: start afresh, also for a row without
+    samples: see resumable)."""
+    if not resumable(prev):
         return None
+
+    def dev(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a.copy()).to(device)
+
     return ScanState(
-        torch.from_numpy(prev.top_vals.copy()).to(device), torch.from_numpy(prev.top_pos.copy()).to(device),
-        torch.from_numpy(prev.n_fired.copy()).to(device), torch.from_numpy(prev.hist.copy()).to(device),
-        prev.tokens, prev.windows, False,
+        top_vals=dev(prev.top_vals), top_pos=dev(prev.top_pos), n_fired=dev(prev.n_fired), hist=dev(prev.hist),
+        samp_pos=dev(prev.samp_pos), samp_vals=dev(prev.samp_vals), tokens=prev.tokens, windows=prev.windows,
     )
 
 
@@ -87,6 +111,7 @@ class Checkpointer:
             self.name, tokens=st.tokens, windows=st.windows, exhausted=st.exhausted, target=self.target,
             top_vals=st.top_vals.cpu().numpy(), top_pos=st.top_pos.cpu().numpy(),
             n_fired=st.n_fired.cpu().numpy(), hist=st.hist.cpu().numpy(), compute_dtype=self.compute_dtype,
+            samp_pos=st.samp_pos.cpu().numpy(), samp_vals=st.samp_vals.cpu().numpy(),
         )
         self.last_save = time.monotonic()
 
@@ -177,6 +202,9 @@ class ExampleSource:
         src = self.corpus(s)
         with self._lock_for(str(index.path), name):
             prev = self._scan_row(index, name)
+            if prev is not None and not resumable(prev):
+                log.info("%s: %s was stored without interval samples; rescanning it from the start", s.key, name)
+                prev = None
             if prev is not None and (prev.exhausted or prev.tokens >= target):
                 return index, prev, True
             if prev is not None:
@@ -206,7 +234,7 @@ class ExampleSource:
         s = self.engine.sae(sae)
         t0 = time.perf_counter()
         before = self._index_row(s)
-        tokens_before = before[1].tokens if before else 0
+        tokens_before = before[1].tokens if before and resumable(before[1]) else 0
         index, row, reused = self._run(s, INDEX, None, max_tokens, progress, cancel, batch_windows)
         dt = time.perf_counter() - t0
         return IndexReport(
@@ -221,64 +249,61 @@ class ExampleSource:
         vals = row.top_vals[:, col]
         return dict(
             sae=s.key, feature=feature,
-            max_activation=rounded(max(float(vals[0]), 0.0)),
+            max_activation=shown_activation(max(float(vals[0]), 0.0)),
             density=float(f"{row.n_fired[col] / max(row.tokens, 1):.4g}"),
             n_fired=int(row.n_fired[col]), tokens_scanned=int(row.tokens),
             histogram=compact_histogram(row.hist[col]),
             compute_dtype=row.compute_dtype,
         )
 
-    def _check_request(self, s: LoadedSAE, feature: int, k: int, context: int) -> None:
+    def _check_request(self, s: LoadedSAE, feature: int, view: View) -> None:
         self.engine.check_feature(s, feature)
-        if not 1 <= k <= KEEP:
-            raise InvalidInput(f"k={k} is out of range: between 1 and {KEEP} examples")
-        if not 0 <= context <= MAX_CONTEXT:
-            raise InvalidInput(f"context={context} is out of range: 0..{MAX_CONTEXT} tokens each side")
+        if not 1 <= view.k <= KEEP:
+            raise InvalidInput(f"k={view.k} is out of range: between 1 and {KEEP} examples")
+        if not 0 <= view.context <= MAX_CONTEXT:
+            raise InvalidInput(f"context={view.context} is out of range: 0..{MAX_CONTEXT} tokens each side")
+        if not 0 <= view.intervals <= MAX_INTERVALS:
+            raise InvalidInput(f"intervals={view.intervals} is out of range: 0 (none)..{MAX_INTERVALS} bands")
+        if not 1 <= view.per_interval <= MAX_PER_INTERVAL:
+            raise InvalidInput(f"per_interval={view.per_interval} is out of range: 1..{MAX_PER_INTERVAL} examples")
 
     def _answer(self, s: LoadedSAE, index: IndexStore, row: StoredScan, col: int, feature: int, source: str,
-                k: int, context: int) -> TopExamples:
+                view: View) -> TopExamples:
         length = self.window_length(s)
         nbos = 1 if bos_id(self.engine, s) is not None else 0
-        vals, pos = row.top_vals[:, col], row.top_pos[:, col]
-        chosen = [(float(v), int(p)) for v, p in zip(vals, pos) if v > 0][:k]  # stored sorted: value desc, pos asc
-        wins = index.get_windows([p // length for _, p in chosen])
-        examples = []
-        for v, p in chosen:
-            w, at = divmod(p, length)
-            document, start, ids = wins[w]
-            lo, hi = max(0, at - context), min(len(ids), at + context + 1)
-            tokens = self.engine.str_tokens(torch.tensor(ids[lo:hi]))
-            examples.append(Example(
-                activation=rounded(v), token=tokens[at - lo], tokens=tokens, position=at - lo,
-                document=document, offset=start + at - nbos,
-            ))
+        shown = show(self.engine, index, row, col, length, nbos, view, source)
         return TopExamples(**self._summary(s, row, col, feature), source=source, corpus=self.corpus(s).describe(),
-                           context_size=length, examples=examples)
+                           context_size=length, **shown)
 
     def top_examples(self, sae: str | None, feature: int, k: int = 10, context: int = DEFAULT_CONTEXT,
                      max_scan_tokens: int = DEFAULT_SCAN_TOKENS, progress: Progress | None = None,
-                     cancel: CancelToken | None = None) -> TopExamples:
+                     cancel: CancelToken | None = None, intervals: int = 0,
+                     per_interval: int = DEFAULT_PER_INTERVAL, merge_duplicates: bool = True) -> TopExamples:
+        """The top k (identical shown contexts once, unless merge_duplicates=False) and, with intervals=N, up to
+        N activation bands with per_interval sampled examples each (example_view.py)."""
         s = self.engine.sae(sae)
-        self._check_request(s, feature, k, context)
+        view = View(k, context, intervals, per_interval, merge_duplicates)
+        self._check_request(s, feature, view)
         if not 1 <= max_scan_tokens <= MAX_SCAN_TOKENS:
             raise InvalidInput(f"max_scan_tokens={max_scan_tokens} is out of range: 1..{MAX_SCAN_TOKENS}; "
                                "for more, build an index with `sae-mcp index --tokens N`")
         found = self._index_row(s)
         if found is not None:
             index, row = found
-            return self._answer(s, index, row, feature, feature, "index", k, context)
+            return self._answer(s, index, row, feature, feature, "index", view)
         index, row, _ = self._run(s, f"feature:{feature}", [feature], max_scan_tokens, progress, cancel)
-        return self._answer(s, index, row, 0, feature, "scan", k, context)
+        return self._answer(s, index, row, 0, feature, "scan", view)
 
-    def cached_top_examples(self, sae: str | None, feature: int, k: int = 10, context: int = DEFAULT_CONTEXT
-                            ) -> TopExamples | None:
+    def cached_top_examples(self, sae: str | None, feature: int, k: int = 10, context: int = DEFAULT_CONTEXT,
+                            intervals: int = 0, per_interval: int = DEFAULT_PER_INTERVAL) -> TopExamples | None:
         """top_examples from the index, else from an on-demand scan of this feature already cached (whatever
         its budget; `tokens_scanned` says how far it read). None when neither exists: this never scans."""
         s = self.engine.sae(sae)
-        self._check_request(s, feature, k, context)
+        view = View(k, context, intervals, per_interval)
+        self._check_request(s, feature, view)
         found = self._index_row(s)
         if found is not None:
-            return self._answer(s, found[0], found[1], feature, feature, "index", k, context)
+            return self._answer(s, found[0], found[1], feature, feature, "index", view)
         try:
             index = self.index_store(s, create=False)
         except SaeMcpError as exc:  # no corpus known: nothing can be cached
@@ -287,7 +312,7 @@ class ExampleSource:
         row = None if index is None else self._scan_row(index, f"feature:{feature}")
         if row is None or row.tokens == 0:
             return None
-        return self._answer(s, index, row, 0, feature, "scan", k, context)
+        return self._answer(s, index, row, 0, feature, "scan", view)
 
     def feature_summary(self, sae: str | None, feature: int) -> FeatureSummary | None:
         s = self.engine.sae(sae)

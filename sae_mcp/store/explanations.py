@@ -98,6 +98,8 @@ class Explanation:
     evidence: str | None = None
     created: float | None = None
     score: float = 0.0
+    id: int | None = None
+    """The row's id in its table (labels or imported)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,7 +215,7 @@ class ExplanationStore:
                 self.conn.execute("ROLLBACK")
                 raise
         return Explanation(sae=sae, feature=int(feature), description=label, source="label", evidence=evidence,
-                           created=now)
+                           created=now, id=cur.lastrowid)
 
     # -- reading ------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,279 @@
+"""agent_text(result): the text content of a tool result, the only part a chat host shows the model.
+
+Results that read better as lines than as JSON get a purpose-made rendering (RENDERINGS below); each says every
+number of its structured content that an agent needs, once, under a header line that names the units. Any other
+result is compact JSON (server/text.py). The structured content stays whole beside it either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pydantic import BaseModel
+
+from sae_mcp.results import FeatureActs, NextToken, PromptComparison, VocabProjection
+from sae_mcp.results.causal import (
+    AblationResult,
+    Attribution,
+    Continuation,
+    Controls,
+    NextTokenTable,
+    SteerResult,
+)
+from sae_mcp.results.corpus import Example, TopExamples
+from sae_mcp.results.explain import ExplanationSearch, FeatureCardResult, FeatureStats, TokenSetEnrichment
+from sae_mcp.server.text import compact_json, fmt, join, tok, warnings_lines
+
+
+def _feature_acts(r: FeatureActs) -> str:
+    lines = [f"sae {r.sae}: {len(r.tokens)} tokens; per position: index token L0 (active features), then "
+             "feature=activation, largest first"]
+    for p in r.positions:
+        top = " ".join(f"{a.feature}={fmt(a.activation)}" for a in p.top) or "(none active)"
+        lines.append(f"{p.position} {tok(p.token)} L0={p.l0}: {top}")
+    for f, trace in (r.features or {}).items():
+        lines.append(f"feature {f} at the positions above: " + " ".join(fmt(a) for a in trace))
+    return join(lines + warnings_lines(r.warnings))
+
+
+def _next_token(r: NextToken) -> str:
+    lines = ["next token (probability, logit): " + ", ".join(
+        f"{tok(t.token)} {fmt(t.probability)} ({fmt(t.logit)})" for t in r.top)]
+    if r.answer is not None:
+        a = r.answer
+        lines.append(f"answer {tok(a.token)}: rank {a.rank}, probability {fmt(a.probability)}, logit {fmt(a.logit)}"
+                     + (f"; tokens {a.answer_tokens}, only the first scored; whole answer log-probability "
+                        f"{fmt(a.sequence_log_probability)}" if a.multi_token and a.sequence_log_probability is not None
+                        else ""))
+    lines.append("prompt tokens: " + " ".join(tok(t) for t in r.tokens))
+    return join(lines + warnings_lines(r.warnings))
+
+
+def _vocab_projection(r: VocabProjection) -> str:
+    return join([
+        f"sae {r.sae} feature {r.feature}: W_dec[f] @ W_U (token logit)",
+        "promotes: " + ", ".join(f"{tok(t.token)} {fmt(t.logit)}" for t in r.top_positive),
+        "suppresses: " + ", ".join(f"{tok(t.token)} {fmt(t.logit)}" for t in r.top_negative),
+    ])
+
+
+def _prompt_comparison(r: PromptComparison) -> str:
+    if r.mode == "pair":
+        head = (f"sae {r.sae}, position {r.position}: a={tok(r.token_a)} b={tok(r.token_b)}; "
+                "feature: activation a, b, difference a-b")
+        rows = [f"{d.feature}: {fmt(d.activation_a)}, {fmt(d.activation_b)}, {fmt(d.difference)}" for d in r.diffs]
+    else:
+        head = (f"sae {r.sae}, position {r.position}, {r.n_a} vs {r.n_b} prompts, sorted by {r.sort_by}; compared "
+                f"tokens a: {' '.join(map(tok, r.tokens_a or []))}; b: {' '.join(map(tok, r.tokens_b or []))}\n"
+                "feature: mean a, mean b, difference, Cohen's d, rank-biserial[, separated]")
+        rows = [f"{d.feature}: {fmt(d.mean_a)}, {fmt(d.mean_b)}, {fmt(d.difference)}, "
+                f"{'n/a' if d.effect_size is None else fmt(d.effect_size)}, {fmt(d.rank_biserial)}"
+                + (", separated" if d.separated else "") for d in r.diffs]
+    return join([head, *rows, *warnings_lines(r.warnings)])
+
+
+def _condition(name: str, t: NextTokenTable, metric: bool) -> str:
+    m = f" metric {fmt(t.metric)} ({t.metric_change:+.4g})" if metric and t.metric is not None else ""
+    return (f"{name}: rank {t.answer_rank}, P {fmt(t.answer_probability)} ({t.answer_probability_change:+.4g}), "
+            f"logit {fmt(t.answer_logit)} ({t.answer_logit_change:+.4g}){m}, KL {fmt(t.kl_from_baseline)}; top "
+            + " ".join(f"{tok(x.token)} {fmt(x.probability)}" for x in t.top))
+
+
+def _ablation(r: AblationResult) -> str:
+    cf = r.counterfactual
+    metric = cf is not None
+    where = "every position" if r.positions is None else f"positions {r.positions}"
+    lines = [
+        f"sae {r.sae}: ablated at {where}; answer {tok(r.answer.token)}"
+        + (f", metric = logit[{tok(r.answer.token)}] - logit[{tok(cf.token)}]" if cf else "")
+        + "; per condition: answer rank, P (change vs baseline), logit (change), KL from baseline, top tokens",
+        "features: " + "; ".join(
+            f"{f.feature} " + (f"fired: sum {fmt(f.activation_sum)}, max {fmt(f.max_activation)}" if f.fired
+                               else "silent") for f in r.features),
+    ]
+    for name in ("baseline", "reconstruction_only", "ablated"):
+        lines.append(_condition(name, getattr(r, name), metric))
+    w = r.ablated_without_error_term
+    vs = (f"; vs reconstruction_only: P {w.answer_probability_change_vs_reconstruction:+.4g}, logit "
+          f"{w.answer_logit_change_vs_reconstruction:+.4g}"
+          + (f", metric {w.metric_change_vs_reconstruction:+.4g}" if w.metric_change_vs_reconstruction is not None
+             else "") + f", KL {fmt(w.kl_from_reconstruction)}")
+    lines.append(_condition("ablated_without_error_term", w, metric) + vs)
+    lines.append(f"summary: {r.summary}")
+    if r.controls is not None:
+        lines += _controls_lines(r.controls)
+    return join(lines + warnings_lines(r.warnings))
+
+
+def _controls_lines(c: Controls, head: str = "controls") -> list[str]:
+    """Control stats per metric, and the control features (their texts stay in the structured content)."""
+    lines = [f"{head} ({len(c.runs)} runs, seed {c.seed}; matched on {c.matched_on}): target vs controls mean "
+             "± std [min, max], z, exceeds all"]
+    for s in c.stats:
+        z = "n/a" if s.z_score is None else fmt(s.z_score)
+        lines.append(f"  {s.metric}: {fmt(s.target)} vs {fmt(s.control_mean)} ± {fmt(s.control_std)} "
+                     f"[{fmt(s.control_min)}, {fmt(s.control_max)}], z {z}, exceeds all: "
+                     f"{'yes' if s.exceeds_all_controls else 'no'}")
+    lines.append("  control features: " + " ".join(str(run.features) for run in c.runs))
+    return lines + [f"  note: {c.note}" if c.note else None, f"  caution: {c.caution}" if c.caution else None]
+
+
+def _token_set_enrichment(r: TokenSetEnrichment) -> str:
+    lines = [f"sae {r.sae}, {r.n_features} features; per set: feature r (rank-biserial) z"]
+    for s in r.sets:
+        lines.append(f"{s.name} ({s.size} tokens, e.g. {' '.join(map(tok, s.examples[:4]))})"
+                     + (f"; not single tokens: {s.unmatched}" if s.unmatched else ""))
+        lines.append("  promotes: " + (", ".join(f"{e.feature} {fmt(e.score)} {fmt(e.z)}" for e in s.promoted)
+                                       or "none"))
+        lines.append("  suppresses: " + (", ".join(f"{e.feature} {fmt(e.score)} {fmt(e.z)}" for e in s.suppressed)
+                                         or "none"))
+    if r.skipped:
+        lines.append(f"skipped (empty in this vocabulary): {', '.join(r.skipped)}")
+    return join(lines)
+
+
+def _feature_stats(r: FeatureStats) -> str:
+    has_mean = any(f.mean is not None for f in r.features)
+    has_density = any(f.density is not None for f in r.features)
+    cols = ["feature"] + (["mean"] if has_mean else []) + ["std", "skewness", "kurtosis"] + \
+        (["density"] if has_density else [])
+    lines = [f"sae {r.sae}: {r.n_features} features considered, sorted by {r.sort_by}; densities {r.densities}",
+             " ".join(cols)]
+    for f in r.features:
+        vals = [str(f.feature)] + ([fmt(f.mean)] if has_mean else []) + [fmt(f.std), fmt(f.skewness),
+                                                                          fmt(f.kurtosis)]
+        lines.append(" ".join(vals + ([fmt(f.density)] if has_density and f.density is not None else [])))
+    return join(lines)
+
+
+def _explanation_search(r: ExplanationSearch) -> str:
+    lines = [f"{len(r.matches)} matches ({r.ranking} ranking): feature (sae, source, score): description"]
+    lines += [f"{m.feature} ({m.sae}, {m.source}, {fmt(m.score)}): {m.description}" for m in r.matches]
+    return join(lines + ([f"note: {r.note}"] if r.note else []))
+
+
+
+def _attribution(r: Attribution) -> str:
+    lines = [f"metric {r.metric} = {fmt(r.metric_value)} (method {r.method})"
+             + (f"; answer tokens {r.answer_tokens}, only the first scored" if r.multi_token else "")
+             + (f"; counterfactual tokens {r.counterfactual_tokens}, only the first scored"
+                if r.counterfactual_multi_token else "")]
+    for key in r.per_token:
+        lines.append(f"sae {key}: error share {fmt(r.error_share[key])} over positions "
+                     f"{r.error_share_positions[0]}..{r.error_share_positions[1]}; totals: features "
+                     f"{fmt(r.feature_attribution_total[key])}, error {fmt(r.error_attribution[key])}")
+    lines.append(f"all features + errors: {fmt(r.attribution_total)} (first order; need not equal the metric)")
+    if r.integrated_gradients is not None:
+        ig = r.integrated_gradients
+        lines.append(f"integrated gradients, {ig.steps} steps: sum {fmt(ig.attribution_sum)} vs endpoint difference "
+                     f"{fmt(ig.endpoint_difference)} ({ig.relative_error:.1%} off)")
+    lines.append("top (sae position token feature): activation, attribution[, exact effect of zeroing it]")
+    for t in r.top:
+        exact = f", exact {fmt(t.exact_effect)}" if t.exact_effect is not None else ""
+        lines.append(f"{t.sae} {t.position} {tok(t.token)} {t.feature}: {fmt(t.activation)}, "
+                     f"{fmt(t.attribution)}{exact}")
+    for key, sums in r.per_token.items():
+        errs = r.error_attribution_per_token[key]
+        lines.append(f"per position for {key} (token: features, error): " + "; ".join(
+            f"{p} {tok(r.tokens[p])}: {fmt(f)}, {fmt(e)}" for p, (f, e) in enumerate(zip(sums, errs))))
+    return join(lines + warnings_lines(r.warnings))
+
+
+
+def _continuation(c: Continuation, feature_names: list[str]) -> str:
+    flags = [f"seed {c.seed}", f"{c.n_tokens} tokens" + (" to EOS" if c.stopped_at_eos else "")]
+    if c.changed is not None:
+        flags.append("changed" + (f" at token {c.first_divergent_token}" if c.changed else ": no"))
+    if c.concept_readout:
+        flags.append("readout " + " ".join(f"{n}={fmt(v)}" for n, v in zip(feature_names, c.concept_readout)))
+    if c.degenerate:
+        flags.append(f"degenerate (repetition {fmt(c.repetition)})")
+    return f"  [{', '.join(flags)}] {c.text!r}"
+
+
+def _steer(r: SteerResult) -> str:
+    names = [str(f.feature) for f in r.features]
+    lines = [
+        f"sae {r.sae}, calibration {r.calibration}, seeds {r.seeds}, temperature {fmt(r.temperature)}, top_p "
+        f"{fmt(r.top_p)}; features: " + "; ".join(
+            f"{f.feature} strength {fmt(f.strength)} -> coefficient {fmt(f.coefficient)}"
+            + (f" (max activation {fmt(f.max_activation)} from {f.max_activation_source})"
+               if f.max_activation is not None else "") + f", decoder norm {fmt(f.decoder_norm)}" for f in r.features),
+        "unsteered" + (f": P(answer) {fmt(r.unsteered_answer_probability)}" if r.answer_tokens else "")
+        + (" readout " + " ".join(f"{n}={fmt(v)}" for n, v in zip(names, r.unsteered_concept_readout))
+           if r.unsteered_concept_readout else ""),
+        *(_continuation(c, names) for c in r.unsteered),
+        "per dose: KL next token, mean KL over the prompt[, P(answer) and change], concept readout mean ± std, "
+        "changed and degenerate shares of seeds",
+    ]
+    for run in r.steered:
+        readout = ""
+        if run.concept_readout:
+            std = run.concept_readout_std or [None] * len(run.concept_readout)
+            readout = ", readout " + " ".join(
+                f"{n}={fmt(m)}" + (f"±{fmt(s)}" if s is not None else "")
+                for n, m, s in zip(names, run.concept_readout, std))
+        answer = (f", P(answer) {fmt(run.answer_probability)} ({run.answer_probability_change:+.4g})"
+                  if run.answer_probability is not None else "")
+        lines.append(f"dose {fmt(run.scale)} (coefficients {[fmt(c) for c in run.coefficients]}): KL "
+                     f"{fmt(run.kl_next_token)}, {fmt(run.mean_kl_prompt)}{answer}{readout}, changed "
+                     f"{fmt(run.changed_fraction)}, degenerate {fmt(run.degenerate_fraction)}")
+        lines += [_continuation(c, names) for c in run.continuations]
+    for c in r.controls or []:
+        lines += _controls_lines(c, head=f"controls at dose {fmt(c.scale)}")
+    return join(lines + warnings_lines(r.warnings))
+
+
+
+def _example(e: Example) -> str:
+    """'3.742 doc 12 @45 (x3): ...big do«g» named...' with newlines shown as ⏎."""
+    shown = "".join(t if i != e.position else f"«{t}»" for i, t in enumerate(e.tokens)).replace("\n", "⏎")
+    count = f" (x{e.count})" if e.count else ""
+    return f"{fmt(e.activation)} doc {e.document} @{e.offset}{count}: {shown}"
+
+
+def _top_examples(r: TopExamples) -> str:
+    h = r.histogram
+    lines = [
+        f"sae {r.sae} feature {r.feature}: max {fmt(r.max_activation)}, density {fmt(r.density)} ({r.n_fired} of "
+        f"{r.tokens_scanned} tokens, {r.source}{', ' + r.compute_dtype if r.compute_dtype else ''}); corpus "
+        f"{r.corpus}",
+        "histogram (bin lower edge: tokens): " + " ".join(f"{fmt(e)}:{c}" for e, c in zip(h.edges, h.counts))
+        + (f" (top edge {fmt(h.edges[-1])})" if h.edges else ""),
+        "top examples (activation, document @ token offset, firing token in «»)"
+        + (f"; {r.merged_duplicates} identical contexts merged" if r.merged_duplicates else "") + ":",
+        *(_example(e) for e in r.examples),
+    ]
+    for band in r.intervals or []:
+        lines.append(f"band [{fmt(band.lower)}, {fmt(band.upper)}) quantiles {fmt(band.quantiles[0])}-"
+                     f"{fmt(band.quantiles[1])}, {band.tokens} tokens"
+                     + (f", {band.merged_duplicates} merged" if band.merged_duplicates else "") + ":")
+        lines += [f"  {_example(e)}" for e in band.examples]
+    return join(lines + warnings_lines(r.warnings))
+
+
+
+def _feature_card(r: FeatureCardResult) -> str:
+    return f"{r.markdown}\n(also the resource {r.uri})"
+
+
+RENDERINGS: dict[type, Callable] = {
+    FeatureActs: _feature_acts,
+    NextToken: _next_token,
+    VocabProjection: _vocab_projection,
+    PromptComparison: _prompt_comparison,
+    AblationResult: _ablation,
+    Attribution: _attribution,
+    SteerResult: _steer,
+    TopExamples: _top_examples,
+    FeatureCardResult: _feature_card,
+    TokenSetEnrichment: _token_set_enrichment,
+    FeatureStats: _feature_stats,
+    ExplanationSearch: _explanation_search,
+}
+
+
+def agent_text(result: BaseModel) -> str:
+    """The text content for a result: its purpose-made rendering, else compact JSON of the whole result."""
+    render = RENDERINGS.get(type(result))
+    return render(result) if render else compact_json(result.model_dump(mode="json"))
