@@ -1,0 +1,305 @@
+"""Load behaviour in-process: cheap calls never wait behind device work, and device calls queue fairly (FIFO,
+bounded, with a retry hint). Abandoned calls over HTTP: test_load_http.py.
+
+A heavy call is made slow and deterministic with a sleeping generation step, as test_causal_tools does.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import anyio
+import anyio.to_thread
+import pytest
+from mcp import Client
+
+from sae_mcp.engine.admission import DeviceBusy
+from sae_mcp.engine.runtime import Engine
+from sae_mcp.errors import Busy
+from sae_mcp.server.app import build_server
+from sae_mcp.services import MEASURING, Services
+from sae_mcp.services.example_source import ExampleSource
+from sae_mcp.settings import Settings
+
+from load_helpers import STEER, fresh_engine, slow_generation, wait_until
+from mcp_client import call_many, error_text
+
+# Explanation search ranks lexically here: MiniLM's one-time load (~1 s on this box, on the first search) is not
+# what these tests measure.
+pytestmark = pytest.mark.usefixtures("lexical_only")
+
+CHEAP = [
+    ("model_info", {}),
+    ("search_explanations", {"query": "cat"}),
+    ("label_feature", {"feature": 3, "label": "cats", "evidence": "test"}),
+    ("project_to_vocab", {"feature": 3, "top_k": 5}),
+    ("top_examples", {"feature": 3, "k": 3}),
+    ("feature_card", {"feature": 3}),
+]
+
+
+@pytest.fixture
+def engine(tiny_loaded, tiny_engine):
+    return fresh_engine(tiny_loaded, tiny_engine, busy_timeout_s=5.0, max_queued=4)
+
+
+@pytest.fixture
+def steps(monkeypatch):
+    return slow_generation(monkeypatch)
+
+
+def with_index(engine: Engine, tmp_path) -> Settings:
+    """Settings over a tiny corpus whose feature index is built, so top_examples and cards answer from it."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(["the cat sat on the mat and Lily saw the dog ran to the park " * 3] * 8),
+                      encoding="utf-8")
+    settings = Settings(corpus=str(corpus), data_dir=tmp_path / "data")
+    ExampleSource(engine, settings).build_index(None, 2000)
+    return settings
+
+
+@pytest.fixture
+def indexed_settings(engine, tmp_path):
+    return with_index(engine, tmp_path)
+
+
+def device_call_in_thread(engine: Engine, i: int, done: list[int], errors: list[Exception]) -> threading.Thread:
+    """A device call `i` on its own thread (not an anyio worker: a fresh call): done.append(i) once it runs."""
+
+    def run():
+        try:
+            with engine.device_work():
+                done.append(i)
+        except Exception as exc:  # kept for the assertions
+            errors.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+# ------------------------------------------------------------------------------------ cheap calls never wait
+
+
+def test_cheap_calls_answer_in_under_a_second_while_a_long_steer_generate_runs(engine, indexed_settings, steps):
+    server = build_server(engine, indexed_settings)
+    latencies: dict[str, list[float]] = {name: [] for name, _ in CHEAP}
+    errors: list[str] = []
+
+    async def go():
+        async with Client(server) as heavy, Client(server) as cheap:
+            await cheap.call_tool("model_info", {})  # fidelity measured once, while the device is free
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(heavy.call_tool, "steer_generate", STEER)
+                while not steps:
+                    await anyio.sleep(0.01)
+                for _ in range(3):
+                    for name, args in CHEAP:
+                        t0 = time.perf_counter()
+                        res = await cheap.call_tool(name, args)
+                        latencies[name].append(time.perf_counter() - t0)
+                        if res.is_error:
+                            errors.append(f"{name}: {error_text(res)}")
+                assert engine.device_status().held, "the steer_generate finished before the cheap calls"
+
+    anyio.run(go)
+    assert not errors, errors
+    worst = {name: max(v) for name, v in latencies.items()}
+    assert max(worst.values()) < 1.0, worst
+    assert len(steps) == 50 and engine.is_clean()
+
+
+def test_cheap_tools_never_take_the_device(tiny_loaded, tiny_engine, tmp_path):
+    """With the device held by another call and a 0.2 s busy timeout, every cheap tool still answers, and a
+    device tool answers busy."""
+    short = fresh_engine(tiny_loaded, tiny_engine, busy_timeout_s=0.2)
+    server = build_server(short, with_index(short, tmp_path))
+    short._lock.acquire()
+    try:
+        res = call_many(server, CHEAP)
+        busy = call_many(server, [("next_token", {"prompt": "the cat"})])[0]
+    finally:
+        short._lock.release()
+    assert not any(r.is_error for r in res), [error_text(r) for r in res if r.is_error]
+    assert "busy" in error_text(busy) and "try again in" in error_text(busy)
+
+
+def test_model_info_does_not_wait_for_a_busy_device_and_measures_fidelity_in_the_background(engine,
+                                                                                             indexed_settings):
+    services = Services(engine, indexed_settings)
+    server = build_server(engine, services=services)
+    engine._lock.acquire()  # a long call holds the device
+    try:
+        t0 = time.monotonic()
+        (info,) = call_many(server, [("model_info", {})])
+        took = time.monotonic() - t0
+        assert took < 1.0 and info.structured_content["saes"][0]["fidelity_note"] == MEASURING
+    finally:
+        engine._lock.release()
+    wait_until(lambda: services._fidelity.get(next(iter(engine.saes)), (None, None))[0] is not None)
+    (info,) = call_many(server, [("model_info", {})])
+    assert info.structured_content["saes"][0]["fidelity"]["tokens"] > 0
+    assert engine.is_clean()
+
+
+# ------------------------------------------------------------------------------------------- the device queue
+
+
+def test_device_calls_are_served_in_arrival_order(engine):
+    done, errors = [], []
+    engine._lock.acquire()  # the running call
+    try:
+        threads = []
+        for i in range(4):
+            threads.append(device_call_in_thread(engine, i, done, errors))
+            wait_until(lambda: engine.device_status().waiting == i + 1)  # queued before the next arrives
+    finally:
+        engine._lock.release()
+    for t in threads:
+        t.join(5)
+    assert done == [0, 1, 2, 3] and not errors
+    assert engine.device_status().waiting == 0 and not engine.device_status().held
+
+
+def test_a_call_beyond_max_queued_is_answered_busy_at_once_with_the_queue_and_a_retry_hint(engine):
+    done, errors = [], []
+    engine._lock.acquire()
+    try:
+        time.sleep(0.2)  # the running call has run a while
+        threads = []
+        for i in range(engine.limits.max_queued):  # fill the queue: 4 waiters
+            threads.append(device_call_in_thread(engine, i, done, errors))
+            wait_until(lambda: engine.device_status().waiting == i + 1)
+        t0 = time.monotonic()
+        with pytest.raises(DeviceBusy) as refused:
+            with engine.device_work():
+                pass
+        took = time.monotonic() - t0
+    finally:
+        engine._lock.release()
+    for t in threads:
+        t.join(5)
+    busy = refused.value
+    assert took < 0.1, f"refused after {took:.3f} s, not at once"
+    assert busy.ahead == 5 and busy.running_s >= 0.2 and busy.retry_after_s >= 1
+    assert "4 calls already wait for it (at most 4 may)" in str(busy) and "try again in" in str(busy)
+    assert sorted(done) == [0, 1, 2, 3] and not errors  # the queued ones all ran
+
+
+def test_a_call_that_waits_past_the_timeout_is_answered_busy_and_leaves_the_queue(tiny_loaded, tiny_engine):
+    engine = fresh_engine(tiny_loaded, tiny_engine, busy_timeout_s=0.3)
+    engine._lock.acquire()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(Busy) as refused:
+            with engine.device_work():
+                pass
+        took = time.monotonic() - t0
+        assert engine.device_status().waiting == 0
+    finally:
+        engine._lock.release()
+    assert 0.25 < took < 1.0
+    assert "waited 0.3 s" in str(refused.value) and "1 call(s) are ahead" in str(refused.value)
+    with engine.device_work():  # and the device is free for the next one
+        pass
+
+
+def test_a_call_admitted_once_is_never_refused_between_its_batches(tiny_loaded, tiny_engine):
+    """A scan takes the device per batch: its later batches queue fairly but are not refused when the queue is
+    full or the wait is long (that would break it off half-way); a new call at that moment is refused."""
+    engine = fresh_engine(tiny_loaded, tiny_engine, busy_timeout_s=0.2, max_queued=1)
+    first_batch_done, queue_full = threading.Event(), threading.Event()
+    outcome: dict[str, object] = {}
+
+    def call(fresh_call: bool) -> None:  # runs on an anyio worker thread, as the SDK runs tools
+        if fresh_call:
+            try:
+                with engine.device_work():
+                    outcome["fresh"] = "ran"
+            except Busy as exc:
+                outcome["fresh"] = exc
+            return
+        with engine.device_work():
+            pass
+        first_batch_done.set()
+        queue_full.wait(5)
+        with engine.device_work():  # the next batch: waits past the 0.2 s timeout, behind a full queue
+            outcome["second batch"] = "ran"
+
+    async def run_call(fresh_call: bool) -> None:
+        await anyio.to_thread.run_sync(call, fresh_call)
+
+    scan = threading.Thread(target=anyio.run, args=(run_call, False), daemon=True)
+    scan.start()
+    assert first_batch_done.wait(5)
+    done, errors = [], []
+    engine._lock.acquire()  # another call runs
+    try:
+        waiter = device_call_in_thread(engine, 0, done, errors)  # and one waits: the queue is full
+        wait_until(lambda: engine.device_status().waiting == 1)
+        queue_full.set()
+        wait_until(lambda: engine.device_status().waiting == 2)  # the scan's next batch queued anyway
+        anyio.run(run_call, True)  # a new call now is refused at once
+        time.sleep(0.4)  # past the busy timeout
+    finally:
+        engine._lock.release()
+    scan.join(5)
+    waiter.join(5)
+    assert outcome["second batch"] == "ran"
+    # the two fresh calls were refused: one at once (the queue was full), the one queued after its 0.2 s
+    assert isinstance(outcome["fresh"], Busy) and "at most 1 may" in str(outcome["fresh"])
+    assert done == [] and len(errors) == 1 and "waited 0.2 s" in str(errors[0])
+
+
+def test_a_second_scan_of_a_row_being_scanned_is_answered_busy_or_cancelled_not_left_waiting(
+        tiny_loaded, tiny_engine, tmp_path, monkeypatch):
+    """build_index while another build_index scans the same row (minutes, on a real corpus): the second waits as
+    for the device, so it is answered busy after the busy timeout, or stops when cancelled, while the first runs."""
+    from sae_mcp.engine import scan as scan_module
+    from sae_mcp.engine.runtime import CancelToken
+    from sae_mcp.errors import Cancelled
+
+    engine = fresh_engine(tiny_loaded, tiny_engine, busy_timeout_s=0.3)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"the cat sat on the mat {i} and Lily saw the dog" for i in range(600)))
+    source = ExampleSource(engine, Settings(corpus=str(corpus), data_dir=tmp_path / "data"))
+    batches: list[float] = []
+    real = scan_module.update_state
+
+    def slow_update(*a):
+        batches.append(time.monotonic())
+        time.sleep(0.1)
+        return real(*a)
+
+    monkeypatch.setattr(scan_module, "update_state", slow_update)
+    first_cancel, outcome = CancelToken(), {}
+
+    def first():
+        try:
+            outcome["first"] = source.build_index(None, 100_000, cancel=first_cancel)
+        except Cancelled as exc:
+            outcome["first"] = exc
+
+    runner = threading.Thread(target=first, daemon=True)
+    runner.start()
+    wait_until(lambda: len(batches) >= 1)
+    with pytest.raises(Busy) as busy:
+        source.build_index(None, 100_000)
+    mine = CancelToken()
+    threading.Timer(0.1, mine.cancel).start()
+    with pytest.raises(Cancelled) as cancelled:
+        source.build_index(None, 100_000, cancel=mine, progress=lambda done, total: None)
+    assert "first" not in outcome  # both answered while the first scan ran
+    first_cancel.cancel()
+    runner.join(5)
+    assert "another call is scanning index" in str(busy.value) and "try again" in str(busy.value)
+    assert "waited for another call's scan of index" in str(cancelled.value) and "nothing ran" in str(cancelled.value)
+    assert isinstance(outcome["first"], Cancelled) and engine.is_clean() and engine.device_status().waiting == 0
+
+
+def test_after_all_of_it_the_engine_is_clean_and_serves(tiny_engine, tiny_server):
+    assert tiny_engine.is_clean() and not tiny_engine.device_status().held
+    res = call_many(tiny_server, [("next_token", {"prompt": "the cat"}),
+                                  ("steer_generate", {**STEER, "max_new_tokens": 3})])
+    assert not any(r.is_error for r in res) and tiny_engine.is_clean()

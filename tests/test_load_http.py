@@ -1,0 +1,242 @@
+"""Abandoned calls over streamable HTTP stop within a step or batch and free the device: a client that disconnects
+(2025 session wire, where the SDK does not cancel the handler), one that closes its request (2026 wire), and
+calls still queued for the device. The real streamable-HTTP app runs under uvicorn on a thread, over the tiny
+engine; heavy calls are slowed with a sleeping step. Each test prints the seconds it measured (pytest -s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+
+import anyio
+import anyio.to_thread
+import httpx
+import pytest
+from mcp import Client
+
+from sae_mcp.engine.runtime import Engine
+from sae_mcp.server.app import build_server
+from sae_mcp.settings import Settings
+
+from load_helpers import PROMPT, STEER, fresh_engine, slow_generation, wait_until
+
+
+@pytest.fixture
+def engine(tiny_loaded, tiny_engine):
+    return fresh_engine(tiny_loaded, tiny_engine, busy_timeout_s=5.0, max_queued=4)
+
+
+@pytest.fixture(autouse=True)
+def own_data_dir(tmp_path, monkeypatch):
+    """Servers built here without a data dir keep their stores (the ledger) in the test's, not the user's."""
+    monkeypatch.setenv("SAE_MCP_DATA_DIR", str(tmp_path / "default-data"))
+
+
+@pytest.fixture
+def steps(monkeypatch):
+    return slow_generation(monkeypatch)
+
+
+LEGACY = "2025-06-18"  # the session wire: the SDK does not cancel a handler whose client disconnects
+HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+
+
+@contextlib.contextmanager
+def serving(server):
+    """The server's streamable-HTTP app under uvicorn on a thread -> its /mcp URL."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # bound here, so no other process can take the port before uvicorn listens on it
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(server.streamable_http_app(), log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    wait_until(lambda: srv.started, 10)
+    try:
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def legacy_session(url: str) -> dict[str, str]:
+    """Initialize a 2025-wire session with plain HTTP -> the headers of its later requests."""
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+            "params": {"protocolVersion": LEGACY, "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}
+    with httpx.Client(timeout=10) as c:
+        sid = c.post(url, headers=HEADERS, json=init).headers["mcp-session-id"]
+        headers = {**HEADERS, "mcp-session-id": sid, "mcp-protocol-version": LEGACY}
+        c.post(url, headers=headers, json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+    return headers
+
+
+@contextlib.contextmanager
+def tool_call_stream(url: str, headers: dict[str, str], name: str, arguments: dict, call_id: int = 2):
+    """POST one tools/call (no progress token) and hold its response open; leaving drops the connection."""
+    body = {"jsonrpc": "2.0", "id": call_id, "method": "tools/call", "params": {"name": name, "arguments": arguments}}
+    with httpx.Client(timeout=30) as c, c.stream("POST", url, headers=headers, json=body) as resp:
+        assert resp.status_code == 200
+        yield resp
+
+
+def freed_after_drop(engine: Engine, dropped_at: float) -> float:
+    """Seconds from the drop until the device is free again."""
+    wait_until(lambda: not engine.device_status().held, 5)
+    return time.monotonic() - dropped_at
+
+
+def test_an_http_disconnect_stops_steer_generate_within_a_step_and_frees_the_device(engine, steps):
+    with serving(build_server(engine)) as url:
+        headers = legacy_session(url)
+        with tool_call_stream(url, headers, "steer_generate", STEER):
+            wait_until(lambda: len(steps) >= 5)
+        dropped = time.monotonic()
+        freed = freed_after_drop(engine, dropped)
+        after = sum(t > dropped for t in steps)
+    print(f"\n2025 wire, steer_generate: device free {freed:.3f} s after the disconnect; {after} step(s) after it")
+    assert freed < 1.0 and after <= 3 and len(steps) < 20
+    assert engine.is_clean() and engine.device_status().waiting == 0
+
+
+def test_a_2026_wire_client_that_closes_its_request_stops_the_work(engine, steps):
+    async def go(url):
+        async with Client(url) as client:  # the SDK client speaks the 2026-07-28 wire to this server
+            with anyio.move_on_after(0.5):
+                await client.call_tool("steer_generate", STEER)
+            return time.monotonic()
+
+    with serving(build_server(engine)) as url:
+        dropped = anyio.run(go, url)
+        freed = freed_after_drop(engine, dropped)
+        after = sum(t > dropped for t in steps)
+    print(f"\n2026 wire, steer_generate: device free {freed:.3f} s after the close; {after} step(s) after it")
+    assert freed < 1.0 and after <= 3 and len(steps) < 20 and engine.is_clean()
+
+
+def test_a_call_queued_for_the_device_leaves_the_queue_when_its_client_disconnects(engine, steps):
+    with serving(build_server(engine)) as url:
+        headers = legacy_session(url)
+        with tool_call_stream(url, headers, "steer_generate", STEER, call_id=2):
+            wait_until(lambda: len(steps) >= 2)
+            with tool_call_stream(url, headers, "steer_generate", STEER, call_id=3):
+                wait_until(lambda: engine.device_status().waiting == 1)
+            dropped = time.monotonic()
+            left = wait_until(lambda: engine.device_status().waiting == 0, 5)
+            assert engine.device_status().held  # the first call still runs
+        freed_after_drop(engine, time.monotonic())
+    print(f"\nqueued steer_generate left the device queue {left:.3f} s after its client disconnected")
+    assert left < 1.0 and time.monotonic() - dropped < 5 and len(steps) < 50 and engine.is_clean()
+
+
+def test_a_queued_call_without_progress_leaves_the_queue_when_its_2025_client_disconnects(engine, steps):
+    """ablate_and_test has no progress reporter, and on the 2025 wire the SDK does not cancel it: the check the
+    server sets around every tool call asks the HTTP request instead."""
+    with serving(build_server(engine)) as url:
+        headers = legacy_session(url)
+        with tool_call_stream(url, headers, "steer_generate", STEER, call_id=2):
+            wait_until(lambda: len(steps) >= 2)
+            ablate = {"prompt": PROMPT, "answer": " mat", "features": [3]}
+            with tool_call_stream(url, headers, "ablate_and_test", ablate, call_id=3):
+                wait_until(lambda: engine.device_status().waiting == 1)
+            left = wait_until(lambda: engine.device_status().waiting == 0, 5)
+            assert engine.device_status().held and len(steps) < 50  # left while the steer_generate still ran
+        freed_after_drop(engine, time.monotonic())
+    print(f"\nqueued ablate_and_test (2025 wire) left the device queue {left:.3f} s after its client disconnected")
+    assert engine.is_clean()
+
+
+def slow_batches(tmp_path, monkeypatch) -> tuple[Settings, list[float]]:
+    """A corpus and settings, with every scan batch slowed by 0.3 s -> (settings, the batches' start times)."""
+    from sae_mcp.engine import scan as scan_module
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"the cat sat on the mat {i % 10} and Lily saw the dog" for i in range(600)),
+                      encoding="utf-8")
+    batches: list[float] = []
+    real = scan_module.update_state
+
+    def slow_update(*a):
+        batches.append(time.monotonic())
+        time.sleep(0.3)
+        return real(*a)
+
+    monkeypatch.setattr(scan_module, "update_state", slow_update)
+    return Settings(corpus=str(corpus), data_dir=tmp_path / "data"), batches
+
+
+def test_an_http_disconnect_stops_a_top_examples_scan_between_batches(engine, tmp_path, monkeypatch):
+    settings, batches = slow_batches(tmp_path, monkeypatch)
+    with serving(build_server(engine, settings)) as url:
+        headers = legacy_session(url)
+        with tool_call_stream(url, headers, "top_examples", {"feature": 3, "max_scan_tokens": 100_000}):
+            wait_until(lambda: len(batches) >= 1)
+        dropped = time.monotonic()
+        freed = freed_after_drop(engine, dropped)
+        time.sleep(0.5)  # would be one more batch
+        after = sum(t > dropped for t in batches)
+    print(f"\ntop_examples scan: device free {freed:.3f} s after the disconnect; {after} batch(es) after it")
+    assert after == 0 and len(batches) < 4 and engine.is_clean() and engine.device_status().waiting == 0
+
+
+def test_a_call_waiting_for_another_calls_scan_of_its_row_leaves_when_its_client_disconnects(
+        engine, tmp_path, monkeypatch):
+    """Two build_index calls: the second waits for the first's scan of the same row. Its client leaves first,
+    then the first's: had the second still been waiting, it would take the row and go on scanning."""
+    settings, batches = slow_batches(tmp_path, monkeypatch)
+    with serving(build_server(engine, settings)) as url:
+        headers = legacy_session(url)
+        with tool_call_stream(url, headers, "build_index", {"tokens": 100_000}, call_id=2):
+            wait_until(lambda: len(batches) >= 1)
+            with tool_call_stream(url, headers, "build_index", {"tokens": 100_000}, call_id=3):
+                time.sleep(0.3)  # waiting for the row
+            time.sleep(0.5)  # it polls every 0.05 s, the HTTP request at most every 0.1 s
+        dropped = time.monotonic()
+        freed_after_drop(engine, dropped)
+        time.sleep(0.8)  # a resumed scan would have run two more batches by now
+        after = sum(t > dropped for t in batches)
+    assert after == 0 and engine.is_clean() and engine.device_status().waiting == 0
+
+
+def test_an_http_disconnect_stops_build_index_between_batches(engine, tmp_path, monkeypatch):
+    settings, batches = slow_batches(tmp_path, monkeypatch)
+    with serving(build_server(engine, settings)) as url:
+        headers = legacy_session(url)
+        with tool_call_stream(url, headers, "build_index", {"tokens": 100_000}):
+            wait_until(lambda: len(batches) >= 1)
+        dropped = time.monotonic()
+        freed = freed_after_drop(engine, dropped)
+        time.sleep(0.5)  # would be one more batch
+        after = sum(t > dropped for t in batches)
+    print(f"\nbuild_index: device free {freed:.3f} s after the disconnect; {after} batch(es) after it")
+    assert freed < 1.0 and after == 0 and len(batches) < 4
+    assert engine.is_clean() and engine.device_status().waiting == 0
+
+
+def test_a_queued_call_without_progress_leaves_the_queue_when_its_2026_client_closes(engine, steps):
+    """ablate_and_test has no progress reporter: its queue wait polls the worker's cancellation instead."""
+
+    async def go(url):
+        async with Client(url) as running, Client(url) as queued:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(running.call_tool, "steer_generate", STEER)
+                while not steps:
+                    await anyio.sleep(0.01)
+                with anyio.move_on_after(0.5):
+                    await queued.call_tool("ablate_and_test", {"prompt": PROMPT, "answer": " mat", "features": [3]})
+                closed = time.monotonic()
+                left = await anyio.to_thread.run_sync(lambda: wait_until(
+                    lambda: engine.device_status().waiting == 0, 5))
+                assert engine.device_status().held  # the steer_generate still runs
+                tg.cancel_scope.cancel()
+            return closed, left
+
+    with serving(build_server(engine)) as url:
+        closed, left = anyio.run(go, url)
+        freed_after_drop(engine, time.monotonic())
+    print(f"\nqueued ablate_and_test (2026 wire) left the device queue {left:.3f} s after its client closed")
+    assert left < 1.0 and engine.is_clean()
