@@ -68,14 +68,15 @@ def sparse_random_sae(model, hook: str, layer: int, d_sae: int, calib: torch.Ten
     torch.manual_seed(0)
     sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(
         hook_name=hook, model_name="bench", context_size=128, prepend_bos=True)))
+    sae.to(model.cfg.device)
     with torch.inference_mode():
         _, cache = model.run_with_cache(calib, names_filter=[hook], stop_at_layer=layer + 1)
-        x = cache[hook].reshape(-1, d_in)
+        x = cache[hook].reshape(-1, d_in).float()
         pre = (x - sae.b_dec) @ sae.W_enc  # [N, d_sae]
         q = torch.quantile(pre[:, : min(d_sae, 4096)].flatten().float(), 1 - l0 / d_sae)
     with torch.no_grad():
         sae.b_enc.fill_(-float(q))
-    sae.to(model.cfg.device)
+    sae.to(model.cfg.dtype)  # as the model: a bf16 model gets a bf16 SAE (fp32 by default)
     sae.eval()
     for p in sae.parameters():
         p.requires_grad_(False)
@@ -99,7 +100,7 @@ def full_scan(engine: Engine, sae: LoadedSAE, batch: list[Window], store: IndexS
     t = time.perf_counter()
     state = scan(engine, sae, batch, context_size=128, bos=True, max_tokens=10**12, state=state,
                  batch_windows=len(batch),
-                 on_batch=lambda ws, st: store.put_windows([(w.index, w.document, w.start, w.ids) for w in ws]))
+                 on_batch=lambda ws, st, _: store.put_windows([(w.index, w.document, w.start, w.ids) for w in ws]))
     float(state.top_vals[0, 0])
     return time.perf_counter() - t, state
 

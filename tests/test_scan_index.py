@@ -47,6 +47,19 @@ def test_update_state_keeps_exactly_the_k_largest_with_ties_by_earlier_position(
             assert int(state.hist[j, b]) == int((vals[:, j] == v).sum())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_firing_entries_are_exactly_the_entries_above_zero(dtype):
+    """The word-wise fast path against the plain `> 0`: +0.0, -0.0, negatives, tiny positives, odd lengths."""
+    from sae_mcp.engine.scan import firing_entries
+
+    torch.manual_seed(0)
+    acts = (torch.randn(301, 67) - 1.5).to(dtype)
+    acts[0, 0], acts[0, 1], acts[0, 2], acts[1, 3] = -0.0, 0.0, 1e-30, -1e-30
+    for a in (acts, acts[:, :66], acts.relu()):
+        a = a.contiguous()
+        assert torch.equal(firing_entries(a), (a.reshape(-1) > 0).nonzero().squeeze(1))
+
+
 # ------------------------------------------------------------------------------------------- brute force
 
 
@@ -200,23 +213,35 @@ def test_rerun_reuses_and_a_larger_budget_resumes_to_the_fresh_result(stories_en
 
 
 @needs_stories
-def test_cancel_keeps_the_last_whole_batch_and_a_rerun_resumes(stories_engine, stories_sae_dir, tmp_path):
-    src = ExampleSource(stories_engine, settings_for(stories_sae_dir, tmp_path))
+def test_cancel_keeps_the_last_whole_buffer_and_a_rerun_resumes_to_the_uninterrupted_index(
+        stories_engine, stories_sae_dir, tmp_path, monkeypatch):
+    """Batches are scanned longest first within a buffer, so only a whole buffer is a prefix of the corpus: a
+    cancel mid-buffer keeps the state at the last buffer's end, and the rerun ends exactly where a run without
+    the cancel ends."""
+    from sae_mcp.engine import scan as scan_mod
+
+    monkeypatch.setattr(scan_mod, "BUFFER_BATCHES", 2)  # buffers of 2 batches x 16 windows
+    src = ExampleSource(stories_engine, settings_for(stories_sae_dir, tmp_path / "a"))
     cancel = CancelToken()
     seen = []
 
     def progress(done, total):
         seen.append(done)
-        if len(seen) == 2:
+        if len(seen) == 3:  # the first batch of the second buffer is in
             cancel.cancel()
 
     with pytest.raises(Cancelled):
         src.build_index(None, 20_000, progress=progress, cancel=cancel, batch_windows=16)
     row = src.index_store(stories_engine.sae(None)).load_scan("index")
-    assert row.tokens == seen[-1] and not row.exhausted
+    assert row.tokens == seen[1] and row.windows == 32 and not row.exhausted  # the first buffer, whole
     rep = src.build_index(None, 20_000, batch_windows=16)
     assert not rep.reused and rep.tokens_scanned >= 20_000
-    assert src.feature_summary(None, 0).tokens_scanned == rep.tokens_scanned
+    whole = ExampleSource(stories_engine, settings_for(stories_sae_dir, tmp_path / "b"))
+    assert whole.build_index(None, 20_000, batch_windows=16).tokens_scanned == rep.tokens_scanned
+    a = src.index_store(stories_engine.sae(None)).load_scan("index")
+    b = whole.index_store(stories_engine.sae(None)).load_scan("index")
+    for name in ("top_vals", "top_pos", "n_fired", "hist", "samp_pos", "samp_vals"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
 
 
 @needs_stories
@@ -381,3 +406,40 @@ def test_an_index_file_from_before_compute_dtype_opens_and_reports_none(tmp_path
                  top_pos=np.zeros((2, 8), np.int64), n_fired=np.zeros(8, np.int64), hist=np.zeros((8, 4), np.int64),
                  compute_dtype="bfloat16")
     assert st.load_scan("index").compute_dtype == "bfloat16"
+
+
+def test_read_ahead_keeps_order_raises_reader_errors_and_stops_when_abandoned():
+    import threading
+    import time
+
+    from sae_mcp.engine.scan import _read_ahead
+
+    assert list(_read_ahead(iter([[1], [2], [3]]))) == [[1], [2], [3]]
+
+    def broken():
+        yield [1]
+        raise ValueError("corpus line 7 is not JSON")
+
+    got = []
+    with pytest.raises(ValueError, match="line 7"):
+        for b in _read_ahead(broken()):
+            got.append(b)
+    assert got == [[1]]
+
+    reads = []
+
+    def endless():
+        i = 0
+        while True:
+            reads.append(i)
+            yield [i]
+            i += 1
+
+    it = _read_ahead(endless())
+    assert next(it) == [0]
+    it.close()  # what a `break` out of the scan's loop does
+    deadline = time.time() + 5
+    while any(t.name == "scan-read-ahead" for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "scan-read-ahead" for t in threading.enumerate())
+    assert len(reads) <= 4  # read ahead by a bounded amount, not to the end of an endless corpus

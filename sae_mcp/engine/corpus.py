@@ -182,12 +182,34 @@ def iter_windows(
     step = context_size - (1 if bos_id is not None else 0)
     head = [bos_id] if bos_id is not None else []
     w = 0
-    for d, text in iter_documents(src, hub):  # d counts empty documents too (they have no windows)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for d, ids in _tokenized(iter_documents(src, hub), tokenizer):  # d counts empty documents too
         for start in range(0, len(ids), step):
             if w >= skip_windows:
                 yield Window(w, d, start, head + ids[start : start + step])
             w += 1
+
+
+TOKENIZE_DOCS = 64  # documents per tokenizer call
+
+
+def _tokenized(documents: Iterator[tuple[int, str]], tokenizer) -> Iterator[tuple[int, list[int]]]:
+    """(index, text) -> (index, ids), TOKENIZE_DOCS documents per tokenizer call. A fast tokenizer encodes a list
+    in one Rust call, over the machine's cores unless TOKENIZERS_PARALLELISM=false. Measured on an H200 box with
+    one call per document: tokenizing was the index's largest CPU cost (~0.9 s per 1M tokens, one core), as much
+    as the GPU's scan. The ids are the same as one call per text."""
+    chunk: list[tuple[int, str]] = []
+    for doc in documents:
+        chunk.append(doc)
+        if len(chunk) == TOKENIZE_DOCS:
+            yield from _encode(chunk, tokenizer)
+            chunk = []
+    if chunk:
+        yield from _encode(chunk, tokenizer)
+
+
+def _encode(chunk: list[tuple[int, str]], tokenizer) -> Iterator[tuple[int, list[int]]]:
+    ids = tokenizer([text for _, text in chunk], add_special_tokens=False)["input_ids"]
+    return zip((d for d, _ in chunk), ids)
 
 
 def bos_token_id(tokenizer) -> int:

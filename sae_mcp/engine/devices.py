@@ -25,6 +25,19 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def check_n_devices(device: str, n_devices: int) -> int:
+    """--n-devices N: 1, or N CUDA devices this box has (the model's blocks are split over cuda:0..N-1)."""
+    if n_devices < 1:
+        raise LoadError(f"--n-devices {n_devices}: pass 1 or more")
+    if n_devices == 1:
+        return 1
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not device.startswith("cuda") or count < n_devices:
+        raise LoadError(f"--n-devices {n_devices} splits the model over GPUs, but {device} with {count} CUDA "
+                        "device(s) is what this box has: pass --device cuda and at most that many")
+    return n_devices
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """torch.float32 -> 'float32' (how settings, results and sae-lens name dtypes)."""
     return str(dtype).removeprefix("torch.")

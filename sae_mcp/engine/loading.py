@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from sae_mcp.engine import memory
 from sae_mcp.engine.hub import Hub, hf_file_cached
 from sae_mcp.engine.saes import LoadedSAE, parse_release_id, sae_cached, split_alias
 from sae_mcp.errors import LoadError
@@ -96,13 +97,25 @@ def official_model_name(spec: str) -> str | None:
         return None
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where the model goes: the device, how many GPUs its blocks are split over (transformer-lens' n_devices),
+    and the SAEs' (d_in, d_sae), to check before loading that everything fits (engine/memory.py)."""
+
+    device: str
+    n_devices: int = 1
+    sae_shapes: tuple[tuple[int, int], ...] = ()
+
+
 def load_model(spec: str, device: str, dtype: torch.dtype, processing: dict | None = None,
-               hub: Hub | None = None) -> LoadedModel:
+               hub: Hub | None = None, placement: Placement | None = None) -> LoadedModel:
     """Load `spec` (official name or local HF folder) as a HookedSAETransformer on `device`, with the weight
-    `processing` (default: transformer-lens' own, DEFAULT_PROCESSING)."""
+    `processing` (default: transformer-lens' own, DEFAULT_PROCESSING). With `placement`, the model's memory (with
+    its SAEs and a scan's state) is checked against the device's free memory first, and split over n_devices."""
     processing = {**DEFAULT_PROCESSING, **(processing or {})}
+    placement = placement or Placement(device)
     if is_local_model_dir(spec):
-        return _load_local_model(Path(spec).expanduser().resolve(), device, dtype, processing)
+        return _load_local_model(Path(spec).expanduser().resolve(), dtype, processing, placement)
     if Path(spec).expanduser().exists():
         raise LoadError(f"--model {spec}: the folder exists but has no config.json; pass a Hugging Face model folder")
     official = official_model_name(spec)
@@ -119,10 +132,16 @@ def load_model(spec: str, device: str, dtype: torch.dtype, processing: dict | No
             "or pass --model /path/to/a/local/hf/model/folder."
         )
     from sae_lens import HookedSAETransformer
+    from transformer_lens.loading_from_pretrained import get_pretrained_model_config
 
+    with hub.fail_fast():
+        cfg = get_pretrained_model_config(official, device=device, n_devices=placement.n_devices, dtype=dtype)
+    memory.check_fits(memory.estimate(cfg, list(placement.sae_shapes), dtype), device, placement.n_devices, spec,
+                      dtype)
     try:
         with hub.fail_fast():
-            model = HookedSAETransformer.from_pretrained(spec, device=device, dtype=dtype, **processing)
+            model = HookedSAETransformer.from_pretrained(spec, device=device, dtype=dtype,
+                                                         n_devices=placement.n_devices, **processing)
     except Exception as exc:  # the hub stack raises many types; all mean "could not load"
         raise LoadError(
             f"could not load model {spec!r}: {type(exc).__name__}: {exc}. "
@@ -161,7 +180,7 @@ def preflight_offline(model_spec: str, sae_specs: list[str], hub: Hub) -> None:
         )
 
 
-def _load_local_model(folder: Path, device: str, dtype: torch.dtype, processing: dict) -> LoadedModel:
+def _load_local_model(folder: Path, dtype: torch.dtype, processing: dict, placement: Placement) -> LoadedModel:
     """Local HF folder -> transformer-lens: its own config builder and weight converter, safetensors only."""
     from sae_lens import HookedSAETransformer
     from transformer_lens.loading_from_pretrained import get_pretrained_model_config, get_pretrained_state_dict
@@ -169,8 +188,15 @@ def _load_local_model(folder: Path, device: str, dtype: torch.dtype, processing:
 
     if not any(folder.glob("*.safetensors")):
         raise LoadError(f"--model {folder}: no *.safetensors weights found; sae-mcp never unpickles .bin weights")
+    device = placement.device
     try:
-        cfg = get_pretrained_model_config(str(folder), fold_ln=processing["fold_ln"], device=device, dtype=dtype)
+        cfg = get_pretrained_model_config(str(folder), fold_ln=processing["fold_ln"], device=device, dtype=dtype,
+                                          n_devices=placement.n_devices)
+    except Exception as exc:
+        raise LoadError(f"could not read the config of the local model {folder}: {type(exc).__name__}: {exc}") from exc
+    memory.check_fits(memory.estimate(cfg, list(placement.sae_shapes), dtype), device, placement.n_devices,
+                      folder.name, dtype)
+    try:
         hf_model = AutoModelForCausalLM.from_pretrained(
             str(folder), dtype=torch.float32, use_safetensors=True, trust_remote_code=False
         )
@@ -186,7 +212,10 @@ def _load_local_model(folder: Path, device: str, dtype: torch.dtype, processing:
     del hf_model
     model = HookedSAETransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     model.load_and_process_state_dict(state_dict, **processing)
-    model.to(device)
+    if placement.n_devices > 1:
+        model.move_model_modules_to_device()  # blocks split over cuda:0..n-1, as cfg.n_devices says
+    else:
+        model.to(device)
     model.eval()
     return LoadedModel(model=model, name=folder.name, source=str(folder), architecture=cfg.original_architecture or "",
                        processing=processing)

@@ -27,6 +27,9 @@ Scanned tokens: every document token of a window; BOS is context, not a document
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -74,11 +77,39 @@ class ScanState:
             samp_pos=samp_pos, samp_vals=samp_vals,
         )
 
+    def snapshot(self) -> "ScanState":
+        """A copy later batches cannot change: every tensor but the samples is replaced, never written, by
+        update_state; the samples are folded in place, so they are cloned."""
+        return dataclasses.replace(self, samp_pos=self.samp_pos.clone(), samp_vals=self.samp_vals.clone())
+
 
 def _key(vals: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """(value desc, position asc) as one int64 per element; values must be >= 0."""
     bits = vals.float().contiguous().view(torch.int32).long()
     return (bits << 32) | (MAX_POS - pos)
+
+
+_BITS = {4: torch.int32, 2: torch.int16}  # float width -> the int type its bits are read as
+_PER_WORD = {4: 2, 2: 4}  # floats per int64 word
+
+
+def firing_entries(acts: torch.Tensor) -> torch.Tensor:
+    """acts [N, F] -> flat indices [nnz] (ascending) of the entries > 0.
+
+    A float is > 0 exactly when its bits, read as a signed integer, are > 0 (+0.0 is all zero bits, a negative
+    float has its sign bit set). So the dense pass runs over int64 words of 2 (fp32) or 4 (bf16/fp16) floats, and
+    only the words with a set bit are looked at float by float. Measured (1 thread, [7800, 4096] fp32 at 1.4%
+    firing): 43 ms for torch.nonzero on the floats, ~15 ms this way; the dense pass is the scan's largest
+    bookkeeping cost on a small model."""
+    x = acts.reshape(-1)
+    size = x.element_size()
+    if size not in _BITS or x.numel() % _PER_WORD[size]:
+        return (x > 0).nonzero().squeeze(1)
+    per = _PER_WORD[size]
+    words = x.view(torch.int64).nonzero().squeeze(1)  # [w] words holding a set bit
+    parts = at(x.view(_BITS[size]).view(-1, per), words)  # [w, per] their floats' bits
+    hit = (parts > 0).nonzero()  # [nnz, 2]: (word row, float within the word), row-major so ascending
+    return at(words, hit[:, 0]) * per + hit[:, 1]
 
 
 def update_state(state: ScanState, acts: torch.Tensor, pos: torch.Tensor) -> ScanState:
@@ -93,11 +124,8 @@ def update_state(state: ScanState, acts: torch.Tensor, pos: torch.Tensor) -> Sca
     """
     n, f = acts.shape
     k = state.top_vals.shape[0]
-    flat = torch.nonzero(acts.reshape(-1)).squeeze(1)  # [nnz] flat indices of the firing entries
+    flat = firing_entries(acts)  # [nnz] flat indices of the entries > 0
     vals = at(acts.reshape(-1), flat)  # [nnz]
-    if bool((vals < 0).any()):  # no sae-lens architecture outputs negatives; be safe if one does
-        keep = vals > 0
-        flat, vals = flat[keep], vals[keep]
     rows, cols = flat // f, flat % f  # [nnz] each
     counts = torch.bincount(cols, minlength=f)  # [F] tokens fired in this batch
     b = ((vals.float().log10() - HIST_LO) * HIST_PER_DECADE).floor().clamp_(0, HIST_BINS - 1).long()  # [nnz]
@@ -208,9 +236,15 @@ def compute_dtype(engine: Engine, sae: LoadedSAE) -> str:
     return f"{dtype_name(model_dt)} (model), {dtype_name(sae_dt)} (SAE)"
 
 
-def _batches(windows: Iterable[Window], max_tokens: int, tokens_so_far: int, batch: int, bos: bool
+# Batches are cut from a buffer of this many batches' windows sorted by length, so a batch is padded only to its
+# own windows' length: a document's short last window no longer pads a batch of full ones. Measured on TinyStories
+# (128-token windows): 19% of the forward's token slots were padding when batches followed corpus order.
+BUFFER_BATCHES = 32
+
+
+def _buffers(windows: Iterable[Window], max_tokens: int, tokens_so_far: int, size: int, bos: bool
              ) -> Iterator[list[Window]]:
-    """Group windows, stopping once the token budget is reached (at a window boundary)."""
+    """Windows in corpus order, in buffers of `size`, stopping once the token budget is reached (at a window)."""
     cur: list[Window] = []
     seen = tokens_so_far
     for w in windows:
@@ -218,11 +252,80 @@ def _batches(windows: Iterable[Window], max_tokens: int, tokens_so_far: int, bat
             break
         cur.append(w)
         seen += len(w.ids) - (1 if bos else 0)
-        if len(cur) == batch:
+        if len(cur) == size:
             yield cur
             cur = []
     if cur:
         yield cur
+
+
+def _read_ahead(buffers: Iterator[list[Window]], depth: int = 1) -> Iterator[list[Window]]:
+    """`buffers` read on a background thread, `depth` buffers ahead of the consumer: the next buffer's documents
+    are read and tokenized (Rust, without the GIL) while the device scans this one. Same buffers, same order; an
+    error while reading is raised here; stopping early (budget reached, cancel) stops the reader at its next
+    buffer. Measured on an H200 (gpt2-small shape, 24576 features, one run each): the index at 0.79 of a bare
+    forward + encode with it, 0.73 without; what remains is the state update on the device."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item: object) -> bool:  # into the queue unless the consumer has stopped (then False)
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def reader() -> None:
+        try:
+            for buf in buffers:
+                if not put(buf):
+                    return
+            put(end)
+        except BaseException as e:  # handed to the consumer, raised there
+            put(e)
+
+    t = threading.Thread(target=reader, name="scan-read-ahead", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def _length_batches(buffer: list[Window], batch: int) -> list[list[Window]]:
+    """A buffer's windows by length, longest first (the first batch shows the peak memory at once), in batches."""
+    ordered = sorted(buffer, key=lambda w: (-len(w.ids), w.index))
+    return [ordered[i : i + batch] for i in range(0, len(ordered), batch)]
+
+
+def _scan_batch(engine: Engine, sae: LoadedSAE, state: ScanState, batch: list[Window], context_size: int,
+                bos: bool, pad: int, fidx: torch.Tensor | None) -> ScanState:
+    """Forward one batch of windows to the SAE's hook, encode its document tokens and fold them into the state."""
+    ids, valid = pad_windows(batch, pad, bos)  # [B, T] each
+    T = ids.shape[1]
+    if max(w.index for w in batch) * context_size + T >= MAX_POS:
+        raise ValueError("scan too long: token positions exceed 2^32; use a smaller --tokens")
+    base = torch.tensor([w.index * context_size for w in batch], dtype=torch.long)
+    pos = (base[:, None] + torch.arange(T)[None, :]).reshape(-1)  # [B*T]
+    keep = valid.reshape(-1).nonzero().squeeze(1)  # [N] scanned rows: no BOS, no padding
+    with engine.device_work(), torch.inference_mode(), autocast_for(engine):
+        x = engine.forward_to_hook(ids.to(engine.device), sae)  # [B, T, d_in]
+        x = x.reshape(len(batch) * T, -1)[keep.to(engine.device)]  # [N, d_in]: only scanned tokens are encoded
+        acts = engine.encode(sae, x)  # [N, d_sae]
+        if fidx is not None:
+            acts = acts[:, fidx]  # [N, F]
+        state = update_state(state, acts, pos[keep].to(engine.device))
+    state.tokens += int(valid.sum())
+    return state
 
 
 def scan(
@@ -239,14 +342,17 @@ def scan(
     batch_windows: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: CancelToken | None = None,
-    on_batch: Callable[[list[Window], ScanState], None] | None = None,
+    on_batch: Callable[[list[Window], ScanState, bool], None] | None = None,
 ) -> ScanState:
     """Scan `windows` (from the resume point) until max_tokens document tokens or the corpus' end.
 
     `features`: None for all d_sae features, else a subset (the on-demand single-feature scan; the full encode
-    still runs, since e.g. a TopK SAE's feature value depends on all the others). `on_batch(windows, state)` runs
-    after each batch, outside the device lock: the store writes windows and checkpoints there.
-    The device lock is taken per batch, so other tools can run between batches of a long scan.
+    still runs, since e.g. a TopK SAE's feature value depends on all the others). Windows are taken in buffers of
+    BUFFER_BATCHES batches and scanned longest first (no padding to a stranger's length); the result is the same in
+    any order (every statistic is exact and order-free). `on_batch(windows, state, resumable)` runs after each
+    batch, outside the device lock: the store writes windows there, and checkpoints only a `resumable` state (the
+    last batch of a buffer: everything before state.windows is in, nothing after it). The device lock is taken per
+    batch, so other tools can run between batches of a long scan.
     """
     n_features = sae.d_sae if features is None else len(features)
     if state is None:
@@ -256,29 +362,19 @@ def scan(
     pad = windows_pad_id(engine)
     fidx = None if features is None else torch.tensor(features, dtype=torch.long, device=engine.device)
     ended = True
-    for batch in _batches(windows, max_tokens, state.tokens, batch_windows, bos):
-        if cancel is not None:
-            cancel.check()
-        ids, valid = pad_windows(batch, pad, bos)  # [B, T] each
-        T = ids.shape[1]
-        if batch[-1].index * context_size + T >= MAX_POS:
-            raise ValueError("scan too long: token positions exceed 2^32; use a smaller --tokens")
-        base = torch.tensor([w.index * context_size for w in batch], dtype=torch.long)
-        pos = (base[:, None] + torch.arange(T)[None, :]).reshape(-1)  # [B*T]
-        keep = valid.reshape(-1).nonzero().squeeze(1)  # [N] scanned rows: no BOS, no padding
-        with engine.device_work(), torch.inference_mode(), autocast_for(engine):
-            x = engine.forward_to_hook(ids.to(engine.device), sae)  # [B, T, d_in]
-            x = x.reshape(len(batch) * T, -1)[keep.to(engine.device)]  # [N, d_in]: only scanned tokens are encoded
-            acts = engine.encode(sae, x)  # [N, d_sae]
-            if fidx is not None:
-                acts = acts[:, fidx]  # [N, F]
-            state = update_state(state, acts, pos[keep].to(engine.device))
-        state.tokens += int(valid.sum())
-        state.windows = batch[-1].index + 1
-        if on_batch is not None:
-            on_batch(batch, state)
-        if progress is not None:
-            progress(min(state.tokens, max_tokens), max_tokens)
+    for buffer in _read_ahead(_buffers(windows, max_tokens, state.tokens, BUFFER_BATCHES * batch_windows, bos)):
+        batches = _length_batches(buffer, batch_windows)
+        for i, batch in enumerate(batches):
+            if cancel is not None:
+                cancel.check()
+            state = _scan_batch(engine, sae, state, batch, context_size, bos, pad, fidx)
+            resumable = i == len(batches) - 1  # the whole buffer is in: the state is a prefix of the stream
+            if resumable:
+                state.windows = buffer[-1].index + 1
+            if on_batch is not None:
+                on_batch(batch, state, resumable)
+            if progress is not None:
+                progress(min(state.tokens, max_tokens), max_tokens)
         if state.tokens >= max_tokens:
             ended = False
             break
