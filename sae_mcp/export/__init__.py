@@ -1,0 +1,109 @@
+"""Exporting a recorded session (`sae-mcp ledger export`), and replaying it (`sae-mcp ledger replay`, replay.py).
+
+    cells(data)                       markdown + code cells: the setup (preamble.py), then per run its markdown
+                                      (the call, its key numbers, the server's warnings, the labels citing it) and,
+                                      for the tools below, code that redoes it and asserts the recorded numbers
+    write_py(cells, path)             a script in the percent format (# %%): runs as `python FILE`, opens as a
+                                      notebook in editors that read the format
+    write_ipynb(cells, path)          a Jupyter notebook (nbformat 4.5, written as JSON: no nbformat needed)
+    report.write_md(data, path)       a readable report: the question, each experiment's key numbers, the labels
+                                      and their evidence
+
+Runs of other tools (model_info, build_index, search_explanations, label_feature, feature_card, feature_stats,
+token_set_enrichment) and failed runs are listed as markdown.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sae_mcp.export import cells_causal, cells_read
+from sae_mcp.export.preamble import preamble
+from sae_mcp.export.session import Cell, SessionData, label_markdown, run_markdown
+
+CODE = {
+    "get_feature_acts": cells_read.feature_acts,
+    "compare_prompts": cells_read.compare_prompts,
+    "next_token": cells_read.next_token,
+    "project_to_vocab": cells_read.project_to_vocab,
+    "top_examples": cells_read.top_examples,
+    "ablate_and_test": cells_causal.ablate_and_test,
+    "attribute": cells_causal.attribute,
+    "steer_generate": cells_causal.steer_generate,
+}
+HELPERS = {**cells_causal.HELPERS, "top_examples": cells_read.CORPUS_HELPERS}
+FORMATS = ("py", "ipynb", "md")
+
+
+def _note(run) -> str | None:
+    notes = []
+    if run.truncated:
+        notes.append("The ledger kept a cut copy of this result (long lists shortened): the cell checks what it kept.")
+    if run.tool == "steer_generate" and float((run.resolved or {}).get("temperature", 0)) >= 1e-4:
+        notes.append("Sampled: each text is drawn again from a generator seeded as recorded and compared; the "
+                     "seed-independent numbers (KL, P(answer)) are asserted. Controls are not re-run.")
+    return " ".join(notes) or None
+
+
+def _run_cells(run, data: SessionData) -> list[Cell]:
+    if not run.ok:
+        return [("markdown", run_markdown(run, data, "Not redone: the call failed."))]
+    make = CODE.get(run.tool)
+    if make is None or not run.result or not run.resolved:
+        return [("markdown", run_markdown(run, data, None if make else "Listed only: not a tool this export redoes."))]
+    try:
+        code = make(run)
+    except (KeyError, TypeError, IndexError) as exc:  # a run recorded before a field existed, or cut away
+        return [("markdown", run_markdown(run, data, f"Not redone: the record lacks {exc}."))]
+    return [("markdown", run_markdown(run, data, _note(run))), ("code", code)]
+
+
+def cells(data: SessionData) -> list[Cell]:
+    used = {r.tool for r in data.runs if r.ok and r.tool in CODE}
+    out, redone = preamble(data, used, HELPERS), 0
+    for run in data.runs:
+        made = _run_cells(run, data)
+        redone += any(kind == "code" for kind, _ in made)
+        out += made
+    uncited = [lab for lab in data.labels if not lab.evidence_runs]
+    if uncited:
+        out.append(("markdown", "## Labels that cite no run\n\n" + "\n\n".join(label_markdown(x) for x in uncited)))
+    out.append(("code", f"print('every redone run matched the ledger ({redone} runs)')\n"))
+    return out
+
+
+def write_py(cs: list[Cell], path: Path) -> None:
+    parts = []
+    for kind, source in cs:
+        if kind == "markdown":
+            parts.append("# %% [markdown]\n" + "\n".join(f"# {line}".rstrip() for line in source.splitlines()))
+        else:
+            parts.append("# %%\n" + source.rstrip("\n"))
+    Path(path).write_text("\n\n".join(parts) + "\n", encoding="utf-8")
+
+
+def write_ipynb(cs: list[Cell], path: Path) -> None:
+    nb_cells = []
+    for i, (kind, source) in enumerate(cs):
+        cell = {"cell_type": kind, "id": f"cell-{i}", "metadata": {}, "source": source.splitlines(keepends=True)}
+        if kind == "code":
+            cell.update(execution_count=None, outputs=[])
+        nb_cells.append(cell)
+    nb = {"cells": nb_cells, "nbformat": 4, "nbformat_minor": 5,
+          "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+                       "language_info": {"name": "python"}}}
+    Path(path).write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def export(data: SessionData, fmt: str, path: Path) -> None:
+    from sae_mcp.export.report import write_md
+
+    if fmt == "md":
+        write_md(data, path)
+    elif fmt == "py":
+        write_py(cells(data), path)
+    elif fmt == "ipynb":
+        write_ipynb(cells(data), path)
+    else:
+        raise ValueError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")

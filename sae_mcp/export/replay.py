@@ -1,0 +1,140 @@
+"""Replaying a recorded session (`sae-mcp ledger replay`): every recorded call again, against the model and SAEs
+loaded now (by default the recorded ones), and which results differ: by digest, with the first differing field.
+
+Use it after upgrading a library, re-training or swapping an SAE, or changing sae-mcp: what changed in the setup is
+listed first (weights hashes, package versions), then each run. By default the calls run against a scratch data dir
+(no cached scan, no index, no label from outside the session; the session's own labels are written again there, in
+order), so a result depends on the model, the SAEs, the corpus and the code alone; `--in-place` uses the real data
+dir instead (its index and cached scans answer, and label_feature is skipped: it would write). A recorded failure
+replays as 'same' when it fails again with the same message. The replaying server records nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sae_mcp.export.session import SessionData
+from sae_mcp.services.ledger import bounded, digest_of, without_volatile
+
+SKIPPED_IN_PLACE = {"label_feature": "writes a label (replayed only in a scratch data dir)"}
+SHOWN = 80  # characters of a differing value shown
+
+
+@dataclass(frozen=True)
+class Replayed:
+    run_id: str
+    tool: str
+    status: str  # same | differs | skipped
+    detail: str = ""
+
+
+def _show(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= SHOWN else text[:SHOWN] + "..."
+
+
+def first_difference(a: Any, b: Any, path: str = "") -> str | None:
+    """Where two JSON values first differ ('positions[2].top[0].activation: recorded 1.5, now 1.25'), or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            where = f"{path}.{k}" if path else k
+            if k not in a or k not in b:
+                return f"{where}: {'new' if k not in a else 'gone'} (now {_show(b.get(k))}, recorded {_show(a.get(k))})"
+            found = first_difference(a[k], b[k], where)
+            if found:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list):
+        for i, (x, y) in enumerate(zip(a, b)):
+            found = first_difference(x, y, f"{path}[{i}]")
+            if found:
+                return found
+        return None if len(a) == len(b) else f"{path}: {len(a)} items recorded, {len(b)} now"
+    if a == b:
+        return None
+    if isinstance(a, str) and isinstance(b, str):  # show where two long texts part, not their common start
+        at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        a, b, path = a[max(0, at - 20):], b[max(0, at - 20):], f"{path} (from character {max(0, at - 20)})"
+    return f"{path or 'result'}: recorded {_show(a)}, now {_show(b)}"
+
+
+def _view(tool: str, result: dict | None, cut: bool) -> dict:
+    """The part of a result that is compared: without volatile fields and run_id, cut as the recorded copy was."""
+    body = without_volatile(tool, result)
+    return bounded(body) if cut else body
+
+
+def compare(run, result: Any) -> Replayed:
+    """A recorded run against the CallToolResult its call gives now."""
+    text = " ".join(getattr(c, "text", "") for c in getattr(result, "content", []))
+    if result.is_error or not run.ok:
+        if result.is_error and not run.ok:
+            same = " ".join(text.split()) == run.error
+            return Replayed(run.id, run.tool, "same" if same else "differs",
+                            "" if same else f"error: recorded {_show(run.error)}, now {_show(text)}")
+        return Replayed(run.id, run.tool, "differs", f"now fails: {_show(text)}" if result.is_error else
+                        f"now succeeds (recorded error {_show(run.error)})")
+    structured = result.structured_content
+    if digest_of(run.tool, structured) == run.digest:
+        return Replayed(run.id, run.tool, "same")
+    where = first_difference(_view(run.tool, run.result, run.truncated), _view(run.tool, structured, run.truncated))
+    if where is None and not run.truncated:  # the same fields and values, serialised in another order
+        return Replayed(run.id, run.tool, "same")
+    return Replayed(run.id, run.tool, "differs", where or "beyond the part of the result the ledger kept")
+
+
+def _challenge_id(result: dict | None) -> str | None:
+    return ((result or {}).get("challenge") or (result or {}).get("score") or {}).get("challenge_id")
+
+
+def replay_arguments(run, challenges: dict[str, str]) -> dict:
+    """The arguments a run is replayed with: as given, but score_explanation with the seed it drew (the same blind
+    set) and submit_predictions answering the replayed challenge (`challenges`: recorded id -> replayed id)."""
+    args = dict(run.given)
+    if run.tool == "score_explanation" and args.get("seed") is None and (run.resolved or {}).get("seed") is not None:
+        args["seed"] = run.resolved["seed"]
+    if run.tool == "submit_predictions" and args.get("challenge_id") in challenges:
+        args["challenge_id"] = challenges[args["challenge_id"]]
+    return args
+
+
+def replay(server: Any, data: SessionData, skip: dict[str, str] | None = None) -> list[Replayed]:
+    """Every run of the session through one in-memory client connection to `server`, in the recorded order, but
+    the tools in `skip` (tool -> why)."""
+    import anyio
+    from mcp import Client
+
+    async def go() -> list[Replayed]:
+        out, challenges = [], {}
+        async with Client(server) as client:
+            for run in data.runs:
+                if run.tool in (skip or {}):
+                    out.append(Replayed(run.id, run.tool, "skipped", skip[run.tool]))
+                    continue
+                result = await client.call_tool(run.tool, replay_arguments(run, challenges))
+                if run.tool == "score_explanation" and not result.is_error:
+                    old, new = _challenge_id(run.result), _challenge_id(result.structured_content)
+                    challenges.update({old: new} if old and new else {})
+                out.append(compare(run, result))
+        return out
+
+    return anyio.run(go)
+
+
+def env_changes(recorded: dict, now: dict) -> list[str]:
+    """What differs between the recorded environment and the current one: weights, processing, packages."""
+    out = []
+    rm, nm = recorded.get("model", {}), now.get("model", {})
+    for field in ("source", "weights", "processing", "dtype"):
+        if rm.get(field) != nm.get(field):
+            out.append(f"model {field}: {_show(rm.get(field))} -> {_show(nm.get(field))}")
+    r_saes, n_saes = {s["key"]: s for s in recorded.get("saes", [])}, {s["key"]: s for s in now.get("saes", [])}
+    for key in sorted(set(r_saes) | set(n_saes)):
+        a, b = r_saes.get(key, {}), n_saes.get(key, {})
+        for field in ("source", "weights_id", "d_sae", "hook_name"):
+            if a.get(field) != b.get(field):
+                out.append(f"SAE {key} {field}: {_show(a.get(field))} -> {_show(b.get(field))}")
+    rv, nv = recorded.get("versions", {}), now.get("versions", {})
+    out += [f"{pkg}: {rv.get(pkg)} -> {nv.get(pkg)}" for pkg in sorted(set(rv) | set(nv)) if rv.get(pkg) != nv.get(pkg)]
+    return out

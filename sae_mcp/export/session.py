@@ -1,0 +1,88 @@
+"""A recorded session as the exporters read it: its runs in order, the environment they ran against, the labels
+the agent wrote (with the runs they cite), and the pieces every format shares (markdown of a run, literals).
+"""
+
+from __future__ import annotations
+
+import pprint
+from dataclasses import dataclass, field
+from typing import Any
+
+from sae_mcp.errors import NotFound
+from sae_mcp.services.ledger_summary import args_line, first_prompt, summarize, when
+from sae_mcp.store.ledger import LedgerStore, Run
+
+Cell = tuple[str, str]  # ('markdown' | 'code', source)
+
+
+@dataclass(frozen=True)
+class Label:
+    run_id: str
+    sae: str | None
+    feature: int
+    label: str
+    evidence: str | None
+    evidence_runs: list[str]
+
+
+@dataclass
+class SessionData:
+    id: str
+    runs: list[Run]
+    env: dict
+    envs: dict[str, dict] = field(default_factory=dict)  # every environment a run points to
+    labels: list[Label] = field(default_factory=list)
+
+    @property
+    def question(self) -> str | None:
+        """The first prompt of the session: what the investigation started from."""
+        return next((p for r in self.runs if (p := first_prompt(r.given))), None)
+
+    def cited_by(self, run_id: str) -> list[Label]:
+        return [lab for lab in self.labels if run_id in lab.evidence_runs]
+
+
+def load_session(store: LedgerStore, ref: str | None) -> SessionData:
+    """The session `ref` (an id, a unique prefix, or None for the latest) from the store."""
+    sid = store.resolve_session(ref)
+    runs = store.runs(session=sid, limit=100_000)
+    if not runs:
+        raise NotFound(f"session {sid} has no runs")
+    envs = {r.env: store.env(r.env) or {} for r in runs if r.env}
+    env = envs.get(runs[-1].env) or next(iter(envs.values()), {})
+    labels = [
+        Label(run_id=r.id, sae=(r.resolved or {}).get("sae"), feature=int(r.given.get("feature", -1)),
+              label=str(r.given.get("label", "")), evidence=r.given.get("evidence"),
+              evidence_runs=list(r.given.get("evidence_runs") or []))
+        for r in runs if r.tool == "label_feature" and r.ok
+    ]
+    return SessionData(id=sid, runs=runs, env=env, envs=envs, labels=labels)
+
+
+def lit(value: Any, indent: int = 0) -> str:
+    """A Python literal of JSON data, wrapped to fit 110 columns (continuation lines indented)."""
+    text = pprint.pformat(value, width=110 - indent, compact=True, sort_dicts=False)
+    return text.replace("\n", "\n" + " " * indent)
+
+
+def label_markdown(lab: Label) -> str:
+    cites = ", ".join(f"`{r}`" for r in lab.evidence_runs)
+    return (f"**Label** on feature {lab.feature} ({lab.sae}): *{lab.label}*"
+            + (f"  \nEvidence: {lab.evidence}" if lab.evidence else "") + (f"  \nCites runs: {cites}" if cites else ""))
+
+
+def run_heading(run: Run) -> str:
+    return f"### `{run.id}` {run.tool} ({when(run.time)}, {run.wall_s * 1000:.0f} ms)"
+
+
+def run_markdown(run: Run, data: SessionData, note: str | None = None) -> str:
+    """Heading, the call as given, its key numbers, the server's warnings, and the labels that cite it."""
+    lines = [run_heading(run), "", f"`{run.tool}({args_line(run.given)})`", "",
+             f"Recorded: {summarize(run.tool, run.result, run.ok, run.error)}"]
+    for w in (run.result or {}).get("warnings") or []:
+        lines += ["", f"> server warning: {w}"]
+    for lab in data.cited_by(run.id):
+        lines += ["", label_markdown(lab)]
+    if note:
+        lines += ["", note]
+    return "\n".join(lines)

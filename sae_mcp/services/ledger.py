@@ -1,0 +1,313 @@
+"""Recording every tool call (the ledger), as the server makes them.
+
+    Ledger(engine, settings, recording=True)     built once by Services; `services.ledger`
+      .store                the LedgerStore (opened on first use: a server that is never called writes no file)
+      .prepare()            starts computing the environment (model/SAE weights hashes, versions) in the background
+      .begin(tool, given, context, defaults) -> Pending, or None when not recording
+      .session_of(context)  this conversation's session id (one per MCP connection)
+
+    Pending.finish(result)  before the answer leaves: digest, a bounded copy, the resolved arguments, one committed
+                            insert; returns the result with its run_id in the structured content and as the text's
+                            last line
+    Pending.fail(message)   a failed call, with the message the client sees
+
+Recording never changes a result (the digest is taken before run_id is added) and never fails a call: an error
+while recording is logged and the answer goes out without a run_id. The digest is the SHA-256 of the result's
+canonical JSON (sorted keys) without the fields that vary between identical calls (VOLATILE: timings of
+build_index), so a replay compares digests. The stored copy is the whole result when its JSON is at most
+MAX_RESULT_CHARS, else a copy with long lists cut to their first items and a note of how many were left out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydantic_core
+from mcp.types import CallToolResult, TextContent
+
+from sae_mcp.engine.runtime import Engine
+from sae_mcp.services.ledger_env import env_id, environment
+from sae_mcp.services.ledger_resolve import ResolveContext, features_of, resolve
+from sae_mcp.settings import Settings
+from sae_mcp.store.ledger import LedgerStore, Run, ledger_path
+
+log = logging.getLogger(__name__)
+
+MAX_RESULT_CHARS = 256_000  # a stored result's JSON; larger ones are cut (BOUNDED_LIST items per list)
+BOUNDED_LIST = 32
+BOUNDED_STR = 2_000
+VOLATILE = {"build_index": ("seconds", "tokens_per_second", "reused", "path"), "model_info": ("fidelity_note",),
+            "score_explanation": ("challenge.challenge_id", "challenge.expires_in_s", "score.challenge_id",
+                                  "score.score_id"),
+            "submit_predictions": ("challenge_id", "score_id")}
+"""Result fields (a.b: b inside a) left out of the digest: they differ between identical calls (timings, whether it
+was cached, the ids a store hands out)."""
+ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford's base 32: no i, l, o, u to misread in a citation
+
+
+def new_id(prefix: str, n: int = 8) -> str:
+    """prefix + n random base-32 characters (5 bits each: 8 characters are 40 bits)."""
+    bits = int.from_bytes(secrets.token_bytes((5 * n + 7) // 8), "big")
+    return prefix + "".join(ALPHABET[(bits >> (5 * i)) & 31] for i in range(n))
+
+
+def canonical(tool: str, structured: dict | None) -> bytes:
+    """The JSON the digest is taken of (UTF-8), volatile fields and run_id left out. Written by pydantic-core (4x
+    faster than json.dumps: recording must stay cheap); keys stay in the result model's field order (deterministic;
+    replay compares the fields themselves when digests differ, so a reordering alone reads as the same result)."""
+    return pydantic_core.to_json(without_volatile(tool, structured))
+
+
+def without_volatile(tool: str, structured: dict | None) -> dict:
+    """The result without run_id and the tool's VOLATILE fields (a shallow copy; nested dicts copied where cut)."""
+    out = {k: v for k, v in (structured or {}).items() if k != "run_id"}
+    for path in VOLATILE.get(tool, ()):
+        *parents, leaf = path.split(".")
+        node = out
+        for name in parents:
+            if not isinstance(node.get(name), dict):
+                break
+            node[name] = node = dict(node[name])
+        else:
+            node.pop(leaf, None)
+    return out
+
+
+def digest_of(tool: str, structured: dict | None) -> str:
+    return hashlib.sha256(canonical(tool, structured)).hexdigest()[:32]
+
+
+def bounded(value: Any, max_list: int = BOUNDED_LIST, max_str: int = BOUNDED_STR) -> Any:
+    """A copy with lists cut to max_list items (then {'left_out': n}) and strings to max_str characters."""
+    if isinstance(value, dict):
+        return {k: bounded(v, max_list, max_str) for k, v in value.items()}
+    if isinstance(value, list):
+        kept = [bounded(v, max_list, max_str) for v in value[:max_list]]
+        return kept + ([{"left_out": len(value) - max_list}] if len(value) > max_list else [])
+    if isinstance(value, str) and len(value) > max_str:
+        return value[:max_str] + f"... ({len(value) - max_str} characters left out)"
+    return value
+
+
+def with_run_id(result: Any, run_id: str) -> Any:
+    """The result with run_id in its structured content and as the last line of its first text. In place: the
+    result was made for this call (as_tool_result), and a copy would cost as much as the rest of the recording."""
+    if not isinstance(result, CallToolResult):
+        return result
+    for i, c in enumerate(result.content):
+        if isinstance(c, TextContent):
+            result.content[i] = TextContent.model_construct(type="text", text=f"{c.text}\nrun_id: {run_id}",
+                                                            annotations=c.annotations, meta=c.meta)
+            break
+    if result.structured_content is not None:
+        result.structured_content["run_id"] = run_id
+    return result
+
+
+def conversation_of(context: Any) -> tuple[Any, str | None]:
+    """(what every call of one conversation shares, the client's name) from a tool call's context.
+
+    On the 2026 wire every request gets a Connection (and on a JSON-RPC pipe a TransportContext) of its own, so
+    neither says which calls belong together. What lasts as long as the client: an MCP HTTP session's id; on a pipe
+    (stdio) the JSON-RPC dispatcher reading it; in process (the SDK's in-memory client) its transport context.
+    Sessionless HTTP has none of these, so its calls are grouped by the client program's name and version."""
+    request = getattr(context, "_request_context", None) if context is not None else None
+    session = getattr(request, "session", None)
+    conn = getattr(session, "_connection", None)
+    if conn is None:
+        return None, None
+    info = getattr(getattr(conn, "client_params", None), "client_info", None)
+    client = f"{info.name} {info.version}".strip() if info is not None else None
+    if getattr(conn, "session_id", None):
+        return f"mcp-session:{conn.session_id}", client
+    outbound = getattr(session, "_request_outbound", None)
+    inner = getattr(outbound, "_inner", outbound)
+    transport = getattr(inner, "transport", None)
+    if "http" in str(getattr(transport, "kind", "")):
+        return (f"http-client:{client}" if client else None), client
+    for key in (getattr(inner, "_dispatcher", None), transport):
+        if key is not None:
+            return key, client
+    return None, client
+
+
+class IdentityMap:
+    """object -> value by identity, without keeping the object alive (the transport contexts are frozen
+    dataclasses: equal by value, so two clients' would collide as dict keys). Strings are keys by value."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[Any, str]] = {}
+        self._by_text: dict[str, str] = {}
+
+    def get(self, key: Any) -> str | None:
+        if isinstance(key, str):
+            return self._by_text.get(key)
+        found = self._by_id.get(id(key))
+        return found[1] if found and found[0]() is key else None
+
+    def put(self, key: Any, value: str) -> None:
+        if isinstance(key, str):
+            self._by_text[key] = value
+            return
+        if len(self._by_id) > 1024:  # drop the entries of connections that are gone
+            self._by_id = {k: v for k, v in self._by_id.items() if v[0]() is not None}
+        try:
+            ref = weakref.ref(key)
+        except TypeError:
+            ref = (lambda obj: lambda: obj)(key)  # not weakly referable: kept alive (rare; bounded by clients)
+        self._by_id[id(key)] = (ref, value)
+
+
+@dataclass
+class Pending:
+    """One call being recorded: begun on the event loop, finished (or failed) exactly once."""
+
+    ledger: Ledger
+    tool: str
+    given: dict
+    defaults: dict
+    session: str
+    client: str | None
+    started: float = field(default_factory=time.time)
+    t0: float = field(default_factory=time.perf_counter)
+    done: bool = False
+    run_id: str | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _claim(self) -> bool:
+        with self._lock:
+            if self.done:
+                return False
+            self.done = True
+            return True
+
+    def finish(self, result: Any) -> Any:
+        if not isinstance(result, CallToolResult):  # e.g. a request for client input: the final round is the run
+            return result
+        if not self._claim():
+            return result
+        try:
+            self.run_id = self.ledger.write(self, result=result)
+        except Exception:
+            log.warning("could not record the %s call in the ledger; answering anyway", self.tool, exc_info=True)
+            return result
+        return with_run_id(result, self.run_id)
+
+    def fail(self, message: str) -> None:
+        if not self._claim():
+            return
+        try:
+            self.run_id = self.ledger.write(self, error=message)
+        except Exception:
+            log.warning("could not record the failed %s call in the ledger", self.tool, exc_info=True)
+
+
+class Ledger:
+    def __init__(self, engine: Engine, settings: Settings, recording: bool = True, store: LedgerStore | None = None,
+                 max_activation: Any = None):
+        self.engine, self.settings, self.recording = engine, settings, recording
+        self._store = store
+        self._lock = threading.Lock()
+        self._env: tuple[str, dict] | None = None
+        self._env_thread: threading.Thread | None = None
+        self._sessions = IdentityMap()  # a conversation's transport (or its HTTP session id) -> session id
+        self._own_session = new_id("s", 10)  # calls made without a connection (tests calling the server directly)
+        self._resolve = ResolveContext(engine, max_activation, self._corpus_of)
+        self._written_sessions: set[str] = set()  # sessions whose row this ledger wrote (once each)
+
+    @property
+    def store(self) -> LedgerStore:
+        """The data dir's ledger. Not recording (--no-ledger), an existing one is read but none is created: an empty
+        one in memory stands in."""
+        with self._lock:
+            if self._store is None:
+                path = ledger_path(self.settings.data_dir)
+                self._store = LedgerStore(path if self.recording or path.exists() else Path(":memory:"))
+            return self._store
+
+    # -- the environment ----------------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Compute the environment on a daemon thread (hashing a large local model takes a while, once)."""
+        if self.recording and self._env_thread is None:
+            self._env_thread = threading.Thread(target=self._prepare, name="sae-mcp-ledger-env", daemon=True)
+            self._env_thread.start()
+
+    def _prepare(self) -> None:
+        try:
+            self.environment()
+        except Exception:  # e.g. a data dir that cannot be written: each call's recording logs it again
+            log.warning("the ledger could not record the environment; calls are answered without run ids",
+                        exc_info=True)
+
+    def environment(self) -> tuple[str, dict]:
+        """(id, body), computed once and written to the store."""
+        with self._lock:
+            if self._env is not None:
+                return self._env
+        body = environment(self.engine, self.settings, self.store)
+        eid = env_id(body)
+        self.store.put_env(eid, body, time.time())
+        with self._lock:
+            self._env = (eid, body)
+        return self._env
+
+    def _corpus_of(self, key: str) -> dict | None:
+        return next((s["corpus"] for s in self.environment()[1]["saes"] if s["key"] == key), None)
+
+    # -- recording ----------------------------------------------------------------------------------------------
+
+    def session_of(self, context: Any) -> tuple[str, str | None]:
+        """(session id, client name) of the conversation a call came in: one per client connection (a stdio pipe,
+        an in-memory client, an MCP HTTP session; on sessionless HTTP, one per client program and server run), else
+        the ledger's own (a call without a request, e.g. a test calling the server directly)."""
+        key, client = conversation_of(context)
+        if key is None:
+            return self._own_session, client
+        with self._lock:
+            sid = self._sessions.get(key)
+            if sid is None:
+                sid = new_id("s", 10)
+                self._sessions.put(key, sid)
+        return sid, client
+
+    def begin(self, tool: str, given: dict, context: Any, defaults: dict) -> Pending | None:
+        if not self.recording:
+            return None
+        session, client = self.session_of(context)
+        return Pending(self, tool, dict(given), defaults, session, client)
+
+    def write(self, p: Pending, result: Any = None, error: str | None = None) -> str:
+        """Record one call; returns its run id (committed)."""
+        wall = time.perf_counter() - p.t0
+        structured = getattr(result, "structured_content", None) if error is None else None
+        if self._env_thread is not None and self._env_thread is not threading.current_thread():
+            self._env_thread.join()  # the first call waits for the hashes begun at start (seconds, once)
+        eid = self.environment()[0]
+        resolved = resolve(p.tool, p.given, p.defaults, structured, self._resolve)
+        sae = resolved.get("sae") if isinstance(resolved.get("sae"), str) else None
+        run = Run(id=new_id("r"), session=p.session, env=eid, time=p.started, tool=p.tool, given=p.given,
+                  resolved=resolved, wall_s=wall, ok=error is None, error=error, sae=sae,
+                  features=features_of(p.tool, resolved, structured))
+        if error is None:
+            text = canonical(p.tool, structured)
+            run.digest = hashlib.sha256(text).hexdigest()[:32]
+            run.result_chars = len(text)
+            if structured is not None and p.tool not in VOLATILE and len(text) <= MAX_RESULT_CHARS:
+                run.result_json = text.decode()  # the canonical JSON is the whole result: no second dump
+            elif structured is not None:
+                run.result = structured if len(text) <= MAX_RESULT_CHARS else bounded(structured)
+                run.truncated = len(text) > MAX_RESULT_CHARS
+        if p.session not in self._written_sessions:
+            self.store.put_session(p.session, p.started, eid, p.client)
+            self._written_sessions.add(p.session)
+        self.store.record(run)
+        return run.id

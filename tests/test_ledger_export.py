@@ -1,0 +1,138 @@
+"""A recorded session leaves something a person can check: a script that redoes every run with plain
+transformer-lens + sae-lens and asserts the recorded numbers (run here in a subprocess that cannot import sae_mcp),
+the same as a notebook (valid nbformat, executed with nbclient), a markdown report, and a replay that finds no
+difference on the unchanged setup and reports the differences after swapping in another SAE."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+from test_ledger import record_session
+
+from sae_mcp.cli import main as cli_main
+from sae_mcp.export import cells, write_ipynb
+from sae_mcp.export.session import load_session
+from sae_mcp.store.ledger import LedgerStore
+
+from conftest import STORIES_HOOK, make_sae_folder, needs_stories
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+ALLOWED_IMPORTS = {"torch", "sae_lens", "transformer_lens", "transformers", "pandas", "json", "hashlib", "pathlib",
+                   "datasets"}
+# Runs the exported file with sae_mcp made unimportable: it must need nothing of ours.
+WITHOUT_SAE_MCP = "import runpy, sys; sys.modules['sae_mcp'] = None; runpy.run_path(sys.argv[1], run_name='__main__')"
+
+
+@pytest.fixture(scope="module")
+def session(stories_engine, tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("export_data")
+    record_session(stories_engine, data_dir)
+    store = LedgerStore.for_data_dir(data_dir)
+    (recorded,) = store.sessions()
+    return dict(data_dir=data_dir, store=store, data=load_session(store, recorded.id))
+
+
+def cli(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cli_main(list(argv))
+    return rc, out.getvalue()
+
+
+@needs_stories
+def test_the_exported_script_redoes_every_run_without_sae_mcp(session, tmp_path):
+    path = tmp_path / "session.py"
+    rc, out = cli("ledger", "export", "--data-dir", str(session["data_dir"]), "--session", session["data"].id,
+                  "--format", "py", "--out", str(path))
+    assert rc == 0 and "25 runs, 2 labels" in out
+    source = path.read_text()
+    imported = {(n.module or "").split(".")[0] for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name.split(".")[0] for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Import)
+                 for a in n.names}
+    assert imported <= ALLOWED_IMPORTS, imported - ALLOWED_IMPORTS
+    for needle in ("run_with_cache_with_saes", "model.hooks(fwd_hooks", "torch.autograd.grad", "brute_force(",
+                   "get_pretrained_state_dict", "load_and_process_state_dict", "SAE.load_from_disk"):
+        assert needle in source, needle
+    done = subprocess.run([sys.executable, "-c", WITHOUT_SAE_MCP, str(path)], capture_output=True, text=True,
+                          env=ENV, cwd=tmp_path, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    redone = [line for line in done.stdout.splitlines() if "reproduced" in line]
+    tools = ["get_feature_acts", "compare_prompts", "compare_prompts (sets)", "next_token", "next_token",
+             "project_to_vocab", "project_to_vocab", "top_examples", "ablate_and_test", "attribute (gradient)",
+             "attribute (integrated_gradients)", "steer_generate", "steer_generate"]
+    assert [line.split(" ", 1)[1].split(" reproduced")[0] for line in redone] == tools
+    assert "2 of 2 texts identical" in redone[11] or "3 of 3" in redone[11]  # greedy: asserted exactly
+    assert done.stdout.strip().endswith("every redone run matched the ledger (13 runs)")
+
+
+@needs_stories
+def test_the_exported_notebook_is_valid_and_executes(session, tmp_path):
+    nbformat = pytest.importorskip("nbformat", reason="nbformat is not installed (pip install -e '.[test]')")
+    nbclient = pytest.importorskip("nbclient", reason="nbclient is not installed (pip install -e '.[test]')")
+    pytest.importorskip("ipykernel", reason="ipykernel is not installed: no kernel to run the notebook")
+    path = tmp_path / "session.ipynb"
+    write_ipynb(cells(session["data"]), path)
+    nb = nbformat.read(str(path), as_version=4)
+    nbformat.validate(nb)
+    markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert "*Lily's name*" in markdown and "Cites runs:" in markdown and "an uncited hunch" in markdown
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the kernel inherits it
+    client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {
+        "path": str(tmp_path)}})
+    try:
+        client.execute()
+    except nbclient.exceptions.CellExecutionError:
+        raise
+    except Exception as exc:  # no kernel can start here (sandbox, missing kernelspec): say so
+        pytest.skip(f"a Jupyter kernel could not run here: {type(exc).__name__}: {exc}")
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert printed.count("reproduced") == 13 and "every redone run matched the ledger (13 runs)" in printed
+
+
+@needs_stories
+def test_the_markdown_report_has_the_question_the_experiments_and_the_labels(session, tmp_path):
+    path = tmp_path / "report.md"
+    rc, _ = cli("ledger", "export", "--data-dir", str(session["data_dir"]), "--session", session["data"].id[:5],
+                "--format", "md", "--out", str(path))
+    text = path.read_text()
+    assert rc == 0 and "**Question**: 'Once upon a time, there was a little girl named Lily'" in text
+    runs = session["data"].runs
+    for run in runs:
+        assert f"`{run.id}`" in text
+    assert "causal effect of the ablation" in text and "## Failed runs" in text and "## Setup" in text
+    assert "weights sha256" in text and "sae-lens" in text
+
+
+@needs_stories
+def test_the_report_lists_each_label_with_the_runs_it_cites(session, tmp_path):
+    path = tmp_path / "labels.md"
+    assert cli("ledger", "export", "--data-dir", str(session["data_dir"]), "--format", "md", "--out", str(path))[0] == 0
+    text = path.read_text()  # the latest session by default
+    cited = session["data"].labels[0].evidence_runs
+    assert "- feature **7**" in text and "*Lily's name*. Evidence: ablation moves" in text
+    assert f"  - [`{cited[0]}`](#{cited[0]}) ablate_and_test: ablated vs baseline" in text
+    assert f"  - [`{cited[1]}`](#{cited[1]}) top_examples: max " in text
+    assert "an uncited hunch" in text and "no run 'r00000000' in the ledger" in text  # the refused label: failed
+
+
+@needs_stories
+def test_replay_finds_no_difference_unchanged_and_reports_a_swapped_sae(session, tmp_path):
+    sid = session["data"].id
+    base = ["ledger", "replay", "--data-dir", str(session["data_dir"]), "--session", sid, "--device", "cpu"]
+    rc, out = cli(*base)
+    assert rc == 0, out
+    assert "25 same, 0 differ, 0 skipped" in out and "changed since the recording" not in out
+    other = make_sae_folder(tmp_path / "other_sae", 64, 256, STORIES_HOOK, seed=3)
+    rc, out = cli(*base, "--sae", str(other))
+    assert rc == 1
+    assert f"changed since the recording: SAE {STORIES_HOOK} weights_id" in out
+    lines = {line.split()[1]: line for line in out.splitlines() if line.startswith("r") and len(line.split()) > 2}
+    assert "differs: " in lines["get_feature_acts"] and "differs: " in lines["top_examples"]
+    assert lines["next_token"].endswith("same")  # the plain model's prediction does not involve the SAE
+    assert "project_to_vocab" in lines and "differ" in out.splitlines()[-1]
