@@ -1,0 +1,67 @@
+"""A challenge's predictions -> the ExplanationScore result (rates, per group, the contexts misjudged with their
+activations), and stored scores -> the short form shown beside explanations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sae_mcp.results import collect_warnings, rounded
+from sae_mcp.results.scoring import ExplanationScore, GroupScore, Misjudged, ScoreBrief, ScoreMetrics
+from sae_mcp.services.score_metrics import Metrics, by_group, metrics, width_warning
+from sae_mcp.store.scores import Challenge, StoredScore
+
+
+def group_of(a: dict[str, Any]) -> str:
+    """'band k' for a firing context (fuzzing: with its max token marked), 'decoy' (fuzzing: firing context, a
+    silent token marked), 'near miss', 'silent'."""
+    if a["kind"] == "firing":
+        return "decoy" if a["mark"] is not None and not a["truth"] else f"band {a['band']}"
+    return "near miss" if a["kind"] == "near_miss" else "silent"
+
+
+def marked_text(a: dict[str, Any], threshold: float) -> str:
+    """The context with its max token in «» when it fires, and (fuzzing) the marked token in << >> as shown."""
+    out = []
+    for i, t in enumerate(a["tokens"]):
+        t = f"<<{t}>>" if i == a["mark"] else t
+        out.append(f"«{t}»" if i == a["max_at"] and a["max"] >= threshold else t)
+    return "".join(out).replace("\n", "⏎")
+
+
+def metrics_model(m: Metrics) -> ScoreMetrics:
+    return ScoreMetrics(
+        balanced_accuracy=rounded(m.balanced_accuracy), interval_95=[rounded(m.interval[0]), rounded(m.interval[1])],
+        accuracy=rounded(m.accuracy), precision=None if m.precision is None else rounded(m.precision),
+        recall=rounded(m.recall), specificity=rounded(m.specificity), f1=rounded(m.f1),
+        counts={"tp": m.tp, "fp": m.fp, "tn": m.tn, "fn": m.fn},
+    )
+
+
+def score_result(c: Challenge, predictions: dict[str, bool], scorer: str) -> ExplanationScore:
+    """The score of `predictions` (every context id -> bool) on the challenge; score_id 0 until it is stored."""
+    items = c.answers["items"]
+    threshold = float(c.answers["threshold"])
+    truth = [bool(a["truth"]) for a in items]
+    said = [bool(predictions[a["id"]]) for a in items]
+    m = metrics(truth, said)
+    bands = {f"band {number}": (lo, hi) for number, lo, hi in c.answers["bands"]}
+    groups = [GroupScore(group=g, lower=bands.get(g, (None, None))[0], upper=bands.get(g, (None, None))[1], n=k,
+                         correct=right)
+              for g, (k, right) in by_group([group_of(a) for a in items], truth, said).items()]
+    wrong = [Misjudged(id=a["id"], predicted=p, truth=t, group=group_of(a), max_activation=a["max"],
+                       marked_activation=a["mark_act"], text=marked_text(a, threshold))
+             for a, t, p in zip(items, truth, said) if t != p]
+    return ExplanationScore(
+        score_id=0, challenge_id=c.id, sae=c.blind["sae"], feature=c.feature, explanation=c.explanation,
+        method=c.method, n=len(items), seed=c.seed, scorer=scorer, label_id=c.label_id, metrics=metrics_model(m),
+        groups=groups, misjudged=wrong, warnings=collect_warnings(width_warning(m, len(items))),
+    )
+
+
+def brief(s: StoredScore) -> ScoreBrief:
+    return ScoreBrief(method=s.method, balanced_accuracy=s.metrics["balanced_accuracy"], n=s.n, score_id=s.id)
+
+
+def brief_text(scores: list[ScoreBrief] | None) -> str:
+    """'detection 0.85 (n=20)' per method, newest first; '' when never scored."""
+    return "; ".join(f"{b.method} {b.balanced_accuracy:.2f} (n={b.n})" for b in scores or [])
