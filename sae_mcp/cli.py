@@ -1,4 +1,4 @@
-"""sae-mcp serve | call | doctor | train-sae | index | explanations import | dashboard.
+"""sae-mcp serve | call | doctor | train-sae | index | explanations import | dashboard | ledger.
 
 stdout belongs to JSON-RPC under `serve`: logs, progress bars and any library chatter go to stderr.
 """
@@ -13,19 +13,28 @@ import os
 import sys
 from pathlib import Path
 
-from sae_mcp import cli_explain, cli_index
-from sae_mcp.cli_common import add_engine_flags, build_engine, settings_from_args
+from sae_mcp import cli_explain, cli_index, cli_ledger
+from sae_mcp.cli_common import (
+    add_engine_flags,
+    add_http_flags,
+    auth_note,
+    bind_http,
+    build_engine,
+    dashboard_url,
+    http_base,
+    settings_from_args,
+)
 from sae_mcp.settings import DEFAULT_SAE, Settings, default_data_dir
 
 log = logging.getLogger("sae_mcp")
 
 
-def build_app(settings: Settings):
-    """Engine + MCP server for serve/call."""
+def build_app(settings: Settings, record: bool = True):
+    """Engine + MCP server for serve/call; every call recorded in the ledger unless `record` is False."""
     from sae_mcp.server.app import build_server
 
     engine = build_engine(settings)
-    return engine, build_server(engine, settings)
+    return engine, build_server(engine, settings, record=record)
 
 
 # --------------------------------------------------------------------------------------------------- commands
@@ -33,14 +42,23 @@ def build_app(settings: Settings):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    _, server = build_app(settings)
     if args.transport == "http":
+        policy, sock = bind_http(args)  # the address is checked and bound before the model (or torch) loads
+        from sae_mcp.server.http import mcp_http_app, serve_asgi
+
+        settings = settings.model_copy(update={"dashboard_url": dashboard_url(args, policy)})
+        _, server = build_app(settings, record=not args.no_ledger)
         # Streamable HTTP at /mcp, and the feature-card pages at /features/{sae}/{feature} beside it.
-        log.info("sae-mcp serving on http://%s:%d/mcp (cards at /features/SAE/FEATURE)", args.host, args.port)
-        server.run("streamable-http", host=args.host, port=args.port)
-    else:
-        log.info("sae-mcp serving on stdio")
-        server.run("stdio")
+        log.info("sae-mcp serving on %s/mcp, cards at /features/SAE/FEATURE (%s)", http_base(policy),
+                 auth_note(policy))
+        serve_asgi(mcp_http_app(server, policy), sock, access_log=args.access_log)
+        return 0
+    settings = settings.model_copy(update={"dashboard_url": dashboard_url(args)})
+    _, server = build_app(settings, record=not args.no_ledger)
+    log.info("sae-mcp serving on stdio")
+    from sae_mcp.server.stdio import run_stdio
+
+    run_stdio(server)  # the SDK's stdio transport, answering malformed lines instead of dropping them
     return 0
 
 
@@ -57,7 +75,7 @@ def cmd_call(args: argparse.Namespace) -> int:
         print("error: --json must be a JSON object of tool arguments", file=sys.stderr)
         return 2
     settings = settings_from_args(args)
-    _, server = build_app(settings)
+    _, server = build_app(settings, record=not args.no_ledger)
 
     async def run() -> int:
         async with Client(server) as client:
@@ -159,6 +177,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--transport", choices=["stdio", "http"], default="stdio")
     p.add_argument("--host", default="127.0.0.1", help="http only; keep it on localhost unless you mean it")
     p.add_argument("--port", type=int, default=8765, help="http only")
+    add_http_flags(p, sessions=True)
+    p.add_argument("--dashboard-url", default=None, metavar="URL",
+                   help="where the feature pages are served (e.g. a `sae-mcp dashboard` at http://127.0.0.1:8766): "
+                   "results naming one feature carry its page URL; over --transport http the server's own address "
+                   "is the default")
+    cli_ledger.add_no_ledger_flag(p)
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("call", help="run one tool in-process and print its structured result as JSON")
@@ -166,6 +190,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default="{}", help="tool arguments as a JSON object")
     p.add_argument("--compact", action="store_true", help="one-line JSON")
     add_engine_flags(p)
+    cli_ledger.add_no_ledger_flag(p)
     p.set_defaults(fn=cmd_call)
 
     p = sub.add_parser("doctor", help="installed versions, device, and whether the model/SAE are cached")
@@ -187,6 +212,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     cli_index.register(sub, add_engine_flags)
     cli_explain.register(sub, add_engine_flags)
+    cli_ledger.register(sub)
     return parser
 
 

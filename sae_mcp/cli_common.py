@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -24,6 +26,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         f"(default: {DEFAULT_SAE})",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--n-devices", type=int, default=1, help="split the model's blocks over this many GPUs")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--corpus", default=None, help="HF dataset name or local .txt/.jsonl/.parquet for scans")
     p.add_argument("--data-dir", default=None, type=Path, help=f"stores live here (default: {default_data_dir()})")
@@ -34,6 +37,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         model=args.model,
         saes=tuple(args.saes) if args.saes else (DEFAULT_SAE,),
         device=args.device,
+        n_devices=args.n_devices,
         dtype=args.dtype,
         corpus=args.corpus,
     )
@@ -43,8 +47,85 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def build_engine(settings: Settings):
-    """Load model + SAEs with every byte of library chatter sent to stderr."""
+    """Load model + SAEs with every byte of library chatter sent to stderr, after the start-up checks (data dir
+    writable, local corpus readable), which fail in seconds rather than after the model has loaded."""
     from sae_mcp.engine.runtime import Engine
+    from sae_mcp.preflight import check_settings
 
+    check_settings(settings)
     with contextlib.redirect_stdout(sys.stderr):
         return Engine.from_settings(settings)
+
+
+def add_http_flags(p: argparse.ArgumentParser, sessions: bool) -> None:
+    """Who may reach an HTTP server (serve --transport http, dashboard); README "Security" explains each."""
+    from sae_mcp.server.security import HttpPolicy
+
+    defaults = HttpPolicy()  # one place for the defaults
+    p.add_argument("--token", default=None,
+                   help="require Authorization: Bearer TOKEN on every route (pages also take ?token= once, then a "
+                   "cookie); default: $SAE_MCP_TOKEN, which other local users cannot read in the process list")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="allow a non-loopback --host without a token (a trusted network only)")
+    p.add_argument("--allow-host", action="append", default=None, metavar="NAME[:PORT]",
+                   help="also answer to this Host header (any port when none is given); repeatable")
+    p.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN",
+                   help="accept browser requests from this Origin, e.g. https://app.example; repeatable (none by "
+                   "default)")
+    p.add_argument("--access-log", action="store_true", help="log each request to stderr (tokens redacted)")
+    if sessions:
+        p.add_argument("--max-sessions-per-client", type=int, default=defaults.max_sessions_per_client,
+                       help="open MCP sessions one client address may hold; more are refused with 429 "
+                       "(default: %(default)s)")
+        p.add_argument("--session-idle-minutes", type=float, default=defaults.session_idle_minutes,
+                       help="an MCP session with no request for this long is closed (default: %(default)s)")
+
+
+def bind_http(args: argparse.Namespace):
+    """The checked HttpPolicy and the bound listening socket, from the flags: a bad port, a taken port or a
+    non-loopback bind without a token fails here in a second, before the model loads (InvalidInput, exit 2)."""
+    from sae_mcp.server.security import HttpPolicy, check_policy, reserve_socket
+
+    sessions = {k: getattr(args, k) for k in ("max_sessions_per_client", "session_idle_minutes") if hasattr(args, k)}
+    policy = HttpPolicy(
+        host=args.host,
+        port=args.port,
+        token=args.token or os.environ.get("SAE_MCP_TOKEN") or None,
+        allow_hosts=tuple(args.allow_host or ()),
+        allow_origins=tuple(args.allow_origin or ()),
+        insecure_no_auth=args.insecure_no_auth,
+        **sessions,
+    )
+    check_policy(policy)
+    sock: socket.socket = reserve_socket(policy.host, policy.port)
+    return policy, sock
+
+
+def http_base(policy) -> str:
+    """'http://HOST:PORT' for the log line, and what the token means for whoever opens it."""
+    host = f"[{policy.host}]" if ":" in policy.host else policy.host
+    return f"http://{host}:{policy.port}"
+
+
+def page_base(policy) -> str:
+    """The pages' base URL for links in results: http_base, with a wildcard bind (0.0.0.0, ::) read as loopback,
+    a name the Host check always accepts. Never the token."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "[::]": "[::1]"}.get(policy.host, policy.host)
+    host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"http://{host}:{policy.port}"
+
+
+def dashboard_url(args: argparse.Namespace, policy=None) -> str | None:
+    """--dashboard-url (checked now, before the model loads), else the HTTP server's own pages, else None."""
+    from sae_mcp.server.page_links import check_base
+
+    given = getattr(args, "dashboard_url", None)
+    if given:
+        return check_base(given)
+    return page_base(policy) if policy is not None else None
+
+
+def auth_note(policy) -> str:
+    if policy.token:
+        return "token required: MCP clients send Authorization: Bearer TOKEN; open a page once with ?token=TOKEN"
+    return "no token"

@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from sae_mcp.cli_common import add_http_flags
 from sae_mcp.errors import InvalidInput, LoadError
 
 
@@ -84,15 +85,17 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from sae_mcp.cli_common import build_engine, settings_from_args
-    from sae_mcp.server.http import serve_dashboard
-    from sae_mcp.services import Services
+    from sae_mcp.cli_common import auth_note, bind_http, build_engine, http_base, settings_from_args
 
     settings = settings_from_args(args)
+    policy, sock = bind_http(args)  # the address is checked and bound before the model (or torch) loads
+    from sae_mcp.server.http import dashboard_app, serve_asgi
+    from sae_mcp.services import Services
+
     services = Services(build_engine(settings), settings)
-    print(f"feature cards at http://{args.host}:{args.port}/features/SAE/FEATURE (index: http://{args.host}:{args.port}/)",
-          file=sys.stderr)
-    serve_dashboard(services, host=args.host, port=args.port)
+    base = http_base(policy)
+    print(f"feature cards at {base}/features/SAE/FEATURE (index: {base}/; {auth_note(policy)})", file=sys.stderr)
+    serve_asgi(dashboard_app(services, policy), sock, access_log=args.access_log)
     return 0
 
 
@@ -116,4 +119,5 @@ def register(sub: argparse._SubParsersAction, engine_flags) -> None:
     engine_flags(d)
     d.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: localhost only)")
     d.add_argument("--port", type=int, default=8765)
+    add_http_flags(d, sessions=False)
     d.set_defaults(fn=cmd_dashboard)

@@ -32,8 +32,13 @@ class Limits(BaseModel):
     """Largest prompt set for compare_prompts(prompts_a=..., prompts_b=...)."""
     max_features_per_call: int = 64
     """Most explicit features one call may name."""
-    busy_timeout_s: float = 120.0
-    """How long a call waits for the device before answering 'busy'."""
+    busy_timeout_s: float = 30.0
+    """How long a call waits for the device before answering 'busy' (with how many calls are ahead and how long
+    the current one has run). Calls that never run the model (model_info, search_explanations, label_feature,
+    index reads, feature_card, project_to_vocab) never wait for it."""
+    max_queued: int = 16
+    """Calls that may wait for the device at once; one more is answered 'busy' at once. Each waiting call holds
+    one of the SDK's 40 worker threads, so this also keeps threads free for the calls that need no device."""
 
 
 class Settings(BaseModel):
@@ -47,6 +52,8 @@ class Settings(BaseModel):
     """SAE specs: `RELEASE/SAE_ID`, a local SAELens folder, either optionally prefixed `ALIAS=`."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N | mps."""
+    n_devices: int = 1
+    """GPUs the model's blocks are split over (transformer-lens' n_devices), from cuda:0."""
     dtype: str = "float32"
     """float32 | float16 | bfloat16 (model and SAEs)."""
     corpus: str | None = None
@@ -54,3 +61,6 @@ class Settings(BaseModel):
     data_dir: Path = Field(default_factory=default_data_dir)
     """Where SQLite stores (feature index, labels, explanations) live."""
     limits: Limits = Limits()
+    dashboard_url: str | None = None
+    """Where the feature pages are served (`serve --transport http` sets its own address; `--dashboard-url` names
+    another, e.g. a `sae-mcp dashboard`): results naming one feature then carry its page URL. None: no links."""

@@ -15,6 +15,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# A server built without a data dir (Settings() defaults) must never write into the user's real one
+# (~/.local/share/sae-mcp: the ledger, labels, indexes); subprocesses inherit this too.
+if "SAE_MCP_DATA_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["SAE_MCP_DATA_DIR"] = tempfile.mkdtemp(prefix="sae-mcp-tests-")
 
 import pytest
 import torch
@@ -247,3 +253,15 @@ def stories_server(stories_engine, stories_settings):
     from sae_mcp.server.app import build_server
 
     return build_server(stories_engine, stories_settings)
+
+
+def indexed_stories_services(engine, sae_dir: Path, data_dir: Path, tokens: int = 30_000):
+    """Services over stories260K whose corpus is indexed (`tokens` of it, ~2 s), stores in `data_dir`: what the
+    feature pages show from."""
+    from sae_mcp.services import Services
+    from sae_mcp.settings import Settings
+
+    settings = Settings(model=str(STORIES_HF), saes=(str(sae_dir),), corpus=str(STORIES_CORPUS), data_dir=data_dir)
+    services = Services(engine, settings)
+    services.examples.build_index(None, tokens)
+    return services

@@ -9,7 +9,7 @@ import pytest
 from mcp import Client
 
 from sae_mcp.engine.stats import LogitWeightStats
-from sae_mcp.server import card_text
+from sae_mcp.server import card_text, pages
 from sae_mcp.server.app import build_server
 from sae_mcp.server.prompts import load_prompts
 from sae_mcp.services import Services
@@ -63,8 +63,9 @@ def test_card_uses_the_index_when_built_and_marks_the_firing_token(tiny_engine, 
     assert "histogram `█▂▁` (0.1 .. 4.2)" in md
     assert "1. 4.2: <s>the« cat» sat on" in md
     assert fake.calls == ["summary", "top_examples k=4"]  # index reads only, no scan
-    html = card_text.card_html(services, 3, s.key)
-    assert "<mark> cat</mark>" in html and "class='hist'" in html
+    html = pages.feature_page(services, 3, s.key)  # the person's page of the same card
+    assert "<span class='t max' style='background:rgba(255,140,0,1.000)' data-act='4.2'" in html
+    assert "id='histogram'" in html
 
 
 def test_card_never_scans_when_the_index_has_no_summary(tiny_engine, tmp_path):
@@ -103,7 +104,7 @@ def test_card_shows_a_cached_on_demand_scan_instead_of_not_indexed(tiny_engine, 
            f"{scanned.max_activation:.3g} · computed in float32" in md
     ex = scanned.examples[0]
     assert f"1. {ex.activation:.3g}: " in md and f"«{ex.token}»" in md and "\n3. " not in md
-    assert "on-demand" in card_text.card_html(services, 4)
+    assert "on-demand" in pages.feature_page(services, 4)
     assert NOT_INDEXED in card_text.card_markdown(services, 5)
 
 
@@ -223,7 +224,8 @@ def test_prompts_are_served_with_their_arguments(tiny_engine, tmp_path):
 
     listed, got, pred = anyio.run(go)
     by = {p.name: p for p in listed}
-    assert set(by) == {"investigate_feature", "find_concept_features", "explain_prediction", "steering_study"}
+    assert set(by) == {"investigate_feature", "find_concept_features", "explain_prediction", "steering_study",
+                       "score_my_explanations"}
     assert [(a.name, a.required) for a in by["investigate_feature"].arguments] == [("feature", True), ("sae", False)]
     text = got.messages[0].content.text
     assert "Investigate feature 42 (SAE: blocks.1.hook_resid_pre" in text
@@ -236,7 +238,9 @@ def test_prompts_are_served_with_their_arguments(tiny_engine, tmp_path):
 def test_each_recipe_names_the_tools_it_relies_on():
     recipes = {p.name: p for p in load_prompts()}
     needs = {
-        "investigate_feature": ["top_examples", "project_to_vocab", "label_feature", "ablate_and_test"],
+        "investigate_feature": ["top_examples", "project_to_vocab", "label_feature", "ablate_and_test",
+                                "score_explanation"],
+        "score_my_explanations": ["score_explanation", "submit_predictions", "label_feature", "feature_card"],
         "find_concept_features": ["search_explanations", "compare_prompts", "attribute"],
         "explain_prediction": ["next_token", "attribute", "ablate_and_test"],
         "steering_study": ["steer_generate", "get_feature_acts", "next_token"],

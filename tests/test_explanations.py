@@ -236,7 +236,7 @@ def test_label_feature_is_searchable_at_once_and_annotated_as_a_write(tiny_engin
         ("search_explanations", {"query": "park"}),
     ])
     ann = tools["label_feature"].annotations
-    assert ann.read_only_hint is False and ann.idempotent_hint is False
+    assert ann.read_only_hint is False and ann.idempotent_hint is True  # a repeated call adds no second label
     assert tools["search_explanations"].annotations.read_only_hint is True
     assert lab.structured_content["labels_for_feature"] == 1
     m = found.structured_content["matches"][0]
@@ -377,3 +377,35 @@ def test_cli_import_refuses_an_export_of_another_neuronpedia_sae_unless_forced(t
     assert rc == 0 and json.loads(out.out)["added"] == 6
     with pytest.raises(InvalidInput, match="row 1 explains a feature of Neuronpedia SAE tiny/1-res-test"):
         files.read_explanations_file(export, d_sae=128, neuronpedia_id="gpt2-small/7-res-jb")
+
+
+def test_a_label_write_does_not_wait_for_a_search_that_is_embedding(tmp_path):
+    """The embedding model can take minutes after a big import; it must not hold the store's lock meanwhile."""
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowEmbedder:  # the real MiniLM's interface: texts -> unit vectors [n, dim]
+        name = "slow"
+
+        def __call__(self, texts):
+            entered.set()
+            release.wait(10)
+            v = np.ones((len(texts), 4), dtype=np.float32)
+            return v / 2.0
+
+    store = ExplanationStore(tmp_path / "e.sqlite", embedder=SlowEmbedder())
+    store.add_label("sae", 3, "fires on dogs")
+    found = []
+    searcher = threading.Thread(target=lambda: found.append(store.search("dogs")))
+    searcher.start()
+    assert entered.wait(10)
+    wrote = threading.Thread(target=lambda: store.add_label("sae", 4, "fires on cats"))
+    wrote.start()
+    wrote.join(5)
+    alive = wrote.is_alive()
+    release.set()
+    searcher.join(10)
+    wrote.join(10)
+    assert not alive, "add_label waited for the search's embedding model"
+    assert found and found[0][0][0].feature == 3

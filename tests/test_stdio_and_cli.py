@@ -97,7 +97,7 @@ def test_doctor_reports_versions_device_and_cache_state(tmp_path):
 
 
 @needs_stories
-def test_serve_over_http_answers_mcp_and_serves_the_card_page(stories_sae_dir, tmp_path):
+def test_serve_over_http_answers_mcp_and_serves_the_card_page_that_results_link_to(stories_sae_dir, tmp_path):
     import time
 
     import requests
@@ -122,10 +122,14 @@ def test_serve_over_http_answers_mcp_and_serves_the_card_page(stories_sae_dir, t
 
         async def session():
             async with Client(f"http://127.0.0.1:{port}/mcp", read_timeout_seconds=120) as client:
-                return await client.call_tool("get_feature_acts", {"prompt": "Once upon a time", "top_k": 2})
+                return (await client.call_tool("get_feature_acts", {"prompt": "Once upon a time", "top_k": 2}),
+                        await client.call_tool("project_to_vocab", {"feature": 3, "top_k": 2}))
 
-        acts = anyio.run(session)
-        assert acts.structured_content["tokens"][0] == "<s>"
+        acts, lens = anyio.run(session)
+        assert acts.structured_content["tokens"][0] == "<s>" and "page" not in acts.structured_content
+        # a result naming one feature links to the page that shows it, on this server
+        assert lens.structured_content["page"] == f"http://127.0.0.1:{port}/features/res2/3"
+        assert requests.get(lens.structured_content["page"], timeout=30).status_code == 200
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -575,3 +575,14 @@ def test_control_statistics_give_no_z_score_when_the_controls_do_not_vary():
     (stat,) = control_stats({"m": 0.5}, varied)
     mean, std = 0.2, float(torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4], dtype=torch.float64).std())
     assert stat.z_score == pytest.approx((0.5 - mean) / std, abs=1e-3)
+
+
+def test_a_vanishing_temperature_or_top_p_samples_the_most_likely_token_instead_of_failing():
+    """The fuzz found top_p=5e-324 (0 in float32: no token kept, NaN draw); a temperature of 1e-300 overflows
+    logits / temperature the same way. Both must mean 'the most likely token'."""
+    from sae_mcp.engine.generation import _sample
+
+    logits = torch.tensor([[0.5, 2.0, -1.0], [3.0, 0.0, 2.9]])
+    gens = [torch.Generator().manual_seed(0) for _ in range(2)]
+    assert _sample(logits, 1.0, 5e-324, gens).tolist() == [1, 0]
+    assert _sample(logits, 1e-300, 0.9, gens).tolist() == [1, 0]

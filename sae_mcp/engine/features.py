@@ -76,7 +76,7 @@ def get_feature_acts(
     """The top_k features at every position (or the one `position`), each position's L0, and the named features'
     activations at the same positions."""
     s = engine.sae(sae)
-    features = engine.check_features(s, features)
+    features = engine.check_features(s, features, unique=True)  # keyed by feature: a repeat would be lost
     with engine.device_work():
         pa = prompt_feature_acts(engine, s, prompt)
         seq = len(pa.tokens)

@@ -26,15 +26,22 @@ KL_CHUNK_ELEMENTS = 2**24
 ProgressFn = Callable[[int, int], None]  # (steps done, max_new_tokens), after each generated step
 
 
+# Below this temperature logits / temperature overflows float32 (inf - inf = NaN in the softmax), and sampling is
+# greedy to every digit anyway.
+GREEDY_BELOW = 1e-4
+
+
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gens: list[torch.Generator]) -> torch.Tensor:
     """logits [B, d_vocab] -> next tokens [B]. temperature 0 = greedy; top_p keeps the smallest nucleus."""
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         return logits.argmax(-1)
     probs = (logits.float() / temperature).softmax(-1)  # [B, V]
     if top_p < 1.0:
         sorted_p, order = probs.sort(-1, descending=True)  # [B, V] each
-        # keep a token when the mass before it is < top_p (the first token is always kept)
+        # keep a token when the mass before it is < top_p, and always the first (a top_p that underflows
+        # float32, e.g. 5e-324, would otherwise keep nothing and the draw would fail on NaN)
         keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < top_p  # [B, V]
+        keep_sorted[..., 0] = True
         keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)  # [B, V], in vocabulary order
         probs = probs * keep
         probs = probs / probs.sum(-1, keepdim=True)

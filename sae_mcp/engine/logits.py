@@ -151,10 +151,16 @@ def decoder_direction_in_resid(engine: Engine, sae: LoadedSAE, features: torch.T
 def project_to_vocab(engine: Engine, feature: int, sae: str | None = None, top_k: int = 10,
                      exclude: frozenset[int] = frozenset()) -> VocabProjection:
     """The decoder direction through the unembedding: W_dec[f] @ W_U, top and bottom tokens, leaving out the
-    token ids in `exclude` (e.g. special and byte-fallback tokens)."""
+    token ids in `exclude` (e.g. special and byte-fallback tokens).
+
+    Without the device lock, on purpose: the lock serialises forward passes, because hooks and spliced SAEs are
+    attached to the one shared model and a concurrent forward would run through them. This reads two weight
+    matrices (never mutated: requires_grad is off and nothing writes them) and multiplies one row by W_U: no
+    forward, no module call, no hook, and inference mode and autocast are per thread. So it can run while
+    another call generates or scans, and a logit lens answers at once instead of queueing behind that work."""
     s = engine.sae(sae)
     engine.check_feature(s, feature)
-    with engine.device_work(), torch.inference_mode():
+    with torch.inference_mode():
         direction = decoder_direction_in_resid(engine, s, torch.tensor([feature], device=s.sae.W_dec.device))[0]
         W_U = engine.model.W_U  # [d_model, d_vocab]
         logits = direction.to(W_U.dtype) @ W_U  # [d_vocab]

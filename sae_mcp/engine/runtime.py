@@ -1,8 +1,13 @@
 """Engine: owns the device, the loaded model and SAEs, one worker lock, cancellation and hook hygiene.
 
 The MCP SDK runs plain `def` tools on worker threads, possibly concurrently, so every piece of device work goes
-through `Engine.device_work()`: one lock (answering `Busy` after a timeout rather than queueing
-forever), and on the way out, whatever happened, the model is left with no hooks and no SAEs attached.
+through `Engine.device_work()`: a fair queue for the device (admission.py: first come first served, `Busy` at once
+beyond `Limits.max_queued` waiters or after `Limits.busy_timeout_s`, leaving the queue when its call is
+abandoned), and on the way out, whatever happened, the model is left with no hooks and no SAEs attached.
+
+What needs the device lock: anything that runs the model, because hooks and spliced SAEs are attached to the one
+shared model and a concurrent forward would run through them. Weight-only reads (W_dec @ W_U: the logit lens,
+logit-weight moments) attach nothing and run no forward, so they need no lock (see logits.project_to_vocab).
 """
 
 from __future__ import annotations
@@ -15,11 +20,26 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sae_mcp.engine.devices import dtype_name, resolve_device, resolve_dtype
+from sae_mcp.engine.admission import (
+    DeviceQueue,
+    QueueStatus,
+    call_abandoned,
+    cap_malloc_arenas,
+    is_continuation,
+    mark_admitted,
+)
+from sae_mcp.engine.devices import check_n_devices, dtype_name, resolve_device, resolve_dtype
 from sae_mcp.engine.hub import Hub
-from sae_mcp.engine.loading import LoadedModel, check_compatible, load_model, preflight_offline, processing_for
+from sae_mcp.engine.loading import (
+    LoadedModel,
+    Placement,
+    check_compatible,
+    load_model,
+    preflight_offline,
+    processing_for,
+)
 from sae_mcp.engine.saes import LoadedSAE, load_sae, split_alias
-from sae_mcp.errors import Busy, Cancelled, InvalidInput, LoadError, NotFound
+from sae_mcp.errors import Cancelled, InvalidInput, LoadError, NotFound
 from sae_mcp.results import ModelInfo, SaeInfo
 from sae_mcp.settings import Limits, Settings
 
@@ -91,7 +111,7 @@ class Engine:
                     f"two SAEs are addressed as {s.key!r}; give one an alias: --sae ALIAS={s.source}"
                 )
             self.saes[s.key] = s
-        self._lock = threading.Lock()
+        self._lock = DeviceQueue()  # Lock-compatible acquire()/release(); device_work() admits fairly
         for p in self.model.parameters():
             p.requires_grad_(False)
         for s in self.saes.values():
@@ -102,6 +122,7 @@ class Engine:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Engine":
+        cap_malloc_arenas()  # a server's many worker threads would otherwise grow its RSS (admission.py)
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype)
         hub = Hub()
@@ -114,7 +135,9 @@ class Engine:
             if alias:
                 s.key = alias
             saes.append(s)
-        model = load_model(settings.model, device, dtype, processing_for(saes), hub)
+        placement = Placement(device, check_n_devices(device, settings.n_devices),
+                              tuple((s.d_in, s.d_sae) for s in saes))
+        model = load_model(settings.model, device, dtype, processing_for(saes), hub, placement)
         for s in saes:
             check_compatible(model, s)
         return cls(model, saes, device, settings.limits, hub)
@@ -202,10 +225,18 @@ class Engine:
 
     @contextlib.contextmanager
     def device_work(self, timeout_s: float | None = None) -> Iterator[None]:
-        """Serialise device work; after it (success or failure) no hooks and no SAEs stay attached."""
-        timeout = self.limits.busy_timeout_s if timeout_s is None else timeout_s
-        if not self._lock.acquire(timeout=timeout):
-            raise Busy(f"the device is busy with another call for more than {timeout:.0f} s; try again shortly")
+        """Serialise device work; after it (success or failure) no hooks and no SAEs stay attached.
+
+        A call's first device work queues under the limits (Busy at once beyond max_queued waiters, or after the
+        timeout). Its later device work (a scan takes the device per batch, so other calls run in between) is a
+        continuation: it queues again at the back, fairly, but is never refused, so a scan admitted once is not
+        broken off half-way by Busy. Any wait ends with Cancelled when the call is abandoned."""
+        if is_continuation():
+            self._lock.admit(None, None, call_abandoned)
+        else:
+            timeout = self.limits.busy_timeout_s if timeout_s is None else timeout_s
+            self._lock.admit(timeout, self.limits.max_queued, call_abandoned)
+            mark_admitted()
         try:
             yield
         finally:
@@ -213,6 +244,10 @@ class Engine:
                 self.clean_model()
             finally:
                 self._lock.release()
+
+    def device_status(self) -> QueueStatus:
+        """Whether the device is held and for how long, and how many calls wait for it."""
+        return self._lock.status()
 
     def clean_model(self) -> None:
         """Detach everything. Order matters: sae-lens' reset_saes() before reset_hooks() leaves a hook on the SAE's

@@ -70,7 +70,9 @@ def logit_weights(engine: Engine, sae: LoadedSAE, idx: torch.Tensor) -> torch.Te
 
 
 def compute_moments(engine: Engine, sae: LoadedSAE, idx: torch.Tensor) -> torch.Tensor:
-    """Features [n] -> [n, 4] (mean, std, skewness, kurtosis) on the CPU, in chunks. Call inside device_work()."""
+    """Features [n] -> [n, 4] (mean, std, skewness, kurtosis) on the CPU, in chunks. Weight-only (no forward, no
+    hooks), so a few features need no device lock (feature cards); whole-SAE passes take it anyway, to keep
+    their CHUNK_BYTES blocks and seconds of matmuls from competing with forward passes for device memory."""
     rows = chunk_rows(engine.model.cfg.d_vocab, 3 * 4)  # x, centred x, powers: ~3 float32 blocks alive
     out = []
     with torch.inference_mode():
@@ -128,7 +130,7 @@ class LogitWeightStats:
         self._lock = threading.Lock()
 
     def moments(self, sae: LoadedSAE, features: list[int] | None = None) -> torch.Tensor:
-        """[n, 4] (mean, std, skewness, kurtosis) for `features`, or every feature (kept). Inside device_work()."""
+        """[n, 4] (mean, std, skewness, kurtosis) for `features`, or every feature (kept; inside device_work())."""
         if features is None and sae.key in self._moments:
             return self._moments[sae.key]
         m = compute_moments(self.engine, sae, feature_index(self.engine, sae, features))
@@ -175,6 +177,9 @@ class LogitWeightStats:
         s = self.engine.sae(sae)
         if sort_by not in SORT_KEYS:
             raise InvalidInput(f"sort_by={sort_by!r}: use one of {', '.join(SORT_KEYS)}")
+        if min_density is not None and max_density is not None and min_density > max_density:
+            raise InvalidInput(f"min_density {min_density:g} is above max_density {max_density:g}, so no feature "
+                               "could pass: swap them, or give min_density <= max_density")
         if densities is None and (sort_by == "density" or min_density is not None or max_density is not None):
             raise InvalidInput(
                 "densities are not indexed for this SAE, so sort_by='density' and density filters cannot work: "

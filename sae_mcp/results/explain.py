@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from sae_mcp.results.scoring import ScoreBrief
+
 # ------------------------------------------------------------------------------------- search_explanations
 
 
@@ -13,6 +15,10 @@ class ExplanationMatch(BaseModel):
     description: str
     source: str = Field(description="'label' (recorded by label_feature) or where it was imported from")
     score: float = Field(description="Ranking score, larger is better (bm25, or fused rank when semantic)")
+    scored: list[ScoreBrief] | None = Field(
+        default=None, description="How well this explanation predicts the feature: its newest score per method "
+        "(score_explanation); absent when never scored"
+    )
 
 
 class ExplanationSearch(BaseModel):
@@ -27,6 +33,9 @@ class LabelRecorded(BaseModel):
     sae: str
     label_id: int = Field(description="The label's id in the explanation store")
     labels_for_feature: int = Field(description="How many labels this feature now has")
+    scored: list[ScoreBrief] | None = Field(
+        default=None, description="Scores of this text (score_explanation), newest per method; absent when none"
+    )
 
 
 # ----------------------------------------------------------------------------------------------- statistics

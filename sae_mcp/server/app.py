@@ -14,7 +14,8 @@ from importlib.metadata import PackageNotFoundError, version
 from mcp.server.mcpserver import MCPServer
 
 from sae_mcp.engine.runtime import Engine
-from sae_mcp.server import http, tools_causal, tools_corpus, tools_explain, tools_prompt
+from sae_mcp.server import http, tools_causal, tools_corpus, tools_explain, tools_ledger, tools_prompt, tools_scoring
+from sae_mcp.server.page_links import PageLinks
 from sae_mcp.server.prompts import load_prompts
 from sae_mcp.server.wiring import SaeMcpServer, tool_decorator
 from sae_mcp.services import Services
@@ -29,10 +30,13 @@ examples; build_index indexes every feature at once), feature_card (everything k
 search_explanations, feature_stats, token_set_enrichment.
 Test cause: ablate_and_test (the effect is `ablated` vs `baseline`; read `summary`; use controls), steer_generate
 (calibrated, dose-response, controls), attribute (gradient x activation, error share).
-Record what you learn with label_feature. Activations depend on context: prompts get BOS prepended as the SAE was
-trained. The MCP prompts hold investigation recipes."""
+Record what you learn with label_feature, citing the run_id of the results it rests on (evidence_runs); every
+call is recorded, and ledger() finds earlier runs (also of earlier conversations). Measure how well a label
+predicts where its feature fires with score_explanation (answer its blind contexts from the label alone, then
+submit_predictions). Activations depend on context: prompts get BOS prepended as the SAE was trained. The MCP
+prompts hold investigation recipes."""
 
-TOOL_MODULES = (tools_prompt, tools_corpus, tools_causal, tools_explain)
+TOOL_MODULES = (tools_prompt, tools_corpus, tools_causal, tools_explain, tools_scoring, tools_ledger)
 
 
 def package_version() -> str:
@@ -44,11 +48,19 @@ def package_version() -> str:
         return __version__
 
 
-def build_server(engine: Engine, settings: Settings | None = None, services: Services | None = None) -> MCPServer:
+def build_server(engine: Engine, settings: Settings | None = None, services: Services | None = None,
+                 record: bool = True) -> MCPServer:
     """Every tool, resource, prompt and page, wired to the engine and to one set of services (built here unless
-    given: tests pass their own)."""
-    services = services or Services(engine, settings)
+    given: tests pass their own). Every call is recorded in the ledger unless `record` is False (`--no-ledger`) or
+    the services' ledger does not record."""
+    services = services or Services(engine, settings, record=record)
     server = SaeMcpServer("sae-mcp", version=package_version(), instructions=INSTRUCTIONS)
+    if record and services.ledger.recording:
+        server.ledger = services.ledger
+        services.ledger.prepare()  # the environment's hashes and versions, in the background
+    dashboard_url = (settings.dashboard_url if settings is not None else None) or services.settings.dashboard_url
+    if dashboard_url:  # results naming one feature link to its page
+        server.pages = PageLinks(dashboard_url, list(engine.saes))
     tool = tool_decorator(server)
     for module in TOOL_MODULES:
         module.register(server, tool, engine, services)

@@ -1,26 +1,39 @@
 """Feature cards as HTML pages on localhost, so a person can look at what the agent looked at.
 
-    /                            loaded SAEs, labelled features, a box to open any feature
-    /features/{sae}/{feature}    the feature card (the same data as the feature://{sae}/{feature} resource)
+    /?q=WORDS&sort=label|density loaded SAEs with their fidelity, features by label or density, explanation search
+    /features/{sae}/{feature}    the feature page (server/pages.py): the card's data, every example token shaded,
+                                 examples per activation band, histogram, logit lens, recorded runs, a test box;
+                                 ?text=... fills the test box (and its script runs it)
+    /features/{sae}/{feature}/acts?text=...   the test box's JSON: get_feature_acts on the text for this feature
+    /features/{sae}/?f=N         the front page's box (a plain GET form) -> the feature page
 
 The routes are added to the MCP server (custom routes, served next to /mcp when it runs over streamable HTTP)
 and make up the standalone `sae-mcp dashboard` app. Cards do device work, so they run on a worker thread.
+Whatever is served goes behind security.py's checks (Host, Origin, token, page headers); see mcp_http_app.
 """
 
 from __future__ import annotations
 
 import html
+import logging
+import socket
+from urllib.parse import quote
 
 from mcp.server.mcpserver import MCPServer
+from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import HTMLResponse
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
-from sae_mcp.errors import SaeMcpError
-from sae_mcp.server.card_text import card_html, index_html
+from sae_mcp.errors import Busy, InvalidInput, SaeMcpError
+from sae_mcp.server.pages import feature_page, index_page
+from sae_mcp.server.security import HttpPolicy, RedactTokens, SecurityMiddleware
+from sae_mcp.server.sessions import SessionLimiter
 from sae_mcp.services import Services
+from sae_mcp.services.feature_page import MAX_TEST_CHARS, try_text
 
 
 def _error_page(message: str, status: int) -> HTMLResponse:
@@ -31,9 +44,16 @@ def _error_page(message: str, status: int) -> HTMLResponse:
     return HTMLResponse(body, status_code=status)
 
 
+def _json_error(exc: SaeMcpError) -> JSONResponse:
+    status = 503 if isinstance(exc, Busy) else 400 if isinstance(exc, InvalidInput) else 404
+    return JSONResponse({"error": str(exc)}, status_code=status)
+
+
 def page_routes(services: Services) -> list[Route]:
     async def front(request: Request) -> HTMLResponse:
-        return HTMLResponse(await run_in_threadpool(index_html, services))
+        q = request.query_params.get("q", "")
+        sort = request.query_params.get("sort", "label")
+        return HTMLResponse(await run_in_threadpool(index_page, services, q, sort))
 
     async def feature(request: Request) -> HTMLResponse:
         sae, raw = request.path_params["sae"], request.path_params["feature"]
@@ -41,14 +61,43 @@ def page_routes(services: Services) -> list[Route]:
             f = int(raw)
         except ValueError:
             return _error_page(f"feature {raw!r} is not an integer", 404)
+        text = request.query_params.get("text", "")[:MAX_TEST_CHARS]
         try:
-            return HTMLResponse(await run_in_threadpool(card_html, services, f, sae))
+            return HTMLResponse(await run_in_threadpool(feature_page, services, f, sae, text))
         except SaeMcpError as exc:
             return _error_page(str(exc), 404)
 
+    async def acts(request: Request) -> JSONResponse:
+        """The test box: one get_feature_acts call on ?text= (a GET: a same-origin GET carries no Origin header,
+        so the page's own script passes the Origin check that keeps other sites' pages out; a cross-site GET, which
+        carries none either, is refused by the browser's Sec-Fetch-Site)."""
+        if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+            # another site's page (an <img>, a form) may send a GET without an Origin header; browsers say so here
+            return JSONResponse({"error": "the test box answers its own page only"}, status_code=403)
+        sae, raw = request.path_params["sae"], request.path_params["feature"]
+        try:
+            f = int(raw)
+        except ValueError:
+            return JSONResponse({"error": f"feature {raw!r} is not an integer"}, status_code=404)
+        text = request.query_params.get("text", "")
+        try:
+            return JSONResponse(await run_in_threadpool(try_text, services, f, sae, text))
+        except SaeMcpError as exc:
+            return _json_error(exc)
+
+    async def open_feature(request: Request) -> Response:
+        sae, raw = request.path_params["sae"], request.query_params.get("f", "")
+        try:
+            f = int(raw)
+        except ValueError:
+            return _error_page(f"feature {raw!r} is not an integer", 404)
+        return RedirectResponse(f"/features/{quote(sae, safe='')}/{f}", status_code=303)
+
     return [
         Route("/", front, methods=["GET"], name="features_index"),
+        Route("/features/{sae}/", open_feature, methods=["GET"], name="feature_form"),
         Route("/features/{sae}/{feature}", feature, methods=["GET"], name="feature_card_page"),
+        Route("/features/{sae}/{feature}/acts", acts, methods=["GET"], name="feature_test_box"),
     ]
 
 
@@ -58,11 +107,34 @@ def register_routes(server: MCPServer, services: Services) -> None:
         server.custom_route(route.path, methods=["GET"], name=route.name)(route.endpoint)
 
 
-def dashboard_app(services: Services) -> Starlette:
-    return Starlette(routes=page_routes(services))
+def mcp_http_app(server: MCPServer, policy: HttpPolicy) -> ASGIApp:
+    """MCP at /mcp and the pages beside it, as `serve --transport http` runs them: behind the Host/Origin/token
+    checks and the per-client session cap, with the SDK's idle expiry set from the policy. The SDK's own
+    DNS-rebinding check is turned off on every bind: it covers /mcp only, and only when the host is literally a
+    localhost form; SecurityMiddleware checks every route on every bind, so two rules can never disagree."""
+    idle_s = policy.session_idle_minutes * 60
+    app = server.streamable_http_app(
+        streamable_http_path=policy.mcp_path,
+        session_idle_timeout=idle_s,
+        transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
+        host=policy.host,
+    )
+    return SecurityMiddleware(SessionLimiter(app, policy.max_sessions_per_client, idle_s, policy.mcp_path), policy)
 
 
-def serve_dashboard(services: Services, host: str = "127.0.0.1", port: int = 8765) -> None:
+def dashboard_app(services: Services, policy: HttpPolicy) -> ASGIApp:
+    """The pages alone (`sae-mcp dashboard`), behind the same checks."""
+    return SecurityMiddleware(Starlette(routes=page_routes(services)), policy)
+
+
+def serve_asgi(app: ASGIApp, sock: socket.socket, access_log: bool = False) -> None:
+    """Run `app` with uvicorn on an already bound socket (security.reserve_socket). log_config=None sends uvicorn's
+    lines through our logging to stderr (its own config writes the access log to stdout); the access log is off
+    unless asked for, and never shows a ?token=. No proxy headers: a forwarded client address could be forged to
+    dodge the per-client session cap."""
     import uvicorn
 
-    uvicorn.run(dashboard_app(services), host=host, port=port, log_level="warning")
+    if access_log:
+        logging.getLogger("uvicorn.access").addFilter(RedactTokens())
+    config = uvicorn.Config(app, log_config=None, access_log=access_log, proxy_headers=False, server_header=False)
+    uvicorn.Server(config).run(sockets=[sock])

@@ -22,7 +22,9 @@ from sae_mcp.results.causal import (
 )
 from sae_mcp.results.corpus import Example, TopExamples
 from sae_mcp.results.explain import ExplanationSearch, FeatureCardResult, FeatureStats, TokenSetEnrichment
+from sae_mcp.results.scoring import BlindSet, ExplanationScore, ScoreExplanation
 from sae_mcp.server.text import compact_json, fmt, join, tok, warnings_lines
+from sae_mcp.services.score_results import brief_text
 
 
 def _feature_acts(r: FeatureActs) -> str:
@@ -147,8 +149,10 @@ def _feature_stats(r: FeatureStats) -> str:
 
 
 def _explanation_search(r: ExplanationSearch) -> str:
-    lines = [f"{len(r.matches)} matches ({r.ranking} ranking): feature (sae, source, score): description"]
-    lines += [f"{m.feature} ({m.sae}, {m.source}, {fmt(m.score)}): {m.description}" for m in r.matches]
+    lines = [f"{len(r.matches)} matches ({r.ranking} ranking): feature (sae, source, score): description"
+             + (" [scored: method balanced accuracy (contexts)]" if any(m.scored for m in r.matches) else "")]
+    lines += [f"{m.feature} ({m.sae}, {m.source}, {fmt(m.score)}): {m.description}"
+              + (f" [scored: {brief_text(m.scored)}]" if m.scored else "") for m in r.matches]
     return join(lines + ([f"note: {r.note}"] if r.note else []))
 
 
@@ -253,6 +257,43 @@ def _top_examples(r: TopExamples) -> str:
 
 
 
+def _blind_set(b: BlindSet) -> str:
+    return join([
+        f"challenge {b.challenge_id}: {b.method} of {b.explanation!r} for feature {b.feature} (sae {b.sae}), "
+        f"{len(b.contexts)} contexts, seed {b.seed}; expires in {b.expires_in_s // 60} min",
+        f"{b.question}. Judge from the explanation alone, then submit_predictions once: "
+        '{"1": true, "2": false, ...}',
+        *(f"{c.id}: {c.text}" for c in b.contexts),
+        *warnings_lines(b.warnings),
+    ])
+
+
+def _score(r: ExplanationScore) -> str:
+    m = r.metrics
+    precision = "n/a" if m.precision is None else fmt(m.precision)
+    lines = [
+        f"score {r.score_id} of {r.explanation!r}: feature {r.feature} (sae {r.sae}), {r.method}, {r.n} contexts, "
+        f"seed {r.seed}, scorer {r.scorer}" + (f", label {r.label_id}" if r.label_id is not None else ""),
+        f"balanced accuracy {fmt(m.balanced_accuracy)} (95% {fmt(m.interval_95[0])}-{fmt(m.interval_95[1])}), "
+        f"accuracy {fmt(m.accuracy)}, precision {precision}, recall {fmt(m.recall)}, specificity "
+        f"{fmt(m.specificity)}, F1 {fmt(m.f1)} (" + " ".join(f"{k} {v}" for k, v in m.counts.items()) + ")",
+        "per group, right/contexts: " + ", ".join(
+            f"{g.group}" + (f" [{fmt(g.lower)}, {fmt(g.upper)}]" if g.lower is not None else "") + f" {g.correct}/{g.n}"
+            for g in r.groups),
+    ]
+    if r.misjudged:
+        lines.append("misjudged (id: said -> truth, group, max activation[, at the mark]: context, max token in «»):")
+        lines += [f"  {x.id}: {str(x.predicted).lower()} -> {str(x.truth).lower()}, {x.group}, {fmt(x.max_activation)}"
+                  + (f", {fmt(x.marked_activation)}" if x.marked_activation is not None else "") + f": {x.text}"
+                  for x in r.misjudged]
+    return join(lines + warnings_lines(r.warnings))
+
+
+def _score_explanation(r: ScoreExplanation) -> str:
+    return join([_score(r.score) if r.score else None, _blind_set(r.challenge) if r.challenge else None,
+                 f"note: {r.note}" if r.note else None])
+
+
 def _feature_card(r: FeatureCardResult) -> str:
     return f"{r.markdown}\n(also the resource {r.uri})"
 
@@ -270,6 +311,8 @@ RENDERINGS: dict[type, Callable] = {
     TokenSetEnrichment: _token_set_enrichment,
     FeatureStats: _feature_stats,
     ExplanationSearch: _explanation_search,
+    ScoreExplanation: _score_explanation,
+    ExplanationScore: _score,
 }
 
 

@@ -77,8 +77,9 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
                                   progress=progress, cancel=cancel, intervals=intervals, per_interval=per_interval)
         result = as_tool_result(res)
         if plot:
-            png = histogram_png(res.histogram, f"{res.sae} feature {feature}: {res.n_fired} of "
-                                f"{res.tokens_scanned} tokens fired (max {res.max_activation:g})")
+            png = histogram_png(res.histogram, f"{res.sae} feature {feature}: fired on {res.n_fired:,} of "
+                                f"{res.tokens_scanned:,} tokens (density {res.density:.3g}, max activation "
+                                f"{res.max_activation:g})")
             result.content.append(ImageContent(type="image", data=base64.b64encode(png).decode(),
                                                mime_type="image/png"))
         return result

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from sae_mcp.engine.runtime import Engine
 from sae_mcp.engine.token_sets import BUILTIN_SETS
-from sae_mcp.errors import SaeMcpError
+from sae_mcp.errors import InvalidInput, SaeMcpError
 from sae_mcp.results.explain import (
     ExplanationMatch,
     ExplanationSearch,
@@ -30,6 +30,7 @@ from sae_mcp.server.args import engine_args
 from sae_mcp.server.card_text import card_markdown
 from sae_mcp.server.wiring import WRITES, ToolDecorator
 from sae_mcp.services import Services
+from sae_mcp.services.score_results import brief
 
 SetName = Annotated[str, Field(max_length=64)]
 
@@ -54,9 +55,11 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         saes = [engine.sae(sae)] if sae else list(engine.saes.values())
         found, ranking = services.explanations.search(query, [s.store_key for s in saes], top_k=top_k)
         keys = key_of_source()
+        scored = services.scores.latest([(e.sae, e.feature, e.description) for e in found])
         matches = [
             ExplanationMatch(feature=e.feature, sae=keys.get(e.sae, e.sae), description=e.description,
-                             source=e.source, score=float(f"{e.score:.4g}"))  # digits, not decimals: bm25 can be ~1e-6
+                             source=e.source, score=float(f"{e.score:.4g}"),  # digits, not decimals: bm25 can be ~1e-6
+                             scored=[brief(x) for x in scored.get((e.sae, e.feature, e.description), [])] or None)
             for e in found
         ]
         note = None
@@ -76,15 +79,31 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         label: Annotated[str, Field(min_length=1, max_length=1000)],
         sae: SaeArg = None,
         evidence: Annotated[str | None, Field(max_length=4000, description="What supports it, with numbers")] = None,
+        idempotency_key: Annotated[
+            str | None, Field(min_length=1, max_length=128, description="Optional; a retry with it adds nothing")
+        ] = None,
+        evidence_runs: Annotated[
+            list[Annotated[str, Field(max_length=32)]] | None,
+            Field(max_length=64, description="run_id of each result it rests on"),
+        ] = None,
     ) -> LabelRecorded:
-        """Record your explanation of a feature with its evidence: kept for these SAE weights, searchable at once,
-        shown on the card; earlier labels are kept."""
+        """Record your explanation of a feature with its evidence (and the run_id of the results it rests on): kept
+        for these SAE weights, searchable at once, shown on the card; earlier labels are kept. The same label and
+        evidence again returns the label recorded. Scores of its text (score_explanation) come with it."""
         s = engine.sae(sae)
         engine.check_feature(s, feature)
+        runs = list(dict.fromkeys(evidence_runs or [])) or None
+        missing = services.ledger.store.missing(runs) if runs else []
+        if missing:
+            raise InvalidInput(f"evidence_runs: no run {', '.join(map(repr, missing))} in the ledger; cite the "
+                               "run_id of results (ledger() lists them)")
         store = services.explanations
-        rec = store.add_label(s.store_key, feature, label, (evidence or "").strip() or None)
+        rec = store.add_label(s.store_key, feature, label, (evidence or "").strip() or None, idempotency_key, runs)
         n = sum(1 for e in store.for_feature(s.store_key, feature) if e.source == "label")
-        return LabelRecorded(feature=feature, sae=s.key, label_id=rec.id, labels_for_feature=n)
+        scored = services.scores.latest([(s.store_key, feature, rec.description)]).get(
+            (s.store_key, feature, rec.description), [])
+        return LabelRecorded(feature=feature, sae=s.key, label_id=rec.id, labels_for_feature=n,
+                             scored=[brief(x) for x in scored] or None)
 
     @tool()
     def feature_card(

@@ -5,7 +5,12 @@
       .stats           LogitWeightStats: feature_stats and token_set_enrichment, with their whole-SAE results kept
       .explanations    ExplanationStore: imported explanations and the agent's labels (opened on first use, so a
                        server that never reads them creates no file)
-      .fidelity(sae)   each SAE's fidelity on a corpus sample, measured on first use and kept
+      .fidelity(sae)   each SAE's fidelity on a corpus sample, measured once (on first use, or by
+                       prefetch_fidelity() in the background) and kept; never waits for the device
+      .fidelity_now(sae)  what is known of it without measuring on the caller's thread (the pages)
+      .scores          ScoreStore: explanations' scores and the challenges they came from (the explanation store's
+                       file; score_explanation / submit_predictions)
+      .ledger          Ledger: records every tool call (unless record=False: `--no-ledger`) and reads them back
 
 Each can be given to the constructor instead (tests inject stand-ins this way). Feature cards are gathered from
 these by services/cards.py.
@@ -15,30 +20,40 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import torch
 
 from sae_mcp.engine.runtime import Engine
 from sae_mcp.engine.stats import LogitWeightStats
-from sae_mcp.errors import SaeMcpError
+from sae_mcp.errors import Busy, SaeMcpError
 from sae_mcp.results import SaeFidelity
 from sae_mcp.services.example_source import ExampleSource
 from sae_mcp.services.fidelity import measure_fidelity, sample_tokens
+from sae_mcp.services.ledger import Ledger
 from sae_mcp.settings import Settings
 from sae_mcp.store.explanations import ExplanationStore
+from sae_mcp.store.scores import ScoreStore
 
 log = logging.getLogger(__name__)
+
+MEASURING = "being measured: the device was busy; ask model_info again shortly"
 
 
 class Services:
     def __init__(self, engine: Engine, settings: Settings | None = None, *, examples: ExampleSource | None = None,
-                 stats: LogitWeightStats | None = None, explanations: ExplanationStore | None = None):
+                 stats: LogitWeightStats | None = None, explanations: ExplanationStore | None = None,
+                 ledger: Ledger | None = None, record: bool = True):
         self.engine = engine
         self.settings = settings or Settings()
         self.examples = examples or ExampleSource(engine, self.settings)
         self.stats = stats or LogitWeightStats(engine)
+        self.ledger = ledger or Ledger(engine, self.settings, recording=record, max_activation=self._max_activation)
         self._explanations = explanations
+        self._scores: ScoreStore | None = None
         self._fidelity: dict[str, tuple[SaeFidelity | None, str | None]] = {}  # SAE key -> (measured, why not)
+        self._fidelity_guards: dict[str, threading.Lock] = {}  # SAE key -> one measurement at a time
+        self._fidelity_started: set[str] = set()  # SAE keys fidelity_now has sent to a background measurement
         self._lock = threading.Lock()
 
     @property
@@ -49,21 +64,86 @@ class Services:
                                                                 self.engine.loaded_model.store_key)
             return self._explanations
 
+    @property
+    def scores(self) -> ScoreStore:
+        """Scores of explanations and their challenges (score_explanation), in the explanation store's file."""
+        path = self.explanations.path  # opened first: the labels table the scores refer to exists
+        with self._lock:
+            if self._scores is None:
+                self._scores = ScoreStore(path)
+            return self._scores
+
     def fidelity(self, sae_key: str) -> tuple[SaeFidelity | None, str | None]:
-        """(the SAE's fidelity, None) measured on its corpus' first windows, or (None, why not); kept."""
+        """(the SAE's fidelity, None) measured on its corpus' first windows, or (None, why not); kept.
+
+        Never waits for the device (model_info is a cheap call): measured now when the device is free at once,
+        else (None, MEASURING) while a background thread measures it as soon as the device allows."""
         if sae_key not in self._fidelity:
+            self.engine.sae(sae_key)  # an unknown key is the caller's error, not a note
+            if self._measure_fidelity(sae_key, wait=False) == "busy":
+                self.prefetch_fidelity([sae_key])
+        return self._fidelity.get(sae_key, (None, MEASURING))
+
+    def fidelity_now(self, sae_key: str) -> tuple[SaeFidelity | None, str | None]:
+        """What is known of the SAE's fidelity, at once: kept, else (None, MEASURING) while a background thread
+        (started here, once) measures it. Never touches the device on the caller's thread: a page load must not
+        run the model three times over a corpus sample."""
+        if sae_key not in self._fidelity:
+            self.engine.sae(sae_key)
+            with self._lock:
+                start = sae_key not in self._fidelity_started
+                self._fidelity_started.add(sae_key)
+            if start:
+                self.prefetch_fidelity([sae_key])
+        return self._fidelity.get(sae_key, (None, MEASURING))
+
+    def prefetch_fidelity(self, sae_keys: list[str] | None = None) -> threading.Thread:
+        """Measure the SAEs' fidelity (default: all) on a daemon thread, queueing for the device like any call;
+        a server can call this at start so that no agent's model_info pays for it."""
+        keys = list(self.engine.saes) if sae_keys is None else sae_keys
+        thread = threading.Thread(target=self._measure_all, args=(keys,), name="sae-mcp-fidelity", daemon=True)
+        thread.start()
+        return thread
+
+    def _measure_all(self, keys: list[str]) -> None:
+        for key in keys:
+            while self._measure_fidelity(key, wait=True) == "busy":
+                time.sleep(1.0)  # the device queue was full (Busy at once): queue again shortly
+
+    def _measure_fidelity(self, sae_key: str, wait: bool) -> str:
+        """Measure and keep one SAE's fidelity (or why not): 'kept'; 'busy' when the device was, and 'running'
+        when another thread is measuring it (without `wait`), so nothing was kept."""
+        with self._lock:
+            guard = self._fidelity_guards.setdefault(sae_key, threading.Lock())
+        if not guard.acquire(blocking=wait):
+            return "running"
+        try:
+            if sae_key in self._fidelity:
+                return "kept"
             s = self.engine.sae(sae_key)
             try:
                 tokens = sample_tokens(self.examples, self.engine, s)
             except SaeMcpError as exc:
                 self._fidelity[sae_key] = (None, f"not measured: {exc}")
-                return self._fidelity[sae_key]
+                return "kept"
             if tokens.shape[0] == 0:
                 self._fidelity[sae_key] = (None, "not measured: the corpus has no full-length window")
-            else:
-                with self.engine.device_work():
+                return "kept"
+            try:
+                with self.engine.device_work(timeout_s=None if wait else 0.0):
                     self._fidelity[sae_key] = (measure_fidelity(self.engine, s, tokens), None)
-        return self._fidelity[sae_key]
+            except Busy:
+                return "busy"
+            return "kept"
+        finally:
+            guard.release()
+
+    def _max_activation(self, sae_key: str, feature: int) -> tuple[float, str] | None:
+        """The cached max activation steering calibrated with (the ledger records the exact coefficient); None from
+        a stand-in source, which is not asked twice."""
+        if not isinstance(self.examples, ExampleSource):
+            return None
+        return self.examples.max_activation(sae_key, feature)
 
     def densities(self, sae_key: str) -> torch.Tensor | None:
         """[d_sae] firing densities from the index, or None when there is none or it cannot be read (logged):

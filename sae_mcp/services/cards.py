@@ -1,14 +1,15 @@
 """Feature cards: everything known about one feature, gathered without running anything long.
 
-    explanations   the agent's labels and imported explanations (the explanation store)
+    explanations   the agent's labels and imported explanations (the explanation store), with the scores of their
+                   texts (score_explanation: store/scores.py)
     activations    density, max activation, histogram and top examples, from the corpus index when one was built,
                    else from an on-demand top_examples scan of this feature already cached (the card says so and
                    over how many tokens); with neither the card says "not indexed": a card never starts a scan
     logit lens     the tokens W_dec[f] @ W_U promotes and suppresses most (engine/logits.py)
     statistics     mean, std, skewness and kurtosis of those logit weights (engine/stats.py)
 
-One CardData renders to markdown for the agent and to HTML for a person (server/card_text.py), so both look at
-the same thing.
+One CardData renders to markdown for the agent (server/card_text.py) and to an HTML page for a person
+(server/pages.py), so both look at the same thing.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from sae_mcp.results.corpus import Example, FeatureSummary
 from sae_mcp.services import Services
 from sae_mcp.services.example_source import ExampleSource
 from sae_mcp.store.explanations import Explanation
+from sae_mcp.store.scores import StoredScore
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,15 @@ class CardData:
     summary: FeatureSummary | None = None  # density, max activation, histogram, tokens scanned, compute dtype
     examples: list[Example] = field(default_factory=list)
     scan_note: str | None = None  # set when the activations come from a cached on-demand scan, not the index
+    scores: list[StoredScore] = field(default_factory=list)  # scores of explanations (score_explanation), newest first
+
+    def scores_of(self, text: str) -> list[StoredScore]:
+        """The newest score per method of the explanation with this text, newest first."""
+        out: list[StoredScore] = []
+        for sc in self.scores:
+            if sc.explanation == text and all(o.method != sc.method for o in out):
+                out.append(sc)
+        return out
 
 
 def gather_card(services: Services, feature: int, sae: str | None = None, n_examples: int = 5,
@@ -67,6 +78,10 @@ def gather_card(services: Services, feature: int, sae: str | None = None, n_exam
         lens_note=lens_note,
     )
     try:
+        card.scores = services.scores.for_feature(s.store_key, feature)
+    except Exception as exc:  # an unreadable score table must not break the card either
+        log.warning("scores unavailable for %s/%d: %s", s.key, feature, exc)
+    try:
         _add_activations(card, services.examples, s, feature, n_examples)
     except Exception as exc:  # an unreadable index must not break the card: the card says so instead
         log.warning("index read failed for %s/%d: %s", s.key, feature, exc)
@@ -80,8 +95,9 @@ def _logit_lens(services: Services, s: LoadedSAE, feature: int, n_tokens: int
     engine = services.engine
     try:
         projection = lg.project_to_vocab(engine, feature, sae=s.key, top_k=n_tokens)
-        with engine.device_work():
-            m = [rounded(v) for v in services.stats.moments(s, [feature])[0].tolist()]
+        # Weight-only, like the projection: one [1, d_vocab] row of W_dec[f] @ W_U, no forward and no hooks, so
+        # no device lock (see lg.project_to_vocab): a card never waits behind a generation or a scan.
+        m = [rounded(v) for v in services.stats.moments(s, [feature])[0].tolist()]
     except InvalidInput as exc:  # e.g. an SAE on hook_mlp_pre: no direct path to the unembedding
         return None, None, f"no logit lens: {exc}"
     return projection, (m[0], m[1], m[2], m[3]), None  # rounded: a centred mean reads 0, not float noise

@@ -5,6 +5,7 @@
       .top_examples(sae, feature, k, context, intervals, per_interval)
                                                 from the index; else an on-demand scan of the feature, cached
       .cached_top_examples(sae, feature, ...)   the same from the index or an already cached scan; never scans
+      .feature_row(sae, feature)                the raw scan row holding the feature (index, else its scan, run now)
       .feature_summary(sae, feature)            index only: max activation, density, histogram (None if absent)
       .max_activation(sae, feature)             (value, 'index' | 'scan'), for steering calibration
       .densities(sae)                           [d_sae] firing density from the index (None if absent)
@@ -22,21 +23,24 @@ be added to a scan that has already passed the tokens.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from sae_mcp.engine.admission import call_abandoned
 from sae_mcp.engine.corpus import CorpusSource, iter_windows, resolve_corpus, window_context
 from sae_mcp.engine.runtime import CancelToken, Engine
 from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.engine.samples import SAMPLE_BINS, SAMPLES_PER_BIN
 from sae_mcp.engine.scan import KEEP, ScanState, bos_id, compute_dtype, hist_edges, scan
-from sae_mcp.errors import Cancelled, InvalidInput, SaeMcpError
+from sae_mcp.errors import Busy, Cancelled, InvalidInput, SaeMcpError
 from sae_mcp.results import rounded
 from sae_mcp.results.corpus import FeatureSummary, Histogram, IndexReport, TopExamples
 from sae_mcp.services.example_view import (
@@ -57,6 +61,7 @@ DEFAULT_SCAN_TOKENS = 50_000
 MAX_SCAN_TOKENS = 1_000_000  # ceiling of an on-demand scan (a tool call); the CLI index has none
 DEFAULT_CONTEXT = 10
 MAX_CONTEXT = 127
+ROW_POLL_S = 0.05  # seconds between checks that a call waiting for another call's scan of its row was abandoned
 CHECKPOINT_S = 30.0  # seconds between checkpoints of a long scan (a 24576-feature state is ~27 MB)
 HIST_SHOWN = 16
 
@@ -98,11 +103,12 @@ def resume_state(prev: StoredScan | None, device) -> ScanState | None:
 
 
 class Checkpointer:
-    """Writes a scan's state to its row: every CHECKPOINT_S seconds while it runs, and at the end or on cancel
+    """Writes a scan's state to its row: every `every_s` seconds while it runs, and at the end or on cancel
     (everything up to the last whole batch stays, and a re-run resumes there)."""
 
-    def __init__(self, index: IndexStore, name: str, target: int, compute_dtype: str):
+    def __init__(self, index: IndexStore, name: str, target: int, compute_dtype: str, every_s: float = CHECKPOINT_S):
         self.index, self.name, self.target, self.compute_dtype = index, name, target, compute_dtype
+        self.every_s = every_s
         self.last_save = time.monotonic()
         self.latest: ScanState | None = None
 
@@ -115,11 +121,14 @@ class Checkpointer:
         )
         self.last_save = time.monotonic()
 
-    def on_batch(self, batch, st: ScanState) -> None:
-        """After each batch, outside the device lock: its windows first, then (now and then) the checkpoint."""
+    def on_batch(self, batch, st: ScanState, resumable: bool) -> None:
+        """After each batch, outside the device lock: its windows first; then, at a resumable state (a whole
+        buffer scanned), the last resumable state is kept for a cancel, and saved now and then."""
         self.index.put_windows([(w.index, w.document, w.start, w.ids) for w in batch])
-        self.latest = st
-        if time.monotonic() - self.last_save > CHECKPOINT_S:
+        if not resumable:
+            return
+        self.latest = st.snapshot()  # the samples are folded in place by later batches
+        if time.monotonic() - self.last_save > self.every_s:
             self.save(st)
 
     def save_latest(self) -> None:
@@ -128,9 +137,10 @@ class Checkpointer:
 
 
 class ExampleSource:
-    def __init__(self, engine: Engine, settings: Settings | None = None):
+    def __init__(self, engine: Engine, settings: Settings | None = None, checkpoint_s: float = CHECKPOINT_S):
         self.engine = engine
         self.settings = settings or Settings()
+        self.checkpoint_s = checkpoint_s  # seconds between checkpoints of a long scan
         self._indexes: dict[str, IndexStore] = {}  # index file path -> its open store
         self._loaded: dict[tuple[str, str], StoredScan] = {}  # (path, row name) -> the row as last read
         self._locks: dict[tuple[str, str], threading.Lock] = {}  # one scan of a row at a time
@@ -145,24 +155,47 @@ class ExampleSource:
     def window_length(self, s: LoadedSAE) -> int:
         return window_context(s.context_size, self.engine.model.cfg.n_ctx)
 
-    def index_store(self, s: LoadedSAE, create: bool = True) -> IndexStore | None:
-        """The index file of (model, SAE weights, corpus); None when create=False and it does not exist."""
+    def index_location(self, s: LoadedSAE) -> tuple[Path, dict[str, str]]:
+        """The index file of (model, SAE weights, corpus) and the meta it holds, without opening it (also what the
+        workers of `sae-mcp index --ray` tell the driver that writes it: services/ray_index.py)."""
         src = self.corpus(s)
         model_key = self.engine.loaded_model.store_key
-        path = index_path(self.settings.data_dir, model_key, s.store_key, src.key)
+        meta = meta_for(model_key, s.source, src.key, src.fingerprint, self.window_length(s),
+                        bos_id(self.engine, s), s.d_sae, s.weights_id)
+        return index_path(self.settings.data_dir, model_key, s.store_key, src.key), meta
+
+    def index_store(self, s: LoadedSAE, create: bool = True) -> IndexStore | None:
+        """The index file of (model, SAE weights, corpus); None when create=False and it does not exist."""
+        path, meta = self.index_location(s)
         with self._guard:
             if str(path) in self._indexes:
                 return self._indexes[str(path)]
             if not create and not path.exists():
                 return None
-            meta = meta_for(model_key, s.source, src.key, src.fingerprint, self.window_length(s),
-                            bos_id(self.engine, s), s.d_sae, s.weights_id)
             index = self._indexes[str(path)] = IndexStore(path, meta)
             return index
 
     def _lock_for(self, path: str, name: str) -> threading.Lock:
         with self._guard:
             return self._locks.setdefault((path, name), threading.Lock())
+
+    @contextlib.contextmanager
+    def _row_lock(self, s: LoadedSAE, index: IndexStore, name: str, cancel: CancelToken | None) -> Iterator[None]:
+        """One scan of a row at a time. Another call for the same row waits as for the device: Cancelled once it
+        is abandoned, Busy after the engine's busy timeout (the running scan may take minutes)."""
+        lock = self._lock_for(str(index.path), name)
+        deadline = time.monotonic() + self.engine.limits.busy_timeout_s
+        while not lock.acquire(timeout=ROW_POLL_S):
+            if (cancel is not None and cancel.cancelled) or call_abandoned():
+                raise Cancelled(f"the call was abandoned while it waited for another call's scan of {name} "
+                                f"({s.key}); nothing ran")
+            if time.monotonic() >= deadline:
+                raise Busy(f"another call is scanning {name} of {s.key} (waited {self.engine.limits.busy_timeout_s:.3g}"
+                           " s for it): try again later; once it has finished, this call answers from its result")
+        try:
+            yield
+        finally:
+            lock.release()
 
     def _scan_row(self, index: IndexStore, name: str) -> StoredScan | None:
         """A scan row, cached in memory until the file says it changed (a concurrent `sae-mcp index`)."""
@@ -200,7 +233,7 @@ class ExampleSource:
         """Scan (or resume, or reuse) the row `name` up to `target` tokens. -> (index, row, reused)."""
         index = self.index_store(s)
         src = self.corpus(s)
-        with self._lock_for(str(index.path), name):
+        with self._row_lock(s, index, name, cancel):
             prev = self._scan_row(index, name)
             if prev is not None and not resumable(prev):
                 log.info("%s: %s was stored without interval samples; rescanning it from the start", s.key, name)
@@ -209,7 +242,7 @@ class ExampleSource:
                 return index, prev, True
             if prev is not None:
                 log.info("%s: resuming %s at %d tokens (window %d)", s.key, name, prev.tokens, prev.windows)
-            checkpoint = Checkpointer(index, name, target, self._scan_dtype(s, prev))
+            checkpoint = Checkpointer(index, name, target, self._scan_dtype(s, prev), self.checkpoint_s)
             length, bos = self.window_length(s), bos_id(self.engine, s)
             windows = iter_windows(src, self.engine.model.tokenizer, length, bos,
                                    skip_windows=prev.windows if prev else 0, hub=self.engine.hub)
@@ -268,10 +301,10 @@ class ExampleSource:
             raise InvalidInput(f"per_interval={view.per_interval} is out of range: 1..{MAX_PER_INTERVAL} examples")
 
     def _answer(self, s: LoadedSAE, index: IndexStore, row: StoredScan, col: int, feature: int, source: str,
-                view: View) -> TopExamples:
+                view: View, contexts: dict | None = None) -> TopExamples:
         length = self.window_length(s)
         nbos = 1 if bos_id(self.engine, s) is not None else 0
-        shown = show(self.engine, index, row, col, length, nbos, view, source)
+        shown = show(self.engine, index, row, col, length, nbos, view, source, contexts)
         return TopExamples(**self._summary(s, row, col, feature), source=source, corpus=self.corpus(s).describe(),
                            context_size=length, **shown)
 
@@ -295,15 +328,17 @@ class ExampleSource:
         return self._answer(s, index, row, 0, feature, "scan", view)
 
     def cached_top_examples(self, sae: str | None, feature: int, k: int = 10, context: int = DEFAULT_CONTEXT,
-                            intervals: int = 0, per_interval: int = DEFAULT_PER_INTERVAL) -> TopExamples | None:
+                            intervals: int = 0, per_interval: int = DEFAULT_PER_INTERVAL,
+                            contexts: dict | None = None) -> TopExamples | None:
         """top_examples from the index, else from an on-demand scan of this feature already cached (whatever
-        its budget; `tokens_scanned` says how far it read). None when neither exists: this never scans."""
+        its budget; `tokens_scanned` says how far it read). None when neither exists: this never scans. A dict
+        given as `contexts` receives each example's window prefix (example_view.Context, by (document, offset))."""
         s = self.engine.sae(sae)
         view = View(k, context, intervals, per_interval)
         self._check_request(s, feature, view)
         found = self._index_row(s)
         if found is not None:
-            return self._answer(s, found[0], found[1], feature, feature, "index", view)
+            return self._answer(s, found[0], found[1], feature, feature, "index", view, contexts)
         try:
             index = self.index_store(s, create=False)
         except SaeMcpError as exc:  # no corpus known: nothing can be cached
@@ -312,7 +347,20 @@ class ExampleSource:
         row = None if index is None else self._scan_row(index, f"feature:{feature}")
         if row is None or row.tokens == 0:
             return None
-        return self._answer(s, index, row, 0, feature, "scan", view)
+        return self._answer(s, index, row, 0, feature, "scan", view, contexts)
+
+    def feature_row(self, sae: str | None, feature: int, max_scan_tokens: int = DEFAULT_SCAN_TOKENS,
+                    progress: Progress | None = None, cancel: CancelToken | None = None
+                    ) -> tuple[IndexStore, StoredScan, int, str]:
+        """(index file, scan row, the feature's column in it, 'index' | 'scan'): the index row, else this feature's
+        on-demand scan (cached, or run now as top_examples would). For readers of the row itself (scoring)."""
+        s = self.engine.sae(sae)
+        self.engine.check_feature(s, feature)
+        found = self._index_row(s)
+        if found is not None:
+            return found[0], found[1], feature, "index"
+        index, row, _ = self._run(s, f"feature:{feature}", [feature], max_scan_tokens, progress, cancel)
+        return index, row, 0, "scan"
 
     def feature_summary(self, sae: str | None, feature: int) -> FeatureSummary | None:
         s = self.engine.sae(sae)

