@@ -298,6 +298,39 @@ def test_answered_contexts_are_never_shown_blind_again(setup, token_feature):
         assert sum(a["kind"] == "firing" for a in later.answers["items"]) == n // 2
 
 
+def test_two_overlapping_challenges_submitted_at_once_are_not_both_scored(setup, token_feature, monkeypatch):
+    """The check that a challenge is still blind and the storing of its score are one step: of two challenges that
+    share contexts, submitted together from two threads, exactly one is scored, every time. The store is slowed
+    (a slow disk) so that both submissions are surely inside submit at once."""
+    import threading
+    import time
+
+    server, services = setup
+    feature = token_feature[0]
+    store_record = services.scores.record
+
+    def slow_record(*args, **kw):
+        time.sleep(0.3)
+        return store_record(*args, **kw)
+
+    monkeypatch.setattr(services.scores, "record", slow_record)
+    for seed in (60, 61, 62):
+        a, b = (challenge(services, ask(server, feature, n=16, seed=seed, method=m)) for m in ("detection", "fuzzing"))
+        assert spans(a) & spans(b)
+        go, results = threading.Barrier(2), {}
+
+        def answer(c):
+            go.wait()
+            results[c.id] = submit(server, c.id, {x["id"]: x["truth"] for x in c.answers["items"]})
+
+        threads = [threading.Thread(target=answer, args=(c,)) for c in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(r.is_error for r in results.values()) == [False, True], [text_of(r) for r in results.values()]
+
+
 # ------------------------------------------------------------------------------------------------- attacks
 
 

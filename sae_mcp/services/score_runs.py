@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import secrets
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -54,6 +55,9 @@ class ExplanationScorer:
     def __init__(self, services: Any):
         self.services = services
         self.engine = services.engine
+        # Checking that a challenge is still blind and storing its score are one step: two overlapping challenges
+        # submitted at once must not both pass the check before either is stored.
+        self._submitting = threading.Lock()
 
     # -- handing out a blind set ----------------------------------------------------------------------------------
 
@@ -183,7 +187,9 @@ class ExplanationScorer:
             raise InvalidInput(f"challenge {challenge_id}: {'; '.join(parts)}. Give true or false for every context "
                                f"id ({ids[0]}..{ids[-1]}) and nothing else; the challenge stays open")
         result = score_result(c, predictions, scorer)
-        score_id = self.services.scores.record(c, result.metrics.model_dump(mode="json"), scorer)
+        with self._submitting:
+            self._open(challenge_id)  # again, now that no other submission can store meanwhile
+            score_id = self.services.scores.record(c, result.metrics.model_dump(mode="json"), scorer)
         if score_id is None:
             raise InvalidInput(f"challenge {challenge_id} was answered meanwhile by another submission; a challenge "
                                "is scored once: call score_explanation again for a new blind set")
