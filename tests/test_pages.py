@@ -252,7 +252,7 @@ def test_labels_explanations_corpus_text_and_typed_text_are_escaped_everywhere(s
 # ---------------------------------------------------------------------------------------------- scores
 
 
-def test_a_scored_label_shows_its_score_on_the_feature_page_and_in_the_front_pages_search(site):
+def test_a_scored_label_shows_its_score_on_the_feature_page_and_in_the_front_pages_search_and_list(site):
     """The whole path: label_feature, score_explanation on the label, submit_predictions (every context 'does not
     fire': a constant answer, whose balanced accuracy is 0.5 whatever the blind set holds), then both pages."""
     services, server, s, picked = site
@@ -272,6 +272,9 @@ def test_a_scored_label_shows_its_score_on_the_feature_page_and_in_the_front_pag
     front = page(services, "/?q=quokka")
     results = front[front.index("<table id='results'>") : front.index("</table>")]
     (row,) = [r for r in re.findall(r"<tr>.*?</tr>", results) if "quokka" in r]
+    assert "<td class='meta scores'>detection 0.50 (n=8)</td>" in row and url(s, f) in row
+    listed = page(services, "/?sort=label")
+    (row,) = [r for r in re.findall(r"<tr>.*?</tr>", listed) if "quokka" in r]
     assert "<td class='meta scores'>detection 0.50 (n=8)</td>" in row and url(s, f) in row
 
 

@@ -264,7 +264,8 @@ def _listing(lst: Listing, query: str) -> str:
         rows = "".join(
             f"<tr><td><a href='{e(feature_url(key, r.feature))}'>{r.feature}</a></td>"
             f"<td class='num'>{'' if r.density is None else f'{r.density:.4g}'}</td><td>{e(r.label or '')}</td>"
-            f"<td class='meta'>{e(r.explanation or '')}</td></tr>" for r in lst.rows)
+            f"<td class='meta scores'>{e(r.scored)}</td><td class='meta'>{e(r.explanation or '')}</td></tr>"
+            for r in lst.rows)
         parts.append(f"<table class='features' data-sort='{e(lst.sort)}'><tr><th>feature</th><th>density</th>"
-                     f"<th>label</th><th>explanation</th></tr>{rows}</table>")
+                     f"<th>label</th><th>scored</th><th>explanation</th></tr>{rows}</table>")
     return "".join(parts)

@@ -48,6 +48,7 @@ class Row:
     density: float | None
     label: str | None  # the newest label
     explanation: str | None  # the first imported explanation
+    scored: str = ""  # the label's scores, as in Hit.scored; '' if never scored
 
 
 @dataclass
@@ -91,12 +92,20 @@ def listing(services: Services, s: LoadedSAE, sort: str) -> Listing:
             return out
         k = min(LISTED, s.d_sae)
         top = densities.topk(k).indices.tolist()
-        out.rows = [_row(services, s, f, densities) for f in top if float(densities[f]) > 0]
+        out.rows = _with_scores(services, s, [_row(services, s, f, densities) for f in top if float(densities[f]) > 0])
         return out
     features = store.labelled_features(s.store_key, limit=200)
     rows = [_row(services, s, f, densities) for f in features]
-    out.rows = sorted(rows, key=lambda r: ((r.label or "").casefold(), r.feature))[:LISTED]
+    out.rows = _with_scores(services, s, sorted(rows, key=lambda r: ((r.label or "").casefold(), r.feature))[:LISTED])
     return out
+
+
+def _with_scores(services: Services, s: LoadedSAE, rows: list[Row]) -> list[Row]:
+    """Each labelled row with its label's latest scores (one query for the listing)."""
+    scored = services.scores.latest([(s.store_key, r.feature, r.label) for r in rows if r.label])
+    for r in rows:
+        r.scored = brief_text([brief(x) for x in scored.get((s.store_key, r.feature, r.label), [])])
+    return rows
 
 
 def _row(services: Services, s: LoadedSAE, feature: int, densities) -> Row:
