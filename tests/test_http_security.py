@@ -22,7 +22,14 @@ from starlette.testclient import TestClient
 
 from sae_mcp.errors import InvalidInput
 from sae_mcp.server.http import dashboard_app, mcp_http_app
-from sae_mcp.server.security import HttpPolicy, RedactTokens, check_policy, cookie_value, is_loopback
+from sae_mcp.server.security import (
+    HttpPolicy,
+    RedactTokens,
+    SecurityMiddleware,
+    check_policy,
+    cookie_value,
+    is_loopback,
+)
 from sae_mcp.server.sessions import SessionLimiter
 from sae_mcp.services import Services
 from sae_mcp.settings import Settings
@@ -292,6 +299,39 @@ def test_the_access_log_never_shows_a_token():
                                ("127.0.0.1:5", "GET", f"/features/a/1?x=1&token={TOKEN}", "1.1", 303), None)
     RedactTokens().filter(record)
     assert TOKEN not in record.getMessage() and "token=REDACTED" in record.getMessage()
+    # parse_qsl decodes keys, so `tok%65n=` logs a page in as well: it is redacted too; other values stay
+    record = logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5", "GET", f"/?q=a&tok%65n={TOKEN}&tokens=7", "1.1", 303), None)
+    RedactTokens().filter(record)
+    assert TOKEN not in record.getMessage() and "q=a&tok%65n=REDACTED&tokens=7" in record.getMessage()
+
+
+@pytest.mark.parametrize("path", ["//evil.example/x", "/\\evil.example/x", "///evil.example"])
+def test_the_token_redirect_never_leaves_this_server(path):
+    """`?token=` on a path like //evil.example: the redirect must stay on this host (a Location of
+    //evil.example is protocol-relative: the browser would go there, cookie set, token in hand)."""
+    policy = HttpPolicy(token=TOKEN)
+    sent: list[dict] = []
+
+    async def run():
+        async def app(scope, receive, send):  # never reached: the redirect answers first
+            raise AssertionError("the app was called")
+
+        async def receive():
+            return {"type": "http.request", "body": b""}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(),
+                 "query_string": f"token={TOKEN}".encode(), "client": ("127.0.0.1", 1),
+                 "headers": [(b"host", f"127.0.0.1:{policy.port}".encode())]}
+        await SecurityMiddleware(app, policy)(scope, receive, send)
+
+    anyio.run(run)
+    assert sent[0]["status"] == 303
+    location = dict(sent[0]["headers"])[b"location"].decode()
+    assert location.startswith("/") and location[1:2] not in ("/", "\\"), location
 
 
 # ---------------------------------------------------------------------------------------- a real browser

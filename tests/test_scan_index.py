@@ -443,3 +443,49 @@ def test_read_ahead_keeps_order_raises_reader_errors_and_stops_when_abandoned():
         time.sleep(0.05)
     assert not any(t.name == "scan-read-ahead" for t in threading.enumerate())
     assert len(reads) <= 4  # read ahead by a bounded amount, not to the end of an endless corpus
+
+
+def test_windows_read_while_another_thread_tokenizes_prompts_are_the_corpus_windows(tiny_engine, tmp_path):
+    """A fast tokenizer holds padding as state set by each call: transformer-lens' to_tokens (padding=True) on a tool
+    thread while a batch of documents is encoded must not pad the documents. Here another thread keeps turning
+    padding on in the model's shared tokenizer (what each to_tokens call does first) while the corpus is read
+    through the engine's corpus tokenizer, as every scan reads it. With the shared one, 1-8 of 30 passes were
+    corrupted."""
+    import sys
+    import threading
+
+    from sae_mcp.engine.corpus import iter_windows, resolve_corpus
+
+    tok = tiny_engine.model.tokenizer
+    assert tiny_engine.corpus_tokenizer is not tok
+    words = "the cat sat on the mat and the dog ran to the park".split()
+    docs = [" ".join(words[: 1 + i % len(words)] * (1 + i % 5)) for i in range(1600)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    src = resolve_corpus(str(path))
+    step = 15  # context 16 with BOS
+    want = [(d, s, [1] + ids[s : s + step]) for d, text in enumerate(docs)
+            for ids in [tok(text, add_special_tokens=False)["input_ids"]] for s in range(0, len(ids), step)]
+
+    stop = threading.Event()
+
+    def tool_thread():
+        while not stop.is_set():
+            try:
+                tok._tokenizer.enable_padding(pad_id=0, pad_token="<unk>")  # as to_tokens(padding=True) leaves it
+            except RuntimeError:  # 'Already borrowed': the tokenizer is encoding on the other thread
+                pass
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns every few bytecodes: the race is hit, not waited for
+    t = threading.Thread(target=tool_thread, daemon=True)
+    t.start()
+    try:
+        got = [[(w.document, w.start, w.ids) for w in iter_windows(src, tiny_engine.corpus_tokenizer, 16, 1)]
+               for _ in range(30)]
+    finally:
+        stop.set()
+        t.join()
+        sys.setswitchinterval(switch)
+        tok._tokenizer.no_padding()  # the shared engine's tokenizer as the next test expects it
+    assert sum(g != want for g in got) == 0

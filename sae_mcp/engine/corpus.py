@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Sequence
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,7 +177,8 @@ class Window:
 def iter_windows(
     src: CorpusSource, tokenizer, context_size: int, bos_id: int | None, skip_windows: int = 0, hub: Hub | None = None
 ) -> Iterator[Window]:
-    """Documents -> windows, in order. `skip_windows` resumes a scan (documents are re-tokenized, not re-run)."""
+    """Documents -> windows, in order. `skip_windows` resumes a scan (documents are re-tokenized, not re-run).
+    `tokenizer`: one no other thread reconfigures while this runs (a server passes Engine.corpus_tokenizer)."""
     if context_size < 2:
         raise InvalidInput(f"context_size {context_size} is too small; windows need BOS plus at least one token")
     step = context_size - (1 if bos_id is not None else 0)
@@ -210,6 +212,18 @@ def _tokenized(documents: Iterator[tuple[int, str]], tokenizer) -> Iterator[tupl
 def _encode(chunk: list[tuple[int, str]], tokenizer) -> Iterator[tuple[int, list[int]]]:
     ids = tokenizer([text for _, text in chunk], add_special_tokens=False)["input_ids"]
     return zip((d for d, _ in chunk), ids)
+
+
+def private_tokenizer(tokenizer):
+    """A copy of a fast tokenizer for reading the corpus (Engine.corpus_tokenizer, made once at start). A fast (Rust)
+    tokenizer holds padding and truncation as state that every call sets: a prompt tokenized on another thread
+    (transformer-lens' to_tokens asks padding=True) between that and the encoding of a batch of documents pads the
+    documents to the batch's longest with pad ids, and the index would scan them (measured: 61 of 64 documents of a
+    batch changed). The copy is only ever called with the corpus' settings, so its state never changes and
+    concurrent scans can share it. Other tokenizers hold no such state: the tokenizer itself."""
+    if tokenizer is None or getattr(tokenizer, "_tokenizer", None) is None:  # none, or not a fast tokenizer
+        return tokenizer
+    return deepcopy(tokenizer)
 
 
 def bos_token_id(tokenizer) -> int:

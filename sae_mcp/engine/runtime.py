@@ -28,6 +28,7 @@ from sae_mcp.engine.admission import (
     is_continuation,
     mark_admitted,
 )
+from sae_mcp.engine.corpus import private_tokenizer
 from sae_mcp.engine.devices import check_n_devices, dtype_name, resolve_device, resolve_dtype
 from sae_mcp.engine.hub import Hub
 from sae_mcp.engine.loading import (
@@ -102,6 +103,8 @@ class Engine:
         self.hub = hub or Hub()
         """The hub as this engine's loads saw it; corpus scans that stream a dataset ask it too."""
         self.model = model.model
+        self.corpus_tokenizer = private_tokenizer(self.model.tokenizer)
+        """The tokenizer's copy that corpus reading uses: tools' calls on the shared one change its padding."""
         self.device = device
         self.limits = limits or Limits()
         self.saes: dict[str, LoadedSAE] = {}

@@ -29,7 +29,7 @@ import math
 import re
 import socket
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, unquote_plus, urlencode
 
 from starlette.datastructures import Headers
 from starlette.responses import PlainTextResponse, Response
@@ -182,6 +182,7 @@ def _login_redirect(scope: Scope, query: list[tuple[str, str]], name: str, value
     """`?token=` on a page: set the cookie and send the browser to the same URL without the token, so the token
     leaves the address bar and history at once. Behind a TLS proxy that says so, the cookie is Secure too."""
     path = scope.get("raw_path", scope["path"].encode()).decode("latin-1")
+    path = "/" + path.lstrip("/\\")  # '//evil.example' or '/\\evil.example' would send the browser off-site
     rest = urlencode([(k, v) for k, v in query if k != "token"])
     tls = Headers(scope=scope).get("x-forwarded-proto", "").lower() == "https"
     cookie = f"{name}={value}; HttpOnly; SameSite=Strict; Path=/" + ("; Secure" if tls else "")
@@ -249,7 +250,12 @@ class SecurityMiddleware:
                      "keeps it), or send Authorization: Bearer TOKEN", mcp)
 
 
-_TOKEN_IN_QUERY = re.compile(r"(?<=[?&]token=)[^&\s\"]*")
+_QUERY_PAIR = re.compile(r"([?&])([^=&\s\"]*)=([^&\s\"]*)")
+
+
+def _redact(text: str) -> str:
+    """Every query value whose key decodes to `token` (as parse_qsl reads it: 'tok%65n' too) -> REDACTED."""
+    return _QUERY_PAIR.sub(lambda m: f"{m[1]}{m[2]}=REDACTED" if unquote_plus(m[2]) == "token" else m[0], text)
 
 
 class RedactTokens(logging.Filter):
@@ -257,5 +263,5 @@ class RedactTokens(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
-            record.args = tuple(_TOKEN_IN_QUERY.sub("REDACTED", a) if isinstance(a, str) else a for a in record.args)
+            record.args = tuple(_redact(a) if isinstance(a, str) else a for a in record.args)
         return True

@@ -244,7 +244,7 @@ class ExampleSource:
                 log.info("%s: resuming %s at %d tokens (window %d)", s.key, name, prev.tokens, prev.windows)
             checkpoint = Checkpointer(index, name, target, self._scan_dtype(s, prev), self.checkpoint_s)
             length, bos = self.window_length(s), bos_id(self.engine, s)
-            windows = iter_windows(src, self.engine.model.tokenizer, length, bos,
+            windows = iter_windows(src, self.engine.corpus_tokenizer, length, bos,
                                    skip_windows=prev.windows if prev else 0, hub=self.engine.hub)
             try:
                 st = scan(self.engine, s, windows, context_size=length, bos=bos is not None, max_tokens=target,

@@ -30,7 +30,7 @@ def sample_tokens(examples: ExampleSource, engine: Engine, s: LoadedSAE) -> torc
     0 rows when the corpus has no full window). Raises the corpus' NotFound/LoadError when there is none."""
     length = window_context(s.context_size, engine.model.cfg.n_ctx)
     rows = []
-    for w in iter_windows(examples.corpus(s), engine.model.tokenizer, length, bos_id(engine, s), hub=engine.hub):
+    for w in iter_windows(examples.corpus(s), engine.corpus_tokenizer, length, bos_id(engine, s), hub=engine.hub):
         if len(w.ids) == length:
             rows.append(w.ids)
         if len(rows) == FIDELITY_WINDOWS:

@@ -205,7 +205,7 @@ class IndexWorker:
 
     def walk(self, key: str, start: int, budget: int, every: int) -> Walk:
         s = self.engine.sae(key)
-        return walk(self.source.corpus(s), self.engine.model.tokenizer, self.source.window_length(s),
+        return walk(self.source.corpus(s), self.engine.corpus_tokenizer, self.source.window_length(s),
                     bos_id(self.engine, s), start, budget, every, self.engine.hub)
 
     def progress(self) -> tuple[str, int]:
@@ -221,7 +221,7 @@ class IndexWorker:
 
         s = self.engine.sae(job.key)
         length, bos = self.source.window_length(s), bos_id(self.engine, s)
-        stream = windows_at(self.source.corpus(s), self.engine.model.tokenizer, length, bos, job.cursor, job.first,
+        stream = windows_at(self.source.corpus(s), self.engine.corpus_tokenizer, length, bos, job.cursor, job.first,
                             self.engine.hub)
         rows: list = []
         deadline = time.monotonic() + job.seconds
