@@ -51,6 +51,17 @@ def test_ablate_and_test_text_says_each_conditions_answer_numbers_once(tiny_serv
     assert out["summary"] in text
 
 
+def test_ablation_with_no_control_drawn_says_why_once(tiny_server):
+    args = {"prompt": PROMPT, "answer": " mat", "features": list(range(8)), "position": -1, "controls": True,
+            "n_controls": 16}  # 8 x 16 controls: more than the SAE's 128 features
+    (res,) = call_many(tiny_server, [("ablate_and_test", args)])
+    c, text = res.structured_content["controls"], text_of(res)
+    assert c["runs"] == [] and c.get("caution") is None  # no "exceeding all of so few controls" when there are none
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("controls")]
+    assert line.startswith("controls: none drawn (only ") and "ablate at more positions" in line
+    assert "control features" not in text and "|target|" not in text
+
+
 def test_every_tool_answers_in_less_text_than_its_structured_content(tiny_server):
     results = call_many(tiny_server, [
         ("model_info", {}),
@@ -95,9 +106,29 @@ def test_steer_generate_text_gives_every_dose_seed_text_and_control_statistic(ti
             assert repr(c["text"]) in text
     for c in out["unsteered"]:
         assert repr(c["text"]) in text
+    for run in out["steered"]:  # plain numbers, not a Python list of strings
+        assert f"(coefficients {', '.join(fmt(c) for c in run['coefficients'])})" in text
+    assert "coefficients ['" not in text
     for block in out["controls"]:
         for stat in block["stats"]:
             assert f"{stat['metric']}: {fmt(stat['target'])} vs {fmt(stat['control_mean'])}" in text
+            # "exceeds" is by magnitude: a target of -0.002 beside controls near -0.004 does not "exceed" them
+            assert f"|target| > all: {'yes' if stat['exceeds_all_controls'] else 'no'}" in text
+
+
+def test_attribute_text_says_an_integrated_gradients_miss_once(tiny_server):
+    results = call_many(tiny_server, [("attribute", {"prompt": PROMPT, "answer": " mat", "counterfactual": " park",
+                                                     "method": "integrated_gradients", "steps": s}) for s in (1, 32)])
+    missed = 0
+    for res in results:
+        ig, text = res.structured_content["integrated_gradients"], text_of(res)
+        warned = [w for w in res.structured_content.get("warnings", []) if w.startswith("integrated gradients with")]
+        missed += bool(warned)
+        # the sum and the endpoint difference are said once: in the warning when it misses, else on their own line
+        assert ("integrated gradients, " in text) != bool(warned)
+        assert text.count("vs endpoint difference") + text.count("but the metric moves") == 1
+        assert f"{ig['attribution_sum']:.4g}" in text
+    assert missed  # one step misses the endpoint difference on this model
 
 
 @needs_stories

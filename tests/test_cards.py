@@ -220,9 +220,10 @@ def test_prompts_are_served_with_their_arguments(tiny_engine, tmp_path):
             listed = (await c.list_prompts()).prompts
             got = await c.get_prompt("investigate_feature", {"feature": "42", "sae": "blocks.1.hook_resid_pre"})
             pred = await c.get_prompt("explain_prediction", {"prompt": "The capital of France is"})
-            return listed, got, pred
+            paris = await c.get_prompt("explain_prediction", {"prompt": "The capital of France is", "answer": " Paris"})
+            return listed, got, pred, paris
 
-    listed, got, pred = anyio.run(go)
+    listed, got, pred, paris = anyio.run(go)
     by = {p.name: p for p in listed}
     assert set(by) == {"investigate_feature", "find_concept_features", "explain_prediction", "steering_study",
                        "score_my_explanations"}
@@ -233,6 +234,7 @@ def test_prompts_are_served_with_their_arguments(tiny_engine, tmp_path):
         assert name in text
     assert "The capital of France is" in pred.messages[0].content.text
     assert "{" + "answer}" not in pred.messages[0].content.text  # optional argument left out: placeholder filled
+    assert "answer (if given): ` Paris`" in paris.messages[0].content.text  # its leading space stays visible
 
 
 def test_each_recipe_names_the_tools_it_relies_on():

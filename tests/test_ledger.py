@@ -218,6 +218,20 @@ def test_no_ledger_records_nothing_and_recording_changes_no_result(tiny_engine, 
     assert make_parser().parse_args(["call", "model_info", "--no-ledger"]).no_ledger
 
 
+def test_ledger_run_alone_answers_that_run_only_and_a_missing_session_names_the_resource(tiny_engine, tmp_path):
+    server = build_server(tiny_engine, Settings(data_dir=tmp_path))
+    first, second = call_many(server, [("next_token", {"prompt": "the cat sat", "top_k": 2}),
+                                       ("get_feature_acts", {"prompt": "the dog", "top_k": 1})])
+    rid, other = first.structured_content["run_id"], second.structured_content["run_id"]
+    one, narrowed, missing = call_many(server, [("ledger", {"run": rid}),
+                                                ("ledger", {"run": rid, "tool": "get_feature_acts"}),
+                                                ("ledger", {"session": "zzzz"})])
+    assert one.structured_content["run"]["run_id"] == rid and one.structured_content["runs"] == []
+    assert other not in text_of(one) and text_of(one).startswith("run {") and "no run matches" not in text_of(one)
+    assert [r["run_id"] for r in narrowed.structured_content["runs"]] == [other]  # a filter still lists
+    assert "no session matches 'zzzz'" in error_text(missing) and "ledger://sessions" in error_text(missing)
+
+
 def test_bounded_copies_cut_long_lists_and_the_digest_ignores_run_id():
     big = {"rows": list(range(100)), "text": "x" * 5000, "nested": [{"a": list(range(40))}]}
     cut = bounded(big)

@@ -187,6 +187,18 @@ def test_perfectly_separated_minimal_pairs_rank_first_and_are_flagged(tiny_engin
         assert d.difference == pytest.approx(float(acts_a[d.feature] - acts_b[d.feature]), abs=1e-3)
 
 
+def test_separated_flags_from_small_sets_warn_that_chance_separates_them_often(tiny_engine):
+    words = ["cat", "dog", "girl", "boy"]
+    small = PS.compare_prompt_sets(tiny_engine, [f"the {w} sat" for w in words[:3]],
+                                   [f"a {w} sat" for w in words[:3]], position=1)
+    enough = PS.compare_prompt_sets(tiny_engine, [f"the {w} sat" for w in words], [f"a {w} sat" for w in words],
+                                    position=1)
+    assert any(d.separated for d in small.diffs) and any(d.separated for d in enough.diffs)
+    # 2 / C(6, 3) = 0.1 of exchangeable 3 vs 3 values are separated; 2 / C(8, 4) = 0.029 for 4 vs 4
+    assert any("separated by chance with probability 0.1 " in w for w in small.warnings or [])
+    assert not any("by chance" in w for w in enough.warnings or [])
+
+
 def test_set_statistics_match_plain_formulas_and_flag_non_overlapping_sets():
     """Per feature: Cohen's d with pooled sd, the rank-biserial correlation over all pairs, and separation when
     the sets do not overlap, even with spread inside each set (the review's A=[0,0] vs B=[1.55,1.59] case)."""

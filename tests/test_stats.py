@@ -65,6 +65,13 @@ def test_feature_stats_named_features_and_density_filter(tiny_engine):
     assert out.features[0].density == pytest.approx(5 / 127, abs=1e-6)
 
 
+def test_feature_stats_density_filter_that_keeps_nothing_says_the_range(tiny_engine):
+    dens = torch.linspace(0, 0.5, only_sae(tiny_engine).d_sae)
+    with pytest.raises(InvalidInput, match=r"no feature of the 3 considered has a density in \[0.6, 1\]; their "
+                       r"densities run from 0.01181 to 0.4724: widen"):
+        LogitWeightStats(tiny_engine).feature_stats(features=[3, 5, 120], densities=dens, min_density=0.6)
+
+
 def test_feature_stats_density_sort_without_index_says_run_index(tiny_engine):
     with pytest.raises(InvalidInput, match="sae-mcp index"):
         LogitWeightStats(tiny_engine).feature_stats(sort_by="density")

@@ -165,6 +165,11 @@ def _run(engine: Engine, prompt: str, plan: AblationPlan) -> AblationOutcome:
         control_sets, note = [], None
         if plan.controls:
             control_sets, note = matched_controls(act_sum, plan.features, plan.n_controls, plan.seed, act_sum > 0)
+            if not control_sets:  # matched on activation: only features firing where we ablate can be controls
+                others = int((act_sum > 0).sum()) - len({f for f in plan.features if act_sum[f] > 0})
+                note = (f"only {others} other features fire at the ablated positions, fewer than the "
+                        f"{plan.n_controls * len(plan.features)} controls asked ({plan.n_controls} per target): ablate "
+                        "at more positions (or leave position out), or ask fewer n_controls")
         batches = AblationBatches(plan.features, control_sets)
         no_err = _spliced_logits(engine, s, tokens, batches.without_error_term, positions, error_term=False)  # [2, V]
         with_err = _spliced_logits(engine, s, tokens, batches.with_error_term, positions, error_term=True)  # [B, V]

@@ -116,7 +116,7 @@ def _spread(std: float, target: float, mean: float) -> bool:
 
 
 def few_controls_caution(n_runs: int) -> str | None:
-    if n_runs >= FEW_CONTROLS:
+    if n_runs >= FEW_CONTROLS or n_runs == 0:  # none at all: the note says why, there is nothing to exceed
         return None
     return (
         f"only {n_runs} control run(s): exceeding all of so few controls is weak evidence; use n_controls >= "

@@ -20,6 +20,7 @@ from sae_mcp.errors import InvalidInput
 from sae_mcp.results import FeatureSetDiff, PromptComparison, collect_warnings, rounded
 
 SORT_BY = ("difference", "effect_size")
+CHANCE_SEPARATION = 0.05  # above this chance of separating by luck, a `separated` flag gets a warning
 
 
 @dataclass
@@ -105,9 +106,20 @@ def _read_set(engine: Engine, s: LoadedSAE, prompts: list[str], position: int, w
     return out
 
 
-def _set_warnings(s: LoadedSAE, a: SetReadout, b: SetReadout) -> list[str] | None:
+def _chance_separation(n_a: int, n_b: int, any_separated: bool) -> str | None:
+    """Two sets of exchangeable values are separated (either way) with probability 2 / C(n_a + n_b, n_a)."""
+    p = 2 / math.comb(n_a + n_b, n_a)
+    if not any_separated or p <= CHANCE_SEPARATION:
+        return None
+    return (f"with {n_a} vs {n_b} prompts one feature's sets are separated by chance with probability {p:.2g} (exact "
+            "permutation test), and many features are compared: `separated` alone is weak evidence here; use 4 or "
+            "more prompts per set (4 vs 4: 0.029)")
+
+
+def _set_warnings(s: LoadedSAE, a: SetReadout, b: SetReadout, any_separated: bool) -> list[str] | None:
     poor, long = a.poorly_reconstructed + b.poorly_reconstructed, a.too_long + b.too_long
     return collect_warnings(
+        _chance_separation(len(a.acts), len(b.acts), any_separated),
         f"SAE {s.key} reconstructs the compared position poorly in {', '.join(poor)} (over "
         f"{POOR_RECONSTRUCTION:.0%} of its squared norm left in the error term): a feature absent there is no "
         "evidence" if poor else None,
@@ -171,5 +183,5 @@ def compare_prompt_sets(
             for row in rows
             if row[3] != 0 or row[6] != 0
         ],
-        warnings=_set_warnings(s, a, b),
+        warnings=_set_warnings(s, a, b, any_separated=any(row[5] for row in rows)),
     )

@@ -195,6 +195,12 @@ class LogitWeightStats:
         if dens is not None and max_density is not None:
             keep &= dens <= max_density
         kept = keep.nonzero().flatten()
+        if dens is not None and len(idx) and not len(kept):  # an empty table would read as "no such features"
+            raise InvalidInput(
+                f"no feature of the {len(idx)} considered has a density in [{min_density or 0:g}, "
+                f"{1 if max_density is None else max_density:g}]; their densities run from {float(dens.min()):.4g} "
+                f"to {float(dens.max()):.4g}: widen min_density / max_density"
+            )
         if sort_by == "feature":
             key = idx[kept].float()
         elif sort_by == "density":

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from pydantic import BaseModel
 
+from sae_mcp.engine.attribution_checks import IG_TOLERANCE
 from sae_mcp.results import FeatureActs, NextToken, PromptComparison, VocabProjection
 from sae_mcp.results.causal import (
     AblationResult,
@@ -109,12 +110,14 @@ def _ablation(r: AblationResult) -> str:
 
 def _controls_lines(c: Controls, head: str = "controls") -> list[str]:
     """Control stats per metric, and the control features (their texts stay in the structured content)."""
+    if not c.runs:
+        return [f"{head}: none drawn ({c.note})"]
     lines = [f"{head} ({len(c.runs)} runs, seed {c.seed}; matched on {c.matched_on}): target vs controls mean "
-             "± std [min, max], z, exceeds all"]
+             "± std [min, max], z, |target| > every |control|"]
     for s in c.stats:
         z = "n/a" if s.z_score is None else fmt(s.z_score)
         lines.append(f"  {s.metric}: {fmt(s.target)} vs {fmt(s.control_mean)} ± {fmt(s.control_std)} "
-                     f"[{fmt(s.control_min)}, {fmt(s.control_max)}], z {z}, exceeds all: "
+                     f"[{fmt(s.control_min)}, {fmt(s.control_max)}], z {z}, |target| > all: "
                      f"{'yes' if s.exceeds_all_controls else 'no'}")
     lines.append("  control features: " + " ".join(str(run.features) for run in c.runs))
     return lines + [f"  note: {c.note}" if c.note else None, f"  caution: {c.caution}" if c.caution else None]
@@ -167,8 +170,8 @@ def _attribution(r: Attribution) -> str:
                      f"{r.error_share_positions[0]}..{r.error_share_positions[1]}; totals: features "
                      f"{fmt(r.feature_attribution_total[key])}, error {fmt(r.error_attribution[key])}")
     lines.append(f"all features + errors: {fmt(r.attribution_total)} (first order; need not equal the metric)")
-    if r.integrated_gradients is not None:
-        ig = r.integrated_gradients
+    ig = r.integrated_gradients
+    if ig is not None and ig.relative_error <= IG_TOLERANCE:  # beyond it, a warning says these numbers
         lines.append(f"integrated gradients, {ig.steps} steps: sum {fmt(ig.attribution_sum)} vs endpoint difference "
                      f"{fmt(ig.endpoint_difference)} ({ig.relative_error:.1%} off)")
     lines.append("top (sae position token feature): activation, attribution[, exact effect of zeroing it]")
@@ -219,7 +222,7 @@ def _steer(r: SteerResult) -> str:
                 for n, m, s in zip(names, run.concept_readout, std))
         answer = (f", P(answer) {fmt(run.answer_probability)} ({run.answer_probability_change:+.4g})"
                   if run.answer_probability is not None else "")
-        lines.append(f"dose {fmt(run.scale)} (coefficients {[fmt(c) for c in run.coefficients]}): KL "
+        lines.append(f"dose {fmt(run.scale)} (coefficients {', '.join(map(fmt, run.coefficients))}): KL "
                      f"{fmt(run.kl_next_token)}, {fmt(run.mean_kl_prompt)}{answer}{readout}, changed "
                      f"{fmt(run.changed_fraction)}, degenerate {fmt(run.degenerate_fraction)}")
         lines += [_continuation(c, names) for c in run.continuations]

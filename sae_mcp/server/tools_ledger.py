@@ -86,16 +86,20 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         if sae and feature is None:
             raise InvalidInput("sae= narrows feature=; pass feature too")
         key = _sae_key(engine, sae) if sae else None
-        runs = store.runs(session=sid, tool=tool, feature=feature, sae=key, limit=limit, newest_first=True)
+        # run= alone asks for that one run: listing the newest runs beside it would bury it
+        listing = run is None or any(x is not None for x in (session, tool, feature))
+        runs = store.runs(session=sid, tool=tool, feature=feature, sae=key, limit=limit,
+                          newest_first=True) if listing else []
         rows = [LedgerRun(run_id=r.id, session=r.session, time=when(r.time), tool=r.tool, arguments=r.given, ok=r.ok,
                           error=r.error, summary=summarize(r.tool, r.result, r.ok, r.error)) for r in runs]
-        note = None if rows else "no run matches" + ("" if store.count() else ": the ledger is empty")
+        note = None if rows or not listing else "no run matches" + ("" if store.count() else ": the ledger is empty")
         if not ledger.recording:
             note = "this server records nothing (--no-ledger): runs of earlier servers only" + (f"; {note}" if note
                                                                                                  else "")
         answer = LedgerAnswer(current_session=current, session=sid, runs=rows, run=one_run(run) if run else None,
                               note=note)
-        lines = [f"{len(rows)} runs, newest first (this session: {current})" if current else f"{len(rows)} runs"]
+        lines = ([f"{len(rows)} runs, newest first (this session: {current})" if current else f"{len(rows)} runs"]
+                 if listing else [])
         lines += [f"{r.run_id} {r.time} {r.session} {r.tool}({args_line(r.arguments)}) -> {r.summary}" for r in rows]
         if answer.run is not None:
             lines.append("run " + compact_json(answer.run))  # no nulls, 4 significant digits

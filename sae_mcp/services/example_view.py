@@ -210,9 +210,10 @@ def _no_samples(source: str) -> str:
 def _few_distinct(shown: int, n_cands: int, view: View) -> str | None:
     if shown >= view.k or n_cands <= shown:
         return None
-    return (f"only {shown} distinct contexts among the {n_cands} top activations kept (identical shown tokens are "
-            "listed once, with their count): the feature fires on repeated text; a larger `context` can tell "
-            "the copies apart, and intervals show the rest of its range")
+    return (f"only {shown} distinct contexts among the {n_cands} top activations kept (identical shown tokens, "
+            f"{view.context} each side, are listed once, with their count): the feature fires on repeated text, or "
+            f"{view.context} tokens each side are too few to tell its contexts apart; a larger `context` shows "
+            "which, and intervals show the rest of its range")
 
 
 def _few_bands(n_bands: int, asked: int) -> str | None:

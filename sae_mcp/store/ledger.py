@@ -191,8 +191,9 @@ class LedgerStore:
         if ref in ids:
             return ref
         if len(ids) != 1:
-            what = "no session" if not ids else f"several sessions ({', '.join(ids)})"
-            raise NotFound(f"{what} in the ledger match {ref!r}; `sae-mcp ledger sessions` lists them")
+            what = "no session matches" if not ids else f"several sessions ({', '.join(ids)}) match"
+            raise NotFound(f"{what} {ref!r} in the ledger; the resource ledger://sessions (or `sae-mcp ledger "
+                           "sessions`) lists them")
         return ids[0]
 
     def runs(self, session: str | None = None, tool: str | None = None, feature: int | None = None,
