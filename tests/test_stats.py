@@ -142,6 +142,18 @@ def test_token_lists_and_regex_sets_build_with_unmatched_reported(tiny_engine):
     assert all(len(vocab[i]) == 1 for i in by["short"][0])
 
 
+def test_a_set_of_one_or_two_tokens_is_scored_with_a_warning_and_a_large_set_without(tiny_engine):
+    """A 2-token set's r is two tokens' rank: with many features some reach |r| near 1 by chance, so the answer
+    says so; the built-in digits set (dozens of tokens) carries no such warning."""
+    st = LogitWeightStats(tiny_engine)
+    small = st.token_set_enrichment(token_sets={"pets": ["cat", "dog", "unicorn"]}, top=3)
+    assert small.sets[0].size == 2
+    (w,) = small.warnings
+    assert "'pets' (2)" in w and "project_to_vocab" in w
+    large = st.token_set_enrichment(sets=["all_digits"], top=3)
+    assert large.sets[0].size >= 5 and large.warnings is None
+
+
 def test_bad_sets_say_what_to_change(tiny_engine):
     st = LogitWeightStats(tiny_engine)
     with pytest.raises(InvalidInput, match="built-in sets"):

@@ -38,7 +38,7 @@ from sae_mcp.engine.runtime import Engine
 from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.engine.token_sets import TokenSet, build_token_sets, excluded_from_builtin, vocab_strings
 from sae_mcp.errors import InvalidInput
-from sae_mcp.results import rounded
+from sae_mcp.results import collect_warnings, rounded
 from sae_mcp.results.explain import EnrichedFeature, FeatureStat, FeatureStats, SetEnrichment, TokenSetEnrichment
 
 CHUNK_BYTES = 256 * 2**20  # working memory per chunk of features (bytes), whatever the device
@@ -238,7 +238,23 @@ class LogitWeightStats:
             n_features=len(idx),
             skipped=skipped or None,
             sets=[_set_enrichment(ts, vocab, idx, score[:, col], z[:, col], top) for col, ts in enumerate(named)],
+            warnings=collect_warnings(small_sets_warning(named)),
         )
+
+
+SMALL_SET = 5  # tokens: below this a set's score is one or two tokens' ranks, not a category's enrichment
+
+
+def small_sets_warning(named: list[TokenSet]) -> str | None:
+    """Sets of fewer than SMALL_SET tokens: among thousands of features some rank one token at the top of the
+    vocabulary by chance, so r near +-1 there says little (z stays small)."""
+    small = [f"'{ts.name}' ({len(ts.ids)})" for ts in named if len(ts.ids) < SMALL_SET]
+    if not small:
+        return None
+    return (f"set(s) {', '.join(small)} hold fewer than {SMALL_SET} tokens: a score near +-1 there is one or two "
+            "tokens' rank in the feature's logit weights, which some of thousands of features reach by chance; "
+            "read z (small for small sets), add tokens (words without and with a leading space, capitalised), "
+            "or use project_to_vocab for single tokens")
 
 
 def _feature_stat(feature: int, m: torch.Tensor, density: torch.Tensor | None, centred: bool) -> FeatureStat:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from sae_mcp.results import warnings_field
 from sae_mcp.results.scoring import ScoreBrief
 
 # ------------------------------------------------------------------------------------- search_explanations
@@ -83,6 +84,7 @@ class TokenSetEnrichment(BaseModel):
     n_features: int
     skipped: list[str] | None = Field(default=None, description="Built-in sets left out: empty in this vocabulary")
     sets: list[SetEnrichment]
+    warnings: list[str] | None = warnings_field()
 
 
 # ------------------------------------------------------------------------------------------------ cards

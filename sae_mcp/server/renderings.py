@@ -134,7 +134,7 @@ def _token_set_enrichment(r: TokenSetEnrichment) -> str:
                                          or "none"))
     if r.skipped:
         lines.append(f"skipped (empty in this vocabulary): {', '.join(r.skipped)}")
-    return join(lines)
+    return join(lines + warnings_lines(r.warnings))
 
 
 def _feature_stats(r: FeatureStats) -> str:
