@@ -139,10 +139,10 @@ def test_semantic_ranking_is_fused_with_lexical_when_an_embedder_exists(tiny_eng
     store = store_for(tiny_engine, tmp_path, embedder=embed)
     store.import_rows("s", [(1, "gospel passages", None), (2, "kitten pictures", None), (3, "bible", None)], "np")
     found, ranking = store.search("scripture", ["s"], top_k=2)
-    assert ranking == "lexical+semantic"
+    assert ranking == "semantic"  # said, so that the agent knows no word matched
     assert {e.feature for e in found} == {1, 3}  # neither shares a word with the query except by meaning
-    found, _ = store.search("bible", ["s"], top_k=1)
-    assert found[0].feature == 3  # lexical and semantic agree: ranked first
+    found, ranking = store.search("bible", ["s"], top_k=1)
+    assert found[0].feature == 3 and ranking == "lexical+semantic"  # lexical and semantic agree: ranked first
 
 
 def test_minilm_is_used_only_when_the_optional_extra_is_installed(monkeypatch):
@@ -267,6 +267,25 @@ def test_bad_inputs_are_errors_and_the_next_call_works(tiny_engine, tmp_path):
     assert not ok.is_error and ok.structured_content["labels_for_feature"] == 1
 
 
+def test_matches_by_meaning_alone_are_said_to_be_so(tiny_engine, tmp_path):
+    """'suddenly' shares no word with any label: whatever the embedder ranks is by meaning alone, and the agent is
+    told so (it read as an ordinary hit before)."""
+    from sae_mcp.services import Services
+
+    def embed(texts):  # every text alike: the embedder finds *something* for any query
+        return np.ones((len(texts), 2), dtype=np.float32) / np.sqrt(2)
+
+    settings = Settings(data_dir=tmp_path)
+    store = store_for(tiny_engine, tmp_path, embedder=embed)
+    store.add_label(only_sae(tiny_engine).store_key, 4, "the word happy in stories")
+    server = build_server(tiny_engine, settings, services=Services(tiny_engine, settings, explanations=store))
+    meaning, words = call_many(server, [("search_explanations", {"query": "suddenly"}),
+                                        ("search_explanations", {"query": "happy"})])
+    assert meaning.structured_content["ranking"] == "semantic" and meaning.structured_content["matches"]
+    assert "by meaning alone" in meaning.structured_content["note"]
+    assert words.structured_content["ranking"] == "lexical+semantic" and words.structured_content["note"] is None
+
+
 def test_real_minilm_finds_a_description_by_meaning_when_installed(tmp_path):
     import importlib.util
 
@@ -276,7 +295,7 @@ def test_real_minilm_finds_a_description_by_meaning_when_installed(tmp_path):
     store.import_rows("s", [(1, "references to the bible and scripture", None), (2, "words about kittens", None),
                             (3, "gospel passages and psalms", None), (4, "numbers in dates", None)], "np")
     found, ranking = store.search("religious texts", ["s"], top_k=3)  # no word in common with any description
-    assert ranking == "lexical+semantic"
+    assert ranking == "semantic"
     assert [e.feature for e in found] == [1, 3]  # unrelated descriptions fall below the cosine floor
 
 

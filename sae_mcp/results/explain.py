@@ -24,7 +24,8 @@ class ExplanationMatch(BaseModel):
 
 class ExplanationSearch(BaseModel):
     query: str
-    ranking: str = Field(description="'lexical' (FTS5 bm25) or 'lexical+semantic' (bm25 and MiniLM fused by rank)")
+    ranking: str = Field(description="'lexical' (FTS5 bm25), 'lexical+semantic' (bm25 and MiniLM fused by rank), "
+                         "or 'semantic' (no word of the query occurs anywhere: matches by meaning alone)")
     matches: list[ExplanationMatch]
     note: str | None = Field(default=None, description="Why there may be few matches, and what to do")
 

@@ -220,8 +220,10 @@ def index_page(services: Services, query: str = "", sort: str = "label") -> str:
 
 def _found(found: Found) -> str:
     head = f"<h2>Search: {e(found.query)}</h2>"
-    if found.note:
-        return f"{head}<p class='meta' id='results'>{e(found.note)}</p>"
+    if not found.hits:
+        return f"{head}<p class='meta' id='results'>{e(found.note or '')}</p>"
+    if found.note:  # hits with a caution (by meaning alone)
+        head += f"<p class='note'>{e(found.note)}</p>"
     rows = "".join(
         f"<tr><td><a href='{e(feature_url(h.sae, h.feature))}'>{h.feature}</a></td><td>{e(h.sae)}</td>"
         f"<td>{e(h.description)}</td><td class='meta'>{e(h.source)}</td><td class='num'>{h.score:.4g}</td>"

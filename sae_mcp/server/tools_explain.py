@@ -63,6 +63,10 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
             for e in found
         ]
         note = None
+        if matches and ranking == "semantic":
+            note = (f"no word of the query occurs in any explanation or label: these {len(matches)} matches are by "
+                    "meaning alone (embedding similarity), which also ranks loosely related text; read each one "
+                    "before relying on it")
         if not matches:
             total = sum(sum(services.explanations.counts(s.store_key).values()) for s in saes)
             note = (

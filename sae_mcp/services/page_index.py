@@ -38,7 +38,7 @@ class Hit:
 class Found:
     query: str
     hits: list[Hit] = field(default_factory=list)
-    ranking: str | None = None  # 'lexical' | 'lexical+semantic'
+    ranking: str | None = None  # 'lexical' | 'lexical+semantic' | 'semantic' (no word matched)
     note: str | None = None  # why nothing was found, or what was wrong with the query
 
 
@@ -77,6 +77,8 @@ def search(services: Services, query: str) -> Found:
     hits = [Hit(keys.get(e.sae, e.sae), e.feature, e.description, e.source, float(f"{e.score:.4g}"),
                 brief_text([brief(x) for x in scored.get((e.sae, e.feature, e.description), [])])) for e in found]
     note = None if hits else "no explanation or label matched"
+    if hits and ranking == "semantic":
+        note = "no word of the query occurs in any explanation or label: these matches are by meaning alone"
     return Found(query, hits, ranking, note)
 
 

@@ -305,7 +305,8 @@ class ExplanationStore:
     # -- search -------------------------------------------------------------------------------------------------
 
     def search(self, query: str, saes: Sequence[str] | None = None, top_k: int = 10) -> tuple[list[Explanation], str]:
-        """Ranked matches over imported explanations and labels -> (matches, 'lexical' | 'lexical+semantic').
+        """Ranked matches over imported explanations and labels -> (matches, 'lexical' | 'lexical+semantic' |
+        'semantic': no word of the query occurs in any text, every match is by meaning alone).
         The embedder runs outside the lock (minutes for the first search after a big import): writes never wait."""
         words = re.findall(r"\w+", query or "")
         if not words:
@@ -329,7 +330,8 @@ class ExplanationStore:
             for rank, (kind, ref, _) in enumerate(ranked):
                 fused[(kind, ref)] = fused.get((kind, ref), 0.0) + 1.0 / (RRF_K + rank + 1)
         best = sorted(fused.items(), key=lambda kv: -kv[1])[:top_k]
-        return [self._row(kind, ref, score) for (kind, ref), score in best], "lexical+semantic"
+        ranking = "lexical+semantic" if lexical else "semantic"
+        return [self._row(kind, ref, score) for (kind, ref), score in best], ranking
 
     def _where_sae(self, saes: Sequence[str] | None, column: str = "sae") -> tuple[str, list[str]]:
         if not saes:
