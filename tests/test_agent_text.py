@@ -86,10 +86,12 @@ def test_attribute_text_gives_each_top_entry_its_attribution_and_exact_effect(ti
                                                     "top_k": 6})])
     out, text = res.structured_content, text_of(res)
     assert f"= {fmt(out['metric_value'])} (method gradient)" in text
+    assert len(out["per_token"]) == 1 and "top (position token feature)" in text  # one SAE: named once
+    rows = text.splitlines()
     for t in out["top"]:
         exact = f", exact {fmt(t['exact_effect'])}" if t["exact_effect"] is not None else ""
-        assert (f"{t['sae']} {t['position']} {t['token']!r} {t['feature']}: {fmt(t['activation'])}, "
-                f"{fmt(t['attribution'])}{exact}") in text
+        assert (f"{t['position']} {t['token']!r} {t['feature']}: {fmt(t['activation'])}, "
+                f"{fmt(t['attribution'])}{exact}") in rows
     key = next(iter(out["per_token"]))
     assert f"error share {fmt(out['error_share'][key])}" in text
 

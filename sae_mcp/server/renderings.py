@@ -174,10 +174,12 @@ def _attribution(r: Attribution) -> str:
     if ig is not None and ig.relative_error <= IG_TOLERANCE:  # beyond it, a warning says these numbers
         lines.append(f"integrated gradients, {ig.steps} steps: sum {fmt(ig.attribution_sum)} vs endpoint difference "
                      f"{fmt(ig.endpoint_difference)} ({ig.relative_error:.1%} off)")
-    lines.append("top (sae position token feature): activation, attribution[, exact effect of zeroing it]")
+    one = len(r.per_token) == 1  # one SAE: its key is said once, not on every row
+    lines.append(("top (position token feature): " if one else "top (sae position token feature): ")
+                 + "activation, attribution[, exact effect of zeroing it]")
     for t in r.top:
         exact = f", exact {fmt(t.exact_effect)}" if t.exact_effect is not None else ""
-        lines.append(f"{t.sae} {t.position} {tok(t.token)} {t.feature}: {fmt(t.activation)}, "
+        lines.append(("" if one else f"{t.sae} ") + f"{t.position} {tok(t.token)} {t.feature}: {fmt(t.activation)}, "
                      f"{fmt(t.attribution)}{exact}")
     for key, sums in r.per_token.items():
         errs = r.error_attribution_per_token[key]
