@@ -147,3 +147,16 @@ def test_top_examples_text_shows_every_example_band_and_count(stories_server):
         assert f"{fmt(e['activation'])} doc {e['document']} @{e['offset']}{count}: {shown}" in text
     for band in out.get("intervals") or []:
         assert f"band [{fmt(band['lower'])}, {fmt(band['upper'])})" in text and f"{band['tokens']} tokens" in text
+
+
+def test_ablation_text_says_only_the_first_token_of_a_longer_answer_or_counterfactual_is_scored(tiny_server):
+    multi, single = call_many(tiny_server, [
+        ("ablate_and_test", {"prompt": PROMPT, "answer": " mat on", "counterfactual": " park and", "features": [1]}),
+        ("ablate_and_test", {"prompt": PROMPT, "answer": " mat", "counterfactual": " park", "features": [1]}),
+    ])
+    head = text_of(multi).splitlines()[0]
+    out = multi.structured_content
+    assert f"answer tokens {out['answer']['tokens']}, only the first scored" in head
+    assert f"counterfactual tokens {out['counterfactual']['tokens']}, only the first scored" in head
+    assert len(out["answer"]["tokens"]) == len(out["counterfactual"]["tokens"]) == 2
+    assert "only the first scored" not in text_of(single)

@@ -82,6 +82,11 @@ def _condition(name: str, t: NextTokenTable, metric: bool) -> str:
             + " ".join(f"{tok(x.token)} {fmt(x.probability)}" for x in t.top))
 
 
+def _first_only(what: str, tokens: list[str] | None) -> str:
+    """'; counterfactual tokens [' sa', 'd'], only the first scored' when the text is several tokens, else ''."""
+    return f"; {what} tokens {tokens}, only the first scored" if tokens and len(tokens) > 1 else ""
+
+
 def _ablation(r: AblationResult) -> str:
     cf = r.counterfactual
     metric = cf is not None
@@ -89,6 +94,7 @@ def _ablation(r: AblationResult) -> str:
     lines = [
         f"sae {r.sae}: ablated at {where}; answer {tok(r.answer.token)}"
         + (f", metric = logit[{tok(r.answer.token)}] - logit[{tok(cf.token)}]" if cf else "")
+        + _first_only("answer", r.answer.tokens) + (_first_only("counterfactual", cf.tokens) if cf else "")
         + "; per condition: answer rank, P (change vs baseline), logit (change), KL from baseline, top tokens",
         "features: " + "; ".join(
             f"{f.feature} " + (f"fired: sum {fmt(f.activation_sum)}, max {fmt(f.max_activation)}" if f.fired
