@@ -182,7 +182,7 @@ def test_the_ledger_reads_back_through_the_tool_and_the_resources(recorded):
     assert f"balanced accuracy {m['balanced_accuracy']:.4g} [{m['interval_95'][0]:.4g}," in text_of(scored)
     sessions = read_resource(server, "ledger://sessions").contents[0].text
     first = recorded["store"].runs()[0].session
-    assert first in sessions and "first prompt 'Once upon a time, there was" in sessions
+    assert first in sessions and "first prompt or query 'Once upon a time, there was" in sessions
     runs = read_resource(server, f"ledger://session/{first[:6]}").contents[0].text.splitlines()
     assert runs[0] == f"session {first}: {len(recorded['calls']) + 3} runs"
     assert any(line.startswith(ablate_id) and "ablate_and_test(" in line and "KL" in line for line in runs)

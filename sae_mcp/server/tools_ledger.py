@@ -114,7 +114,7 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
 def register_resources(server: MCPServer, ledger) -> None:
     @server.resource("ledger://sessions", name="ledger_sessions", title="Recorded sessions",
                      description="Every recorded session (conversation), newest first: id, time, runs, model, "
-                     "first prompt", mime_type="text/plain")
+                     "first prompt or query", mime_type="text/plain")
     def sessions_resource() -> str:
         store = ledger.store
         found = store.sessions(limit=100)

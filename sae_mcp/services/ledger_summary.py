@@ -153,9 +153,10 @@ def run_line(run: Any) -> str:
 
 
 def session_line(store: Any, s: Any) -> str:
-    """A store Session as one line: id, time span, runs, model, client, first prompt."""
+    """A store Session as one line: id, time span, runs, model, client, first prompt (or search query)."""
     env = store.env(s.env) or {}
     model = (env.get("model") or {}).get("name", "?")
     prompt = next((p for r in store.runs(session=s.id, limit=20) if (p := first_prompt(r.given))), None)
     return (f"{s.id} {when(s.started)} .. {when(s.last)}: {s.n_runs} runs, model {model}"
-            + (f", client {s.client}" if s.client else "") + (f"; first prompt {prompt[:80]!r}" if prompt else ""))
+            + (f", client {s.client}" if s.client else "")
+            + (f"; first prompt or query {prompt[:80]!r}" if prompt else ""))
