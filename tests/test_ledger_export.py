@@ -136,3 +136,31 @@ def test_replay_finds_no_difference_unchanged_and_reports_a_swapped_sae(session,
     assert "differs: " in lines["get_feature_acts"] and "differs: " in lines["top_examples"]
     assert lines["next_token"].endswith("same")  # the plain model's prediction does not involve the SAE
     assert "project_to_vocab" in lines and "differ" in out.splitlines()[-1]
+
+
+def test_a_cut_copy_of_a_long_result_is_checked_on_what_it_kept(tmp_path):
+    """The ledger keeps a cut copy of a result over its size limit (each long list's first 32 items, then a
+    left_out marker). The exported check must not read the cut as 'nothing else fired': 40 features fire here,
+    the copy keeps the largest 32 of top_k 50, and the cell passes; a feature left out that is larger than the last
+    one kept still fails it."""
+    import importlib
+
+    import torch
+
+    from sae_mcp.export.cells_read import feature_acts
+    from sae_mcp.store.ledger import Run
+
+    acts = torch.zeros(3, 64)  # [seq, d_sae]
+    acts[2, :40] = torch.linspace(4.0, 0.1, 40)  # 40 features fire at position 2, in descending order
+    kept = [{"feature": f, "activation": round(float(acts[2, f]), 6)} for f in range(32)] + [{"left_out": 8}]
+    run = Run(id="rcut", session="s", env="e", time=0.0, tool="get_feature_acts", given={}, wall_s=0.0, ok=True,
+              resolved={"sae": "k", "prompt": "a b", "prepend_bos": True, "top_k": 50}, truncated=True,
+              result={"tokens": ["<s>", "a", "b"], "positions": [{"position": 2, "l0": 40, "top": kept}]})
+    preamble = importlib.import_module("sae_mcp.export.preamble")  # the package exports a function of that name
+    env = {"torch": torch, "ATOL": 1e-3, "RTOL": 1e-3, "sae_acts": lambda key, prompt, prepend_bos: acts}
+    exec(preamble.CHECKS.split("def hook_of")[0], env)  # close, check_rank, kl
+    exec("def check_top" + preamble.CHECKS.split("def check_top")[1].split("\ndef ")[0], env)
+    exec(feature_acts(run), env)  # passes: nothing left out exceeds the 32nd kept value
+    acts[2, 50] = 3.0  # a left-out feature larger than the last kept one: the check must still catch it
+    with pytest.raises(AssertionError, match="outside the recorded top"):
+        exec(feature_acts(run), env)
