@@ -301,3 +301,18 @@ def test_kill_9_mid_session_loses_no_run_whose_result_was_returned(stories_sae_d
         run = store.run(rid)
         assert run.tool == name and run.digest == digest_of(name, {k: v for k, v in out.items() if k != "run_id"})
     assert len({store.run(rid).session for rid in returned}) == 1  # one stdio client, one session
+
+
+def test_a_session_is_found_by_a_unique_prefix_and_wildcards_are_plain_text(tmp_path):
+    from sae_mcp.errors import NotFound
+    from sae_mcp.store.ledger import LedgerStore
+
+    store = LedgerStore(tmp_path / "ledger.sqlite")
+    for sid in ("sab12", "sab34", "sxy99"):
+        store.put_session(sid, 0.0, None, None)
+    assert store.resolve_session("sxy") == "sxy99" and store.resolve_session("sab12") == "sab12"
+    with pytest.raises(NotFound, match="several sessions"):
+        store.resolve_session("sab")
+    for pattern in ("s_y", "s%", "_", "%"):  # SQL LIKE wildcards match nothing unless an id holds them
+        with pytest.raises(NotFound, match="no session matches"):
+            store.resolve_session(pattern)

@@ -186,8 +186,8 @@ class LedgerStore:
                 raise NotFound(f"the ledger {self.path} has no session yet")
             return found[0].id
         with self._lock:
-            ids = [r[0] for r in self.conn.execute("SELECT id FROM sessions WHERE id = ? OR id LIKE ? LIMIT 3",
-                                                   (ref, ref.replace("%", "") + "%"))]
+            ids = [r[0] for r in self.conn.execute("SELECT id FROM sessions WHERE id = ? OR substr(id, 1, ?) = ? "
+                                                   "LIMIT 3", (ref, len(ref), ref))]  # a prefix, no LIKE wildcards
         if ref in ids:
             return ref
         if len(ids) != 1:
