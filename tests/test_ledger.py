@@ -316,3 +316,13 @@ def test_a_session_is_found_by_a_unique_prefix_and_wildcards_are_plain_text(tmp_
     for pattern in ("s_y", "s%", "_", "%"):  # SQL LIKE wildcards match nothing unless an id holds them
         with pytest.raises(NotFound, match="no session matches"):
             store.resolve_session(pattern)
+
+
+def test_the_session_map_keeps_only_the_newest_http_sessions():
+    from sae_mcp.services.ledger import MAX_TEXT_KEYS, IdentityMap
+
+    m = IdentityMap()
+    for i in range(MAX_TEXT_KEYS + 50):
+        m.put(f"http-{i}", f"s{i}")
+    assert m.get("http-0") is None and m.get(f"http-{MAX_TEXT_KEYS + 49}") == f"s{MAX_TEXT_KEYS + 49}"
+    assert m.get("http-50") == "s50" and len(m._by_text) == MAX_TEXT_KEYS

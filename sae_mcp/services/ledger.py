@@ -139,6 +139,9 @@ def conversation_of(context: Any) -> tuple[Any, str | None]:
     return None, client
 
 
+MAX_TEXT_KEYS = 10_000  # HTTP sessions remembered: a long-running server must not grow with every one ever opened
+
+
 class IdentityMap:
     """object -> value by identity, without keeping the object alive (the transport contexts are frozen
     dataclasses: equal by value, so two clients' would collide as dict keys). Strings are keys by value."""
@@ -154,8 +157,10 @@ class IdentityMap:
         return found[1] if found and found[0]() is key else None
 
     def put(self, key: Any, value: str) -> None:
-        if isinstance(key, str):
+        if isinstance(key, str):  # an HTTP session id or a client's name: the newest MAX_TEXT_KEYS are kept
             self._by_text[key] = value
+            if len(self._by_text) > MAX_TEXT_KEYS:
+                del self._by_text[next(iter(self._by_text))]  # the oldest (dicts keep insertion order)
             return
         if len(self._by_id) > 1024:  # drop the entries of connections that are gone
             self._by_id = {k: v for k, v in self._by_id.items() if v[0]() is not None}
