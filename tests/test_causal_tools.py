@@ -8,7 +8,7 @@ import anyio
 import pytest
 from mcp import Client
 
-from sae_mcp.engine import generation, steering
+from sae_mcp.engine import generation, steering_plan
 from sae_mcp.errors import NotFound
 from sae_mcp.server.app import build_server
 from sae_mcp.services import Services
@@ -92,9 +92,9 @@ def test_steer_generate_tool_runs_several_seeds_and_controls_at_every_dose_or_on
     assert [c["scale"] for c in one.structured_content["controls"]] == [2.0]
     assert one.structured_content["controls"][0] == out["controls"][1]
     tool = next(t for t in list_tools(server) if t.name == "steer_generate")
-    assert str(steering.MAX_BATCH_ROWS) in tool.description
+    assert str(steering_plan.MAX_BATCH_ROWS) in tool.description
     seeds = next(x for x in tool.input_schema["properties"]["seeds"]["anyOf"] if x.get("type") == "array")
-    assert seeds["maxItems"] == steering.MAX_SEEDS
+    assert seeds["maxItems"] == steering_plan.MAX_SEEDS
 
 
 @pytest.mark.parametrize(

@@ -438,7 +438,7 @@ def test_read_ahead_keeps_order_raises_reader_errors_and_stops_when_abandoned():
     it = _read_ahead(endless())
     assert next(it) == [0]
     it.close()  # what a `break` out of the scan's loop does
-    deadline = time.time() + 5
+    deadline = time.time() + 60  # a hang guard, not a speed goal: the reader checks for a stop every 0.1 s
     while any(t.name == "scan-read-ahead" for t in threading.enumerate()) and time.time() < deadline:
         time.sleep(0.05)
     assert not any(t.name == "scan-read-ahead" for t in threading.enumerate())

@@ -175,16 +175,20 @@ class Window:
 
 
 def iter_windows(
-    src: CorpusSource, tokenizer, context_size: int, bos_id: int | None, skip_windows: int = 0, hub: Hub | None = None
+    src: CorpusSource, tokenizer, context_size: int, bos_id: int | None, skip_windows: int = 0, hub: Hub | None = None,
+    from_document: tuple[int, int] = (0, 0),
 ) -> Iterator[Window]:
     """Documents -> windows, in order. `skip_windows` resumes a scan (documents are re-tokenized, not re-run).
+    `from_document` (document index, its first window's index): documents before it are dropped untokenized, for a
+    reader that knows where a window range starts (a Ray shard's cursor).
     `tokenizer`: one no other thread reconfigures while this runs (a server passes Engine.corpus_tokenizer)."""
     if context_size < 2:
         raise InvalidInput(f"context_size {context_size} is too small; windows need BOS plus at least one token")
     step = context_size - (1 if bos_id is not None else 0)
     head = [bos_id] if bos_id is not None else []
-    w = 0
-    for d, ids in _tokenized(iter_documents(src, hub), tokenizer):  # d counts empty documents too
+    first_doc, w = from_document
+    docs = ((d, text) for d, text in iter_documents(src, hub) if d >= first_doc)
+    for d, ids in tokenized_documents(docs, tokenizer):  # d counts empty documents too
         for start in range(0, len(ids), step):
             if w >= skip_windows:
                 yield Window(w, d, start, head + ids[start : start + step])
@@ -194,7 +198,7 @@ def iter_windows(
 TOKENIZE_DOCS = 64  # documents per tokenizer call
 
 
-def _tokenized(documents: Iterator[tuple[int, str]], tokenizer) -> Iterator[tuple[int, list[int]]]:
+def tokenized_documents(documents: Iterator[tuple[int, str]], tokenizer) -> Iterator[tuple[int, list[int]]]:
     """(index, text) -> (index, ids), TOKENIZE_DOCS documents per tokenizer call. A fast tokenizer encodes a list
     in one Rust call, over the machine's cores unless TOKENIZERS_PARALLELISM=false. Measured on an H200 box with
     one call per document: tokenizing was the index's largest CPU cost (~0.9 s per 1M tokens, one core), as much

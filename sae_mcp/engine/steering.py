@@ -27,14 +27,6 @@ from sae_mcp.engine.runtime import CancelToken, Engine
 from sae_mcp.engine.steering_plan import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,
-    MAX_BATCH_ROWS,
-    MAX_COEFFICIENT,
-    MAX_NEW_TOKENS,
-    MAX_SEED,
-    MAX_SEEDS,
-    MAX_STEER_FEATURES,
-    MAX_STRENGTH,
-    MAX_STRENGTHS,
     ControlAsk,
     MaxActivationFn,
     Sampling,
@@ -48,12 +40,6 @@ from sae_mcp.engine.steering_readout import concept_readout
 from sae_mcp.engine.steering_result import assemble
 from sae_mcp.errors import InvalidInput
 from sae_mcp.results.causal import SteerResult
-
-__all__ = [
-    "DEFAULT_TEMPERATURE", "DEFAULT_TOP_P", "MAX_BATCH_ROWS", "MAX_COEFFICIENT", "MAX_NEW_TOKENS", "MAX_SEED",
-    "MAX_SEEDS", "MAX_STEER_FEATURES", "MAX_STRENGTH", "MAX_STRENGTHS", "MaxActivationFn", "SteerRows",
-    "steer_generate",
-]
 
 
 def _steering_vectors(

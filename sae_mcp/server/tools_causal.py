@@ -15,7 +15,7 @@ from sae_mcp.engine import attribution as attr
 from sae_mcp.engine.controls import MAX_CONTROLS
 from sae_mcp.engine.runtime import CancelToken, Engine
 from sae_mcp.engine.saes import LoadedSAE
-from sae_mcp.engine.steering import (
+from sae_mcp.engine.steering_plan import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,
     MAX_NEW_TOKENS,

@@ -34,13 +34,11 @@ from dataclasses import dataclass
 import torch
 
 from sae_mcp.engine import scan as scan_mod
-from sae_mcp.engine.corpus import CorpusSource, Window, iter_documents
+from sae_mcp.engine.corpus import CorpusSource, Window, iter_documents, iter_windows, tokenized_documents
 from sae_mcp.engine.hub import Hub
 from sae_mcp.engine.scan import ScanState, batch_windows_for, bos_id, compute_dtype, scan
 from sae_mcp.settings import Settings
 from sae_mcp.store.index import StoredScan
-
-TOKENIZE_BATCH = 256  # documents tokenized per call in the walk (a fast tokenizer batches them)
 
 
 @dataclass(frozen=True)
@@ -89,12 +87,8 @@ class Walk:
 
 
 def _doc_lengths(src: CorpusSource, tokenizer, hub: Hub | None) -> Iterator[tuple[int, int]]:
-    """(document index, its token count) in corpus order, tokenized TOKENIZE_BATCH documents a call (the same ids
-    as one call a document, which iter_windows makes; only the lengths are kept)."""
-    docs = iter_documents(src, hub)
-    while batch := list(itertools.islice(docs, TOKENIZE_BATCH)):
-        ids = tokenizer([t for _, t in batch], add_special_tokens=False)["input_ids"]
-        yield from ((d, len(x)) for (d, _), x in zip(batch, ids))
+    """(document index, its token count) in corpus order, tokenized as iter_windows tokenizes them."""
+    return ((d, len(ids)) for d, ids in tokenized_documents(iter_documents(src, hub), tokenizer))
 
 
 def walk(src: CorpusSource, tokenizer, context_size: int, bos: int | None, start: int, budget: int, every: int,
@@ -121,18 +115,9 @@ def walk(src: CorpusSource, tokenizer, context_size: int, bos: int | None, start
 def windows_at(src: CorpusSource, tokenizer, context_size: int, bos: int | None, cursor: Cursor, first: int,
                hub: Hub | None = None) -> Iterator[Window]:
     """corpus.iter_windows(..., skip_windows=first), starting from a cursor at or before `first`: documents before
-    the cursor's are dropped untokenized (the same windowing rule; tests hold it to iter_windows)."""
-    step = context_size - (1 if bos is not None else 0)
-    head = [bos] if bos is not None else []
-    w = cursor.doc_window
-    for d, text in iter_documents(src, hub):
-        if d < cursor.document:
-            continue
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        for start in range(0, len(ids), step):
-            if w >= first:
-                yield Window(w, d, start, head + ids[start : start + step])
-            w += 1
+    the cursor's are dropped untokenized."""
+    return iter_windows(src, tokenizer, context_size, bos, first, hub, from_document=(cursor.document,
+                                                                                     cursor.doc_window))
 
 
 @dataclass(frozen=True)
