@@ -60,9 +60,10 @@ import torch  # noqa: E402
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
-SHARED = Path(os.environ.get("SAE_MCP_SHARED", BENCH.parents[1] / "shared"))
-STORIES = SHARED / "fixtures" / "stories260K"
-CORPUS = STORIES / "corpus" / "tinystories_val.jsonl"
+from sae_mcp import demo  # noqa: E402
+
+STORIES_HF = demo.MODEL_DIR  # the bundled stories260K model and corpus
+CORPUS = demo.CORPUS
 
 from bench_scan import sparse_random_sae  # noqa: E402
 
@@ -152,7 +153,7 @@ def measure(name: str, engine: Engine, sae: LoadedSAE, tokens: int, batch: int, 
 def stories_engine(device: str) -> tuple[Engine, LoadedSAE]:
     from sae_mcp.engine.loading import load_model
 
-    loaded = load_model(str(STORIES / "hf"), device, torch.float32)
+    loaded = load_model(str(STORIES_HF), device, torch.float32)
     calib = torch.tensor([w.ids for w in corpus_windows(loaded.model.tokenizer, 4000) if len(w.ids) == 128][:8])
     sae = sparse_random_sae(loaded.model, "blocks.2.hook_resid_pre", 2, 4096, calib.to(device))
     return Engine(loaded, [sae], device), sae

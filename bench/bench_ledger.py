@@ -10,7 +10,7 @@ busy machine, where single timings swing by more than the effect). A third serve
 paired the same way as a control: its difference is the measurement's own noise floor. It also times the recording
 itself (Ledger.begin + Pending.finish: digest, copy, resolved arguments, one committed SQLite insert) inside the
 measured calls, and alone in a warm loop.
-Defaults: the stories260K fixture (../shared) with a random SAE at blocks.2.hook_resid_pre, one torch thread.
+Defaults: the bundled stories260K model (sae_mcp/demo) with a random SAE at blocks.2.hook_resid_pre, one torch thread.
 """
 
 from __future__ import annotations
@@ -31,7 +31,10 @@ import anyio  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-STORIES = REPO.parent / "shared" / "fixtures" / "stories260K" / "hf"
+sys.path.insert(0, str(REPO))
+from sae_mcp import demo  # noqa: E402
+
+STORIES = demo.MODEL_DIR  # the bundled stories260K model
 PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play outside"
 
 

@@ -1,7 +1,7 @@
 """Load: many MCP clients at once against a real `sae-mcp serve --transport http`, mixing cheap and heavy tools.
 
-The server runs stories260K (../shared) with a small SAE trained here by sae_mcp.engine.training.train_sae (as
-tests/conftest.py does; or --sae DIR to reuse one) over its TinyStories corpus, indexed beforehand with
+The server runs the bundled stories260K model with its layer-3 SAE (sae_mcp/demo; or --sae DIR for another) over
+its TinyStories corpus, indexed beforehand with
 `sae-mcp index`, so top_examples answers from the index. Each client is an SDK Client (its own connection) that
 calls tools back to back, drawn from MIX by weight: cheap ones never run the model (model_info,
 search_explanations, label_feature, project_to_vocab, top_examples from the index, feature_card), heavy ones hold
@@ -55,10 +55,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SHARED = Path(os.environ.get("SAE_MCP_SHARED", REPO.parent / "shared"))
-STORIES = SHARED / "fixtures" / "stories260K"
-MODEL, CORPUS = STORIES / "hf", STORIES / "corpus" / "tinystories_val.jsonl"
-HOOK = "blocks.2.hook_resid_pre"
+from sae_mcp import demo  # noqa: E402
+
+MODEL, CORPUS = demo.MODEL_DIR, demo.CORPUS  # the bundled stories260K model and corpus
 
 PROMPT = "Once upon a time, there was a little girl named Lily. She"
 CHEAP = {"model_info", "search_explanations", "label_feature", "project_to_vocab", "top_examples", "feature_card"}
@@ -93,19 +92,6 @@ def mix(rng: random.Random, index_tokens: list[int], cheap_only: bool = False) -
 
 
 # ------------------------------------------------------------------------------------------------ the server
-
-
-def train_small_sae(out: Path) -> Path:
-    import torch
-
-    from sae_mcp.engine.corpus import resolve_corpus
-    from sae_mcp.engine.loading import load_model
-    from sae_mcp.engine.training import train_sae
-
-    loaded = load_model(str(MODEL), "cpu", torch.float32)
-    return train_sae(loaded.model, resolve_corpus(str(CORPUS)), hook_name=HOOK, out_dir=out, d_sae=256,
-                     training_tokens=300_000, context_size=128, model_name="stories260K",
-                     dataset_path=str(CORPUS), model_processing=loaded.processing)
 
 
 def free_port() -> int:
@@ -270,7 +256,7 @@ def rss_report(run: Run) -> dict:
 
 
 def prepare(args, work: Path) -> Path:
-    sae = args.sae or train_small_sae(work / "sae")
+    sae = args.sae or demo.SAE_DIRS[1]
     t0 = time.monotonic()
     subprocess.run([sys.executable, "-m", "sae_mcp", "index", "--model", str(MODEL), "--sae", str(sae),
                     "--corpus", str(CORPUS), "--data-dir", str(work / "data"), "--tokens", "20000"],
@@ -307,11 +293,9 @@ def main() -> None:
     ap.add_argument("--server-env", nargs="*", default=[], metavar="KEY=VALUE", help="for the server process")
     ap.add_argument("--legacy", action="store_true", help="the 2025 session wire instead of the SDK's 2026 default")
     ap.add_argument("--baseline", action="store_true", help="first, each client count with cheap calls only")
-    ap.add_argument("--sae", type=Path, default=None, help="a trained SAE folder to reuse")
+    ap.add_argument("--sae", type=Path, default=None, help="an SAE folder (default: the bundled layer-3 SAE)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
     args = ap.parse_args()
-    if not (MODEL / "config.json").exists():
-        raise SystemExit(f"the stories260K fixture is not at {MODEL}; set SAE_MCP_SHARED")
     mode = "legacy" if args.legacy else "auto"
     work = Path(tempfile.mkdtemp(prefix="sae-mcp-load-"))
     sae = prepare(args, work)

@@ -49,7 +49,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
-from bench_index import CORPUS, STORIES, corpus_windows  # noqa: E402
+from bench_index import CORPUS, STORIES_HF, corpus_windows  # noqa: E402
 from bench_scan import sparse_random_sae  # noqa: E402
 
 from sae_mcp.engine.merge import merge_states  # noqa: E402
@@ -62,7 +62,7 @@ def saved_sae(folder: Path) -> Path:
     """The bench SAE (random, L0 ~64 on TinyStories) as a SAELens folder the workers can load."""
     from sae_mcp.engine.loading import load_model
 
-    loaded = load_model(str(STORIES / "hf"), "cpu", torch.float32)
+    loaded = load_model(str(STORIES_HF), "cpu", torch.float32)
     calib = torch.tensor([w.ids for w in corpus_windows(loaded.model.tokenizer, 4000) if len(w.ids) == 128][:8])
     sae = sparse_random_sae(loaded.model, "blocks.2.hook_resid_pre", 2, 4096, calib)
     sae.sae.save_model(str(folder))
@@ -149,7 +149,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, ray {ray.__version__}, {os.cpu_count()} CPU(s), 1 thread per worker; "
           f"load average at start {os.getloadavg()[0]:.2f} (other processes share these cores)")
     folder = saved_sae(Path(tempfile.mkdtemp(prefix="bench-ray-sae-")))
-    settings = Settings(model=str(STORIES / "hf"), saes=(str(folder),), corpus=str(CORPUS), device="cpu",
+    settings = Settings(model=str(STORIES_HF), saes=(str(folder),), corpus=str(CORPUS), device="cpu",
                         data_dir=Path(tempfile.mkdtemp(prefix="bench-ray-")))
     for b in (args.batch, None):
         one = settings.model_copy(update={"data_dir": Path(tempfile.mkdtemp(prefix="bench-1p-"))})

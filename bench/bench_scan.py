@@ -47,9 +47,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SHARED = Path(os.environ.get("SAE_MCP_SHARED", REPO.parent / "shared"))
-STORIES = SHARED / "fixtures" / "stories260K"
 
+from sae_mcp import demo  # noqa: E402
 from sae_mcp.engine import scan as scan_module  # noqa: E402
 from sae_mcp.engine.corpus import Window, iter_windows, pad_windows, resolve_corpus  # noqa: E402
 from sae_mcp.engine.loading import LoadedModel  # noqa: E402
@@ -211,9 +210,9 @@ def gpt2_shaped(n_batches: int, windows: int, device: str) -> None:
 def stories(n_batches: int, windows: int, device: str) -> None:
     from sae_mcp.engine.loading import load_model
 
-    loaded = load_model(str(STORIES / "hf"), device, torch.float32)
+    loaded = load_model(str(demo.MODEL_DIR), device, torch.float32)
     model = loaded.model
-    src = resolve_corpus(str(STORIES / "corpus" / "tinystories_val.jsonl"))
+    src = resolve_corpus(str(demo.CORPUS))
     it = iter_windows(src, model.tokenizer, 128, 1)
     batches = [[next(it) for _ in range(windows)] for _ in range(n_batches + 1)]
     calib = torch.tensor([w.ids for w in batches[0] if len(w.ids) == 128][:8], device=device)

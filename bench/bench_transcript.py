@@ -2,8 +2,8 @@
 
 A chat host shows the model each result's text content, and the tool list (names, descriptions, input schemas)
 once per conversation. This runs a fixed investigation of 16 calls across every tool, the way an agent follows the
-SAELens tutorial, through the real MCP client on the real stories260K model with a small SAE trained here (as the
-tests train it), and prints:
+SAELens tutorial, through the real MCP client on the bundled stories260K model and its layer-3 SAE (sae_mcp/demo),
+and prints:
 
     per call: the characters of its text content (what the agent reads), and of its structured content
     total text characters of the investigation
@@ -33,23 +33,11 @@ import torch  # noqa: E402
 from mcp import Client  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SAE_MCP_SHARED", REPO.parent / "shared"))
-STORIES = SHARED / "fixtures" / "stories260K"
-CORPUS = STORIES / "corpus" / "tinystories_val.jsonl"
-HOOK = "blocks.2.hook_resid_pre"
+sys.path.insert(0, str(REPO))
+from sae_mcp import demo  # noqa: E402
+
 PROMPT = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her "
           "dog. One day, Lily saw a big red ball under a tree. She ran to the ball and")
-
-
-def train_sae(out: Path) -> Path:
-    from sae_mcp.engine.corpus import resolve_corpus
-    from sae_mcp.engine.loading import load_model
-    from sae_mcp.engine.training import train_sae as train
-
-    loaded = load_model(str(STORIES / "hf"), "cpu", torch.float32)
-    return train(loaded.model, resolve_corpus(str(CORPUS)), hook_name=HOOK, out_dir=out, d_sae=256,
-                 training_tokens=300_000, context_size=128, model_name="stories260K", dataset_path=str(CORPUS),
-                 model_processing=loaded.processing)
 
 
 def text_of(result) -> str:
@@ -102,16 +90,13 @@ def main() -> None:
     ap.add_argument("--show", action="store_true", help="print every result's text as the agent reads it")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    if not (STORIES / "hf" / "config.json").exists():
-        sys.exit(f"the stories260K fixture is not at {STORIES}; set SAE_MCP_SHARED")
     from sae_mcp.engine.runtime import Engine
     from sae_mcp.server.app import build_server
     from sae_mcp.settings import Settings
 
     with tempfile.TemporaryDirectory() as d:
-        sae_dir = train_sae(Path(d) / "sae")
-        settings = Settings(model=str(STORIES / "hf"), saes=(str(sae_dir),), corpus=str(CORPUS), device="cpu",
-                            data_dir=Path(d) / "data")
+        settings = Settings(model=str(demo.MODEL_DIR), saes=(str(demo.SAE_DIRS[1]),), corpus=str(demo.CORPUS),
+                            device="cpu", data_dir=Path(d) / "data")
         server = build_server(Engine.from_settings(settings), settings)
         rows, listing = anyio.run(investigate, server, args.show)
     total = sum(t for _, t, _ in rows)

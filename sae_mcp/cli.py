@@ -19,12 +19,12 @@ from sae_mcp.cli_common import (
     add_http_flags,
     auth_note,
     bind_http,
-    build_engine,
     dashboard_url,
     http_base,
+    services_for,
     settings_from_args,
 )
-from sae_mcp.settings import DEFAULT_SAE, Settings, default_data_dir
+from sae_mcp.settings import Settings
 
 log = logging.getLogger("sae_mcp")
 
@@ -33,8 +33,8 @@ def build_app(settings: Settings, record: bool = True):
     """Engine + MCP server for serve/call; every call recorded in the ledger unless `record` is False."""
     from sae_mcp.server.app import build_server
 
-    engine = build_engine(settings)
-    return engine, build_server(engine, settings, record=record)
+    services = services_for(settings, record=record)
+    return services.engine, build_server(services.engine, settings, services=services, record=record)
 
 
 # --------------------------------------------------------------------------------------------------- commands
@@ -116,8 +116,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     line("mps", getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available())
     line("device (auto)", resolve_device("auto"))
     line("hub reachable", Hub().reachable)
-    line("data dir", args.data_dir or default_data_dir())
-    model = args.model
+    settings = settings_from_args(args)
+    line("data dir", settings.data_dir)
+    if settings.demo:
+        from sae_mcp import demo
+
+        line("demo", f"{demo.HERE}: model, {len(demo.SAE_DIRS)} SAEs and corpus present (offline)")
+    model = settings.model
     if loading.is_local_model_dir(model):
         line("model", f"{model}: local folder")
     elif (official := loading.official_model_name(model)) is not None:
@@ -125,7 +130,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         line("model", f"{model} ({official}): {'cached' if cached else 'NOT cached'}")
     else:
         line("model", f"{model}: not an official transformer-lens name")
-    for spec in args.saes or [DEFAULT_SAE]:
+    for spec in settings.saes:
         _, source = saes.split_alias(spec)
         if Path(source).is_dir():
             line("sae", f"{source}: local folder")
@@ -135,6 +140,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             line("sae", f"{release}/{sae_id}: {'cached' if saes.sae_cached(release, sae_id) else 'NOT cached'}")
         except Exception as exc:
             line("sae", f"{source}: {exc}")
+    if settings.corpus:
+        line("corpus", settings.corpus)
     return 0
 
 
@@ -159,6 +166,8 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
             model_name=loaded.name,
             model_processing=loaded.processing,
             max_documents=args.max_docs,
+            dataset_path=args.dataset_path,
+            seed=args.seed,
         )
     print(str(out))
     return 0
@@ -206,7 +215,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=300_000, help="training tokens")
     p.add_argument("--context-size", type=int, default=128)
     p.add_argument("--l1", type=float, default=2.0, help="L1 coefficient")
-    p.add_argument("--max-docs", type=int, default=None)
+    p.add_argument("--max-docs", type=int, default=None, help="train on the first N documents only")
+    p.add_argument("--dataset-path", default=None,
+                   help="the training dataset recorded in the SAE's metadata, where scans look when no --corpus is "
+                   "given (default: the --texts file's absolute path)")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(fn=cmd_train_sae)
 

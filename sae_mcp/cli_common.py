@@ -16,7 +16,11 @@ from sae_mcp.settings import DEFAULT_MODEL, DEFAULT_SAE, Settings, default_data_
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="transformer-lens official name or local HF model folder")
+    p.add_argument("--demo", action="store_true",
+                   help="the bundled demo, offline: the stories260K model, its two SAEs (blocks.1 and blocks.3 "
+                   "hook_resid_pre) and its TinyStories corpus; not with --model, --sae or --corpus")
+    p.add_argument("--model", default=None,
+                   help=f"transformer-lens official name or local HF model folder (default: {DEFAULT_MODEL})")
     p.add_argument(
         "--sae",
         action="append",
@@ -33,17 +37,33 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    kw = dict(
-        model=args.model,
-        saes=tuple(args.saes) if args.saes else (DEFAULT_SAE,),
-        device=args.device,
-        n_devices=args.n_devices,
-        dtype=args.dtype,
-        corpus=args.corpus,
-    )
+    kw: dict = dict(device=args.device, n_devices=args.n_devices, dtype=args.dtype)
+    if getattr(args, "demo", False):
+        kw.update(demo_sources(args))
+    else:
+        kw.update(model=args.model or DEFAULT_MODEL, saes=tuple(args.saes) if args.saes else (DEFAULT_SAE,),
+                  corpus=args.corpus)
     if args.data_dir is not None:
         kw["data_dir"] = args.data_dir
     return Settings(**kw)
+
+
+def demo_sources(args: argparse.Namespace) -> dict:
+    """--demo: the bundled model, SAEs and corpus; InvalidInput (exit 2) beside --model/--sae/--corpus, or when
+    this installation lacks the demo's files."""
+    from sae_mcp import demo
+    from sae_mcp.errors import InvalidInput
+
+    given = [flag for flag, value in (("--model", args.model), ("--sae", args.saes), ("--corpus", args.corpus))
+             if value]
+    if given:
+        raise InvalidInput(f"--demo loads the bundled model, SAEs and corpus; drop {', '.join(given)}, or drop "
+                           "--demo to load your own")
+    if demo.missing():
+        raise InvalidInput(f"this installation lacks the demo's files ({demo.missing()[0]} and "
+                           f"{len(demo.missing()) - 1} more): reinstall sae-mcp from a wheel or a source checkout")
+    return dict(model=str(demo.MODEL_DIR), saes=tuple(str(d) for d in demo.SAE_DIRS), corpus=str(demo.CORPUS),
+                demo=True)
 
 
 def build_engine(settings: Settings):
@@ -55,6 +75,29 @@ def build_engine(settings: Settings):
     check_settings(settings)
     with contextlib.redirect_stdout(sys.stderr):
         return Engine.from_settings(settings)
+
+
+def services_for(settings: Settings, record: bool = True):
+    """The engine's services (built once: services/), the demo's index built first when it is the demo."""
+    from sae_mcp.services import Services
+
+    services = Services(build_engine(settings), settings, record=record)
+    if settings.demo:
+        index_demo(services)
+    return services
+
+
+def index_demo(services) -> None:
+    """--demo: the bundled corpus indexed for every SAE on first use (stderr says so while it runs: ~20-40 s on
+    one CPU core, 384k tokens through two SAEs), so top_examples, scoring and the pages answer at once; later starts
+    reuse the index in the data dir."""
+    from sae_mcp.demo import DEMO_INDEX_TOKENS
+
+    for key in services.engine.saes:
+        report = services.examples.build_index(key, DEMO_INDEX_TOKENS)
+        if not report.reused:
+            print(f"demo: indexed {report.tokens_scanned:,} corpus tokens for {key} in {report.seconds:.0f} s (once; "
+                  "kept in the data dir)", file=sys.stderr)
 
 
 def add_http_flags(p: argparse.ArgumentParser, sessions: bool) -> None:

@@ -85,14 +85,13 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from sae_mcp.cli_common import auth_note, bind_http, build_engine, http_base, settings_from_args
+    from sae_mcp.cli_common import auth_note, bind_http, http_base, services_for, settings_from_args
 
     settings = settings_from_args(args)
     policy, sock = bind_http(args)  # the address is checked and bound before the model (or torch) loads
     from sae_mcp.server.http import dashboard_app, serve_asgi
-    from sae_mcp.services import Services
 
-    services = Services(build_engine(settings), settings)
+    services = services_for(settings)
     base = http_base(policy)
     print(f"feature cards at {base}/features/SAE/FEATURE (index: {base}/; {auth_note(policy)})", file=sys.stderr)
     serve_asgi(dashboard_app(services, policy), sock, access_log=args.access_log)

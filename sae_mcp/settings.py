@@ -61,6 +61,8 @@ class Settings(BaseModel):
     data_dir: Path = Field(default_factory=default_data_dir)
     """Where SQLite stores (feature index, labels, explanations) live."""
     limits: Limits = Limits()
+    demo: bool = False
+    """Loaded from the bundled demo (`--demo`: sae_mcp/demo/): the index is built on first use."""
     dashboard_url: str | None = None
     """Where the feature pages are served (`serve --transport http` sets its own address; `--dashboard-url` names
     another, e.g. a `sae-mcp dashboard`): results naming one feature then carry its page URL. None: no links."""

@@ -1,5 +1,5 @@
-"""Shared fixtures: a generated tiny model + SAE (no files needed), and the real stories260K model from
-../shared with a small SAE trained here by sae-lens' own runner (skipped with a reason when ../shared is absent).
+"""Shared fixtures: a generated tiny model + SAE (no files needed), and the real stories260K model with the two SAEs
+and the corpus that the package bundles for `--demo` (sae_mcp/demo/), so nothing outside the repo is needed.
 
 Everything is offline and CPU, one thread (a busy 2-core box stalls 50x with two).
 """
@@ -25,22 +25,16 @@ if "SAE_MCP_DATA_DIR" not in os.environ:
 import pytest
 import torch
 
+from sae_mcp import demo
 from sae_mcp.results.corpus import Example, FeatureSummary, Histogram, TopExamples
 
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SAE_MCP_SHARED", REPO.parent / "shared"))
-STORIES = SHARED / "fixtures" / "stories260K"
-STORIES_HF = STORIES / "hf"
-STORIES_CORPUS = STORIES / "corpus" / "tinystories_val.jsonl"
-STORIES_HOOK = "blocks.2.hook_resid_pre"
-
-needs_stories = pytest.mark.skipif(
-    not (STORIES_HF / "config.json").exists(),
-    reason=f"the real stories260K fixture is not at {STORIES_HF} (../shared beside the repo); "
-    "set SAE_MCP_SHARED to the shared folder to run the end-to-end tests",
-)
+STORIES_HF = demo.MODEL_DIR
+STORIES_CORPUS = demo.CORPUS
+STORIES_SAE_L1, STORIES_SAE_L3 = demo.SAE_DIRS  # 1024 features each, at blocks.1 / blocks.3.hook_resid_pre
+STORIES_HOOK = "blocks.3.hook_resid_pre"  # the hook of stories_sae_dir
 
 
 def stories_texts(n: int | None = None) -> list[str]:
@@ -62,6 +56,28 @@ def tutorial_sae_acts(engine, tokens: torch.Tensor) -> torch.Tensor:
         _, cache = engine.model.run_with_cache_with_saes(tokens, saes=[s.sae])
     engine.model.reset_saes()
     return cache[f"{s.hook_name}.hook_sae_acts_post"]
+
+
+def assert_ranked_like(ids: list[int], ref: torch.Tensor, tol: float = 1e-4) -> None:
+    """`ids` (a listing, largest first) are a top-len(ids) of `ref` [n] computed along another path: two float paths
+    are never bit-equal across CPUs, so entries within `tol` of each other may trade places, and nothing else."""
+    assert len(set(ids)) == len(ids), ids
+    if not ids:
+        return
+    kth = float(ref.sort(descending=True).values[len(ids) - 1])
+    vals = [float(ref[i]) for i in ids]
+    assert all(v >= kth - tol for v in vals), (ids, vals, kth)  # none of them is below the k-th largest
+    assert all(a >= b - tol for a, b in zip(vals, vals[1:])), (ids, vals)  # in order, up to near-ties
+
+
+def assert_tables_close(a, b, tol: float = 1e-5) -> None:
+    """Two next-token tables (lists of TokenProb) from two float paths: the same tokens with the same probabilities
+    and logits up to `tol`, in the same order except where probabilities tie within it."""
+    pa, pb = {t.token_id: t.probability for t in a}, {t.token_id: t.probability for t in b}
+    assert pa.keys() == pb.keys(), (a, b)
+    assert all(abs(pa[k] - pb[k]) <= tol for k in pa), (a, b)
+    probs = [t.probability for t in a]
+    assert all(x >= y - tol for x, y in zip(probs, probs[1:]))
 
 
 def free_port() -> int:
@@ -202,15 +218,19 @@ def tiny_engine(tiny_loaded, tiny_sae_dir):
 
 @pytest.fixture(scope="session")
 def stories_loaded():
-    if not (STORIES_HF / "config.json").exists():
-        pytest.skip(f"the real stories260K fixture is not at {STORIES_HF} (../shared beside the repo)")
     from sae_mcp.engine.loading import load_model
 
     return load_model(str(STORIES_HF), "cpu", torch.float32)
 
 
 @pytest.fixture(scope="session")
-def stories_sae_dir(stories_loaded, tmp_path_factory) -> Path:
+def stories_sae_dir() -> Path:
+    """The bundled layer-3 SAE (1024 features at blocks.3.hook_resid_pre), trained by `sae-mcp train-sae`."""
+    return STORIES_SAE_L3
+
+
+@pytest.fixture(scope="session")
+def trained_sae_dir(stories_loaded, tmp_path_factory) -> Path:
     """A standard SAE trained in this session on the real model by sae-lens' runner (~20 s, 300k tokens)."""
     from sae_mcp.engine.corpus import resolve_corpus
     from sae_mcp.engine.training import train_sae

@@ -10,7 +10,7 @@ from sae_mcp.engine import ablation
 from sae_mcp.engine.runtime import resolve_positions
 from sae_mcp.errors import InvalidInput
 
-from conftest import tutorial_sae_acts
+from conftest import assert_tables_close, tutorial_sae_acts
 
 PROMPT = "the cat sat on the mat and the dog"
 
@@ -164,8 +164,10 @@ def test_a_target_that_never_fires_is_flagged_per_feature_and_in_a_note_even_wit
     assert [(f.fired, f.activation_sum, f.max_activation) for f in alone.features] == [(False, 0.0, 0.0)]
     note = silent_warning(alone)
     assert str(silent) in note and "changes nothing" in note and "by construction" in note
-    assert alone.ablated.top == alone.baseline.top
-    assert alone.ablated_without_error_term.top == alone.reconstruction_only.top
+    # Equal up to float error, not bit-equal: the plain model and the model with the SAE spliced in (its error term
+    # on) are two computations (0.036457 vs 0.036456 on an AVX-512 CPU).
+    assert_tables_close(alone.ablated.top, alone.baseline.top)
+    assert_tables_close(alone.ablated_without_error_term.top, alone.reconstruction_only.top)
     mixed = ablation.ablate_and_test(e, PROMPT, " mat", [firing, silent], position=-1)
     assert [f.fired for f in mixed.features] == [True, False]
     assert mixed.features[0].max_activation == pytest.approx(float(acts[-1, firing]), abs=1e-3)

@@ -8,7 +8,6 @@ import re
 
 from sae_mcp.server.text import compact, compact_json, fmt
 
-from conftest import needs_stories
 from mcp_client import call_many, text_of
 
 PROMPT = "the cat sat on the mat and the dog"
@@ -133,7 +132,6 @@ def test_attribute_text_says_an_integrated_gradients_miss_once(tiny_server):
     assert missed  # one step misses the endpoint difference on this model
 
 
-@needs_stories
 def test_top_examples_text_shows_every_example_band_and_count(stories_server):
     (res,) = call_many(stories_server, [("top_examples", {"feature": 5, "k": 6, "context": 3, "intervals": 3,
                                                           "max_scan_tokens": 6000})])

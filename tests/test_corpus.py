@@ -10,7 +10,7 @@ import pytest
 from sae_mcp.engine.corpus import iter_documents, iter_windows, resolve_corpus, window_context
 from sae_mcp.errors import InvalidInput, LoadError, NotFound
 
-from conftest import STORIES_CORPUS, STORIES_HF, needs_stories, stories_texts
+from conftest import STORIES_CORPUS, STORIES_HF, stories_texts
 
 
 def docs(path) -> list[str]:
@@ -72,7 +72,6 @@ def test_window_length_is_sae_context_else_128_capped_by_model():
     assert window_context(256, 128) == 128
 
 
-@needs_stories
 def test_windows_are_bos_plus_next_tokens_of_one_document():
     from transformers import AutoTokenizer
 

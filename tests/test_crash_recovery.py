@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import STORIES_CORPUS, STORIES_HF, needs_stories
+from conftest import STORIES_CORPUS, STORIES_HF
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
@@ -70,7 +70,6 @@ def scan_state(path: Path) -> tuple:
     return tokens, windows, n_windows, [np.frombuffer(b, dtype=np.uint8) for b in blobs]
 
 
-@needs_stories
 def test_a_kill_9_during_an_index_build_resumes_to_the_uninterrupted_index(stories_sae_dir, tmp_path):
     tokens = 40_000
     whole = tmp_path / "whole"

@@ -20,7 +20,7 @@ from sae_mcp.services import Services
 from sae_mcp.services.feature_page import PAGE_CONTEXT, PAGE_INTERVALS, PAGE_PER_INTERVAL, PAGE_TOP
 from sae_mcp.settings import Settings
 
-from conftest import free_port, indexed_stories_services, needs_stories, only_sae
+from conftest import free_port, indexed_stories_services, only_sae
 from mcp_client import call_tool
 from page_dom import parse
 from webdriver_client import CHROMEDRIVER, WebDriver
@@ -151,7 +151,6 @@ def busiest_banded_feature(services) -> int:
     return banded[0]
 
 
-@needs_stories
 @pytest.mark.usefixtures("lexical_only")
 def test_feature_page_in_chromium_shades_every_token_and_its_test_box_answers_as_get_feature_acts(
         stories_site, artifacts, tmp_path):
@@ -183,7 +182,6 @@ def test_feature_page_in_chromium_shades_every_token_and_its_test_box_answers_as
     screenshot(page, tmp_path / "p2", "feature_page.png", artifacts, 3000, wait_ms=10_000)
 
 
-@needs_stories
 @pytest.mark.usefixtures("lexical_only")
 def test_front_page_in_chromium_searches_and_lists_features_by_density(stories_site, artifacts, tmp_path):
     services, _, base = stories_site
@@ -195,7 +193,6 @@ def test_front_page_in_chromium_searches_and_lists_features_by_density(stories_s
     screenshot(f"{base}/?q=beginnings&sort=density", tmp_path / "p2", "index_page.png", artifacts, 1600)
 
 
-@needs_stories
 @pytest.mark.usefixtures("lexical_only")
 @pytest.mark.skipif(CHROMEDRIVER is None, reason="no chromedriver: apt-get install -y chromium-driver")
 def test_clicking_a_test_box_token_lists_the_features_firing_there_as_get_feature_acts_does(stories_site, tmp_path):
@@ -222,7 +219,6 @@ def test_clicking_a_test_box_token_lists_the_features_firing_there_as_get_featur
         driver.close()
 
 
-@needs_stories
 @pytest.mark.usefixtures("lexical_only")
 def test_the_top_examples_plot_is_kept_beside_the_screenshots(stories_site, artifacts):
     """The PNG top_examples(plot=True) returns through MCP, kept to be looked at (test_pages checks its layout)."""

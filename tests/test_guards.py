@@ -18,7 +18,7 @@ from sae_mcp.server.app import build_server
 from sae_mcp.services import Services
 from sae_mcp.settings import Settings
 
-from conftest import engine_on, make_sae_folder, needs_stories, only_sae, tutorial_sae_acts
+from conftest import assert_ranked_like, engine_on, make_sae_folder, only_sae, tutorial_sae_acts
 from mcp_client import call_many, error_text
 
 # ----------------------------------------------------------------------------------------------- protocol rules
@@ -57,7 +57,6 @@ def test_a_prompt_without_its_required_argument_names_it_and_the_server_reports_
 # ----------------------------------------------------------------------------------------------- answer variant
 
 
-@needs_stories
 def test_an_answer_without_its_leading_space_is_warned_about_naming_the_likely_variant(stories_engine):
     """stories260K after '... named': ' Lily' is the likely token, 'Lily' (no space) a rare one."""
     prompt = "Once upon a time, there was a little girl named"
@@ -134,7 +133,6 @@ def test_poor_reconstruction_is_warned_about_at_exactly_the_positions_the_plain_
 # ----------------------------------------------------------------------------------------------- fidelity
 
 
-@needs_stories
 def test_model_info_reports_each_saes_fidelity_measured_on_its_corpus(stories_engine, stories_settings):
     from sae_mcp.engine.corpus import iter_windows, resolve_corpus
     from sae_mcp.services.fidelity import FIDELITY_WINDOWS
@@ -199,7 +197,8 @@ def test_get_feature_acts_at_one_position_gives_its_top_features_l0_and_traces(t
     p = tokens.shape[1] - 2
     assert row.position == p and len(out.tokens) == tokens.shape[1]
     assert row.l0 == int((ref[p] > 0).sum())
-    assert [x.feature for x in row.top] == [int(i) for i in ref[p].topk(3).indices if ref[p, i] > 0]
+    assert_ranked_like([x.feature for x in row.top], ref[p])
+    assert len(row.top) == min(3, int((ref[p] > 0).sum()))
     assert out.features["2"] == [pytest.approx(float(ref[p, 2]), abs=2e-4)]
     assert out.features["9"] == [pytest.approx(float(ref[p, 9]), abs=2e-4)]
 

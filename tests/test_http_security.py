@@ -34,7 +34,7 @@ from sae_mcp.server.sessions import SessionLimiter
 from sae_mcp.services import Services
 from sae_mcp.settings import Settings
 
-from conftest import STORIES_HF, free_port, needs_stories, only_sae
+from conftest import STORIES_HF, free_port, only_sae
 
 TOKEN = "test-token-0123456789abcdef"
 INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
@@ -427,7 +427,6 @@ def serve_http(flags: list[str], env: dict[str, str]) -> tuple[subprocess.Popen,
     raise AssertionError("no free port in five tries")
 
 
-@needs_stories
 def test_serve_http_with_a_token_refuses_strangers_and_serves_the_client_that_sends_it(stories_sae_dir, tmp_path):
     import httpx2
     import requests

@@ -13,7 +13,7 @@ from test_scan_index import FEATURES, TOKENS, brute_force, plain_top, settings_f
 
 from sae_mcp.services.example_source import ExampleSource
 
-from conftest import needs_stories, stories_texts
+from conftest import stories_texts
 
 LENGTH = 128  # window: BOS + 127 document tokens
 
@@ -54,7 +54,6 @@ def shown_key(ids, loc, context):
     return tuple(window[lo : at + context + 1]), at - lo
 
 
-@needs_stories
 def test_the_top_list_shows_each_identical_context_once_with_its_count(plain, indexed):
     acts, locs, _, ids = plain
     k, context, merged_somewhere = 12, 3, 0
@@ -106,7 +105,6 @@ def check_intervals(res, acts, locs, gpos, f, per_interval):
     return exact
 
 
-@needs_stories
 def test_interval_samples_lie_in_their_bands_count_their_tokens_and_are_the_bottom_s_by_hash(plain, indexed):
     acts, locs, gpos, _ = plain
     # The helper's global positions are the scan's: the index's top position of a feature is the plain one's.
@@ -125,7 +123,6 @@ def test_interval_samples_lie_in_their_bands_count_their_tokens_and_are_the_bott
     assert exact >= 40  # most bands had no activation within float noise of an edge
 
 
-@needs_stories
 def test_the_on_demand_scan_of_one_feature_gives_the_same_intervals(plain, stories_engine, stories_sae_dir,
                                                                     tmp_path, indexed):
     acts, locs, gpos, _ = plain
@@ -150,7 +147,6 @@ def make_format_1(path):
     con.close()
 
 
-@needs_stories
 def test_an_index_from_before_interval_samples_answers_with_a_warning_and_build_index_rebuilds_it(
         stories_engine, stories_sae_dir, tmp_path):
     first = ExampleSource(stories_engine, settings_for(stories_sae_dir, tmp_path))

@@ -20,7 +20,7 @@ from sae_mcp.export import cells, write_ipynb
 from sae_mcp.export.session import load_session
 from sae_mcp.store.ledger import LedgerStore
 
-from conftest import STORIES_HOOK, make_sae_folder, needs_stories
+from conftest import STORIES_HOOK, make_sae_folder
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 ALLOWED_IMPORTS = {"torch", "sae_lens", "transformer_lens", "transformers", "pandas", "json", "hashlib", "pathlib",
@@ -45,7 +45,6 @@ def cli(*argv: str) -> tuple[int, str]:
     return rc, out.getvalue()
 
 
-@needs_stories
 def test_the_exported_script_redoes_every_run_without_sae_mcp(session, tmp_path):
     path = tmp_path / "session.py"
     rc, out = cli("ledger", "export", "--data-dir", str(session["data_dir"]), "--session", session["data"].id,
@@ -71,7 +70,6 @@ def test_the_exported_script_redoes_every_run_without_sae_mcp(session, tmp_path)
     assert done.stdout.strip().endswith("every redone run matched the ledger (13 runs)")
 
 
-@needs_stories
 def test_the_exported_notebook_is_valid_and_executes(session, tmp_path):
     nbformat = pytest.importorskip("nbformat", reason="nbformat is not installed (pip install -e '.[test]')")
     nbclient = pytest.importorskip("nbclient", reason="nbclient is not installed (pip install -e '.[test]')")
@@ -95,7 +93,6 @@ def test_the_exported_notebook_is_valid_and_executes(session, tmp_path):
     assert printed.count("reproduced") == 13 and "every redone run matched the ledger (13 runs)" in printed
 
 
-@needs_stories
 def test_the_markdown_report_has_the_question_the_experiments_and_the_labels(session, tmp_path):
     path = tmp_path / "report.md"
     rc, _ = cli("ledger", "export", "--data-dir", str(session["data_dir"]), "--session", session["data"].id[:5],
@@ -109,7 +106,6 @@ def test_the_markdown_report_has_the_question_the_experiments_and_the_labels(ses
     assert "weights sha256" in text and "sae-lens" in text
 
 
-@needs_stories
 def test_the_report_lists_each_label_with_the_runs_it_cites(session, tmp_path):
     path = tmp_path / "labels.md"
     assert cli("ledger", "export", "--data-dir", str(session["data_dir"]), "--format", "md", "--out", str(path))[0] == 0
@@ -121,7 +117,6 @@ def test_the_report_lists_each_label_with_the_runs_it_cites(session, tmp_path):
     assert "an uncited hunch" in text and "no run 'r00000000' in the ledger" in text  # the refused label: failed
 
 
-@needs_stories
 def test_replay_finds_no_difference_unchanged_and_reports_a_swapped_sae(session, tmp_path):
     sid = session["data"].id
     base = ["ledger", "replay", "--data-dir", str(session["data_dir"]), "--session", sid, "--device", "cpu"]

@@ -12,7 +12,7 @@ from sae_mcp.engine.runtime import Engine
 from sae_mcp.engine.saes import load_sae, split_alias
 from sae_mcp.errors import LoadError
 
-from conftest import STORIES_HF, make_sae_folder, needs_stories
+from conftest import STORIES_HF, make_sae_folder
 
 
 def test_sae_on_a_hook_the_model_lacks_is_refused_with_the_reason(tiny_loaded, tmp_path):
@@ -84,7 +84,6 @@ def test_two_saes_on_one_hook_need_an_alias(tiny_loaded, tmp_path):
     assert engine.sae("second") is b and engine.sae("blocks.1.hook_resid_pre") is a
 
 
-@needs_stories
 def test_local_llama_folder_matches_hugging_face_log_probs(stories_loaded):
     """transformer-lens' conversion of the local folder gives the same next-token log-probs as HF itself."""
     from transformers import AutoModelForCausalLM
@@ -167,10 +166,9 @@ def test_saes_that_need_different_model_processing_are_refused_together(tmp_path
         Engine.from_settings(Settings(model=str(model_dir), saes=(f"a={a}", f"b={b}"), device="cpu", data_dir=tmp_path))
 
 
-@needs_stories
-def test_train_sae_records_its_corpus_and_model_processing(stories_sae_dir, stories_loaded):
+def test_train_sae_records_its_corpus_and_model_processing(trained_sae_dir, stories_loaded):
     from conftest import STORIES_CORPUS
 
-    s = load_sae(str(stories_sae_dir), "cpu", torch.float32)
+    s = load_sae(str(trained_sae_dir), "cpu", torch.float32)
     assert s.dataset_path == str(STORIES_CORPUS)  # so scans default to the corpus it was trained on
     assert s.model_kwargs == stories_loaded.processing

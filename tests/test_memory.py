@@ -12,7 +12,7 @@ import torch
 from sae_mcp.engine import memory
 from sae_mcp.errors import LoadError
 
-from conftest import STORIES_HF, needs_stories
+from conftest import STORIES_HF
 
 
 @pytest.mark.parametrize("norm", ["LN", "LNPre", "RMS"])
@@ -25,7 +25,6 @@ def test_the_parameter_count_is_every_parameter_of_the_built_model(norm):
     assert memory.model_parameters(cfg) == sum(p.numel() for p in model.parameters())
 
 
-@needs_stories
 def test_the_parameter_count_of_the_real_llama_fixture_matches_its_loaded_weights(stories_loaded):
     m = stories_loaded.model
     counted = sum(p.numel() for p in m.parameters())
@@ -75,7 +74,6 @@ def test_a_model_too_big_for_the_free_memory_is_refused_with_what_to_pass(monkey
     memory.check_fits(est, "cpu", 1, "gpt2-small", torch.float32)  # fits: nothing raised
 
 
-@needs_stories
 def test_loading_is_refused_before_any_weight_is_read_when_it_cannot_fit(monkeypatch):
     import transformers
 
@@ -86,7 +84,7 @@ def test_loading_is_refused_before_any_weight_is_read_when_it_cannot_fit(monkeyp
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", never)
     monkeypatch.setattr(memory, "available", lambda device, n=1: 1000)
-    with pytest.raises(LoadError, match="stories260K/hf|hf with its SAEs needs"):
+    with pytest.raises(LoadError, match="stories260K with its SAEs needs"):
         load_model(str(STORIES_HF), "cpu", torch.float32, placement=Placement("cpu", 1, ((64, 4096),)))
 
 

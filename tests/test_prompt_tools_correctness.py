@@ -17,7 +17,7 @@ from sae_mcp.engine import features as F
 from sae_mcp.engine import logits as L
 from sae_mcp.engine import prompt_sets as PS
 
-from conftest import needs_stories, tutorial_sae_acts
+from conftest import assert_ranked_like, tutorial_sae_acts
 
 PROMPTS = ["Once upon a time there was a little girl named Lily.", "The dog ran to the park and saw a big red ball!"]
 
@@ -28,7 +28,7 @@ def tutorial_feature_acts(engine, prompt):
     return tokens[0], tutorial_sae_acts(engine, tokens)[0]
 
 
-@pytest.fixture(params=["tiny", pytest.param("stories", marks=needs_stories)])
+@pytest.fixture(params=["tiny", "stories"])
 def engine(request):
     return request.getfixturevalue(f"{request.param}_engine")
 
@@ -52,7 +52,8 @@ def test_get_feature_acts_matches_run_with_cache_with_saes(engine):
         for p, pos in enumerate(out.positions):
             ref_top = ref[p].topk(4)
             expected = [(int(i), float(v)) for v, i in zip(ref_top.values, ref_top.indices) if v > 0]
-            assert [x.feature for x in pos.top] == [f for f, _ in expected]
+            assert_ranked_like([x.feature for x in pos.top], ref[p])
+            assert len(pos.top) == len(expected)
             assert_close(
                 torch.tensor([x.activation for x in pos.top]),
                 torch.tensor([v for _, v in expected]),
@@ -111,12 +112,11 @@ def test_next_token_matches_softmax_of_last_logits(engine):
     probs = logits.softmax(-1)
     top = probs.topk(5)
     out = L.next_token(engine, prompt, top_k=5)
-    assert [t.token_id for t in out.top] == top.indices.tolist()
+    assert_ranked_like([t.token_id for t in out.top], probs, tol=1e-6)
     assert_close(torch.tensor([t.probability for t in out.top]), top.values, atol=1e-5, rtol=1e-4)
     assert_close(torch.tensor([t.logit for t in out.top]), logits[top.indices], atol=1e-3, rtol=1e-4)
 
 
-@needs_stories
 def test_answers_are_scored_as_continuations_on_a_sentencepiece_model(stories_engine):
     """Every one of the 8 likeliest next tokens, given as text, is scored at its own rank: '.' is not
     mis-tokenized as a dummy-prefix piece plus '.', and ' Lily' differs from 'Lily'."""
@@ -148,7 +148,6 @@ def test_project_to_vocab_matches_W_dec_times_W_U(engine):
         assert_close(torch.tensor([t.logit for t in out.top_positive]), ref.topk(6).values, atol=1e-3, rtol=1e-4)
 
 
-@needs_stories
 def test_real_model_prefers_lily_after_named(stories_engine):
     """A fact of the real pretrained model (SOURCES.md's greedy continuation names Lily)."""
     out = L.next_token(stories_engine, "Once upon a time, there was a little girl named", answer=" Lily", top_k=3)
@@ -229,7 +228,6 @@ def test_one_prompt_per_set_has_no_cohens_d_but_a_rank_biserial():
     assert st.rank_biserial.tolist() == [1.0, 0.0] and st.separated.tolist() == [True, False]
 
 
-@needs_stories
 def test_byte_fallback_tokens_show_their_bytes_instead_of_replacement_characters(stories_engine):
     out = F.get_feature_acts(stories_engine, "Lily 😀 saw", top_k=1)
     emoji = [t for t in out.tokens if t.startswith("<0x")]
@@ -249,7 +247,6 @@ def test_byte_level_bpe_pieces_map_back_to_their_utf8_bytes():
         assert _bytes_of_piece(piece) == "".join(f"<0x{b:02X}>" for b in text.encode())
 
 
-@needs_stories
 def test_multi_token_answer_gets_its_whole_sequence_log_probability_by_teacher_forcing(stories_engine):
     """log P(' toys' | prompt) = sum of each answer token's log-prob after the prompt and the earlier answer
     tokens, computed here one token at a time with separate forwards."""

@@ -7,7 +7,6 @@ import pytest
 
 from sae_mcp.server.app import build_server
 
-from conftest import needs_stories
 from mcp_client import call_many, call_tool, error_text, list_tools
 
 PROMPT_TOOLS = {"model_info", "get_feature_acts", "compare_prompts", "next_token", "project_to_vocab"}
@@ -104,7 +103,6 @@ def test_bad_input_is_an_error_that_says_what_to_change_and_the_next_call_works(
     assert tiny_engine.is_clean()
 
 
-@needs_stories
 def test_every_prompt_tool_on_the_real_model(stories_engine):
     server = build_server(stories_engine)
     res = call_many(

@@ -20,7 +20,7 @@ from sae_mcp.services.index_shards import Shard, batch_for, plan_shards, reuse_s
 from sae_mcp.services.ray_worker import Cursor, FailAfter, Walk, walk, windows_at
 from sae_mcp.store.index import StoredScan
 
-from conftest import STORIES_CORPUS, STORIES_HF, needs_stories
+from conftest import STORIES_CORPUS, STORIES_HF, STORIES_HOOK
 
 TOKENS = 20_000  # 196 windows (documents end mid-window)
 BATCH = 2  # windows a batch: buffers (the shards' unit) of 32 * 2 = 64 windows, so 4 buffers, 2 shards of 2
@@ -72,7 +72,6 @@ def test_merge_refuses_states_of_different_shapes():
 # ------------------------------------------------------------------------------------- walk and plans
 
 
-@needs_stories
 @pytest.mark.parametrize("start,budget", [(0, TOKENS), (70, 9_000), (0, 10**9)], ids=["fresh", "resumed", "all"])
 def test_walk_cursors_and_windows_at_follow_iter_windows(stories_loaded, start, budget):
     """The walk reads the windows scan._buffers takes (stop once the budget is reached), and from each cursor
@@ -177,7 +176,6 @@ def assert_same_index(ray_report, single_report) -> None:
     assert (ray_report.tokens_scanned, ray_report.windows) == (single_report.tokens_scanned, single_report.windows)
 
 
-@needs_stories
 def test_two_workers_build_the_single_process_index_byte_for_byte(ray_cluster, stories_sae_dir, single, tmp_path):
     seen = []
     with ray_index.RayIndexer(settings_for(stories_sae_dir, tmp_path), workers=2, checkpoint_s=0.0) as ix:
@@ -187,7 +185,6 @@ def test_two_workers_build_the_single_process_index_byte_for_byte(ray_cluster, s
     assert seen[-1] == (TOKENS, TOKENS) and all(d <= TOKENS for d, _ in seen)
 
 
-@needs_stories
 @pytest.mark.parametrize("how", ["exit", "raise"])
 def test_a_worker_failing_mid_shard_is_retried_and_the_index_still_equals(ray_cluster, stories_sae_dir, single,
                                                                           tmp_path, how):
@@ -202,7 +199,6 @@ def test_a_worker_failing_mid_shard_is_retried_and_the_index_still_equals(ray_cl
     assert_same_index(rep, single)
 
 
-@needs_stories
 def test_an_interrupted_driver_resumes_its_shards_to_the_same_index(ray_cluster, stories_sae_dir, single, tmp_path,
                                                                    monkeypatch):
     """One worker, two shards, cancelled right after the first checkpoint: shard 0 has a row, shard 1 none, and no
@@ -235,7 +231,6 @@ def test_an_interrupted_driver_resumes_its_shards_to_the_same_index(ray_cluster,
     assert_same_index(rep, single)
 
 
-@needs_stories
 def test_an_index_row_is_extended_as_a_single_process_extends_it(ray_cluster, stories_sae_dir, tmp_path):
     """A 12k-token index (one process) taken to 20k by Ray equals the same extension by one process: both resume
     at the row's window (mid-buffer of a fresh 20k scan, so it is compared with that extension)."""
@@ -253,7 +248,6 @@ def test_an_index_row_is_extended_as_a_single_process_extends_it(ray_cluster, st
     assert not got.reused and dump(got.path) == dump(want.path)
 
 
-@needs_stories
 def test_cli_index_ray_prints_the_report_and_reuses_on_rerun(ray_cluster, stories_sae_dir, single, tmp_path, capsys):
     import json
 
@@ -266,7 +260,7 @@ def test_cli_index_ray_prints_the_report_and_reuses_on_rerun(ray_cluster, storie
     out = capsys.readouterr()
     report = json.loads(out.out.strip().splitlines()[-1])
     assert report["tokens_scanned"] == single.tokens_scanned and not report["reused"]
-    assert "index blocks.2.hook_resid_pre" in out.err  # the progress bar, on stderr
+    assert f"index {STORIES_HOOK}" in out.err  # the progress bar, on stderr
     assert dump(report["path"]) == dump(single.path)
     assert main(argv) == 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reused"]
 

@@ -16,7 +16,7 @@ from sae_mcp.errors import Cancelled
 from sae_mcp.services.example_source import ExampleSource
 from sae_mcp.settings import Settings
 
-from conftest import STORIES_CORPUS, STORIES_HF, engine_on, needs_stories, stories_texts, tutorial_sae_acts
+from conftest import STORIES_CORPUS, STORIES_HF, STORIES_HOOK, engine_on, stories_texts, tutorial_sae_acts
 
 TOKENS = 12_000  # ~100 windows: brute force ~2 s
 K = 12
@@ -104,7 +104,6 @@ def source(stories_engine, stories_sae_dir, tmp_path):
 # ------------------------------------------------------------------------------------------- correctness
 
 
-@needs_stories
 def test_index_equals_brute_force_value_location_and_density(stories_engine, source, brute):
     """One window per batch: the same arithmetic as the plain loop, so values and locations (ties included)
     must match exactly. merge_duplicates=False: the raw top-k (test_intervals_index.py checks the merged one)."""
@@ -124,7 +123,6 @@ def test_index_equals_brute_force_value_location_and_density(stories_engine, sou
         assert res.max_activation == pytest.approx(float(acts[:, f].max()), abs=1e-4)
 
 
-@needs_stories
 def test_batched_index_matches_brute_force_up_to_float_noise(stories_engine, source, brute):
     """Default batching (64 padded windows): batched matmuls differ from single ones by ~1e-6, so locations
     must match wherever the plain ranking is not a near-tie, and values everywhere."""
@@ -148,7 +146,6 @@ def test_batched_index_matches_brute_force_up_to_float_noise(stories_engine, sou
             assert abs(float(acts[locs.index((e.document, e.offset)), f]) - e.activation) < 1e-4
 
 
-@needs_stories
 def test_example_tokens_show_the_window_around_the_max_token(stories_engine, source):
     source.build_index(None, 5_000)
     tok = stories_engine.model.tokenizer
@@ -165,7 +162,6 @@ def test_example_tokens_show_the_window_around_the_max_token(stories_engine, sou
         assert e.position == at - lo
 
 
-@needs_stories
 def test_on_demand_scan_of_one_feature_matches_brute_force(stories_engine, source, brute):
     acts, locs = brute
     f = 27
@@ -191,7 +187,6 @@ def test_on_demand_scan_of_one_feature_matches_brute_force(stories_engine, sourc
 # ------------------------------------------------------------------------------------------- resume, keys
 
 
-@needs_stories
 def test_rerun_reuses_and_a_larger_budget_resumes_to_the_fresh_result(stories_engine, stories_sae_dir, tmp_path):
     a = ExampleSource(stories_engine, settings_for(stories_sae_dir, tmp_path / "a"))
     first = a.build_index(None, 4_000)
@@ -212,7 +207,6 @@ def test_rerun_reuses_and_a_larger_budget_resumes_to_the_fresh_result(stories_en
         )
 
 
-@needs_stories
 def test_cancel_keeps_the_last_whole_buffer_and_a_rerun_resumes_to_the_uninterrupted_index(
         stories_engine, stories_sae_dir, tmp_path, monkeypatch):
     """Batches are scanned longest first within a buffer, so only a whole buffer is a prefix of the corpus: a
@@ -244,7 +238,6 @@ def test_cancel_keeps_the_last_whole_buffer_and_a_rerun_resumes_to_the_uninterru
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
 
 
-@needs_stories
 def test_a_different_corpus_makes_a_separate_index(stories_engine, stories_sae_dir, tmp_path):
     txt = tmp_path / "few.txt"
     txt.write_text("\n".join(t.replace("\n", " ") for t in stories_texts(30)) + "\n", encoding="utf-8")
@@ -256,7 +249,6 @@ def test_a_different_corpus_makes_a_separate_index(stories_engine, stories_sae_d
     assert a.build_index(None, 3_000).reused
 
 
-@needs_stories
 def test_cli_index_prints_a_report_and_reuses_on_rerun(stories_sae_dir, tmp_path, capsys):
     from sae_mcp.cli import main
 
@@ -268,7 +260,7 @@ def test_cli_index_prints_a_report_and_reuses_on_rerun(stories_sae_dir, tmp_path
     out = capsys.readouterr()
     second = json.loads(out.out.strip().splitlines()[-1])
     assert first["tokens_scanned"] >= 3000 and not first["reused"] and second["reused"]
-    assert "index blocks.2.hook_resid_pre" in out.err  # the progress bar is on stderr
+    assert f"index {STORIES_HOOK}" in out.err  # the progress bar is on stderr
     assert np.isfinite(first["tokens_per_second"])
 
 

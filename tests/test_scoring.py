@@ -27,10 +27,10 @@ from sae_mcp.services.score_prompt import read_predictions, scorer_prompt
 from sae_mcp.services.score_runs import ExplanationScorer
 from sae_mcp.settings import Settings
 
-from conftest import REPO, STORIES_CORPUS, STORIES_HF, needs_stories, only_sae, tutorial_sae_acts
+from conftest import REPO, STORIES_CORPUS, STORIES_HF, only_sae, tutorial_sae_acts
 from mcp_client import call_many, error_text, text_of
 
-pytestmark = [needs_stories, pytest.mark.usefixtures("lexical_only")]
+pytestmark = [pytest.mark.usefixtures("lexical_only")]
 INDEX_TOKENS = 60_000  # enough held-out contexts of one feature for every test's answered blind sets
 
 

@@ -11,13 +11,12 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
-from conftest import STORIES_HF, free_port, needs_stories
+from conftest import STORIES_HF, free_port
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 CLI = [sys.executable, "-m", "sae_mcp"]
 
 
-@needs_stories
 def test_serve_answers_every_prompt_tool_over_stdio(stories_sae_dir, tmp_path):
     params = StdioServerParameters(
         command=sys.executable,
@@ -43,13 +42,12 @@ def test_serve_answers_every_prompt_tool_over_stdio(stories_sae_dir, tmp_path):
     assert {"model_info", "get_feature_acts", "compare_prompts", "next_token", "project_to_vocab"} <= names
     assert info.structured_content["saes"][0]["key"] == "res2"
     assert acts.structured_content["tokens"] == ["<s>", " Once", " upon", " a", " time"]
-    assert bad.is_error and "less than or equal to 255" in bad.content[0].text
+    assert bad.is_error and "less than or equal to 1023" in bad.content[0].text
     assert nxt.structured_content["answer"]["rank"] == 0  # the server kept working after the error
     assert len(proj.structured_content["top_positive"]) == 3
     assert cmp.structured_content["mode"] == "pair"
 
 
-@needs_stories
 def test_call_prints_the_structured_result_as_json_on_stdout(stories_sae_dir):
     out = subprocess.run(
         CLI + ["call", "next_token", "--json", json.dumps({"prompt": "Once upon a time", "top_k": 2}),
@@ -61,7 +59,6 @@ def test_call_prints_the_structured_result_as_json_on_stdout(stories_sae_dir):
     assert len(result["top"]) == 2 and result["tokens"][0] == "<s>"
 
 
-@needs_stories
 def test_call_with_bad_arguments_exits_nonzero_with_the_message(stories_sae_dir):
     out = subprocess.run(
         CLI + ["call", "project_to_vocab", "--json", '{"feature": 100000}', "--model", str(STORIES_HF),
@@ -69,7 +66,7 @@ def test_call_with_bad_arguments_exits_nonzero_with_the_message(stories_sae_dir)
         capture_output=True, text=True, env=ENV, timeout=300,
     )
     assert out.returncode == 1 and out.stdout == ""
-    assert "feature" in out.stderr and "less than or equal to 255" in out.stderr
+    assert "feature" in out.stderr and "less than or equal to 1023" in out.stderr
 
 
 def test_default_serve_offline_without_cache_fails_fast_with_what_to_do(tmp_path):
@@ -96,7 +93,6 @@ def test_doctor_reports_versions_device_and_cache_state(tmp_path):
         assert needle in out.stdout
 
 
-@needs_stories
 def test_serve_over_http_answers_mcp_and_serves_the_card_page_that_results_link_to(stories_sae_dir, tmp_path):
     import time
 

@@ -2,7 +2,7 @@
 it can be read) where the SDK's reader logged it at DEBUG and left the client waiting forever.
 
 Three levels: check_line alone; a minimal MCPServer on our stdio transport in a subprocess (no model, seconds);
-the real `sae-mcp serve` on the stories260K fixture (skipped with a reason when ../shared is absent)."""
+the real `sae-mcp serve` on the bundled stories260K model and its layer-3 SAE."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 
 from sae_mcp.server.stdio import check_line
 
-from conftest import STORIES_HF, needs_stories
+from conftest import STORIES_HF
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 PARSE, INVALID = -32700, -32600
@@ -165,7 +165,6 @@ def test_a_server_on_the_checked_transport_answers_every_malformed_line_and_keep
     assert session.proc.returncode == 0  # EOF on stdin ends the server cleanly
 
 
-@needs_stories
 def test_sae_mcp_serve_answers_every_malformed_line_and_keeps_serving(stories_sae_dir, tmp_path):
     session = LineSession([sys.executable, "-m", "sae_mcp", "serve", "--model", str(STORIES_HF), "--sae",
                            str(stories_sae_dir), "--device", "cpu", "--data-dir", str(tmp_path)])

@@ -11,7 +11,7 @@ from sae_mcp.server.app import build_server
 from sae_mcp.services.example_source import ExampleSource
 from sae_mcp.settings import Settings
 
-from conftest import STORIES_HF, needs_stories
+from conftest import STORIES_HF
 from mcp_client import call_many, cancel_after_first_progress, error_text, text_of, tools_by_name
 
 
@@ -20,7 +20,6 @@ def server(stories_server):
     return stories_server
 
 
-@needs_stories
 def test_top_examples_scans_on_demand_reports_progress_and_plots(server):
     seen = []
 
@@ -44,21 +43,19 @@ def test_top_examples_scans_on_demand_reports_progress_and_plots(server):
     assert seen and seen[-1][1] == 8000 and [d for d, _ in seen] == sorted(d for d, _ in seen)
 
 
-@needs_stories
 def test_bad_inputs_are_errors_that_say_what_to_change_and_the_next_call_works(server):
     r_range, r_k, r_ctx, ok = call_many(server, [
-        ("top_examples", {"feature": 256, "max_scan_tokens": 2000}),
+        ("top_examples", {"feature": 1024, "max_scan_tokens": 2000}),
         ("top_examples", {"feature": 1, "k": 51}),
         ("top_examples", {"feature": 1, "context": -1}),
         ("top_examples", {"feature": 1, "k": 2, "max_scan_tokens": 2000}),
     ])
-    assert "less than or equal to 255" in error_text(r_range)
+    assert "less than or equal to 1023" in error_text(r_range)
     assert "less than or equal to 50" in error_text(r_k)
     assert "greater than or equal to 0" in error_text(r_ctx)
     assert not ok.is_error and ok.structured_content["source"] == "scan"
 
 
-@needs_stories
 def test_missing_corpus_file_is_an_error_and_the_server_keeps_working(stories_engine, stories_sae_dir, tmp_path):
     st = Settings(model=str(STORIES_HF), saes=(str(stories_sae_dir),), corpus=str(tmp_path / "missing.jsonl"),
                   data_dir=tmp_path)
@@ -68,7 +65,6 @@ def test_missing_corpus_file_is_an_error_and_the_server_keeps_working(stories_en
     assert not info.is_error
 
 
-@needs_stories
 def test_top_examples_answers_from_the_index_when_built(stories_engine, stories_settings):
     ExampleSource(stories_engine, stories_settings).build_index(None, 4000)  # e.g. `sae-mcp index`, beforehand
     (res,) = call_many(build_server(stories_engine, stories_settings), [("top_examples", {"feature": 9, "k": 2})])
@@ -88,7 +84,6 @@ def test_top_examples_is_annotated_as_a_cache_write_that_may_stream_a_dataset(ti
         assert ann.open_world_hint is remote, corpus
 
 
-@needs_stories
 def test_a_client_cancel_stops_an_on_demand_scan_between_batches(server, stories_engine, monkeypatch):
     """The SDK cancels the handler's scope but the worker thread runs on; the scan must notice and stop."""
     import time
@@ -112,7 +107,6 @@ def test_a_client_cancel_stops_an_on_demand_scan_between_batches(server, stories
     assert stories_engine.is_clean()
 
 
-@needs_stories
 def test_each_example_names_its_max_token_and_the_schema_calls_the_histogram_bins(server):
     tool = tools_by_name(server)["top_examples"]
     (res,) = call_many(server, [("top_examples", {"feature": 5, "k": 4, "context": 3, "max_scan_tokens": 3000})])
@@ -125,7 +119,6 @@ def test_each_example_names_its_max_token_and_the_schema_calls_the_histogram_bin
     assert "len(counts) + 1" in hist["edges"]["description"]
 
 
-@needs_stories
 def test_build_index_tool_indexes_every_feature_reports_progress_and_then_top_examples_reads_it(server, stories_engine):
     seen = []
 
@@ -148,7 +141,6 @@ def test_build_index_tool_indexes_every_feature_reports_progress_and_then_top_ex
     assert "less than or equal to 2000000" in error_text(bad)
 
 
-@needs_stories
 def test_intervals_through_mcp_give_bands_by_quantile_with_sampled_examples(server):
     (plain, res, bad_n, bad_per) = call_many(server, [
         ("top_examples", {"feature": 7, "k": 3, "max_scan_tokens": 8000}),
@@ -174,7 +166,6 @@ def test_intervals_through_mcp_give_bands_by_quantile_with_sampled_examples(serv
     assert "less than or equal to 8" in error_text(bad_n) and "less than or equal to 4" in error_text(bad_per)
 
 
-@needs_stories
 def test_an_index_from_before_interval_samples_answers_through_mcp_with_a_warning(stories_engine, stories_settings):
     from test_intervals_index import make_format_1
 

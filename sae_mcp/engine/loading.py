@@ -177,6 +177,7 @@ def preflight_offline(model_spec: str, sae_specs: list[str], hub: Hub) -> None:
     if missing:
         raise LoadError(
             "the hub cannot be reached and these are not in the Hugging Face cache: " + "; ".join(missing)
+            + ". To try sae-mcp offline now, run the bundled demo: sae-mcp serve --demo"
         )
 
 

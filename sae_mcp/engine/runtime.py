@@ -274,12 +274,18 @@ class Engine:
 
     def forward_to_hook(self, tokens: torch.Tensor, sae: LoadedSAE) -> torch.Tensor:
         """[batch, seq] -> the model's activations at the SAE's hook [batch, seq, d_in]; stops after its layer."""
+        # An explicit all-ones mask: with a left-padding tokenizer whose pad id is EOS (Llama-style),
+        # transformer-lens would otherwise mask every literal EOS token of the prompt.
+        mask = torch.ones_like(tokens)
         with torch.inference_mode():
-            # An explicit all-ones mask: with a left-padding tokenizer whose pad id is EOS (Llama-style),
-            # transformer-lens would otherwise mask every literal EOS token of the prompt.
+            if sae.hook_name == f"blocks.{sae.layer}.hook_resid_pre":
+                # The residual stream before block L is what the forward returns when it stops there (blocks
+                # 0..L-1 run); reaching the hook point through the cache runs block L too. The same operations, so
+                # equal to the cached value (bit-equal on this CPU; tests/test_forward_to_hook.py); measured
+                # 1.7-1.9x faster on stories260K (CPU, 48 windows of 128, layers 1 and 3).
+                return self.model(tokens, stop_at_layer=sae.layer, attention_mask=mask)
             _, cache = self.model.run_with_cache(
-                tokens, names_filter=[sae.hook_name], stop_at_layer=sae.layer + 1,
-                attention_mask=torch.ones_like(tokens),
+                tokens, names_filter=[sae.hook_name], stop_at_layer=sae.layer + 1, attention_mask=mask,
             )
         act = cache[sae.hook_name]
         if act.ndim == 4:  # hook_z: [batch, seq, n_heads, d_head] -> flattened, as sae-lens trains on it

@@ -1,0 +1,44 @@
+"""Engine.forward_to_hook, the forward every scan, fidelity measure and blind set reads activations with: for a
+residual-stream-before-block hook it stops the forward before that block instead of caching inside it. Compared with
+transformer-lens' own cache at the hook (fp32; the same operations, so equal up to float noise), on the real
+Llama-architecture model and a generated GPT-2-style (LayerNorm) model, at every layer; other hooks keep the cache.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import engine_on, make_sae_folder
+
+
+def _cached(model, tokens, hook: str) -> torch.Tensor:
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(tokens, names_filter=[hook], attention_mask=torch.ones_like(tokens))
+    return cache[hook]
+
+
+@pytest.mark.parametrize("which", ["stories", "tiny"])
+def test_forward_to_hook_equals_the_cached_activation_at_every_resid_pre_hook(which, stories_loaded, tiny_loaded,
+                                                                              tmp_path):
+    loaded = stories_loaded if which == "stories" else tiny_loaded
+    model = loaded.model
+    d = model.cfg.d_model
+    torch.manual_seed(0)
+    tokens = torch.randint(3, model.cfg.d_vocab, (3, 17))
+    tokens[:, 0] = 1
+    for layer in range(model.cfg.n_layers):
+        hook = f"blocks.{layer}.hook_resid_pre"
+        engine = engine_on(loaded, make_sae_folder(tmp_path / f"{which}{layer}", d, 16, hook))
+        (s,) = engine.saes.values()
+        assert_close(engine.forward_to_hook(tokens, s), _cached(model, tokens, hook), rtol=1e-6, atol=1e-6)
+
+
+def test_forward_to_hook_reads_other_hooks_from_the_cache(tiny_loaded, tmp_path):
+    model = tiny_loaded.model
+    hook = "blocks.1.hook_resid_mid"
+    engine = engine_on(tiny_loaded, make_sae_folder(tmp_path / "mid", model.cfg.d_model, 16, hook))
+    (s,) = engine.saes.values()
+    tokens = torch.tensor([[1, 5, 6, 7]])
+    assert_close(engine.forward_to_hook(tokens, s), _cached(model, tokens, hook), rtol=1e-6, atol=1e-6)
