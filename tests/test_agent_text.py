@@ -80,17 +80,18 @@ def test_every_tool_answers_in_less_text_than_its_structured_content(tiny_server
         assert len(text) <= len(json.dumps(res.structured_content, separators=(",", ":")))
 
 
-def test_attribute_text_gives_each_top_entry_its_attribution_and_exact_effect(tiny_server):
+def test_attribute_text_gives_each_top_entry_its_attribution_and_exact_contribution(tiny_server):
     (res,) = call_many(tiny_server, [("attribute", {"prompt": PROMPT, "answer": " mat", "counterfactual": " park",
                                                     "top_k": 6})])
     out, text = res.structured_content, text_of(res)
-    assert f"= {fmt(out['metric_value'])} (method gradient)" in text
+    assert f"= {fmt(out['metric_value'])} (gradient x activation, first order)" in text
     assert len(out["per_token"]) == 1 and "top (position token feature)" in text  # one SAE: named once
+    assert "(exact contribution); contribution = metric - metric with it zeroed: > 0 raises the metric" in text
+    assert text.count("contribution = metric - metric with it zeroed") == 1  # the sign convention, said once
     rows = text.splitlines()
     for t in out["top"]:
-        exact = f", exact {fmt(t['exact_effect'])}" if t["exact_effect"] is not None else ""
         assert (f"{t['position']} {t['token']!r} {t['feature']}: {fmt(t['activation'])}, "
-                f"{fmt(t['attribution'])}{exact}") in rows
+                f"{fmt(t['attribution'])} ({fmt(t['exact_contribution'])})") in rows
     key = next(iter(out["per_token"]))
     assert f"error share {fmt(out['error_share'][key])}" in text
 
@@ -123,12 +124,13 @@ def test_attribute_text_says_an_integrated_gradients_miss_once(tiny_server):
     missed = 0
     for res in results:
         ig, text = res.structured_content["integrated_gradients"], text_of(res)
+        assert ig["steps"] in (1, 32)
         warned = [w for w in res.structured_content.get("warnings", []) if w.startswith("integrated gradients with")]
         missed += bool(warned)
-        # the sum and the endpoint difference are said once: in the warning when it misses, else on their own line
-        assert ("integrated gradients, " in text) != bool(warned)
-        assert text.count("vs endpoint difference") + text.count("but the metric moves") == 1
-        assert f"{ig['attribution_sum']:.4g}" in text
+        # the sums and endpoint differences are said once: in the warning when one misses, else on their own line
+        assert ("path sums vs endpoint differences" in text) != bool(warned)
+        assert text.count("path sums vs endpoint differences") + text.count("but the metric moves") == 1
+        assert "first order" not in text  # integrated gradients is labelled as itself
     assert missed  # one step misses the endpoint difference on this model
 
 

@@ -117,14 +117,32 @@ def test_error_share_is_taken_over_positions_one_to_the_metric_position_without_
     assert res.error_share[s.key] != pytest.approx(with_bos, abs=2e-4)  # BOS left out (it counts here)
 
 
-def test_answer_alone_differentiates_the_answer_logit(tiny_engine):
-    e = tiny_engine
+def test_answer_alone_differentiates_the_log_probability_of_the_answer_not_its_raw_logit(tiny_engine):
+    """One metric convention: without a counterfactual the metric is log P(answer) (a raw logit moves with the whole
+    distribution). Its value and its gradient x activation against the plain computation."""
+    e, s = tiny_engine, tiny_engine.sae(None)
     tokens = e.to_tokens(PROMPT)
-    with torch.inference_mode():
-        logit = float(e.model(tokens)[0, -1, ids(e, " mat")[0]])
-    res = attr.attribute(e, PROMPT, " mat")
-    assert res.metric_value == pytest.approx(logit, abs=1e-4)
-    assert res.metric.startswith("logit['mat'] at position")
+    (a,) = ids(e, " mat")
+    kept = {}
+
+    def keep(acts, hook):
+        acts.requires_grad_(True)
+        acts.retain_grad()
+        kept["acts"] = acts
+        return acts
+
+    with torch.enable_grad(), e.model.saes(saes=[s.sae], use_error_term=True):
+        logits = e.model.run_with_hooks(tokens, fwd_hooks=[(f"{s.hook_name}.hook_sae_acts_post", keep)])
+        log_p = logits[0, -1].log_softmax(-1)[a]
+        log_p.backward()
+    e.clean_model()
+    plain = (kept["acts"].grad * kept["acts"].detach())[0]  # [S, d_sae]
+    res = attr.attribute(e, PROMPT, " mat", top_k=5)
+    assert res.metric_value == pytest.approx(float(log_p), abs=1e-4)
+    assert res.metric_value != pytest.approx(float(logits[0, -1, a]), abs=1e-2)  # not the raw logit
+    assert res.metric.startswith("log P('mat') at position") and res.metric_kind == "log_probability"
+    for t in res.top:
+        assert t.attribution == pytest.approx(float(plain[t.position, t.feature]), abs=1e-4)
 
 
 def test_a_multi_token_answer_or_counterfactual_is_scored_on_its_first_token_and_the_result_says_so(tiny_engine):

@@ -1,7 +1,9 @@
 """Gradient x activation attribution of SAE features and SAE error nodes, several SAEs in one backward pass.
 
-metric = logit[answer] - logit[counterfactual] at `position` (or logit[answer] alone; the first token of each is
-scored, and the result says when there are more: answer_tokens, multi_token). Every SAE is spliced in
+metric = logit[answer] - logit[counterfactual] at `position`, or log P(answer) without a counterfactual (the one
+metric of every causal tool: engine/metric.py; the first token of each is scored, and the result says when there
+are more: answer_tokens, multi_token). An attribution estimates a node's contribution, metric - metric with the
+node zeroed: positive = it raises the metric. Every SAE is spliced in
 WITH the error term, so the forward pass gives the plain model's logits. Hooks (inside context managers), one
 SaeCapture per SAE:
 
@@ -27,12 +29,14 @@ meant to reconstruct it); later positions have zero gradient. The per-position g
 the signed totals over all positions (BOS included), so features + g.b_dec + error = g.x holds exactly. A ratio
 of gradient norms would be useless here: both nodes receive the same gradient g, so such a ratio is always 0.5.
 
-Checks (attribution_checks.py), because first-order attribution is silent about its own failure: the top `verify`
-entries get their exact effect (the feature zeroed at its position, one batched forward) and a warning names those
-far from their attribution; with method="gradient" each SAE's features + error is compared with the metric (first
-order, and only what flows through the hook, so it need not match; a warning says when it is far off).
-method="integrated_gradients" replaces the feature attributions (top, per_token, totals) by integrated gradients
-along alpha * a with the errors held, checked against its endpoint difference; the error fields stay first order.
+Checks (attribution_checks.py), because first-order attribution is silent about its own failure: with `verify`
+(default on) every returned entry gets its exact contribution (the feature zeroed at its position, one batch row
+each) and a warning names those far from their attribution.
+
+method="integrated_gradients" computes every number under integrated gradients instead: the feature attributions
+(top, per_token, totals) along the features' path (errors held), the error's (error_attribution, per token) along
+the error's path (features held), and the error share from those; each path is checked against its endpoint
+difference. The reconstruction's part is then its features' (b_dec is on both ends of the features' path).
 """
 
 from __future__ import annotations
@@ -44,9 +48,10 @@ from typing import NamedTuple
 import torch
 
 from sae_mcp.engine import attribution_checks as checks
-from sae_mcp.engine.attribution_checks import CleanSae, MetricIds
+from sae_mcp.engine.attribution_checks import CleanSae, MetricAt
 from sae_mcp.engine.logits import answer_token_ids, answer_variant_warning
-from sae_mcp.engine.runtime import Engine, context_warning, position_index
+from sae_mcp.engine.metric import Metric, metric_for
+from sae_mcp.engine.runtime import CancelToken, Engine, context_warning, position_index
 from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.errors import InvalidInput
 from sae_mcp.results import collect_warnings, rounded
@@ -125,12 +130,13 @@ class AttributionPlan:
     answer: str
     answer_ids: list[int]
     counterfactual_ids: list[int] | None
+    metric: Metric
     prepend_bos: bool
     top_k: int
     position: int  # as given; resolved against the prompt's length under device_work
     method: str  # one of checks.METHODS
     steps: int  # integrated gradients only
-    verify: int  # exact effects of the top `verify` entries
+    verify: bool  # the exact contribution of every returned entry
 
 
 @dataclass(frozen=True)
@@ -144,7 +150,7 @@ class AttributionOutcome:
     last_logits: torch.Tensor  # [V] at the metric's position, the plain model's (error term on)
     per_sae: list[SaeAttribution]  # in the order of plan.saes
     top: list[Candidate]  # across SAEs, by |attribution|
-    exact: list[float]  # exact effects of top[:plan.verify]
+    exact: list[float]  # exact contributions of top (empty without verify)
     ig: IntegratedGradientsCheck | None
 
 
@@ -170,34 +176,31 @@ def _resolve_saes(engine: Engine, sae: str | None, saes: Sequence[str] | None) -
     return sorted(by_hook.values(), key=lambda s: s.layer)
 
 
-def _check_options(method: str, steps: int, verify: int) -> None:
+def _check_options(method: str, steps: int, top_k: int, limit: int) -> None:
     if method not in checks.METHODS:
         raise InvalidInput(f"method {method!r} is unknown; pass method='gradient' (one backward pass) or "
                            "method='integrated_gradients' (with steps)")
     if not 1 <= steps <= checks.MAX_STEPS:
         raise InvalidInput(f"steps={steps} is out of range; pass 1..{checks.MAX_STEPS} (8 is usually enough)")
-    if not 0 <= verify <= checks.MAX_VERIFY:
-        raise InvalidInput(f"verify={verify} is out of range; pass 0..{checks.MAX_VERIFY} (0 turns the check off)")
+    if not 1 <= top_k <= limit:
+        raise InvalidInput(f"top_k={top_k} is out of range; pass 1..{limit}")
 
 
 def _plan(
     engine: Engine, answer: str, counterfactual: str | None, sae: str | None, saes: Sequence[str] | None,
-    top_k: int, position: int, method: str, steps: int, verify: int,
+    top_k: int, position: int, method: str, steps: int, verify: bool,
 ) -> AttributionPlan:
-    _check_options(method, steps, verify)
+    _check_options(method, steps, top_k, engine.limits.max_top_k)
     loaded = _resolve_saes(engine, sae, saes)
     a_ids = answer_token_ids(engine, answer)
     c_ids = answer_token_ids(engine, counterfactual) if counterfactual is not None else None
-    if c_ids and c_ids[0] == a_ids[0]:
-        raise InvalidInput(
-            f"answer {answer!r} and counterfactual {counterfactual!r} start with the same token; the metric would be 0"
-        )
+    metric = metric_for(engine, a_ids, c_ids, answer, counterfactual)
     bos = {s.prepend_bos for s in loaded}
     if len(bos) > 1:
         raise InvalidInput("these SAEs disagree on prepending BOS; attribute them one at a time (sae=...)")
     return AttributionPlan(
-        saes=loaded, answer=answer, answer_ids=a_ids, counterfactual_ids=c_ids, prepend_bos=bos.pop(), top_k=top_k,
-        position=position, method=method, steps=steps, verify=min(verify, top_k),
+        saes=loaded, answer=answer, answer_ids=a_ids, counterfactual_ids=c_ids, metric=metric,
+        prepend_bos=bos.pop(), top_k=top_k, position=position, method=method, steps=steps, verify=bool(verify),
     )
 
 
@@ -206,7 +209,7 @@ def _plan(
 
 
 def _backward(
-    engine: Engine, captured: list[SaeCapture], tokens: torch.Tensor, ids: MetricIds
+    engine: Engine, captured: list[SaeCapture], tokens: torch.Tensor, at: MetricAt
 ) -> tuple[float, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Every SAE spliced with the error term; the metric differentiated to every SAE's leaves at once. Returns
     (the metric, the logits at its position [V], per SAE (d metric / d acts, d metric / d err), zeros where no
@@ -217,7 +220,7 @@ def _backward(
         with model.saes(saes=[c.sae.sae for c in captured], use_error_term=True):
             with model.hooks(fwd_hooks=fwd_hooks):
                 logits = model(tokens, return_type="logits")  # [1, S, V]
-                metric = checks.row_metric(logits, ids)[0]
+                metric = at.of(logits)[0]
                 leaves = [leaf for c in captured for leaf in (c.acts, c.err)]
                 grads = torch.autograd.grad(metric, leaves, allow_unused=True)
     pairs = []
@@ -225,7 +228,7 @@ def _backward(
         g_acts = grads[2 * i] if grads[2 * i] is not None else torch.zeros_like(c.acts)
         g_err = grads[2 * i + 1] if grads[2 * i + 1] is not None else torch.zeros_like(c.err)
         pairs.append((g_acts, g_err))
-    return float(metric.detach()), logits.detach()[0, ids.position], pairs
+    return float(metric.detach()), logits.detach()[0, at.position], pairs
 
 
 def _top_candidates(sae: LoadedSAE, acts: torch.Tensor, attr: torch.Tensor, top_k: int) -> list[Candidate]:
@@ -240,62 +243,73 @@ def _top_candidates(sae: LoadedSAE, acts: torch.Tensor, attr: torch.Tensor, top_
     return out
 
 
+def _share(err_p: torch.Tensor, rec_p: torch.Tensor, share_start: int, pos: int) -> float:
+    """sum_p |err_p| / (sum_p |err_p| + sum_p |rec_p|) over share_start..pos; err_p, rec_p [S]."""
+    num = float(err_p[share_start : pos + 1].abs().sum())
+    den = num + float(rec_p[share_start : pos + 1].abs().sum())
+    return rounded(num / den, 4) if den > 0 else 0.0
+
+
 def _sae_attribution(
-    c: SaeCapture, attr: torch.Tensor, g_err: torch.Tensor, share_start: int, pos: int, top_k: int
+    c: SaeCapture, attr: torch.Tensor, err_p: torch.Tensor, rec_p: torch.Tensor, share_start: int, pos: int,
+    top_k: int,
 ) -> SaeAttribution:
-    """One SAE's numbers from its feature attributions attr [S, d_sae] (of the method that ran) and the gradient
-    at its error: error attribution per position and in total, and error share."""
+    """One SAE's numbers from its feature attributions attr [S, d_sae], its error's attribution per position err_p
+    [S] and its reconstruction's rec_p [S] (all of the method that ran): totals and the error share."""
     acts = c.acts.detach()[0].float()  # [S, d_sae]
-    S = acts.shape[0]
     attr = attr.float()  # [S, d_sae]
-    g = g_err[0].float().reshape(S, -1)  # [S, d_in]: the gradient at the hook's output
-    e = c.err.detach()[0].float().reshape(S, -1)  # [S, d_in]
-    x_hat = c.out[0].float().reshape(S, -1) - e  # [S, d_in]: the reconstruction
-    ea_p, ra_p = (g * e).sum(-1), (g * x_hat).sum(-1)  # [S] each: g_p . e_p, g_p . x_hat_p
-    num = float(ea_p[share_start : pos + 1].abs().sum())
-    den = num + float(ra_p[share_start : pos + 1].abs().sum())
     return SaeAttribution(
         per_token=[rounded(v, 6) for v in attr.sum(-1).tolist()],
-        error_per_token=[rounded(v, 6) for v in ea_p.tolist()],
-        error_total=rounded(float(ea_p.sum()), 6),
-        reconstruction_total=rounded(float(ra_p.sum()), 6),
-        error_share=rounded(num / den, 4) if den > 0 else 0.0,
+        error_per_token=[rounded(v, 6) for v in err_p.tolist()],
+        error_total=rounded(float(err_p.sum()), 6),
+        reconstruction_total=rounded(float(rec_p.sum()), 6),
+        error_share=_share(err_p, rec_p, share_start, pos),
         feature_total=rounded(float(attr.sum()), 6),
         candidates=_top_candidates(c.sae, acts, attr, top_k),
     )
 
 
-def _feature_attributions(
+def _gradient_parts(c: SaeCapture, g_acts: torch.Tensor, g_err: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradient x activation: (feature attributions [S, d_sae], g_p . e_p [S], g_p . x_hat_p [S]) for one SAE."""
+    S = c.acts.shape[1]
+    g = g_err[0].float().reshape(S, -1)  # [S, d_in]: the gradient at the hook's output
+    e = c.err.detach()[0].float().reshape(S, -1)  # [S, d_in]
+    x_hat = c.out[0].float().reshape(S, -1) - e  # [S, d_in]: the reconstruction (b_dec included)
+    return c.acts.detach()[0].float() * g_acts[0].float(), (g * e).sum(-1), (g * x_hat).sum(-1)
+
+
+def _method_parts(
     engine: Engine, plan: AttributionPlan, captured: list[SaeCapture], grads: list[tuple[torch.Tensor, torch.Tensor]],
-    tokens: torch.Tensor, ids: MetricIds, metric: float,
-) -> tuple[list[torch.Tensor], IntegratedGradientsCheck | None]:
-    """Per SAE [S, d_sae]: gradient x activation, or integrated gradients and its completeness check."""
+    tokens: torch.Tensor, at: MetricAt, metric: float,
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], IntegratedGradientsCheck | None]:
+    """Per SAE, under the method that ran: (feature attributions [S, d_sae], error per position [S], reconstruction
+    per position [S]); with integrated gradients also its completeness check."""
     if plan.method == "gradient":
-        return [c.acts.detach()[0] * g_acts[0] for c, (g_acts, _) in zip(captured, grads)], None
+        return [_gradient_parts(c, ga, ge) for c, (ga, ge) in zip(captured, grads)], None
     clean = [CleanSae(c.sae, c.acts.detach(), c.err.detach(), c.x.detach()) for c in captured]
-    attrs, endpoint = checks.integrated_gradients(engine, clean, tokens, ids, plan.steps)
-    return attrs, checks.ig_check(plan.steps, sum(float(a.sum()) for a in attrs), endpoint, metric)
+    paths, ends = checks.integrated_gradients(engine, clean, tokens, at, plan.steps)
+    parts = [(p.features, p.error_per_token, p.features.sum(-1)) for p in paths]
+    feature_sum = sum(float(p.features.sum()) for p in paths)
+    error_sum = sum(float(p.error_per_token.sum()) for p in paths)
+    return parts, checks.ig_check(plan.steps, feature_sum, error_sum, ends, metric)
 
 
-def _run(engine: Engine, prompt: str, plan: AttributionPlan) -> AttributionOutcome:
-    """Tokens, the metric's position, the backward pass, each SAE's numbers, the top entries' exact effects.
-    Inside device_work."""
+def _run(engine: Engine, prompt: str, plan: AttributionPlan, cancel: CancelToken | None) -> AttributionOutcome:
+    """Tokens, the metric's position, the backward pass, each SAE's numbers, every returned entry's exact
+    contribution. Inside device_work."""
     tokens = engine.to_tokens(prompt, prepend_bos=plan.prepend_bos)  # [1, S]
     pos = position_index(plan.position, tokens.shape[1])
     # positions the error share is taken over: 1..pos without BOS (0..pos without a BOS, or when pos is BOS)
     share_start = 1 if plan.prepend_bos and pos >= 1 else 0
-    c_ids = plan.counterfactual_ids
-    ids = MetricIds(pos, plan.answer_ids[0], c_ids[0] if c_ids else None)
+    at = MetricAt(plan.metric, pos)
     captured = [SaeCapture(s) for s in plan.saes]
-    metric_value, last_logits, grads = _backward(engine, captured, tokens, ids)
-    attrs, ig = _feature_attributions(engine, plan, captured, grads, tokens, ids, metric_value)
-    per_sae = [
-        _sae_attribution(c, a, g_err, share_start, pos, plan.top_k)
-        for c, a, (_, g_err) in zip(captured, attrs, grads)
-    ]
+    metric_value, last_logits, grads = _backward(engine, captured, tokens, at)
+    parts, ig = _method_parts(engine, plan, captured, grads, tokens, at, metric_value)
+    per_sae = [_sae_attribution(c, a, e, r, share_start, pos, plan.top_k) for c, (a, e, r) in zip(captured, parts)]
     top = sorted((c for sae in per_sae for c in sae.candidates), key=lambda c: -c.magnitude)[: plan.top_k]
-    cells = [checks.Cell(c.sae, c.position, c.feature) for c in top[: plan.verify]]
-    exact = checks.exact_effects(engine, plan.saes, tokens, ids, cells) if cells else []
+    cells = [checks.Cell(c.sae, c.position, c.feature) for c in top] if plan.verify else []
+    exact = checks.exact_contributions(engine, plan.saes, tokens, at, cells, cancel.check if cancel else None)
     return AttributionOutcome(
         tokens=engine.str_tokens(tokens), position=pos, share_start=share_start, metric_value=metric_value,
         last_logits=last_logits, per_sae=per_sae, top=top, exact=exact, ig=ig,
@@ -307,13 +321,13 @@ def _run(engine: Engine, prompt: str, plan: AttributionPlan) -> AttributionOutco
 
 
 def _entries(out: AttributionOutcome) -> list[AttributionEntry]:
-    """The top entries, the first plan.verify with their exact effect."""
+    """The top entries, each with its exact contribution when verified."""
     exact = out.exact + [None] * (len(out.top) - len(out.exact))
     return [
         AttributionEntry(
             sae=c.sae, position=c.position, token=out.tokens[c.position], feature=c.feature,
             activation=rounded(c.activation), attribution=rounded(c.attribution, 6),
-            exact_effect=rounded(x, 6) if x is not None else None,
+            exact_contribution=rounded(x, 6) if x is not None else None,
         )
         for c, x in zip(out.top, exact)
     ]
@@ -324,11 +338,11 @@ def _warnings(
 ) -> list[str] | None:
     # No warning on the totals against the metric: first order around a zeroed stream, they are far from the
     # metric on nearly every real prompt (3 of 3 measured on stories260K), and a warning that always fires teaches
-    # the agent to skip warnings. They are reported; the per-entry exact_effect check is the actionable guard.
+    # the agent to skip warnings. They are reported; the per-entry exact_contribution check is the actionable guard.
     return collect_warnings(
         answer_variant_warning(engine, out.last_logits, plan.answer, plan.answer_ids),
         *(context_warning(s, len(out.tokens)) for s in plan.saes),
-        checks.linearity_warning(top, out.metric_value, plan.method),
+        checks.linearity_warning(top, out.metric_value, plan.method, one_sae=len(plan.saes) == 1),
         checks.completeness_warning(out.ig),
     )
 
@@ -336,11 +350,10 @@ def _warnings(
 def _assemble(engine: Engine, plan: AttributionPlan, out: AttributionOutcome) -> Attribution:
     a_ids, c_ids = plan.answer_ids, plan.counterfactual_ids
     top = _entries(out)
-    a_tok = engine.str_tokens(torch.tensor(a_ids[:1]))[0]
-    what = f"logit[{a_tok!r}]" + (f" - logit[{engine.str_tokens(torch.tensor(c_ids[:1]))[0]!r}]" if c_ids else "")
     by_key = {s.key: a for s, a in zip(plan.saes, out.per_sae)}
     return Attribution(
-        metric=f"{what} at position {out.position}",
+        metric=f"{plan.metric.name} at position {out.position}",
+        metric_kind=plan.metric.kind,
         answer_tokens=engine.str_tokens(torch.tensor(a_ids)),
         multi_token=len(a_ids) > 1,
         counterfactual_tokens=engine.str_tokens(torch.tensor(c_ids)) if c_ids else None,
@@ -374,12 +387,14 @@ def attribute(
     position: int = -1,
     method: str = "gradient",
     steps: int = 8,
-    verify: int = 3,
+    verify: bool = True,
+    cancel: CancelToken | None = None,
 ) -> Attribution:
     """Gradient x activation (or integrated gradients, method="integrated_gradients" with `steps`) of every SAE
-    feature, and each SAE's error, on the metric; the top `verify` entries checked against their exact effect.
-    A multi-token answer or counterfactual is scored on its first token only (answer_tokens / multi_token say so)."""
+    feature, and each SAE's error, on the metric (logit difference with a counterfactual, else log P(answer));
+    with `verify`, every returned entry's exact contribution beside its attribution. A multi-token answer or
+    counterfactual is scored on its first token only (answer_tokens / multi_token say so)."""
     plan = _plan(engine, answer, counterfactual, sae, saes, top_k, position, method, steps, verify)
     with engine.device_work():
-        outcome = _run(engine, prompt, plan)
+        outcome = _run(engine, prompt, plan, cancel)
     return _assemble(engine, plan, outcome)

@@ -44,11 +44,16 @@ def check_table(logits, ref, recorded, answer_id, cf_id, what, suffix=""):
 '''
 
 ATTRIBUTION_HELPERS = '''\
-def metric_at(logits, position, answer_id, cf_id):
-    return logits[0, position, answer_id] - (logits[0, position, cf_id] if cf_id is not None else 0.0)
+def metric_at(logits, position, answer_id, cf_id, log_prob):
+    """logit[answer] - logit[counterfactual]; without one log P(answer) (log_prob), or the raw logit as runs
+    recorded before sae-mcp's metric convention scored it."""
+    at = logits[0, position].float()
+    if cf_id is not None:
+        return at[answer_id] - at[cf_id]
+    return at.log_softmax(-1)[answer_id] if log_prob else at[answer_id]
 
 
-def attribution_pass(keys, tokens, position, answer_id, cf_id):
+def attribution_pass(keys, tokens, position, answer_id, cf_id, log_prob):
     """(metric, per SAE its activations and gradient x activation [seq, d_sae]), every SAE spliced with its error
     term so the output is the plain model's. The activations become leaves that require grad; each error term a
     leaf plus an identity path to its input (sae-lens computes it without a graph), so an upstream SAE gets the
@@ -73,13 +78,13 @@ def attribution_pass(keys, tokens, position, answer_id, cf_id):
                   (f"{h}.hook_sae_error", leaf_error)]
     with torch.enable_grad(), model.saes(saes=[SAES[k] for k in keys], use_error_term=True):
         with model.hooks(fwd_hooks=hooks):
-            metric = metric_at(model(tokens), position, answer_id, cf_id)
+            metric = metric_at(model(tokens), position, answer_id, cf_id, log_prob)
             grads = torch.autograd.grad(metric, [store[k, "acts"] for k in keys], allow_unused=True)
     acts = {k: store[k, "acts"].detach()[0].float() for k in keys}
     return float(metric), acts, {k: acts[k] * (g[0].float() if g is not None else 0.0) for k, g in zip(keys, grads)}
 
 
-def exact_effect(keys, tokens, position, answer_id, cf_id, key, at, feature):
+def exact_contribution(keys, tokens, position, answer_id, cf_id, log_prob, key, at, feature):
     """metric - the metric with `feature` of SAE `key` zeroed at position `at` (every SAE spliced, error terms on)."""
     def zero(acts, hook):
         acts = acts.clone()
@@ -88,7 +93,7 @@ def exact_effect(keys, tokens, position, answer_id, cf_id, key, at, feature):
 
     def run(hooks):
         with model.saes(saes=[SAES[k] for k in keys], use_error_term=True), model.hooks(fwd_hooks=hooks):
-            return float(metric_at(model(tokens), position, answer_id, cf_id))
+            return float(metric_at(model(tokens), position, answer_id, cf_id, log_prob))
 
     return run([]) - run([(f"{hook_of(key)}.hook_sae_acts_post", zero)])
 '''
@@ -173,23 +178,25 @@ def attribute(run: Run) -> str:
     r, res = run.resolved, run.result
     a = (r.get("answer_ids") or [None])[0]
     c = (r.get("counterfactual_ids") or [None])[0]
-    rows = [(t["sae"], t["position"], t["feature"], t["activation"], t["attribution"], t.get("exact_effect"))
-            for t in items(res["top"])]
+    # runs recorded before the field was named for what it is called it exact_effect (the same number)
+    rows = [(t["sae"], t["position"], t["feature"], t["activation"], t["attribution"],
+             t.get("exact_contribution", t.get("exact_effect"))) for t in items(res["top"])]
+    log_prob = res.get("metric_kind") == "log_probability"  # absent: recorded when it scored the raw logit
     check = ('    close(attributions[key][at, feature], attribution, f"{key} {at} {feature}: attribution")'
              if res.get("method") == "gradient" else
-             "    # integrated gradients: the metric, activations and exact effects are checked, not the path integral")
+             "    # integrated gradients: the metric, activations and exact contributions are checked, not the path")
     return f"""\
 keys, tokens = {lit(r['saes'])}, tokens_of({r['prompt']!r}, prepend_bos={r['prepend_bos']})
-position, answer_id, cf_id = {res['position']}, {a}, {c}
-metric, acts, attributions = attribution_pass(keys, tokens, position, answer_id, cf_id)
+position, answer_id, cf_id, log_prob = {res['position']}, {a}, {c}, {log_prob}
+metric, acts, attributions = attribution_pass(keys, tokens, position, answer_id, cf_id, log_prob)
 close(metric, {res['metric_value']}, {('metric ' + res['metric'])!r})
-recorded = {lit(rows, 11)}  # (sae, position, feature, activation, attribution, exact effect)
+recorded = {lit(rows, 11)}  # (sae, position, feature, activation, attribution, exact contribution)
 for key, at, feature, activation, attribution, exact in recorded:
     close(acts[key][at, feature], activation, f"{{key}} {{at}} {{feature}}: activation")
 {check}
     if exact is not None:
-        close(exact_effect(keys, tokens, position, answer_id, cf_id, key, at, feature), exact,
-              f"{{key}} {{at}} {{feature}}: exact effect")
+        close(exact_contribution(keys, tokens, position, answer_id, cf_id, log_prob, key, at, feature), exact,
+              f"{{key}} {{at}} {{feature}}: exact contribution")
 print({run.id!r}, "attribute ({res.get('method')}) reproduced")
 """
 

@@ -96,6 +96,8 @@ def replay_arguments(run, challenges: dict[str, str]) -> dict:
         args["seed"] = run.resolved["seed"]
     if run.tool == "submit_predictions" and args.get("challenge_id") in challenges:
         args["challenge_id"] = challenges[args["challenge_id"]]
+    if run.tool == "attribute" and isinstance(args.get("verify"), int) and not isinstance(args["verify"], bool):
+        args["verify"] = args["verify"] > 0  # recorded when verify counted the top entries checked (now: all or none)
     return args
 
 

@@ -38,7 +38,8 @@ def _details(run: Run) -> list[str]:
                 for s in items(r.get("steered"))]
     if run.tool == "attribute":
         return [f"- {t['position']} {t['token']!r} feature {t['feature']}: attribution {fmt(t['attribution'])}"
-                + (f", exact effect {fmt(t['exact_effect'])}" if t.get("exact_effect") is not None else "")
+                + (f", exact contribution {fmt(x)}" if (x := t.get("exact_contribution", t.get("exact_effect")))
+                   is not None else "")
                 for t in items(r.get("top"))[:5]]
     if run.tool == "top_examples":
         return [f"- {fmt(e['activation'])}: " + "".join(f"«{t}»" if i == e["position"] else t

@@ -224,22 +224,24 @@ class AttributionEntry(BaseModel):
     feature: int
     activation: float
     attribution: float = Field(
-        description="method='gradient': gradient x activation, the first-order effect on the metric of removing it; "
-        "method='integrated_gradients': its share of removing all features together"
+        description="Estimated contribution to the metric (metric - metric with it zeroed; > 0: it raises the "
+        "metric). method='gradient': gradient x activation (first order); 'integrated_gradients': its share of "
+        "removing every node together"
     )
-    exact_effect: float | None = Field(
+    exact_contribution: float | None = Field(
         default=None,
-        description="The top `verify` entries only: metric - metric with this one feature zeroed at this one "
-        "position (every SAE spliced with its error term, all else unchanged); attribution ~ exact_effect when the "
-        "metric is linear in the feature, and a warning names the entries where it is not",
+        description="With verify: metric - metric with this one feature zeroed at this one position (every SAE "
+        "spliced with its error term). Zeroing it changes the metric by minus this (ablate_and_test's change). A "
+        "warning names the entries whose attribution disagrees",
     )
 
 
 class Attribution(BaseModel):
     metric: str = Field(
-        description="What was differentiated, e.g. logit[' Paris'] - logit[' London'] at position 7; only the "
-        "first token of a multi-token answer or counterfactual is scored"
+        description="What was differentiated, e.g. logit[' Paris'] - logit[' London'] at position 7, or "
+        "log P(' Paris') without a counterfactual; only the first token of each is scored"
     )
+    metric_kind: str = Field(description="'logit_difference' (with a counterfactual) or 'log_probability'")
     answer_tokens: list[str] = Field(description="How the whole answer tokenizes")
     multi_token: bool = Field(description="True when the answer is several tokens: only the first is scored")
     counterfactual_tokens: list[str] | None = Field(default=None, description="How the counterfactual tokenizes")
@@ -252,33 +254,36 @@ class Attribution(BaseModel):
     top: list[AttributionEntry] = Field(description="Sorted by |attribution|, largest first, across all SAEs")
     per_token: dict[str, list[float]] = Field(description="Per SAE: sum of feature attributions at each position")
     error_attribution: dict[str, float] = Field(
-        description="Per SAE: gradient . SAE error, signed, summed over all positions (BOS included); "
-        "per_token + gradient . b_dec + error_attribution = gradient . SAE input"
+        description="Per SAE: the SAE error's attribution under the method, summed over all positions (BOS "
+        "included). gradient: gradient . error (per_token + gradient . b_dec + this = gradient . SAE input); "
+        "integrated_gradients: error . mean gradient along the error's path"
     )
     error_attribution_per_token: dict[str, list[float]] = Field(
-        description="Per SAE: gradient . SAE error at each position (where the SAE's error moves the metric)"
+        description="Per SAE: the error's attribution at each position (where the SAE's error moves the metric)"
     )
     reconstruction_attribution: dict[str, float] = Field(
-        description="Per SAE: gradient . SAE reconstruction (incl. b_dec), signed, summed over all positions"
+        description="Per SAE: the reconstruction's attribution summed over all positions. gradient: gradient . "
+        "reconstruction (incl. b_dec); integrated_gradients: its features' total (b_dec is on both path ends)"
     )
     error_share: dict[str, float] = Field(
-        description="Per SAE: sum_p |gradient_p . error_p| / (sum_p |gradient_p . error_p| + "
-        "sum_p |gradient_p . reconstruction_p|) over error_share_positions: how much of the metric the SAE "
-        "does not explain (absolute per position, so signs cannot cancel; BOS excluded)"
+        description="Per SAE, under the method: sum_p |error_p| / (sum_p |error_p| + sum_p |reconstruction_p|) "
+        "over error_share_positions (per-position attributions): how much of the metric the SAE does not explain "
+        "(absolute per position, so signs cannot cancel; BOS excluded)"
     )
     error_share_positions: list[int] = Field(
         description="[first, last] positions error_share is taken over: 1 (0 without BOS) .. the metric position"
     )
     method: str = Field(
-        description="'gradient' (gradient x activation, one backward pass) or "
-        "'integrated_gradients' (top, per_token and feature_attribution_total; the error fields stay first order)"
+        description="'gradient' (gradient x activation, first order, one backward pass) or 'integrated_gradients' "
+        "(every attribution, error fields included: features along their path with the errors held, errors along "
+        "theirs with the features held)"
     )
     feature_attribution_total: dict[str, float] = Field(
         description="Per SAE: the sum of all its feature attributions (all positions)"
     )
     attribution_total: float = Field(
         description="feature_attribution_total + error_attribution summed over the SAEs. It need not equal "
-        "metric_value: with a linear decoder an SAE's features + error = gradient . (its input - b_dec), the "
+        "metric_value. gradient: with a linear decoder an SAE's features + error = gradient . (its input - b_dec), the "
         "first-order effect of what flows through its hook, so it misses the model's nonlinearity, the decoder "
         "bias and whatever reaches the logits without passing the hook (the residual bypass of an "
         "attention/MLP-output SAE, biases); SAEs in series on one residual stream each count that stream, so "
@@ -291,20 +296,24 @@ class Attribution(BaseModel):
 
 
 class IntegratedGradientsCheck(BaseModel):
-    """Integrated gradients along alpha * a (every SAE's features at once, each SAE's error held at its clean value)
-    sums exactly to the metric's change over the path; with few steps the midpoint sum is off."""
+    """Integrated gradients along a path sums exactly to the metric's change over it; with few steps the midpoint
+    sum is off. Two paths: every SAE's features scaled together (errors held), and every error (features held)."""
 
     steps: int = Field(description="Interpolation points (midpoints of steps intervals of [0, 1])")
-    attribution_sum: float = Field(description="Sum of the integrated-gradients attributions of all features")
+    attribution_sum: float = Field(description="Sum of the attributions of all features")
     endpoint_difference: float = Field(
         description="metric_value - the metric with every feature of every SAE zeroed, errors kept (with several "
-        "SAEs each passes on what earlier ones changed in its input, so this end is the model with every SAE's "
-        "clean feature part subtracted at its hook): what attribution_sum equals in the limit of many steps"
+        "SAEs each passes on what earlier ones changed in its input): what attribution_sum equals with many steps"
     )
     relative_error: float = Field(
         description="|attribution_sum - endpoint_difference| / |endpoint_difference| (the denominator at least "
         "0.05 |metric_value|); a warning above 0.05"
     )
+    error_attribution_sum: float = Field(description="Sum of the errors' attributions")
+    error_endpoint_difference: float = Field(
+        description="metric_value - the metric with every SAE's error zeroed, features kept"
+    )
+    error_relative_error: float = Field(description="As relative_error, for the errors' path")
 
 
 Attribution.model_rebuild()

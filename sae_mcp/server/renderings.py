@@ -167,7 +167,10 @@ def _explanation_search(r: ExplanationSearch) -> str:
 
 
 def _attribution(r: Attribution) -> str:
-    lines = [f"metric {r.metric} = {fmt(r.metric_value)} (method {r.method})"
+    ig = r.integrated_gradients
+    method = (f"integrated gradients, {ig.steps} steps; features along their path, errors along theirs"
+              if ig is not None else "gradient x activation, first order")
+    lines = [f"metric {r.metric} = {fmt(r.metric_value)} ({method})"
              + (f"; answer tokens {r.answer_tokens}, only the first scored" if r.multi_token else "")
              + (f"; counterfactual tokens {r.counterfactual_tokens}, only the first scored"
                 if r.counterfactual_multi_token else "")]
@@ -175,16 +178,19 @@ def _attribution(r: Attribution) -> str:
         lines.append(f"sae {key}: error share {fmt(r.error_share[key])} over positions "
                      f"{r.error_share_positions[0]}..{r.error_share_positions[1]}; totals: features "
                      f"{fmt(r.feature_attribution_total[key])}, error {fmt(r.error_attribution[key])}")
-    lines.append(f"all features + errors: {fmt(r.attribution_total)} (first order; need not equal the metric)")
-    ig = r.integrated_gradients
-    if ig is not None and ig.relative_error <= IG_TOLERANCE:  # beyond it, a warning says these numbers
-        lines.append(f"integrated gradients, {ig.steps} steps: sum {fmt(ig.attribution_sum)} vs endpoint difference "
-                     f"{fmt(ig.endpoint_difference)} ({ig.relative_error:.1%} off)")
+    if ig is None:
+        lines.append(f"all features + errors: {fmt(r.attribution_total)} (first order; need not equal the metric)")
+    elif max(ig.relative_error, ig.error_relative_error) <= IG_TOLERANCE:  # beyond it, a warning says these numbers
+        lines.append(f"path sums vs endpoint differences: features {fmt(ig.attribution_sum)} vs "
+                     f"{fmt(ig.endpoint_difference)}, errors {fmt(ig.error_attribution_sum)} vs "
+                     f"{fmt(ig.error_endpoint_difference)}")
     one = len(r.per_token) == 1  # one SAE: its key is said once, not on every row
+    verified = any(t.exact_contribution is not None for t in r.top)
     lines.append(("top (position token feature): " if one else "top (sae position token feature): ")
-                 + "activation, attribution[, exact effect of zeroing it]")
+                 + "activation, attribution" + (" (exact contribution)" if verified else "")
+                 + "; contribution = metric - metric with it zeroed: > 0 raises the metric")
     for t in r.top:
-        exact = f", exact {fmt(t.exact_effect)}" if t.exact_effect is not None else ""
+        exact = f" ({fmt(t.exact_contribution)})" if t.exact_contribution is not None else ""
         lines.append(("" if one else f"{t.sae} ") + f"{t.position} {tok(t.token)} {t.feature}: {fmt(t.activation)}, "
                      f"{fmt(t.attribution)}{exact}")
     for key, sums in r.per_token.items():
@@ -192,7 +198,6 @@ def _attribution(r: Attribution) -> str:
         lines.append(f"per position for {key} (token: features, error): " + "; ".join(
             f"{p} {tok(r.tokens[p])}: {fmt(f)}, {fmt(e)}" for p, (f, e) in enumerate(zip(sums, errs))))
     return join(lines + warnings_lines(r.warnings))
-
 
 
 def _continuation(c: Continuation, feature_names: list[str]) -> str:

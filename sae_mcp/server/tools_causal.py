@@ -152,13 +152,11 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         position: Annotated[A.Position, Field(description="Whose logits define the metric")] = -1,
         method: Literal["gradient", "integrated_gradients"] = "gradient",
         steps: Annotated[int, Field(ge=1, le=attr.checks.MAX_STEPS, description="integrated_gradients")] = 8,
-        verify: Annotated[
-            int, Field(ge=0, le=attr.checks.MAX_VERIFY, description="Top entries to check by zeroing them")
-        ] = 3,
+        verify: Annotated[bool, Field(description="Zero each returned entry for its exact contribution")] = True,
     ) -> Attribution:
-        """Which features drive logit[answer] - logit[counterfactual] (first token of each): gradient x activation
-        of every feature and each SAE's error, error term on; error share; exact_effect (zeroing) of the top
-        `verify` entries beside their attribution, warnings where they disagree."""
+        """Which features drive the metric (logit[answer] - logit[counterfactual], else log P(answer); first token
+        of each): gradient x activation (or integrated gradients) of every feature and each SAE's error, error term
+        on; error share; each entry's exact contribution (metric - metric with it zeroed) beside its attribution."""
         return attr.attribute(
             engine, prompt, answer, counterfactual=counterfactual, sae=sae, saes=saes, top_k=top_k, position=position,
             method=method, steps=steps, verify=verify,
