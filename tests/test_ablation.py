@@ -120,12 +120,19 @@ def test_without_the_error_term_the_ablation_is_measured_against_reconstruction_
     # the change from baseline mixes in the SAE's own distortion, so the two differ
     assert t.kl_from_baseline == pytest.approx(kl(base, no_err), abs=1e-5)
     assert abs(t.kl_from_baseline - t.kl_from_reconstruction) > 1e-3
-    # the summary names the causal effect (with the error term, vs baseline) and the SAE's distortion, in numbers
+    # the summary names the causal effect (with the error term, vs baseline) and the SAE's distortion, in numbers,
+    # on the metric (log P(answer) without a counterfactual), never the raw logit
+    def log_p(logits):
+        return float(torch.log_softmax(logits, -1)[a])
+
     line = res.summary
     assert "\n" not in line and "ablated vs baseline" in line and "vs reconstruction_only" in line
-    assert f"logit {float(with_err[a] - base[a]):+.4g}" in line
-    assert f"logit {float(no_err[a] - recon[a]):+.4g}" in line
+    assert f"metric {log_p(with_err) - log_p(base):+.4g}" in line
+    assert f"metric {log_p(no_err) - log_p(recon):+.4g}" in line
     assert f"distortion (reconstruction_only vs baseline): KL {kl(base, recon):.4g}" in line
+    assert "logit" not in line
+    assert res.metric == "log P('mat')" and res.metric_kind == "log_probability"
+    assert res.ablated.metric_change == pytest.approx(log_p(with_err) - log_p(base), abs=1e-4)
 
 
 def test_tables_without_error_term_match_tutorial_run_with_saes(tiny_engine):
@@ -175,24 +182,73 @@ def test_a_target_that_never_fires_is_flagged_per_feature_and_in_a_note_even_wit
     assert silent_warning(ablation.ablate_and_test(e, PROMPT, " mat", [firing], position=-1)) is None
 
 
-def test_ablation_controls_are_seeded_firing_features_other_than_the_targets(tiny_engine):
+def plain_attribution_sum(engine, tokens, answer_id, positions) -> torch.Tensor:
+    """Gradient x activation of every feature on log P(answer) after the prompt, summed over `positions` [d_sae]:
+    the SAE spliced with its error term, acts_post made to require grad, one backward (the tutorial way)."""
+    s, kept = engine.sae(None), {}
+
+    def keep(acts, hook):
+        acts.requires_grad_(True)
+        acts.retain_grad()
+        kept["acts"] = acts
+        return acts
+
+    with torch.enable_grad(), engine.model.saes(saes=[s.sae], use_error_term=True):
+        logits = engine.model.run_with_hooks(tokens, fwd_hooks=[(f"{s.hook_name}.hook_sae_acts_post", keep)])
+        torch.log_softmax(logits[0, -1], -1)[answer_id].backward()
+    engine.clean_model()
+    return (kept["acts"].grad * kept["acts"].detach())[0, positions].sum(0)
+
+
+def test_ablation_controls_fire_within_half_to_twice_their_targets_activation_and_are_no_known_cause(tiny_engine):
+    """Controls could have shown the effect and are not themselves known causes: each fires at the ablated
+    positions with a summed activation within 0.5-2x its target's, and none is a target or among the 20 features of
+    largest |attribution| to the metric there (computed here the plain way)."""
     e = tiny_engine
-    acts = plain_acts(e, tokens_of(e))
-    feats = [int(f) for f in acts[-1].topk(2).indices]
-    one = ablation.ablate_and_test(e, PROMPT, " mat", feats, position=-1, controls=True, n_controls=4, seed=7)
-    two = ablation.ablate_and_test(e, PROMPT, " mat", feats, position=-1, controls=True, n_controls=4, seed=7)
-    other = ablation.ablate_and_test(e, PROMPT, " mat", feats, position=-1, controls=True, n_controls=4, seed=8)
+    tokens = tokens_of(e)
+    acts = plain_acts(e, tokens)  # [S, d_sae]
+    total = acts.sum(0)  # every position is ablated
+    order = total.argsort(descending=True)
+    feats = [int(order[10]), int(order[12])]  # mid-range targets: several features fire within 0.5-2x of each
+    one = ablation.ablate_and_test(e, PROMPT, " mat", feats, controls=True, n_controls=4, seed=7)
+    two = ablation.ablate_and_test(e, PROMPT, " mat", feats, controls=True, n_controls=4, seed=7)
+    other = ablation.ablate_and_test(e, PROMPT, " mat", feats, controls=True, n_controls=4, seed=8)
     assert one.controls == two.controls
     assert [r.features for r in one.controls.runs] != [r.features for r in other.controls.runs]
-    assert len(one.controls.runs) == 4
-    for run in one.controls.runs:
-        assert len(run.features) == 2 and not set(run.features) & set(feats)
-        assert all(float(acts[-1, f]) > 0 for f in run.features)
-    metrics = {st.metric for st in one.controls.stats}
-    assert metrics == {"answer_logit_change", "answer_probability_change", "kl_next_token"}
-    st = next(st for st in one.controls.stats if st.metric == "answer_logit_change")
-    assert st.target == pytest.approx(one.ablated.answer_logit_change, abs=1e-3)
+    attribution = plain_attribution_sum(e, tokens, one.answer.token_id, list(range(tokens.shape[1])))
+    known_causes = set(attribution.abs().topk(20).indices.tolist())
+    for run in one.controls.runs + other.controls.runs:
+        assert len(run.features) == 2 and not set(run.features) & (set(feats) | known_causes)
+        for target, control in zip(feats, run.features):
+            assert 0.5 * float(total[target]) - 1e-4 <= float(total[control]) <= 2 * float(total[target]) + 1e-4
+    # significance only on the metric and KL; the raw logit change stays a plain number in each run
+    assert {st.metric for st in one.controls.stats} == {"metric_change", "kl_next_token"}
+    assert all("answer_logit_change" in run.effects for run in one.controls.runs)
+    st = next(st for st in one.controls.stats if st.metric == "metric_change")
+    assert st.target == pytest.approx(one.ablated.metric_change, abs=1e-3)
     assert st.control_min <= st.control_mean <= st.control_max
+    assert "0.5-2x" in one.controls.matched_on and "20 of largest |attribution|" in one.controls.matched_on
+
+
+def test_fewer_matched_controls_than_asked_come_back_fewer_with_why_never_filled_with_poor_matches(tiny_engine):
+    """The strongest feature at the last position has few features within 0.5-2x of it there: fewer control sets
+    than asked, each a real match, and a note saying why."""
+    e = tiny_engine
+    tokens = tokens_of(e)
+    acts = plain_acts(e, tokens)[-1]  # [d_sae] at the ablated position
+    top = int(acts.argmax())
+    attribution = plain_attribution_sum(e, tokens, ablation_answer_id(e), [tokens.shape[1] - 1])
+    excluded = set(attribution.abs().topk(20).indices.tolist()) | {top}
+    matches = [f for f in range(acts.numel()) if f not in excluded and acts[f] > 0
+               and 0.5 * acts[top] <= acts[f] <= 2 * acts[top]]
+    assert len(matches) < 16  # the premise: fewer matches than asked
+    res = ablation.ablate_and_test(e, PROMPT, " mat", [top], position=-1, controls=True, n_controls=16)
+    assert sorted(f for run in res.controls.runs for f in run.features) == sorted(matches)
+    assert f"{len(matches)} of 16 control sets" in res.controls.note and f"target {top}" in res.controls.note
+
+
+def ablation_answer_id(engine) -> int:
+    return int(engine.model.to_tokens(" mat", prepend_bos=False)[0, 0])
 
 
 def test_positions_resolve_negative_indices_and_reject_out_of_range():

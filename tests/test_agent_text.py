@@ -38,16 +38,18 @@ def test_ablate_and_test_text_says_each_conditions_answer_numbers_once(tiny_serv
     (res,) = call_many(tiny_server, [("ablate_and_test", {"prompt": PROMPT, "answer": " mat", "counterfactual": " park",
                                                           "features": [3, 7], "controls": True, "n_controls": 5})])
     out, text = res.structured_content, text_of(res)
-    assert f"answer {out['answer']['token']!r}" in text and "tokens" not in text.split("\n")[0].split(";")[0]
+    head = text.split("\n")[0]
+    assert f"metric {out['metric']};" in head and "answer rank (0-based)" in head  # the metric named, once
     for name in ("baseline", "reconstruction_only", "ablated", "ablated_without_error_term"):
         t = out[name]
         (line,) = [ln for ln in text.splitlines() if ln.startswith(f"{name}:")]
-        assert f"rank {t['answer_rank']}, P {fmt(t['answer_probability'])}" in line
-        assert f"logit {fmt(t['answer_logit'])}" in line and f"metric {fmt(t['metric'])}" in line
+        assert line.startswith(f"{name}: metric {fmt(t['metric'])} ({t['metric_change']:+.4g}), P "
+                               f"{fmt(t['answer_probability'])}")
+        assert f"logit {fmt(t['answer_logit'])}" in line and f"rank {t['answer_rank']};" in line
         assert f"KL {fmt(t['kl_from_baseline'])}" in line
     for stat in out["controls"]["stats"]:
         assert f"{stat['metric']}: {fmt(stat['target'])} vs {fmt(stat['control_mean'])}" in text
-    assert out["summary"] in text
+    assert out["summary"] not in text  # it repeats the rows above (kept in the structured content)
 
 
 def test_ablation_with_no_control_drawn_says_why_once(tiny_server):
@@ -57,7 +59,8 @@ def test_ablation_with_no_control_drawn_says_why_once(tiny_server):
     c, text = res.structured_content["controls"], text_of(res)
     assert c["runs"] == [] and c.get("caution") is None  # no "exceeding all of so few controls" when there are none
     (line,) = [ln for ln in text.splitlines() if ln.startswith("controls")]
-    assert line.startswith("controls: none drawn (only ") and "ablate at more positions" in line
+    assert line.startswith("controls: none drawn (target(s) ") and "do not fire at the ablated positions" in line
+    assert "pick targets that fire there" in line
     assert "control features" not in text and "|target|" not in text
 
 

@@ -72,7 +72,7 @@ def test_causal_tool_descriptions_say_what_is_scored_and_what_the_ablation_effec
     assert {"changed", "first_divergent_token", "concept_readout", "degenerate"} <= set(cont)
     assert "UNSTEERED model" in cont["concept_readout"]["description"]
     abl = tools["ablate_and_test"]
-    assert "vs_reconstruction" in abl.description and "summary" in abl.description
+    assert "vs_reconstruction" in abl.description and "log P(answer)" in abl.description
     feat = abl.output_schema["$defs"]["AblatedFeature"]["properties"]
     assert {"fired", "activation_sum", "max_activation"} <= set(feat) and "activation" not in feat
     assert "first token" in tools["attribute"].description

@@ -9,6 +9,10 @@ use_error_term=...)`) entered inside `Engine.device_work()`, whose finally detac
 SAE weights and `sae.use_error_term` are never touched: sae-lens 6 reads use_error_term only when the SAE is
 attached, so it is passed to `model.saes(...)`.
 
+Every condition is scored on the metric (engine/metric.py): logit[answer] - logit[counterfactual] with a
+counterfactual, else log P(answer); z and "exceeds every control" are stated on it and on KL only. Zeroing a feature
+changes the metric by minus its contribution (attribute's exact_contribution).
+
 ablate_and_test validates a call into an AblationPlan, runs its two spliced batches (AblationBatches) under
 device_work into an AblationOutcome, and assembles the AblationResult from that.
 """
@@ -21,19 +25,20 @@ from dataclasses import dataclass
 import torch
 
 from sae_mcp.engine.controls import (
+    ACTIVATION_BAND,
+    EXCLUDED_TOP,
+    activation_matched_controls,
     check_n_controls,
     control_stats,
     few_controls_caution,
     kl,
-    matched_controls,
-    pool_size,
     rounded_effects,
 )
 from sae_mcp.engine.features import reconstruction_warning, relative_error
 from sae_mcp.engine.logits import answer_token_ids, answer_variant_warning, next_token_table
+from sae_mcp.engine.metric import Metric, metric_for
 from sae_mcp.engine.runtime import Engine, context_warning, resolve_positions
 from sae_mcp.engine.saes import LoadedSAE
-from sae_mcp.errors import InvalidInput
 from sae_mcp.results import collect_warnings, rounded
 from sae_mcp.results.causal import (
     AblatedFeature,
@@ -114,7 +119,8 @@ class AblationPlan:
     features: list[int]
     answer: str
     answer_ids: list[int]
-    counterfactual_ids: list[int] | None  # with one, metric = logit[answer] - logit[counterfactual]
+    counterfactual_ids: list[int] | None
+    metric: Metric  # logit[answer] - logit[counterfactual] with one, else log P(answer)
     position: int | Sequence[int] | None  # resolved against the prompt's length under device_work
     top_k: int
     controls: bool
@@ -148,8 +154,33 @@ class AblationOutcome:
     logits: AblationLogits
 
 
+def _attribution_at(engine: Engine, s: LoadedSAE, tokens: torch.Tensor, metric: Metric, positions: list[int]
+                    ) -> torch.Tensor:
+    """Gradient x activation of every feature on the metric after the prompt, summed over `positions` [d_sae]: the
+    SAE spliced with its error term (the plain model's output), its activations a leaf. The controls leave out the
+    largest of these (known causes of the metric are no controls)."""
+    model, kept = engine.model, {}
+
+    def leaf(acts: torch.Tensor, hook) -> torch.Tensor:  # acts [1, S, d_sae]
+        kept["acts"] = acts.detach().requires_grad_(True)
+        return kept["acts"]
+
+    with torch.enable_grad(), model.saes(saes=[s.sae], use_error_term=True):
+        with model.hooks(fwd_hooks=[(f"{s.hook_name}.hook_sae_acts_post", leaf)]):
+            m = metric.of(model(tokens, return_type="logits")[0, -1])
+            (grad,) = torch.autograd.grad(m, [kept["acts"]])
+    return (kept["acts"].detach()[0] * grad[0]).float()[positions].sum(0)  # [d_sae]
+
+
+def _controls_for(engine: Engine, plan: AblationPlan, tokens: torch.Tensor, positions: list[int],
+                  act_sum: torch.Tensor) -> tuple[list[list[int]], str | None]:
+    attribution = _attribution_at(engine, plan.sae, tokens, plan.metric, positions)  # [d_sae]
+    return activation_matched_controls(act_sum, attribution, plan.features, plan.n_controls, plan.seed)
+
+
 def _run(engine: Engine, prompt: str, plan: AblationPlan) -> AblationOutcome:
-    """The device work: the plain forward, the SAE's activations, then the two spliced batches. Inside device_work."""
+    """The device work: the plain forward, the SAE's activations, the controls (one backward pass for their
+    exclusions), then the two spliced batches. Inside device_work."""
     s = plan.sae
     tokens = engine.to_tokens(prompt, prepend_bos=s.prepend_bos)  # [1, S]
     positions = resolve_positions(plan.position, tokens.shape[1])
@@ -162,14 +193,8 @@ def _run(engine: Engine, prompt: str, plan: AblationPlan) -> AblationOutcome:
         act_sum = acts[positions].sum(0)  # [d_sae]: how much each feature fires where we ablate
         act_max = acts[positions].max(0).values  # [d_sae]
         fired = (acts[positions] != 0).any(0)  # [d_sae]
-        control_sets, note = [], None
-        if plan.controls:
-            control_sets, note = matched_controls(act_sum, plan.features, plan.n_controls, plan.seed, act_sum > 0)
-            if not control_sets:  # matched on activation: only features firing where we ablate can be controls
-                others = int((act_sum > 0).sum()) - len({f for f in plan.features if act_sum[f] > 0})
-                note = (f"only {others} other features fire at the ablated positions, fewer than the "
-                        f"{plan.n_controls * len(plan.features)} controls asked ({plan.n_controls} per target): ablate "
-                        "at more positions (or leave position out), or ask fewer n_controls")
+    control_sets, note = _controls_for(engine, plan, tokens, positions, act_sum) if plan.controls else ([], None)
+    with torch.inference_mode():
         batches = AblationBatches(plan.features, control_sets)
         no_err = _spliced_logits(engine, s, tokens, batches.without_error_term, positions, error_term=False)  # [2, V]
         with_err = _spliced_logits(engine, s, tokens, batches.with_error_term, positions, error_term=True)  # [B, V]
@@ -191,43 +216,28 @@ def _run(engine: Engine, prompt: str, plan: AblationPlan) -> AblationOutcome:
 # ablate_and_test: the result
 
 
-@dataclass(frozen=True)
-class Scorer:
-    """What each condition is scored on: the answer's first token, and the metric logit[answer] -
-    logit[counterfactual] when a counterfactual is given (the metric attribute differentiates)."""
-
-    answer_id: int
-    counterfactual_id: int | None
-
-    def metric(self, logits: torch.Tensor) -> float | None:
-        """logits [V] -> the metric, or None without a counterfactual."""
-        if self.counterfactual_id is None:
-            return None
-        return float(logits[self.answer_id] - logits[self.counterfactual_id])
-
-    def changes(self, logits: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
-        """Changes of `logits` [V] from `ref` [V], unrounded: P(answer), its logit, the metric, KL(ref || this)."""
-        a = self.answer_id
-        lp_r, lp = ref.float().log_softmax(-1), logits.float().log_softmax(-1)  # [V] each
-        out = {"answer_logit_change": float(logits[a] - ref[a]),
-               "answer_probability_change": float(lp[a].exp() - lp_r[a].exp())}
-        if self.counterfactual_id is not None:
-            out["metric_change"] = self.metric(logits) - self.metric(ref)
-        out["kl_next_token"] = float(kl(ref, logits))
-        return out
+SIGNIFICANCE = ("metric_change", "kl_next_token")  # what z and "exceeds every control" are stated on
 
 
-def _summary(lg: AblationLogits, scorer: Scorer) -> str:
+def changes(metric: Metric, logits: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """Changes of `logits` [V] from `ref` [V], unrounded: the metric, KL(ref || this), P(answer), the raw logit."""
+    a = metric.answer
+    lp_r, lp = ref.float().log_softmax(-1), logits.float().log_softmax(-1)  # [V] each
+    return {"metric_change": float(metric.of(logits) - metric.of(ref)), "kl_next_token": float(kl(ref, logits)),
+            "answer_probability_change": float(lp[a].exp() - lp_r[a].exp()),
+            "answer_logit_change": float(logits[a] - ref[a])}
+
+
+def _summary(lg: AblationLogits, metric: Metric) -> str:
     """One line: the ablation's causal effect, its effect without the error term, and the SAE's own distortion."""
 
     def said(c: dict[str, float]) -> str:
-        metric = f"metric {c['metric_change']:+.4g}, " if "metric_change" in c else ""
-        return (f"{metric}P(answer) {c['answer_probability_change']:+.4g}, logit {c['answer_logit_change']:+.4g}, "
+        return (f"metric {c['metric_change']:+.4g}, P(answer) {c['answer_probability_change']:+.4g}, "
                 f"KL {c['kl_next_token']:.4g}")
 
-    effect = scorer.changes(lg.ablated, lg.baseline)  # the ablation's causal effect
-    alone = scorer.changes(lg.ablated_without_error_term, lg.reconstruction)  # without the error term
-    sae = scorer.changes(lg.reconstruction, lg.baseline)  # the SAE's own distortion
+    effect = changes(metric, lg.ablated, lg.baseline)  # the ablation's causal effect
+    alone = changes(metric, lg.ablated_without_error_term, lg.reconstruction)  # without the error term
+    sae = changes(metric, lg.reconstruction, lg.baseline)  # the SAE's own distortion
     return (
         f"causal effect of the ablation (ablated vs baseline, with the error term): {said(effect)}; without the "
         f"error term (vs reconstruction_only): {said(alone)}; the SAE's own distortion (reconstruction_only vs "
@@ -248,41 +258,42 @@ def _silent_warning(silent: list[int], features: list[int]) -> str | None:
     )
 
 
-def _ablation_controls(plan: AblationPlan, out: AblationOutcome, scorer: Scorer, silent: list[int]) -> Controls:
+def _ablation_controls(plan: AblationPlan, out: AblationOutcome, silent: list[int]) -> Controls:
     lg = out.logits
     runs = [
-        ControlRun(features=cs, effects=rounded_effects(scorer.changes(logits, lg.baseline)))
+        ControlRun(features=cs, effects=rounded_effects(changes(plan.metric, logits, lg.baseline)))
         for cs, logits in zip(out.control_sets, lg.controls)
     ]
     note = out.control_note
     if not runs and note is None:
         note = "no control could be drawn"
-    if len(silent) == len(plan.features):
+    if len(silent) == len(plan.features) and "do not fire" not in (note or ""):
         why = "the target features do not fire at these positions: ablating them changes nothing"
         note = f"{note}; {why}" if note else why
+    target = changes(plan.metric, lg.ablated, lg.baseline)
+    lo, hi = ACTIVATION_BAND
     return Controls(
-        matched_on=f"summed activation at the ablated positions (nearest {pool_size(plan.n_controls)} "
-        "firing features, drawn by seed); ablated with the error term",
+        matched_on=f"firing features with summed activation at the ablated positions within {lo:g}-{hi:g}x their "
+        f"target's, not a target nor among the {EXCLUDED_TOP} of largest |attribution| to the metric there; drawn "
+        "by seed, ablated with the error term",
         seed=plan.seed,
         runs=runs,
-        stats=control_stats(scorer.changes(lg.ablated, lg.baseline), runs),
+        stats=control_stats({k: target[k] for k in SIGNIFICANCE}, runs),
         note=note,
         caution=few_controls_caution(len(runs)),
     )
 
 
-def _table(engine: Engine, plan: AblationPlan, scorer: Scorer, logits: torch.Tensor, baseline: torch.Tensor
-           ) -> NextTokenTable:
+def _table(engine: Engine, plan: AblationPlan, logits: torch.Tensor, baseline: torch.Tensor) -> NextTokenTable:
     """logits [V] -> one condition's table, with its changes from baseline."""
     top, ans = next_token_table(engine, logits, plan.top_k, plan.answer_ids)
-    c = scorer.changes(logits, baseline)
-    metric = scorer.metric(logits)
+    c = changes(plan.metric, logits, baseline)
     return NextTokenTable(
         top=top, answer_rank=ans.rank, answer_probability=ans.probability, answer_logit=ans.logit,
-        metric=None if metric is None else rounded(metric),
+        metric=rounded(float(plan.metric.of(logits))),
         answer_probability_change=rounded(c["answer_probability_change"], 6),
         answer_logit_change=rounded(c["answer_logit_change"]),
-        metric_change=rounded(c["metric_change"]) if "metric_change" in c else None,
+        metric_change=rounded(c["metric_change"]),
         kl_from_baseline=rounded(c["kl_next_token"], 6),
     )
 
@@ -304,9 +315,8 @@ def _warnings(engine: Engine, plan: AblationPlan, out: AblationOutcome, silent: 
 
 def _assemble(engine: Engine, plan: AblationPlan, out: AblationOutcome) -> AblationResult:
     lg = out.logits
-    scorer = Scorer(plan.answer_ids[0], plan.counterfactual_ids[0] if plan.counterfactual_ids else None)
     silent = [f for f in plan.features if not bool(out.fired[f])]
-    alone = scorer.changes(lg.ablated_without_error_term, lg.reconstruction)  # the ablation without the error term
+    alone = changes(plan.metric, lg.ablated_without_error_term, lg.reconstruction)  # without the error term
     return AblationResult(
         sae=plan.sae.key,
         hook_name=plan.sae.hook_name,
@@ -314,23 +324,25 @@ def _assemble(engine: Engine, plan: AblationPlan, out: AblationOutcome) -> Ablat
         positions=None if out.positions == list(range(len(out.tokens))) else out.positions,
         answer=_scored(engine, plan.answer_ids),
         counterfactual=_scored(engine, plan.counterfactual_ids) if plan.counterfactual_ids else None,
+        metric=plan.metric.name,
+        metric_kind=plan.metric.kind,
         features=[
             AblatedFeature(feature=f, fired=bool(out.fired[f]), activation_sum=rounded(float(out.act_sum[f])),
                            max_activation=rounded(float(out.act_max[f])))
             for f in plan.features
         ],
-        baseline=_table(engine, plan, scorer, lg.baseline, lg.baseline),
-        reconstruction_only=_table(engine, plan, scorer, lg.reconstruction, lg.baseline),
-        ablated=_table(engine, plan, scorer, lg.ablated, lg.baseline),
+        baseline=_table(engine, plan, lg.baseline, lg.baseline),
+        reconstruction_only=_table(engine, plan, lg.reconstruction, lg.baseline),
+        ablated=_table(engine, plan, lg.ablated, lg.baseline),
         ablated_without_error_term=ReconstructionTable(
-            **_table(engine, plan, scorer, lg.ablated_without_error_term, lg.baseline).model_dump(),
+            **_table(engine, plan, lg.ablated_without_error_term, lg.baseline).model_dump(),
             answer_probability_change_vs_reconstruction=rounded(alone["answer_probability_change"], 6),
             answer_logit_change_vs_reconstruction=rounded(alone["answer_logit_change"]),
-            metric_change_vs_reconstruction=rounded(alone["metric_change"]) if "metric_change" in alone else None,
+            metric_change_vs_reconstruction=rounded(alone["metric_change"]),
             kl_from_reconstruction=rounded(alone["kl_next_token"], 6),
         ),
-        summary=_summary(lg, scorer),
-        controls=_ablation_controls(plan, out, scorer, silent) if plan.controls else None,
+        summary=_summary(lg, plan.metric),
+        controls=_ablation_controls(plan, out, silent) if plan.controls else None,
         warnings=_warnings(engine, plan, out, silent),
     )
 
@@ -349,20 +361,17 @@ def ablate_and_test(
     counterfactual: str | None = None,
 ) -> AblationResult:
     """Zero `features` at `position` (None = all) with the SAE spliced in; next-token tables for the plain model,
-    the reconstruction alone, the ablation with the error term and the ablation without it, scored on the answer
-    (and on logit[answer] - logit[counterfactual] when a counterfactual is given)."""
+    the reconstruction alone, the ablation with the error term and the ablation without it, scored on the metric
+    (logit[answer] - logit[counterfactual] with a counterfactual, else log P(answer))."""
     s = engine.sae(sae)
     feats = engine.check_features(s, features, engine.limits.max_features_per_call, required=True, unique=True)
     answer_ids = answer_token_ids(engine, answer)
     cf_ids = answer_token_ids(engine, counterfactual) if counterfactual is not None else None
-    if cf_ids and cf_ids[0] == answer_ids[0]:
-        raise InvalidInput(
-            f"answer {answer!r} and counterfactual {counterfactual!r} start with the same token; the metric would be 0"
-        )
+    metric = metric_for(engine, answer_ids, cf_ids, answer, counterfactual)
     check_n_controls(controls, n_controls)
     plan = AblationPlan(
-        sae=s, features=feats, answer=answer, answer_ids=answer_ids, counterfactual_ids=cf_ids, position=position,
-        top_k=top_k, controls=controls, n_controls=n_controls, seed=seed,
+        sae=s, features=feats, answer=answer, answer_ids=answer_ids, counterfactual_ids=cf_ids, metric=metric,
+        position=position, top_k=top_k, controls=controls, n_controls=n_controls, seed=seed,
     )
     with engine.device_work():
         outcome = _run(engine, prompt, plan)

@@ -1,8 +1,13 @@
 """What steering and ablation share: KL from logits, and matched random-feature controls with their statistics.
 
 A control run repeats the intervention with random features in place of the targets, one control feature per
-target, each drawn from the features nearest its target in some score (decoder norm for steering, summed
-activation at the ablated positions for ablation). The targets' effect is then shown next to the controls' spread.
+target. A control must be something that could have shown the effect and is not itself a known cause:
+- ablation (activation_matched_controls): features that fire where the targets are ablated, each with a summed
+  activation there within ACTIVATION_BAND of its target's, never a target and never one of the EXCLUDED_TOP features
+  of largest |attribution| to the metric at those positions (strong causes of the same metric are not "random").
+  Fewer controls than asked, with a note saying why, rather than poor matches;
+- steering (matched_controls): the features nearest each target in decoder norm.
+The targets' effect is then shown next to the controls' spread, on the metric and KL only (significance_stats).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from sae_mcp.results.causal import ControlRun, ControlStat
 
 MAX_CONTROLS = 16  # control runs per call (the tool signatures repeat it so clients see it in the schema)
 FEW_CONTROLS = 5  # fewer control runs than this: exceeding all of them is weak evidence
+ACTIVATION_BAND = (0.5, 2.0)  # an ablation control's summed activation, as a multiple of its target's
+EXCLUDED_TOP = 20  # features of largest |attribution| to the metric, never ablation controls (attribute's top_k)
 
 
 def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
@@ -80,12 +87,47 @@ def _draw_without_reuse(pools: list[list[int]], n: int) -> list[list[int]]:
     return sets
 
 
+def activation_matched_controls(
+    act_sum: torch.Tensor, attribution: torch.Tensor, targets: list[int], n: int, seed: int
+) -> tuple[list[list[int]], str | None]:
+    """Up to n control sets for an ablation, one feature per target: act_sum [d_sae] (summed activation at the
+    ablated positions) within ACTIVATION_BAND of the target's, not a target, not among the EXCLUDED_TOP features by
+    |attribution| [d_sae] there; each target's matches in a seeded random order, no feature used twice.
+    -> (the sets, why fewer than n when so). Targets that do not fire there get no controls (the note says so)."""
+    act_sum, attribution = act_sum.float().cpu(), attribution.float().cpu()
+    eligible = act_sum > 0
+    eligible[targets] = False
+    eligible[attribution.abs().topk(min(EXCLUDED_TOP, attribution.numel())).indices] = False
+    lo, hi = ACTIVATION_BAND
+    silent = [t for t in targets if act_sum[t] <= 0]
+    if silent:
+        return [], (f"target(s) {silent} do not fire at the ablated positions, so no activation-matched control "
+                    "exists: pick targets that fire there (get_feature_acts), or other positions")
+    g = torch.Generator().manual_seed(seed)
+    pools = []
+    for t in targets:
+        a = float(act_sum[t])
+        pool = (eligible & (act_sum >= lo * a) & (act_sum <= hi * a)).nonzero().flatten()  # [n_matched]
+        pools.append(pool[torch.randperm(pool.numel(), generator=g)].tolist())
+    sets = _draw_without_reuse(pools, n)
+    if len(sets) == n:
+        return sets, None
+    short = [(t, len(p)) for t, p in zip(targets, pools) if len(p) < n]
+    return sets, (f"{len(sets)} of {n} control sets: "
+                  + ", ".join(f"{k} feature(s) match target {t}" for t, k in short)
+                  + f" (summed activation within {lo:g}-{hi:g}x, not a target, not among the {EXCLUDED_TOP} of "
+                  "largest |attribution|); ablate at more positions for more, and read fewer controls as weaker "
+                  "evidence")
+
+
 def rounded_effects(effects: dict[str, float]) -> dict[str, float]:
     return {k: rounded(v, 6) for k, v in effects.items()}
 
 
 def control_stats(target: dict[str, float], runs: list[ControlRun]) -> list[ControlStat]:
-    """Per metric: the targets' (unrounded) effect next to the mean, spread and range of the controls'."""
+    """Per quantity in `target`: the targets' (unrounded) effect next to the mean, spread and range of the controls',
+    with a z and "exceeds every control". Pass only what significance may be claimed on: the metric and KL (and
+    steering's concept readout), never a raw logit change, which moves with the whole distribution."""
     stats = []
     for metric, t in target.items():
         vals = torch.tensor([run.effects[metric] for run in runs], dtype=torch.float64)  # [n_runs]

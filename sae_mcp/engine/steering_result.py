@@ -131,8 +131,8 @@ def _controls_at(plan: SteerPlan, out: SteerOutcome, seed_runs: list[_SeedRun], 
         for cs, e, r in zip(rows.control_sets, effects, c_rows)
     ]
     return Controls(
-        matched_on=f"decoder norm (nearest {pool_size(plan.n_controls)}, drawn by seed), same coefficients, "
-        f"at scale {rows.control_scales[j]:g}",
+        matched_on=f"features among the {pool_size(plan.n_controls)} nearest their target in decoder norm, drawn by "
+        f"seed, same coefficients, at scale {rows.control_scales[j]:g}",
         scale=rows.control_scales[j],
         seed=plan.sampling.seeds[0],
         runs=runs,

@@ -27,14 +27,21 @@ def spliced_logits(key, tokens, error_term, hooks=()):
         return model(tokens)[0, -1].float()
 
 
+def metric_of(logits, answer_id, cf_id):
+    """logit[answer] - logit[counterfactual]; without a counterfactual log P(answer)."""
+    if cf_id is not None:
+        return logits[answer_id] - logits[cf_id]
+    return logits.log_softmax(-1)[answer_id]
+
+
 def check_table(logits, ref, recorded, answer_id, cf_id, what, suffix=""):
     """One condition's answer numbers, and their change from `ref` (the recorded fields end with `suffix`)."""
     probs, ref_probs = logits.softmax(-1), ref.softmax(-1)
     a = answer_id
     close(probs[a] - ref_probs[a], recorded["answer_probability_change" + suffix], f"{what}: P(answer) change")
     close(logits[a] - ref[a], recorded["answer_logit_change" + suffix], f"{what}: logit change")
-    if cf_id is not None:
-        close((logits[a] - logits[cf_id]) - (ref[a] - ref[cf_id]), recorded["metric_change" + suffix],
+    if recorded.get("metric_change" + suffix) is not None:  # runs recorded before without a counterfactual: none
+        close(metric_of(logits, a, cf_id) - metric_of(ref, a, cf_id), recorded["metric_change" + suffix],
               f"{what}: metric change")
     close(kl(ref, logits), recorded["kl_from_baseline" if not suffix else "kl_from_reconstruction"], f"{what}: KL")
     if not suffix:
@@ -170,6 +177,9 @@ for features, effects in controls:
                             hooks=[(ablate[0][0], zero_features({lit(r['positions'])}, features))])
     close(logits[answer_id] - baseline[answer_id], effects["answer_logit_change"], f"control {{features}}: logit")
     close(kl(baseline, logits), effects["kl_next_token"], f"control {{features}}: KL")
+    if "metric_change" in effects:
+        close(metric_of(logits, answer_id, cf_id) - metric_of(baseline, answer_id, cf_id), effects["metric_change"],
+              f"control {{features}}: metric change")
 print({run.id!r}, "ablate_and_test reproduced")
 """
 

@@ -23,7 +23,8 @@ class ControlRun(BaseModel):
 
 
 class ControlStat(BaseModel):
-    metric: str = Field(description="Effect metric compared")
+    metric: str = Field(description="Effect compared: the result's metric change or KL (steering: also the concept "
+                        "readout); raw logit changes are never compared")
     target: float = Field(description="The targets' effect")
     control_mean: float
     control_std: float
@@ -157,13 +158,13 @@ class NextTokenTable(BaseModel):
     """One condition's next-token prediction after the prompt."""
 
     top: list[TokenProb]
-    answer_rank: int = Field(description="0 = most likely next token")
+    answer_rank: int = Field(description="0-based: 0 = the most likely next token")
     answer_probability: float
-    answer_logit: float
-    metric: float | None = Field(default=None, description="logit[answer] - logit[counterfactual], with one")
+    answer_logit: float = Field(description="Raw logit: moves with the whole distribution; judge by the metric")
+    metric: float = Field(description="The result's metric (logit difference, or log P(answer))")
     answer_probability_change: float = Field(description="Versus baseline")
-    answer_logit_change: float = Field(description="Versus baseline")
-    metric_change: float | None = Field(default=None, description="Versus baseline, with a counterfactual")
+    answer_logit_change: float = Field(description="Versus baseline (raw; no significance is claimed on it)")
+    metric_change: float = Field(description="Versus baseline: the effect (= minus the contribution zeroed)")
     kl_from_baseline: float = Field(description="KL(baseline || this) of the next-token distribution")
 
 
@@ -175,7 +176,7 @@ class ReconstructionTable(NextTokenTable):
         description="Versus reconstruction_only: the ablation's effect without the error term"
     )
     answer_logit_change_vs_reconstruction: float = Field(description="Versus reconstruction_only")
-    metric_change_vs_reconstruction: float | None = Field(default=None, description="Versus reconstruction_only")
+    metric_change_vs_reconstruction: float = Field(description="Versus reconstruction_only")
     kl_from_reconstruction: float = Field(description="KL(reconstruction_only || this) of the next-token distribution")
 
 
@@ -195,6 +196,8 @@ class AblationResult(BaseModel):
     counterfactual: ScoredToken | None = Field(
         default=None, description="With one, metric = logit[answer] - logit[counterfactual] (attribute's metric)"
     )
+    metric: str = Field(description="What every table's metric is: logit[a] - logit[c], or log P(a) without c")
+    metric_kind: str = Field(description="'logit_difference' (with a counterfactual) or 'log_probability'")
     features: list[AblatedFeature]
     baseline: NextTokenTable = Field(description="The plain model, no SAE")
     reconstruction_only: NextTokenTable = Field(
@@ -209,7 +212,8 @@ class AblationResult(BaseModel):
         "fields are the ablation's effect without the error term (its change from baseline mixes in the SAE's "
         "own distortion)"
     )
-    summary: str = Field(description="One line: the ablation's causal effect, and the SAE's own distortion")
+    summary: str = Field(description="One line: the ablation's causal effect, and the SAE's own distortion (the "
+                         "tables' numbers again, for a reader without them)")
     controls: Controls | None = None
     warnings: list[str] | None = warnings_field()
 

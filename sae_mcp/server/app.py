@@ -28,7 +28,7 @@ Read: get_feature_acts (features firing per token), compare_prompts (pairs, or s
 sizes), next_token, project_to_vocab (what a decoder direction promotes), top_examples (max-activating corpus
 examples; build_index indexes every feature at once), feature_card (everything known about a feature),
 search_explanations, feature_stats, token_set_enrichment.
-Test cause: ablate_and_test (the effect is `ablated` vs `baseline`; read `summary`; use controls), steer_generate
+Test cause: ablate_and_test (the effect is `ablated` vs `baseline` on the metric; use controls), steer_generate
 (calibrated, dose-response, controls), attribute (gradient x activation, error share).
 Record what you learn with label_feature, citing the run_id of the results it rests on (evidence_runs); every
 call is recorded, and ledger() finds earlier runs (also of earlier conversations). Measure how well a label

@@ -75,11 +75,11 @@ def _prompt_comparison(r: PromptComparison) -> str:
     return join([head, *rows, *warnings_lines(r.warnings)])
 
 
-def _condition(name: str, t: NextTokenTable, metric: bool) -> str:
-    m = f" metric {fmt(t.metric)} ({t.metric_change:+.4g})" if metric and t.metric is not None else ""
-    return (f"{name}: rank {t.answer_rank}, P {fmt(t.answer_probability)} ({t.answer_probability_change:+.4g}), "
-            f"logit {fmt(t.answer_logit)} ({t.answer_logit_change:+.4g}){m}, KL {fmt(t.kl_from_baseline)}; top "
-            + " ".join(f"{tok(x.token)} {fmt(x.probability)}" for x in t.top))
+def _condition(name: str, t: NextTokenTable) -> str:
+    return (f"{name}: metric {fmt(t.metric)} ({t.metric_change:+.4g}), P {fmt(t.answer_probability)} "
+            f"({t.answer_probability_change:+.4g}), logit {fmt(t.answer_logit)} ({t.answer_logit_change:+.4g}), KL "
+            f"{fmt(t.kl_from_baseline)}, rank {t.answer_rank}; top " + " ".join(f"{tok(x.token)} {fmt(x.probability)}"
+                                                                            for x in t.top))
 
 
 def _first_only(what: str, tokens: list[str] | None) -> str:
@@ -89,26 +89,22 @@ def _first_only(what: str, tokens: list[str] | None) -> str:
 
 def _ablation(r: AblationResult) -> str:
     cf = r.counterfactual
-    metric = cf is not None
     where = "every position" if r.positions is None else f"positions {r.positions}"
     lines = [
-        f"sae {r.sae}: ablated at {where}; answer {tok(r.answer.token)}"
-        + (f", metric = logit[{tok(r.answer.token)}] - logit[{tok(cf.token)}]" if cf else "")
+        f"sae {r.sae}: ablated at {where}; metric {r.metric}"
         + _first_only("answer", r.answer.tokens) + (_first_only("counterfactual", cf.tokens) if cf else "")
-        + "; per condition: answer rank, P (change vs baseline), logit (change), KL from baseline, top tokens",
+        + "; per condition: metric (change vs baseline), P(answer) (change), raw logit (change), KL from baseline, "
+        "answer rank (0-based), top tokens",
         "features: " + "; ".join(
             f"{f.feature} " + (f"fired: sum {fmt(f.activation_sum)}, max {fmt(f.max_activation)}" if f.fired
                                else "silent") for f in r.features),
     ]
     for name in ("baseline", "reconstruction_only", "ablated"):
-        lines.append(_condition(name, getattr(r, name), metric))
+        lines.append(_condition(name, getattr(r, name)))
     w = r.ablated_without_error_term
-    vs = (f"; vs reconstruction_only: P {w.answer_probability_change_vs_reconstruction:+.4g}, logit "
-          f"{w.answer_logit_change_vs_reconstruction:+.4g}"
-          + (f", metric {w.metric_change_vs_reconstruction:+.4g}" if w.metric_change_vs_reconstruction is not None
-             else "") + f", KL {fmt(w.kl_from_reconstruction)}")
-    lines.append(_condition("ablated_without_error_term", w, metric) + vs)
-    lines.append(f"summary: {r.summary}")
+    lines.append(_condition("ablated_without_error_term", w) + f"; vs reconstruction_only: metric "
+                 f"{w.metric_change_vs_reconstruction:+.4g}, P {w.answer_probability_change_vs_reconstruction:+.4g}, "
+                 f"KL {fmt(w.kl_from_reconstruction)}")
     if r.controls is not None:
         lines += _controls_lines(r.controls)
     return join(lines + warnings_lines(r.warnings))
@@ -118,8 +114,8 @@ def _controls_lines(c: Controls, head: str = "controls") -> list[str]:
     """Control stats per metric, and the control features (their texts stay in the structured content)."""
     if not c.runs:
         return [f"{head}: none drawn ({c.note})"]
-    lines = [f"{head} ({len(c.runs)} runs, seed {c.seed}; matched on {c.matched_on}): target vs controls mean "
-             "± std [min, max], z, |target| > every |control|"]
+    lines = [f"{head} ({len(c.runs)} runs, seed {c.seed}): {c.matched_on}. Target vs controls mean ± std [min, max], "
+             "z, |target| > every |control|"]
     for s in c.stats:
         z = "n/a" if s.z_score is None else fmt(s.z_score)
         lines.append(f"  {s.metric}: {fmt(s.target)} vs {fmt(s.control_mean)} ± {fmt(s.control_std)} "

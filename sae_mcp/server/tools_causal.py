@@ -132,7 +132,8 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
     ) -> AblationResult:
         """Zero features at positions and compare the next token: baseline, reconstruction_only (SAE spliced, no
         error term: its own distortion), ablated (error term on: its change from baseline is the causal effect),
-        ablated_without_error_term (effect *_vs_reconstruction). Read `summary`."""
+        ablated_without_error_term (effect *_vs_reconstruction). Scored on the metric: logit[answer] -
+        logit[counterfactual], else log P(answer)."""
         return ablation.ablate_and_test(
             engine, prompt, answer, features, sae=sae, position=position, top_k=top_k, controls=controls,
             n_controls=n_controls, seed=seed, counterfactual=counterfactual,
