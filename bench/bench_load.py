@@ -18,8 +18,18 @@ server: latencies include that client-side queueing.
     python bench/bench_load.py [--clients 8 32] [--seconds 60] [--rss-calls 10000] [--baseline] [--legacy]
                                [--sae DIR] [--server-env KEY=VALUE ...] [--json out.json]
 
-Measured on the shared 2-core dev box, CPU, clients and server on the same two cores (--baseline, default
-durations, the SDK's 2026 wire), p50 / p99 in seconds:
+Measured on the shared 2-core dev box, CPU, clients and server on the same two cores, the SDK's 2026 wire,
+p50 / p99 in seconds. Since the listening socket sets TCP_NODELAY (issue 20; before, every request after the first
+on a kept-alive connection waited ~41 ms for a delayed ACK: bench_keepalive.py), two short runs back to back on
+the same box, the code before the fix then after, `--clients 8 32 --seconds 20 --rss-calls 0`:
+    8 clients, 20 s:   cheap p50 0.054 -> 0.019, p99 0.146 -> 0.199 (the tail is the CPU, not the wire); heavy
+                       p50 unchanged within noise (steer_generate 1.24 -> 1.40, ablate_and_test 0.86 -> 0.91,
+                       get_feature_acts 0.89 -> 0.83); busy 0%; 24.4 -> 24.2 calls/s; no errors
+    32 clients, 20 s:  cheap p50 0.073 -> 0.039, p99 1.64 -> 1.43 (both cores saturated by 32 clients and the
+                       server); heavy p50 2.7-3.0 s, 24% -> 23% answered busy; 25.8 -> 25.6 calls/s; no errors
+A third run before the fix, minutes earlier, gave cheap p50 0.054 / 0.058 and p99 0.209 / 1.078 (8 / 32 clients):
+at 20 s the 32-client p99 moves by half a second from run to run; the p50 is the delay's mark.
+Before the fix, 60 s runs (--baseline, default durations):
     8 clients, 60 s:   cheap p50 0.060 / p99 0.216 (all 744 started while a heavy call ran); heavy: steer_generate
                        1.45 / 3.31, ablate_and_test 1.02 / 2.28, get_feature_acts 0.94 / 2.83, build_index
                        1.72 / 5.29; busy 0%; 17.9 calls/s; no errors
@@ -31,8 +41,8 @@ durations, the SDK's 2026 wire), p50 / p99 in seconds:
                        store's lock, behind which MiniLM embeds the new labels on each search: their p50 ~0.5 s)
     RSS, 32 clients:   910 MB after 1,000 calls -> 924 MB after 11,000 (+1.6%), cheap p99 0.216, heavy 34% busy;
                        before malloc arenas were capped (admission.cap_malloc_arenas): 1030 -> 1487 MB over 5,000
-The single-call floor is ~0.05 s (model_info from one client): the SDK client and HTTP, not the tool; with
---legacy (the 2025 session wire) it is ~0.01 s, and 20 s runs gave cheap p99 0.347 (8 clients) and 0.762 (32).
+The single-call floor (model_info from one client on a kept-alive connection) is now ~3.5 ms; it was ~0.05 s
+before the fix, the delayed ACK's ~41 ms included (with --legacy, the 2025 session wire, it measured ~0.01 s).
 """
 
 from __future__ import annotations
@@ -106,6 +116,8 @@ def serve_args(sae: Path, data: Path, port: int, clients: int) -> list[str]:
     help_text = subprocess.run(cmd[:4] + ["--help"], capture_output=True, text=True).stdout
     if "--max-sessions-per-client" in help_text:  # each client holds a session on the 2025 wire
         cmd += ["--max-sessions-per-client", str(clients + 8)]
+    if "--max-sessions " in help_text:  # and all of them together
+        cmd += ["--max-sessions", str(max(clients + 8, 256))]
     return cmd
 
 

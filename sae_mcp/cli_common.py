@@ -116,10 +116,16 @@ def add_http_flags(p: argparse.ArgumentParser, sessions: bool) -> None:
                    help="accept browser requests from this Origin, e.g. https://app.example; repeatable (none by "
                    "default)")
     p.add_argument("--access-log", action="store_true", help="log each request to stderr (tokens redacted)")
+    p.add_argument("--page-cookie-minutes", type=float, default=defaults.page_cookie_minutes,
+                   help="a page login (the cookie ?token= sets) ends after this long; /logout or a restart ends it "
+                   "sooner (default: %(default)s, at most a day)")
     if sessions:
         p.add_argument("--max-sessions-per-client", type=int, default=defaults.max_sessions_per_client,
                        help="open MCP sessions one client address may hold; more are refused with 429 "
                        "(default: %(default)s)")
+        p.add_argument("--max-sessions", type=int, default=defaults.max_sessions,
+                       help="open MCP sessions all clients together may hold; more are refused with 503 "
+                       "(default: %(default)s, at most 10000)")
         p.add_argument("--session-idle-minutes", type=float, default=defaults.session_idle_minutes,
                        help="an MCP session with no request for this long is closed (default: %(default)s)")
 
@@ -129,7 +135,8 @@ def bind_http(args: argparse.Namespace):
     non-loopback bind without a token fails here in a second, before the model loads (InvalidInput, exit 2)."""
     from sae_mcp.server.security import HttpPolicy, check_policy, reserve_socket
 
-    sessions = {k: getattr(args, k) for k in ("max_sessions_per_client", "session_idle_minutes") if hasattr(args, k)}
+    optional = ("max_sessions_per_client", "max_sessions", "session_idle_minutes", "page_cookie_minutes")
+    given = {k: getattr(args, k) for k in optional if hasattr(args, k)}  # the session flags are serve's only
     policy = HttpPolicy(
         host=args.host,
         port=args.port,
@@ -137,7 +144,7 @@ def bind_http(args: argparse.Namespace):
         allow_hosts=tuple(args.allow_host or ()),
         allow_origins=tuple(args.allow_origin or ()),
         insecure_no_auth=args.insecure_no_auth,
-        **sessions,
+        **given,
     )
     check_policy(policy)
     sock: socket.socket = reserve_socket(policy.host, policy.port)

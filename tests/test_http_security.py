@@ -21,13 +21,13 @@ import pytest
 from starlette.testclient import TestClient
 
 from sae_mcp.errors import InvalidInput
-from sae_mcp.server.http import dashboard_app, mcp_http_app
+from sae_mcp.server.http import dashboard_app, mcp_http_app, page_routes
 from sae_mcp.server.security import (
+    MAX_PAGE_LOGINS,
     HttpPolicy,
     RedactTokens,
     SecurityMiddleware,
     check_policy,
-    cookie_value,
     is_loopback,
 )
 from sae_mcp.server.sessions import SessionLimiter
@@ -106,7 +106,7 @@ def test_a_token_in_a_page_url_becomes_a_strict_httponly_cookie_that_opens_pages
         assert login.status_code == 303 and login.headers["location"] == f"/features/{key}/2?x=1"  # token dropped
         cookie = login.headers["set-cookie"]
         assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and TOKEN not in cookie
-        jar = {"cookie": f"{policy.cookie_name}={cookie_value(TOKEN)}"}
+        jar = {"cookie": cookie.split(";")[0]}
         c.cookies.clear()  # only the explicit header below is sent
         assert c.get(f"/features/{key}/2", headers=jar).status_code == 200
         assert c.get("/", headers=jar).status_code == 200
@@ -114,6 +114,78 @@ def test_a_token_in_a_page_url_becomes_a_strict_httponly_cookie_that_opens_pages
         assert c.get(f"/mcp?token={TOKEN}", headers=MCP_HEADERS).status_code == 401
         behind_tls = c.get(f"/?token={TOKEN}", headers={"x-forwarded-proto": "https"}, follow_redirects=False)
         assert behind_tls.status_code == 303 and "; Secure" in behind_tls.headers["set-cookie"]
+
+
+def page_login(c: TestClient, policy: HttpPolicy, path: str = "/") -> dict[str, str]:
+    """Log in with ?token= as a browser would -> the cookie header it would send from then on."""
+    login = c.get(f"{path}?token={TOKEN}", follow_redirects=False)
+    assert login.status_code == 303, login.text
+    name, _, value = login.headers["set-cookie"].split(";")[0].partition("=")
+    assert name == policy.cookie_name and value
+    c.cookies.clear()  # only the explicit header is sent
+    return {"cookie": f"{name}={value}"}
+
+
+def pages_app(services: Services, policy: HttpPolicy, clock=time.monotonic) -> SecurityMiddleware:
+    """The pages behind the checks, as dashboard_app builds them, with the page logins' clock given."""
+    from starlette.applications import Starlette
+
+    return SecurityMiddleware(Starlette(routes=page_routes(services)), policy, clock=clock)
+
+
+def test_a_page_cookie_replayed_after_its_lifetime_is_refused(tiny_engine, tmp_path, key):
+    """A local listener that received the cookie (browsers do not scope cookies by port) can replay it only for
+    its lifetime: here 30 minutes, on a clock the test moves."""
+    now = [1000.0]
+    policy = HttpPolicy(token=TOKEN, page_cookie_minutes=30)
+    app = pages_app(Services(tiny_engine, Settings(data_dir=tmp_path)), policy, clock=lambda: now[0])
+    with client_for(app, policy) as c:
+        jar = page_login(c, policy)
+        now[0] += 29 * 60
+        assert c.get(f"/features/{key}/2", headers=jar).status_code == 200  # in use: not extended by it
+        now[0] += 60
+        refused = c.get(f"/features/{key}/2", headers=jar)
+        assert refused.status_code == 401 and "logged in for 30 minutes" in refused.text
+        assert len(app.logins) == 0  # forgotten, not only refused
+        assert c.get(f"/features/{key}/2", headers=page_login(c, policy)).status_code == 200  # log in again
+
+
+def test_a_page_cookie_is_refused_after_logout_and_logout_ends_only_that_login(tiny_server, key):
+    policy = HttpPolicy(token=TOKEN)
+    with client_for(mcp_http_app(tiny_server, policy), policy) as c:
+        mine, other = page_login(c, policy), page_login(c, policy)
+        assert mine != other  # random per login, not a function of the token
+        out = c.post("/logout", headers=mine)
+        assert out.status_code == 200 and out.text.startswith("logged out")
+        cleared = out.headers["set-cookie"]
+        assert cleared.startswith(f"{policy.cookie_name}=;") and "Max-Age=0" in cleared and "HttpOnly" in cleared
+        assert c.get(f"/features/{key}/2", headers=mine).status_code == 401
+        assert c.get(f"/features/{key}/2", headers=other).status_code == 200  # another browser stays logged in
+        again = c.get("/logout", headers=mine)  # GET too; nothing left to end
+        assert again.status_code == 200 and again.text.startswith("no live page login")
+        assert c.get("/logout", headers={"origin": "http://evil.example", **other}).status_code == 403
+        assert c.get("/", headers=other).status_code == 200  # a foreign page's logout ended nothing
+
+
+def test_a_restarted_server_refuses_the_page_cookie_of_the_one_before(tiny_server, key):
+    policy = HttpPolicy(token=TOKEN)
+    with client_for(mcp_http_app(tiny_server, policy), policy) as before:
+        jar = page_login(before, policy)
+        assert before.get("/", headers=jar).status_code == 200
+    with client_for(mcp_http_app(tiny_server, policy), policy) as after:  # same token, same port: a restart
+        refused = after.get("/", headers=jar)
+        assert refused.status_code == 401 and "needs the server's token" in refused.text
+        assert after.get("/", headers=page_login(after, policy)).status_code == 200
+
+
+def test_a_flood_of_page_logins_keeps_at_most_max_page_logins(tiny_server):
+    """Only a token holder logs in, but each login is kept: the store is bounded, the oldest login ends first."""
+    policy = HttpPolicy(token=TOKEN)
+    app = mcp_http_app(tiny_server, policy)
+    with client_for(app, policy) as c:
+        jars = [page_login(c, policy) for _ in range(MAX_PAGE_LOGINS + 5)]
+        assert len(app.logins) == MAX_PAGE_LOGINS
+        assert c.get("/", headers=jars[0]).status_code == 401 and c.get("/", headers=jars[-1]).status_code == 200
 
 
 # ----------------------------------------------------------------------------------- DNS rebinding, CSRF
@@ -196,6 +268,40 @@ def test_session_flood_from_one_address_gets_429_over_its_cap_and_other_clients_
                                          "mcp-protocol-version": "2025-06-18", "x-test-client": "10.0.0.66"})
         assert gone.status_code == 200
         assert initialize(c, **{"x-test-client": "10.0.0.66"}).status_code == 200  # the closed one made room
+
+
+def test_a_session_flood_from_many_addresses_gets_503_at_the_global_cap_and_a_closed_session_makes_room(
+        tiny_server):
+    """Any local process can use the whole of 127/8 (1,600 sessions from 127.0.0.3-102 were accepted): all clients
+    together hold at most --max-sessions; each address stays under its own cap too."""
+    policy = HttpPolicy(max_sessions_per_client=2, max_sessions=5)
+    with client_for(as_client(mcp_http_app(tiny_server, policy)), policy) as c:
+        opened = [initialize(c, **{"x-test-client": f"127.0.0.{3 + i // 2}"}) for i in range(5)]
+        assert [r.status_code for r in opened] == [200] * 5
+        refused = [initialize(c, **{"x-test-client": f"127.0.0.{10 + i}"}) for i in range(20)]
+        assert {r.status_code for r in refused} == {503} and not any("mcp-session-id" in r.headers for r in refused)
+        message = refused[0].json()["error"]["message"]
+        assert "holds 5 open MCP sessions" in message and "--max-sessions" in message
+        assert 1 <= int(refused[0].headers["retry-after"]) <= 600
+        assert initialize(c, **{"x-test-client": "127.0.0.3"}).status_code == 429  # its own cap comes first
+        gone = c.delete("/mcp", headers={"mcp-session-id": opened[4].headers["mcp-session-id"],
+                                         "mcp-protocol-version": "2025-06-18", "x-test-client": "127.0.0.5"})
+        assert gone.status_code == 200
+        assert initialize(c, **{"x-test-client": "127.0.0.99"}).status_code == 200
+        assert initialize(c, **{"x-test-client": "127.0.0.98"}).status_code == 503
+
+
+def test_session_and_cookie_limits_out_of_bounds_are_refused_saying_what_to_give():
+    for bad in (dict(max_sessions=0), dict(max_sessions_per_client=0), dict(max_sessions=10_001),
+                dict(max_sessions_per_client=20, max_sessions=10)):
+        with pytest.raises(InvalidInput, match=r"give 1 <= --max-sessions-per-client .* <= 10000"):
+            check_policy(HttpPolicy(**bad))
+    for minutes in (0, -1, float("nan"), float("inf"), 24 * 60 + 1):
+        with pytest.raises(InvalidInput, match="--page-cookie-minutes .* at most 1440"):
+            check_policy(HttpPolicy(page_cookie_minutes=minutes))
+    with pytest.raises(InvalidInput, match="--session-idle-minutes"):
+        check_policy(HttpPolicy(session_idle_minutes=0))
+    check_policy(HttpPolicy(max_sessions_per_client=16, max_sessions=16, page_cookie_minutes=24 * 60))
 
 
 def test_idle_sessions_expire_and_free_their_place_under_the_cap(tiny_server):

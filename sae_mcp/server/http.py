@@ -14,9 +14,11 @@ Whatever is served goes behind security.py's checks (Host, Origin, token, page h
 
 from __future__ import annotations
 
+import contextlib
 import html
 import logging
 import socket
+from collections.abc import Iterator
 from urllib.parse import quote
 
 from mcp.server.mcpserver import MCPServer
@@ -109,9 +111,9 @@ def register_routes(server: MCPServer, services: Services) -> None:
 
 def mcp_http_app(server: MCPServer, policy: HttpPolicy) -> ASGIApp:
     """MCP at /mcp and the pages beside it, as `serve --transport http` runs them: behind the Host/Origin/token
-    checks and the per-client session cap, with the SDK's idle expiry set from the policy. The SDK's own
-    DNS-rebinding check is turned off on every bind: it covers /mcp only, and only when the host is literally a
-    localhost form; SecurityMiddleware checks every route on every bind, so two rules can never disagree."""
+    checks and the session caps (per client and in all), with the SDK's idle expiry set from the policy. The SDK's
+    own DNS-rebinding check is turned off on every bind: it covers /mcp only, and only when the host is literally
+    a localhost form; SecurityMiddleware checks every route on every bind, so two rules can never disagree."""
     idle_s = policy.session_idle_minutes * 60
     app = server.streamable_http_app(
         streamable_http_path=policy.mcp_path,
@@ -119,7 +121,8 @@ def mcp_http_app(server: MCPServer, policy: HttpPolicy) -> ASGIApp:
         transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
         host=policy.host,
     )
-    return SecurityMiddleware(SessionLimiter(app, policy.max_sessions_per_client, idle_s, policy.mcp_path), policy)
+    limiter = SessionLimiter(app, policy.max_sessions_per_client, idle_s, policy.mcp_path, total=policy.max_sessions)
+    return SecurityMiddleware(limiter, policy)
 
 
 def dashboard_app(services: Services, policy: HttpPolicy) -> ASGIApp:
@@ -127,14 +130,33 @@ def dashboard_app(services: Services, policy: HttpPolicy) -> ASGIApp:
     return SecurityMiddleware(Starlette(routes=page_routes(services)), policy)
 
 
-def serve_asgi(app: ASGIApp, sock: socket.socket, access_log: bool = False) -> None:
-    """Run `app` with uvicorn on an already bound socket (security.reserve_socket). log_config=None sends uvicorn's
-    lines through our logging to stderr (its own config writes the access log to stdout); the access log is off
-    unless asked for, and never shows a ?token=. No proxy headers: a forwarded client address could be forged to
-    dodge the per-client session cap."""
+def uvicorn_server(app: ASGIApp, access_log: bool = False):
+    """The uvicorn.Server that serve_asgi runs (tests run the same one on a thread). log_config=None sends
+    uvicorn's lines through our logging to stderr (its own config writes the access log to stdout); the access log
+    is off unless asked for. No proxy headers: a forwarded client address could be forged to dodge the per-client
+    session cap."""
     import uvicorn
 
-    if access_log:
-        logging.getLogger("uvicorn.access").addFilter(RedactTokens())
     config = uvicorn.Config(app, log_config=None, access_log=access_log, proxy_headers=False, server_header=False)
-    uvicorn.Server(config).run(sockets=[sock])
+    return uvicorn.Server(config)
+
+
+@contextlib.contextmanager
+def redacted_access_log(token: str | None) -> Iterator[None]:
+    """While serving: uvicorn's access log lines pass RedactTokens (no query value named like `token`, and no
+    occurrence of this server's token, reaches a log)."""
+    redact = RedactTokens(token)
+    access = logging.getLogger("uvicorn.access")
+    access.addFilter(redact)
+    try:
+        yield
+    finally:
+        access.removeFilter(redact)
+
+
+def serve_asgi(app: ASGIApp, sock: socket.socket, access_log: bool = False) -> None:
+    """Run `app` with uvicorn on an already bound socket (security.reserve_socket). The token to keep out of the
+    access log is the one `app` checks, when it is a SecurityMiddleware (mcp_http_app, dashboard_app)."""
+    token = app.policy.token if isinstance(app, SecurityMiddleware) else None
+    with redacted_access_log(token):
+        uvicorn_server(app, access_log).run(sockets=[sock])

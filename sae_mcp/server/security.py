@@ -10,8 +10,11 @@ order, before any route or the MCP SDK sees it:
 2. Origin, when present, must be listed with --allow-origin (403 otherwise). Non-browser clients send none.
 3. With a token: `Authorization: Bearer TOKEN` (compared in constant time), else 401. Pages also take the token
    once as `?token=` (answered by a redirect that sets an HttpOnly, SameSite=Strict cookie) and then the cookie.
-   The cookie holds an HMAC of the token, not the token, and is never accepted on /mcp: MCP clients send the
-   header, and a browser's ambient credential must not reach the tools.
+   The cookie is a random page login kept in this process's memory (PageLogins): it expires after
+   --page-cookie-minutes, /logout revokes it, a restart revokes them all. It is never accepted on /mcp: MCP
+   clients send the header, and a browser's ambient credential must not reach the tools. Browsers do not scope
+   cookies by port, so any other local listener the browser visits receives it: its lifetime is what bounds
+   such a replay (of the pages and their test box, which runs the model).
 
 The SDK's own DNS-rebinding check only covers /mcp and is only on when --host is literally a localhost form;
 http.py turns it off in favour of this one, which covers every route on every bind.
@@ -27,7 +30,10 @@ import json
 import logging
 import math
 import re
+import secrets
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote_plus, urlencode
 
@@ -49,6 +55,10 @@ MAKE_TOKEN = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
 CSP = (f"default-src 'none'; script-src '{SCRIPT_HASH}'; connect-src 'self'; style-src 'unsafe-inline'; "
        "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
 PAGE_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
+SDK_MAX_SESSIONS = 10_000  # the SDK's own global cap on MCP sessions (answered 503 beyond it)
+MAX_PAGE_COOKIE_MINUTES = 24 * 60
+MAX_PAGE_LOGINS = 64  # live page cookies kept; a login beyond it ends the oldest (only a token holder logs in)
+LOGOUT_PATH = "/logout"
 
 
 @dataclass(frozen=True)
@@ -62,7 +72,9 @@ class HttpPolicy:
     allow_origins: tuple[str, ...] = ()
     insecure_no_auth: bool = False
     max_sessions_per_client: int = 16
+    max_sessions: int = 256  # all clients together: ~40 kB each (measured: 10,000 sessions, +400 MB)
     session_idle_minutes: float = 10.0
+    page_cookie_minutes: float = 60.0
     mcp_path: str = "/mcp"
 
     @property
@@ -86,8 +98,14 @@ def check_policy(p: HttpPolicy) -> None:
         raise InvalidInput(f"--port {p.port} is not a TCP port: give 1..65535")
     if p.token is not None and not TOKEN_RE.fullmatch(p.token):
         raise InvalidInput(f"the token must be 16 or more of A-Z a-z 0-9 . _ ~ - (make one: {MAKE_TOKEN})")
-    if p.max_sessions_per_client < 1 or not (math.isfinite(p.session_idle_minutes) and p.session_idle_minutes > 0):
-        raise InvalidInput("--max-sessions-per-client must be >= 1 and --session-idle-minutes > 0")
+    if not 1 <= p.max_sessions_per_client <= p.max_sessions <= SDK_MAX_SESSIONS:
+        raise InvalidInput(f"give 1 <= --max-sessions-per-client ({p.max_sessions_per_client}) <= --max-sessions "
+                           f"({p.max_sessions}) <= {SDK_MAX_SESSIONS} (the SDK's own cap)")
+    if not (math.isfinite(p.session_idle_minutes) and p.session_idle_minutes > 0):
+        raise InvalidInput(f"--session-idle-minutes {p.session_idle_minutes} must be > 0")
+    if not (math.isfinite(p.page_cookie_minutes) and 0 < p.page_cookie_minutes <= MAX_PAGE_COOKIE_MINUTES):
+        raise InvalidInput(f"--page-cookie-minutes {p.page_cookie_minutes} must be > 0 and at most "
+                           f"{MAX_PAGE_COOKIE_MINUTES} (a day): the cookie's lifetime bounds its replay")
     if p.token is None and not is_loopback(p.host):
         if not p.insecure_no_auth:
             raise InvalidInput(
@@ -99,9 +117,15 @@ def check_policy(p: HttpPolicy) -> None:
 
 def reserve_socket(host: str, port: int) -> socket.socket:
     """Bind the listening socket now, before the model loads, so a bad or taken port fails at once; uvicorn
-    listens on this very socket later, so nothing can take the port in between."""
+    listens on this very socket later, so nothing can take the port in between.
+
+    The protocol is named (IPPROTO_TCP, not 0): asyncio sets TCP_NODELAY on an accepted connection only when the
+    listening socket's proto says TCP (base_events._set_nodelay), and accepted sockets inherit it. With proto 0
+    Nagle held back each response's second write until the client's delayed ACK: measured, every request after
+    the first on a kept-alive connection took ~43 ms instead of ~0.8 ms for a small page, and an MCP model_info
+    call ~45 ms instead of ~3.5 ms (bench/bench_keepalive.py)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a TIME_WAIT port is free
     try:
         sock.bind((host.strip("[]"), port))
@@ -147,9 +171,52 @@ class HostRule:
         return host in self.exact or _split_port(host)[0] in self.any_port
 
 
-def cookie_value(token: str) -> str:
-    """What the page cookie holds: a keyed hash of the token, so a leaked cookie is not the MCP bearer token."""
-    return hmac.new(token.encode(), b"sae-mcp page cookie", hashlib.sha256).hexdigest()
+class PageLogins:
+    """The page cookies one server handed out: random values, not derived from the token, kept in memory only (a
+    restart revokes them all), each valid for `lifetime_s` from its login whatever is done with it (a cookie in
+    use is not extended: the lifetime bounds a replay), and revoked by /logout. At most MAX_PAGE_LOGINS live; a
+    login beyond that ends the oldest. Kept by their SHA-256, so how long a lookup takes says nothing about a
+    live value. Used on the event loop only (the middleware), so it needs no lock."""
+
+    def __init__(self, lifetime_s: float, clock: Callable[[], float] = time.monotonic):
+        self.lifetime_s, self.clock = lifetime_s, clock
+        self._expiry: dict[str, float] = {}  # sha256 of a cookie -> when it expires; oldest login first
+
+    def issue(self) -> str:
+        self._expire()
+        while len(self._expiry) >= MAX_PAGE_LOGINS:
+            del self._expiry[next(iter(self._expiry))]
+        value = secrets.token_urlsafe(32)
+        self._expiry[_digest(value)] = self.clock() + self.lifetime_s
+        return value
+
+    def valid(self, value: str | None) -> bool:
+        if not value:
+            return False
+        expiry = self._expiry.get(_digest(value))
+        if expiry is None:
+            return False
+        if self.clock() >= expiry:
+            del self._expiry[_digest(value)]
+            return False
+        return True
+
+    def revoke(self, value: str | None) -> bool:
+        """End this login; whether it was live."""
+        return bool(value) and self._expiry.pop(_digest(value), None) is not None
+
+    def __len__(self) -> int:
+        self._expire()
+        return len(self._expiry)
+
+    def _expire(self) -> None:
+        now = self.clock()
+        for key in [k for k, expiry in self._expiry.items() if now >= expiry]:
+            del self._expiry[key]
+
+
+def _digest(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
 
 
 def _cookie(headers: Headers, name: str) -> str | None:
@@ -178,15 +245,34 @@ def _deny(status: int, message: str, mcp: bool) -> Response:
     return PlainTextResponse(message, status, headers)
 
 
+def _set_cookie(scope: Scope, name: str, value: str, clear: bool = False) -> str:
+    """The Set-Cookie value: HttpOnly, SameSite=Strict, the whole site; Secure behind a TLS proxy that says so. A
+    session cookie (no Max-Age: the browser drops it when it closes; the server ends it after its lifetime), or
+    with `clear` an expired one, which the browser deletes."""
+    tls = Headers(scope=scope).get("x-forwarded-proto", "").lower() == "https"
+    return (f"{name}={value}; HttpOnly; SameSite=Strict; Path=/" + ("; Max-Age=0" if clear else "")
+            + ("; Secure" if tls else ""))
+
+
 def _login_redirect(scope: Scope, query: list[tuple[str, str]], name: str, value: str) -> Response:
     """`?token=` on a page: set the cookie and send the browser to the same URL without the token, so the token
-    leaves the address bar and history at once. Behind a TLS proxy that says so, the cookie is Secure too."""
+    leaves the address bar and history at once."""
     path = scope.get("raw_path", scope["path"].encode()).decode("latin-1")
     path = "/" + path.lstrip("/\\")  # '//evil.example' or '/\\evil.example' would send the browser off-site
     rest = urlencode([(k, v) for k, v in query if k != "token"])
-    tls = Headers(scope=scope).get("x-forwarded-proto", "").lower() == "https"
-    cookie = f"{name}={value}; HttpOnly; SameSite=Strict; Path=/" + ("; Secure" if tls else "")
-    return Response(status_code=303, headers={"location": path + (f"?{rest}" if rest else ""), "set-cookie": cookie})
+    location = path + (f"?{rest}" if rest else "")
+    return Response(status_code=303, headers={"location": location, "set-cookie": _set_cookie(scope, name, value)})
+
+
+def _logout(scope: Scope, logins: PageLogins, name: str) -> Response:
+    """/logout (any method, no token needed: it can only end the login whose cookie it is sent): the server forgets
+    this browser's page login and the browser deletes the cookie. A cross-site page cannot end yours: a
+    SameSite=Strict cookie is not sent with its requests."""
+    ended = logins.revoke(_cookie(Headers(scope=scope), name))
+    message = ("logged out: this browser's page login is ended; open a page as URL?token=TOKEN to log in again"
+               if ended else "no live page login came with this request (it had expired or was ended already)")
+    return PlainTextResponse(message, 200, {"set-cookie": _set_cookie(scope, name, "", clear=True),
+                                            "cache-control": "no-store"})
 
 
 def secure_send(send: Send) -> Send:
@@ -205,11 +291,11 @@ def secure_send(send: Send) -> Send:
 class SecurityMiddleware:
     """ASGI middleware in front of the whole app (MCP and pages): Host, Origin, then the token (module doc)."""
 
-    def __init__(self, app: ASGIApp, policy: HttpPolicy):
+    def __init__(self, app: ASGIApp, policy: HttpPolicy, clock: Callable[[], float] = time.monotonic):
         self.app, self.policy = app, policy
         self.hosts = HostRule(policy)
         self.origins = {o.strip().lower().rstrip("/") for o in policy.allow_origins}
-        self.cookie = cookie_value(policy.token) if policy.token else ""
+        self.logins = PageLogins(policy.page_cookie_minutes * 60, clock)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -236,32 +322,62 @@ class SecurityMiddleware:
         if origin is not None and origin.strip().lower().rstrip("/") not in self.origins:
             return _deny(403, f"requests from Origin {origin!r} are refused: start the server with "
                          "--allow-origin ORIGIN to let that page call it", mcp)
+        if scope["path"].rstrip("/") == LOGOUT_PATH:
+            return _logout(scope, self.logins, self.policy.cookie_name)
         token = self.policy.token
         if token is None or _same(_bearer(headers), token):
             return None
         if mcp:  # the header only: a browser's cookie must never reach the tools
             return _deny(401, "this server needs Authorization: Bearer TOKEN (its --token / SAE_MCP_TOKEN)", mcp)
-        if _same(_cookie(headers, self.policy.cookie_name), self.cookie):
+        if self.logins.valid(_cookie(headers, self.policy.cookie_name)):
             return None
         query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         if _same(dict(query).get("token"), token):
-            return _login_redirect(scope, query, self.policy.cookie_name, self.cookie)
-        return _deny(401, "this page needs the server's token: open it once as URL?token=TOKEN (a cookie then "
-                     "keeps it), or send Authorization: Bearer TOKEN", mcp)
+            return _login_redirect(scope, query, self.policy.cookie_name, self.logins.issue())
+        misspelled = [k for k, _ in query if k != "token" and _reads_as_token(k)]
+        hint = f" (the name is `token`, in lower case and alone, not {misspelled[0]!r})" if misspelled else ""
+        minutes = f"{self.policy.page_cookie_minutes:g}"
+        return _deny(401, f"this page needs the server's token: open it once as URL?token=TOKEN{hint} (a cookie "
+                     f"then keeps you logged in for {minutes} minutes, until /logout or a restart), or send "
+                     "Authorization: Bearer TOKEN", mcp)
 
 
 _QUERY_PAIR = re.compile(r"([?&])([^=&\s\"]*)=([^&\s\"]*)")
+REDACTED = "REDACTED"
 
 
-def _redact(text: str) -> str:
-    """Every query value whose key decodes to `token` (as parse_qsl reads it: 'tok%65n' too) -> REDACTED."""
-    return _QUERY_PAIR.sub(lambda m: f"{m[1]}{m[2]}=REDACTED" if unquote_plus(m[2]) == "token" else m[0], text)
+def _reads_as_token(name: str) -> bool:
+    """Whether a decoded query name is `token`, case and everything but letters aside: `TOKEN`, `token ` (from
+    `token+`) and `token\x00` do not log a page in (the request is refused) but carry the token all the same.
+    `tokens` is another name."""
+    return re.sub(r"[^a-z]", "", name.lower()) == "token"
+
+
+def _names_token(raw_key: str) -> bool:
+    """_reads_as_token on a raw (still URL-encoded) query name: `tok%65n`, `TOKEN`, `token+`, `token%00`."""
+    return _reads_as_token(unquote_plus(raw_key))
+
+
+def _redact(text: str, token: str | None = None) -> str:
+    """Every query value under a name that reads as `token` -> REDACTED; with the server's token known, also any
+    query value holding it once decoded (`?t=...`, `?x=%74est...`) and any plain occurrence of it (a path)."""
+
+    def pair(m: re.Match) -> str:
+        hidden = _names_token(m[2]) or (token is not None and token in unquote_plus(m[3]))
+        return f"{m[1]}{m[2]}={REDACTED}" if hidden else m[0]
+
+    text = _QUERY_PAIR.sub(pair, text)
+    return text.replace(token, REDACTED) if token else text
 
 
 class RedactTokens(logging.Filter):
-    """uvicorn's access log line holds the query string: a `?token=` never reaches a log."""
+    """uvicorn's access log line holds the query string: no token given in the URL reaches a log (_redact)."""
+
+    def __init__(self, token: str | None = None):
+        super().__init__()
+        self.token = token
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
-            record.args = tuple(_redact(a) if isinstance(a, str) else a for a in record.args)
+            record.args = tuple(_redact(a, self.token) if isinstance(a, str) else a for a in record.args)
         return True

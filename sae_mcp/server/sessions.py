@@ -1,4 +1,5 @@
-"""A cap on the MCP sessions one client address may hold open, in front of the SDK's session manager.
+"""Caps on the MCP sessions one client address, and all clients together, may hold open, in front of the SDK's
+session manager.
 
 Sessions exist on the 2025 (handshake) wire only; the 2026 wire is sessionless and passes through uncounted.
 The SDK's streamable-HTTP manager has a global cap (`max_sessions`, 10,000) and an idle expiry
@@ -7,6 +8,11 @@ client that opens sessions and never closes them shut everyone else out with 503
 initializes in 23 s, +400 MB). This middleware counts each client's sessions from what crosses the wire: the
 `mcp-session-id` an opening request is answered with, the requests made on it, DELETE, and 404 (the SDK has
 forgotten it). An opening request over the cap gets 429 with Retry-After.
+
+The per-client cap alone let a flood from many addresses through (measured: 1,600 sessions from 127.0.0.3-102,
+any local process can use the whole 127/8): all clients together may hold at most `total` (--max-sessions) open
+sessions, counted the same way; an opening request beyond it gets 503 with Retry-After (the server is full, not
+this client over its share). The per-client cap keeps one address from filling it.
 
 It refuses rather than closing the client's oldest idle session: closing would need the SDK's private session
 table, and would let a flood end a working client's session behind the same address (a reverse proxy); a refusal
@@ -42,11 +48,13 @@ class _Session:
 
 
 class SessionLimiter:
-    """ASGI middleware: at most `per_client` open MCP sessions per client address at `path` (module doc)."""
+    """ASGI middleware: at most `per_client` open MCP sessions per client address at `path`, and at most `total`
+    from all clients together (module doc)."""
 
     def __init__(self, app: ASGIApp, per_client: int, idle_s: float, path: str = "/mcp",
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, total: int = 10_000):
         self.app, self.per_client, self.idle_s, self.path, self.clock = app, per_client, idle_s, path, clock
+        self.total = total
         self.sessions: dict[str, _Session] = {}
         self.opening: Counter[str] = Counter()  # opening requests not answered yet: a burst cannot slip past
 
@@ -68,8 +76,11 @@ class SessionLimiter:
         else:
             await self.app(scope, receive, send)
 
-    def open_sessions(self, client: str) -> int:
+    def open_sessions(self, client: str | None = None) -> int:
+        """Open sessions (opening ones included) of this client address, or of all clients."""
         self._expire()
+        if client is None:
+            return len(self.sessions) + sum(self.opening.values())
         return sum(s.client == client for s in self.sessions.values()) + self.opening[client]
 
     def _expire(self) -> None:
@@ -81,6 +92,9 @@ class SessionLimiter:
     async def _open(self, client: str, scope: Scope, receive: Receive, send: Send) -> None:
         if self.open_sessions(client) >= self.per_client:
             await self._refusal(client)(scope, receive, send)
+            return
+        if self.open_sessions() >= self.total:
+            await self._refusal(None)(scope, receive, send)
             return
         self.opening[client] += 1
         pending, opened = True, None
@@ -133,13 +147,21 @@ class SessionLimiter:
         if ended and self.sessions.get(sid) is session:
             del self.sessions[sid]
 
-    def _refusal(self, client: str) -> Response:
+    def _refusal(self, client: str | None) -> Response:
+        """429 for a client over its own cap; 503 (client None) when all clients together hold `total`."""
         now = self.clock()
         idle = [s.last_active + self.idle_s - now for s in self.sessions.values()
-                if s.client == client and s.in_flight == 0]
+                if client in (None, s.client) and s.in_flight == 0]
         retry = max(1, math.ceil(min(idle) if idle else self.idle_s))
-        message = (f"too many open MCP sessions from {client} (the cap is {self.per_client}, "
-                   f"--max-sessions-per-client): end unused ones (an MCP client sends DELETE when it closes) or "
-                   f"retry after {retry} s, when the oldest idle one expires")
+        if client is None:
+            status, message = 503, (
+                f"the server holds {self.total} open MCP sessions, its cap for all clients together "
+                f"(--max-sessions): retry after {retry} s, when the oldest idle one expires, or ask whoever runs it "
+                "to raise --max-sessions")
+        else:
+            status, message = 429, (
+                f"too many open MCP sessions from {client} (the cap is {self.per_client}, "
+                f"--max-sessions-per-client): end unused ones (an MCP client sends DELETE when it closes) or "
+                f"retry after {retry} s, when the oldest idle one expires")
         body = json.dumps({"jsonrpc": "2.0", "id": None, "error": {"code": -32000, "message": message}})
-        return Response(body, 429, {"retry-after": str(retry)}, media_type="application/json")
+        return Response(body, status, {"retry-after": str(retry)}, media_type="application/json")
