@@ -14,7 +14,7 @@ import anyio.to_thread
 import pytest
 from mcp import Client
 
-from sae_mcp.engine.admission import DeviceBusy
+from sae_mcp.engine.admission import DeviceBusy, DeviceQueue
 from sae_mcp.engine.runtime import Engine
 from sae_mcp.errors import Busy
 from sae_mcp.server.app import build_server
@@ -125,6 +125,25 @@ def test_cheap_tools_never_take_the_device(tiny_loaded, tiny_engine, tmp_path):
     assert "busy" in error_text(busy) and "try again in" in error_text(busy)
 
 
+def test_feature_stats_answers_while_another_call_holds_the_device(tiny_loaded, tiny_engine, tmp_path):
+    """feature_stats reads weights only (the moments of W_dec @ W_U): it queued behind device work and failed busy
+    after 30 s beside a long steer_generate. Here the device is held and no call may queue (max_queued 0): a
+    device tool is refused at once, feature_stats over every feature and over named ones answers."""
+    held = fresh_engine(tiny_loaded, tiny_engine, max_queued=0)
+    server = build_server(held, Settings(data_dir=tmp_path / "data"))
+    held._lock.acquire()
+    try:
+        every, named, busy = call_many(server, [("feature_stats", {"top": 5}), ("feature_stats", {"features": [2, 3]}),
+                                                ("next_token", {"prompt": "the cat"})])
+    finally:
+        held._lock.release()
+    assert not every.is_error and not named.is_error, error_text(every if every.is_error else named)
+    assert len(every.structured_content["features"]) == 5
+    assert sorted(f["feature"] for f in named.structured_content["features"]) == [2, 3]
+    assert "device is busy" in error_text(busy)
+    assert held.is_clean()
+
+
 def test_model_info_does_not_wait_for_a_busy_device_and_measures_fidelity_in_the_background(engine,
                                                                                              indexed_settings):
     services = Services(engine, indexed_settings)
@@ -185,6 +204,60 @@ def test_a_call_beyond_max_queued_is_answered_busy_at_once_with_the_queue_and_a_
     assert busy.ahead == 5 and busy.running_s >= 0.2 and busy.retry_after_s >= 1
     assert "4 calls already wait for it (at most 4 may)" in str(busy) and "try again in" in str(busy)
     assert sorted(done) == [0, 1, 2, 3] and not errors  # the queued ones all ran
+
+
+def held_queue(holds: list[float], running_s: float) -> tuple[DeviceQueue, list[float]]:
+    """A device queue on a clock the test moves: `holds` (seconds) as its recent history, then a call holding the
+    device for `running_s` so far -> (the queue, the clock's cell)."""
+    now = [100.0]
+    queue = DeviceQueue(clock=lambda: now[0])
+    for hold in holds:
+        queue.acquire()
+        now[0] += hold
+        queue.release()
+    queue.acquire()
+    now[0] += running_s
+    return queue, now
+
+
+def test_the_busy_hint_3_7_s_into_a_36_s_call_reads_the_long_calls_not_the_mean_of_cheap_ones():
+    """The reported case: a mean of recent holds said "try again in ~4 s" 3.7 s into a 36 s steer_generate. The
+    running call's remaining time now comes from the recent holds that lasted as long as it has run."""
+    queue, _ = held_queue([0.1] * 30 + [36.0] * 2 + [0.1] * 30, running_s=3.7)
+    with pytest.raises(DeviceBusy) as refused:
+        queue.admit(30.0, 0, lambda: False)  # no waiting allowed: refused at once
+    busy = refused.value
+    assert busy.ahead == 1 and busy.running_s == 3.7 and busy.retry_after_s == 32.3  # 36 - 3.7
+    assert "held it 3.7 s (recent calls that ran as long took ~36.0 s: ~32 s more)" in str(busy)
+    assert "try again in ~32 s" in str(busy)
+
+
+def test_the_busy_hint_adds_a_mean_hold_for_each_call_queued_ahead():
+    queue, _ = held_queue([1.0] * 10, running_s=0.4)
+    hints = []
+    for waiting in range(3):  # 0, 1, 2 calls queued before the refused one
+        with pytest.raises(DeviceBusy) as refused:
+            queue.admit(30.0, waiting, lambda: False)
+        hints.append((refused.value.ahead, refused.value.retry_after_s))
+        threading.Thread(target=queue.admit, args=(None, None, lambda: False), daemon=True).start()
+        wait_until(lambda: queue.status().waiting == waiting + 1)
+    assert hints == [(1, 1.0), (2, 1.6), (3, 2.6)]  # 0.6 s left of the running one (at least 1), 1 s per waiter
+    assert "2 wait before this one (recent device calls took ~1.0 s each); try again in ~3 s" in str(refused.value)
+    for _ in range(4):  # let the three waiters through, one after another
+        queue.release()
+        wait_until(lambda: queue.status().held or queue.status().waiting == 0)
+
+
+def test_the_busy_hint_for_a_call_longer_than_any_recent_one_is_as_long_again():
+    queue, now = held_queue([0.5] * 10, running_s=8.0)
+    with pytest.raises(DeviceBusy) as refused:
+        queue.admit(30.0, 0, lambda: False)
+    assert refused.value.retry_after_s == 8.0 and "longer than any recent call" in str(refused.value)
+    now[0] += 12.0
+    with pytest.raises(DeviceBusy) as later:
+        queue.admit(30.0, 0, lambda: False)
+    assert later.value.retry_after_s == 20.0  # the longer it runs, the later the hint
+    queue.release()
 
 
 def test_a_call_that_waits_past_the_timeout_is_answered_busy_and_leaves_the_queue(tiny_loaded, tiny_engine):

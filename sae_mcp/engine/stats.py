@@ -71,8 +71,8 @@ def logit_weights(engine: Engine, sae: LoadedSAE, idx: torch.Tensor) -> torch.Te
 
 def compute_moments(engine: Engine, sae: LoadedSAE, idx: torch.Tensor) -> torch.Tensor:
     """Features [n] -> [n, 4] (mean, std, skewness, kurtosis) on the CPU, in chunks. Weight-only (no forward, no
-    hooks), so a few features need no device lock (feature cards); whole-SAE passes take it anyway, to keep
-    their CHUNK_BYTES blocks and seconds of matmuls from competing with forward passes for device memory."""
+    hooks), so it needs no device queue (project_to_vocab's reasoning, logits.py): it runs beside forward passes,
+    in CHUNK_BYTES blocks, whole-SAE passes one at a time (LogitWeightStats)."""
     rows = chunk_rows(engine.model.cfg.d_vocab, 3 * 4)  # x, centred x, powers: ~3 float32 blocks alive
     out = []
     with torch.inference_mode():
@@ -128,15 +128,19 @@ class LogitWeightStats:
         self._vocab: list[str] | None = None
         self._excluded: frozenset[int] | None = None
         self._lock = threading.Lock()
+        # One whole-SAE moments pass at a time, outside the device queue: two calls asking together compute it
+        # once, and at most one pass's CHUNK_BYTES blocks sit beside the forward passes.
+        self._weights = threading.Lock()
 
     def moments(self, sae: LoadedSAE, features: list[int] | None = None) -> torch.Tensor:
-        """[n, 4] (mean, std, skewness, kurtosis) for `features`, or every feature (kept; inside device_work())."""
-        if features is None and sae.key in self._moments:
+        """[n, 4] (mean, std, skewness, kurtosis) for `features`, or every feature (kept). Weight-only: never waits
+        for the device (a feature_stats call once failed busy after 30 s behind a steer_generate)."""
+        if features is not None:
+            return compute_moments(self.engine, sae, feature_index(self.engine, sae, features))
+        with self._weights:
+            if sae.key not in self._moments:
+                self._moments[sae.key] = compute_moments(self.engine, sae, feature_index(self.engine, sae, None))
             return self._moments[sae.key]
-        m = compute_moments(self.engine, sae, feature_index(self.engine, sae, features))
-        if features is None:
-            self._moments[sae.key] = m
-        return m
 
     @property
     def centred_unembed(self) -> bool:
@@ -185,8 +189,7 @@ class LogitWeightStats:
                 "densities are not indexed for this SAE, so sort_by='density' and density filters cannot work: "
                 "call build_index (or run `sae-mcp index`) first, or sort by skewness/kurtosis/mean/std"
             )
-        with self.engine.device_work():
-            moments = self.moments(s, features)  # [n, 4]
+        moments = self.moments(s, features)  # [n, 4], weight-only: not behind device work
         idx = feature_index(self.engine, s, features)
         dens = densities.float().cpu()[idx] if densities is not None else None  # [n]
         keep = torch.ones(len(idx), dtype=torch.bool)
