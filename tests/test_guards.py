@@ -235,7 +235,8 @@ def test_ablate_and_test_with_a_counterfactual_scores_attributes_metric_in_every
     alone = metric(plain["no_err"]) - metric(plain["recon"])
     assert res.ablated_without_error_term.metric_change_vs_reconstruction == pytest.approx(alone, abs=1e-3)
     assert f"metric {metric(plain['with_err']) - metric(plain['base']):+.4g}" in res.summary
-    assert ablation.ablate_and_test(e, PROMPT, " mat", feats).baseline.metric is None
+    without = ablation.ablate_and_test(e, PROMPT, " mat", feats)  # no counterfactual: log P(answer), never None
+    assert without.baseline.metric == pytest.approx(float(plain["base"].log_softmax(-1)[a]), abs=1e-4)
 
 
 def test_project_to_vocab_can_leave_special_tokens_out(tiny_engine):

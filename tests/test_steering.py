@@ -11,6 +11,7 @@ import torch
 from torch.testing import assert_close
 
 from sae_mcp.engine import generation, steering, steering_readout
+from sae_mcp.engine.metric import Metric
 from sae_mcp.engine.runtime import CancelToken
 from sae_mcp.errors import Cancelled, InvalidInput
 
@@ -49,13 +50,14 @@ def test_steering_adds_coefficient_times_decoder_at_every_prompt_position(tiny_e
         expected = e.model.run_with_hooks(tokens, fwd_hooks=[(s.hook_name, lambda x, hook: x + vec)])[0]
     with e.device_work():
         _, stats, _ = generation.generate_rows(e, tokens, s.hook_name, torch.stack([torch.zeros_like(vec), vec]),
-                                               1, 0.0, 1.0, 0, answer_id=7)
+                                               1, 0.0, 1.0, 0, metric=Metric(7, None, "x", None))
     assert stats.last_logits.shape == (2, plain.shape[-1])  # only the last position is kept
     assert_close(stats.last_logits[1], expected[-1], atol=1e-5, rtol=1e-5)
     # every prompt position enters the mean KL: it equals the plain per-position KL averaged
     assert stats.kl_mean[1] == pytest.approx(float(plain_kl_per_position(plain, expected).mean()), abs=1e-5)
     assert stats.kl_last[1] == pytest.approx(float(plain_kl_per_position(plain, expected)[-1]), abs=1e-5)
     assert stats.p_answer[1] == pytest.approx(float(expected[-1].softmax(-1)[7]), abs=1e-6)
+    assert stats.metric[1] == pytest.approx(float(expected[-1].log_softmax(-1)[7]), abs=1e-5)  # log P(answer)
     assert stats.kl_mean[0] == 0.0 and stats.kl_last[0] == 0.0
     assert e.is_clean()
 
@@ -66,14 +68,15 @@ def test_prompt_stats_chunked_over_rows_and_positions_equal_the_plain_full_tenso
     torch.manual_seed(0)
     logits = torch.randn(4, 9, 64) * 3  # [B, S, V]
     monkeypatch.setattr(generation, "KL_CHUNK_ELEMENTS", chunk_elements)  # 1 position, 3 positions, all at once
-    stats = generation.PromptStats.from_logits(logits, answer_id=5)
+    stats = generation.PromptStats.from_logits(logits, Metric(5, 7, "a", "b"))
     for b in range(4):
         kl = plain_kl_per_position(logits[0], logits[b])  # [S]
         assert stats.kl_mean[b] == pytest.approx(float(kl.mean()), abs=1e-5)
         assert stats.kl_last[b] == pytest.approx(float(kl[-1]), abs=1e-5)
         assert stats.p_answer[b] == pytest.approx(float(logits[b, -1].softmax(-1)[5]), abs=1e-6)
+        assert stats.metric[b] == pytest.approx(float(logits[b, -1, 5] - logits[b, -1, 7]), abs=1e-5)
     assert torch.equal(stats.last_logits, logits[:, -1])
-    assert generation.PromptStats.from_logits(logits, answer_id=None).p_answer is None
+    assert generation.PromptStats.from_logits(logits, None).p_answer is None
 
 
 def test_steer_generate_kl_and_answer_probability_equal_a_plain_computation(tiny_engine):
@@ -92,6 +95,10 @@ def test_steer_generate_kl_and_answer_probability_equal_a_plain_computation(tiny
             assert run.kl_next_token == pytest.approx(float(kl[-1]), abs=1e-5)
             assert run.mean_kl_prompt == pytest.approx(float(kl.mean()), abs=1e-5)
             assert run.answer_probability == pytest.approx(float(steered[-1].softmax(-1)[a]), abs=1e-6)
+            log_p, base = steered[-1].log_softmax(-1)[a], plain[-1].log_softmax(-1)[a]
+            assert run.metric == pytest.approx(float(log_p), abs=1e-5)  # the metric: log P(answer)
+            assert run.metric_change == pytest.approx(float(log_p - base), abs=1e-5)
+    assert res.metric == "log P('mat')" and res.unsteered_metric == pytest.approx(float(base), abs=1e-5)
     assert e.is_clean()
 
 
@@ -242,8 +249,9 @@ def test_steering_controls_match_decoder_norm_and_coefficient(tiny_engine):
         assert run.features[0] != 5 and run.features[0] in nearest
     kl = next(st for st in block.stats if st.metric == "kl_next_token")
     assert kl.target == pytest.approx(res.steered[1].kl_next_token, abs=1e-5)
-    ans = next(st for st in block.stats if st.metric == "answer_probability_change")
-    assert ans.target == pytest.approx(res.steered[1].answer_probability_change, abs=1e-5)
+    ans = next(st for st in block.stats if st.metric == "metric_change")
+    assert ans.target == pytest.approx(res.steered[1].metric_change, abs=1e-5)
+    assert {st.metric for st in block.stats} <= {"metric_change", "kl_next_token", "concept_readout_change"}
     assert res.steered[0].answer_probability == pytest.approx(
         res.unsteered_answer_probability + res.steered[0].answer_probability_change, abs=1e-5
     )
@@ -391,8 +399,8 @@ def test_controls_run_at_every_nonzero_dose_each_at_that_doses_scale_against_tha
             assert stats["kl_next_token"].target == pytest.approx(target.kl_next_token, abs=1e-5)
             assert stats["kl_next_token"].control_mean == pytest.approx(statistics.mean(vals), abs=1e-5)
             assert stats["kl_next_token"].exceeds_all_controls == (target.kl_next_token > max(vals))
-            assert stats["answer_probability_change"].target == pytest.approx(target.answer_probability_change,
-                                                                              abs=1e-5)
+            assert stats["metric_change"].target == pytest.approx(target.metric_change, abs=1e-5)
+            assert "answer_probability_change" not in stats  # a plain number in each run, no significance claimed
             readout_change = statistics.mean(
                 [t - u for t, u in zip(target.continuations[0].concept_readout, res.unsteered[0].concept_readout)]
             )

@@ -126,6 +126,7 @@ def compare_prompts(
         k = min(top_k, s.d_sae)
         idx = diff.abs().topk(k).indices
         rows = torch.stack([idx.float(), a[idx], b[idx], diff[idx]], dim=1).cpu().tolist()  # [k, 4]
+        n_differ = int((diff != 0).sum())
     str_a, str_b = engine.str_tokens(tok_a), engine.str_tokens(tok_b)
     return PromptComparison(
         sae=s.key,
@@ -139,8 +140,18 @@ def compare_prompts(
             if d != 0
         ],
         warnings=collect_warnings(
+            few_differ_note(n_differ, k),
             context_warning(s, max(len(tok_a), len(tok_b))),
             reconstruction_warning(s, run_a.recon_error, [pa], str_a, "prompt_a's "),
             reconstruction_warning(s, run_b.recon_error, [pb], str_b, "prompt_b's "),
         ),
     )
+
+
+def few_differ_note(n_differ: int, top_k: int) -> str | None:
+    """Why fewer rows than top_k: only that many features differ at the position (every other is equal, mostly 0
+    in both prompts). The list is then complete; a minimal pair differing elsewhere needs another position."""
+    if n_differ >= top_k:
+        return None
+    return (f"only {n_differ} feature(s) differ between the prompts at this position (every other is equal in both, "
+            f"mostly 0), so {n_differ} rows, not {top_k}: the list is complete; compare another position for more")

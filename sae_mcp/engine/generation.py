@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from sae_mcp.engine.controls import kl
+from sae_mcp.engine.metric import Metric
 from sae_mcp.engine.runtime import CancelToken, Engine
 from sae_mcp.results.causal import Continuation
 
@@ -64,18 +65,22 @@ class PromptStats:
     last_logits: torch.Tensor  # [B, V]: the next-token logits after the prompt
     kl_last: list[float]  # KL(row 0 || row b) at the last position
     kl_mean: list[float]  # KL(row 0 || row b) averaged over the prompt's positions
-    p_answer: list[float] | None  # P(answer_id) at the last position, when an answer id is given
+    p_answer: list[float] | None  # P(answer) at the last position, when a metric is given
+    metric: list[float] | None  # the metric at the last position (engine/metric.py), when given
 
     @classmethod
-    def from_logits(cls, logits: torch.Tensor, answer_id: int | None) -> PromptStats:
+    def from_logits(cls, logits: torch.Tensor, metric: Metric | None) -> PromptStats:
         """logits [B, S, V] -> PromptStats, one row and a chunk of positions at a time (at most KL_CHUNK_ELEMENTS
         floats per temporary), never a full-size float copy."""
         S = logits.shape[1]
         kl_mean = [v / S for v in _summed_kl_from_row_0(logits)]  # [B]
         last = logits[:, -1].clone()  # [B, V]
         kl_last = kl(last[:1], last).tolist()  # [B]
-        p_answer = last.float().softmax(-1)[:, answer_id].tolist() if answer_id is not None else None
-        return cls(last_logits=last, kl_last=kl_last, kl_mean=kl_mean, p_answer=p_answer)
+        if metric is None:
+            return cls(last_logits=last, kl_last=kl_last, kl_mean=kl_mean, p_answer=None, metric=None)
+        p_answer = last.float().softmax(-1)[:, metric.answer].tolist()
+        return cls(last_logits=last, kl_last=kl_last, kl_mean=kl_mean, p_answer=p_answer,
+                   metric=metric.of(last).tolist())
 
 
 def _summed_kl_from_row_0(logits: torch.Tensor) -> list[float]:
@@ -113,7 +118,7 @@ def generate_rows(
     use_cache: bool = True,
     cancel: CancelToken | None = None,
     progress: ProgressFn | None = None,
-    answer_id: int | None = None,
+    metric: Metric | None = None,
     stats_rows: int | None = None,
 ) -> tuple[torch.Tensor, PromptStats, list[bool]]:
     """Generate one continuation per row of `vectors` [B, d_in] (added at `hook_name` at every position; a zero
@@ -124,8 +129,8 @@ def generate_rows(
     so its text is the one a batch of that seed alone gives).
 
     Returns (new tokens [B, T] (after EOS: EOS), PromptStats of the first forward against row 0 (KL at the last
-    position and over the prompt, P(answer_id), the last position's logits: the [B, S, d_vocab] logits themselves
-    are dropped at once) over the first `stats_rows` rows (default all: rows that repeat earlier ones under
+    position and over the prompt, P(answer) and the metric, the last position's logits: the [B, S, d_vocab] logits
+    themselves are dropped at once) over the first `stats_rows` rows (default all: rows that repeat earlier ones under
     another seed have the same prompt logits), stopped_at_eos per row). Call inside device_work().
     """
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
@@ -154,7 +159,7 @@ def generate_rows(
             # An explicit all-ones mask: otherwise transformer-lens masks tokens equal to pad (= EOS = BOS for GPT-2)
             logits = model(x, return_type="logits", past_kv_cache=cache, attention_mask=torch.ones_like(x))
             if stats is None:
-                stats = PromptStats.from_logits(logits[:n_stats], answer_id)  # [n_stats, S, V], then dropped
+                stats = PromptStats.from_logits(logits[:n_stats], metric)  # [n_stats, S, V], then dropped
             last = logits[:, -1].clone()  # [B, V]: a copy, so the [B, S, V] storage goes with `del`
             del logits
             nxt = _sample(last, temperature, top_p, gens)  # [B]
@@ -170,7 +175,7 @@ def generate_rows(
                 break
         if stats is None:  # max_new_tokens == 0: still score the prompt
             prompt_logits = model(seq, return_type="logits", attention_mask=torch.ones_like(seq))  # [B, S, V]
-            stats = PromptStats.from_logits(prompt_logits[:n_stats], answer_id)
+            stats = PromptStats.from_logits(prompt_logits[:n_stats], metric)
     out = torch.stack(new, dim=1) if new else torch.zeros((B, 0), dtype=torch.long, device=device)  # [B, T]
     return out, stats, done.tolist()
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sae_mcp.engine.features import POOR_RECONSTRUCTION, prompt_feature_acts
+from sae_mcp.engine.features import POOR_RECONSTRUCTION, few_differ_note, prompt_feature_acts
 from sae_mcp.engine.runtime import Engine, position_index
 from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.errors import InvalidInput
@@ -161,6 +161,7 @@ def compare_prompt_sets(
             [idx.float(), st.mean_a[idx], st.mean_b[idx], st.difference[idx], st.cohens_d[idx],
              st.separated[idx].float(), st.rank_biserial[idx]], dim=1
         ).cpu().tolist()  # [k, 7]
+        n_differ = int(((st.difference != 0) | (st.rank_biserial != 0)).sum())
     return PromptComparison(
         sae=s.key,
         mode="sets",
@@ -183,5 +184,6 @@ def compare_prompt_sets(
             for row in rows
             if row[3] != 0 or row[6] != 0
         ],
-        warnings=_set_warnings(s, a, b, any_separated=any(row[5] for row in rows)),
+        warnings=collect_warnings(few_differ_note(n_differ, min(top_k, s.d_sae)),
+                                  *(_set_warnings(s, a, b, any_separated=any(row[5] for row in rows)) or [])),
     )

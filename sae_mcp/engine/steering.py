@@ -5,7 +5,9 @@ spliced); generation is our own loop over the KV cache (generation.py), so seed,
 All runs (unsteered, each dose, each control at each control dose) go as rows of one batch (SteerRows), once per
 seed, each row with its own generator seeded with its seed, so the rows of one seed differ only by their steering
 and a seed's texts are those a one-seed call gives. Then every continuation is read back through the unsteered model
-and the SAE (steering_readout.py: is the concept in the text?), and checked for repetition loops.
+and the SAE (steering_readout.py: is the concept in the text?), and checked for repetition loops and word salad
+(its per-token loss under the unsteered model). With an answer, each dose is scored on the metric (engine/metric.py)
+at the prompt's next-token position.
 
 Hygiene: the steering hook lives inside `model.hooks(fwd_hooks=...)`, entered inside `Engine.device_work()`, whose
 finally detaches anything left anyway; the readout runs after it, on the plain model; SAE weights are never touched.
@@ -28,6 +30,7 @@ from sae_mcp.engine.steering_plan import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,
     ControlAsk,
+    KnownMaxFn,
     MaxActivationFn,
     Sampling,
     SteerOutcome,
@@ -36,7 +39,7 @@ from sae_mcp.engine.steering_plan import (
     plan_call,
     resolve_seeds,
 )
-from sae_mcp.engine.steering_readout import concept_readout
+from sae_mcp.engine.steering_readout import concept_readout, continuation_losses
 from sae_mcp.engine.steering_result import assemble
 from sae_mcp.errors import InvalidInput
 from sae_mcp.results.causal import SteerResult
@@ -80,8 +83,7 @@ def _generate(
     row_seeds = [sampling.seeds[k] for _, k in layout]  # [n_seeds * n_runs]
     return generate_rows(
         engine, tokens, plan.sae.hook_name, batch, sampling.max_new_tokens, sampling.temperature, sampling.top_p,
-        row_seeds, use_cache, cancel, progress, answer_id=plan.answer_ids[0] if plan.answer_ids else None,
-        stats_rows=rows.n_runs,
+        row_seeds, use_cache, cancel, progress, metric=plan.metric, stats_rows=rows.n_runs,
     )
 
 
@@ -107,11 +109,13 @@ def _run(
     eos = engine.model.tokenizer.eos_token_id
     lengths = [len(generated_ids(row, eos)) for row in new]  # per batch row, before EOS
     readouts = concept_readout(engine, s, tokens, new, lengths, plan.features)  # the plain model: no hook attached
+    losses, entropies = continuation_losses(engine, tokens, new, lengths)
     variant = None
     if plan.answer is not None and plan.answer_ids:
         variant = answer_variant_warning(engine, stats.last_logits[SteerRows.UNSTEERED], plan.answer, plan.answer_ids)
     return SteerOutcome(
-        rows=rows, new_tokens=new.cpu(), stopped_at_eos=stopped, stats=stats, readouts=readouts, control_note=note,
+        rows=rows, new_tokens=new.cpu(), stopped_at_eos=stopped, stats=stats, readouts=readouts, losses=losses,
+        entropies=entropies, control_note=note,
         decoder_norms=[float(norms[f]) for f in plan.features], prompt_tokens=engine.str_tokens(tokens),
         answer_tokens=engine.str_tokens(torch.tensor(plan.answer_ids)) if plan.answer_ids else None,
         answer_warning=variant,
@@ -138,6 +142,8 @@ def steer_generate(
     progress: ProgressFn | None = None,
     seeds: Sequence[int] | None = None,
     control_strength: float | None = None,
+    counterfactual: str | None = None,
+    known_max_fn: KnownMaxFn | None = None,
 ) -> SteerResult:
     """Generate unsteered and steered continuations side by side. `features` = [(feature, strength)];
     coefficient = strength * max_activation(feature) ('max_activation') or strength ('absolute');
@@ -145,10 +151,12 @@ def steer_generate(
     default 0): every run once per seed. `controls`: random features matched in decoder norm, steered at every
     nonzero dose or at `control_strength` (one of the doses). All rows are generated as one batch (at most
     MAX_BATCH_ROWS runs x seeds): `cancel` stops it between steps (Cancelled), `progress(step, max_new_tokens)`
-    follows it."""
+    follows it. With `answer` (and `counterfactual`) each dose is scored on the metric; `known_max_fn` gives a
+    feature's max activation when one is already known, for the warning on coefficients far above it."""
     sampling = Sampling(max_new_tokens, temperature, top_p, resolve_seeds(seed, seeds))
     ask = ControlAsk(controls, n_controls, control_strength)
-    plan = plan_call(engine, sae, features, strengths, sampling, calibration, max_activation_fn, answer, ask)
+    plan = plan_call(engine, sae, features, strengths, sampling, calibration, max_activation_fn, answer, ask,
+                     counterfactual, known_max_fn)
     with engine.device_work():
         outcome = _run(engine, prompt, plan, use_cache, cancel, progress)
     return assemble(engine, plan, outcome)

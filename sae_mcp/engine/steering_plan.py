@@ -16,6 +16,7 @@ import torch
 from sae_mcp.engine.controls import check_n_controls
 from sae_mcp.engine.generation import PromptStats
 from sae_mcp.engine.logits import answer_token_ids
+from sae_mcp.engine.metric import Metric, metric_for
 from sae_mcp.engine.runtime import Engine
 from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.errors import InvalidInput
@@ -39,7 +40,13 @@ MAX_BATCH_ROWS = 128
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_TOP_P = 0.9
 
+# A coefficient above this multiple of the feature's max activation (at any dose) is warned about: on stories260K
+# 5-10x already turns most features' continuations into word salad (measured: per-token loss 4-15 nats against
+# ~1 unsteered), and the issue that asked for this saw "mom her herse her" at 290x.
+FAR_ABOVE_MAX = 10.0
+
 MaxActivationFn = Callable[[LoadedSAE, int], tuple[float, str]]
+KnownMaxFn = Callable[[LoadedSAE, int], float | None]  # a max activation already known (index, cached scan), or None
 
 
 @dataclass(frozen=True)
@@ -138,8 +145,10 @@ class SteerPlan:
     calibration: str  # 'max_activation' or 'absolute'
     maxes: list[tuple[float, str] | None]  # per feature: (max activation, where it came from) when calibrated
     coefficients: list[float]  # per feature at scale 1: strength * max activation, or the strength itself
+    reference_maxes: list[float | None]  # per feature: its max activation when known (calibrated, or already known)
     answer: str | None
     answer_ids: list[int] | None
+    metric: Metric | None  # with an answer: logit[answer] - logit[counterfactual], else log P(answer)
     sampling: Sampling
     controls: bool
     n_controls: int
@@ -155,6 +164,8 @@ class SteerOutcome:
     stopped_at_eos: list[bool]  # per batch row
     stats: PromptStats  # every run against the unsteered one, on the prompt (seed-independent: the first seed's)
     readouts: list[list[float] | None]  # per batch row: the targets' concept readout of its continuation
+    losses: list[float | None]  # per batch row: mean per-token loss of its continuation under the unsteered model
+    entropies: list[float | None]  # per batch row: mean entropy of the unsteered model along its continuation
     control_note: str | None  # why fewer control sets than asked, when so
     decoder_norms: list[float]  # ||W_dec[f]|| per target feature
     prompt_tokens: list[str]
@@ -240,7 +251,7 @@ def _check_batch(n_scales: int, n_control_scales: int, n_controls: int, n_seeds:
 def plan_call(
     engine: Engine, sae: str | None, features: Sequence[tuple[int, float]], strengths: Sequence[float] | None,
     sampling: Sampling, calibration: str, max_activation_fn: MaxActivationFn | None, answer: str | None,
-    ask: ControlAsk,
+    ask: ControlAsk, counterfactual: str | None = None, known_max_fn: KnownMaxFn | None = None,
 ) -> SteerPlan:
     """Validate a call and calibrate its coefficients. Calibration runs here, outside device_work: the max may come
     from an on-demand scan that takes the lock itself."""
@@ -255,12 +266,29 @@ def plan_call(
     check_n_controls(ask.enabled, ask.n)
     control_scales = _control_scales(ask, scales)
     _check_batch(len(scales), len(control_scales), ask.n if ask.enabled else 0, len(sampling.seeds))
+    if counterfactual is not None and answer is None:
+        raise InvalidInput("counterfactual needs an answer: the metric is logit[answer] - logit[counterfactual]")
     answer_ids = answer_token_ids(engine, answer) if answer is not None else None
+    cf_ids = answer_token_ids(engine, counterfactual) if counterfactual is not None else None
+    metric = metric_for(engine, answer_ids, cf_ids, answer, counterfactual) if answer_ids else None
     maxes = _max_activations(s, feats, calibration, max_activation_fn)
     coefficients = [st * (m[0] if m else 1.0) for st, m in zip(given, maxes)]  # per feature at scale 1
     _check_coefficients(feats, coefficients, scales)
+    known = [m[0] if m else (known_max_fn(s, f) if known_max_fn else None) for f, m in zip(feats, maxes)]
     return SteerPlan(
         sae=s, features=feats, strengths=given, scales=scales, calibration=calibration, maxes=maxes,
-        coefficients=coefficients, answer=answer, answer_ids=answer_ids, sampling=sampling, controls=ask.enabled,
-        n_controls=ask.n, control_scales=control_scales,
+        coefficients=coefficients, reference_maxes=known, answer=answer, answer_ids=answer_ids, metric=metric,
+        sampling=sampling, controls=ask.enabled, n_controls=ask.n, control_scales=control_scales,
     )
+
+
+def far_above_max(plan: SteerPlan) -> list[tuple[int, float]]:
+    """(feature, multiple) for every feature whose largest |coefficient x dose| exceeds FAR_ABOVE_MAX times its
+    known max activation."""
+    out = []
+    for f, c, m in zip(plan.features, plan.coefficients, plan.reference_maxes):
+        if m and m > 0:
+            multiple = max(abs(c * x) for x in plan.scales) / m
+            if multiple > FAR_ABOVE_MAX:
+                out.append((f, multiple))
+    return out

@@ -1,17 +1,23 @@
-"""What a steered continuation says: the concept readout, the degeneration guard, and their spread over seeds.
+"""What a steered continuation says: the concept readout, the degeneration guards, and their spread over seeds.
 
 Concept readout. Steering adds the feature's direction at the hook, so the feature "fires" there by construction;
 whether the concept made it into the *text* is another question. We read every generated continuation back through
 the UNSTEERED model (prompt + generated ids, forward to the SAE's hook, encode) and average each target feature over
-the generated positions. All rows go in one forward (chunked only past READOUT_CHUNK_TOKENS tokens); the tokens after
-a row's EOS are filler that no earlier position attends to (causal attention), so they change nothing we read.
+the generated positions: a mean over generated tokens. All rows go in one forward (chunked only past
+READOUT_CHUNK_TOKENS tokens); the tokens after a row's EOS are filler that no earlier position attends to (causal
+attention), so they change nothing we read.
 
-Degeneration. A strong dose often makes small models loop ("the the the", or one sentence again and again); such
-text carries no concept, and target and controls alike degenerate at the largest doses. Rule (on the generated ids
-before EOS, from MIN_TOKENS_JUDGED tokens on): degenerate when at least MAX_REPEAT_SHARE of its 3-grams repeat an
-earlier 3-gram (a loop of period p over n tokens repeats 1 - p / (n - 2) of them), or when one token is more than
-MAX_TOKEN_SHARE of the tokens. Natural TinyStories/GPT-2 continuations of 30 tokens repeat well under 0.2 of their
-3-grams; the thresholds are meant to flag loops, not style.
+Degeneration, two ways (on the generated ids before EOS, from MIN_TOKENS_JUDGED tokens on):
+- loops: a strong dose often makes small models loop ("the the the", or one sentence again and again). Degenerate
+  when at least MAX_REPEAT_SHARE of its 3-grams repeat an earlier 3-gram (a loop of period p over n tokens repeats
+  1 - p / (n - 2) of them), or when one token is more than MAX_TOKEN_SHARE of the tokens. Natural TinyStories/GPT-2
+  continuations of 30 tokens repeat well under 0.2 of their 3-grams.
+- word salad that does not loop ("mom her herse her mom"): its mean per-token loss under the UNSTEERED model, over
+  the mean entropy of the unsteered model's next-token distribution along the same seed's unsteered continuation
+  (the loss a typical continuation has there; under greedy decoding the unsteered text's own loss is far below it,
+  so it would make a poor reference): loss_ratio. Degenerate above MAX_LOSS_RATIO. Measured on stories260K with the
+  bundled layer-3 SAE, 30 tokens, 3 seeds, sampled: unsteered texts ~1 nat/token; fluent steered texts at 2x a
+  feature's max activation 0.9-2.9 nats; word salad (5-290x) 4-15 nats.
 """
 
 from __future__ import annotations
@@ -29,10 +35,14 @@ READOUT_CHUNK_TOKENS = 2**15
 # Floats per encoded chunk ([positions, d_sae]): bounds the dense feature matrix of a wide SAE (64 MiB in float32).
 ENCODE_CHUNK_ELEMENTS = 2**24
 
+# Logits per loss forward ([rows, positions, d_vocab]; 2^25 floats = 128 MiB in float32).
+LOSS_CHUNK_ELEMENTS = 2**25
+
 NGRAM = 3
 MIN_TOKENS_JUDGED = 8  # fewer tokens: too short to call a loop (and the 3-gram share is too coarse)
 MAX_REPEAT_SHARE = 0.5  # repeated 3-grams at or above this share: a loop
 MAX_TOKEN_SHARE = 0.5  # one token more than this share of the tokens: a loop
+MAX_LOSS_RATIO = 3.0  # per-token loss over the unsteered entropy above this: word salad (see the docstring)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -61,6 +71,34 @@ def concept_readout(
     return out
 
 
+def continuation_losses(engine: Engine, prompt: torch.Tensor, new: torch.Tensor, lengths: list[int]
+                        ) -> tuple[list[float | None], list[float | None]]:
+    """Per row of `new` [B, T] (its first lengths[b] ids before EOS), read by the plain (unsteered) model after
+    prompt [1, S]: (mean per-token loss of its generated ids, mean entropy of the model's next-token distribution at
+    those positions); None for a row that generated nothing. Rows in chunks under LOSS_CHUNK_ELEMENTS logits. Call
+    inside device_work (no hook may be attached)."""
+    B, T = new.shape
+    S = prompt.shape[1]
+    if T == 0:
+        return [None] * B, [None] * B
+    seqs = torch.cat([prompt.expand(B, -1), new.to(prompt.device)], dim=1)  # [B, S + T]
+    per = max(1, LOSS_CHUNK_ELEMENTS // (seqs.shape[1] * engine.model.cfg.d_vocab))
+    losses: list[float | None] = []
+    entropies: list[float | None] = []
+    with torch.inference_mode():
+        for start in range(0, B, per):
+            chunk = seqs[start : start + per]
+            logits = engine.model(chunk, return_type="logits", attention_mask=torch.ones_like(chunk))  # [b, S+T, V]
+            lp = logits[:, S - 1 : S + T - 1].float().log_softmax(-1)  # [b, T, V]: predicts each generated id
+            del logits
+            nll = -lp.gather(-1, chunk[:, S:, None]).squeeze(-1)  # [b, T]
+            ent = -(lp.exp() * lp).sum(-1)  # [b, T]
+            for j, n in enumerate(lengths[start : start + per]):
+                losses.append(float(nll[j, :n].mean()) if n else None)
+                entropies.append(float(ent[j, :n].mean()) if n else None)
+    return losses, entropies
+
+
 def _encode_features(engine: Engine, sae: LoadedSAE, acts: torch.Tensor, features: list[int]) -> torch.Tensor:
     """acts [N, d_in] -> the target features' activations [N, n_feat] (float32), encoded in chunks of positions:
     every architecture (top-k, JumpReLU, ...) needs the full encode, but only n_feat columns are kept."""
@@ -82,13 +120,21 @@ def repetition(ids: list[int]) -> float | None:
     return 1.0 - len(set(grams)) / len(grams)
 
 
-def is_degenerate(ids: list[int]) -> bool:
-    """The module's rule: repeated 3-grams >= MAX_REPEAT_SHARE, or one token > MAX_TOKEN_SHARE of the tokens."""
+def loss_ratio(loss: float | None, reference_entropy: float | None) -> float | None:
+    """A continuation's per-token loss over the unsteered model's entropy along the same seed's unsteered text."""
+    if loss is None or not reference_entropy or reference_entropy <= 0:
+        return None
+    return loss / reference_entropy
+
+
+def is_degenerate(ids: list[int], ratio: float | None = None) -> bool:
+    """The module's rules: repeated 3-grams >= MAX_REPEAT_SHARE, or one token > MAX_TOKEN_SHARE of the tokens, or
+    a loss ratio above MAX_LOSS_RATIO (from MIN_TOKENS_JUDGED tokens on)."""
     rep = repetition(ids)
     if rep is None:
         return False
     top_share = max(Counter(ids).values()) / len(ids)
-    return rep >= MAX_REPEAT_SHARE or top_share > MAX_TOKEN_SHARE
+    return rep >= MAX_REPEAT_SHARE or top_share > MAX_TOKEN_SHARE or (ratio is not None and ratio > MAX_LOSS_RATIO)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """steer_generate's result, assembled from the plan and the device work's outcome (no device work here).
 
 Per run and seed a Continuation (its text, whether it changed from the same seed's unsteered text, the concept
-readout, repetition); per run the prompt effects once (KL and P(answer) come from the first forward, so they do not
-depend on the seed) and the seed-dependent metrics averaged over seeds; per control dose one Controls block against
-the targets' run at that dose; warnings that say what to do.
+readout, repetition, loss ratio); per run the prompt effects once (KL, P(answer) and the metric come from the first
+forward, so they do not depend on the seed) and the seed-dependent readings averaged over seeds; per control dose one
+Controls block against the targets' run at that dose, significance stated on the metric, KL and the concept readout
+only; warnings that say what to do.
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ from dataclasses import dataclass
 from sae_mcp.engine.controls import control_stats, few_controls_caution, pool_size, rounded_effects
 from sae_mcp.engine.generation import PromptStats, continuation, first_divergence, generated_ids
 from sae_mcp.engine.runtime import Engine, context_warning
-from sae_mcp.engine.steering_plan import SteerOutcome, SteerPlan, SteerRows
-from sae_mcp.engine.steering_readout import is_degenerate, mean_change, mean_std, repetition
+from sae_mcp.engine.steering_plan import FAR_ABOVE_MAX, SteerOutcome, SteerPlan, SteerRows, far_above_max
+from sae_mcp.engine.steering_readout import is_degenerate, loss_ratio, mean_change, mean_std, repetition
 from sae_mcp.results import collect_warnings, rounded
 from sae_mcp.results.causal import Continuation, ControlRun, Controls, SteerFeature, SteerResult, SteerRun
 
 UNSTEERED = SteerRows.UNSTEERED
 # A run is called degenerate when at least this share of its seeds loop: with one seed, that seed.
 DEGENERATE_RUN_SHARE = 0.5
+# What z and "exceeds every control" are stated on: the metric, KL, and steering's own readout of the text.
+SIGNIFICANCE = ("metric_change", "kl_next_token", "concept_readout_change")
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,8 @@ class _RowText:
     ids: list[int]
     cont: Continuation
     readout: list[float] | None
+    loss: float | None  # mean per-token loss under the unsteered model
+    entropy: float | None  # mean entropy of the unsteered model along it
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,8 @@ def _row_texts(engine: Engine, out: SteerOutcome) -> list[_RowText]:
     eos = engine.model.tokenizer.eos_token_id
     new = out.new_tokens  # [B, T]
     return [
-        _RowText(generated_ids(new[b], eos), continuation(engine, new[b], eos, out.stopped_at_eos[b]), out.readouts[b])
+        _RowText(generated_ids(new[b], eos), continuation(engine, new[b], eos, out.stopped_at_eos[b]), out.readouts[b],
+                 out.losses[b], out.entropies[b])
         for b in range(new.shape[0])
     ]
 
@@ -62,13 +68,15 @@ def _seed_continuation(rows: SteerRows, texts: list[_RowText], run: int, k: int,
     t, u = texts[rows.batch_row(run, k)], texts[rows.batch_row(UNSTEERED, k)]
     steered = run != UNSTEERED
     rep = repetition(t.ids)
+    ratio = loss_ratio(t.loss, u.entropy)
     return t.cont.model_copy(update=dict(
         seed=seed,
         changed=t.cont.text != u.cont.text if steered else None,
         first_divergent_token=first_divergence(u.ids, t.ids) if steered else None,
         concept_readout=_rounded_list(t.readout),
         repetition=rounded(rep, 4) if rep is not None else None,
-        degenerate=is_degenerate(t.ids) if rep is not None else None,
+        loss_ratio=rounded(ratio, 4) if ratio is not None else None,
+        degenerate=is_degenerate(t.ids, ratio) if rep is not None else None,
     ))
 
 
@@ -89,7 +97,8 @@ def _effects(stats: PromptStats, run: int, sr: _SeedRun) -> dict[str, float | No
     """A run's effect metrics against the unsteered run, unrounded: on the prompt (seed-independent), then from its
     texts (means over seeds). None where a reading is missing (no generated token)."""
     effects: dict[str, float | None] = {"kl_next_token": stats.kl_last[run], "mean_kl_prompt": stats.kl_mean[run]}
-    if stats.p_answer is not None:
+    if stats.metric is not None and stats.p_answer is not None:
+        effects["metric_change"] = stats.metric[run] - stats.metric[UNSTEERED]
         effects["answer_probability_change"] = stats.p_answer[run] - stats.p_answer[UNSTEERED]
     effects["concept_readout_change"] = sr.readout_change
     effects["changed_fraction"] = sr.changed_fraction
@@ -99,12 +108,14 @@ def _effects(stats: PromptStats, run: int, sr: _SeedRun) -> dict[str, float | No
 
 def _steer_run(plan: SteerPlan, out: SteerOutcome, i: int, sr: _SeedRun) -> SteerRun:
     """Dose i against the unsteered run."""
-    stats, p, b, x = out.stats, out.stats.p_answer, out.rows.dose_row(i), plan.scales[i]
+    stats, p, m, b, x = out.stats, out.stats.p_answer, out.stats.metric, out.rows.dose_row(i), plan.scales[i]
     return SteerRun(
         scale=x,
         coefficients=[rounded(c * x, 6) for c in plan.coefficients],
         kl_next_token=rounded(stats.kl_last[b], 6),
         mean_kl_prompt=rounded(stats.kl_mean[b], 6),
+        metric=rounded(m[b], 6) if m else None,
+        metric_change=rounded(m[b] - m[UNSTEERED], 6) if m else None,
         answer_probability=rounded(p[b], 6) if p else None,
         answer_probability_change=rounded(p[b] - p[UNSTEERED], 6) if p else None,
         continuations=sr.conts,
@@ -136,7 +147,7 @@ def _controls_at(plan: SteerPlan, out: SteerOutcome, seed_runs: list[_SeedRun], 
         scale=rows.control_scales[j],
         seed=plan.sampling.seeds[0],
         runs=runs,
-        stats=control_stats({m: target[m] for m in keep}, runs),
+        stats=control_stats({m: target[m] for m in keep if m in SIGNIFICANCE}, runs),
         note=out.control_note,
         caution=few_controls_caution(len(runs)),
     )
@@ -151,11 +162,22 @@ def _degeneration_warning(runs: list[SteerRun]) -> str | None:
     if not bad:
         return None
     good = [r.scale for r in runs if not r.degenerate]
+    what = "repetition loops or word salad (loss_ratio)"
     if not good:
-        return (f"every dose ({', '.join(f'{x:g}' for x in bad)}) degenerated into repetition loops in at least "
-                "half the seeds, so no text here shows the concept: lower the strengths until a dose reads")
-    return (f"{_doses(bad)} degenerated into repetition loops (in at least half the seeds), so that text is no "
-            f"evidence of the concept: read {_doses(good)}, which did not")
+        return (f"every dose ({', '.join(f'{x:g}' for x in bad)}) degenerated into {what} in at least half the "
+                "seeds, so no text here shows the concept: lower the strengths until a dose reads")
+    return (f"{_doses(bad)} degenerated into {what} in at least half the seeds, so that text is no evidence of the "
+            f"concept: read {_doses(good)}, which did not")
+
+
+def _far_above_max_warning(plan: SteerPlan) -> str | None:
+    far = far_above_max(plan)
+    if not far:
+        return None
+    named = ", ".join(f"feature {f} at {m:.0f}x" for f, m in far)
+    return (f"coefficients far above the feature's max activation ({named}; more than {FAR_ABOVE_MAX:g}x): the "
+            "stream is pushed where the model never was, and what it writes there says little about the feature; "
+            "use strengths of 1-10x max activation (calibration='max_activation')")
 
 
 def _unsteered_loop_warning(plan: SteerPlan, unsteered: _SeedRun) -> str | None:
@@ -197,12 +219,14 @@ def assemble(engine: Engine, plan: SteerPlan, out: SteerOutcome) -> SteerResult:
         unsteered=seed_runs[UNSTEERED].conts,
         unsteered_concept_readout=_rounded_list(seed_runs[UNSTEERED].readout_mean),
         unsteered_answer_probability=rounded(p[UNSTEERED], 6) if p else None,
+        metric=plan.metric.name if plan.metric else None,
+        unsteered_metric=rounded(out.stats.metric[UNSTEERED], 6) if out.stats.metric else None,
         answer_tokens=out.answer_tokens,
         multi_token=len(plan.answer_ids) > 1 if plan.answer_ids else None,
         steered=runs,
         controls=controls if plan.controls else None,
         warnings=collect_warnings(
-            _degeneration_warning(runs), _unsteered_loop_warning(plan, seed_runs[UNSTEERED]), out.answer_warning,
-            context_warning(plan.sae, longest),
+            _far_above_max_warning(plan), _degeneration_warning(runs),
+            _unsteered_loop_warning(plan, seed_runs[UNSTEERED]), out.answer_warning, context_warning(plan.sae, longest),
         ),
     )

@@ -163,7 +163,7 @@ class TokenProb(BaseModel):
 class AnswerScore(BaseModel):
     token: str = Field(description="The answer's first token (the one scored)")
     token_id: int
-    rank: int = Field(description="0 = most likely next token")
+    rank: int = Field(description="0-based: 0 = the most likely next token")
     probability: float
     logit: float
     answer_tokens: list[str] = Field(description="How the whole answer tokenizes")

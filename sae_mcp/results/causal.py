@@ -84,9 +84,13 @@ class Continuation(BaseModel):
         default=None, description="Share of the generated 3-grams that repeat an earlier one (0 = none); None "
         "below 8 tokens"
     )
+    loss_ratio: float | None = Field(
+        default=None, description="Mean per-token loss of this text under the unsteered model / the unsteered "
+        "model's mean entropy along the same seed's unsteered text (~1 for text the model would write)"
+    )
     degenerate: bool | None = Field(
-        default=None, description="A repetition loop: repetition >= 0.5, or one token is more than half of the "
-        "tokens (judged from 8 tokens on)"
+        default=None, description="A repetition loop (repetition >= 0.5, or one token over half of the tokens) or "
+        "word salad (loss_ratio > 3); judged from 8 tokens on"
     )
 
 
@@ -97,6 +101,10 @@ class SteerRun(BaseModel):
         description="KL(unsteered || steered) of the next-token distribution after the prompt (seed-independent)"
     )
     mean_kl_prompt: float = Field(description="KL(unsteered || steered) averaged over the prompt's positions")
+    metric: float | None = Field(
+        default=None, description="With an answer: the metric at the prompt's next-token position (seed-independent)"
+    )
+    metric_change: float | None = Field(default=None, description="Minus the unsteered metric")
     answer_probability: float | None = Field(
         default=None, description="P(answer's first token) at the prompt's next-token position (not during "
         "generation; seed-independent), when answer given"
@@ -104,8 +112,8 @@ class SteerRun(BaseModel):
     answer_probability_change: float | None = Field(default=None, description="Minus the unsteered P(answer)")
     continuations: list[Continuation] = Field(description="One per seed, in the order of `seeds`")
     concept_readout: list[float] | None = Field(
-        default=None, description="Per target feature: the continuations' concept_readout averaged over seeds "
-        "(seeds that generated nothing left out); compare with unsteered_concept_readout"
+        default=None, description="Per target feature: the continuations' concept_readout (a mean over generated "
+        "tokens) averaged over seeds (seeds that generated nothing left out); compare with unsteered_concept_readout"
     )
     concept_readout_std: list[float] | None = Field(
         default=None, description="Per target feature: sample std (n - 1) of concept_readout over seeds; None "
@@ -113,7 +121,7 @@ class SteerRun(BaseModel):
     )
     changed_fraction: float = Field(description="Share of seeds whose text differs from the unsteered text")
     degenerate_fraction: float = Field(description="Share of seeds whose continuation is degenerate")
-    degenerate: bool = Field(description="At least half of the seeds' continuations are degenerate (loops)")
+    degenerate: bool = Field(description="At least half of the seeds' continuations are degenerate")
 
 
 class SteerResult(BaseModel):
@@ -133,6 +141,10 @@ class SteerResult(BaseModel):
     unsteered_answer_probability: float | None = Field(
         default=None, description="The unsteered P(answer's first token) at the prompt's next-token position"
     )
+    metric: str | None = Field(
+        default=None, description="With an answer: logit[answer] - logit[counterfactual], or log P(answer) without one"
+    )
+    unsteered_metric: float | None = Field(default=None, description="The unsteered metric")
     answer_tokens: list[str] | None = Field(default=None, description="How the whole answer tokenizes")
     multi_token: bool | None = Field(
         default=None, description="True when the answer is several tokens: only the first is scored"

@@ -44,7 +44,8 @@ def _next_token(r: NextToken) -> str:
         f"{tok(t.token)} {fmt(t.probability)} ({fmt(t.logit)})" for t in r.top)]
     if r.answer is not None:
         a = r.answer
-        lines.append(f"answer {tok(a.token)}: rank {a.rank}, probability {fmt(a.probability)}, logit {fmt(a.logit)}"
+        lines.append(f"answer {tok(a.token)}: rank {a.rank} (0-based), probability {fmt(a.probability)}, logit "
+                     f"{fmt(a.logit)}"
                      + (f"; tokens {a.answer_tokens}, only the first scored; whole answer log-probability "
                         f"{fmt(a.sequence_log_probability)}" if a.multi_token and a.sequence_log_probability is not None
                         else ""))
@@ -203,7 +204,7 @@ def _continuation(c: Continuation, feature_names: list[str]) -> str:
     if c.concept_readout:
         flags.append("readout " + " ".join(f"{n}={fmt(v)}" for n, v in zip(feature_names, c.concept_readout)))
     if c.degenerate:
-        flags.append(f"degenerate (repetition {fmt(c.repetition)})")
+        flags.append(f"degenerate (repetition {fmt(c.repetition)}, loss ratio {fmt(c.loss_ratio)})")
     return f"  [{', '.join(flags)}] {c.text!r}"
 
 
@@ -215,12 +216,12 @@ def _steer(r: SteerResult) -> str:
             f"{f.feature} strength {fmt(f.strength)} -> coefficient {fmt(f.coefficient)}"
             + (f" (max activation {fmt(f.max_activation)} from {f.max_activation_source})"
                if f.max_activation is not None else "") + f", decoder norm {fmt(f.decoder_norm)}" for f in r.features),
-        "unsteered" + (f": P(answer) {fmt(r.unsteered_answer_probability)}" if r.answer_tokens else "")
+        "unsteered" + (f": metric {r.metric} = {fmt(r.unsteered_metric)}" if r.metric else "")
         + (" readout " + " ".join(f"{n}={fmt(v)}" for n, v in zip(names, r.unsteered_concept_readout))
            if r.unsteered_concept_readout else ""),
         *(_continuation(c, names) for c in r.unsteered),
-        "per dose: KL next token, mean KL over the prompt[, P(answer) and change], concept readout mean ± std, "
-        "changed and degenerate shares of seeds",
+        "per dose: KL next token, mean KL over the prompt[, metric and change], concept readout (mean activation "
+        "over the generated tokens) mean ± std over seeds, changed and degenerate shares of seeds",
     ]
     for run in r.steered:
         readout = ""
@@ -229,8 +230,7 @@ def _steer(r: SteerResult) -> str:
             readout = ", readout " + " ".join(
                 f"{n}={fmt(m)}" + (f"±{fmt(s)}" if s is not None else "")
                 for n, m, s in zip(names, run.concept_readout, std))
-        answer = (f", P(answer) {fmt(run.answer_probability)} ({run.answer_probability_change:+.4g})"
-                  if run.answer_probability is not None else "")
+        answer = (f", metric {fmt(run.metric)} ({run.metric_change:+.4g})" if run.metric is not None else "")
         lines.append(f"dose {fmt(run.scale)} (coefficients {', '.join(map(fmt, run.coefficients))}): KL "
                      f"{fmt(run.kl_next_token)}, {fmt(run.mean_kl_prompt)}{answer}{readout}, changed "
                      f"{fmt(run.changed_fraction)}, degenerate {fmt(run.degenerate_fraction)}")

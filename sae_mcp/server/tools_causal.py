@@ -53,6 +53,20 @@ def max_activation_of(examples: ExampleSource) -> Callable[[LoadedSAE, int], tup
     return fn
 
 
+def known_max_of(examples: ExampleSource) -> Callable[[LoadedSAE, int], float | None]:
+    """A feature's max activation when the index or an earlier scan already knows it (never scans): what steering
+    under calibration='absolute' compares coefficients with."""
+
+    def fn(sae: LoadedSAE, feature: int) -> float | None:
+        try:
+            top = examples.cached_top_examples(sae.key, feature, k=1)
+        except SaeMcpError:
+            return None
+        return float(top.max_activation) if top is not None and top.max_activation > 0 else None
+
+    return fn
+
+
 def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: Services) -> None:
     max_k = engine.limits.max_top_k
     A = engine_args(engine)
@@ -90,7 +104,10 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
             list[Strength] | None,
             Field(min_length=1, max_length=MAX_STRENGTHS, description="Doses: each multiplies every coefficient"),
         ] = None,
-        answer: Annotated[Answer | None, Field(description="Score P(answer) per dose (its first token)")] = None,
+        answer: Annotated[Answer | None, Field(description="Score the metric per dose (first token)")] = None,
+        counterfactual: Annotated[
+            Answer | None, Field(description="metric = logit[answer] - logit[this] (else log P(answer))")
+        ] = None,
         controls: Annotated[bool, Field(description="Random features matched in decoder norm")] = False,
         n_controls: Annotated[int, Field(ge=1, le=MAX_CONTROLS)] = 5,
         control_strength: ControlStrength = None,
@@ -98,8 +115,9 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
     ) -> SteerResult:
         """Add coefficient * W_dec[feature] at the SAE's hook at every position and generate, unsteered and per
         dose side by side from the same seeds. coefficient = strength * max activation (calibration max_activation)
-        or strength (absolute). Per dose: KL, P(answer), the concept readout (the features' activation on the text
-        read back unsteered), changed/degenerate seeds; controls per dose. At most 128 runs x seeds."""
+        or strength (absolute). Per dose: KL, the metric with an answer, the concept readout (the features' mean
+        activation over the generated tokens, read back unsteered), changed/degenerate seeds; controls per dose. At
+        most 128 runs x seeds."""
         calib = max_activation_of(services.examples) if calibration == "max_activation" else None
         cancel = CancelToken()
 
@@ -109,7 +127,8 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
             engine, prompt, [(f.feature, f.strength) for f in features], sae=sae, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, seed=seed, calibration=calibration, max_activation_fn=calib,
             strengths=strengths, answer=answer, controls=controls, n_controls=n_controls, cancel=cancel,
-            progress=progress, seeds=seeds, control_strength=control_strength,
+            progress=progress, seeds=seeds, control_strength=control_strength, counterfactual=counterfactual,
+            known_max_fn=known_max_of(services.examples),
         )
 
     @tool()
