@@ -101,12 +101,78 @@ def test_cheap_calls_answer_in_under_a_second_while_a_long_steer_generate_runs(e
                         latencies[name].append(time.perf_counter() - t0)
                         if res.is_error:
                             errors.append(f"{name}: {error_text(res)}")
-                assert engine.device_status().held, "the steer_generate finished before the cheap calls"
+                assert len(steps) < 50, "the steer_generate finished before the cheap calls"
 
     anyio.run(go)
     assert not errors, errors
     worst = {name: max(v) for name, v in latencies.items()}
     assert max(worst.values()) < 1.0, worst
+    assert len(steps) == 50 and engine.is_clean()
+
+
+def test_a_one_forward_call_queued_beside_a_long_generation_runs_between_its_steps_and_sees_the_plain_model(
+    tiny_loaded, tiny_engine
+):
+    """A next_token started while a steer_generate generates answers before the generation ends (by order: the
+    generation waits for it at its step 3, with a hang guard, and would wait forever if it held the device across
+    steps), equals the plain model's (the steering hook is attached only while a step runs), and the generation's
+    numbers equal those of the same call run alone."""
+    from sae_mcp.engine import logits as L
+    from sae_mcp.engine import steering
+
+    e = fresh_engine(tiny_loaded, tiny_engine, busy_timeout_s=60.0, max_queued=4)
+    plain = L.next_token(e, "the cat sat", top_k=5)
+    kw = dict(calibration="absolute", max_new_tokens=12, temperature=0.0, answer=" mat")
+    alone = steering.steer_generate(e, STEER["prompt"], [(5, 40.0)], **kw)
+    order: list[str] = []
+    short: dict = {}
+    done = threading.Event()
+
+    def next_token_call():
+        short["result"] = L.next_token(e, "the cat sat", top_k=5)
+        order.append("next_token")
+        done.set()
+
+    def progress(step, total):
+        if step == 3:
+            threading.Thread(target=next_token_call, daemon=True).start()
+            done.wait(60)  # a hang guard only: it answers at once when the device is free between steps
+
+    interleaved = steering.steer_generate(e, STEER["prompt"], [(5, 40.0)], progress=progress, **kw)
+    order.append("steer_generate")
+    done.wait(120)
+    assert order == ["next_token", "steer_generate"]
+    assert short["result"] == plain  # the plain model, not the steered one
+    assert interleaved == alone
+    assert e.is_clean()
+
+
+def test_a_device_call_from_another_client_answers_while_a_long_steer_generate_is_still_generating(
+    engine, indexed_settings, steps
+):
+    """Over MCP, from a second client: next_token and get_feature_acts (device calls) answer while the 50-step
+    steer_generate still has steps to go (counted, not timed), each equal to the same call with the device free."""
+    server = build_server(engine, indexed_settings)
+    device_calls = [("next_token", {"prompt": "the cat sat", "top_k": 5}),
+                    ("get_feature_acts", {"prompt": "the cat sat", "top_k": 3})]
+    free = [r.structured_content for r in call_many(server, device_calls)]
+    seen: list[tuple[int, dict]] = []
+
+    async def go():
+        async with Client(server) as heavy, Client(server) as other:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(heavy.call_tool, "steer_generate", STEER)
+                while len(steps) < 5:
+                    await anyio.sleep(0.01)
+                for name, args in device_calls:
+                    res = await other.call_tool(name, args)
+                    assert not res.is_error, error_text(res)
+                    seen.append((len(steps), res.structured_content))
+
+    anyio.run(go)
+    assert all(n < 50 for n, _ in seen), [n for n, _ in seen]  # answered before the generation's last step
+    for (_, got), want in zip(seen, free):
+        assert {k: v for k, v in got.items() if k != "run_id"} == {k: v for k, v in want.items() if k != "run_id"}
     assert len(steps) == 50 and engine.is_clean()
 
 

@@ -48,9 +48,8 @@ def test_steering_adds_coefficient_times_decoder_at_every_prompt_position(tiny_e
     with torch.inference_mode():
         plain = e.model(tokens)[0]  # [S, V]
         expected = e.model.run_with_hooks(tokens, fwd_hooks=[(s.hook_name, lambda x, hook: x + vec)])[0]
-    with e.device_work():
-        _, stats, _ = generation.generate_rows(e, tokens, s.hook_name, torch.stack([torch.zeros_like(vec), vec]),
-                                               1, 0.0, 1.0, 0, metric=Metric(7, None, "x", None))
+    _, stats, _ = generation.generate_rows(e, tokens, s.hook_name, torch.stack([torch.zeros_like(vec), vec]),
+                                           1, 0.0, 1.0, 0, metric=Metric(7, None, "x", None))
     assert stats.last_logits.shape == (2, plain.shape[-1])  # only the last position is kept
     assert_close(stats.last_logits[1], expected[-1], atol=1e-5, rtol=1e-5)
     # every prompt position enters the mean KL: it equals the plain per-position KL averaged
@@ -115,8 +114,7 @@ def test_generation_keeps_no_prompt_sized_logits_while_generating(tiny_engine):
         gc.collect()
         held.append(any(isinstance(o, torch.Tensor) and tuple(o.shape) == (B, S, V) for o in gc.get_objects()))
 
-    with e.device_work():
-        generation.generate_rows(e, tokens, s.hook_name, vectors, 3, 0.0, 1.0, 0, progress=progress)
+    generation.generate_rows(e, tokens, s.hook_name, vectors, 3, 0.0, 1.0, 0, progress=progress)
     assert held == [False, False, False]
 
 
@@ -210,9 +208,8 @@ def test_generation_stops_at_eos(tiny_engine):
     eos = e.model.tokenizer.eos_token_id
     push = e.model.W_U[:, eos] - e.model.W_U.mean(-1)  # a direction that makes EOS the argmax after ln_final
     vec = 1e3 * push / push.norm()
-    with e.device_work():
-        new, _, stopped = generation.generate_rows(e, tokens_of(e), "blocks.1.hook_resid_post",
-                                                   torch.stack([torch.zeros_like(vec), vec]), 6, 0.0, 1.0, 0)
+    new, _, stopped = generation.generate_rows(e, tokens_of(e), "blocks.1.hook_resid_post",
+                                               torch.stack([torch.zeros_like(vec), vec]), 6, 0.0, 1.0, 0)
     assert stopped[1] and new[1, 0] == eos
     cont = generation.continuation(e, new[1], eos, stopped[1])
     assert cont.text == "" and cont.n_tokens == 0 and cont.stopped_at_eos
@@ -436,8 +433,7 @@ def test_each_seed_of_a_several_seed_call_is_the_one_seed_call_with_that_seed(ti
     tokens, eos = tokens_of(e), e.model.tokenizer.eos_token_id
     block = both.controls[1]
     vecs = torch.stack([block.scale * 3.0 * s.sae.W_dec[r.features[0]] for r in block.runs])
-    with e.device_work():
-        new, _, stopped = generation.generate_rows(e, tokens, s.hook_name, vecs, 10, 1.0, steering.DEFAULT_TOP_P, 5)
+    new, _, stopped = generation.generate_rows(e, tokens, s.hook_name, vecs, 10, 1.0, steering.DEFAULT_TOP_P, 5)
     texts = [generation.continuation(e, new[i], eos, stopped[i]).text for i in range(len(block.runs))]
     assert [r.continuations[1] for r in block.runs] == texts
 

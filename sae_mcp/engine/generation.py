@@ -7,6 +7,11 @@ cache equals an independent full-forward greedy loop on stories260K). Measured o
 alike (or one seed per row when a call asks for several seeds), so rows of one seed differ only by their steering.
 The loop checks a CancelToken before every step and reports progress after each (the tool turns a client's cancel
 into the token's, and the progress into MCP notifications).
+
+Each step holds the device on its own: it enters Engine.device_work(), attaches the steering hook, runs one forward,
+and leaves (the hook goes with it). A call queued meanwhile (a one-forward next_token beside a 36 s steer_generate)
+takes the device between two steps and sees the plain model; the next step queues again behind it. The KV cache
+holds only this call's tensors, which no other call touches, so the numbers are those of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -122,7 +127,8 @@ def generate_rows(
     stats_rows: int | None = None,
 ) -> tuple[torch.Tensor, PromptStats, list[bool]]:
     """Generate one continuation per row of `vectors` [B, d_in] (added at `hook_name` at every position; a zero
-    row is the unsteered model) from prompt `tokens` [1, S]. `cancel` is checked before every step (a cancelled
+    row is the unsteered model) from prompt `tokens` [1, S], each step in its own engine.device_work() (the first
+    admitted under the queue's limits, the others continuations). `cancel` is checked before every step (a cancelled
     token raises Cancelled there; the hooks go with the context managers); `progress(step, max_new_tokens)` is
     called after every step (it may cancel the token, e.g. when the client is gone). `seed` seeds every row's
     generator alike, or is one seed per row (several seeds in one batch: a row's draws depend only on its own seed,
@@ -131,7 +137,8 @@ def generate_rows(
     Returns (new tokens [B, T] (after EOS: EOS), PromptStats of the first forward against row 0 (KL at the last
     position and over the prompt, P(answer) and the metric, the last position's logits: the [B, S, d_vocab] logits
     themselves are dropped at once) over the first `stats_rows` rows (default all: rows that repeat earlier ones under
-    another seed have the same prompt logits), stopped_at_eos per row). Call inside device_work().
+    another seed have the same prompt logits), stopped_at_eos per row). Call outside device_work: it takes the
+    device itself, step by step.
     """
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
@@ -151,13 +158,18 @@ def generate_rows(
     done = torch.zeros(B, dtype=torch.bool, device=device)  # [B]
     stats: PromptStats | None = None
     step_input = seq
-    with torch.inference_mode(), model.hooks(fwd_hooks=[(hook_name, steer)]):
-        for step in range(max_new_tokens):
-            if cancel is not None:
-                cancel.check()
-            x = step_input if use_cache else seq
+
+    def forward(x: torch.Tensor, kv=None) -> torch.Tensor:
+        """One step's forward [B, x_len, V], holding the device and the steering hook only while it runs."""
+        with engine.device_work(), torch.inference_mode(), model.hooks(fwd_hooks=[(hook_name, steer)]):
             # An explicit all-ones mask: otherwise transformer-lens masks tokens equal to pad (= EOS = BOS for GPT-2)
-            logits = model(x, return_type="logits", past_kv_cache=cache, attention_mask=torch.ones_like(x))
+            return model(x, return_type="logits", past_kv_cache=kv, attention_mask=torch.ones_like(x))
+
+    for step in range(max_new_tokens):
+        if cancel is not None:
+            cancel.check()
+        logits = forward(step_input, cache) if use_cache else forward(seq)
+        with torch.inference_mode():
             if stats is None:
                 stats = PromptStats.from_logits(logits[:n_stats], metric)  # [n_stats, S, V], then dropped
             last = logits[:, -1].clone()  # [B, V]: a copy, so the [B, S, V] storage goes with `del`
@@ -166,16 +178,16 @@ def generate_rows(
             if eos is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
                 done = done | (nxt == eos)
-            new.append(nxt)
-            seq = torch.cat([seq, nxt[:, None]], dim=1)  # [B, S + step + 1]
-            step_input = nxt[:, None]  # [B, 1]
-            if progress is not None:
-                progress(step + 1, max_new_tokens)
-            if eos is not None and bool(done.all()):
-                break
-        if stats is None:  # max_new_tokens == 0: still score the prompt
-            prompt_logits = model(seq, return_type="logits", attention_mask=torch.ones_like(seq))  # [B, S, V]
-            stats = PromptStats.from_logits(prompt_logits[:n_stats], metric)
+        new.append(nxt)
+        seq = torch.cat([seq, nxt[:, None]], dim=1)  # [B, S + step + 1]
+        step_input = nxt[:, None]  # [B, 1]
+        if progress is not None:
+            progress(step + 1, max_new_tokens)
+        if eos is not None and bool(done.all()):
+            break
+    if stats is None:  # max_new_tokens == 0: still score the prompt
+        with torch.inference_mode():
+            stats = PromptStats.from_logits(forward(seq)[:n_stats], metric)  # [n_stats, S, V]
     out = torch.stack(new, dim=1) if new else torch.zeros((B, 0), dtype=torch.long, device=device)  # [B, T]
     return out, stats, done.tolist()
 

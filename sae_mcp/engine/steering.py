@@ -9,8 +9,10 @@ and the SAE (steering_readout.py: is the concept in the text?), and checked for 
 (its per-token loss under the unsteered model). With an answer, each dose is scored on the metric (engine/metric.py)
 at the prompt's next-token position.
 
-Hygiene: the steering hook lives inside `model.hooks(fwd_hooks=...)`, entered inside `Engine.device_work()`, whose
-finally detaches anything left anyway; the readout runs after it, on the plain model; SAE weights are never touched.
+Hygiene: the steering hook lives inside `model.hooks(fwd_hooks=...)`, entered inside `Engine.device_work()` once per
+generated step (generation.py: calls queued meanwhile take the device between steps and see the plain model), whose
+finally detaches anything left anyway; the readout runs after it, in its own device turn, on the plain model; SAE
+weights are never touched.
 
 steer_generate validates a call into a SteerPlan (steering_plan.py), runs it under device_work into a SteerOutcome
 (here), and assembles the SteerResult from that (steering_result.py).
@@ -91,8 +93,8 @@ def _run(
     engine: Engine, prompt: str, plan: SteerPlan, use_cache: bool, cancel: CancelToken | None,
     progress: ProgressFn | None,
 ) -> SteerOutcome:
-    """The device work: tokens, controls, one steering vector per run, one batched generation, one batched readout.
-    Inside device_work."""
+    """Tokens, controls, one steering vector per run (weights only), one batched generation (a device turn per
+    step), one device turn for the readout and the losses."""
     s, sampling = plan.sae, plan.sampling
     tokens = engine.to_tokens(prompt, prepend_bos=s.prepend_bos)  # [1, S]
     if tokens.shape[1] + sampling.max_new_tokens > engine.model.cfg.n_ctx:
@@ -108,8 +110,9 @@ def _run(
         cancel.check()  # cancelled during the last step: skip the readout
     eos = engine.model.tokenizer.eos_token_id
     lengths = [len(generated_ids(row, eos)) for row in new]  # per batch row, before EOS
-    readouts = concept_readout(engine, s, tokens, new, lengths, plan.features)  # the plain model: no hook attached
-    losses, entropies = continuation_losses(engine, tokens, new, lengths)
+    with engine.device_work():  # the plain model: no hook attached
+        readouts = concept_readout(engine, s, tokens, new, lengths, plan.features)
+        losses, entropies = continuation_losses(engine, tokens, new, lengths)
     variant = None
     if plan.answer is not None and plan.answer_ids:
         variant = answer_variant_warning(engine, stats.last_logits[SteerRows.UNSTEERED], plan.answer, plan.answer_ids)
@@ -157,6 +160,5 @@ def steer_generate(
     ask = ControlAsk(controls, n_controls, control_strength)
     plan = plan_call(engine, sae, features, strengths, sampling, calibration, max_activation_fn, answer, ask,
                      counterfactual, known_max_fn)
-    with engine.device_work():
-        outcome = _run(engine, prompt, plan, use_cache, cancel, progress)
+    outcome = _run(engine, prompt, plan, use_cache, cancel, progress)  # takes the device step by step
     return assemble(engine, plan, outcome)
