@@ -297,14 +297,16 @@ def _method_parts(
 
 def _run(engine: Engine, prompt: str, plan: AttributionPlan, cancel: CancelToken | None) -> AttributionOutcome:
     """Tokens, the metric's position, the backward pass, each SAE's numbers, every returned entry's exact
-    contribution. Inside device_work."""
+    contribution: one device turn for the backward pass, then one per integrated-gradients chunk and per chunk of
+    exact contributions (calls queued meanwhile run between them; the captured tensors are this call's alone)."""
     tokens = engine.to_tokens(prompt, prepend_bos=plan.prepend_bos)  # [1, S]
     pos = position_index(plan.position, tokens.shape[1])
     # positions the error share is taken over: 1..pos without BOS (0..pos without a BOS, or when pos is BOS)
     share_start = 1 if plan.prepend_bos and pos >= 1 else 0
     at = MetricAt(plan.metric, pos)
     captured = [SaeCapture(s) for s in plan.saes]
-    metric_value, last_logits, grads = _backward(engine, captured, tokens, at)
+    with engine.device_work():
+        metric_value, last_logits, grads = _backward(engine, captured, tokens, at)
     parts, ig = _method_parts(engine, plan, captured, grads, tokens, at, metric_value)
     per_sae = [_sae_attribution(c, a, e, r, share_start, pos, plan.top_k) for c, (a, e, r) in zip(captured, parts)]
     top = sorted((c for sae in per_sae for c in sae.candidates), key=lambda c: -c.magnitude)[: plan.top_k]
@@ -395,6 +397,5 @@ def attribute(
     with `verify`, every returned entry's exact contribution beside its attribution. A multi-token answer or
     counterfactual is scored on its first token only (answer_tokens / multi_token say so)."""
     plan = _plan(engine, answer, counterfactual, sae, saes, top_k, position, method, steps, verify)
-    with engine.device_work():
-        outcome = _run(engine, prompt, plan, cancel)
+    outcome = _run(engine, prompt, plan, cancel)  # takes the device turn by turn
     return _assemble(engine, plan, outcome)

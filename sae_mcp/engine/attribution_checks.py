@@ -122,8 +122,8 @@ def exact_contributions(
     cancel: Callable[[], None] | None = None,
 ) -> list[float]:
     """metric_clean - metric with cells[i] zeroed, for each i: each cell in its own batch row, rows_per_forward
-    rows a forward (the first forward's row 0 is the clean run). tokens [1, S]. `cancel` is called between
-    forwards (raises to stop)."""
+    rows a forward (the first forward's row 0 is the clean run), each forward its own device turn (calls queued
+    meanwhile run between them). tokens [1, S]. `cancel` is called between forwards (raises to stop)."""
     if not cells:
         return []
     per = rows_per_forward(engine, saes, tokens.shape[1])
@@ -132,7 +132,8 @@ def exact_contributions(
     for i in range(0, len(rows), per):
         if cancel is not None and i:
             cancel()
-        metrics += _zeroed_metrics(engine, saes, tokens, at, rows[i : i + per]).tolist()
+        with engine.device_work():
+            metrics += _zeroed_metrics(engine, saes, tokens, at, rows[i : i + per]).tolist()
     return [metrics[0] - m for m in metrics[1:]]
 
 
@@ -241,15 +242,18 @@ class PathEnds:
 
 def _integrate(engine: Engine, clean: list[CleanSae], tokens: torch.Tensor, at: MetricAt, steps: int, path: str
                ) -> tuple[list[torch.Tensor], float]:
-    """Per SAE, (clean nodes) * mean over the midpoints of the gradient, and the path's endpoint difference."""
+    """Per SAE, (clean nodes) * mean over the midpoints of the gradient, and the path's endpoint difference. Each
+    chunk of IG_ROWS points is its own device turn."""
     alphas = (torch.arange(steps, device=tokens.device, dtype=torch.float32) + 0.5) / steps  # [steps] midpoints
     nodes = [(c.acts if path == FEATURES else c.err)[0].float() for c in clean]  # [S, d_sae] or [S, d_in]
     # summed in float32: steps gradients of a bf16/fp16 model would lose digits
     totals = [torch.zeros_like(n) for n in nodes]
     for chunk in alphas.split(IG_ROWS):
-        for t, g in zip(totals, _path_gradients(engine, clean, tokens, at, chunk, path)):
+        with engine.device_work():
+            grads = _path_gradients(engine, clean, tokens, at, chunk, path)
+        for t, g in zip(totals, grads):
             t += g
-    with torch.inference_mode():
+    with engine.device_work(), torch.inference_mode():
         ends = _spliced(engine, _captures(clean, alphas.new_tensor([1.0, 0.0]), path), tokens, at)  # [2]
     return [n * t / steps for n, t in zip(nodes, totals)], float(ends[0] - ends[1])
 
