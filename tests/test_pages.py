@@ -262,6 +262,7 @@ def test_a_scored_label_shows_its_score_on_the_feature_page_and_in_the_front_pag
                                                           "n": 8, "seed": 5})])
     blind = issued.structured_content["challenge"]
     (res,) = call_many(server, [("submit_predictions", {"challenge_id": blind["challenge_id"],
+                                                        "submit_secret": issued.structured_content["submit_secret"],
                                                         "predictions": {c["id"]: False for c in blind["contexts"]}})])
     m = res.structured_content["metrics"]
     assert m["balanced_accuracy"] == 0.5

@@ -56,8 +56,11 @@ def ask(server, feature: int, **kw) -> dict:
     return res.structured_content
 
 
-def submit(server, challenge_id: str, predictions: dict):
-    (res,) = call_many(server, [("submit_predictions", {"challenge_id": challenge_id, "predictions": predictions})])
+def submit(server, out: dict, predictions: dict):
+    """submit_predictions on the blind set of a score_explanation result (its challenge id and submit secret)."""
+    (res,) = call_many(server, [("submit_predictions", {"challenge_id": out["challenge"]["challenge_id"],
+                                                        "submit_secret": out["submit_secret"],
+                                                        "predictions": predictions})])
     return res
 
 
@@ -156,7 +159,7 @@ def test_perfect_scorer_gets_1_and_constant_scorers_get_half(setup, stories_engi
         kinds[name] = [group_by_hand(a, truth[a["id"]], c.answers["bands"], max(acts))
                        for a, acts in zip(c.answers["items"], true_activations(stories_engine, services, c).values())]
         preds = {"perfect": truth, "all true": dict.fromkeys(truth, True), "all false": dict.fromkeys(truth, False)}
-        res = submit(server, c.id, preds[name])
+        res = submit(server, out, preds[name])
         assert not res.is_error, text_of(res)
         scores[name] = res.structured_content
     assert scores["perfect"]["metrics"]["balanced_accuracy"] == 1.0 and not scores["perfect"].get("misjudged")
@@ -180,7 +183,7 @@ def test_a_keyword_scorer_beats_the_constant_one_on_a_feature_that_fires_on_its_
     out = ask(server, feature, n=40, seed=5, explanation=f"the token {token!r}")
     seconds = time.perf_counter() - t0
     preds = {x["id"]: rule(x["text"]) for x in out["challenge"]["contexts"]}
-    res = submit(server, out["challenge"]["challenge_id"], preds)
+    res = submit(server, out, preds)
     score = res.structured_content["metrics"]["balanced_accuracy"]
     print(f"feature {feature} {token!r}: keyword scorer balanced accuracy {score}, score_explanation {seconds:.2f} s")
     assert score >= 0.75
@@ -201,8 +204,8 @@ def test_metrics_and_their_interval():
 
 def test_the_blind_set_has_the_stated_composition(setup, stories_engine):
     """n//2 firing (across bands), the rest silent with up to half near misses (a top token where it does not
-    fire); never a window of what top_examples shows (top 50, intervals=4); every context CONTEXT_TOKENS tokens;
-    all distinct."""
+    fire); never a window holding an entry the index keeps of the feature (its top 50 and every interval sample,
+    read here from the row itself); every context CONTEXT_TOKENS tokens; all distinct."""
     server, services = setup
     s = only_sae(stories_engine)
     found = None
@@ -216,23 +219,23 @@ def test_the_blind_set_has_the_stated_composition(setup, stories_engine):
     feature, c = found
     items = c.answers["items"]
     index, row, col, _ = services.examples.feature_row(None, feature)
-    view = ExplanationScorer(services)._view(s, index, row, col)
+    length = services.examples.window_length(s)
+    top_pos = [int(p) for v, p in zip(row.top_vals[:, col], row.top_pos[:, col]) if v > 0]
+    kept = {p // length for p in top_pos + [int(p) for p in row.samp_pos[col].ravel() if p != 2**32 - 1]}
+    top_windows = index.get_windows([p // length for p in top_pos])
+    counts = Counter(top_windows[p // length][2][p % length] for p in top_pos)
+    top_tokens = {t for t, k in counts.most_common(sc.NEAR_MISS_TOKENS) if k >= 2}
     assert len(items) == 20 and kinds["firing"] == 10 and kinds["near_miss"] <= 5
     assert kinds["near_miss"] + kinds["silent"] == 10
     thr = c.answers["threshold"]
     acts = true_activations(stories_engine, services, c)
     windows = index.get_windows([a["window"] for a in items])
-    (top,) = call_many(server, [("top_examples", {"feature": feature, "k": 50, "intervals": 4, "per_interval": 4})])
-    shown = [(e["document"], e["offset"]) for e in top.structured_content["examples"]
-             + [e for band in top.structured_content["intervals"] for e in band["examples"]]]
-    for doc, start, ids in (windows[a["window"]] for a in items):  # what top_examples shows is never in the set
-        assert not any(d == doc and start <= off < start + len(ids) - 1 for d, off in shown)
     for a in items:
-        assert a["window"] not in view.seen_windows and len(a["tokens"]) == sc.CONTEXT_TOKENS
+        assert a["window"] not in kept and len(a["tokens"]) == sc.CONTEXT_TOKENS
         assert max(acts[a["id"]]) >= thr if a["kind"] == "firing" else max(acts[a["id"]]) == 0
         if a["kind"] == "near_miss":
             ids = windows[a["window"]][2][a["start"] : a["start"] + sc.CONTEXT_TOKENS]
-            assert set(ids) & set(view.top_tokens)  # a token it fires on most, here where it does not
+            assert set(ids) & top_tokens  # a token it fires on most, here where it does not
     assert len({a["window"] for a in items}) == len({tuple(a["tokens"]) for a in items}) == len(items)
 
 
@@ -246,8 +249,8 @@ def test_nothing_in_the_blind_set_correlates_with_the_answer(setup, token_featur
     for seed in range(20, 26):
         out = ask(server, feature, n=20, seed=seed, method="fuzzing" if seed % 2 else "detection")
         blind = out["challenge"]
-        assert set(blind) <= {"challenge_id", "sae", "feature", "explanation", "method", "seed", "expires_in_s",
-                              "question", "contexts", "warnings"}
+        assert set(blind) <= {"challenge_id", "sae", "feature", "explanation", "method", "seed", "min_activation",
+                              "expires_in_s", "question", "n_true", "contexts", "warnings"}
         assert all(set(x) == {"id", "text"} and "«" not in x["text"] for x in blind["contexts"])
         assert [x["id"] for x in blind["contexts"]] == [str(i) for i in range(1, len(blind["contexts"]) + 1)]
         c = challenge(services, out)
@@ -271,8 +274,8 @@ def test_the_same_seed_gives_the_same_contexts_until_its_answers_are_shown(setup
     assert a["challenge"]["challenge_id"] != b["challenge"]["challenge_id"]
     assert ask(server, feature, n=10, seed=78)["challenge"]["contexts"] != a["challenge"]["contexts"]
     c = challenge(services, a)
-    assert not submit(server, c.id, {x["id"]: True for x in a["challenge"]["contexts"]}).is_error
-    again = submit(server, b["challenge"]["challenge_id"], {x["id"]: True for x in b["challenge"]["contexts"]})
+    assert not submit(server, a, {x["id"]: True for x in a["challenge"]["contexts"]}).is_error
+    again = submit(server, b, {x["id"]: True for x in b["challenge"]["contexts"]})
     assert "no longer blind" in error_text(again) and f"10 context(s) with challenge {c.id}" in error_text(again)
     # asked again after its answers were shown, the same seed leaves every token of them out
     fresh = challenge(services, ask(server, feature, n=10, seed=77))
@@ -284,13 +287,14 @@ def test_answered_contexts_are_never_shown_blind_again(setup, token_feature):
     open one drawn before the reveal that shares some is refused."""
     server, services = setup
     feature = token_feature[0]
-    first = challenge(services, ask(server, feature, n=16, seed=40))
-    same_draw = [challenge(services, ask(server, feature, n=n, seed=40, method=m))
-                 for n, m in ((16, "fuzzing"), (18, "detection"))]
+    first_out = ask(server, feature, n=16, seed=40)
+    first = challenge(services, first_out)
+    outs = [ask(server, feature, n=n, seed=40, method=m) for n, m in ((16, "fuzzing"), (18, "detection"))]
+    same_draw = [challenge(services, out) for out in outs]
     assert all(len(spans(x) & spans(first)) >= 8 * 32 for x in same_draw)  # before the reveal: mostly the same
-    assert not submit(server, first.id, {a["id"]: a["truth"] for a in first.answers["items"]}).is_error
-    for x in same_draw:
-        res = submit(server, x.id, {a["id"]: False for a in x.answers["items"]})
+    assert not submit(server, first_out, {a["id"]: a["truth"] for a in first.answers["items"]}).is_error
+    for out, x in zip(outs, same_draw):
+        res = submit(server, out, {a["id"]: False for a in x.answers["items"]})
         assert "no longer blind" in error_text(res) and first.id in error_text(res)
     for n, m in ((16, "fuzzing"), (18, "detection")):
         later = challenge(services, ask(server, feature, n=n, seed=40, method=m))
@@ -315,15 +319,16 @@ def test_two_overlapping_challenges_submitted_at_once_are_not_both_scored(setup,
 
     monkeypatch.setattr(services.scores, "record", slow_record)
     for seed in (60, 61, 62):
-        a, b = (challenge(services, ask(server, feature, n=16, seed=seed, method=m)) for m in ("detection", "fuzzing"))
+        outs = [ask(server, feature, n=16, seed=seed, method=m) for m in ("detection", "fuzzing")]
+        a, b = (challenge(services, out) for out in outs)
         assert spans(a) & spans(b)
         go, results = threading.Barrier(2), {}
 
-        def answer(c):
+        def answer(out, c):
             go.wait()
-            results[c.id] = submit(server, c.id, {x["id"]: x["truth"] for x in c.answers["items"]})
+            results[c.id] = submit(server, out, {x["id"]: x["truth"] for x in c.answers["items"]})
 
-        threads = [threading.Thread(target=answer, args=(c,)) for c in (a, b)]
+        threads = [threading.Thread(target=answer, args=pair) for pair in zip(outs, (a, b))]
         for t in threads:
             t.start()
         for t in threads:
@@ -340,13 +345,14 @@ def test_a_challenge_is_answered_once_and_bad_predictions_leave_it_open(setup, t
     out = ask(server, feature, n=8, seed=90)
     cid = out["challenge"]["challenge_id"]
     ids = [x["id"] for x in out["challenge"]["contexts"]]
+    key = {"challenge_id": cid, "submit_secret": out["submit_secret"]}
     res = call_many(server, [
-        ("submit_predictions", {"challenge_id": cid, "predictions": {**dict.fromkeys(ids, True), "99": True}}),
-        ("submit_predictions", {"challenge_id": cid, "predictions": dict.fromkeys(ids[:-2], True)}),
-        ("submit_predictions", {"challenge_id": "ch_000000000000", "predictions": {"1": True}}),
-        ("submit_predictions", {"challenge_id": cid, "predictions": {"1": "maybe"}}),
-        ("submit_predictions", {"challenge_id": cid, "predictions": dict.fromkeys(ids, False)}),
-        ("submit_predictions", {"challenge_id": cid, "predictions": dict.fromkeys(ids, True)}),
+        ("submit_predictions", {**key, "predictions": {**dict.fromkeys(ids, True), "99": True}}),
+        ("submit_predictions", {**key, "predictions": dict.fromkeys(ids[:-2], True)}),
+        ("submit_predictions", {**key, "challenge_id": "ch_000000000000", "predictions": {"1": True}}),
+        ("submit_predictions", {**key, "predictions": {"1": "maybe"}}),
+        ("submit_predictions", {**key, "predictions": dict.fromkeys(ids, False)}),
+        ("submit_predictions", {**key, "predictions": dict.fromkeys(ids, True)}),
     ])
     unknown, missing, nosuch, notbool, ok, twice = res
     assert "no context has the id(s) '99'" in error_text(unknown) and "stays open" in error_text(unknown)
@@ -363,7 +369,7 @@ def test_an_expired_challenge_is_refused(setup, token_feature):
     out = ask(server, feature, n=8, seed=91)
     cid = out["challenge"]["challenge_id"]
     services.scores.conn.execute("UPDATE challenges SET expires = ? WHERE id = ?", (time.time() - 120, cid))
-    res = submit(server, cid, {x["id"]: True for x in out["challenge"]["contexts"]})
+    res = submit(server, out, {x["id"]: True for x in out["challenge"]["contexts"]})
     assert f"challenge {cid} expired 2 min ago" in error_text(res) and "seed 91 gives the same" in error_text(res)
 
 
@@ -393,7 +399,7 @@ def test_scores_persist_with_the_label_and_show_in_search_label_and_card(setup, 
     out = ask(server, feature, n=10, seed=31, explanation=None, label_id=label_id)
     assert out["challenge"]["explanation"] == label
     c = challenge(services, out)
-    score = submit(server, c.id, perfect(stories_engine, services, c)).structured_content
+    score = submit(server, out, perfect(stories_engine, services, c)).structured_content
     assert score["label_id"] == label_id and score["metrics"]["balanced_accuracy"] == 1.0
     # a new server over the same data dir: the score was stored, not kept in memory
     fresh = build_server(stories_engine, services.settings)
@@ -406,12 +412,13 @@ def test_scores_persist_with_the_label_and_show_in_search_label_and_card(setup, 
     assert match["scored"] == [{"method": "detection", "balanced_accuracy": 1.0, "n": 10,
                                 "score_id": score["score_id"]}]
     assert "[scored: detection 1.00 (n=10)]" in text_of(found)
-    assert f"- label: {label} · scored (balanced accuracy, 0.5 = chance): detection 1.00" in text_of(card)
+    (line,) = [x for x in text_of(card).splitlines() if x.startswith("- label: ") and label in x]  # quoted or not
+    assert " · scored (balanced accuracy, 0.5 = chance): detection 1.00" in line
     assert again.structured_content["scored"][0]["score_id"] == score["score_id"]
     # re-scored: the newest score per method is the one shown (and the card's data holds them all)
     for seed, method in ((32, "detection"), (33, "fuzzing")):
-        blind = ask(server, feature, n=10, seed=seed, label_id=label_id, explanation=None, method=method)["challenge"]
-        submit(server, blind["challenge_id"], dict.fromkeys([x["id"] for x in blind["contexts"]], False))
+        out = ask(server, feature, n=10, seed=seed, label_id=label_id, explanation=None, method=method)
+        submit(server, out, dict.fromkeys([x["id"] for x in out["challenge"]["contexts"]], False))
     (found,) = call_many(fresh, [("search_explanations", {"query": label})])
     (match,) = [m for m in found.structured_content["matches"] if m["description"] == label]
     assert [(m["method"], m["balanced_accuracy"]) for m in match["scored"]] == [("fuzzing", 0.5), ("detection", 0.5)]
@@ -483,7 +490,7 @@ def test_the_scorer_prompt_keeps_the_explanation_as_written(setup, token_feature
     """Braces in an explanation are not template slots: '{contexts}' in it is not replaced by the contexts."""
     server, services = setup
     blind = ExplanationScorer(services).issue(None, token_feature[0], "odd {contexts} and {n}", None, 8, "detection",
-                                              123)
+                                              123).blind
     prompt = scorer_prompt(blind)
     assert "EXPLANATION: odd {contexts} and {n}\n" in prompt and prompt.count(blind.contexts[0].text) == 1
 
@@ -505,8 +512,7 @@ def test_an_unreadable_sampled_answer_leaves_the_challenge_to_the_agent(setup, t
         ("score_explanation", {"feature": feature, "explanation": "x", "n": 8, "auto": True})], reply="no idea")
     out = res.structured_content
     assert "could not be read" in out["note"] and out["challenge"]["contexts"]
-    cid = out["challenge"]["challenge_id"]
-    ok = submit(server, cid, {x["id"]: True for x in out["challenge"]["contexts"]})
+    ok = submit(server, out, {x["id"]: True for x in out["challenge"]["contexts"]})
     assert not ok.is_error and ok.structured_content["scorer"] == "agent"
 
 

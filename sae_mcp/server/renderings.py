@@ -269,10 +269,12 @@ def _top_examples(r: TopExamples) -> str:
 
 
 
-def _blind_set(b: BlindSet) -> str:
+def _blind_set(b: BlindSet, secret: str | None) -> str:
     return join([
         f"challenge {b.challenge_id}: {b.method} of {b.explanation!r} for feature {b.feature} (sae {b.sae}), "
-        f"{len(b.contexts)} contexts, seed {b.seed}; expires in {b.expires_in_s // 60} min",
+        f"{len(b.contexts)} contexts (firing: max >= {b.min_activation:g} x its max activation), seed {b.seed}; "
+        f"expires in {b.expires_in_s // 60} min",
+        f"submit_secret {secret} (shown once: pass it with the challenge_id)" if secret else None,
         f"{b.question}. Judge from the explanation alone, then submit_predictions once: "
         '{"1": true, "2": false, ...}',
         *(f"{c.id}: {c.text}" for c in b.contexts),
@@ -285,7 +287,8 @@ def _score(r: ExplanationScore) -> str:
     precision = "n/a" if m.precision is None else fmt(m.precision)
     lines = [
         f"score {r.score_id} of {r.explanation!r}: feature {r.feature} (sae {r.sae}), {r.method}, {r.n} contexts, "
-        f"seed {r.seed}, scorer {r.scorer}" + (f", label {r.label_id}" if r.label_id is not None else ""),
+        f"seed {r.seed}, firing at max >= {r.min_activation:g} x its max, scorer {r.scorer}"
+        + (f", label {r.label_id}" if r.label_id is not None else "") + (", NOT BLIND" if r.looked_up else ""),
         f"balanced accuracy {fmt(m.balanced_accuracy)} (95% {fmt(m.interval_95[0])}-{fmt(m.interval_95[1])}), "
         f"accuracy {fmt(m.accuracy)}, precision {precision}, recall {fmt(m.recall)}, specificity "
         f"{fmt(m.specificity)}, F1 {fmt(m.f1)} (" + " ".join(f"{k} {v}" for k, v in m.counts.items()) + ")",
@@ -302,7 +305,8 @@ def _score(r: ExplanationScore) -> str:
 
 
 def _score_explanation(r: ScoreExplanation) -> str:
-    return join([_score(r.score) if r.score else None, _blind_set(r.challenge) if r.challenge else None,
+    return join([_score(r.score) if r.score else None,
+                 _blind_set(r.challenge, r.submit_secret) if r.challenge else None,
                  f"note: {r.note}" if r.note else None])
 
 

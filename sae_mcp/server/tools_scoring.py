@@ -37,13 +37,14 @@ from pydantic import Field
 
 from sae_mcp.engine.runtime import CancelToken, Engine
 from sae_mcp.errors import InvalidInput
-from sae_mcp.results.scoring import BlindSet, ExplanationScore, ScoreExplanation
+from sae_mcp.results.scoring import ExplanationScore, ScoreExplanation
 from sae_mcp.server.args import engine_args
 from sae_mcp.server.progress import progress_reporter
 from sae_mcp.server.wiring import ToolDecorator
 from sae_mcp.services import Services
 from sae_mcp.services.score_prompt import answer_tokens, read_predictions, scorer_prompt
-from sae_mcp.services.score_runs import ExplanationScorer
+from sae_mcp.services.score_runs import ExplanationScorer, Issued
+from sae_mcp.services.scoring import DEFAULT_MIN_ACTIVATION, MIN_ACTIVATION_RANGE
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ NO_SAMPLING = ("the client does not offer MCP sampling, so the server cannot ask
 def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: Services) -> None:
     A = engine_args(engine)
     scorer = ExplanationScorer(services)
+    low, high = MIN_ACTIVATION_RANGE
 
     @tool(annotations=CHALLENGES)
     def score_explanation(
@@ -73,35 +75,54 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         seed: Annotated[int | None, Field(ge=0, le=MAX_ID, description="Same seed, same contexts")] = None,
         label_id: Annotated[int | None, Field(ge=1, le=MAX_ID, description="Score this label instead")] = None,
         auto: Annotated[bool, Field(description="Your client's model answers, via MCP sampling")] = False,
+        min_activation: Annotated[float, Field(ge=low, le=high, description="Firing = a context's max reaches this "
+                                               "fraction of the feature's max activation")] = DEFAULT_MIN_ACTIVATION,
         mcp_context: Context = None,
     ) -> ScoreExplanation:
-        """Score an explanation blind: n held-out corpus contexts (half where the feature fires, across its
-        activation bands; half where it does not, some near misses), shuffled, no activations. Predict for each
-        (detection: fires somewhere; fuzzing: fires on the <<marked>> token) from the explanation alone, without
-        looking them up, then call submit_predictions once (within 30 min). auto: the client's model answers."""
+        """Score an explanation blind: n held-out corpus contexts no other view shows (half where the feature
+        fires, equally from 4 bands of their max activation; half where it is 0, some near misses), shuffled, no
+        activations. Predict for each (detection: fires somewhere; fuzzing: fires on the <<marked>> token, true
+        for a quarter: half the firing half) from the explanation alone, without looking them up, then call
+        submit_predictions once (within 30 min) with the challenge_id and submit_secret. auto: the client's model
+        answers."""
+        session = _session(services, mcp_context)
         reply = _sampled_reply(mcp_context) if auto else None
         if reply is not None:
-            return _score_reply(scorer, *reply, expect=(feature, method))
+            return _score_reply(scorer, *reply, expect=(feature, method), session=session)
         cancel = CancelToken()
         progress = progress_reporter(mcp_context, cancel, "tokens scanned")
-        blind = scorer.issue(sae, feature, explanation, label_id, n, method, seed, auto=auto, progress=progress,
-                             cancel=cancel)
+        issued = scorer.issue(sae, feature, explanation, label_id, n, method, seed, min_activation, session=session,
+                              auto=auto, progress=progress, cancel=cancel)
         if not auto:
-            return ScoreExplanation(challenge=blind)
-        return _auto(scorer, blind, mcp_context)
+            return ScoreExplanation(challenge=issued.blind, submit_secret=issued.submit_secret)
+        return _auto(scorer, issued, mcp_context, session)
 
     @tool(annotations=CHALLENGES)
     def submit_predictions(
         challenge_id: Annotated[str, Field(min_length=1, max_length=64)],
+        submit_secret: Annotated[str, Field(min_length=1, max_length=64, description="The submit_secret "
+                                            "score_explanation returned with the challenge_id")],
         predictions: Annotated[
             dict[Annotated[str, Field(max_length=16)], bool],
             Field(min_length=1, max_length=100, description='{"1": true, "2": false, ...}: every context id'),
         ],
+        mcp_context: Context = None,
     ) -> ExplanationScore:
         """The score of your predictions on a score_explanation blind set: balanced accuracy (0.5 = chance) with its
         95% interval, precision, recall, F1, per activation band, and the contexts misjudged with their
-        activations. Stored with the explanation (label_feature, search_explanations and feature_card show it)."""
-        return scorer.submit(challenge_id, {k.strip(): v for k, v in predictions.items()})
+        activations; looked_up names contexts this conversation looked up first (not blind). Stored with the
+        explanation (label_feature, search_explanations and feature_card show it)."""
+        return scorer.submit(challenge_id, submit_secret, {k.strip(): v for k, v in predictions.items()},
+                             session=_session(services, mcp_context))
+
+
+def _session(services: Services, ctx: Any) -> str | None:
+    """The ledger's id of the conversation this call came in (None outside a request)."""
+    try:
+        return services.ledger.session_of(ctx)[0]
+    except Exception:  # the ledger cannot tell: the look-up check then reads the handing-out conversation only
+        log.warning("no conversation id for a scoring call", exc_info=True)
+        return None
 
 
 def _can_sample(ctx: Any) -> bool:
@@ -111,23 +132,26 @@ def _can_sample(ctx: Any) -> bool:
         return False
 
 
-def _auto(scorer: ExplanationScorer, blind: BlindSet, ctx: Any) -> Any:
-    """Ask the client's model to answer the blind set: an InputRequiredResult on the 2026 wire, a back-channel
-    request on older ones; the blind set with a note when the client cannot sample or the request failed."""
+def _auto(scorer: ExplanationScorer, issued: Issued, ctx: Any, session: str | None) -> Any:
+    """Ask the client's model to answer the blind set: an InputRequiredResult on the 2026 wire (its request_state,
+    which only this client gets back, carries the submit secret), a back-channel request on older ones; the blind
+    set and its secret with a note when the client cannot sample or the request failed."""
+    blind, secret = issued.blind, issued.submit_secret
     if ctx is None or not _can_sample(ctx):
-        return ScoreExplanation(challenge=blind, note=NO_SAMPLING)
+        return ScoreExplanation(challenge=blind, submit_secret=secret, note=NO_SAMPLING)
     prompt, max_tokens = scorer_prompt(blind), answer_tokens(len(blind.contexts))
     if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
         request = CreateMessageRequest(params=_sampling_params(prompt, max_tokens))
         return InputRequiredResult(input_requests={SAMPLING_KEY: request},
-                                   request_state=STATE_PREFIX + blind.challenge_id)
+                                   request_state=f"{STATE_PREFIX}{blind.challenge_id}:{secret}")
     try:
         result = anyio.from_thread.run(functools.partial(_create_message, ctx, prompt, max_tokens))
     except MCPError as exc:
         log.info("sampling failed: %s", exc)
-        return ScoreExplanation(challenge=blind, note=f"the client's model could not be asked ({exc}); answer this "
-                                "blind set yourself with submit_predictions")
-    return _score_reply(scorer, blind.challenge_id, _text_of(result), result.model, expect=None)
+        return ScoreExplanation(challenge=blind, submit_secret=secret, note=f"the client's model could not be asked "
+                                f"({exc}); answer this blind set yourself with submit_predictions")
+    return _score_reply(scorer, blind.challenge_id, secret, _text_of(result), result.model, expect=None,
+                        session=session)
 
 
 def _sampling_params(prompt: str, max_tokens: int) -> CreateMessageRequestParams:
@@ -150,9 +174,9 @@ def _text_of(result: Any) -> str:
     return "".join(getattr(c, "text", "") for c in content)
 
 
-def _sampled_reply(ctx: Any) -> tuple[str, str, str] | None:
-    """(challenge id, the model's answer, the model's name) when this call is the retry carrying a sampling answer
-    (2026 wire), else None."""
+def _sampled_reply(ctx: Any) -> tuple[str, str, str, str] | None:
+    """(challenge id, its submit secret, the model's answer, the model's name) when this call is the retry carrying
+    a sampling answer (2026 wire), else None."""
     try:
         state, responses = ctx.request_state, ctx.input_responses
     except (AttributeError, ValueError):
@@ -163,11 +187,12 @@ def _sampled_reply(ctx: Any) -> tuple[str, str, str] | None:
     if not hasattr(result, "content"):
         raise InvalidInput("the client answered the sampling request with something that is not a message; call "
                            "score_explanation without auto and answer the blind set with submit_predictions")
-    return state.removeprefix(STATE_PREFIX), _text_of(result), getattr(result, "model", "") or "unknown model"
+    challenge_id, _, secret = state.removeprefix(STATE_PREFIX).partition(":")
+    return challenge_id, secret, _text_of(result), getattr(result, "model", "") or "unknown model"
 
 
-def _score_reply(scorer: ExplanationScorer, challenge_id: str, reply: str, model: str,
-                 expect: tuple[int, str] | None) -> ScoreExplanation:
+def _score_reply(scorer: ExplanationScorer, challenge_id: str, secret: str, reply: str, model: str,
+                 expect: tuple[int, str] | None, session: str | None) -> ScoreExplanation:
     """The score of the model's reply on the challenge; the blind set with a note when it cannot be read."""
     blind = scorer.blind_set(challenge_id)
     if expect is not None and expect != (blind.feature, blind.method):
@@ -176,6 +201,8 @@ def _score_reply(scorer: ExplanationScorer, challenge_id: str, reply: str, model
     try:
         predictions = read_predictions(reply, [c.id for c in blind.contexts])
     except InvalidInput as exc:
-        return ScoreExplanation(challenge=blind, note=f"the answer of the client's model ({model}) could not be "
-                                f"read: {exc}; answer this blind set yourself with submit_predictions")
-    return ScoreExplanation(score=scorer.submit(challenge_id, predictions, scorer=f"sampling: {model}"))
+        return ScoreExplanation(challenge=blind, submit_secret=secret, note=f"the answer of the client's model "
+                                f"({model}) could not be read: {exc}; answer this blind set yourself with "
+                                "submit_predictions")
+    return ScoreExplanation(score=scorer.submit(challenge_id, secret, predictions, scorer=f"sampling: {model}",
+                                                session=session))

@@ -1,8 +1,9 @@
 """The scorer's prompt (score_explanation with auto: sent to the client's model through MCP sampling) and reading its
 answer back as predictions.
 
-The prompt texts are prompts/scoring/<method>.md (installed as sae_mcp.prompts/scoring), with {explanation}, {n} and
-{contexts} filled in; they are fixed, so scores from different sessions were asked the same question.
+The prompt texts are prompts/scoring/<method>.md (installed as sae_mcp.prompts/scoring), with {explanation}, {n},
+{n_true} (how many contexts are true, as the blind set states it) and {contexts} filled in; they are fixed, so scores
+from different sessions were asked the same question.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from sae_mcp.results.scoring import BlindSet
 TRUE_WORDS = {"true", "yes", "y", "1", "fires"}
 FALSE_WORDS = {"false", "no", "n", "0"}
 LINE = re.compile(r"^\W*(\d+)\W+(true|false|yes|no|y|n|1|0|fires)\b", re.I | re.M)
-SLOT = re.compile(r"\{(explanation|n|contexts)\}")
+SLOT = re.compile(r"\{(explanation|n_true|n|contexts)\}")
 
 
 def scorer_prompt(blind: BlindSet) -> str:
     text = files("sae_mcp.prompts").joinpath("scoring", f"{blind.method}.md").read_text(encoding="utf-8")
     contexts = "\n".join(f"{c.id}: {c.text}" for c in blind.contexts)
-    values = {"explanation": blind.explanation, "n": str(len(blind.contexts)), "contexts": contexts}
+    values = {"explanation": blind.explanation, "n": str(len(blind.contexts)), "n_true": str(blind.n_true),
+              "contexts": contexts}
     return SLOT.sub(lambda m: values[m.group(1)], text)  # one pass: braces in the explanation stay as written
 
 

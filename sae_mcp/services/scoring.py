@@ -6,48 +6,69 @@ the feature has there when the model reads the whole window up to them (as the i
 own dtype). Every context of a blind set has the same number of tokens, so lengths say nothing about the answer:
 CONTEXT_TOKENS, or fewer when most of the corpus' documents are shorter (context_length).
 
-Composition of a blind set of n contexts (the issue's detection / fuzzing protocol, as in EleutherAI's delphi):
-    n // 2   firing     the feature's max over the context >= FIRE_FRACTION * its max activation; anchored on the
-                        index's interval samples (but those top_examples(intervals=4) shows), drawn round-robin over
-                        its SCORE_BANDS activation bands (top band first), topped up from firing tokens of the other
-                        windows run when the samples run short
+Held out: what no view shows. top_examples (any k, context, intervals 1-8, per_interval), the feature page (its
+top list and 5 bands) and feature_card show only entries the index keeps of the feature: its top 50 and its
+interval samples (4 per quarter-decade activation bin, engine/samples.py; every band of every `intervals` is drawn
+from these, and only these). A blind set never uses a window holding any of them, whatever its band (the view's
+`seen_windows`), nor a context whose tokens occur, identical, in such a window (a repeated passage:
+`shown_grams`), nor a token of a context of this feature whose answers were revealed (a submitted blind set,
+whatever its seed, n or method: `revealed`). No two contexts share a window or their tokens.
+
+Search: POOL_WINDOWS random unseen windows (seeded) are read; the model runs on them in that order, SCAN_BATCH at
+a time, until FIRING_POOL times the firing contexts wanted were found and enough windows hold a silent stretch
+(scanned_enough), or the pool is spent. At most POOL_WINDOWS windows are run.
+
+Composition of a blind set of n contexts:
+    n // 2   firing     one candidate per window run: the context around its largest activation (that a context
+                        can show), when that reaches the threshold, min_activation x the feature's max activation.
+                        Bands: SCORE_BANDS bands by quantile of these candidates' OWN max (bands_of); each band gets
+                        an equal share (within 1) drawn at random among its candidates; a band that holds fewer than
+                        its share gives what it holds, and the set is that much smaller (a warning says so)
     the rest silent     the feature is exactly 0 on every token of the context; up to half of them near misses:
                         contexts holding one of NEAR_MISS_TOKENS tokens it fires on most in its top examples (at a
-                        place where it does not fire), the others from random windows
-Contexts with 0 < max < the threshold are never shown: neither answer would be fair. Windows holding a top example
-(the top 50 the index keeps, all that top_examples can show) or a band sample top_examples(intervals=4) shows are
-never used: the agent may have read them; nor any token of a context of this feature whose answers were revealed (a
-submitted blind set, whatever its seed, n or method: `revealed`). No two contexts share a window or their tokens.
+                        place where it does not fire), the others from the windows run, in their random order
+Contexts with 0 < max < the threshold are never shown: neither answer would be fair.
 
-Fuzzing: each context shows one token marked <<like this>>: in half of the firing contexts the token of its max
-activation, in the other half a decoy (a token where the feature is 0); in a near miss the top token where it does
-not fire; in a random silent context a random token. The truth is whether the marked token is where it fires.
+Placement: a firing context's max token has at least LEFT_SHARE of the context before it (11 of 32 tokens), at a
+random place from there to the context's end; when the window has fewer tokens before it, the context starts at
+the window's first document token (the most left context the window allows).
+
+Fuzzing: each context shows one token marked <<like this>>. Of the firing contexts, half (rounded down) get a
+decoy marked, a token where the feature is exactly 0, chosen at random among those that hold one; the others
+their max token. A near miss shows its top token marked (where it does not fire); a random silent context a random
+token. The truth is whether the marked token is where it fires: so len(firing) - len(firing) // 2 of the n marks
+are true, a quarter of a full set (more only when too few firing contexts hold a 0 to carry a decoy). The blind set
+and the scorer's prompt state the count.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 CONTEXT_TOKENS = 32  # tokens shown per context (delphi's example length): ~20-25 English words
-# A context fires when its max activation reaches 1% of the feature's max. Under it, the decoder writes <1% of what
-# it writes at the top example: epsilon firing no explanation is expected to cover (ReLU SAEs trained with an L1
-# penalty leave many such tails). Contexts between 0 and this are left out, so no shown context has a doubtful truth.
-FIRE_FRACTION = 0.01
-SCORE_BANDS = 4  # activation bands by quantile, as top_examples(intervals=4) shows them
+# A context fires when its max activation reaches min_activation x the feature's max; 1% by default. Under 1%, the
+# decoder writes <1% of what it writes at the top example: epsilon firing no explanation is expected to cover (ReLU
+# SAEs trained with an L1 penalty leave many such tails). A larger fraction scores "where it fires clearly".
+DEFAULT_MIN_ACTIVATION = 0.01
+MIN_ACTIVATION_RANGE = (0.001, 0.9)  # above 0.9 hardly a context besides the top ones (which are held out) fires
+SCORE_BANDS = 4  # bands of the firing contexts' own max, by quantile
+LEFT_SHARE = 1 / 3  # of a firing context before its max token: "«l». He loved to eat nuts" hid "squirrel"
 NEAR_MISS_TOKENS = 3  # the most frequent tokens of the top examples, looked for in near misses
-POOL_WINDOWS = 1024  # random windows whose tokens are read to find near misses and silent contexts
+POOL_WINDOWS = 1024  # random unseen windows read; the most the model runs on for one blind set
+SCAN_BATCH = 64  # windows run per step (one device turn each)
+FIRING_POOL = 2  # firing candidates sought per firing context wanted: the bands are quantiles of these
 MIN_PER_CLASS = 2  # fewer firing or silent contexts than this: no blind set (the score would mean nothing)
 MIN_CONTEXT_TOKENS = 8  # the shortest contexts, for a corpus of short documents (one sentence a line)
 
 
 @dataclass(frozen=True)
 class Band:
-    number: int  # 1 = the highest activations
-    lower: float
-    upper: float
-    samples: tuple[tuple[float, int], ...]  # (activation, global position) kept by the index, uniform-sample order
+    number: int  # 1 = the highest maxima
+    lower: float  # the lowest context max it holds: a context is in the first band whose lower it reaches
+    upper: float  # the highest
 
 
 @dataclass(frozen=True)
@@ -58,30 +79,24 @@ class FeatureView:
     nbos: int  # 1 when windows start with BOS
     n_windows: int  # windows scanned: ids 0 .. n_windows - 1
     max_activation: float
-    seen_windows: frozenset[int]  # windows top_examples shows: its top 50, and its intervals=4 band samples
+    seen_windows: frozenset[int]  # every window holding a kept top example or a kept interval sample (any bin)
     top_tokens: tuple[int, ...]  # most frequent token ids at the top examples, most frequent first
-    bands: tuple[Band, ...]  # highest first
+    min_activation: float = DEFAULT_MIN_ACTIVATION  # fraction of max_activation a firing context reaches
     span: int = CONTEXT_TOKENS  # tokens per context (context_length)
     revealed: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # window -> [start, end) answered
+    shown_grams: frozenset[tuple[int, ...]] = frozenset()  # every run of `span` tokens of the seen windows
 
     def open_at(self, w: int, start: int) -> bool:
         """Whether the context of `span` tokens from `start` in window w shares no token with a revealed one."""
         return all(start >= b or start + self.span <= a for a, b in self.revealed.get(w, ()))
 
-    def was_shown(self, w: int, position: int) -> bool:
-        """Whether the token at `position` of window w was in a revealed context."""
-        return any(a <= position < b for a, b in self.revealed.get(w, ()))
+    def usable(self, w: int, ids: list[int], start: int) -> bool:
+        """Whether the context from `start` in window w may be shown: no revealed token, not a seen passage."""
+        return self.open_at(w, start) and tuple(ids[start : start + self.span]) not in self.shown_grams
 
     @property
     def threshold(self) -> float:
-        return FIRE_FRACTION * self.max_activation
-
-    def band_of(self, activation: float) -> int:
-        """The band whose range holds `activation` (above the top band: 1; under the lowest: the lowest)."""
-        for b in self.bands:
-            if activation >= b.lower:
-                return b.number
-        return self.bands[-1].number if self.bands else 1
+        return self.min_activation * self.max_activation
 
 
 @dataclass
@@ -100,23 +115,14 @@ class Item:
     def max_at(self) -> int:
         return int(np.argmax(self.acts))
 
+    @property
+    def top(self) -> float:
+        return max(self.acts)
+
     def truth(self, method: str, threshold: float) -> bool:
         if method == "fuzzing":
             return self.mark is not None and self.acts[self.mark] >= threshold
         return self.kind == "firing"
-
-
-@dataclass
-class Plan:
-    """Which windows to run, and why."""
-
-    anchors: list[tuple[int, int]] = field(default_factory=list)  # (window, position in it) of chosen samples
-    near: list[int] = field(default_factory=list)  # windows holding a top token
-    silent: list[int] = field(default_factory=list)  # random windows
-    extra: list[int] = field(default_factory=list)  # more random windows, when the samples run short
-
-    def windows(self) -> list[int]:
-        return list(dict.fromkeys([w for w, _ in self.anchors] + self.near + self.silent + self.extra))
 
 
 def quotas(n: int, has_top_tokens: bool) -> tuple[int, int, int]:
@@ -127,21 +133,10 @@ def quotas(n: int, has_top_tokens: bool) -> tuple[int, int, int]:
 
 
 def pool_windows(view: FeatureView, rng: np.random.Generator) -> list[int]:
-    """A random sample of unseen window ids (their tokens are read to find near misses and silent contexts)."""
+    """A random sample of unseen window ids, in a random order: the windows a blind set is drawn from."""
     size = min(view.n_windows, POOL_WINDOWS + len(view.seen_windows))
     drawn = rng.choice(view.n_windows, size=size, replace=False) if size else []
     return [int(w) for w in drawn if int(w) not in view.seen_windows][:POOL_WINDOWS]
-
-
-def sample_anchors(view: FeatureView, rng: np.random.Generator) -> list[list[tuple[int, int]]]:
-    """Per band (highest first): the band's usable samples as (window, position), in a seeded random order."""
-    out = []
-    for b in view.bands:
-        cands = [divmod(p, view.length) for v, p in b.samples
-                 if v >= view.threshold and p // view.length not in view.seen_windows
-                 and not view.was_shown(*divmod(p, view.length))]
-        out.append([cands[i] for i in rng.permutation(len(cands))])
-    return out
 
 
 def long_enough(ids: list[int], view: FeatureView) -> bool:
@@ -157,36 +152,34 @@ def context_length(pool: list[list[int]], nbos: int) -> int:
     return max(MIN_CONTEXT_TOKENS, lengths[len(lengths) // 2])
 
 
-def plan(view: FeatureView, tokens: dict[int, list[int]], pool: list[int], n: int,
-         rng: np.random.Generator) -> Plan:
-    """The windows to run: sample anchors round-robin over the bands (a few spare), windows of the pool holding a
-    top token, random pool windows (twice what is needed: some have no silent stretch), and when the anchors run
-    short (few samples, or most in revealed contexts) twice the shortfall in more pool windows, for firing tokens."""
-    n_fire, n_near, n_silent = quotas(n, bool(view.top_tokens))
-    p = Plan()
-    per_band = [[a for a in band if long_enough(tokens.get(a[0], []), view)] for band in sample_anchors(view, rng)]
-    used: set[int] = set()
-    while len(p.anchors) < n_fire + 2 and any(per_band):
-        for band in per_band:
-            while band and band[0][0] in used:
-                band.pop(0)
-            if band and len(p.anchors) < n_fire + 2:
-                w, at = band.pop(0)
-                p.anchors.append((w, at))
-                used.add(w)
-    top = set(view.top_tokens)
-    usable = [w for w in pool if w not in used and long_enough(tokens.get(w, []), view)]
-    p.near = [w for w in usable if top.intersection(tokens[w][view.nbos:])][: 2 * n_near + 2]
-    near = set(p.near)
-    rest = [w for w in usable if w not in near]
-    p.silent = rest[: 2 * (n_silent + n_near) + 2]
-    short = n_fire + 2 - len(p.anchors)  # windows to read for firing tokens in their stead, twice as many
-    p.extra = rest[len(p.silent) : len(p.silent) + 2 * short] if short > 0 else []
-    return p
+def grams(windows: list[list[int]], span: int) -> frozenset[tuple[int, ...]]:
+    """Every run of `span` consecutive tokens of the windows."""
+    return frozenset(tuple(ids[i : i + span]) for ids in windows for i in range(len(ids) - span + 1))
 
 
-def _starts(lo: int, hi: int) -> list[int]:
-    return list(range(lo, hi + 1)) if hi >= lo else []
+def context(kind: str, w: int, start: int, span: int, ids: list[int], acts: np.ndarray) -> Item:
+    end = start + span
+    return Item(kind=kind, window=w, start=start, ids=list(ids[start:end]), acts=[float(a) for a in acts[start:end]])
+
+
+def firing_candidate(view: FeatureView, w: int, ids: list[int], acts: np.ndarray,
+                     rng: np.random.Generator) -> Item | None:
+    """Window w's firing context: around its largest activation among the tokens a usable context can show (so the
+    context's own max is that), its max token with at least LEFT_SHARE of the context before it where the window
+    allows; None when that activation is under the threshold, or no context of the window is usable."""
+    starts = [s for s in range(view.nbos, len(ids) - view.span + 1) if view.usable(w, ids, s)]
+    if not starts:
+        return None
+    shown = np.zeros(len(ids), dtype=bool)  # [T] tokens some usable context holds
+    for s in starts:
+        shown[s : s + view.span] = True
+    at = int(np.argmax(np.where(shown, acts, -np.inf)))
+    if acts[at] < view.threshold:
+        return None
+    holding = [s for s in starts if s <= at < s + view.span]
+    left = [s for s in holding if at - s >= math.ceil(LEFT_SHARE * view.span)]
+    start = left[int(rng.integers(len(left)))] if left else min(holding)  # min: the most left context there is
+    return context("firing", w, start, view.span, ids, acts)
 
 
 def silent_starts(acts: np.ndarray, nbos: int, span: int) -> np.ndarray:
@@ -196,29 +189,15 @@ def silent_starts(acts: np.ndarray, nbos: int, span: int) -> np.ndarray:
     return s[fired[s + span] - fired[s] == 0]
 
 
-def context(kind: str, w: int, start: int, span: int, ids: list[int], acts: np.ndarray) -> Item:
-    end = start + span
-    return Item(kind=kind, window=w, start=start, ids=list(ids[start:end]), acts=[float(a) for a in acts[start:end]])
-
-
-def firing_item(view: FeatureView, w: int, at: int, ids: list[int], acts: np.ndarray,
-                rng: np.random.Generator) -> Item | None:
-    """The context around position `at` (placed at a random offset in it), when it fires."""
-    starts = [s for s in _starts(max(view.nbos, at - view.span + 1), min(at, len(ids) - view.span))
-              if view.open_at(w, s)]
-    if not starts:
-        return None
-    item = context("firing", w, starts[int(rng.integers(len(starts)))], view.span, ids, acts)
-    if max(item.acts) < view.threshold:
-        return None
-    item.band = view.band_of(max(item.acts))
-    return item
+def quiet_starts(view: FeatureView, w: int, ids: list[int], acts: np.ndarray) -> list[int]:
+    """Usable starts of silent contexts in window w."""
+    return [s for s in silent_starts(acts, view.nbos, view.span).tolist() if view.usable(w, ids, s)]
 
 
 def near_miss_item(view: FeatureView, w: int, ids: list[int], acts: np.ndarray,
                    rng: np.random.Generator) -> Item | None:
     """A silent context holding a top token (which is marked in fuzzing), or None."""
-    free = {s for s in silent_starts(acts, view.nbos, view.span).tolist() if view.open_at(w, s)}
+    free = set(quiet_starts(view, w, ids, acts))
     top = set(view.top_tokens)
     choices = [(p, s) for p in range(view.nbos, len(ids)) if ids[p] in top
                for s in range(p - view.span + 1, p + 1) if s in free]
@@ -231,7 +210,7 @@ def near_miss_item(view: FeatureView, w: int, ids: list[int], acts: np.ndarray,
 
 
 def silent_item(view: FeatureView, w: int, ids: list[int], acts: np.ndarray, rng: np.random.Generator) -> Item | None:
-    starts = [s for s in silent_starts(acts, view.nbos, view.span).tolist() if view.open_at(w, s)]
+    starts = quiet_starts(view, w, ids, acts)
     if not starts:
         return None
     item = context("silent", w, starts[int(rng.integers(len(starts)))], view.span, ids, acts)
@@ -239,12 +218,75 @@ def silent_item(view: FeatureView, w: int, ids: list[int], acts: np.ndarray, rng
     return item
 
 
-def compose(view: FeatureView, p: Plan, tokens: dict[int, list[int]], acts: dict[int, np.ndarray], n: int,
-            method: str, rng: np.random.Generator) -> list[Item]:
-    """The blind set's items from the windows run, in a seeded random order (the truth in no way sets it)."""
-    n_fire, n_near, n_silent = quotas(n, bool(view.top_tokens))
-    seen_ids: set[tuple[int, ...]] = set()
-    used: set[int] = set()
+def scanned_enough(firing: int, quiet: int, n: int) -> bool:
+    """Whether the windows run so far suffice: FIRING_POOL x the firing contexts wanted fire, and twice the silent
+    ones wanted hold a silent stretch besides the windows the firing contexts will take."""
+    n_fire = n // 2
+    return firing >= FIRING_POOL * n_fire and quiet - n_fire >= 2 * (n - n_fire)
+
+
+# ------------------------------------------------------------------------------------------------- the bands
+
+
+def bands_of(maxima: list[float], n_bands: int = SCORE_BANDS) -> tuple[Band, ...]:
+    """Up to n_bands bands of (nearly) equal counts by quantile of `maxima` (the firing candidates' own max),
+    highest first. Cut by rank, then read by value: band k holds the values from its lower edge (a value of
+    maxima) up to the next higher band's lower edge; tied values go to the higher band, so a band all of whose
+    values tie with a higher one's is merged into it."""
+    m = sorted(maxima, reverse=True)
+    k = min(n_bands, len(m))
+    lowers = sorted({m[round((i + 1) * len(m) / k) - 1] for i in range(k)}, reverse=True)
+    bands, above = [], math.inf
+    for number, lower in enumerate(lowers, start=1):
+        bands.append(Band(number, lower, max(v for v in m if lower <= v < above)))
+        above = lower
+    return tuple(bands)
+
+
+def band_of(bands: tuple[Band, ...], value: float) -> int | None:
+    """The number of the band holding a context of this max (None: under every band)."""
+    return next((b.number for b in bands if value >= b.lower), None)
+
+
+def shares(n_fire: int, n_bands: int, rng: np.random.Generator) -> list[int]:
+    """n_fire split over the bands as evenly as it goes: n_fire // n_bands each, one more for n_fire % n_bands of
+    them chosen at random (so no band is favoured by its place)."""
+    out = [n_fire // n_bands] * n_bands
+    for i in rng.choice(n_bands, size=n_fire % n_bands, replace=False).tolist():
+        out[i] += 1
+    return out
+
+
+def draw_firing(candidates: list[Item], n_fire: int, rng: np.random.Generator
+                ) -> tuple[list[Item], tuple[Band, ...], list[tuple[Band, int, int]]]:
+    """(the firing contexts, the bands, [(band, its share, what it held)] of the bands that fell short): the
+    candidates banded by their own max, each band's share drawn at random among its own."""
+    distinct = list({tuple(c.ids): c for c in candidates}.values())  # a repeated passage counts once
+    bands = bands_of([c.top for c in distinct])
+    if not bands:
+        return [], bands, []
+    out, short = [], []
+    for band, want in zip(bands, shares(n_fire, len(bands), rng)):
+        mine = [c for c in distinct if band_of(bands, c.top) == band.number]
+        for i in rng.permutation(len(mine))[:want].tolist():
+            mine[i].band = band.number
+            out.append(mine[i])
+        if len(mine) < want:
+            short.append((band, want, len(mine)))
+    return out, bands, short
+
+
+# ------------------------------------------------------------------------------------------------- the set
+
+
+def compose(view: FeatureView, firing: list[Item], ran: dict[int, np.ndarray], tokens: dict[int, list[int]],
+            n: int, method: str, rng: np.random.Generator) -> list[Item]:
+    """The blind set: the firing contexts drawn, near misses from the windows run that hold a top token, silent
+    contexts from the others (in the pool's random order, `ran`'s), in a seeded random order (the truth in no way
+    sets it)."""
+    n_fire, n_near, _ = quotas(n, bool(view.top_tokens))
+    used = {it.window for it in firing}
+    seen_ids = {tuple(it.ids) for it in firing}
 
     def take(item: Item | None, into: list[Item], most: int) -> None:
         if item is None or len(into) >= most or item.window in used or tuple(item.ids) in seen_ids:
@@ -253,19 +295,13 @@ def compose(view: FeatureView, p: Plan, tokens: dict[int, list[int]], acts: dict
         used.add(item.window)
         seen_ids.add(tuple(item.ids))
 
-    firing: list[Item] = []
-    for w, at in p.anchors:
-        take(firing_item(view, w, at, tokens[w], acts[w], rng), firing, n_fire)
+    top = set(view.top_tokens)
     near: list[Item] = []
-    for w in p.near:
-        take(near_miss_item(view, w, tokens[w], acts[w], rng), near, n_near)
+    for w in [w for w in ran if top.intersection(tokens[w][view.nbos :])]:
+        take(near_miss_item(view, w, tokens[w], ran[w], rng), near, n_near)
     silent: list[Item] = []
-    for w in p.silent:
-        take(silent_item(view, w, tokens[w], acts[w], rng), silent, n - n_fire - len(near))
-    for w in [w for w in p.near + p.silent + p.extra if w not in used]:  # the samples ran short: other firing tokens
-        hot = np.flatnonzero(acts[w][view.nbos:] >= view.threshold) + view.nbos
-        if len(hot) and len(firing) < n_fire:
-            take(firing_item(view, w, int(hot[rng.integers(len(hot))]), tokens[w], acts[w], rng), firing, n_fire)
+    for w in ran:
+        take(silent_item(view, w, tokens[w], ran[w], rng), silent, n - n_fire - len(near))
     if method == "fuzzing":
         mark_firing(firing, rng)
     items = firing + near + silent
@@ -273,14 +309,14 @@ def compose(view: FeatureView, p: Plan, tokens: dict[int, list[int]], acts: dict
 
 
 def mark_firing(firing: list[Item], rng: np.random.Generator) -> None:
-    """Fuzzing: half of the firing contexts (chosen at random) get their max token marked, the others a decoy
-    (a token where the feature is 0; at the max when there is none)."""
-    order = rng.permutation(len(firing))
-    for rank, i in enumerate(order):
-        item = firing[i]
+    """Fuzzing: half of the firing contexts (rounded down), chosen at random among those holding a token where the
+    feature is exactly 0, get such a token marked (a decoy); the others their max token."""
+    holders = [i for i, it in enumerate(firing) if 0.0 in it.acts]
+    decoys = set(rng.choice(holders, size=min(len(firing) // 2, len(holders)), replace=False).tolist()
+                 if holders else [])
+    for i, item in enumerate(firing):
         zeros = [j for j, a in enumerate(item.acts) if a == 0]
-        decoy = rank >= (len(firing) + 1) // 2 and zeros
-        item.mark = zeros[int(rng.integers(len(zeros)))] if decoy else item.max_at
+        item.mark = zeros[int(rng.integers(len(zeros)))] if i in decoys else item.max_at
 
 
 def shown_text(tokens: list[str], mark: int | None = None) -> str:

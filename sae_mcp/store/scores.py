@@ -1,12 +1,14 @@
 """Scores of explanations and the challenges they were measured on, in the explanation store's SQLite file (its own
 connection: WAL lets both work on one file; every write is one BEGIN IMMEDIATE transaction).
 
-Tables (created when missing: additive to a store written before them)
+Tables (created when missing: additive to a store written before them; columns added to an older table)
     challenges (id, sae, feature, explanation, label_id, method, n, seed, set_key, created, expires, blind JSON,
-                answers JSON, auto, submitted, score_id)
+                answers JSON, auto, submitted, score_id, secret_hash, session)
         a blind set handed out by score_explanation; `answers` (each context's truth, activations, window and
         place in it) never leaves the server before its one submission; after it, those contexts' tokens are never
-        shown blind again (`revealed`); `set_key` names the draw (SAE, feature, method, n, seed, index)
+        shown blind again (`revealed`); `set_key` names the draw (SAE, feature, method, n, seed, min_activation,
+        index); `secret_hash` is the SHA-256 of its submit secret (the secret itself is never stored; NULL: handed
+        out before secrets, cannot be answered); `session` the ledger's id of the conversation it was handed to
     scores     (id, sae, feature, explanation, label_id, method, n, seed, metrics JSON, scorer, challenge, created)
         one submitted score; shown with every explanation of the same text for the same feature (labels and
         imported ones), the newest per method
@@ -41,6 +43,7 @@ CREATE TABLE IF NOT EXISTS scores (
 );
 CREATE INDEX IF NOT EXISTS scores_feature ON scores (sae, feature);
 """
+ADDED_COLUMNS = {"secret_hash": "TEXT", "session": "TEXT"}  # challenges' columns newer than the table
 KEEP_UNANSWERED_S = 24 * 3600  # expired challenges never answered are deleted this long after they expired
 
 
@@ -62,6 +65,8 @@ class Challenge:
     auto: bool = False
     submitted: float | None = None
     score_id: int | None = None
+    secret_hash: str | None = None  # SHA-256 hex of the submit secret
+    session: str | None = None  # the ledger's id of the conversation it was handed to
 
 
 @dataclass
@@ -81,7 +86,7 @@ class StoredScore:
 
 
 CHALLENGE_COLUMNS = ("id, sae, feature, explanation, label_id, method, n, seed, set_key, created, expires, blind, "
-                     "answers, auto, submitted, score_id")
+                     "answers, auto, submitted, score_id, secret_hash, session")
 SCORE_COLUMNS = "id, sae, feature, explanation, label_id, method, n, seed, metrics, scorer, challenge, created"
 
 
@@ -91,6 +96,17 @@ class ScoreStore:
         self.conn = open_db(self.path)
         self.conn.executescript(SCHEMA)
         self._lock = threading.RLock()
+        self._add_columns()
+
+    def _add_columns(self) -> None:
+        """Add the challenges' columns a store written before them lacks (one transaction: two servers may open it)."""
+        def go(conn: sqlite3.Connection) -> None:
+            have = {r[1] for r in conn.execute("PRAGMA table_info(challenges)")}
+            for name, kind in ADDED_COLUMNS.items():
+                if name not in have:
+                    conn.execute(f"ALTER TABLE challenges ADD COLUMN {name} {kind}")
+
+        self._write(go)
 
     def close(self) -> None:
         self.conn.close()
@@ -113,9 +129,10 @@ class ScoreStore:
         def go(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM challenges WHERE submitted IS NULL AND expires < ?",
                          (time.time() - KEEP_UNANSWERED_S,))
-            conn.execute(f"INSERT INTO challenges ({CHALLENGE_COLUMNS}) VALUES ({', '.join('?' * 16)})",
+            conn.execute(f"INSERT INTO challenges ({CHALLENGE_COLUMNS}) VALUES ({', '.join('?' * 18)})",
                          (c.id, c.sae, c.feature, c.explanation, c.label_id, c.method, c.n, c.seed, c.set_key,
-                          c.created, c.expires, json.dumps(c.blind), json.dumps(c.answers), int(c.auto), None, None))
+                          c.created, c.expires, json.dumps(c.blind), json.dumps(c.answers), int(c.auto), None, None,
+                          c.secret_hash, c.session))
 
         self._write(go)
 
@@ -125,9 +142,9 @@ class ScoreStore:
                                     (challenge_id,)).fetchone()
         if row is None:
             return None
-        *head, blind, answers, auto, submitted, score_id = row
+        *head, blind, answers, auto, submitted, score_id, secret_hash, session = row
         return Challenge(*head, blind=json.loads(blind), answers=json.loads(answers), auto=bool(auto),
-                         submitted=submitted, score_id=score_id)
+                         submitted=submitted, score_id=score_id, secret_hash=secret_hash, session=session)
 
     def revealed(self, sae: str, feature: int) -> list[tuple[str, int, int, int]]:
         """(challenge id, window, start, end) of every context of this feature whose answers a submission revealed
