@@ -58,7 +58,7 @@ CHALLENGE_TTL_S = 30 * 60
 SECRET_BYTES = 16  # 128 random bits: a submit secret is not guessed
 # Tools that show a feature's activations on a text the caller gives (their string arguments are that text).
 LOOKUP_TOOLS = ("get_feature_acts", "compare_prompts", "attribute", "ablate_and_test", "steer_generate")
-LOOKUP_RUNS = 1000  # newest runs of a conversation read for look-ups (a challenge lasts 30 min)
+LOOKUP_RUNS = 1000  # newest runs of each such tool read per conversation (a challenge lasts 30 min)
 
 
 @dataclass(frozen=True)
@@ -284,9 +284,10 @@ class ExplanationScorer:
             return []
         texts: list[tuple[str, str]] = []
         for sid in dict.fromkeys(x for x in (c.session, session) if x):
-            for run in ledger.store.runs(session=sid, newest_first=True, limit=LOOKUP_RUNS):
-                if run.ok and run.tool in LOOKUP_TOOLS and run.time >= c.created:
-                    texts += [(run.tool, t) for t in _strings(run.given)]
+            for tool in LOOKUP_TOOLS:  # by tool in SQL: a conversation's other runs (and their results) stay unread
+                for run in ledger.store.runs(session=sid, tool=tool, newest_first=True, limit=LOOKUP_RUNS):
+                    if run.ok and run.time >= c.created:
+                        texts += [(tool, t) for t in _strings(run.given)]
         return looked_up(c.answers["items"], texts)
 
     def _open(self, challenge_id: str) -> Challenge:
