@@ -11,6 +11,14 @@ paired the same way as a control: its difference is the measurement's own noise 
 itself (Ledger.begin + Pending.finish: digest, copy, resolved arguments, one committed SQLite insert) inside the
 measured calls, and alone in a warm loop.
 Defaults: the bundled stories260K model (sae_mcp/demo) with a random SAE at blocks.2.hook_resid_pre, one torch thread.
+
+    python bench/bench_ledger.py --flood [--flood-calls 165] [--label-mb 3.5] [--out bench/out/ledger_flood.json]
+
+measures what a flood of rejected calls does instead (issue 20): a server records --calls get_feature_acts runs
+(a ledger in use), then --flood-calls label_feature calls each with a --label-mb label (rejected: labels take
+1,000 characters). It reports the ledger file's growth and the time of ledger(limit=200) over the client before
+and after the flood, side by side (median of 5 listings each). Run it on an older checkout to compare code
+versions (it only uses the tools).
 """
 
 from __future__ import annotations
@@ -122,14 +130,63 @@ def record_alone(on, n: int = 200) -> float:
     return statistics.median(out)
 
 
+async def flood(server, calls: int, flood_calls: int, label_mb: float) -> dict:
+    """Listing time and file size with a ledger in use, then after a flood of rejected oversized labels."""
+    from mcp import Client
+
+    from sae_mcp.store.ledger import ledger_path
+
+    path = ledger_path(server.ledger.settings.data_dir)
+
+    def size() -> int:  # the file and its write-ahead log
+        wal = path.with_name(path.name + "-wal")
+        return path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
+
+    async def listing(client) -> float:
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            res = await client.call_tool("ledger", {"limit": 200})
+            times.append(time.perf_counter() - t0)
+            assert not res.is_error
+        return statistics.median(times)
+
+    label = "spam " * int(label_mb * 1e6 / 5)
+    async with Client(server) as client:
+        for i in range(calls):
+            await client.call_tool("get_feature_acts", {"prompt": f"{PROMPT} {i}", "top_k": 5})
+        before, list_before = size(), await listing(client)
+        t0 = time.perf_counter()
+        for _ in range(flood_calls):
+            res = await client.call_tool("label_feature", {"feature": 3, "label": label})
+            assert res.is_error
+        flood_s = time.perf_counter() - t0
+        after, list_after = size(), await listing(client)
+    return {
+        "runs_before_flood": calls, "flood_calls": flood_calls, "label_mb": label_mb,
+        "ledger_mb_before": round(before / 1e6, 2), "ledger_mb_after": round(after / 1e6, 2),
+        "growth_mb": round((after - before) / 1e6, 2), "flood_seconds": round(flood_s, 2),
+        "listing_200_ms_before": round(list_before * 1e3, 1), "listing_200_ms_after": round(list_after * 1e3, 1),
+        "listing_ratio_after_vs_before": round(list_after / list_before, 2),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=1000, help="calls per server")
     ap.add_argument("--model", default=str(STORIES))
     ap.add_argument("--sae", default=None, help="a SAELens folder (default: a random SAE on stories260K)")
-    ap.add_argument("--out", default=str(REPO / "bench" / "out" / "ledger.json"))
+    ap.add_argument("--out", default=None, help="default: bench/out/ledger.json (ledger_flood.json with --flood)")
+    ap.add_argument("--flood", action="store_true", help="measure a flood of rejected oversized labels instead")
+    ap.add_argument("--flood-calls", type=int, default=165)
+    ap.add_argument("--label-mb", type=float, default=3.5)
     a = ap.parse_args()
     torch.set_num_threads(1)
+    if a.flood:
+        with tempfile.TemporaryDirectory() as tmp:
+            on, _, _ = servers(a.model, a.sae, Path(tmp))
+            report = anyio.run(flood, on, min(a.calls, 1000), a.flood_calls, a.label_mb)
+        return write_report(report, a.out or str(REPO / "bench" / "out" / "ledger_flood.json"))
     with tempfile.TemporaryDirectory() as tmp:
         on, off, control = servers(a.model, a.sae, Path(tmp))
         spent = time_recording()
@@ -157,9 +214,13 @@ def main() -> int:
         "recording_alone_percent_of_call": round(alone / med["without"] * 100, 2),
         "runs_recorded": runs,
     }
+    return write_report(report, a.out or str(REPO / "bench" / "out" / "ledger.json"))
+
+
+def write_report(report: dict, out: str) -> int:
     print(json.dumps(report, indent=2))
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 

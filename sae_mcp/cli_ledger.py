@@ -1,12 +1,16 @@
-"""sae-mcp ledger sessions | show | export | replay: the record of every tool call (README "The ledger").
+"""sae-mcp ledger sessions | show | export | replay | prune: the record of every tool call (README "The ledger").
 
     sae-mcp ledger sessions [--data-dir D]                     the sessions, newest first
     sae-mcp ledger show [--session ID]                         one session's runs, one line each
     sae-mcp ledger export [--session ID] --format ipynb|py|md --out FILE
     sae-mcp ledger replay [--session ID] [--model M] [--sae SPEC ...] [--device D] [--dtype T] [--corpus C]
+    sae-mcp ledger prune [--max-mb N] [--older-than-days D]
 
 --session takes an id, a unique prefix, or nothing for the latest session. replay loads the recorded model and
-SAEs unless --model / --sae / --corpus / --dtype say otherwise, and exits 1 when a result differs.
+SAEs unless --model / --sae / --corpus / --dtype say otherwise, and exits 1 when a result differs. prune deletes
+the oldest runs no label cites (store/ledger.py's policy: the label_feature runs that recorded a label are kept too)
+until the ledger is under --max-mb (default: the cap, SAE_MCP_LEDGER_MAX_MB) and every run older than
+--older-than-days, then rewrites the file (VACUUM) so the space goes back to the disk.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     store, _ = _store(args)
     sid = store.resolve_session(args.session)
     print(f"session {sid}")
-    for run in store.runs(session=sid, limit=100_000):
+    for run in store.runs(session=sid, limit=100_000, light=True):
         print(run_line(run))
     return 0
 
@@ -64,6 +68,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     data = load_session(store, args.session)
     export(data, args.format, Path(args.out))
     print(f"{args.out}: session {data.id}, {len(data.runs)} runs, {len(data.labels)} labels ({args.format})")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    import time
+
+    from sae_mcp.services.ledger import cited_runs, ledger_cap
+
+    store, data_dir = _store(args)
+    before = time.time() - args.older_than_days * 86400 if args.older_than_days is not None else None
+    max_bytes = int(args.max_mb * 1_000_000) if args.max_mb is not None else ledger_cap()
+    cited = cited_runs(data_dir)
+    was, runs = store.path.stat().st_size, store.count()
+    done = store.prune(cited, max_bytes=max_bytes, before=before)
+    store.vacuum()
+    print(f"{store.path}: deleted {done.runs} of {runs} runs (and {len(done.sessions)} sessions left without runs), "
+          f"kept {done.kept} that labels cite; file {was / 1e6:.1f} MB -> {store.path.stat().st_size / 1e6:.1f} MB")
     return 0
 
 
@@ -158,3 +179,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="use the data dir's index, cached scans and labels (default: a scratch data dir, where the "
                    "session's labels are written again)")
     q.set_defaults(fn=cmd_replay)
+
+    q = lsub.add_parser("prune", help="delete the oldest runs no label cites, to a size or an age, and give the "
+                        "space back to the disk")
+    common(q, session=False)
+    q.add_argument("--max-mb", type=_bounded_float(0, 10_000_000), default=None,
+                   help="keep the ledger under this many MB (default: its cap, $SAE_MCP_LEDGER_MAX_MB or 1024)")
+    q.add_argument("--older-than-days", type=_bounded_float(0, 100_000), default=None,
+                   help="also delete every run older than this (cited runs and labels' own runs are kept)")
+    q.set_defaults(fn=cmd_prune)
+
+
+def _bounded_float(lo: float, hi: float):
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            x = float("nan")
+        if not lo <= x <= hi:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a number from {lo:g} to {hi:g}")
+        return x
+    return parse

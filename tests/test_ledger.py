@@ -20,10 +20,10 @@ import pytest
 from mcp import Client
 
 from sae_mcp.server.app import build_server
-from sae_mcp.services.ledger import bounded, digest_of
+from sae_mcp.services.ledger import digest_of
 from sae_mcp.settings import Settings
 from sae_mcp.store.explanations import ExplanationStore
-from sae_mcp.store.ledger import LedgerStore, ledger_path
+from sae_mcp.store.ledger import LedgerStore, bounded, ledger_path, scrub
 
 from conftest import STORIES_CORPUS, STORIES_HF, only_sae
 from mcp_client import call_many, error_text, read_resource, text_of
@@ -101,7 +101,9 @@ def score_calls(blind: dict | None) -> list[tuple[str, dict]]:
         return []
     ids = [c["id"] for c in blind["challenge"]["contexts"]]
     answer = {i: n % 2 == 0 for n, i in enumerate(ids)}
-    return [("submit_predictions", {"challenge_id": blind["challenge"]["challenge_id"], "predictions": answer})]
+    secret = {"submit_secret": blind["submit_secret"]} if blind.get("submit_secret") else {}
+    return [("submit_predictions", {"challenge_id": blind["challenge"]["challenge_id"], "predictions": answer,
+                                    **secret})]
 
 
 @pytest.fixture(scope="module")
@@ -119,14 +121,14 @@ def test_a_session_across_every_tool_is_recorded_completely(recorded):
     assert session.n_runs == len(runs) == len(calls) + 3
     assert [r.tool for r in runs] == [name for name, _ in calls] + ["label_feature"] * 3
     for (name, args), res, run in zip(calls, results, runs):
-        assert run.given == args and run.env and run.wall_s > 0
+        assert run.given == scrub(args) and run.env and run.wall_s > 0  # a submit secret is never stored
         if res.is_error:
             assert not run.ok and run.error == " ".join(text_of(res).split()) and "less than or equal" in run.error
             continue
         out = dict(res.structured_content)
         assert out.pop("run_id") == run.id and text_of(res).endswith(f"\nrun_id: {run.id}")  # where the agent sees it
         assert run.ok and run.digest == digest_of(name, out)
-        assert run.result == out or name == "build_index"  # the whole result (timings left out of the digest only)
+        assert run.result == scrub(out) or name == "build_index"  # whole (build_index's timings: not in the digest)
     by_tool = {r.tool: r.resolved for r in runs if r.ok}
     sae = only_sae(recorded["server"].ledger.engine)
     assert by_tool["get_feature_acts"] == {"prompt": PROMPT, "top_k": 3, "features": [5, 9], "position": None,
@@ -136,7 +138,9 @@ def test_a_session_across_every_tool_is_recorded_completely(recorded):
     assert steer[1]["seeds"] == [0, 1] and steer[1]["calibration"] == "max_activation"
     assert steer[1]["coefficients"][0] > 0 and steer[1]["top_p"] == 0.9 and steer[1]["temperature"] == 1.0
     assert by_tool["ablate_and_test"]["positions"] == list(range(len(results[9].structured_content["tokens"])))
-    assert len(by_tool["ablate_and_test"]["control_sets"]) == 3 and by_tool["ablate_and_test"]["seed"] == 0
+    controls = results[9].structured_content["controls"]["runs"]  # none when the targets do not fire there
+    assert by_tool["ablate_and_test"]["control_sets"] == [c["features"] for c in controls]
+    assert by_tool["ablate_and_test"]["seed"] == 0
     assert by_tool["top_examples"]["corpus"]["kind"] == "jsonl" and by_tool["top_examples"]["tokens_scanned"] >= 4000
     blind = results[20].structured_content["challenge"]  # score_explanation, no seed given: the drawn one recorded
     assert by_tool["score_explanation"]["seed"] == blind["seed"] and "seed" not in calls[20][1]

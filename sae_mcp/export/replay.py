@@ -6,7 +6,9 @@ listed first (weights hashes, package versions), then each run. By default the c
 (no cached scan, no index, no label from outside the session; the session's own labels are written again there, in
 order), so a result depends on the model, the SAEs, the corpus and the code alone; `--in-place` uses the real data
 dir instead (its index and cached scans answer, and label_feature is skipped: it would write). A recorded failure
-replays as 'same' when it fails again with the same message. The replaying server records nothing.
+replays as 'same' when it fails again with the same message; one whose arguments the ledger cut (a rejected call's,
+store/ledger.py) is skipped. A blind set's submit secret is never recorded: submit_predictions is replayed with the
+secret of the blind set drawn again. The replaying server records nothing.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from sae_mcp.export.session import SessionData
-from sae_mcp.services.ledger import bounded, digest_of, without_volatile
+from sae_mcp.services.ledger import digest_of, without_volatile
+from sae_mcp.store.ledger import MAX_RESULT_CHARS, SECRET_FIELDS, fit, scrub, secrets_in
 
 SKIPPED_IN_PLACE = {"label_feature": "writes a label (replayed only in a scratch data dir)"}
+ARGS_CUT = "its arguments were cut in the ledger (a rejected call's are): it cannot be sent again as it was"
 SHOWN = 80  # characters of a differing value shown
 
 
@@ -60,9 +64,10 @@ def first_difference(a: Any, b: Any, path: str = "") -> str | None:
 
 
 def _view(tool: str, result: dict | None, cut: bool) -> dict:
-    """The part of a result that is compared: without volatile fields and run_id, cut as the recorded copy was."""
-    body = without_volatile(tool, result)
-    return bounded(body) if cut else body
+    """The part of a result that is compared: without volatile fields, run_id and secrets, cut as the recorded
+    copy was."""
+    body = scrub(without_volatile(tool, result))
+    return fit(body, MAX_RESULT_CHARS, size=MAX_RESULT_CHARS + 1)[0] if cut else body
 
 
 def compare(run, result: Any) -> Replayed:
@@ -88,14 +93,17 @@ def _challenge_id(result: dict | None) -> str | None:
     return ((result or {}).get("challenge") or (result or {}).get("score") or {}).get("challenge_id")
 
 
-def replay_arguments(run, challenges: dict[str, str]) -> dict:
+def replay_arguments(run, challenges: dict[str, str], secrets: dict[str, str] | None = None) -> dict:
     """The arguments a run is replayed with: as given, but score_explanation with the seed it drew (the same blind
-    set) and submit_predictions answering the replayed challenge (`challenges`: recorded id -> replayed id)."""
+    set) and submit_predictions answering the replayed challenge (`challenges`: recorded id -> replayed id) with its
+    submit secret (`secrets`: replayed id -> the secret its blind set came with; the recorded one never was)."""
     args = dict(run.given)
     if run.tool == "score_explanation" and args.get("seed") is None and (run.resolved or {}).get("seed") is not None:
         args["seed"] = run.resolved["seed"]
     if run.tool == "submit_predictions" and args.get("challenge_id") in challenges:
         args["challenge_id"] = challenges[args["challenge_id"]]
+        for name in SECRET_FIELDS.intersection(args):
+            args[name] = (secrets or {}).get(args["challenge_id"], args[name])
     if run.tool == "attribute" and isinstance(args.get("verify"), int) and not isinstance(args["verify"], bool):
         args["verify"] = args["verify"] > 0  # recorded when verify counted the top entries checked (now: all or none)
     return args
@@ -108,16 +116,18 @@ def replay(server: Any, data: SessionData, skip: dict[str, str] | None = None) -
     from mcp import Client
 
     async def go() -> list[Replayed]:
-        out, challenges = [], {}
+        out, challenges, secrets = [], {}, {}
         async with Client(server) as client:
             for run in data.runs:
-                if run.tool in (skip or {}):
-                    out.append(Replayed(run.id, run.tool, "skipped", skip[run.tool]))
+                if run.tool in (skip or {}) or run.args_cut:
+                    out.append(Replayed(run.id, run.tool, "skipped", ARGS_CUT if run.args_cut else skip[run.tool]))
                     continue
-                result = await client.call_tool(run.tool, replay_arguments(run, challenges))
+                result = await client.call_tool(run.tool, replay_arguments(run, challenges, secrets))
                 if run.tool == "score_explanation" and not result.is_error:
                     old, new = _challenge_id(run.result), _challenge_id(result.structured_content)
                     challenges.update({old: new} if old and new else {})
+                    secrets.update({new: found[0]} if new and (found := secrets_in(result.structured_content))
+                                   else {})
                 out.append(compare(run, result))
         return out
 

@@ -24,7 +24,7 @@ from sae_mcp.errors import InvalidInput, SaeMcpError
 from sae_mcp.server.text import compact_json, text_content
 from sae_mcp.server.wiring import ToolDecorator
 from sae_mcp.services import Services
-from sae_mcp.services.ledger_summary import args_line, run_line, session_line, summarize, when
+from sae_mcp.services.ledger_summary import args_line, run_line, session_line, summary_of, when
 
 MAX_LIMIT = 200
 
@@ -34,7 +34,7 @@ class LedgerRun(BaseModel):
     session: str
     time: str = Field(description="Local time it was called")
     tool: str
-    arguments: dict[str, Any] = Field(description="As given")
+    arguments: dict[str, Any] = Field(description="As given, long values cut (run= has them whole)")
     ok: bool
     error: str | None = None
     summary: str = Field(description="Its key numbers (or its error)")
@@ -66,7 +66,7 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         r = ledger.store.run(run_id)
         return {"run_id": r.id, "session": r.session, "tool": r.tool, "resolved": r.resolved, "wall_s": r.wall_s,
                 "ok": r.ok, "error": r.error, "digest": r.digest, "result": r.result, "truncated": r.truncated or None,
-                "env": r.env}
+                "arguments_cut": r.args_cut or None, "env": r.env}
 
     @tool(name="ledger")
     def ledger_tool(
@@ -88,10 +88,10 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         key = _sae_key(engine, sae) if sae else None
         # run= alone asks for that one run: listing the newest runs beside it would bury it
         listing = run is None or any(x is not None for x in (session, tool, feature))
-        runs = store.runs(session=sid, tool=tool, feature=feature, sae=key, limit=limit,
-                          newest_first=True) if listing else []
+        runs = store.runs(session=sid, tool=tool, feature=feature, sae=key, limit=limit, newest_first=True,
+                          light=True) if listing else []
         rows = [LedgerRun(run_id=r.id, session=r.session, time=when(r.time), tool=r.tool, arguments=r.given, ok=r.ok,
-                          error=r.error, summary=summarize(r.tool, r.result, r.ok, r.error)) for r in runs]
+                          error=r.error, summary=summary_of(r)) for r in runs]
         note = None if rows or not listing else "no run matches" + ("" if store.count() else ": the ledger is empty")
         if not ledger.recording:
             note = "this server records nothing (--no-ledger): runs of earlier servers only" + (f"; {note}" if note
@@ -129,5 +129,5 @@ def register_resources(server: MCPServer, ledger) -> None:
             sid = ledger.store.resolve_session(session)
         except SaeMcpError as exc:
             raise ResourceError(str(exc)) from exc
-        runs = ledger.store.runs(session=sid)
+        runs = ledger.store.runs(session=sid, light=True)
         return "\n".join([f"session {sid}: {len(runs)} runs"] + [run_line(r) for r in runs])

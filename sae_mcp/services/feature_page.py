@@ -29,7 +29,7 @@ from sae_mcp.results.corpus import Example, TopExamples
 from sae_mcp.services import Services
 from sae_mcp.services.cards import CardData, gather_card
 from sae_mcp.services.example_view import Context
-from sae_mcp.services.ledger_summary import args_line, summarize
+from sae_mcp.services.ledger_summary import args_line, summary_of
 from sae_mcp.store.ledger import ledger_path
 
 log = logging.getLogger(__name__)
@@ -180,11 +180,11 @@ def recorded_runs(services: Services, sae_key: str, feature: int) -> tuple[list[
     if not ledger_path(services.settings.data_dir).exists():
         return [], None
     try:
-        found = services.ledger.store.runs(feature=feature, sae=sae_key, newest_first=True, limit=200)
+        found = services.ledger.store.runs(feature=feature, sae=sae_key, newest_first=True, limit=200, light=True)
     except Exception as exc:
         log.warning("ledger unreadable for %s/%d: %s", sae_key, feature, exc)
         return [], f"the ledger could not be read ({type(exc).__name__}: {exc})"
-    runs = [RecordedRun(r.id, r.time, r.tool, args_line(r.given), summarize(r.tool, r.result, r.ok, r.error), r.ok)
+    runs = [RecordedRun(r.id, r.time, r.tool, args_line(r.given), summary_of(r), r.ok)
             for r in found if r.tool in RECORDED_TOOLS]
     return runs[:SHOWN_RUNS], None
 

@@ -13,16 +13,21 @@
 
 Recording never changes a result (the digest is taken before run_id is added) and never fails a call: an error
 while recording is logged and the answer goes out without a run_id. The digest is the SHA-256 of the result's
-canonical JSON (sorted keys) without the fields that vary between identical calls (VOLATILE: timings of
-build_index), so a replay compares digests. The stored copy is the whole result when its JSON is at most
-MAX_RESULT_CHARS, else a copy with long lists cut to their first items and a note of how many were left out.
+canonical JSON without the fields that vary between identical calls (VOLATILE: timings of build_index) and
+with the value of any secret field replaced (store/ledger.py SECRET_FIELDS: a blind set's submit secret is never
+written), so a replay compares digests. What is stored of the arguments, the result and the error, and the size
+cap (pruning the oldest runs no label cites), are store/ledger.py's; the cap is DEFAULT_MAX_MB, or
+SAE_MCP_LEDGER_MAX_MB megabytes when set.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import secrets
+import sqlite3
 import threading
 import time
 import weakref
@@ -34,22 +39,38 @@ import pydantic_core
 from mcp.types import CallToolResult, TextContent
 
 from sae_mcp.engine.runtime import Engine
+from sae_mcp.errors import InvalidInput
 from sae_mcp.services.ledger_env import env_id, environment
 from sae_mcp.services.ledger_resolve import ResolveContext, features_of, resolve
+from sae_mcp.services.ledger_summary import summarize
 from sae_mcp.settings import Settings
-from sae_mcp.store.ledger import LedgerStore, Run, ledger_path
+from sae_mcp.store.explanations import explanations_db_path
+from sae_mcp.store.ledger import (
+    DEFAULT_MAX_MB,
+    MAX_REJECTED_CHARS,
+    MAX_RESULT_CHARS,
+    PRUNE_BATCH,
+    PRUNE_TO,
+    SECRET_FIELDS,
+    SECRET_MARK,
+    LedgerStore,
+    Run,
+    fit,
+    ledger_path,
+    scrub,
+    secrets_in,
+    without_secrets,
+)
 
 log = logging.getLogger(__name__)
 
-MAX_RESULT_CHARS = 256_000  # a stored result's JSON; larger ones are cut (BOUNDED_LIST items per list)
-BOUNDED_LIST = 32
-BOUNDED_STR = 2_000
 VOLATILE = {"build_index": ("seconds", "tokens_per_second", "reused", "path"), "model_info": ("fidelity_note",),
             "score_explanation": ("challenge.challenge_id", "challenge.expires_in_s", "score.challenge_id",
                                   "score.score_id"),
             "submit_predictions": ("challenge_id", "score_id")}
 """Result fields (a.b: b inside a) left out of the digest: they differ between identical calls (timings, whether it
 was cached, the ids a store hands out)."""
+CHECK_EVERY_CHARS = 1_000_000  # the ledger's size is checked after this much text is recorded (or a 16th of the cap)
 ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford's base 32: no i, l, o, u to misread in a citation
 
 
@@ -60,10 +81,15 @@ def new_id(prefix: str, n: int = 8) -> str:
 
 
 def canonical(tool: str, structured: dict | None) -> bytes:
-    """The JSON the digest is taken of (UTF-8), volatile fields and run_id left out. Written by pydantic-core (4x
-    faster than json.dumps: recording must stay cheap); keys stay in the result model's field order (deterministic;
-    replay compares the fields themselves when digests differ, so a reordering alone reads as the same result)."""
-    return pydantic_core.to_json(without_volatile(tool, structured))
+    """The JSON the digest is taken of (UTF-8), volatile fields and run_id left out, secret fields' values replaced.
+    Written by pydantic-core (4x faster than json.dumps: recording must stay cheap); keys stay in the result model's
+    field order (deterministic; replay compares the fields themselves when digests differ, so a reordering alone
+    reads as the same result). A secret is looked for in the JSON text (one C search) before the result is walked."""
+    body = without_volatile(tool, structured)
+    text = pydantic_core.to_json(body)
+    if any(f'"{name}"'.encode() in text for name in SECRET_FIELDS):
+        text = pydantic_core.to_json(scrub(body))
+    return text
 
 
 def without_volatile(tool: str, structured: dict | None) -> dict:
@@ -83,18 +109,6 @@ def without_volatile(tool: str, structured: dict | None) -> dict:
 
 def digest_of(tool: str, structured: dict | None) -> str:
     return hashlib.sha256(canonical(tool, structured)).hexdigest()[:32]
-
-
-def bounded(value: Any, max_list: int = BOUNDED_LIST, max_str: int = BOUNDED_STR) -> Any:
-    """A copy with lists cut to max_list items (then {'left_out': n}) and strings to max_str characters."""
-    if isinstance(value, dict):
-        return {k: bounded(v, max_list, max_str) for k, v in value.items()}
-    if isinstance(value, list):
-        kept = [bounded(v, max_list, max_str) for v in value[:max_list]]
-        return kept + ([{"left_out": len(value) - max_list}] if len(value) > max_list else [])
-    if isinstance(value, str) and len(value) > max_str:
-        return value[:max_str] + f"... ({len(value) - max_str} characters left out)"
-    return value
 
 
 def with_run_id(result: Any, run_id: str) -> Any:
@@ -217,8 +231,12 @@ class Pending:
 
 class Ledger:
     def __init__(self, engine: Engine, settings: Settings, recording: bool = True, store: LedgerStore | None = None,
-                 max_activation: Any = None):
+                 max_activation: Any = None, max_bytes: int | None = None):
         self.engine, self.settings, self.recording = engine, settings, recording
+        self.max_bytes = max_bytes if max_bytes is not None else ledger_cap()
+        self._pruning = False  # over the cap: each recorded run deletes a batch until under PRUNE_TO of it
+        self._unchecked = 0  # characters recorded since the size was last checked
+        self._warned_full = False
         self._store = store
         self._lock = threading.Lock()
         self._env: tuple[str, dict] | None = None
@@ -297,22 +315,87 @@ class Ledger:
         if self._env_thread is not None and self._env_thread is not threading.current_thread():
             self._env_thread.join()  # the first call waits for the hashes begun at start (seconds, once)
         eid = self.environment()[0]
-        resolved = resolve(p.tool, p.given, p.defaults, structured, self._resolve)
+        given, args_cut = p.given, False
+        if error is not None:  # a rejected call's arguments are cut before anything reads them (a 3.5 MB answer
+            given, args_cut = fit(scrub(given), MAX_REJECTED_CHARS)  # would be tokenized to resolve it)
+            error = without_secrets(error, secrets_in(p.given))
+        resolved = resolve(p.tool, given, p.defaults, structured, self._resolve)
         sae = resolved.get("sae") if isinstance(resolved.get("sae"), str) else None
-        run = Run(id=new_id("r"), session=p.session, env=eid, time=p.started, tool=p.tool, given=p.given,
-                  resolved=resolved, wall_s=wall, ok=error is None, error=error, sae=sae,
+        run = Run(id=new_id("r"), session=p.session, env=eid, time=p.started, tool=p.tool, given=given,
+                  resolved=resolved, wall_s=wall, ok=error is None, error=error, args_cut=args_cut, sae=sae,
                   features=features_of(p.tool, resolved, structured))
+        view = structured
         if error is None:
             text = canonical(p.tool, structured)
             run.digest = hashlib.sha256(text).hexdigest()[:32]
             run.result_chars = len(text)
+            if structured is not None and (p.tool in VOLATILE or SECRET_MARK.encode() in text):
+                view = scrub(structured)  # a secret may sit in a volatile field, which canonical() left out
             if structured is not None and p.tool not in VOLATILE and len(text) <= MAX_RESULT_CHARS:
                 run.result_json = text.decode()  # the canonical JSON is the whole result: no second dump
             elif structured is not None:
-                run.result = structured if len(text) <= MAX_RESULT_CHARS else bounded(structured)
-                run.truncated = len(text) > MAX_RESULT_CHARS
+                run.result, run.truncated = fit(view, MAX_RESULT_CHARS, size=len(text))
+        run.summary = summarize(p.tool, view, run.ok, error)
         if p.session not in self._written_sessions:
             self.store.put_session(p.session, p.started, eid, p.client)
             self._written_sessions.add(p.session)
-        self.store.record(run)
+        self._unchecked += self.store.record(run)
+        if self._pruning or self._unchecked >= min(CHECK_EVERY_CHARS, self.max_bytes // 16):
+            self._unchecked = 0
+            self._keep_under_cap()
         return run.id
+
+    # -- the size cap -------------------------------------------------------------------------------------------
+
+    def _keep_under_cap(self) -> None:
+        """Past the cap, delete up to PRUNE_BATCH of the oldest runs no label cites (store/ledger.py's policy).
+        Checking reads three page counts (10 us: done once per CHECK_EVERY_CHARS written, or a 16th of the cap);
+        deleting starts over the cap and goes on, a batch per recorded run, until the pages in use are under PRUNE_TO
+        of it."""
+        used = self.store.used_bytes()
+        if not self._pruning and used <= self.max_bytes:
+            return
+        if not self._pruning:
+            log.warning("the ledger %s holds %.0f MB, over its cap of %.0f MB: deleting its oldest runs that no label "
+                        "cites (SAE_MCP_LEDGER_MAX_MB sets the cap)", self.store.path, used / 1e6, self.max_bytes / 1e6)
+        target = int(self.max_bytes * PRUNE_TO)
+        done = self.store.prune(cited_runs(self.settings.data_dir), max_bytes=target, most=PRUNE_BATCH)
+        self._written_sessions.difference_update(done.sessions)
+        self._pruning = done.used_bytes > target and done.runs > 0
+        if done.used_bytes > self.max_bytes and done.runs == 0 and not self._warned_full:
+            self._warned_full = True
+            log.warning("the ledger %s is over its cap and every run left is cited by a label (or records one): "
+                        "raise SAE_MCP_LEDGER_MAX_MB", self.store.path)
+
+
+def ledger_cap() -> int:
+    """The ledger's size cap: SAE_MCP_LEDGER_MAX_MB megabytes when set, else DEFAULT_MAX_MB."""
+    raw = os.environ.get("SAE_MCP_LEDGER_MAX_MB", "").strip()
+    if not raw:
+        return DEFAULT_MAX_MB * 1_000_000
+    try:
+        mb = float(raw)
+    except ValueError:
+        mb = -1.0
+    if not 1 <= mb <= 10_000_000:
+        raise InvalidInput(f"SAE_MCP_LEDGER_MAX_MB={raw!r}: give the ledger's cap in megabytes, 1 to 10000000")
+    return int(mb * 1_000_000)
+
+
+def cited_runs(data_dir: Path) -> set[str]:
+    """Every run id a label cites as evidence, in each model's explanation store of the data dir (read-only)."""
+    folder = explanations_db_path(data_dir, "any").parent.parent  # <data_dir>/explanations/<model>/...
+    out: set[str] = set()
+    for path in sorted(folder.glob(f"*/{explanations_db_path(data_dir, 'any').name}")):
+        try:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+            try:
+                rows = conn.execute("SELECT evidence_runs FROM labels WHERE evidence_runs IS NOT NULL").fetchall()
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:  # a store written before labels cited runs has no such column: none cited
+            log.debug("no cited runs read from %s: %s", path, exc)
+            continue
+        for (text,) in rows:
+            out.update(r for r in json.loads(text) if isinstance(r, str))
+    return out

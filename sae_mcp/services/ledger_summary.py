@@ -6,6 +6,7 @@ report). Pure functions of JSON data: a result copy cut by the ledger still summ
 
 from __future__ import annotations
 
+import heapq
 import json
 import time
 from collections.abc import Callable
@@ -44,9 +45,9 @@ def first_prompt(args: dict) -> str | None:
 
 
 def _feature_acts(r: dict) -> str:
-    cells = [(a["activation"], p["position"], p["token"], a["feature"]) for p in r.get("positions", [])
-             if p.get("position", 0) > 0 for a in p.get("top", [])]
-    best = sorted(cells, reverse=True)[:3]
+    cells = ((a["activation"], p["position"], p["token"], a["feature"]) for p in r.get("positions", [])
+             if p.get("position", 0) > 0 for a in p.get("top", []))
+    best = heapq.nlargest(3, cells)  # written with every run: no sort of every cell
     return f"{len(r.get('tokens', []))} tokens; strongest: " + ", ".join(
         f"{pos} {tok!r} {f}={fmt(a)}" for a, pos, tok, f in best)
 
@@ -146,17 +147,21 @@ def summarize(tool: str, result: dict | None, ok: bool = True, error: str | None
         return json.dumps(result, ensure_ascii=False, separators=(",", ":"))[:160]
 
 
+def summary_of(run: Any) -> str:
+    """A store Run's key numbers: the line written with it, else (a run recorded before those were) computed."""
+    return run.summary if run.summary is not None else summarize(run.tool, run.result, run.ok, run.error)
+
+
 def run_line(run: Any) -> str:
     """A store Run as one line: id, time, tool, arguments -> key numbers."""
-    return (f"{run.id} {when(run.time)} {run.tool}({args_line(run.given)}) -> "
-            f"{summarize(run.tool, run.result, run.ok, run.error)}")
+    return f"{run.id} {when(run.time)} {run.tool}({args_line(run.given)}) -> {summary_of(run)}"
 
 
 def session_line(store: Any, s: Any) -> str:
     """A store Session as one line: id, time span, runs, model, client, first prompt (or search query)."""
     env = store.env(s.env) or {}
     model = (env.get("model") or {}).get("name", "?")
-    prompt = next((p for r in store.runs(session=s.id, limit=20) if (p := first_prompt(r.given))), None)
+    prompt = next((p for r in store.runs(session=s.id, limit=20, light=True) if (p := first_prompt(r.given))), None)
     return (f"{s.id} {when(s.started)} .. {when(s.last)}: {s.n_runs} runs, model {model}"
             + (f", client {s.client}" if s.client else "")
             + (f"; first prompt or query {prompt[:80]!r}" if prompt else ""))
