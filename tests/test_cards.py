@@ -46,8 +46,8 @@ def test_card_holds_labels_imports_logit_lens_and_moments(tiny_engine, tmp_path)
     services.explanations.import_rows(s.store_key, [(9, "imported: about dogs", "gpt-4o-mini")], "neuronpedia")
     services.explanations.add_label(s.store_key, 9, "dog and cat words", evidence="get_feature_acts on 'the dog'")
     md = card_text.card_markdown(services, 9, s.key, n_tokens=3)
-    assert "- label: dog and cat words (evidence: get_feature_acts on 'the dog')" in md
-    assert "- imported: about dogs (neuronpedia, gpt-4o-mini)" in md
+    assert '- label: "dog and cat words" (evidence: "get_feature_acts on \'the dog\'")' in md
+    assert '- "imported: about dogs" (neuronpedia, gpt-4o-mini)' in md
     proj = lg.project_to_vocab(tiny_engine, 9, top_k=3)
     assert "promotes: " + ", ".join(f"{t.token!r} {t.logit:.3g}" for t in proj.top_positive) in md
     full = (s.sae.W_dec[9].detach().float() @ tiny_engine.model.W_U.detach().float())

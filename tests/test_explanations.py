@@ -312,7 +312,7 @@ def test_labels_belong_to_the_weights_not_the_folder(tiny_loaded, tmp_path):
 
     lab, again = call_many(serve(), [("label_feature", {"feature": 4, "label": "the word park"}),
                                 ("feature_card", {"feature": 4, "examples": 0})])
-    assert not lab.is_error and "label: the word park" in again.structured_content["markdown"]
+    assert not lab.is_error and 'label: "the word park"' in again.structured_content["markdown"]
 
     make_sae_folder(folder, 32, 128, "blocks.1.hook_resid_pre", seed=1)  # re-trained into the same folder
     found, card, lab2 = call_many(serve(), [("search_explanations", {"query": "park"}),

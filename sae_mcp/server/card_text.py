@@ -3,14 +3,16 @@ CardData (services/cards.py). The person's HTML page of the same card is server/
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from sae_mcp.results.corpus import Example, FeatureSummary, Histogram
 from sae_mcp.services import Services
-from sae_mcp.services.cards import CardData, gather_card
+from sae_mcp.services.cards import CardData, gather_card, shown
 from sae_mcp.store.explanations import Explanation
 
 CONTEXT_BEFORE, CONTEXT_AFTER = 12, 4  # tokens shown around the firing token of an example
+CARD_CHARS = 400  # characters of a label, an explanation or its evidence a card shows (label_feature takes 1,000)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -55,23 +57,37 @@ def _scored(c: CardData, text: str) -> str:
     return " · scored (balanced accuracy, 0.5 = chance): " + "; ".join(parts) if parts else ""
 
 
+def quoted(text: str, max_chars: int = CARD_CHARS) -> str:
+    """Text the agent or an import wrote, as a quoted one-line string (JSON's quoting: a quote inside is \\"), cut to
+    max_chars: it reads as data, and cannot close its quotes, start a heading or forge a section of the card."""
+    line, left_out = shown(text, max_chars)
+    return json.dumps(line, ensure_ascii=False) + (f" (+{left_out:,} characters)" if left_out else "")
+
+
+def _explanation_lines(c: CardData) -> list[str]:
+    out = []
+    for e in c.explanations:
+        if e.source == "label":
+            out.append(f"- label: {quoted(e.description)}" + (f" (evidence: {quoted(e.evidence)})" if e.evidence
+                                                              else "") + _scored(c, e.description))
+        else:
+            out.append(f"- {quoted(e.description)} ({shown(explainer_of(e), 80)[0]})" + _scored(c, e.description))
+    for n, what in ((c.more_labels, "older labels"), (c.more_imported, "more imported explanations")):
+        if n:
+            out.append(f"- {n:,} {what} not shown")
+    unrecorded, more = c.scored_unrecorded()
+    out += [f"- scored, not recorded: {quoted(text)}" + _scored(c, text) for text in unrecorded]
+    if more:
+        out.append(f"- {more:,} more scored texts not shown")
+    return out or ["none yet: record one with label_feature, or `sae-mcp explanations import`"]
+
+
 def to_markdown(c: CardData) -> str:
     out = [f"# Feature {c.feature} · {c.sae_key}"]
     meta = f"hook `{c.hook_name}` · {c.d_sae} features · SAE `{c.sae_source}`"
     if c.neuronpedia:
         meta += f" · Neuronpedia `{c.neuronpedia}`"
-    out += [meta, "", "## Explanations"]
-    if not c.explanations:
-        out.append("none yet: record one with label_feature, or `sae-mcp explanations import`")
-    for e in c.explanations:
-        if e.source == "label":
-            out.append(f"- label: {e.description}" + (f" (evidence: {e.evidence})" if e.evidence else "")
-                       + _scored(c, e.description))
-        else:
-            out.append(f"- {e.description} ({explainer_of(e)})" + _scored(c, e.description))
-    listed = {e.description for e in c.explanations}
-    for text in dict.fromkeys(sc.explanation for sc in c.scores if sc.explanation not in listed):
-        out.append(f"- scored, not recorded: {text}" + _scored(c, text))
+    out += [meta, "", "## Explanations", *_explanation_lines(c)]
     out += ["", "## Activations"]
     if c.index_note:
         out.append(c.index_note)

@@ -21,12 +21,15 @@ from sae_mcp.server.card_text import explainer_of
 from sae_mcp.server.pages_assets import CSS, SCRIPT, shade, visible
 from sae_mcp.server.pages_plots import bar_list, histogram_svg
 from sae_mcp.services import Services
+from sae_mcp.services.cards import shown
 from sae_mcp.services.feature_page import MAX_TEST_CHARS, FeaturePage, ShownExample, gather_page
 from sae_mcp.services.ledger_summary import when
 from sae_mcp.services.page_index import SORTS, Found, Listing, listing, search
 from sae_mcp.store.scores import StoredScore
 
 e = html.escape
+PAGE_CHARS = 1_000  # characters of a label, an explanation or its evidence shown (label_feature takes 1,000)
+LIST_CHARS = 200  # characters of a label or an explanation in a table row of the front page
 
 
 def feature_url(sae: str, feature: int | str = "") -> str:
@@ -64,23 +67,35 @@ def render_feature(page: FeaturePage, text: str = "") -> str:
     ])
 
 
+def _text(text: str | None, max_chars: int = PAGE_CHARS) -> str:
+    """A label's, an explanation's or its evidence's text for the page: one line, cut, HTML-escaped."""
+    line, left_out = shown(text or "", max_chars)
+    return e(line) + (f" <span class='meta'>(+{left_out:,} characters)</span>" if left_out else "")
+
+
 def _explanations(page: FeaturePage) -> str:
     c = page.card
     items = []
     for x in c.explanations:
         scored = _scored(c.scores_of(x.description))
         if x.source == "label":
-            ev = f"<br><span class='meta'>evidence: {e(x.evidence)}</span>" if x.evidence else ""
-            shown = {r.id for r in page.runs}  # a cited run listed below links to its line
-            cited = ", ".join(f"<a href='#run-{e(r)}'>{e(r)}</a>" if r in shown else e(r)
+            ev = f"<br><span class='meta'>evidence: {_text(x.evidence)}</span>" if x.evidence else ""
+            shown_runs = {r.id for r in page.runs}  # a cited run listed below links to its line
+            cited = ", ".join(f"<a href='#run-{e(r)}'>{e(r)}</a>" if r in shown_runs else e(r)
                               for r in x.evidence_runs or [])
             runs = f"<br><span class='meta'>cites runs {cited}</span>" if cited else ""
-            items.append(f"<li class='label'>label: {e(x.description)}{ev}{runs}{scored}</li>")
+            items.append(f"<li class='label'>label: {_text(x.description)}{ev}{runs}{scored}</li>")
         else:
-            items.append(f"<li>{e(x.description)} <span class='meta'>({e(explainer_of(x))})</span>{scored}</li>")
-    listed = {x.description for x in c.explanations}
-    for text in dict.fromkeys(sc.explanation for sc in c.scores if sc.explanation not in listed):
-        items.append(f"<li>scored, not recorded: {e(text)}{_scored(c.scores_of(text))}</li>")
+            items.append(f"<li>{_text(x.description)} <span class='meta'>({_text(explainer_of(x), 80)})</span>"
+                         f"{scored}</li>")
+    for n, what in ((c.more_labels, "older labels"), (c.more_imported, "more imported explanations")):
+        if n:
+            items.append(f"<li class='meta more'>{n:,} {what} not shown</li>")
+    unrecorded, more = c.scored_unrecorded()
+    for text in unrecorded:
+        items.append(f"<li>scored, not recorded: {_text(text)}{_scored(c.scores_of(text))}</li>")
+    if more:
+        items.append(f"<li class='meta more'>{more:,} more scored texts not shown</li>")
     if not items:
         items.append("<li>none yet: record one with label_feature, or <code>sae-mcp explanations import</code></li>")
     return f"<h2>Explanations</h2><ul id='explanations' class='expl'>{''.join(items)}</ul>"
@@ -226,7 +241,8 @@ def _found(found: Found) -> str:
         head += f"<p class='note'>{e(found.note)}</p>"
     rows = "".join(
         f"<tr><td><a href='{e(feature_url(h.sae, h.feature))}'>{h.feature}</a></td><td>{e(h.sae)}</td>"
-        f"<td>{e(h.description)}</td><td class='meta'>{e(h.source)}</td><td class='num'>{h.score:.4g}</td>"
+        f"<td>{_text(h.description, LIST_CHARS)}</td><td class='meta'>{e(h.source)}</td>"
+        f"<td class='num'>{h.score:.4g}</td>"
         f"<td class='meta scores'>{e(h.scored)}</td></tr>"
         for h in found.hits
     )
@@ -265,8 +281,9 @@ def _listing(lst: Listing, query: str) -> str:
     else:
         rows = "".join(
             f"<tr><td><a href='{e(feature_url(key, r.feature))}'>{r.feature}</a></td>"
-            f"<td class='num'>{'' if r.density is None else f'{r.density:.4g}'}</td><td>{e(r.label or '')}</td>"
-            f"<td class='meta scores'>{e(r.scored)}</td><td class='meta'>{e(r.explanation or '')}</td></tr>"
+            f"<td class='num'>{'' if r.density is None else f'{r.density:.4g}'}</td>"
+            f"<td>{_text(r.label, LIST_CHARS)}</td>"
+            f"<td class='meta scores'>{e(r.scored)}</td><td class='meta'>{_text(r.explanation, LIST_CHARS)}</td></tr>"
             for r in lst.rows)
         parts.append(f"<table class='features' data-sort='{e(lst.sort)}'><tr><th>feature</th><th>density</th>"
                      f"<th>label</th><th>scored</th><th>explanation</th></tr>{rows}</table>")

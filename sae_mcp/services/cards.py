@@ -1,7 +1,8 @@
 """Feature cards: everything known about one feature, gathered without running anything long.
 
-    explanations   the agent's labels and imported explanations (the explanation store), with the scores of their
-                   texts (score_explanation: store/scores.py)
+    explanations   the agent's newest SHOWN_LABELS labels and the first SHOWN_IMPORTED imported explanations (the
+                   explanation store), with how many more there are and the scores of their texts (score_explanation:
+                   store/scores.py). 2,000 labels of 5 kB made a 10 MB card before: a card stays a few kB
     activations    density, max activation, histogram and top examples, from the corpus index when one was built,
                    else from an on-demand top_examples scan of this feature already cached (the card says so and
                    over how many tokens); with neither the card says "not indexed": a card never starts a scan
@@ -15,6 +16,7 @@ One CardData renders to markdown for the agent (server/card_text.py) and to an H
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 
 from sae_mcp.engine import logits as lg
@@ -30,6 +32,10 @@ from sae_mcp.store.scores import StoredScore
 log = logging.getLogger(__name__)
 
 NOT_INDEXED = "not indexed: call build_index (or run sae-mcp index)"
+SHOWN_LABELS = 5  # the newest labels a card shows (the rest are counted)
+SHOWN_IMPORTED = 5  # imported explanations a card shows, in import order
+CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+"""Control characters, and the bidirectional marks and overrides that reorder how a line displays."""
 
 
 @dataclass
@@ -40,7 +46,7 @@ class CardData:
     d_sae: int
     sae_source: str
     neuronpedia: str | None  # 'model/sae/feature' on Neuronpedia, when the SAE has an id there
-    explanations: list[Explanation]  # labels first (newest first), then imported ones
+    explanations: list[Explanation]  # the shown ones: labels first (newest first), then imported ones
     projection: VocabProjection | None  # None when the decoder does not write to the residual stream
     moments: tuple[float, float, float, float] | None  # mean, std, skewness, kurtosis of W_dec[f] @ W_U
     lens_note: str | None = None  # why there is no logit lens
@@ -49,6 +55,9 @@ class CardData:
     examples: list[Example] = field(default_factory=list)
     scan_note: str | None = None  # set when the activations come from a cached on-demand scan, not the index
     scores: list[StoredScore] = field(default_factory=list)  # scores of explanations (score_explanation), newest first
+    more_labels: int = 0  # older labels not in `explanations`
+    more_imported: int = 0  # imported explanations not in `explanations`
+    recorded: set[str] = field(default_factory=set)  # the text of every label and explanation, shown or not
 
     def scores_of(self, text: str) -> list[StoredScore]:
         """The newest score per method of the explanation with this text, newest first."""
@@ -58,6 +67,25 @@ class CardData:
                 out.append(sc)
         return out
 
+    def scored_unrecorded(self) -> tuple[list[str], int]:
+        """(the newest SHOWN_LABELS texts scored but never recorded as a label or an explanation, how many more)."""
+        texts = list(dict.fromkeys(sc.explanation for sc in self.scores if sc.explanation not in self.recorded))
+        return texts[:SHOWN_LABELS], max(0, len(texts) - SHOWN_LABELS)
+
+
+def one_line(text: str) -> str:
+    """Text from a label, an explanation or a corpus as one line that cannot start a heading or a section where it
+    is shown: each run of whitespace (line breaks, U+2028/2029 included) one space, each control or bidirectional
+    character written out (\\x00, \\u202e) as Python writes it."""
+    return CONTROLS.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}",
+                        " ".join(text.split()))
+
+
+def shown(text: str, max_chars: int) -> tuple[str, int]:
+    """(one_line(text) cut to max_chars, how many characters were left out)."""
+    line = one_line(text)
+    return (line, 0) if len(line) <= max_chars else (line[:max_chars] + "…", len(line) - max_chars)
+
 
 def gather_card(services: Services, feature: int, sae: str | None = None, n_examples: int = 5,
                 n_tokens: int = 8) -> CardData:
@@ -65,6 +93,9 @@ def gather_card(services: Services, feature: int, sae: str | None = None, n_exam
     s = engine.sae(sae)
     engine.check_feature(s, feature)
     projection, moments, lens_note = _logit_lens(services, s, feature, n_tokens)
+    found = services.explanations.for_feature(s.store_key, feature)
+    labels = [x for x in found if x.source == "label"]
+    imported = [x for x in found if x.source != "label"]
     card = CardData(
         sae_key=s.key,
         hook_name=s.hook_name,
@@ -72,7 +103,10 @@ def gather_card(services: Services, feature: int, sae: str | None = None, n_exam
         d_sae=s.d_sae,
         sae_source=s.source,
         neuronpedia=f"{s.neuronpedia_id}/{feature}" if s.neuronpedia_id else None,
-        explanations=services.explanations.for_feature(s.store_key, feature),
+        explanations=labels[:SHOWN_LABELS] + imported[:SHOWN_IMPORTED],
+        more_labels=max(0, len(labels) - SHOWN_LABELS),
+        more_imported=max(0, len(imported) - SHOWN_IMPORTED),
+        recorded={x.description for x in found},
         projection=projection,
         moments=moments,
         lens_note=lens_note,
