@@ -20,7 +20,7 @@ from pathlib import Path
 
 from sae_mcp.export import cells_causal, cells_read
 from sae_mcp.export.preamble import preamble
-from sae_mcp.export.session import Cell, SessionData, label_markdown, run_markdown
+from sae_mcp.export.session import Cell, SessionData, label_markdown, md_text, run_markdown
 
 CODE = {
     "get_feature_acts": cells_read.feature_acts,
@@ -55,7 +55,7 @@ def _run_cells(run, data: SessionData) -> list[Cell]:
     try:
         code = make(run)
     except (KeyError, TypeError, IndexError) as exc:  # a run recorded before a field existed, or cut away
-        return [("markdown", run_markdown(run, data, f"Not redone: the record lacks {exc}."))]
+        return [("markdown", run_markdown(run, data, f"Not redone: the record lacks {md_text(exc)}."))]
     return [("markdown", run_markdown(run, data, _note(run))), ("code", code)]
 
 
@@ -74,13 +74,20 @@ def cells(data: SessionData) -> list[Cell]:
 
 
 def write_py(cs: list[Cell], path: Path) -> None:
+    """The cells as a percent-format script; refused (ValueError) rather than written when it would not compile, so
+    a text that slipped past the escaping (session.py) cannot leave a script that fails at its first line."""
     parts = []
     for kind, source in cs:
         if kind == "markdown":
             parts.append("# %% [markdown]\n" + "\n".join(f"# {line}".rstrip() for line in source.splitlines()))
         else:
             parts.append("# %%\n" + source.rstrip("\n"))
-    Path(path).write_text("\n\n".join(parts) + "\n", encoding="utf-8")
+    text = "\n\n".join(parts) + "\n"
+    try:
+        compile(text, str(path), "exec", dont_inherit=True)
+    except (SyntaxError, ValueError) as exc:
+        raise ValueError(f"the exported script would not compile ({exc}); please report this session") from None
+    Path(path).write_text(text, encoding="utf-8")
 
 
 def write_ipynb(cs: list[Cell], path: Path) -> None:

@@ -7,7 +7,7 @@ converts a local model folder). Helpers are included only when a run needs them.
 
 from __future__ import annotations
 
-from sae_mcp.export.session import Cell, SessionData, lit
+from sae_mcp.export.session import Cell, SessionData, lit, md_code, md_text
 
 IMPORTS = '''\
 import hashlib
@@ -156,9 +156,9 @@ def config_cell(data: SessionData) -> str:
 def preamble(data: SessionData, tools: set[str], extra: dict[str, str]) -> list[Cell]:
     """The setup cells, with the helper code of the tools the session used (extra: tool -> helper source)."""
     helpers = CHECKS + "".join("\n\n" + extra[t] for t in sorted(tools) if t in extra)
-    intro = (f"# Session `{data.id}`, redone without sae-mcp\n\nEach cell below redoes one recorded run with plain "
-             "transformer-lens + sae-lens, on the same model and SAE(s), and asserts that it gets the recorded "
+    intro = (f"# Session {md_code(data.id)}, redone without sae-mcp\n\nEach cell below redoes one recorded run with "
+             "plain transformer-lens + sae-lens, on the same model and SAE(s), and asserts that it gets the recorded "
              "numbers (tolerance in the setup cell). The agent's labels and the server's warnings are shown with "
-             "the runs they cite." + (f"\n\nThe question: *{data.question}*" if data.question else ""))
+             "the runs they cite." + (f"\n\nThe question: *{md_text(data.question)}*" if data.question else ""))
     return [("markdown", intro), ("code", IMPORTS), ("code", config_cell(data)), ("code", LOADING),
             ("code", helpers)]

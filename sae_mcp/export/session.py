@@ -1,16 +1,31 @@
 """A recorded session as the exporters read it: its runs in order, the environment they ran against, the labels
 the agent wrote (with the runs they cite), and the pieces every format shares (markdown of a run, literals).
+
+Every text an agent, a client or a corpus wrote (labels, evidence, arguments, prompts, errors, warnings, tool names)
+reaches the markdown through md_text(): one line with control characters written out (a NUL byte in a label made
+the exported .py a SyntaxError; a line break could start a heading or a `# %%` cell), HTML escaped, markdown's
+inline punctuation escaped, and URLs broken, so `<script>` and `![x](http://remote/beacon.png)` read as text in
+the report and the notebook and nothing is fetched when they are opened. Code cells hold such text only as Python
+literals (repr, lit()), which write control characters out.
 """
 
 from __future__ import annotations
 
+import html
 import pprint
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from sae_mcp.errors import NotFound
+from sae_mcp.services.cards import one_line
 from sae_mcp.services.ledger_summary import args_line, first_prompt, summarize, when
 from sae_mcp.store.ledger import LedgerStore, Run
+
+MD_PUNCTUATION = re.compile(r"[\\`*\[\]|~$]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
+"""Markdown's inline syntax: escapes, code, emphasis (an intraword _ cannot open one), links and images, tables,
+strikethrough, notebook math ($)."""
+URL = re.compile(r"://|\bwww\.", re.IGNORECASE)
 
 Cell = tuple[str, str]  # ('markdown' | 'code', source)
 
@@ -59,6 +74,21 @@ def load_session(store: LedgerStore, ref: str | None) -> SessionData:
     return SessionData(id=sid, runs=runs, env=env, envs=envs, labels=labels)
 
 
+def md_text(text: Any, max_chars: int | None = None) -> str:
+    """Untrusted text as inert markdown on one line (see the module's docstring), cut to max_chars when given."""
+    line = one_line(str(text))
+    if max_chars is not None and len(line) > max_chars:
+        line = line[:max_chars] + f"… (+{len(line) - max_chars:,} characters)"
+    line = MD_PUNCTUATION.sub(lambda m: "\\" + m[0], html.escape(line, quote=False))
+    return URL.sub(lambda m: "&#58;//" if m[0] == "://" else m[0][:3] + "&#46;", line)
+
+
+def md_code(text: Any) -> str:
+    """An identifier (a run id, a weights hash, an SAE key) as a markdown code span: one line, no backtick inside
+    (the only character that ends one; HTML and links inside a code span are text)."""
+    return "`" + one_line(str(text)).replace("`", "'") + "`"
+
+
 def lit(value: Any, indent: int = 0) -> str:
     """A Python literal of JSON data, wrapped to fit 110 columns (continuation lines indented)."""
     text = pprint.pformat(value, width=110 - indent, compact=True, sort_dicts=False)
@@ -67,20 +97,26 @@ def lit(value: Any, indent: int = 0) -> str:
 
 def label_markdown(lab: Label) -> str:
     cites = ", ".join(f"`{r}`" for r in lab.evidence_runs)
-    return (f"**Label** on feature {lab.feature} ({lab.sae}): *{lab.label}*"
-            + (f"  \nEvidence: {lab.evidence}" if lab.evidence else "") + (f"  \nCites runs: {cites}" if cites else ""))
+    return (f"**Label** on feature {lab.feature} ({md_code(lab.sae)}): *{md_text(lab.label)}*"
+            + (f"  \nEvidence: {md_text(lab.evidence)}" if lab.evidence else "")
+            + (f"  \nCites runs: {cites}" if cites else ""))
+
+
+def call_markdown(run: Run) -> str:
+    """The call as given: tool(arguments), each argument cut (ledger_summary.args_line), as inert markdown."""
+    return md_text(f"{run.tool}({args_line(run.given)})")
 
 
 def run_heading(run: Run) -> str:
-    return f"### `{run.id}` {run.tool} ({when(run.time)}, {run.wall_s * 1000:.0f} ms)"
+    return f"### `{run.id}` {md_text(run.tool, 64)} ({when(run.time)}, {run.wall_s * 1000:.0f} ms)"
 
 
 def run_markdown(run: Run, data: SessionData, note: str | None = None) -> str:
     """Heading, the call as given, its key numbers, the server's warnings, and the labels that cite it."""
-    lines = [run_heading(run), "", f"`{run.tool}({args_line(run.given)})`", "",
-             f"Recorded: {summarize(run.tool, run.result, run.ok, run.error)}"]
+    lines = [run_heading(run), "", call_markdown(run), "",
+             f"Recorded: {md_text(summarize(run.tool, run.result, run.ok, run.error))}"]
     for w in (run.result or {}).get("warnings") or []:
-        lines += ["", f"> server warning: {w}"]
+        lines += ["", f"> server warning: {md_text(w)}"]
     for lab in data.cited_by(run.id):
         lines += ["", label_markdown(lab)]
     if note:
