@@ -158,7 +158,7 @@ class AttributionOutcome:
 # Validation
 
 
-def _resolve_saes(engine: Engine, sae: str | None, saes: Sequence[str] | None) -> list[LoadedSAE]:
+def resolve_saes(engine: Engine, sae: str | None, saes: Sequence[str] | None) -> list[LoadedSAE]:
     if sae and saes:
         raise InvalidInput("pass sae= (one SAE) or saes= (several), not both")
     if saes:
@@ -191,7 +191,7 @@ def _plan(
     top_k: int, position: int, method: str, steps: int, verify: bool,
 ) -> AttributionPlan:
     _check_options(method, steps, top_k, engine.limits.max_top_k)
-    loaded = _resolve_saes(engine, sae, saes)
+    loaded = resolve_saes(engine, sae, saes)
     a_ids = answer_token_ids(engine, answer)
     c_ids = answer_token_ids(engine, counterfactual) if counterfactual is not None else None
     metric = metric_for(engine, a_ids, c_ids, answer, counterfactual)
@@ -208,7 +208,7 @@ def _plan(
 # The device work: one forward, one backward, then each SAE's numbers
 
 
-def _backward(
+def backward_pass(
     engine: Engine, captured: list[SaeCapture], tokens: torch.Tensor, at: MetricAt
 ) -> tuple[float, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Every SAE spliced with the error term; the metric differentiated to every SAE's leaves at once. Returns
@@ -306,7 +306,7 @@ def _run(engine: Engine, prompt: str, plan: AttributionPlan, cancel: CancelToken
     at = MetricAt(plan.metric, pos)
     captured = [SaeCapture(s) for s in plan.saes]
     with engine.device_work():
-        metric_value, last_logits, grads = _backward(engine, captured, tokens, at)
+        metric_value, last_logits, grads = backward_pass(engine, captured, tokens, at)
     parts, ig = _method_parts(engine, plan, captured, grads, tokens, at, metric_value)
     per_sae = [_sae_attribution(c, a, e, r, share_start, pos, plan.top_k) for c, (a, e, r) in zip(captured, parts)]
     top = sorted((c for sae in per_sae for c in sae.candidates), key=lambda c: -c.magnitude)[: plan.top_k]

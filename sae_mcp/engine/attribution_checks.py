@@ -76,8 +76,11 @@ class MetricAt(NamedTuple):
 # Exact contributions of one feature at one position
 
 
+ERROR = -1  # a Cell's feature for the SAE's error node at that position (trace_circuit checks error nodes too)
+
+
 class Cell(NamedTuple):
-    """One verified entry: which SAE (its key), where, which feature."""
+    """One verified entry: which SAE (its key), where, which feature (ERROR: the error node there)."""
 
     sae: str
     position: int
@@ -97,6 +100,17 @@ def _zero_hook(rows: list[int], cells: list[Cell]) -> Callable:
     return hook
 
 
+def _zero_error_hook(rows: list[int], cells: list[Cell]) -> Callable:
+    """A hook for <hook>.hook_sae_error zeroing, in batch row rows[i], the error at cells[i]'s position."""
+
+    def hook(err: torch.Tensor, hook) -> torch.Tensor:  # err [R, S, d_in] (or [R, S, n_heads, d_head])
+        err = err.clone()
+        err[torch.tensor(rows, device=err.device), torch.tensor([c.position for c in cells], device=err.device)] = 0.0
+        return err
+
+    return hook
+
+
 def rows_per_forward(engine: Engine, saes: Sequence[LoadedSAE], n_tokens: int) -> int:
     """How many batch rows one exact-contribution forward may hold under ROW_ELEMENTS (at least 1)."""
     per_row = n_tokens * (engine.model.cfg.d_vocab + sum(s.d_sae for s in saes) + 4 * engine.model.cfg.d_model)
@@ -108,10 +122,14 @@ def _zeroed_metrics(engine: Engine, saes: Sequence[LoadedSAE], tokens: torch.Ten
     """The metric per row [len(cells)] with row i's cell zeroed (None: nothing zeroed). tokens [1, S]."""
     model, hooks = engine.model, []
     for s in saes:
-        mine = [(i, c) for i, c in enumerate(cells) if c is not None and c.sae == s.key]
+        mine = [(i, c) for i, c in enumerate(cells) if c is not None and c.sae == s.key and c.feature != ERROR]
         if mine:
             rows, own = zip(*mine)
             hooks.append((f"{s.hook_name}.hook_sae_acts_post", _zero_hook(list(rows), list(own))))
+        errors = [(i, c) for i, c in enumerate(cells) if c is not None and c.sae == s.key and c.feature == ERROR]
+        if errors:
+            rows, own = zip(*errors)
+            hooks.append((f"{s.hook_name}.hook_sae_error", _zero_error_hook(list(rows), list(own))))
     with torch.inference_mode(), model.saes(saes=[s.sae for s in saes], use_error_term=True):
         with model.hooks(fwd_hooks=hooks):
             return at.of(model(tokens.expand(len(cells), -1), return_type="logits"))  # [R]

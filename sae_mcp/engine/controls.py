@@ -88,11 +88,13 @@ def _draw_without_reuse(pools: list[list[int]], n: int) -> list[list[int]]:
 
 
 def activation_matched_controls(
-    act_sum: torch.Tensor, attribution: torch.Tensor, targets: list[int], n: int, seed: int
+    act_sum: torch.Tensor, attribution: torch.Tensor, targets: list[int], n: int, seed: int,
+    what: str = "summed activation",
 ) -> tuple[list[list[int]], str | None]:
     """Up to n control sets for an ablation, one feature per target: act_sum [d_sae] (summed activation at the
     ablated positions) within ACTIVATION_BAND of the target's, not a target, not among the EXCLUDED_TOP features by
-    |attribution| [d_sae] there; each target's matches in a seeded random order, no feature used twice.
+    |attribution| [d_sae] there; each target's matches in a seeded random order, no feature used twice. `what`
+    names act_sum in the note (patching matches on the size of the patch instead).
     -> (the sets, why fewer than n when so). Targets that do not fire there get no controls (the note says so)."""
     act_sum, attribution = act_sum.float().cpu(), attribution.float().cpu()
     eligible = act_sum > 0
@@ -115,9 +117,8 @@ def activation_matched_controls(
     short = [(t, len(p)) for t, p in zip(targets, pools) if len(p) < n]
     return sets, (f"{len(sets)} of {n} control sets: "
                   + ", ".join(f"{k} feature(s) match target {t}" for t, k in short)
-                  + f" (summed activation within {lo:g}-{hi:g}x, not a target, not among the {EXCLUDED_TOP} of "
-                  "largest |attribution|); ablate at more positions for more, and read fewer controls as weaker "
-                  "evidence")
+                  + f" ({what} within {lo:g}-{hi:g}x, not a target, not among the {EXCLUDED_TOP} of largest "
+                  "|attribution|); use more positions for more, and read fewer controls as weaker evidence")
 
 
 def rounded_effects(effects: dict[str, float]) -> dict[str, float]:

@@ -14,7 +14,16 @@ from importlib.metadata import PackageNotFoundError, version
 from mcp.server.mcpserver import MCPServer
 
 from sae_mcp.engine.runtime import Engine
-from sae_mcp.server import http, tools_causal, tools_corpus, tools_explain, tools_ledger, tools_prompt, tools_scoring
+from sae_mcp.server import (
+    http,
+    tools_causal,
+    tools_circuits,
+    tools_corpus,
+    tools_explain,
+    tools_ledger,
+    tools_prompt,
+    tools_scoring,
+)
 from sae_mcp.server.page_links import PageLinks
 from sae_mcp.server.prompts import load_prompts
 from sae_mcp.server.wiring import SaeMcpServer, tool_decorator
@@ -29,14 +38,15 @@ sizes), next_token, project_to_vocab (what a decoder direction promotes), top_ex
 examples; build_index indexes every feature at once), feature_card (everything known about a feature),
 search_explanations, feature_stats, token_set_enrichment.
 Test cause: ablate_and_test (the effect is `ablated` vs `baseline` on the metric; use controls), steer_generate
-(calibrated, dose-response, controls), attribute (gradient x activation, error share).
+(calibrated, dose-response, controls), attribute (gradient x activation, error share); patch_features (a minimal
+pair: patch features to the other prompt's values), trace_circuit (a feature circuit across SAEs, faithfulness).
 Record what you learn with label_feature, citing the run_id of the results it rests on (evidence_runs); every
 call is recorded, and ledger() finds earlier runs (also of earlier conversations). Measure how well a label
 predicts where its feature fires with score_explanation (answer its blind contexts from the label alone, then
 submit_predictions). Activations depend on context: prompts get BOS prepended as the SAE was trained. The MCP
 prompts hold investigation recipes."""
 
-TOOL_MODULES = (tools_prompt, tools_corpus, tools_causal, tools_explain, tools_scoring, tools_ledger)
+TOOL_MODULES = (tools_prompt, tools_corpus, tools_causal, tools_circuits, tools_explain, tools_scoring, tools_ledger)
 
 
 def package_version() -> str:

@@ -21,6 +21,7 @@ from sae_mcp.results.causal import (
     NextTokenTable,
     SteerResult,
 )
+from sae_mcp.results.circuits import CircuitResult, PatchCondition, PatchResult
 from sae_mcp.results.corpus import Example, TopExamples
 from sae_mcp.results.explain import ExplanationSearch, FeatureCardResult, FeatureStats, TokenSetEnrichment
 from sae_mcp.results.scoring import BlindSet, ExplanationScore, ScoreExplanation
@@ -310,6 +311,68 @@ def _score_explanation(r: ScoreExplanation) -> str:
                  f"note: {r.note}" if r.note else None])
 
 
+def _tokens_line(name: str, c: PatchCondition) -> str:
+    return f"{name}: " + ", ".join(f"{tok(t.token)} {fmt(t.probability)}" for t in c.top)
+
+
+def _patch(r: PatchResult) -> str:
+    gap = r.source.metric - r.clean.metric
+    pairs = " ".join(f"{p}:{q}" if p != q else str(p) for p, q in r.positions)
+    lines = [f"sae {r.sae}, metric {r.metric}: clean {fmt(r.clean.metric)}, source {fmt(r.source.metric)} (difference "
+             f"{gap:+.4g}); positions patched (prompt:source) {pairs}; {r.n_differing} features differ there"]
+    if r.patched is not None:
+        lines.append(f"patched together: metric {fmt(r.patched.metric)}, effect {r.effect:+.4g}, recovered "
+                     f"{'n/a' if r.recovered is None else fmt(r.recovered)} of the difference, KL {fmt(r.kl)}")
+        lines.append("features (clean -> source activation, summed over the positions): " + "; ".join(
+            f"{f.feature} {fmt(f.clean_activation)} -> {fmt(f.source_activation)}" for f in r.features or []))
+    if r.sweep is not None:
+        lines.append(f"each differing feature patched alone ({r.n_swept} of {r.n_differing}), by |effect|: feature: "
+                     "effect, recovered, KL, clean -> source activation")
+        lines += [f"{e.feature}: {e.effect:+.4g}, {'n/a' if e.recovered is None else fmt(e.recovered)}, {fmt(e.kl)}, "
+                  f"{fmt(e.clean_activation)} -> {fmt(e.source_activation)}" for e in r.sweep]
+    lines += [_tokens_line("next token clean", r.clean), _tokens_line("source", r.source)]
+    if r.patched is not None:
+        lines.append(_tokens_line("patched", r.patched))
+    if r.controls is not None:
+        lines += _controls_lines(r.controls)
+    return join(lines + warnings_lines(r.warnings))
+
+
+def _circuit(r: CircuitResult) -> str:
+    layer_of = {n.sae: n.layer for n in r.graph.nodes if n.sae}
+    short = {key: f"L{layer_of.get(key, i)}" for i, key in enumerate(r.saes)}
+    nodes = {n.node_id: n for n in r.graph.nodes}
+
+    def name(node_id: str) -> str:
+        n = nodes.get(node_id)
+        if n is None or n.kind == "metric":
+            return "metric"
+        what = "err" if n.kind == "error" else str(n.feature)
+        return f"{short[n.sae]}/{what}@{n.position} {tok(n.token)}"
+
+    f = r.faithfulness
+    lines = [
+        f"metric {r.metric} = {fmt(r.metric_value)}; SAEs " + ", ".join(f"{short[k]} = {k}" for k in r.saes)
+        + f"; {r.n_nodes} of {r.n_candidate_nodes} nodes kept ({r.attribution_kept:.0%} of |attribution|), "
+        f"{r.n_edges} edges",
+        f"faithfulness ({f.ablation} ablation) {'n/a' if f.faithfulness is None else fmt(f.faithfulness)}, "
+        f"completeness {'n/a' if f.completeness is None else fmt(f.completeness)}: metric of the model "
+        f"{fmt(f.metric_full)}, circuit alone {fmt(f.metric_circuit)}, without it {fmt(f.metric_without_circuit)}, "
+        f"nothing {fmt(f.metric_empty)}",
+        "top paths (weight in metric units: layer/feature@position token -> ... -> metric):",
+        *(f"{p.weight:+.4g}: " + " -> ".join(name(x) for x in p.nodes) for p in r.paths),
+        "nodes (attribution (exact contribution)[, label]; contribution = metric - metric with it zeroed):",
+    ]
+    for n in r.graph.nodes:
+        if n.kind == "metric":
+            continue
+        exact = f" ({fmt(n.exact_contribution)})" if n.exact_contribution is not None else ""
+        label = f", {n.label[:80]!r}" if n.label else ""
+        lines.append(f"  {name(n.node_id)}: {fmt(n.attribution)}{exact}{label}")
+    lines.append("the whole graph (nodes, edges with weights) is in the structured content")
+    return join(lines + warnings_lines(r.warnings))
+
+
 def _feature_card(r: FeatureCardResult) -> str:
     return f"{r.markdown}\n(also the resource {r.uri})"
 
@@ -329,6 +392,8 @@ RENDERINGS: dict[type, Callable] = {
     ExplanationSearch: _explanation_search,
     ScoreExplanation: _score_explanation,
     ExplanationScore: _score,
+    PatchResult: _patch,
+    CircuitResult: _circuit,
 }
 
 

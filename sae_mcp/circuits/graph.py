@@ -1,0 +1,436 @@
+"""trace_circuit: a sparse feature circuit through several SAEs, as in Sparse Feature Circuits (Marks et al. 2024).
+
+Nodes. For every traced SAE (ordered by layer) and every position after BOS: each active feature (SAE, position,
+feature) and one error node (SAE, position) for what the SAE does not reconstruct. A node's attribution to the
+metric (engine/metric.py) is attribute's: gradient x activation, every SAE spliced with its error term and an
+identity path through each error (so every node sees the plain model's gradient), or integrated gradients
+(method="integrated_gradients", the two paths of attribution_checks). Kept: |attribution| >= node_threshold, at
+most max_nodes, largest first; each kept node's exact contribution (metric - metric with it alone zeroed) is
+checked as attribute checks its entries. BOS is context, not a node: it is never ablated (the model uses it as
+its attention sink, and an SAE is not trained to reconstruct it).
+
+Edges, from a node u of one SAE to a node d (feature or error) of the next SAE up:
+
+    edge(u -> d) = u . d/du [ stopgrad(dm/dd) . d ]
+
+with dm/dd the node pass's gradient, held fixed. d is a function of u through the model: only u's SAE is spliced
+(its features and error are leaves at their clean values), the next SAE's input x is read at its hook, and
+d = encode(x)[f] for a feature, d = x - decode(encode(x)) for the error node, so the error node is differentiable
+in u and receives edges. Nothing lies strictly between consecutive SAEs, so there is nothing to stop gradients
+at. Summed over every downstream node, sum_f a_f (g . W_dec[f]) + g . e = g . (x - b_dec) with g the gradient at the
+next SAE's output, so a node's out-edges sum to its own attribution (tested). One backward pass per downstream
+node, batched: row r of a forward carries d_r's objective, and its gradient at the upstream leaves is d_r's edges.
+Edges into the metric are the attributions of the last SAE's nodes. Weights are in metric units.
+
+Faithfulness (Marks et al.): with zero ablation, (m(C) - m(empty)) / (m(M) - m(empty)), m(C) the metric with every
+node outside the circuit zeroed at every traced SAE (the circuit's nodes recomputed from what reaches them),
+m(empty) with every node zeroed (each SAE then writes its b_dec), m(M) the model; and completeness from m(M \\ C),
+the circuit's nodes zeroed. Mean ablation would need each feature's mean activation, which the index does not
+keep yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from sae_mcp.engine import attribution_checks as checks
+from sae_mcp.engine.attribution import SaeCapture, backward_pass, resolve_saes
+from sae_mcp.engine.attribution_checks import ERROR, CleanSae, MetricAt
+from sae_mcp.engine.logits import answer_token_ids, answer_variant_warning
+from sae_mcp.engine.metric import Metric, metric_for
+from sae_mcp.engine.runtime import CancelToken, Engine, context_warning, position_index
+from sae_mcp.engine.saes import LoadedSAE
+from sae_mcp.errors import InvalidInput
+from sae_mcp.results import collect_warnings, rounded
+from sae_mcp.results.circuits import (
+    CircuitEdge,
+    CircuitGraph,
+    CircuitNode,
+    CircuitPath,
+    CircuitResult,
+    Faithfulness,
+)
+
+MAX_NODES = 256
+MAX_TRACE_ELEMENTS = 1 << 26  # positions x features, summed over the traced SAEs (a [S, d_sae] float each)
+EDGE_ELEMENTS = 1 << 26  # floats a batched edge forward may hold: rows x positions x (d_sae's + 8 d_model)
+MAX_EDGE_ROWS = 64
+MAX_PATHS = 10
+PATH_BEAM = 20  # partial paths kept per node while enumerating
+METRIC = "metric"
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class TracePlan:
+    saes: list[LoadedSAE]  # by layer, one per hook
+    metric: Metric
+    answer: str
+    answer_ids: list[int]
+    position: int
+    prepend_bos: bool
+    node_threshold: float
+    max_nodes: int
+    edge_threshold: float
+    method: str
+    steps: int
+    verify: bool
+
+
+@dataclass(frozen=True)
+class SaeState:
+    """One SAE's clean values and node-pass gradients (detached), flattened at hook_z."""
+
+    sae: LoadedSAE
+    acts: torch.Tensor  # [S, d_sae]
+    err: torch.Tensor  # [S, d_in]
+    err_raw: torch.Tensor  # [1, S, ...]: the error as the hook sees it
+    g_acts: torch.Tensor  # [S, d_sae]: d metric / d acts
+    g_err: torch.Tensor  # [S, d_in]: d metric / d error (= at the SAE's output)
+    attr: torch.Tensor  # [S, d_sae]: feature attributions (of the method)
+    err_attr: torch.Tensor  # [S]: error node attributions (of the method)
+
+
+@dataclass(frozen=True)
+class Node:
+    sae: int  # index into plan.saes
+    position: int
+    feature: int  # ERROR for the error node
+    attribution: float
+
+    def node_id(self, keys: list[str]) -> str:
+        what = "error" if self.feature == ERROR else str(self.feature)
+        return f"{keys[self.sae]}/{what}@{self.position}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _plan(engine: Engine, answer: str, counterfactual: str | None, saes: Sequence[str] | None, position: int,
+          node_threshold: float, max_nodes: int, edge_threshold: float, method: str, steps: int, verify: bool
+          ) -> TracePlan:
+    loaded = resolve_saes(engine, None, saes)
+    if method not in checks.METHODS:
+        raise InvalidInput(f"method {method!r} is unknown; pass 'gradient' or 'integrated_gradients'")
+    if not 1 <= steps <= checks.MAX_STEPS:
+        raise InvalidInput(f"steps={steps} is out of range; pass 1..{checks.MAX_STEPS}")
+    if not 1 <= max_nodes <= MAX_NODES:
+        raise InvalidInput(f"max_nodes={max_nodes} is out of range; pass 1..{MAX_NODES}")
+    if node_threshold < 0 or edge_threshold < 0:
+        raise InvalidInput("node_threshold and edge_threshold are magnitudes: pass values >= 0")
+    bos = {s.prepend_bos for s in loaded}
+    if len(bos) > 1:
+        raise InvalidInput("these SAEs disagree on prepending BOS; trace SAEs that agree (saes=[...])")
+    a_ids = answer_token_ids(engine, answer)
+    c_ids = answer_token_ids(engine, counterfactual) if counterfactual is not None else None
+    return TracePlan(saes=loaded, metric=metric_for(engine, a_ids, c_ids, answer, counterfactual), answer=answer,
+                     answer_ids=a_ids, position=position, prepend_bos=bos.pop(), node_threshold=node_threshold,
+                     max_nodes=max_nodes, edge_threshold=edge_threshold, method=method, steps=steps, verify=verify)
+
+
+def _check_size(plan: TracePlan, n_tokens: int) -> None:
+    size = n_tokens * sum(s.d_sae for s in plan.saes)
+    if size > MAX_TRACE_ELEMENTS:
+        raise InvalidInput(
+            f"this trace is {n_tokens} positions x {sum(s.d_sae for s in plan.saes):,} features over "
+            f"{len(plan.saes)} SAEs = {size:,} node slots, over the {MAX_TRACE_ELEMENTS:,} one call may hold: "
+            "shorten the prompt or trace fewer SAEs (saes=[...])"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Nodes
+
+
+def _node_pass(engine: Engine, plan: TracePlan, tokens: torch.Tensor, at: MetricAt
+               ) -> tuple[float, torch.Tensor, list[SaeState]]:
+    """The gradient pass (every SAE spliced, identity error paths), then the method's attributions."""
+    captured = [SaeCapture(s) for s in plan.saes]
+    with engine.device_work():
+        metric, last, grads = backward_pass(engine, captured, tokens, at)
+    S = tokens.shape[1]
+    if plan.method == "integrated_gradients":
+        clean = [CleanSae(c.sae, c.acts.detach(), c.err.detach(), c.x.detach()) for c in captured]
+        paths, _ = checks.integrated_gradients(engine, clean, tokens, at, plan.steps)
+    states = []
+    for i, (c, (g_a, g_e)) in enumerate(zip(captured, grads)):
+        acts, err = c.acts.detach()[0].float(), c.err.detach()[0].float().reshape(S, -1)
+        g_acts, g_err = g_a[0].float(), g_e[0].float().reshape(S, -1)
+        if plan.method == "integrated_gradients":
+            attr, err_attr = paths[i].features, paths[i].error_per_token
+        else:
+            attr, err_attr = acts * g_acts, (g_err * err).sum(-1)
+        states.append(SaeState(sae=c.sae, acts=acts, err=err, err_raw=c.err.detach(), g_acts=g_acts, g_err=g_err,
+                               attr=attr, err_attr=err_attr))
+    return metric, last, states
+
+
+def _candidates(states: list[SaeState], first: int) -> list[Node]:
+    """Every node with a nonzero attribution (after BOS): active features and error nodes."""
+    out = []
+    for i, st in enumerate(states):
+        for p, f in (st.attr[first:] != 0).nonzero().tolist():
+            out.append(Node(i, p + first, f, float(st.attr[p + first, f])))
+        for p in range(first, st.err_attr.shape[0]):
+            if float(st.err_attr[p]) != 0:
+                out.append(Node(i, p, ERROR, float(st.err_attr[p])))
+    return out
+
+
+def _kept(plan: TracePlan, candidates: list[Node]) -> list[Node]:
+    ranked = sorted(candidates, key=lambda n: -abs(n.attribution))
+    return [n for n in ranked if abs(n.attribution) >= plan.node_threshold][: plan.max_nodes]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Edges
+
+
+def _edge_backward(engine: Engine, up: SaeState, down: SaeState, tokens: torch.Tensor, rows: list[Node]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row r (a downstream node d_r), the gradient of stopgrad(dm/dd_r) . d_r at the upstream SAE's feature
+    and error leaves: ([R, S, d_sae], [R, S, d_in]). Only the upstream SAE is spliced; the forward stops at the
+    downstream SAE's block."""
+    model, R, S = engine.model, len(rows), tokens.shape[1]
+    acts_leaf = up.acts[None].expand(R, -1, -1).clone().to(up.sae.sae.dtype).requires_grad_(True)  # [R, S, d_sae]
+    err_leaf = up.err_raw.expand(R, *up.err_raw.shape[1:]).clone().requires_grad_(True)  # [R, S, ...]
+    kept: dict[str, torch.Tensor] = {}
+
+    def keep_input(x: torch.Tensor, hook) -> torch.Tensor:
+        kept["x"] = x
+        return x
+
+    hooks = [(f"{up.sae.hook_name}.hook_sae_acts_post", lambda a, hook: acts_leaf),
+             (f"{up.sae.hook_name}.hook_sae_error", lambda e, hook: err_leaf),
+             (down.sae.hook_name, keep_input)]
+    with torch.enable_grad(), model.saes(saes=[up.sae.sae], use_error_term=True), model.hooks(fwd_hooks=hooks):
+        model(tokens.expand(R, -1), return_type=None, stop_at_layer=down.sae.layer + 1,
+              attention_mask=torch.ones((R, S), dtype=tokens.dtype, device=tokens.device))
+        x = kept["x"]
+        x = x.flatten(-2) if x.ndim == 4 else x  # [R, S, d_in]
+        a = down.sae.sae.encode(x.to(down.sae.sae.dtype))  # [R, S, d_sae_down], differentiable in the leaves
+        e = (x - down.sae.sae.decode(a).reshape(x.shape)).float()  # [R, S, d_in]
+        objective = torch.zeros((), device=x.device)
+        for r, d in enumerate(rows):
+            if d.feature == ERROR:
+                objective = objective + (down.g_err[d.position] * e[r, d.position]).sum()
+            else:
+                objective = objective + down.g_acts[d.position, d.feature] * a[r, d.position, d.feature].float()
+        g_a, g_e = torch.autograd.grad(objective, [acts_leaf, err_leaf], allow_unused=True)
+    g_a = torch.zeros_like(acts_leaf) if g_a is None else g_a
+    g_e = torch.zeros_like(err_leaf) if g_e is None else g_e
+    return g_a.float(), g_e.float().reshape(R, S, -1)
+
+
+def _edge_rows(engine: Engine, up: SaeState, down: SaeState, S: int) -> int:
+    per_row = S * (up.sae.d_sae + down.sae.d_sae + 8 * engine.model.cfg.d_model)
+    return max(1, min(MAX_EDGE_ROWS, EDGE_ELEMENTS // max(per_row, 1)))
+
+
+def edges_between(engine: Engine, up: SaeState, down: SaeState, tokens: torch.Tensor, sources: list[Node],
+                  targets: list[Node], tick: Callable[[], None]) -> dict[tuple[Node, Node], float]:
+    """edge(u -> d) for every u in sources (nodes of `up`) and d in targets (nodes of `down`); one device turn per
+    chunk of targets. `tick` is called after each chunk (progress, cancel)."""
+    out: dict[tuple[Node, Node], float] = {}
+    per = _edge_rows(engine, up, down, tokens.shape[1])
+    for i in range(0, len(targets), per):
+        chunk = targets[i : i + per]
+        with engine.device_work():
+            g_a, g_e = _edge_backward(engine, up, down, tokens, chunk)
+        for r, d in enumerate(chunk):
+            for u in sources:
+                if u.feature == ERROR:
+                    w = float((up.err[u.position] * g_e[r, u.position]).sum())
+                else:
+                    w = float(up.acts[u.position, u.feature] * g_a[r, u.position, u.feature])
+                out[(u, d)] = w
+        tick()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Faithfulness
+
+
+def _masked_metric(engine: Engine, saes: list[LoadedSAE], tokens: torch.Tensor, at: MetricAt,
+                   keep: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """The metric with every traced SAE spliced (error term on), its features multiplied by keep[i][0] [S, d_sae]
+    and its error by keep[i][1] [S] (1 = kept, 0 = zero-ablated)."""
+    model, hooks = engine.model, []
+    for s, (feat, err) in zip(saes, keep):
+        hooks.append((f"{s.hook_name}.hook_sae_acts_post", lambda a, hook, m=feat: a * m.to(a.dtype)))
+        hooks.append((f"{s.hook_name}.hook_sae_error",
+                      lambda e, hook, m=err: e * m.to(e.dtype).reshape(1, -1, *[1] * (e.ndim - 2))))
+    with engine.device_work(), torch.inference_mode(), model.saes(saes=[s.sae for s in saes], use_error_term=True):
+        with model.hooks(fwd_hooks=hooks):
+            return float(at.of(model(tokens, return_type="logits"))[0])
+
+
+def _masks(plan: TracePlan, S: int, first: int, nodes: list[Node], inside: bool
+           ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per SAE (feature mask [S, d_sae], error mask [S]): `nodes` kept and the rest ablated (inside=True), or
+    `nodes` ablated and the rest kept; BOS always kept."""
+    out = []
+    for i, s in enumerate(plan.saes):
+        feat = torch.full((S, s.d_sae), not inside, dtype=torch.bool)
+        err = torch.full((S,), not inside, dtype=torch.bool)
+        feat[:first], err[:first] = True, True
+        for n in nodes:
+            if n.sae == i:
+                if n.feature == ERROR:
+                    err[n.position] = inside
+                else:
+                    feat[n.position, n.feature] = inside
+        out.append((feat, err))
+    return out
+
+
+def faithfulness(engine: Engine, plan: TracePlan, tokens: torch.Tensor, at: MetricAt, metric: float,
+                 circuit: list[Node]) -> Faithfulness:
+    S, first = tokens.shape[1], 1 if plan.prepend_bos else 0
+    empty = _masked_metric(engine, plan.saes, tokens, at, _masks(plan, S, first, [], inside=True))
+    with_c = _masked_metric(engine, plan.saes, tokens, at, _masks(plan, S, first, circuit, inside=True))
+    without = _masked_metric(engine, plan.saes, tokens, at, _masks(plan, S, first, circuit, inside=False))
+    gap = metric - empty
+    return Faithfulness(
+        ablation="zero", metric_full=rounded(metric, 6), metric_empty=rounded(empty, 6),
+        metric_circuit=rounded(with_c, 6), metric_without_circuit=rounded(without, 6),
+        faithfulness=rounded((with_c - empty) / gap, 4) if abs(gap) > 1e-9 else None,
+        completeness=rounded((without - empty) / gap, 4) if abs(gap) > 1e-9 else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paths
+
+
+def top_paths(kept: list[Node], edges: dict[tuple[Node, Node], float], n_saes: int, keys: list[str]
+              ) -> list[CircuitPath]:
+    """The strongest paths from the first SAE's kept nodes to the metric. A path's weight: its first edge times,
+    at each later node, the share of that node's attribution its next edge carries (the last SAE's nodes reach
+    the metric with their attribution, a share of 1)."""
+    out_edges: dict[Node, list[tuple[Node, float]]] = {}
+    for (u, d), w in edges.items():
+        out_edges.setdefault(u, []).append((d, w))
+    best: dict[Node, list[tuple[float, list[Node]]]] = {}
+    for layer in reversed(range(n_saes)):
+        for n in (x for x in kept if x.sae == layer):
+            if layer == n_saes - 1:
+                best[n] = [(n.attribution, [n])]
+                continue
+            paths = []
+            for d, w in out_edges.get(n, []):
+                for weight, rest in best.get(d, []):
+                    share = weight / d.attribution if d.attribution else 0.0
+                    paths.append((w * share, [n, *rest]))
+            best[n] = sorted(paths, key=lambda p: -abs(p[0]))[:PATH_BEAM]
+    starts = [p for n in kept if n.sae == 0 for p in best.get(n, [])]
+    top = sorted(starts, key=lambda p: -abs(p[0]))[:MAX_PATHS]
+    return [CircuitPath(nodes=[n.node_id(keys) for n in nodes] + [METRIC], weight=rounded(w, 6)) for w, nodes in top]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The call
+
+
+def _node_of(n: Node, plan: TracePlan, states: list[SaeState], tokens: list[str], exact: float | None
+             ) -> CircuitNode:
+    s = plan.saes[n.sae]
+    act = (float(states[n.sae].err[n.position].norm()) if n.feature == ERROR
+           else float(states[n.sae].acts[n.position, n.feature]))
+    return CircuitNode(
+        node_id=n.node_id([x.key for x in plan.saes]), kind="error" if n.feature == ERROR else "feature", sae=s.key,
+        layer=s.layer, feature=None if n.feature == ERROR else n.feature, position=n.position,
+        token=tokens[n.position], activation=rounded(act), attribution=rounded(n.attribution, 6),
+        exact_contribution=None if exact is None else rounded(exact, 6),
+    )
+
+
+def _warnings(engine: Engine, plan: TracePlan, last: torch.Tensor, n_tokens: int, kept: list[Node],
+              exact: list[float], metric: float) -> list[str] | None:
+    bad = [(n, x) for n, x in zip(kept, exact) if checks.disagrees(n.attribution, x, metric)]
+    keys = [s.key for s in plan.saes]
+    named = "; ".join(f"{n.node_id(keys)} ({n.attribution:.3g} vs {x:.3g})" for n, x in bad[:10])
+    return collect_warnings(
+        answer_variant_warning(engine, last, plan.answer, plan.answer_ids),
+        *(context_warning(s, n_tokens) for s in plan.saes),
+        f"{len(bad)} kept node(s) whose attribution is far from its exact contribution (attribution vs exact): "
+        f"{named}{' ...' if len(bad) > 10 else ''}; the metric is not linear in them here: rerun with "
+        "method='integrated_gradients', and read their edges as estimates" if bad else None,
+        "one SAE traced: the graph has nodes and their edges into the metric only; trace two or more SAEs for "
+        "edges between layers" if len(plan.saes) == 1 else None,
+    )
+
+
+def trace_circuit(
+    engine: Engine,
+    prompt: str,
+    answer: str,
+    counterfactual: str | None = None,
+    saes: Sequence[str] | None = None,
+    node_threshold: float = 0.0,
+    max_nodes: int = 40,
+    edge_threshold: float = 0.0,
+    position: int = -1,
+    method: str = "gradient",
+    steps: int = 8,
+    verify: bool = True,
+    progress: Progress | None = None,
+    cancel: CancelToken | None = None,
+) -> CircuitResult:
+    """A sparse feature circuit over `saes` (default every loaded SAE, one per hook, by layer) for the metric at
+    `position`: nodes, edges between consecutive SAEs, faithfulness, the strongest paths."""
+    plan = _plan(engine, answer, counterfactual, saes, position, node_threshold, max_nodes, edge_threshold, method,
+                 steps, verify)
+    tokens = engine.to_tokens(prompt, prepend_bos=plan.prepend_bos)  # [1, S]
+    _check_size(plan, tokens.shape[1])
+    pos = position_index(plan.position, tokens.shape[1])
+    at, first, keys = MetricAt(plan.metric, pos), 1 if plan.prepend_bos else 0, [s.key for s in plan.saes]
+    metric, last, states = _node_pass(engine, plan, tokens, at)
+    candidates = _candidates(states, first)
+    kept = _kept(plan, candidates)
+    pairs = [(i, i + 1) for i in range(len(plan.saes) - 1)]
+    total, done = 1 + len(pairs), [1]
+
+    def tick() -> None:
+        if cancel is not None:
+            cancel.check()
+        done[0] += 1 if done[0] < total else 0
+        if progress is not None:
+            progress(done[0], total)
+
+    exact = []
+    if plan.verify:
+        cells = [checks.Cell(keys[n.sae], n.position, n.feature) for n in kept]
+        exact = checks.exact_contributions(engine, plan.saes, tokens, at, cells, cancel.check if cancel else None)
+    edges: dict[tuple[Node, Node], float] = {}
+    for i, j in pairs:
+        sources, targets = [n for n in kept if n.sae == i], [n for n in kept if n.sae == j]
+        if sources and targets:
+            found = edges_between(engine, states[i], states[j], tokens, sources, targets, lambda: None)
+            edges.update({k: w for k, w in found.items() if abs(w) >= plan.edge_threshold})
+        tick()
+    str_tokens = engine.str_tokens(tokens)
+    nodes = [_node_of(n, plan, states, str_tokens, x) for n, x in zip(kept, exact + [None] * len(kept))]
+    links = [CircuitEdge(source=u.node_id(keys), target=d.node_id(keys), weight=rounded(w, 6))
+             for (u, d), w in edges.items()]
+    links += [CircuitEdge(source=n.node_id(keys), target=METRIC, weight=rounded(n.attribution, 6))
+              for n in kept if n.sae == len(plan.saes) - 1]
+    total_abs = sum(abs(n.attribution) for n in candidates)
+    return CircuitResult(
+        metric=f"{plan.metric.name} at position {pos}", metric_kind=plan.metric.kind, metric_value=rounded(metric, 6),
+        saes=keys, n_nodes=len(kept), n_candidate_nodes=len(candidates), n_edges=len(links),
+        attribution_kept=rounded(sum(abs(n.attribution) for n in kept) / total_abs, 4) if total_abs else 0.0,
+        faithfulness=faithfulness(engine, plan, tokens, at, metric, kept),
+        paths=top_paths(kept, edges, len(plan.saes), keys),
+        graph=CircuitGraph(prompt=prompt, tokens=str_tokens, metric=plan.metric.name, metric_value=rounded(metric, 6),
+                           saes=keys, nodes=nodes + [CircuitNode(node_id=METRIC, kind="metric",
+                                                                 attribution=rounded(metric, 6))],
+                           edges=links),
+        warnings=_warnings(engine, plan, last, tokens.shape[1], kept, exact, metric),
+    )

@@ -1,0 +1,347 @@
+"""Circuits on the bundled stories260K model with its two SAEs (blocks.1 and blocks.3 hook_resid_pre), against
+independent computations written here with plain hooks and autograd:
+
+- patch_features: a patch of SAE features to their values on the source prompt, done by hand;
+- trace_circuit: node attributions from the plain model's gradient at each hook (what the identity path through
+  every error term gives), edge weights by differentiating the downstream node through the plain model, the
+  identity that a node's out-edges sum to its attribution, and faithfulness by masking the nodes by hand.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_mcp import demo
+from sae_mcp.circuits.graph import MAX_NODES, trace_circuit
+from sae_mcp.circuits.patching import patch_features
+from sae_mcp.engine.logits import answer_token_ids
+from sae_mcp.errors import InvalidInput
+
+from conftest import engine_on
+
+PROMPT = "Lily had a red ball. She gave the ball to"
+SOURCE = "Tom had a red ball. He gave the ball to"  # one token longer: ' T', 'om'
+PAIR_A, PAIR_B = "Lily saw a cat. She", "Lily saw a dog. She"  # the same length: ' c', 'at' / ' do', 'g'
+ANSWER, COUNTERFACTUAL = " her", " him"
+
+
+@pytest.fixture(scope="module")
+def engine(stories_loaded):
+    return engine_on(stories_loaded, *demo.SAE_DIRS)
+
+
+def sae_of(engine, layer: int):
+    return next(s for s in engine.saes.values() if s.layer == layer)
+
+
+def ids(engine):
+    return answer_token_ids(engine, ANSWER)[0], answer_token_ids(engine, COUNTERFACTUAL)[0]
+
+
+def metric(engine, logits):
+    a, c = ids(engine)
+    return float(logits[a] - logits[c])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# patch_features
+
+
+def plain_patch(engine, s, prompt, source, features, pairs):
+    """The plain way: the SAE's activations on the source (run_with_cache + encode), then the prompt with the SAE
+    spliced (error term on) and those features set to the source's values at the paired positions."""
+    with torch.inference_mode():
+        _, cache = engine.model.run_with_cache(engine.to_tokens(source), names_filter=[s.hook_name])
+        src = s.sae.encode(cache[s.hook_name])[0]  # [S', d_sae]
+
+        def hook(acts, hook):
+            acts = acts.clone()
+            for p, q in pairs:
+                for f in features:
+                    acts[0, p, f] = src[q, f]
+            return acts
+
+        with engine.model.saes(saes=[s.sae], use_error_term=True):
+            logits = engine.model.run_with_hooks(engine.to_tokens(prompt),
+                                                 fwd_hooks=[(f"{s.hook_name}.hook_sae_acts_post", hook)])[0, -1]
+    engine.clean_model()
+    return logits
+
+
+def test_patching_features_equals_a_patch_by_hand_with_clean_and_source_metrics(engine):
+    s = sae_of(engine, 3)
+    sweep = patch_features(engine, PROMPT, SOURCE, ANSWER, counterfactual=COUNTERFACTUAL, sae=s.key, align="end",
+                           top_k=5)
+    pairs = [tuple(p) for p in sweep.positions]
+    assert pairs == [(p, p + 1) for p in range(1, 17)]  # aligned from the end, BOS left out
+    with torch.inference_mode():
+        clean = engine.model(engine.to_tokens(PROMPT))[0, -1]
+        source = engine.model(engine.to_tokens(SOURCE))[0, -1]
+    assert sweep.clean.metric == pytest.approx(metric(engine, clean), abs=1e-4)
+    assert sweep.source.metric == pytest.approx(metric(engine, source), abs=1e-4)
+    gap = metric(engine, source) - metric(engine, clean)
+    for entry in sweep.sweep:  # each differing feature patched alone, checked by hand
+        alone = metric(engine, plain_patch(engine, s, PROMPT, SOURCE, [entry.feature], pairs))
+        assert entry.effect == pytest.approx(alone - metric(engine, clean), abs=1e-4)
+        assert entry.recovered == pytest.approx((alone - metric(engine, clean)) / gap, abs=1e-3)
+    effects = [abs(e.effect) for e in sweep.sweep]
+    assert effects == sorted(effects, reverse=True) and sweep.n_swept == sweep.n_differing > 5
+    top = [e.feature for e in sweep.sweep[:3]]
+    together = patch_features(engine, PROMPT, SOURCE, ANSWER, counterfactual=COUNTERFACTUAL, sae=s.key,
+                              align="end", features=top)
+    by_hand = plain_patch(engine, s, PROMPT, SOURCE, top, pairs)
+    assert together.patched.metric == pytest.approx(metric(engine, by_hand), abs=1e-4)
+    assert together.effect == pytest.approx(metric(engine, by_hand) - metric(engine, clean), abs=1e-4)
+    lp, lq = clean.log_softmax(-1), by_hand.log_softmax(-1)
+    assert together.kl == pytest.approx(float((lp.exp() * (lp - lq)).sum()), abs=1e-5)
+    assert engine.is_clean()
+
+
+def test_prompts_of_different_lengths_are_refused_with_both_tokenizations_unless_aligned_from_the_end(engine):
+    with pytest.raises(InvalidInput, match=r"different token lengths \(17 vs 18\).*' T', 'om'.*align='end'"):
+        patch_features(engine, PROMPT, SOURCE, ANSWER, sae="blocks.3.hook_resid_pre")
+    res = patch_features(engine, PAIR_A, PAIR_B, " was", sae="blocks.3.hook_resid_pre", position=[4, -3])
+    assert res.positions == [[4, 4], [5, 5]] and res.metric_kind == "log_probability"
+
+
+def test_patch_controls_differ_between_the_prompts_by_a_matched_amount_and_are_no_known_cause(engine):
+    s = sae_of(engine, 3)
+    res = patch_features(engine, PROMPT, SOURCE, ANSWER, counterfactual=COUNTERFACTUAL, sae=s.key, align="end",
+                         top_k=3)
+    target = res.sweep[0].feature
+    ctl = patch_features(engine, PROMPT, SOURCE, ANSWER, counterfactual=COUNTERFACTUAL, sae=s.key, align="end",
+                         features=[target], controls=True, n_controls=5)
+    with torch.inference_mode():
+        _, cp = engine.model.run_with_cache(engine.to_tokens(PROMPT), names_filter=[s.hook_name])
+        _, cs = engine.model.run_with_cache(engine.to_tokens(SOURCE), names_filter=[s.hook_name])
+        delta = (s.sae.encode(cs[s.hook_name])[0, 2:] - s.sae.encode(cp[s.hook_name])[0, 1:]).sum(0).abs()  # [d_sae]
+    for run in ctl.controls.runs:
+        (f,) = run.features
+        assert f != target and 0.5 * float(delta[target]) - 1e-4 <= float(delta[f]) <= 2 * float(delta[target]) + 1e-4
+    assert {st.metric for st in ctl.controls.stats} <= {"metric_change", "kl_next_token"}
+    assert "patched the same way" in ctl.controls.matched_on
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# trace_circuit
+
+
+def plain_hook_gradients(engine, tokens, hooks: list[str], answer=ANSWER, counterfactual=COUNTERFACTUAL):
+    """The plain model's residual at each hook and d metric / d it there: {hook: (x [S, d], g [S, d])}, one backward
+    pass per hook (its value made a leaf there)."""
+    a = answer_token_ids(engine, answer)[0]
+    c = answer_token_ids(engine, counterfactual)[0] if counterfactual else None
+    out = {}
+    for h in hooks:
+        kept = {}
+
+        def leaf(x, hook):
+            kept["x"] = x.detach().requires_grad_(True)
+            return kept["x"]
+
+        with torch.enable_grad():
+            last = engine.model.run_with_hooks(tokens, fwd_hooks=[(h, leaf)])[0, -1]
+            m = last[a] - last[c] if c is not None else last.log_softmax(-1)[a]
+            (g,) = torch.autograd.grad(m, [kept["x"]])
+        engine.clean_model()
+        out[h] = (kept["x"].detach()[0], g[0])
+    return out
+
+
+def plain_node_attributions(engine, tokens):
+    """{(layer, position, feature or 'error'): attribution}: a_f (g . W_dec[f]) and e . g, g the plain model's
+    gradient at the SAE's hook (what every node sees with the error terms' identity paths)."""
+    out = {}
+    saes = [sae_of(engine, 1), sae_of(engine, 3)]
+    grads = plain_hook_gradients(engine, tokens, [s.hook_name for s in saes])
+    for s in saes:
+        x, g = grads[s.hook_name]
+        with torch.inference_mode():
+            acts = s.sae.encode(x)  # [S, d_sae]
+            err = x - s.sae.decode(acts)
+        feat = acts * (g @ s.sae.W_dec.T)  # [S, d_sae]
+        for p, f in (feat != 0).nonzero().tolist():
+            out[(s.layer, p, f)] = float(feat[p, f])
+        for p in range(x.shape[0]):
+            out[(s.layer, p, "error")] = float((err[p] * g[p]).sum())
+    return out
+
+
+def key_of(node):
+    return (node.layer, node.position, "error" if node.kind == "error" else node.feature)
+
+
+def plain_edge(engine, tokens, up, down, src, dst, g_down):
+    """edge(src -> dst) by hand: src's SAE output written as decode(a) + e with a a leaf, the model run on to the
+    next SAE's hook, dst = encode(x)[f] or x - decode(encode(x)) there, times the fixed gradient g_down of the
+    metric at dst, differentiated to src."""
+    with torch.inference_mode():
+        _, cache = engine.model.run_with_cache(tokens, names_filter=[up.hook_name])
+        x_up = cache[up.hook_name][0]
+        a_clean = up.sae.encode(x_up)
+        e_clean = x_up - up.sae.decode(a_clean)
+    a = a_clean.clone().requires_grad_(True)
+    e = e_clean.clone().requires_grad_(True)
+    kept = {}
+
+    def replace(x, hook):
+        return (a @ up.sae.W_dec + up.sae.b_dec + e)[None]
+
+    def keep(x, hook):
+        kept["x"] = x
+        return x
+
+    with torch.enable_grad():
+        engine.model.run_with_hooks(tokens, fwd_hooks=[(up.hook_name, replace), (down.hook_name, keep)])
+        x = kept["x"][0]
+        acts = down.sae.encode(x)
+        (layer, q, what) = dst
+        d = (x - down.sae.decode(acts))[q] if what == "error" else acts[q, what]
+        (g_a, g_e) = torch.autograd.grad((g_down * d).sum(), [a, e], allow_unused=True)
+    engine.clean_model()
+    (_, p, which) = src
+    if which == "error":
+        return float((e_clean[p] * g_e[p]).sum()) if g_e is not None else 0.0
+    return float(a_clean[p, which] * g_a[p, which]) if g_a is not None else 0.0
+
+
+@pytest.fixture(scope="module")
+def whole(engine):
+    """Every node kept (a short prompt has fewer than MAX_NODES), every edge: the graph the identities hold on."""
+    res = trace_circuit(engine, PAIR_A, " was", max_nodes=MAX_NODES)
+    assert res.n_nodes == res.n_candidate_nodes < MAX_NODES
+    return res
+
+
+def test_node_attributions_equal_the_plain_models_gradient_times_each_node(engine):
+    res = trace_circuit(engine, PROMPT, ANSWER, counterfactual=COUNTERFACTUAL, max_nodes=40)
+    plain = plain_node_attributions(engine, engine.to_tokens(PROMPT))
+    nodes = [n for n in res.graph.nodes if n.kind != "metric"]
+    assert len(nodes) == 40
+    for n in nodes:
+        assert n.attribution == pytest.approx(plain[key_of(n)], abs=1e-4)
+    kept = sorted((abs(n.attribution) for n in nodes), reverse=True)
+    everything = sorted((abs(v) for (layer, p, _), v in plain.items() if p > 0 and v != 0), reverse=True)
+    assert kept == pytest.approx(everything[:40], abs=1e-4)  # the 40 largest, BOS left out
+    assert res.graph.nodes[-1].node_id == "metric" and res.metric_kind == "logit_difference"
+
+
+def test_edge_weights_equal_a_derivative_through_the_plain_model(engine):
+    res = trace_circuit(engine, PROMPT, ANSWER, counterfactual=COUNTERFACTUAL, max_nodes=24)
+    tokens = engine.to_tokens(PROMPT)
+    up, down = sae_of(engine, 1), sae_of(engine, 3)
+    grads = plain_hook_gradients(engine, tokens, [down.hook_name])
+    g = grads[down.hook_name][1]  # [S, d]: the metric's gradient at the next SAE's output
+    nodes = {n.node_id: n for n in res.graph.nodes}
+    between = [e for e in res.graph.edges if e.target != "metric"]
+    assert between
+    for edge in sorted(between, key=lambda e: -abs(e.weight))[:8]:
+        src, dst = key_of(nodes[edge.source]), key_of(nodes[edge.target])
+        g_down = g[dst[1]] if dst[2] == "error" else g[dst[1]] @ down.sae.W_dec[dst[2]]
+        assert edge.weight == pytest.approx(plain_edge(engine, tokens, up, down, src, dst, g_down), abs=1e-4)
+    into_metric = {e.source: e.weight for e in res.graph.edges if e.target == "metric"}
+    assert into_metric == {n.node_id: n.attribution for n in res.graph.nodes if n.layer == 3}
+
+
+def test_a_nodes_out_edges_sum_to_its_own_attribution(whole):
+    out: dict[str, float] = {}
+    for e in whole.graph.edges:
+        if e.target != "metric":
+            out[e.source] = out.get(e.source, 0.0) + e.weight
+    upstream = [n for n in whole.graph.nodes if n.layer == 1]
+    assert upstream
+    for n in upstream:
+        assert out.get(n.node_id, 0.0) == pytest.approx(n.attribution, rel=1e-3, abs=1e-5)
+
+
+def test_faithfulness_equals_an_ablation_by_hand(engine):
+    res = trace_circuit(engine, PROMPT, ANSWER, counterfactual=COUNTERFACTUAL, max_nodes=20)
+    tokens = engine.to_tokens(PROMPT)
+    saes = [sae_of(engine, 1), sae_of(engine, 3)]
+    circuit = {key_of(n) for n in res.graph.nodes if n.kind != "metric"}
+
+    def factor(like, layer, errors: bool, keep: str):
+        """1 where kept, 0 where ablated: the circuit's nodes (of this SAE, features or errors) and BOS."""
+        nodes, bos = torch.zeros_like(like), torch.zeros_like(like)
+        bos[:, 0] = 1  # BOS is never ablated
+        for (lay, p, f) in circuit:
+            if lay == layer and (f == "error") == errors:
+                if errors:
+                    nodes[:, p] = 1
+                else:
+                    nodes[:, p, f] = 1
+        return {"circuit": bos + nodes, "rest": 1 - nodes, "none": bos}[keep]
+
+    def ablated(keep: str) -> float:
+        hooks = []
+        for s in saes:
+            hooks += [(f"{s.hook_name}.hook_sae_acts_post", lambda a, hook, s=s: a * factor(a, s.layer, False, keep)),
+                      (f"{s.hook_name}.hook_sae_error", lambda e, hook, s=s: e * factor(e, s.layer, True, keep))]
+        with torch.inference_mode(), engine.model.saes(saes=[s.sae for s in saes], use_error_term=True):
+            logits = engine.model.run_with_hooks(tokens, fwd_hooks=hooks)[0, -1]
+        engine.clean_model()
+        return metric(engine, logits)
+
+    f = res.faithfulness
+    with torch.inference_mode():
+        full = metric(engine, engine.model(tokens)[0, -1])
+    assert f.metric_full == pytest.approx(full, abs=1e-4)
+    assert f.metric_circuit == pytest.approx(ablated("circuit"), abs=1e-4)
+    assert f.metric_without_circuit == pytest.approx(ablated("rest"), abs=1e-4)
+    empty = ablated("none")
+    assert f.metric_empty == pytest.approx(empty, abs=1e-4)
+    assert f.faithfulness == pytest.approx((ablated("circuit") - empty) / (full - empty), abs=1e-3)
+    assert engine.is_clean()
+
+
+def test_every_kept_node_carries_its_exact_contribution(engine):
+    res = trace_circuit(engine, PROMPT, ANSWER, counterfactual=COUNTERFACTUAL, max_nodes=10)
+    assert all(n.exact_contribution is not None for n in res.graph.nodes if n.kind != "metric")
+    assert res.paths and all(p.nodes[-1] == "metric" for p in res.paths)
+
+
+def test_bad_trace_options_are_refused_with_what_to_change(engine):
+    with pytest.raises(InvalidInput, match=r"max_nodes=0 is out of range; pass 1\.\.256"):
+        trace_circuit(engine, PROMPT, ANSWER, max_nodes=0)
+    with pytest.raises(InvalidInput, match="magnitudes"):
+        trace_circuit(engine, PROMPT, ANSWER, edge_threshold=-1)
+    with pytest.raises(InvalidInput, match="same token"):
+        trace_circuit(engine, PROMPT, ANSWER, counterfactual=ANSWER)
+    assert engine.is_clean()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Over MCP
+
+
+@pytest.fixture(scope="module")
+def server(engine, tmp_path_factory):
+    from sae_mcp.server.app import build_server
+    from sae_mcp.settings import Settings
+
+    settings = Settings(model=str(demo.MODEL_DIR), saes=tuple(str(d) for d in demo.SAE_DIRS), corpus=str(demo.CORPUS),
+                        data_dir=tmp_path_factory.mktemp("circuits_data"))
+    return build_server(engine, settings)
+
+
+def test_trace_circuit_over_mcp_reads_compactly_with_labels_and_bounds_say_what_to_change(server, engine):
+    from mcp_client import call_many, error_text
+
+    graph = trace_circuit(engine, PROMPT, ANSWER, counterfactual=COUNTERFACTUAL, max_nodes=12).graph
+    labelled = next(n for n in graph.nodes if n.kind == "feature")
+    label, bad_nodes, bad_positions, traced = call_many(server, [
+        ("label_feature", {"feature": labelled.feature, "sae": labelled.sae, "label": "a name, then a pronoun"}),
+        ("trace_circuit", {"prompt": PROMPT, "answer": ANSWER, "max_nodes": 257}),
+        ("patch_features", {"prompt": PAIR_A, "source_prompt": PAIR_B, "answer": " was", "position": 9,
+                            "sae": "blocks.3.hook_resid_pre"}),
+        ("trace_circuit", {"prompt": PROMPT, "answer": ANSWER, "counterfactual": COUNTERFACTUAL, "max_nodes": 12}),
+    ])
+    assert not label.is_error
+    assert "max_nodes" in error_text(bad_nodes) and "less than or equal to 256" in error_text(bad_nodes)
+    assert "position 9" in error_text(bad_positions) and "prompt has 8 tokens" in error_text(bad_positions)
+    out, text = traced.structured_content, traced.content[0].text
+    node = next(n for n in out["graph"]["nodes"] if n["node_id"] == labelled.node_id)
+    assert node["label"] == "a name, then a pronoun" and "'a name, then a pronoun'" in text
+    assert len(text) < len(str(out)) / 3 and "faithfulness (zero ablation)" in text and "top paths" in text
+    assert text.count("\n") < 60
