@@ -36,6 +36,9 @@ from dataclasses import dataclass
 
 import torch
 
+from sae_mcp.circuits.faithfulness import faithfulness
+from sae_mcp.circuits.nodes import Node
+from sae_mcp.circuits.paths import METRIC, top_paths
 from sae_mcp.engine import attribution_checks as checks
 from sae_mcp.engine.attribution import SaeCapture, backward_pass, resolve_saes
 from sae_mcp.engine.attribution_checks import ERROR, CleanSae, MetricAt
@@ -45,22 +48,12 @@ from sae_mcp.engine.runtime import CancelToken, Engine, context_warning, positio
 from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.errors import InvalidInput
 from sae_mcp.results import collect_warnings, rounded
-from sae_mcp.results.circuits import (
-    CircuitEdge,
-    CircuitGraph,
-    CircuitNode,
-    CircuitPath,
-    CircuitResult,
-    Faithfulness,
-)
+from sae_mcp.results.circuits import CircuitEdge, CircuitGraph, CircuitNode, CircuitResult
 
 MAX_NODES = 256
 MAX_TRACE_ELEMENTS = 1 << 26  # positions x features, summed over the traced SAEs (a [S, d_sae] float each)
 EDGE_ELEMENTS = 1 << 26  # floats a batched edge forward may hold: rows x positions x (d_sae's + 8 d_model)
 MAX_EDGE_ROWS = 64
-MAX_PATHS = 10
-PATH_BEAM = 20  # partial paths kept per node while enumerating
-METRIC = "metric"
 
 Progress = Callable[[int, int], None]
 
@@ -93,18 +86,6 @@ class SaeState:
     g_err: torch.Tensor  # [S, d_in]: d metric / d error (= at the SAE's output)
     attr: torch.Tensor  # [S, d_sae]: feature attributions (of the method)
     err_attr: torch.Tensor  # [S]: error node attributions (of the method)
-
-
-@dataclass(frozen=True)
-class Node:
-    sae: int  # index into plan.saes
-    position: int
-    feature: int  # ERROR for the error node
-    attribution: float
-
-    def node_id(self, keys: list[str]) -> str:
-        what = "error" if self.feature == ERROR else str(self.feature)
-        return f"{keys[self.sae]}/{what}@{self.position}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -254,87 +235,6 @@ def edges_between(engine: Engine, up: SaeState, down: SaeState, tokens: torch.Te
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Faithfulness
-
-
-def _masked_metric(engine: Engine, saes: list[LoadedSAE], tokens: torch.Tensor, at: MetricAt,
-                   keep: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """The metric with every traced SAE spliced (error term on), its features multiplied by keep[i][0] [S, d_sae]
-    and its error by keep[i][1] [S] (1 = kept, 0 = zero-ablated)."""
-    model, hooks = engine.model, []
-    for s, (feat, err) in zip(saes, keep):
-        hooks.append((f"{s.hook_name}.hook_sae_acts_post", lambda a, hook, m=feat: a * m.to(a.dtype)))
-        hooks.append((f"{s.hook_name}.hook_sae_error",
-                      lambda e, hook, m=err: e * m.to(e.dtype).reshape(1, -1, *[1] * (e.ndim - 2))))
-    with engine.device_work(), torch.inference_mode(), model.saes(saes=[s.sae for s in saes], use_error_term=True):
-        with model.hooks(fwd_hooks=hooks):
-            return float(at.of(model(tokens, return_type="logits"))[0])
-
-
-def _masks(plan: TracePlan, S: int, first: int, nodes: list[Node], inside: bool
-           ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per SAE (feature mask [S, d_sae], error mask [S]): `nodes` kept and the rest ablated (inside=True), or
-    `nodes` ablated and the rest kept; BOS always kept."""
-    out = []
-    for i, s in enumerate(plan.saes):
-        feat = torch.full((S, s.d_sae), not inside, dtype=torch.bool)
-        err = torch.full((S,), not inside, dtype=torch.bool)
-        feat[:first], err[:first] = True, True
-        for n in nodes:
-            if n.sae == i:
-                if n.feature == ERROR:
-                    err[n.position] = inside
-                else:
-                    feat[n.position, n.feature] = inside
-        out.append((feat, err))
-    return out
-
-
-def faithfulness(engine: Engine, plan: TracePlan, tokens: torch.Tensor, at: MetricAt, metric: float,
-                 circuit: list[Node]) -> Faithfulness:
-    S, first = tokens.shape[1], 1 if plan.prepend_bos else 0
-    empty = _masked_metric(engine, plan.saes, tokens, at, _masks(plan, S, first, [], inside=True))
-    with_c = _masked_metric(engine, plan.saes, tokens, at, _masks(plan, S, first, circuit, inside=True))
-    without = _masked_metric(engine, plan.saes, tokens, at, _masks(plan, S, first, circuit, inside=False))
-    gap = metric - empty
-    return Faithfulness(
-        ablation="zero", metric_full=rounded(metric, 6), metric_empty=rounded(empty, 6),
-        metric_circuit=rounded(with_c, 6), metric_without_circuit=rounded(without, 6),
-        faithfulness=rounded((with_c - empty) / gap, 4) if abs(gap) > 1e-9 else None,
-        completeness=rounded((without - empty) / gap, 4) if abs(gap) > 1e-9 else None,
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Paths
-
-
-def top_paths(kept: list[Node], edges: dict[tuple[Node, Node], float], n_saes: int, keys: list[str]
-              ) -> list[CircuitPath]:
-    """The strongest paths from the first SAE's kept nodes to the metric. A path's weight: its first edge times,
-    at each later node, the share of that node's attribution its next edge carries (the last SAE's nodes reach
-    the metric with their attribution, a share of 1)."""
-    out_edges: dict[Node, list[tuple[Node, float]]] = {}
-    for (u, d), w in edges.items():
-        out_edges.setdefault(u, []).append((d, w))
-    best: dict[Node, list[tuple[float, list[Node]]]] = {}
-    for layer in reversed(range(n_saes)):
-        for n in (x for x in kept if x.sae == layer):
-            if layer == n_saes - 1:
-                best[n] = [(n.attribution, [n])]
-                continue
-            paths = []
-            for d, w in out_edges.get(n, []):
-                for weight, rest in best.get(d, []):
-                    share = weight / d.attribution if d.attribution else 0.0
-                    paths.append((w * share, [n, *rest]))
-            best[n] = sorted(paths, key=lambda p: -abs(p[0]))[:PATH_BEAM]
-    starts = [p for n in kept if n.sae == 0 for p in best.get(n, [])]
-    top = sorted(starts, key=lambda p: -abs(p[0]))[:MAX_PATHS]
-    return [CircuitPath(nodes=[n.node_id(keys) for n in nodes] + [METRIC], weight=rounded(w, 6)) for w, nodes in top]
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The call
 
 
@@ -426,7 +326,7 @@ def trace_circuit(
         metric=f"{plan.metric.name} at position {pos}", metric_kind=plan.metric.kind, metric_value=rounded(metric, 6),
         saes=keys, n_nodes=len(kept), n_candidate_nodes=len(candidates), n_edges=len(links),
         attribution_kept=rounded(sum(abs(n.attribution) for n in kept) / total_abs, 4) if total_abs else 0.0,
-        faithfulness=faithfulness(engine, plan, tokens, at, metric, kept),
+        faithfulness=faithfulness(engine, plan.saes, plan.prepend_bos, tokens, at, metric, kept),
         paths=top_paths(kept, edges, len(plan.saes), keys),
         graph=CircuitGraph(prompt=prompt, tokens=str_tokens, metric=plan.metric.name, metric_value=rounded(metric, 6),
                            saes=keys, nodes=nodes + [CircuitNode(node_id=METRIC, kind="metric",
