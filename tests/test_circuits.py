@@ -345,3 +345,23 @@ def test_trace_circuit_over_mcp_reads_compactly_with_labels_and_bounds_say_what_
     assert node["label"] == "a name, then a pronoun" and "'a name, then a pronoun'" in text
     assert len(text) < len(str(out)) / 3 and "faithfulness (zero ablation)" in text and "top paths" in text
     assert text.count("\n") < 60
+
+
+def test_the_graph_converts_to_circuit_tracers_json_node_for_node_and_link_for_link(engine):
+    from sae_mcp.circuits.neuronpedia import to_neuronpedia
+
+    res = trace_circuit(engine, PROMPT, ANSWER, counterfactual=COUNTERFACTUAL, max_nodes=15)
+    out = to_neuronpedia(res.graph, scan="stories260K", slug="lily-her")
+    assert set(out) == {"metadata", "qParams", "nodes", "links"} and out["metadata"]["schema_version"] == 1
+    ids = [n["node_id"] for n in out["nodes"]]
+    assert len(ids) == len(set(ids)) == len(res.graph.nodes)
+    assert all(link["source"] in ids and link["target"] in ids for link in out["links"])
+    assert [link["weight"] for link in out["links"]] == [e.weight for e in res.graph.edges]
+    (logit,) = [n for n in out["nodes"] if n["feature_type"] == "logit"]
+    assert logit["is_target_logit"] and logit["feature"] == answer_token_ids(engine, ANSWER)[0]
+    for ours, theirs in zip(res.graph.nodes, out["nodes"]):
+        if ours.kind == "feature":
+            assert theirs["node_id"] == f"{ours.layer}_{ours.feature}_{ours.position}"
+            assert theirs["feature_type"] == "cross layer transcoder" and theirs["influence"] == ours.attribution
+        elif ours.kind == "error":
+            assert theirs["feature_type"] == "mlp reconstruction error" and theirs["ctx_idx"] == ours.position

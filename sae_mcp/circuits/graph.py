@@ -329,8 +329,10 @@ def trace_circuit(
         faithfulness=faithfulness(engine, plan.saes, plan.prepend_bos, tokens, at, metric, kept),
         paths=top_paths(kept, edges, len(plan.saes), keys),
         graph=CircuitGraph(prompt=prompt, tokens=str_tokens, metric=plan.metric.name, metric_value=rounded(metric, 6),
-                           saes=keys, nodes=nodes + [CircuitNode(node_id=METRIC, kind="metric",
-                                                                 attribution=rounded(metric, 6))],
+                           position=pos, answer_token_id=plan.metric.answer,
+                           answer_probability=rounded(float(last.float().softmax(-1)[plan.metric.answer]), 6),
+                           n_layers=int(engine.model.cfg.n_layers), saes=keys,
+                           nodes=nodes + [CircuitNode(node_id=METRIC, kind="metric", attribution=rounded(metric, 6))],
                            edges=links),
         warnings=_warnings(engine, plan, last, tokens.shape[1], kept, exact, metric),
     )

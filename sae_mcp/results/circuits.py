@@ -124,6 +124,10 @@ class CircuitGraph(BaseModel):
     tokens: list[str]
     metric: str
     metric_value: float
+    position: int = Field(description="The metric's position")
+    answer_token_id: int = Field(description="The answer's first token")
+    answer_probability: float = Field(description="Its probability at the metric's position")
+    n_layers: int = Field(description="The model's blocks (the metric node sits above the last)")
     saes: list[str] = Field(description="The traced SAEs, by layer")
     nodes: list[CircuitNode]
     edges: list[CircuitEdge]
