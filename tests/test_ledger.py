@@ -54,6 +54,11 @@ def session_calls() -> list[tuple[str, dict]]:
                             "answer": " there"}),
         ("steer_generate", {"prompt": "Once upon a time", "features": [{"feature": 7, "strength": 1.0}],
                             "max_new_tokens": 8, "seeds": [0, 1]}),
+        ("patch_features", {"prompt": "Lily saw a cat. She", "source_prompt": "Lily saw a dog. She", "answer": " was",
+                            "top_k": 4}),
+        ("patch_features", {"prompt": "Lily saw a cat. She", "source_prompt": "Lily saw a dog. She", "answer": " was",
+                            "counterfactual": " had", "features": [5, 9]}),
+        ("trace_circuit", {"prompt": PROMPT, "answer": " was", "max_nodes": 12}),
         ("project_to_vocab", {"feature": 99999}),  # fails: out of range
         ("build_index", {"tokens": 20000}),
         ("search_explanations", {"query": "girl"}),
@@ -142,9 +147,9 @@ def test_a_session_across_every_tool_is_recorded_completely(recorded):
     assert by_tool["ablate_and_test"]["control_sets"] == [c["features"] for c in controls]
     assert by_tool["ablate_and_test"]["seed"] == 0
     assert by_tool["top_examples"]["corpus"]["kind"] == "jsonl" and by_tool["top_examples"]["tokens_scanned"] >= 4000
-    blind = results[20].structured_content["challenge"]  # score_explanation, no seed given: the drawn one recorded
-    assert by_tool["score_explanation"]["seed"] == blind["seed"] and "seed" not in calls[20][1]
-    assert not results[21].is_error and by_tool["submit_predictions"]["challenge_id"] == blind["challenge_id"]
+    blind = results[23].structured_content["challenge"]  # score_explanation, no seed given: the drawn one recorded
+    assert by_tool["score_explanation"]["seed"] == blind["seed"] and "seed" not in calls[23][1]
+    assert not results[24].is_error and by_tool["submit_predictions"]["challenge_id"] == blind["challenge_id"]
     env = store.env(runs[0].env)
     assert env["model"]["weights"]["kind"] == "sha256" and env["model"]["processing"]["fold_ln"] is True
     assert env["saes"][0]["weights_id"] == sae.weights_id and env["saes"][0]["dtype"] == "float32"
@@ -179,7 +184,7 @@ def test_the_ledger_reads_back_through_the_tool_and_the_resources(recorded):
     assert listing.structured_content["runs"] == []  # this connection made no recorded call (ledger is not recorded)
     assert "KL" in text_of(steer) and len(text_of(steer)) < 600
     (scored,) = call_many(server, [("ledger", {"tool": "submit_predictions"})])
-    m = results[21].structured_content["metrics"]
+    m = results[24].structured_content["metrics"]
     assert f"balanced accuracy {m['balanced_accuracy']:.4g} [{m['interval_95'][0]:.4g}," in text_of(scored)
     sessions = read_resource(server, "ledger://sessions").contents[0].text
     first = recorded["store"].runs()[0].session

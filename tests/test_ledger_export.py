@@ -49,7 +49,7 @@ def test_the_exported_script_redoes_every_run_without_sae_mcp(session, tmp_path)
     path = tmp_path / "session.py"
     rc, out = cli("ledger", "export", "--data-dir", str(session["data_dir"]), "--session", session["data"].id,
                   "--format", "py", "--out", str(path))
-    assert rc == 0 and "25 runs, 2 labels" in out
+    assert rc == 0 and "28 runs, 2 labels" in out
     source = path.read_text()
     imported = {(n.module or "").split(".")[0] for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name.split(".")[0] for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Import)
@@ -64,10 +64,11 @@ def test_the_exported_script_redoes_every_run_without_sae_mcp(session, tmp_path)
     redone = [line for line in done.stdout.splitlines() if "reproduced" in line]
     tools = ["get_feature_acts", "compare_prompts", "compare_prompts (sets)", "next_token", "next_token",
              "project_to_vocab", "project_to_vocab", "top_examples", "ablate_and_test", "attribute (gradient)",
-             "attribute (integrated_gradients)", "steer_generate", "steer_generate"]
+             "attribute (integrated_gradients)", "steer_generate", "steer_generate", "patch_features",
+             "patch_features", "trace_circuit"]
     assert [line.split(" ", 1)[1].split(" reproduced")[0] for line in redone] == tools
     assert "2 of 2 texts identical" in redone[11] or "3 of 3" in redone[11]  # greedy: asserted exactly
-    assert done.stdout.strip().endswith("every redone run matched the ledger (13 runs)")
+    assert done.stdout.strip().endswith("every redone run matched the ledger (16 runs)")
 
 
 def test_the_exported_notebook_is_valid_and_executes(session, tmp_path):
@@ -90,7 +91,7 @@ def test_the_exported_notebook_is_valid_and_executes(session, tmp_path):
     except Exception as exc:  # no kernel can start here (sandbox, missing kernelspec): say so
         pytest.skip(f"a Jupyter kernel could not run here: {type(exc).__name__}: {exc}")
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert printed.count("reproduced") == 13 and "every redone run matched the ledger (13 runs)" in printed
+    assert printed.count("reproduced") == 16 and "every redone run matched the ledger (16 runs)" in printed
 
 
 def test_the_markdown_report_has_the_question_the_experiments_and_the_labels(session, tmp_path):
@@ -122,7 +123,7 @@ def test_replay_finds_no_difference_unchanged_and_reports_a_swapped_sae(session,
     base = ["ledger", "replay", "--data-dir", str(session["data_dir"]), "--session", sid, "--device", "cpu"]
     rc, out = cli(*base)
     assert rc == 0, out
-    assert "25 same, 0 differ, 0 skipped" in out and "changed since the recording" not in out
+    assert "28 same, 0 differ, 0 skipped" in out and "changed since the recording" not in out
     other = make_sae_folder(tmp_path / "other_sae", 64, 256, STORIES_HOOK, seed=3)
     rc, out = cli(*base, "--sae", str(other))
     assert rc == 1

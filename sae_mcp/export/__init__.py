@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sae_mcp.export import cells_causal, cells_read
+from sae_mcp.export import cells_causal, cells_circuits, cells_read
 from sae_mcp.export.preamble import preamble
 from sae_mcp.export.session import Cell, SessionData, label_markdown, md_text, run_markdown
 
@@ -31,8 +31,10 @@ CODE = {
     "ablate_and_test": cells_causal.ablate_and_test,
     "attribute": cells_causal.attribute,
     "steer_generate": cells_causal.steer_generate,
+    "patch_features": cells_circuits.patch_features,
+    "trace_circuit": cells_circuits.trace_circuit,
 }
-HELPERS = {**cells_causal.HELPERS, "top_examples": cells_read.CORPUS_HELPERS}
+HELPERS = {**cells_causal.HELPERS, **cells_circuits.HELPERS, "top_examples": [cells_read.CORPUS_HELPERS]}
 FORMATS = ("py", "ipynb", "md")
 
 

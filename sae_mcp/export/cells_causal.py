@@ -8,6 +8,13 @@ from sae_mcp.export.cells_read import items
 from sae_mcp.export.session import lit
 from sae_mcp.store.ledger import Run
 
+METRIC_HELPER = '''\
+def metric_of(logits, answer_id, cf_id):
+    """logit[answer] - logit[counterfactual]; without a counterfactual log P(answer)."""
+    logits = logits.float()
+    return logits[answer_id] - logits[cf_id] if cf_id is not None else logits.log_softmax(-1)[answer_id]
+'''
+
 ABLATION_HELPERS = '''\
 def zero_features(positions, features):
     """A hook on <hook>.hook_sae_acts_post zeroing `features` at `positions` (the SAE spliced in)."""
@@ -25,13 +32,6 @@ def spliced_logits(key, tokens, error_term, hooks=()):
     """Next-token logits with the SAE spliced in (with or without its error term) and `hooks` attached."""
     with model.saes(saes=[SAES[key]], use_error_term=error_term), model.hooks(fwd_hooks=list(hooks)):
         return model(tokens)[0, -1].float()
-
-
-def metric_of(logits, answer_id, cf_id):
-    """logit[answer] - logit[counterfactual]; without a counterfactual log P(answer)."""
-    if cf_id is not None:
-        return logits[answer_id] - logits[cf_id]
-    return logits.log_softmax(-1)[answer_id]
 
 
 def check_table(logits, ref, recorded, answer_id, cf_id, what, suffix=""):
@@ -146,7 +146,9 @@ def generate(key, tokens, vector, max_new_tokens, temperature, top_p, seed, eos_
     return model.tokenizer.decode(out)
 '''
 
-HELPERS = {"ablate_and_test": ABLATION_HELPERS, "attribute": ATTRIBUTION_HELPERS, "steer_generate": STEERING_HELPERS}
+# tool -> the helper blocks its cells call (a block two tools share is written once: preamble.py)
+HELPERS = {"ablate_and_test": [METRIC_HELPER, ABLATION_HELPERS], "attribute": [ATTRIBUTION_HELPERS],
+           "steer_generate": [STEERING_HELPERS]}
 
 
 def ablate_and_test(run: Run) -> str:

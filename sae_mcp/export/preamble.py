@@ -153,9 +153,11 @@ def config_cell(data: SessionData) -> str:
     ])
 
 
-def preamble(data: SessionData, tools: set[str], extra: dict[str, str]) -> list[Cell]:
-    """The setup cells, with the helper code of the tools the session used (extra: tool -> helper source)."""
-    helpers = CHECKS + "".join("\n\n" + extra[t] for t in sorted(tools) if t in extra)
+def preamble(data: SessionData, tools: set[str], extra: dict[str, list[str]]) -> list[Cell]:
+    """The setup cells, with the helper code of the tools the session used (extra: tool -> its helper blocks; a
+    block two tools share is written once)."""
+    blocks = dict.fromkeys(block for t in sorted(tools) if t in extra for block in extra[t])
+    helpers = CHECKS + "".join("\n\n" + block for block in blocks)
     intro = (f"# Session {md_code(data.id)}, redone without sae-mcp\n\nEach cell below redoes one recorded run with "
              "plain transformer-lens + sae-lens, on the same model and SAE(s), and asserts that it gets the recorded "
              "numbers (tolerance in the setup cell). The agent's labels and the server's warnings are shown with "

@@ -29,7 +29,7 @@ from sae_mcp.errors import SaeMcpError
 log = logging.getLogger(__name__)
 
 SAE_TOOLS = ("get_feature_acts", "compare_prompts", "ablate_and_test", "steer_generate", "top_examples",
-             "score_explanation")
+             "score_explanation", "patch_features")
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,10 @@ def resolve(tool: str, given: dict, defaults: dict, result: dict | None, ctx: Re
         r["position"] = result.get("position")
         keys = r["saes"]
         r["prepend_bos"] = ctx.engine.saes[keys[0]].prepend_bos if keys and keys[0] in ctx.engine.saes else None
+    elif tool == "trace_circuit" and result:
+        r["saes"] = list(result.get("saes") or [])
+        keys = r["saes"]
+        r["prepend_bos"] = ctx.engine.saes[keys[0]].prepend_bos if keys and keys[0] in ctx.engine.saes else None
     elif tool == "top_examples" and result and s is not None:
         _top_examples(r, result, ctx, s)
     elif tool == "score_explanation" and result:  # the seed drawn when none was given: replay asks for the same set
@@ -144,6 +148,10 @@ def _result_features(tool: str, result: dict) -> set[int]:
         return {d["feature"] for d in result.get("diffs") or []}
     if tool == "submit_predictions" and isinstance(result.get("feature"), int):
         return {result["feature"]}
+    if tool == "patch_features":
+        return {e["feature"] for e in result.get("sweep") or []}
+    if tool == "trace_circuit":
+        return {n["feature"] for n in (result.get("graph") or {}).get("nodes") or [] if n.get("kind") == "feature"}
     if tool in ("attribute", "search_explanations"):
         return {d["feature"] for d in (result.get("top") if tool == "attribute" else result.get("matches")) or []}
     return set()
