@@ -365,3 +365,22 @@ def test_the_graph_converts_to_circuit_tracers_json_node_for_node_and_link_for_l
             assert theirs["feature_type"] == "cross layer transcoder" and theirs["influence"] == ours.attribution
         elif ours.kind == "error":
             assert theirs["feature_type"] == "mlp reconstruction error" and theirs["ctx_idx"] == ours.position
+
+
+def test_a_trace_reports_progress_per_sae_pair_and_stops_when_cancelled(engine):
+    from sae_mcp.engine.runtime import CancelToken
+    from sae_mcp.errors import Cancelled
+
+    seen = []
+    trace_circuit(engine, PROMPT, ANSWER, max_nodes=10, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]  # nodes, exact contributions, the one SAE pair, faithfulness
+
+    cancel = CancelToken()
+    with pytest.raises(Cancelled):
+        trace_circuit(engine, PROMPT, ANSWER, max_nodes=10, cancel=cancel,
+                      progress=lambda done, total: cancel.cancel())
+    cancel_first = CancelToken()
+    cancel_first.cancel()
+    with pytest.raises(Cancelled):
+        patch_features(engine, PAIR_A, PAIR_B, " was", sae="blocks.3.hook_resid_pre", cancel=cancel_first)
+    assert engine.is_clean()

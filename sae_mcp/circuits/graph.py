@@ -295,26 +295,33 @@ def trace_circuit(
     candidates = _candidates(states, first)
     kept = _kept(plan, candidates)
     pairs = [(i, i + 1) for i in range(len(plan.saes) - 1)]
-    total, done = 1 + len(pairs), [1]
+    total, done = 3 + len(pairs), [0]  # the node pass, the exact contributions, each SAE pair, faithfulness
 
-    def tick() -> None:
+    def check() -> None:
         if cancel is not None:
             cancel.check()
-        done[0] += 1 if done[0] < total else 0
+
+    def step() -> None:
+        check()
+        done[0] += 1
         if progress is not None:
             progress(done[0], total)
 
+    step()
     exact = []
     if plan.verify:
         cells = [checks.Cell(keys[n.sae], n.position, n.feature) for n in kept]
-        exact = checks.exact_contributions(engine, plan.saes, tokens, at, cells, cancel.check if cancel else None)
+        exact = checks.exact_contributions(engine, plan.saes, tokens, at, cells, check)
+    step()
     edges: dict[tuple[Node, Node], float] = {}
     for i, j in pairs:
         sources, targets = [n for n in kept if n.sae == i], [n for n in kept if n.sae == j]
         if sources and targets:
-            found = edges_between(engine, states[i], states[j], tokens, sources, targets, lambda: None)
+            found = edges_between(engine, states[i], states[j], tokens, sources, targets, check)
             edges.update({k: w for k, w in found.items() if abs(w) >= plan.edge_threshold})
-        tick()
+        step()
+    faithful = faithfulness(engine, plan.saes, plan.prepend_bos, tokens, at, metric, kept)
+    step()
     str_tokens = engine.str_tokens(tokens)
     nodes = [_node_of(n, plan, states, str_tokens, x) for n, x in zip(kept, exact + [None] * len(kept))]
     links = [CircuitEdge(source=u.node_id(keys), target=d.node_id(keys), weight=rounded(w, 6))
@@ -326,7 +333,7 @@ def trace_circuit(
         metric=f"{plan.metric.name} at position {pos}", metric_kind=plan.metric.kind, metric_value=rounded(metric, 6),
         saes=keys, n_nodes=len(kept), n_candidate_nodes=len(candidates), n_edges=len(links),
         attribution_kept=rounded(sum(abs(n.attribution) for n in kept) / total_abs, 4) if total_abs else 0.0,
-        faithfulness=faithfulness(engine, plan.saes, plan.prepend_bos, tokens, at, metric, kept),
+        faithfulness=faithful,
         paths=top_paths(kept, edges, len(plan.saes), keys),
         graph=CircuitGraph(prompt=prompt, tokens=str_tokens, metric=plan.metric.name, metric_value=rounded(metric, 6),
                            position=pos, answer_token_id=plan.metric.answer,

@@ -91,7 +91,7 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         """A sparse feature circuit across SAEs (Marks et al. 2024): nodes (features and error nodes) by
         attribution, edges between consecutive SAEs, faithfulness of the circuit alone, the strongest paths."""
         cancel = CancelToken()
-        progress = progress_reporter(mcp_context, cancel, "SAE pairs traced")
+        progress = progress_reporter(mcp_context, cancel, "steps (nodes, checks, each SAE pair, faithfulness)")
         result = graph.trace_circuit(engine, prompt, answer, counterfactual=counterfactual, saes=saes,
                                      node_threshold=node_threshold, max_nodes=max_nodes,
                                      edge_threshold=edge_threshold, position=position, method=method, steps=steps,
