@@ -68,6 +68,7 @@ def build_server(engine: Engine, settings: Settings | None = None, services: Ser
     if record and services.ledger.recording:
         server.ledger = services.ledger
         services.ledger.prepare()  # the environment's hashes and versions, in the background
+        server.circuits = services.circuits  # circuit graphs kept whole by run id (the file: on the first one)
     dashboard_url = (settings.dashboard_url if settings is not None else None) or services.settings.dashboard_url
     if dashboard_url:  # results naming one feature link to its page
         server.pages = PageLinks(dashboard_url, list(engine.saes))

@@ -6,6 +6,8 @@
                                  ?text=... fills the test box (and its script runs it)
     /features/{sae}/{feature}/acts?text=...   the test box's JSON: get_feature_acts on the text for this feature
     /features/{sae}/?f=N         the front page's box (a plain GET form) -> the feature page
+    /circuits/{run_id}           a trace_circuit graph drawn as SVG with its figures (server/pages_circuit.py), from
+                                 the graph kept under the call's ledger run id (store/circuits.py)
 
 The routes are added to the MCP server (custom routes, served next to /mcp when it runs over streamable HTTP)
 and make up the standalone `sae-mcp dashboard` app. Cards do device work, so they run on a worker thread.
@@ -32,6 +34,7 @@ from starlette.types import ASGIApp
 
 from sae_mcp.errors import Busy, InvalidInput, SaeMcpError
 from sae_mcp.server.pages import feature_page, index_page
+from sae_mcp.server.pages_circuit import circuit_page
 from sae_mcp.server.security import HttpPolicy, RedactTokens, SecurityMiddleware
 from sae_mcp.server.sessions import SessionLimiter
 from sae_mcp.services import Services
@@ -95,11 +98,19 @@ def page_routes(services: Services) -> list[Route]:
             return _error_page(f"feature {raw!r} is not an integer", 404)
         return RedirectResponse(f"/features/{quote(sae, safe='')}/{f}", status_code=303)
 
+    async def circuit(request: Request) -> HTMLResponse:
+        run_id = request.path_params["run_id"]
+        try:
+            return HTMLResponse(await run_in_threadpool(circuit_page, services, run_id))
+        except SaeMcpError as exc:
+            return _error_page(str(exc), 404)
+
     return [
         Route("/", front, methods=["GET"], name="features_index"),
         Route("/features/{sae}/", open_feature, methods=["GET"], name="feature_form"),
         Route("/features/{sae}/{feature}", feature, methods=["GET"], name="feature_card_page"),
         Route("/features/{sae}/{feature}/acts", acts, methods=["GET"], name="feature_test_box"),
+        Route("/circuits/{run_id}", circuit, methods=["GET"], name="circuit_page"),
     ]
 
 

@@ -4,8 +4,11 @@ When pages are served (`serve --transport http`, or a dashboard elsewhere named 
 that names one feature gets `page`: that feature's page URL, in its structured content and as the last line of its
 text. One feature: the result's own `feature` (feature_card, top_examples, project_to_vocab, label_feature), else
 the arguments' only feature (`feature`, or `features` holding one, e.g. feature_stats(features=[f]), steer_generate
-with one feature). SaeMcpServer.call_tool adds it, for every tool, after the ledger has recorded the result (where
-pages are served is not part of what a call computed). A URL never carries the token: the base is checked here.
+with one feature). A result holding a circuit graph (trace_circuit's) gets the URL of its circuit page,
+/circuits/<run_id>, which exists only when the ledger recorded the call (the run id names the graph kept in
+store/circuits.py). SaeMcpServer.call_tool adds either, for every tool, after the ledger has recorded the result
+(where pages are served is not part of what a call computed). A URL never carries the token: the base is checked
+here.
 """
 
 from __future__ import annotations
@@ -16,8 +19,11 @@ from urllib.parse import quote, urlsplit
 from mcp.types import CallToolResult, TextContent
 
 from sae_mcp.errors import InvalidInput
+from sae_mcp.store.circuits import CIRCUIT_SCHEMA_PREFIX
 
 PAGE_SCHEMA = {"type": "string", "description": "This feature's page on the dashboard (open it to see the results)"}
+CIRCUIT_PAGE_SCHEMA = {"type": "string", "description": "This circuit's page on the dashboard: the graph drawn, each "
+                       "feature node linked to its feature page"}
 
 
 def check_base(url: str) -> str:
@@ -59,23 +65,49 @@ class PageLinks:
         sae = sae if isinstance(sae, str) and sae else self.only_sae
         return None if feature is None or sae is None else self.url(sae, feature)
 
+    def circuit_url(self, run_id: str) -> str:
+        return f"{self.base}/circuits/{quote(run_id, safe='')}"
+
     def add(self, result: Any, arguments: dict[str, Any]) -> Any:
         """The result with `page` added when it names one feature (in place, as the ledger adds run_id)."""
         if not isinstance(result, CallToolResult) or result.is_error or result.structured_content is None:
             return result
         page = self.page_of(arguments or {}, result.structured_content)
-        if page is None:
+        return result if page is None else with_page(result, page)
+
+    def add_circuit(self, result: Any, run_id: str) -> Any:
+        """The result with `page`: its circuit's page (in place)."""
+        if not isinstance(result, CallToolResult) or result.is_error or result.structured_content is None:
             return result
-        result.structured_content["page"] = page
-        for i, c in enumerate(result.content):
-            if isinstance(c, TextContent):
-                result.content[i] = TextContent.model_construct(type="text", text=f"{c.text}\npage: {page}",
-                                                                annotations=c.annotations, meta=c.meta)
-                break
-        return result
+        return with_page(result, self.circuit_url(run_id))
+
+
+def with_page(result: CallToolResult, page: str) -> CallToolResult:
+    """`page` in the structured content and as the last line of the first text (in place)."""
+    assert result.structured_content is not None
+    result.structured_content["page"] = page
+    for i, c in enumerate(result.content):
+        if isinstance(c, TextContent):
+            result.content[i] = TextContent.model_construct(type="text", text=f"{c.text}\npage: {page}",
+                                                            annotations=c.annotations, meta=c.meta)
+            break
+    return result
 
 
 def names_features(input_schema: dict[str, Any]) -> bool:
     """Whether a tool's results can name one feature (it takes `feature` or `features`)."""
     props = input_schema.get("properties", {})
     return "feature" in props or "features" in props
+
+
+def draws_circuit(output_schema: dict[str, Any] | None) -> bool:
+    """Whether a tool's results hold a circuit graph: its output schema's `graph` is a model whose schema_name
+    defaults to 'sae-mcp circuit ...' (results/circuits.py CircuitGraph), whatever the tool is called."""
+    props = (output_schema or {}).get("properties", {})
+    graph = props.get("graph") if isinstance(props, dict) else None
+    ref = graph.get("$ref", "") if isinstance(graph, dict) else ""
+    if not isinstance(ref, str) or not ref.startswith("#/$defs/"):
+        return False
+    model = (output_schema or {}).get("$defs", {}).get(ref.removeprefix("#/$defs/"), {})
+    default = model.get("properties", {}).get("schema_name", {}).get("default")
+    return isinstance(default, str) and default.startswith(CIRCUIT_SCHEMA_PREFIX)

@@ -17,7 +17,11 @@ SaeMcpServer is the SDK's MCPServer with three protocol-level rules an agent nee
 - every call's waits for the device end when its client cancels or goes away (progress.watching_request), with or
   without a progress reporter;
 - when pages are served (`server.pages`, server/page_links.py), a result that names one feature carries `page`,
-  the URL of that feature's page, added here after the ledger recorded the result.
+  the URL of that feature's page, added here after the ledger recorded the result;
+- a result holding a circuit graph (trace_circuit's, known by its content) is kept whole under its run id
+  (`server.circuits`, store/circuits.py: the ledger keeps a bounded copy), on a worker thread (a 256-node graph
+  is 1.8 MB of JSON, ~20 ms to write), once the ledger gave it a run id; with pages served it then carries
+  `page`, its circuit page's URL. Without the ledger there is no run id, so no graph is kept and no link given.
 
 No `from __future__ import annotations`: the SDK reads the tools' annotations at registration.
 """
@@ -27,6 +31,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import anyio
 from mcp import MCPError
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError, UnexpectedResourceError, UnexpectedToolError
@@ -35,10 +40,11 @@ from mcp_types import INVALID_PARAMS, InputRequiredResult
 from pydantic import BaseModel, ValidationError
 
 from sae_mcp.errors import SaeMcpError
-from sae_mcp.server.page_links import PAGE_SCHEMA, names_features
+from sae_mcp.server.page_links import CIRCUIT_PAGE_SCHEMA, PAGE_SCHEMA, draws_circuit, names_features
 from sae_mcp.server.progress import watching_request
 from sae_mcp.server.renderings import agent_text
 from sae_mcp.server.text import text_content
+from sae_mcp.store.circuits import circuit_of
 
 F = TypeVar("F", bound=Callable[..., Any])
 ToolDecorator = Callable[..., Callable[[F], F]]
@@ -63,6 +69,7 @@ class SaeMcpServer(MCPServer):
         self._defaults: dict[str, dict[str, Any]] = {}  # tool -> its arguments' defaults (for the ledger)
         self.ledger: Any = None  # services.ledger.Ledger when calls are recorded
         self.pages: Any = None  # server.page_links.PageLinks when the feature pages are served somewhere
+        self.circuits: Any = None  # store.circuits.CircuitStore keeping circuit graphs whole (with the ledger)
 
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
         pending = await self._begin(name, arguments, context)
@@ -78,6 +85,8 @@ class SaeMcpServer(MCPServer):
             raise
         if pending is not None:
             result = pending.finish(result)
+            if pending.run_id is not None:
+                result = await self._keep_circuit(result, pending.run_id)
         if self.pages is not None and {"feature", "features"} & await self.argument_names(name):
             result = self.pages.add(result, arguments)  # the same tools list_tools gives a `page` property
         return result
@@ -92,6 +101,20 @@ class SaeMcpServer(MCPServer):
         except Exception:
             log.warning("could not begin recording the %s call; answering without the ledger", name, exc_info=True)
             return None
+
+    async def _keep_circuit(self, result: Any, run_id: str) -> Any:
+        """A result holding a circuit graph: the graph kept under run_id and, with pages served, the link to its
+        page added. Keeping it never fails a call (logged: the answer goes out without the link)."""
+        found = circuit_of(result.structured_content) if isinstance(result, CallToolResult) else None
+        if found is None or self.circuits is None or result.is_error:
+            return result
+        try:
+            await anyio.to_thread.run_sync(self.circuits.put, run_id, *found)
+        except Exception:
+            log.warning("could not keep the circuit graph of run %s; answering without its page", run_id,
+                        exc_info=True)
+            return result
+        return result if self.pages is None else self.pages.add_circuit(result, run_id)
 
     async def _call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
         valid = await self.argument_names(name)
@@ -121,6 +144,10 @@ class SaeMcpServer(MCPServer):
             if self.pages is not None and t.output_schema and names_features(t.input_schema):
                 props = t.output_schema.get("properties", {})
                 t.output_schema = {**t.output_schema, "properties": {**props, "page": PAGE_SCHEMA}}
+            if self.pages is not None and self.ledger is not None and self.circuits is not None and \
+                    draws_circuit(t.output_schema):
+                props = t.output_schema.get("properties", {})
+                t.output_schema = {**t.output_schema, "properties": {**props, "page": CIRCUIT_PAGE_SCHEMA}}
         return tools
 
     async def argument_names(self, name: str) -> set[str]:

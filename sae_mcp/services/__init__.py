@@ -11,6 +11,8 @@
       .scores          ScoreStore: explanations' scores and the challenges they came from (the explanation store's
                        file; score_explanation / submit_predictions)
       .ledger          Ledger: records every tool call (unless record=False: `--no-ledger`) and reads them back
+      .circuits        CircuitStore: trace_circuit's graphs kept whole by run id, for the circuit page (the file is
+                       created by the first graph kept)
 
 Each can be given to the constructor instead (tests inject stand-ins this way). Feature cards are gathered from
 these by services/cards.py.
@@ -32,6 +34,7 @@ from sae_mcp.services.example_source import ExampleSource
 from sae_mcp.services.fidelity import measure_fidelity, sample_tokens
 from sae_mcp.services.ledger import Ledger
 from sae_mcp.settings import Settings
+from sae_mcp.store.circuits import CircuitStore, circuits_path
 from sae_mcp.store.explanations import ExplanationStore
 from sae_mcp.store.scores import ScoreStore
 
@@ -43,7 +46,7 @@ MEASURING = "being measured: the device was busy; ask model_info again shortly"
 class Services:
     def __init__(self, engine: Engine, settings: Settings | None = None, *, examples: ExampleSource | None = None,
                  stats: LogitWeightStats | None = None, explanations: ExplanationStore | None = None,
-                 ledger: Ledger | None = None, record: bool = True):
+                 ledger: Ledger | None = None, circuits: CircuitStore | None = None, record: bool = True):
         self.engine = engine
         self.settings = settings or Settings()
         self.examples = examples or ExampleSource(engine, self.settings)
@@ -51,6 +54,7 @@ class Services:
         self.ledger = ledger or Ledger(engine, self.settings, recording=record, max_activation=self._max_activation)
         self._explanations = explanations
         self._scores: ScoreStore | None = None
+        self._circuits = circuits
         self._fidelity: dict[str, tuple[SaeFidelity | None, str | None]] = {}  # SAE key -> (measured, why not)
         self._fidelity_guards: dict[str, threading.Lock] = {}  # SAE key -> one measurement at a time
         self._fidelity_started: set[str] = set()  # SAE keys fidelity_now has sent to a background measurement
@@ -72,6 +76,15 @@ class Services:
             if self._scores is None:
                 self._scores = ScoreStore(path)
             return self._scores
+
+    @property
+    def circuits(self) -> CircuitStore:
+        """Circuit graphs by run id (<data_dir>/circuits): written by the server after the ledger recorded a
+        trace, read by the circuit page."""
+        with self._lock:
+            if self._circuits is None:
+                self._circuits = CircuitStore(circuits_path(self.settings.data_dir))
+            return self._circuits
 
     def fidelity(self, sae_key: str) -> tuple[SaeFidelity | None, str | None]:
         """(the SAE's fidelity, None) measured on its corpus' first windows, or (None, why not); kept.
