@@ -75,7 +75,7 @@ def label_calls(rid: dict[str, str]) -> list[tuple[str, dict]]:
         ("label_feature", {"feature": 7, "label": "Lily's name", "evidence": "ablation moves P(' Lily')",
                            "evidence_runs": [rid["ablate_and_test"], rid["top_examples"]]}),
         ("label_feature", {"feature": 8, "label": "no such evidence", "evidence_runs": ["r00000000"]}),
-        ("label_feature", {"feature": 9, "label": "an uncited hunch"}),
+        ("label_feature", {"feature": 9, "label": "an uncited hunch", "score": {"n": 8}}),  # its blind set's seed drawn
     ]
 
 
@@ -167,6 +167,9 @@ def test_labels_cite_runs_and_an_unknown_run_is_refused(recorded):
     assert label.description == "Lily's name" and label.evidence_runs == cited
     runs = recorded["store"].runs(tool="label_feature")
     assert runs[0].given["evidence_runs"] == cited and not runs[1].ok  # the refused label is recorded as a failure
+    drawn = uncited.structured_content["challenge"]["seed"]  # label_feature(score) without a seed: the drawn one
+    assert runs[2].resolved["score"]["seed"] == drawn and "seed" not in runs[2].given["score"]
+    assert runs[2].result["submit_secret"] != uncited.structured_content["submit_secret"]  # never stored
 
 
 def test_the_ledger_reads_back_through_the_tool_and_the_resources(recorded):
@@ -233,7 +236,7 @@ def test_ledger_run_alone_answers_that_run_only_and_a_missing_session_names_the_
                                                 ("ledger", {"run": rid, "tool": "get_feature_acts"}),
                                                 ("ledger", {"session": "zzzz"})])
     assert one.structured_content["run"]["run_id"] == rid and one.structured_content["runs"] == []
-    assert other not in text_of(one) and text_of(one).startswith("run {") and "no run matches" not in text_of(one)
+    assert other not in text_of(one) and text_of(one).startswith(f"run {rid} ") and "no run matches" not in text_of(one)
     assert [r["run_id"] for r in narrowed.structured_content["runs"]] == [other]  # a filter still lists
     assert "no session matches 'zzzz'" in error_text(missing) and "ledger://sessions" in error_text(missing)
 

@@ -107,14 +107,20 @@ def kept_windows(row, feature: int, length: int) -> set[int]:
 def shown_examples(server, services, feature: int) -> list[tuple[int, int, str]]:
     """(document, offset of the max token, the shown text) of every example a view shows of the feature:
     top_examples at every `intervals` (0-8), its default and its largest per_interval, at the default context and
-    the whole window; the feature page's groups; the card's examples."""
+    the whole window; describe_features at every per_band; the feature page's groups; the card's examples."""
     calls = [("top_examples", {"feature": feature, "k": 50, "intervals": i, "per_interval": per, "context": ctx})
              for i in range(MAX_INTERVALS + 1) for per in (DEFAULT_PER_INTERVAL, MAX_PER_INTERVAL)
              for ctx in (DEFAULT_CONTEXT, MAX_CONTEXT)]
+    calls += [("describe_features", {"features": [feature], "examples": 20, "per_band": per, "context": 32,
+                                     "budget": 30_000}) for per in range(1, 5)]
     out = []
     for res in call_many(server, calls):
         assert not res.is_error, text_of(res)
         top = res.structured_content
+        if "features" in top:  # describe_features
+            (d,) = top["features"]
+            out += d["top"] + [e for band in d["bands"] for e in band["examples"]]
+            continue
         out += [e for e in top["examples"]] + [e for band in top["intervals"] or [] for e in band["examples"]]
     page = gather_page(services, feature)
     out += [x.example.model_dump() for g in page.groups for x in g.examples]
@@ -124,9 +130,9 @@ def shown_examples(server, services, feature: int) -> list[tuple[int, int, str]]
 
 def test_no_view_shows_a_window_or_a_passage_of_a_blind_set(setup, index):
     """The attack: answer true for exactly the contexts some view shows. No window of a blind set (firing or not)
-    holds an example that top_examples (any intervals, per_interval, context), the feature page or the card shows,
-    and no context's text is part of a shown example's text. Before: only intervals=4's windows were left out, and
-    67 of 160 firing contexts of 8 features were visible (measured 74 of 160 here)."""
+    holds an example that top_examples (any intervals, per_interval, context), describe_features, the feature page or
+    the card shows, and no context's text is part of a shown example's text. Before: only intervals=4's windows were
+    left out, and 67 of 160 firing contexts of 8 features were visible (measured 74 of 160 here)."""
     server, services = setup
     store, row, length, ids, features, _, _ = index
     visible, total = 0, 0

@@ -100,6 +100,9 @@ def replay_arguments(run, challenges: dict[str, str], secrets: dict[str, str] | 
     args = dict(run.given)
     if run.tool == "score_explanation" and args.get("seed") is None and (run.resolved or {}).get("seed") is not None:
         args["seed"] = run.resolved["seed"]
+    drawn = ((run.resolved or {}).get("score") or {}).get("seed") if run.tool == "label_feature" else None
+    if isinstance(args.get("score"), dict) and args["score"].get("seed") is None and drawn is not None:
+        args["score"] = {**args["score"], "seed": drawn}  # label_feature's blind set likewise
     if run.tool == "submit_predictions" and args.get("challenge_id") in challenges:
         args["challenge_id"] = challenges[args["challenge_id"]]
         for name in SECRET_FIELDS.intersection(args):
@@ -123,7 +126,7 @@ def replay(server: Any, data: SessionData, skip: dict[str, str] | None = None) -
                     out.append(Replayed(run.id, run.tool, "skipped", ARGS_CUT if run.args_cut else skip[run.tool]))
                     continue
                 result = await client.call_tool(run.tool, replay_arguments(run, challenges, secrets))
-                if run.tool == "score_explanation" and not result.is_error:
+                if run.tool in ("score_explanation", "label_feature") and not result.is_error:
                     old, new = _challenge_id(run.result), _challenge_id(result.structured_content)
                     challenges.update({old: new} if old and new else {})
                     secrets.update({new: found[0]} if new and (found := secrets_in(result.structured_content))

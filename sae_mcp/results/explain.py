@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from sae_mcp.results import warnings_field
-from sae_mcp.results.scoring import ScoreBrief
+from sae_mcp.results import TokenLogit, warnings_field
+from sae_mcp.results.corpus import Example, Interval
+from sae_mcp.results.scoring import BlindSet, ScoreBrief
 
 # ------------------------------------------------------------------------------------- search_explanations
 
@@ -38,6 +39,13 @@ class LabelRecorded(BaseModel):
     scored: list[ScoreBrief] | None = Field(
         default=None, description="Scores of this text (score_explanation), newest per method; absent when none"
     )
+    challenge: BlindSet | None = Field(
+        default=None, description="With score: the label's blind set; answer it with submit_predictions"
+    )
+    submit_secret: str | None = Field(
+        default=None, description="With score: shown once; submit_predictions needs it with the challenge_id"
+    )
+    warnings: list[str] | None = warnings_field()
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -96,3 +104,29 @@ class FeatureCardResult(BaseModel):
     feature: int
     uri: str = Field(description="The card as an MCP resource")
     markdown: str
+
+
+# ----------------------------------------------------------------------------------------------- describe
+
+
+class FeatureDescription(BaseModel):
+    """What the index and the weights say of one feature: enough to explain it in one read."""
+
+    feature: int
+    density: float | None = Field(default=None, description="Share of scanned tokens where it fires (index)")
+    max_activation: float | None = None
+    top: list[Example] = Field(default_factory=list, description="Top examples, largest first (max token in «»)")
+    bands: list[Interval] = Field(default_factory=list, description="Samples by activation quantile, highest first")
+    promotes: list[TokenLogit] = Field(default_factory=list, description="Logit lens: W_dec[f] @ W_U, largest")
+    suppresses: list[TokenLogit] = Field(default_factory=list, description="... and smallest")
+    labels: list[str] = Field(default_factory=list, description="The newest labels (one line each, cut)")
+    note: str | None = Field(default=None, description="Why something is missing (not indexed, no logit lens)")
+
+
+class FeatureDescriptions(BaseModel):
+    sae: str
+    features: list[FeatureDescription]
+    left_out: list[int] | None = Field(
+        default=None, description="Features not described: over the character budget (ask for them again)"
+    )
+    warnings: list[str] | None = warnings_field()

@@ -23,7 +23,15 @@ from sae_mcp.results.causal import (
 )
 from sae_mcp.results.circuits import CircuitResult, PatchCondition, PatchResult
 from sae_mcp.results.corpus import Example, TopExamples
-from sae_mcp.results.explain import ExplanationSearch, FeatureCardResult, FeatureStats, TokenSetEnrichment
+from sae_mcp.results.explain import (
+    ExplanationSearch,
+    FeatureCardResult,
+    FeatureDescription,
+    FeatureDescriptions,
+    FeatureStats,
+    LabelRecorded,
+    TokenSetEnrichment,
+)
 from sae_mcp.results.scoring import BlindSet, ExplanationScore, ScoreExplanation
 from sae_mcp.server.text import compact_json, fmt, join, tok, warnings_lines
 from sae_mcp.services.score_results import brief_text
@@ -373,6 +381,45 @@ def _circuit(r: CircuitResult) -> str:
     return join(lines + warnings_lines(r.warnings))
 
 
+DESCRIBE_HEAD = ("per feature: density, max activation, newest labels; top examples and band samples "
+                 "(activation: context, max token in «»), highest band first; logit lens (+ promoted, - suppressed)")
+
+
+def _context(e: Example) -> str:
+    return "".join(t if i != e.position else f"«{t}»" for i, t in enumerate(e.tokens)).replace("\n", "⏎")
+
+
+def describe_text(d: FeatureDescription) -> str:
+    """One feature of describe_features, compactly (the tool keeps the whole answer within its budget)."""
+    head = f"feature {d.feature}: " + (f"density {fmt(d.density)}, max {fmt(d.max_activation)}"
+                                      if d.density is not None else "not indexed")
+    lines = [head + ("; labels: " + " | ".join(repr(x) for x in d.labels) if d.labels else "")]
+    lines += [f"  {fmt(e.activation)}: {_context(e)}" for e in d.top]
+    for b in d.bands:
+        lines.append(f"  band [{fmt(b.lower)}, {fmt(b.upper)}) q{fmt(b.quantiles[0])}-{fmt(b.quantiles[1])}: "
+                     + "; ".join(f"{fmt(e.activation)}: {_context(e)}" for e in b.examples))
+    if d.promotes or d.suppresses:
+        lines.append("  lens + " + ", ".join(f"{tok(t.token)} {fmt(t.logit)}" for t in d.promotes) + "; - "
+                     + ", ".join(f"{tok(t.token)} {fmt(t.logit)}" for t in d.suppresses))
+    return join(lines + ([f"  note: {d.note}"] if d.note else []))
+
+
+def describe_text_head(sae: str) -> str:
+    return f"sae {sae}; {DESCRIBE_HEAD}"
+
+
+def _describe(r: FeatureDescriptions) -> str:
+    return join([describe_text_head(r.sae), *(describe_text(d) for d in r.features),
+                 f"left out (over the character budget): {r.left_out}" if r.left_out else None,
+                 *warnings_lines(r.warnings)])
+
+
+def _label(r: LabelRecorded) -> str:
+    scored = f"; scored {brief_text(r.scored)}" if r.scored else ""
+    head = f"label {r.label_id} recorded for feature {r.feature} (sae {r.sae}; {r.labels_for_feature} labels){scored}"
+    return join([head, _blind_set(r.challenge, r.submit_secret) if r.challenge else None, *warnings_lines(r.warnings)])
+
+
 def _feature_card(r: FeatureCardResult) -> str:
     return f"{r.markdown}\n(also the resource {r.uri})"
 
@@ -394,6 +441,8 @@ RENDERINGS: dict[type, Callable] = {
     ExplanationScore: _score,
     PatchResult: _patch,
     CircuitResult: _circuit,
+    FeatureDescriptions: _describe,
+    LabelRecorded: _label,
 }
 
 

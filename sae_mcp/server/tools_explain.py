@@ -1,8 +1,8 @@
 """Explanations, labels, feature cards and logit-weight statistics.
 
 register(server, tool, engine, services) adds:
-    tools       search_explanations, label_feature (the one writing tool), feature_card, feature_stats,
-                token_set_enrichment
+    tools       search_explanations, label_feature (the one writing tool; with `score` it also hands out the
+                label's blind set), describe_features, feature_card, feature_stats, token_set_enrichment
     resource    feature://{sae}/{feature}   the feature card as markdown ({sae} is the key, dots and all:
                 feature://blocks.7.hook_resid_pre/123)
 
@@ -11,28 +11,48 @@ No `from __future__ import annotations` here: the SDK reads the tools' annotatio
 
 from typing import Annotated, Literal
 
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError
-from pydantic import Field
+from pydantic import BaseModel, Field
 
-from sae_mcp.engine.runtime import Engine
+from sae_mcp.engine.runtime import CancelToken, Engine
 from sae_mcp.engine.token_sets import BUILTIN_SETS
 from sae_mcp.errors import InvalidInput, SaeMcpError
 from sae_mcp.results.explain import (
     ExplanationMatch,
     ExplanationSearch,
     FeatureCardResult,
+    FeatureDescriptions,
     FeatureStats,
     LabelRecorded,
     TokenSetEnrichment,
 )
 from sae_mcp.server.args import engine_args
 from sae_mcp.server.card_text import card_markdown
-from sae_mcp.server.wiring import WRITES, ToolDecorator
+from sae_mcp.server.progress import progress_reporter
+from sae_mcp.server.renderings import describe_text, describe_text_head
+from sae_mcp.server.tools_scoring import CHALLENGES, conversation_of
+from sae_mcp.server.wiring import ToolDecorator
 from sae_mcp.services import Services
+from sae_mcp.services.describe import describe_feature
 from sae_mcp.services.score_results import brief
+from sae_mcp.services.score_runs import ExplanationScorer
+from sae_mcp.services.scoring import DEFAULT_MIN_ACTIVATION, MIN_ACTIVATION_RANGE
 
 SetName = Annotated[str, Field(max_length=64)]
+MAX_DESCRIBED = 32  # features one describe_features call may name
+MAX_BUDGET = 30_000  # characters of its text
+LEFT_OUT_RESERVE = 200  # characters kept for the line listing the features left out
+
+
+class ScoreRequest(BaseModel):
+    """label_feature(score=...): the blind set to hand out for the label just recorded (as score_explanation)."""
+
+    method: Literal["detection", "fuzzing"] = "detection"
+    n: Annotated[int, Field(ge=4, le=100)] = 20
+    seed: Annotated[int | None, Field(ge=0, le=2**31 - 1)] = None
+    min_activation: Annotated[float, Field(ge=MIN_ACTIVATION_RANGE[0], le=MIN_ACTIVATION_RANGE[1])] = (
+        DEFAULT_MIN_ACTIVATION)
 
 
 def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: Services) -> None:
@@ -77,7 +97,9 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
             )
         return ExplanationSearch(query=query, ranking=ranking, matches=matches, note=note)
 
-    @tool(annotations=WRITES)
+    scorer = ExplanationScorer(services)
+
+    @tool(annotations=CHALLENGES)
     def label_feature(
         feature: FeatureArg,
         label: Annotated[str, Field(min_length=1, max_length=1000)],
@@ -90,10 +112,12 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
             list[Annotated[str, Field(max_length=32)]] | None,
             Field(max_length=64, description="run_id of each result it rests on"),
         ] = None,
+        score: Annotated[ScoreRequest | None, Field(description='e.g. {"method": "detection", "n": 20}: also '
+                                                    "hand out the label's blind set")] = None,
+        mcp_context: Context = None,
     ) -> LabelRecorded:
-        """Record your explanation of a feature with its evidence (and the run_id of the results it rests on): kept
-        for these SAE weights, searchable at once, shown on the card; earlier labels are kept. The same label and
-        evidence again returns the label recorded. Scores of its text (score_explanation) come with it."""
+        """Record your explanation of a feature (with evidence and the run_ids it rests on); with score, also its
+        blind set: answer it with submit_predictions, from the label alone."""
         s = engine.sae(sae)
         engine.check_feature(s, feature)
         runs = list(dict.fromkeys(evidence_runs or [])) or None
@@ -106,8 +130,49 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         n = sum(1 for e in store.for_feature(s.store_key, feature) if e.source == "label")
         scored = services.scores.latest([(s.store_key, feature, rec.description)]).get(
             (s.store_key, feature, rec.description), [])
-        return LabelRecorded(feature=feature, sae=s.key, label_id=rec.id, labels_for_feature=n,
-                             scored=[brief(x) for x in scored] or None)
+        recorded = LabelRecorded(feature=feature, sae=s.key, label_id=rec.id, labels_for_feature=n,
+                                 scored=[brief(x) for x in scored] or None)
+        if score is None:
+            return recorded
+        cancel = CancelToken()
+        try:
+            issued = scorer.issue(s.key, feature, None, rec.id, score.n, score.method, score.seed,
+                                  score.min_activation, session=conversation_of(services, mcp_context),
+                                  progress=progress_reporter(mcp_context, cancel, "tokens scanned"), cancel=cancel)
+        except SaeMcpError as exc:  # the label stays recorded: say so rather than fail the call that wrote it
+            return recorded.model_copy(update={"warnings": [
+                f"label recorded, but no blind set: {exc}; score it later with score_explanation(label_id=...)"]})
+        return recorded.model_copy(update={"challenge": issued.blind, "submit_secret": issued.submit_secret})
+
+    @tool()
+    def describe_features(
+        features: Annotated[list[FeatureArg], Field(min_length=1, max_length=MAX_DESCRIBED)],
+        sae: SaeArg = None,
+        examples: Annotated[int, Field(ge=0, le=20, description="Top examples each")] = 4,
+        per_band: Annotated[int, Field(ge=0, le=4, description="Samples per activation band (4 bands)")] = 2,
+        context: Annotated[int, Field(ge=1, le=32, description="Tokens each side of the max token")] = 8,
+        tokens: Annotated[int, Field(ge=0, le=20, description="Logit-lens tokens per side")] = 6,
+        budget: Annotated[int, Field(ge=500, le=MAX_BUDGET, description="Characters of text at most (the first "
+                                     "feature is always described)")] = 8000,
+    ) -> FeatureDescriptions:
+        """The evidence to explain features, several at once: density, top examples, samples by activation
+        band, logit lens, labels. Never shown in a blind set."""
+        s = engine.sae(sae)
+        out, left_out = [], []
+        used = len(describe_text_head(s.key)) + LEFT_OUT_RESERVE  # the header, and room for the left-out line
+        for f in dict.fromkeys(features):
+            if left_out:
+                left_out.append(f)
+                continue
+            d = describe_feature(services, s.key, f, examples, 4 if per_band else 0, max(per_band, 1), context,
+                                 tokens)
+            size = len(describe_text(d)) + 1
+            if out and used + size > budget:
+                left_out.append(f)
+                continue
+            out.append(d)
+            used += size
+        return FeatureDescriptions(sae=s.key, features=out, left_out=left_out or None)
 
     @tool()
     def feature_card(

@@ -85,7 +85,7 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         for a quarter: half the firing half) from the explanation alone, without looking them up, then call
         submit_predictions once (within 30 min) with the challenge_id and submit_secret. auto: the client's model
         answers."""
-        session = _session(services, mcp_context)
+        session = conversation_of(services, mcp_context)
         reply = _sampled_reply(mcp_context) if auto else None
         if reply is not None:
             return _score_reply(scorer, *reply, expect=(feature, method), session=session)
@@ -113,10 +113,10 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         activations; looked_up names contexts this conversation looked up first (not blind). Stored with the
         explanation (label_feature, search_explanations and feature_card show it)."""
         return scorer.submit(challenge_id, submit_secret, {k.strip(): v for k, v in predictions.items()},
-                             session=_session(services, mcp_context))
+                             session=conversation_of(services, mcp_context))
 
 
-def _session(services: Services, ctx: Any) -> str | None:
+def conversation_of(services: Services, ctx: Any) -> str | None:
     """The ledger's id of the conversation this call came in (None outside a request)."""
     try:
         return services.ledger.session_of(ctx)[0]

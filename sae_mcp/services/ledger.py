@@ -67,7 +67,8 @@ log = logging.getLogger(__name__)
 VOLATILE = {"build_index": ("seconds", "tokens_per_second", "reused", "path"), "model_info": ("fidelity_note",),
             "score_explanation": ("challenge.challenge_id", "challenge.expires_in_s", "score.challenge_id",
                                   "score.score_id"),
-            "submit_predictions": ("challenge_id", "score_id")}
+            "submit_predictions": ("challenge_id", "score_id"),
+            "label_feature": ("challenge.challenge_id", "challenge.expires_in_s")}
 """Result fields (a.b: b inside a) left out of the digest: they differ between identical calls (timings, whether it
 was cached, the ids a store hands out)."""
 CHECK_EVERY_CHARS = 1_000_000  # the ledger's size is checked after this much text is recorded (or a 16th of the cap)

@@ -9,7 +9,7 @@ exported notebook needs to redo the run without sae-mcp:
     attribute        the SAEs used, the metric's position
     top_examples     the corpus and its windows: context size, BOS and pad ids, tokens scanned (the windows are
                      the corpus' first ones up to that many tokens, re-read from the corpus)
-    score_explanation  the seed drawn (the same seed gives the same blind set)
+    score_explanation  the seed drawn (the same seed gives the same blind set); label_feature with score likewise
 
 features_of(tool, resolved, result) -> [feature]: the features named in the arguments and those a result lists,
 so ledger(feature=...) finds every run that touched one.
@@ -126,6 +126,9 @@ def resolve(tool: str, given: dict, defaults: dict, result: dict | None, ctx: Re
     elif tool == "score_explanation" and result:  # the seed drawn when none was given: replay asks for the same set
         drawn = (result.get("challenge") or result.get("score") or {}).get("seed")
         r["seed"] = drawn if drawn is not None else r.get("seed")
+    elif tool == "label_feature" and isinstance(r.get("score"), dict) and (result.get("challenge") or {}).get(
+            "seed") is not None:
+        r["score"] = {**r["score"], "seed": result["challenge"]["seed"]}
     return r
 
 
