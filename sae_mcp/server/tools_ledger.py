@@ -2,7 +2,10 @@
 
 register(server, tool, engine, services) adds:
     tool        ledger(session?, tool?, feature?, sae?, run?, limit)   earlier runs, newest first, one line each with
-                their key numbers; `run=` gives one run's recorded arguments (as resolved) and result copy
+                their key numbers, under how many match in all; `run=` gives one run as the agent read it when the
+                call answered: one line (id, time, session, tool(arguments), ok or its error), then the tool's own
+                rendering of the recorded result (renderings.agent_text); the structured content holds the run
+                whole (arguments as resolved, digest, result copy)
     resources   ledger://sessions         the sessions, newest first (id, time, runs, model, first prompt)
                 ledger://session/{id}     one session's runs, in order, one line each
 
@@ -17,16 +20,19 @@ from typing import Annotated, Any
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError
 from mcp.types import CallToolResult
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from sae_mcp.engine.runtime import Engine
 from sae_mcp.errors import InvalidInput, SaeMcpError
+from sae_mcp.server.renderings import agent_text
 from sae_mcp.server.text import compact_json, text_content
 from sae_mcp.server.wiring import ToolDecorator
 from sae_mcp.services import Services
 from sae_mcp.services.ledger_summary import args_line, run_line, session_line, summary_of, when
+from sae_mcp.store.ledger import BOUNDED_LIST, SECRET_FIELDS, Run
 
 MAX_LIMIT = 200
+MAX_JSON_TEXT = 8_000  # characters of a result shown as JSON (a cut copy can hold 256k): the rest is structured
 
 
 class LedgerRun(BaseModel):
@@ -44,6 +50,7 @@ class LedgerAnswer(BaseModel):
     current_session: str | None = Field(default=None, description="This conversation's session id")
     session: str | None = Field(default=None, description="The session listed, when one was asked for")
     runs: list[LedgerRun] = Field(description="Newest first")
+    total: int | None = Field(default=None, description="Runs matching the filters, in all")
     run: dict[str, Any] | None = Field(
         default=None, description="With run=: its arguments as resolved, wall time, digest and recorded result"
     )
@@ -59,11 +66,60 @@ def _sae_key(engine: Engine, sae: str) -> str:
         return sae
 
 
+def result_model(server: MCPServer, tool: str) -> type[BaseModel] | None:
+    """The model the tool's answers were validated against (its function's return annotation). The SDK keeps it on
+    its tool manager, which it does not expose; None when that changes, and a run then reads as compact JSON."""
+    found = getattr(getattr(server, "_tool_manager", None), "get_tool", lambda _: None)(tool)
+    model = getattr(getattr(found, "fn_metadata", None), "output_model", None)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def without_cut_marks(value: Any) -> tuple[Any, int]:
+    """A cut copy (store/ledger.py bounded()) without the {'left_out': n} items that end its shortened lists, so it
+    validates as the result it was cut from; and how many items they stood for."""
+    if isinstance(value, dict):
+        pairs = [(k, without_cut_marks(v)) for k, v in value.items()]
+        return {k: v for k, (v, _) in pairs}, sum(n for _, (_, n) in pairs)
+    if isinstance(value, list):
+        marks = [v["left_out"] for v in value if isinstance(v, dict) and set(v) == {"left_out"}]
+        kept = [without_cut_marks(v) for v in value if not (isinstance(v, dict) and set(v) == {"left_out"})]
+        return [v for v, _ in kept], sum(n for _, n in kept) + sum(m for m in marks if isinstance(m, int))
+    return value, 0
+
+
+def result_text(r: Run, model: type[BaseModel] | None) -> str:
+    """The recorded result as the tool rendered it (a secret it handed out is not recorded: left out); a cut copy is
+    rendered from what it kept, said first; what does not validate as the tool's result is compact JSON."""
+    if r.result is None:
+        return ""
+    body = {k: None if k in SECRET_FIELDS else v for k, v in r.result.items()}
+    left_out = 0
+    if r.truncated:
+        body, left_out = without_cut_marks(body)
+    if model is not None:
+        try:
+            text = agent_text(model.model_validate(body))
+            return (f"(the ledger kept a cut copy: lists to their first {BOUNDED_LIST} items, {left_out:,} items left "
+                    "out)\n" if r.truncated else "") + text
+        except ValidationError:
+            pass
+    text = compact_json(r.result)
+    if len(text) > MAX_JSON_TEXT:
+        text = text[:MAX_JSON_TEXT] + f"... ({len(text) - MAX_JSON_TEXT:,} characters more in run.result)"
+    return ("(the ledger kept a cut copy) " if r.truncated else "") + text
+
+
+def run_head(r: Run) -> str:
+    """One line: id, time, session, tool(arguments as given, each cut), then ok and its wall time, or its error."""
+    outcome = f"ok in {r.wall_s:.3g} s" if r.ok else f"failed: {r.error}"
+    return (f"run {r.id} {when(r.time)} {r.session} {r.tool}({args_line(r.given)})"
+            + (" (arguments cut)" if r.args_cut else "") + f" -> {outcome}")
+
+
 def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: Services) -> None:
     ledger = services.ledger
 
-    def one_run(run_id: str) -> dict[str, Any]:
-        r = ledger.store.run(run_id)
+    def one_run(r: Run) -> dict[str, Any]:
         return {"run_id": r.id, "session": r.session, "tool": r.tool, "resolved": r.resolved, "wall_s": r.wall_s,
                 "ok": r.ok, "error": r.error, "digest": r.digest, "result": r.result, "truncated": r.truncated or None,
                 "arguments_cut": r.args_cut or None, "env": r.env}
@@ -86,26 +142,29 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         if sae and feature is None:
             raise InvalidInput("sae= narrows feature=; pass feature too")
         key = _sae_key(engine, sae) if sae else None
+        one = store.run(run) if run else None
         # run= alone asks for that one run: listing the newest runs beside it would bury it
         listing = run is None or any(x is not None for x in (session, tool, feature))
         runs = store.runs(session=sid, tool=tool, feature=feature, sae=key, limit=limit, newest_first=True,
                           light=True) if listing else []
+        total = (len(runs) if len(runs) < limit else store.count(session=sid, tool=tool, feature=feature, sae=key)
+                 ) if listing else None
         rows = [LedgerRun(run_id=r.id, session=r.session, time=when(r.time), tool=r.tool, arguments=r.given, ok=r.ok,
                           error=r.error, summary=summary_of(r)) for r in runs]
         note = None if rows or not listing else "no run matches" + ("" if store.count() else ": the ledger is empty")
         if not ledger.recording:
             note = "this server records nothing (--no-ledger): runs of earlier servers only" + (f"; {note}" if note
                                                                                                  else "")
-        answer = LedgerAnswer(current_session=current, session=sid, runs=rows, run=one_run(run) if run else None,
-                              note=note)
-        lines = ([f"{len(rows)} runs, newest first (this session: {current})" if current else f"{len(rows)} runs"]
-                 if listing else [])
+        answer = LedgerAnswer(current_session=current, session=sid, runs=rows, total=total,
+                              run=one_run(one) if one else None, note=note)
+        lines = [f"{len(rows)} of {total:,} runs, newest first" + (f" (this session: {current})" if current else "")
+                 ] if rows else []
         lines += [f"{r.run_id} {r.time} {r.session} {r.tool}({args_line(r.arguments)}) -> {r.summary}" for r in rows]
-        if answer.run is not None:
-            lines.append("run " + compact_json(answer.run))  # no nulls, 4 significant digits
+        if one is not None:
+            lines += [run_head(one), result_text(one, result_model(server, one.tool))]
         if note:
-            lines.append(note)
-        return CallToolResult(content=[text_content("\n".join(lines))],
+            lines.append(note + (f" (this session: {current})" if current and not rows else ""))
+        return CallToolResult(content=[text_content("\n".join(line for line in lines if line))],
                               structured_content=answer.model_dump(mode="json", exclude_none=True))
 
     register_resources(server, ledger)

@@ -386,17 +386,9 @@ class LedgerStore:
              sae: str | None = None, limit: int = 1000, newest_first: bool = False, light: bool = False) -> list[Run]:
         """Runs matching every filter given, in order of recording (or newest first). light: for a listing, the
         columns before the large ones (given holds the brief copy, resolved and result None, summary set)."""
-        where, args = [], []
-        for column, value in (("session", session), ("tool", tool)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        if feature is not None:  # features: ' 3 17 102 '
-            where.append("features LIKE ?" + (" AND (sae = ? OR sae IS NULL)" if sae else ""))
-            args += [f"% {int(feature)} %"] + ([sae] if sae else [])
+        where, args = _filters(session, tool, feature, sae)
         columns = f"{LIGHT_COLUMNS}, brief" if light else RUN_COLUMNS
-        sql = (f"SELECT {columns} FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
-               + f" ORDER BY seq {'DESC' if newest_first else 'ASC'} LIMIT ?")
+        sql = f"SELECT {columns} FROM runs{where} ORDER BY seq {'DESC' if newest_first else 'ASC'} LIMIT ?"
         with self._lock:
             rows = self.conn.execute(sql, [*args, limit]).fetchall()
         if not light:
@@ -439,11 +431,12 @@ class LedgerStore:
                 f"SELECT id FROM runs WHERE id IN ({','.join('?' * len(ids))})", ids)}
         return [i for i in ids if i not in found]
 
-    def count(self, session: str | None = None) -> int:
+    def count(self, session: str | None = None, tool: str | None = None, feature: int | None = None,
+              sae: str | None = None) -> int:
+        """How many runs match every filter given (runs()'s filters)."""
+        where, args = _filters(session, tool, feature, sae)
         with self._lock:
-            if session is None:
-                return int(self.conn.execute("SELECT count(*) FROM runs").fetchone()[0])
-            return int(self.conn.execute("SELECT count(*) FROM runs WHERE session = ?", (session,)).fetchone()[0])
+            return int(self.conn.execute(f"SELECT count(*) FROM runs{where}", args).fetchone()[0])
 
     # -- the size cap -------------------------------------------------------------------------------------------
 
@@ -501,6 +494,20 @@ class LedgerStore:
         with self._lock:
             self.conn.execute("VACUUM")
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def _filters(session: str | None, tool: str | None, feature: int | None, sae: str | None) -> tuple[str, list]:
+    """(' WHERE ...' or '', its parameters) for runs() and count(): every filter given must match; sae narrows
+    feature (a run about the feature of no SAE in particular matches too)."""
+    where, args = [], []
+    for column, value in (("session", session), ("tool", tool)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            args.append(value)
+    if feature is not None:  # features: ' 3 17 102 '
+        where.append("features LIKE ?" + (" AND (sae = ? OR sae IS NULL)" if sae else ""))
+        args += [f"% {int(feature)} %"] + ([sae] if sae else [])
+    return (" WHERE " + " AND ".join(where) if where else ""), args
 
 
 def _json(value: object) -> str | None:
