@@ -94,16 +94,17 @@ def test_the_exported_notebook_is_valid_and_executes(session, tmp_path):
     assert printed.count("reproduced") == 16 and "every redone run matched the ledger (16 runs)" in printed
 
 
-def test_the_markdown_report_has_the_question_the_experiments_and_the_labels(session, tmp_path):
+def test_the_markdown_report_has_the_question_the_findings_the_setup_and_every_run(session, tmp_path):
     path = tmp_path / "report.md"
     rc, _ = cli("ledger", "export", "--data-dir", str(session["data_dir"]), "--session", session["data"].id[:5],
                 "--format", "md", "--out", str(path))
     text = path.read_text()
     assert rc == 0 and "**Question**: 'Once upon a time, there was a little girl named Lily'" in text
-    runs = session["data"].runs
-    for run in runs:
-        assert f"`{run.id}`" in text
-    assert "causal effect of the ablation" in text and "## Failed runs" in text and "## Setup" in text
+    appendix = text.split("## Appendix: every run\n", 1)[1]
+    for run in session["data"].runs:
+        assert f'<a id="{run.id}"></a>\n### `{run.id}` ' in appendix
+    assert "causal effect of the ablation" in appendix and " (failed)\n" in appendix
+    assert text.index("## Findings") < text.index("## Setup") < text.index("## Appendix: every run")
     assert "weights sha256" in text and "sae-lens" in text
 
 
@@ -111,11 +112,15 @@ def test_the_report_lists_each_label_with_the_runs_it_cites(session, tmp_path):
     path = tmp_path / "labels.md"
     assert cli("ledger", "export", "--data-dir", str(session["data_dir"]), "--format", "md", "--out", str(path))[0] == 0
     text = path.read_text()  # the latest session by default
+    findings = text.split("## Findings\n", 1)[1].split("## Setup", 1)[0]
     cited = session["data"].labels[0].evidence_runs
-    assert "- feature **7**" in text and "*Lily's name*. Evidence: ablation moves" in text
-    assert f"  - [`{cited[0]}`](#{cited[0]}) ablate_and_test: ablated vs baseline" in text
-    assert f"  - [`{cited[1]}`](#{cited[1]}) top_examples: max " in text
-    assert "an uncited hunch" in text and "no run 'r00000000' in the ledger" in text  # the refused label: failed
+    assert "### Feature 7 (`" in findings and "- Label *Lily's name* ([`" in findings
+    assert "  - Not scored blind\n  - Evidence: ablation moves" in findings
+    assert f"  - Cites [`{cited[0]}`](#{cited[0]}) ablate_and_test: ablated vs baseline" in findings
+    assert f"  - Cites [`{cited[1]}`](#{cited[1]}) top_examples: max " in findings
+    assert "- Scored, not recorded as a label: *a word ending*\n  - Score: detection balanced accuracy" in findings
+    assert "an uncited hunch" in findings and "no such evidence" not in findings  # the refused label: not a finding
+    assert "no run 'r00000000' in the ledger" in text.split("## Appendix: every run", 1)[1]
 
 
 def test_replay_finds_no_difference_unchanged_and_reports_a_swapped_sae(session, tmp_path):

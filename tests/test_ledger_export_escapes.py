@@ -121,10 +121,11 @@ def test_the_report_has_no_live_html_remote_image_or_forged_heading(hostile, tmp
     assert rc == 0
     assert_inert(text)
     page = rendered(text)
-    assert re.findall(r"<h\d>(.*?)</h\d>", page)[:2] == [f"sae-mcp session <code>{hostile['data'].id}</code>",
-                                                          "Setup"]
+    headings = re.findall(r"<h\d>(.*?)</h\d>", page)
+    assert headings[:2] == [f"sae-mcp session <code>{hostile['data'].id}</code>", "Findings"]
+    assert headings[2].startswith("Feature 7 (<code>")
     assert "cats\\x00\\x01" in page  # the control characters written out, not dropped
-    assert page.count("<li>feature <strong>7</strong>") == 1  # the label, one list item
+    assert page.count("<li>Label <em>cats") == 1  # the label, one list item
 
 
 def test_a_script_that_would_not_compile_is_refused(tmp_path):

@@ -30,6 +30,9 @@ URL = re.compile(r"://|\bwww\.", re.IGNORECASE)
 Cell = tuple[str, str]  # ('markdown' | 'code', source)
 
 
+SCORING_TOOLS = ("score_explanation", "submit_predictions")  # the runs whose results can hold a score
+
+
 @dataclass(frozen=True)
 class Label:
     run_id: str
@@ -38,6 +41,8 @@ class Label:
     label: str
     evidence: str | None
     evidence_runs: list[str]
+    label_id: int | None = None  # its id in the explanation store (scores name it)
+    scored: list[dict] = field(default_factory=list)  # scores of its text known when it was recorded (ScoreBrief)
 
 
 @dataclass
@@ -47,6 +52,8 @@ class SessionData:
     env: dict
     envs: dict[str, dict] = field(default_factory=dict)  # every environment a run points to
     labels: list[Label] = field(default_factory=list)
+    scored_elsewhere: list[Run] = field(default_factory=list)
+    """Scoring runs of other sessions about the features labelled here (a label scored in a later conversation)."""
 
     @property
     def question(self) -> str | None:
@@ -68,10 +75,15 @@ def load_session(store: LedgerStore, ref: str | None) -> SessionData:
     labels = [
         Label(run_id=r.id, sae=(r.resolved or {}).get("sae"), feature=int(r.given.get("feature", -1)),
               label=str(r.given.get("label", "")), evidence=r.given.get("evidence"),
-              evidence_runs=list(r.given.get("evidence_runs") or []))
+              evidence_runs=list(r.given.get("evidence_runs") or []), label_id=(r.result or {}).get("label_id"),
+              scored=[b for b in (r.result or {}).get("scored") or [] if isinstance(b, dict)])
         for r in runs if r.tool == "label_feature" and r.ok
     ]
-    return SessionData(id=sid, runs=runs, env=env, envs=envs, labels=labels)
+    elsewhere = [r for sae, feature in dict.fromkeys((lab.sae, lab.feature) for lab in labels)
+                 for tool in SCORING_TOOLS for r in store.runs(tool=tool, feature=feature, sae=sae)
+                 if r.session != sid and r.ok]
+    return SessionData(id=sid, runs=runs, env=env, envs=envs, labels=labels,
+                       scored_elsewhere=sorted(elsewhere, key=lambda r: r.time))
 
 
 def md_text(text: Any, max_chars: int | None = None) -> str:
