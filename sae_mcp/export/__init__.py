@@ -6,8 +6,8 @@
     write_py(cells, path)             a script in the percent format (# %%): runs as `python FILE`, opens as a
                                       notebook in editors that read the format
     write_ipynb(cells, path)          a Jupyter notebook (nbformat 4.5, written as JSON: no nbformat needed)
-    report.write_md(data, path)       a readable report: the question, each experiment's key numbers, the labels
-                                      and their evidence
+    report.write_md(data, path)       a readable report: the question, what was found per feature (each label
+                                      with its blind scores and the runs it cites), the setup, every run
 
 Runs of other tools (model_info, build_index, search_explanations, label_feature, feature_card, feature_stats,
 token_set_enrichment) and failed runs are listed as markdown.
