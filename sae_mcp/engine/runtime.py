@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sae_mcp.engine import fast_encode
 from sae_mcp.engine.admission import (
     DeviceQueue,
     QueueStatus,
@@ -292,10 +293,11 @@ class Engine:
             act = act.flatten(-2)
         return act
 
-    def encode(self, sae: LoadedSAE, acts: torch.Tensor) -> torch.Tensor:
-        """[..., d_in] -> SAE post-activation feature values [..., d_sae] (the hook_sae_acts_post values)."""
+    def encode(self, sae: LoadedSAE, acts: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[..., d_in] -> SAE post-activation feature values [..., d_sae] (the hook_sae_acts_post values): sae-lens'
+        encode, computed in place for ReLU / JumpReLU / TopK SAEs (fast_encode.py; `out`: a buffer to reuse)."""
         with torch.inference_mode():
-            return sae.sae.encode(acts.to(sae.sae.dtype))
+            return fast_encode.encode(sae.sae, acts.to(sae.sae.dtype), out)
 
 
 def _byte_level_alphabet() -> dict[str, int]:

@@ -37,6 +37,7 @@ import torch
 
 from sae_mcp.engine.corpus import Window, bos_token_id, pad_windows
 from sae_mcp.engine.devices import dtype_name
+from sae_mcp.engine.fast_encode import can_fuse
 from sae_mcp.engine.runtime import CancelToken, Engine
 from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.engine.samples import FINE_PER_BIN, MAX_POS, SAMPLE_BINS, at, empty_samples, fold_samples
@@ -307,9 +308,21 @@ def _length_batches(buffer: list[Window], batch: int) -> list[list[Window]]:
     return [ordered[i : i + batch] for i in range(0, len(ordered), batch)]
 
 
+def encode_buffer(engine: Engine, sae: LoadedSAE, rows: int) -> torch.Tensor | None:
+    """The [rows, d_sae] buffer a CPU scan encodes every batch into (rows: the most scanned tokens a batch has), or
+    None where it does not pay: on a GPU (its caching allocator reuses the memory of the last batch anyway), under
+    autocast, or for an SAE that fast_encode cannot compute in place. Memory: it is as large as one batch's
+    activations (at most ~128 MB by batch_windows_for) and lives as long as the scan; measured on the 2-core box,
+    a fresh [8128, 4096] fp32 tensor costs ~50 ms of page faults a batch, more than its bias and ReLU."""
+    if str(engine.device).startswith("cuda") or _autocast_dtype(engine) is not None or not can_fuse(sae.sae):
+        return None
+    return torch.empty(rows, sae.d_sae, dtype=sae.sae.dtype, device=engine.device)
+
+
 def _scan_batch(engine: Engine, sae: LoadedSAE, state: ScanState, batch: list[Window], context_size: int,
-                bos: bool, pad: int, fidx: torch.Tensor | None) -> ScanState:
-    """Forward one batch of windows to the SAE's hook, encode its document tokens and fold them into the state."""
+                bos: bool, pad: int, fidx: torch.Tensor | None, buf: torch.Tensor | None = None) -> ScanState:
+    """Forward one batch of windows to the SAE's hook, encode its document tokens (into `buf` when given: see
+    encode_buffer) and fold them into the state."""
     ids, valid = pad_windows(batch, pad, bos)  # [B, T] each
     T = ids.shape[1]
     if max(w.index for w in batch) * context_size + T >= MAX_POS:
@@ -320,7 +333,7 @@ def _scan_batch(engine: Engine, sae: LoadedSAE, state: ScanState, batch: list[Wi
     with engine.device_work(), torch.inference_mode(), autocast_for(engine):
         x = engine.forward_to_hook(ids.to(engine.device), sae)  # [B, T, d_in]
         x = x.reshape(len(batch) * T, -1)[keep.to(engine.device)]  # [N, d_in]: only scanned tokens are encoded
-        acts = engine.encode(sae, x)  # [N, d_sae]
+        acts = engine.encode(sae, x, out=buf)  # [N, d_sae], a view of buf's first N rows when given
         if fidx is not None:
             acts = acts[:, fidx]  # [N, F]
         state = update_state(state, acts, pos[keep].to(engine.device))
@@ -361,13 +374,14 @@ def scan(
         batch_windows = batch_windows_for(engine, sae, context_size, n_features)
     pad = windows_pad_id(engine)
     fidx = None if features is None else torch.tensor(features, dtype=torch.long, device=engine.device)
+    buf = encode_buffer(engine, sae, batch_windows * context_size)
     ended = True
     for buffer in _read_ahead(_buffers(windows, max_tokens, state.tokens, BUFFER_BATCHES * batch_windows, bos)):
         batches = _length_batches(buffer, batch_windows)
         for i, batch in enumerate(batches):
             if cancel is not None:
                 cancel.check()
-            state = _scan_batch(engine, sae, state, batch, context_size, bos, pad, fidx)
+            state = _scan_batch(engine, sae, state, batch, context_size, bos, pad, fidx, buf)
             resumable = i == len(batches) - 1  # the whole buffer is in: the state is a prefix of the stream
             if resumable:
                 state.windows = buffer[-1].index + 1
