@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sae_mcp.engine import fast_encode
+from sae_mcp.engine import fast_encode, fast_forward
 from sae_mcp.engine.admission import (
     DeviceQueue,
     QueueStatus,
@@ -279,6 +279,10 @@ class Engine:
         # transformer-lens would otherwise mask every literal EOS token of the prompt.
         mask = torch.ones_like(tokens)
         with torch.inference_mode():
+            if fast_forward.supported(self.model, sae.hook_name):
+                # Residual-stream hooks of pre-norm decoders: transformer-lens' modules with fused attention
+                # (fast_forward.py; equal up to float rounding, tests/test_fast_forward.py).
+                return fast_forward.resid(self.model, tokens, fast_forward.blocks_to_run(sae.hook_name))
             if sae.hook_name == f"blocks.{sae.layer}.hook_resid_pre":
                 # The residual stream before block L is what the forward returns when it stops there (blocks
                 # 0..L-1 run); reaching the hook point through the cache runs block L too. The same operations, so
