@@ -7,7 +7,11 @@ and prints:
 
     per call: the characters of its text content (what the agent reads), and of its structured content
     total text characters of the investigation
-    tools/list: characters of the descriptions + input schemas (JSON, as sent)
+    the labelling loop for N_LABELLED features, both ways: four calls a feature (feature_card, label_feature,
+        score_explanation, submit_predictions) and two (one describe_features for all, then label_feature with
+        score and submit_predictions per feature): calls and text characters per labelled + scored feature
+    tools/list: characters of the descriptions + input schemas (JSON with json.dumps' default separators, the
+        figure issue 23 was measured with; compact, as the SDK sends it, beside it)
 
 Characters, not tokens: the ratio between two versions is what matters, and it is deterministic (greedy or
 seeded calls only). Run it on two checkouts to compare them:
@@ -44,6 +48,47 @@ def text_of(result) -> str:
     return "".join(getattr(c, "text", "") for c in result.content)
 
 
+N_LABELLED = 4  # features labelled and scored each way
+
+
+def guess(blind: dict, evidence_tokens: set[str]) -> dict[str, bool]:
+    """A stand-in scorer: a context fires if it holds a token the evidence showed at the max (what a careless agent
+    does; the bench measures characters and calls, not the scorer's skill)."""
+    return {c["id"]: any(t.strip() and t in c["text"] for t in evidence_tokens) for c in blind["contexts"]}
+
+
+async def label_loop(c, features: list[int], two_calls: bool) -> tuple[int, int, list[float]]:
+    """Label and blind-score `features`: -> (calls, text characters read, balanced accuracies)."""
+    calls, chars, scores = 0, 0, []
+
+    async def call(name: str, args: dict):
+        nonlocal calls, chars
+        res = await c.call_tool(name, args)
+        assert not res.is_error, (name, text_of(res))
+        calls, chars = calls + 1, chars + len(text_of(res))
+        return res.structured_content
+
+    if two_calls:
+        described = await call("describe_features", {"features": features})
+        tokens = {d["feature"]: {e["token"] for e in d["top"]} for d in described["features"]}
+    for f in features:
+        label = f"{'B' if two_calls else 'A'}: fires on the tokens of its top examples"
+        if two_calls:
+            out = await call("label_feature", {"feature": f, "label": label, "score": {"n": 20, "seed": f}})
+            assert out["challenge"], out.get("warnings")  # a feature too rare for a blind set: choose others
+            blind, secret, seen = out["challenge"], out["submit_secret"], tokens.get(f, set())
+        else:
+            card = await call("feature_card", {"feature": f})
+            seen = {t for t in card["markdown"].split("«")[1:] for t in [t.split("»")[0]]}
+            await call("label_feature", {"feature": f, "label": label})
+            out = await call("score_explanation", {"feature": f, "explanation": label, "n": 20, "seed": f})
+            blind, secret = out["challenge"], out["submit_secret"]
+        score = await call("submit_predictions", {"challenge_id": blind["challenge_id"], "submit_secret": secret,
+                                                  "predictions": guess(blind, seen)})
+        scores.append(score["metrics"]["balanced_accuracy"])
+    return calls, chars, scores
+
+
 async def investigate(server, show: bool = False) -> tuple[list[tuple[str, int, int]], int]:
     """The fixed investigation -> ([(call, text chars, structured chars)], tools/list chars); `show` prints each
     result's text as the agent reads it."""
@@ -51,6 +96,7 @@ async def investigate(server, show: bool = False) -> tuple[list[tuple[str, int, 
     async with Client(server) as c:
         tools = (await c.list_tools()).tools
         listing = sum(len(t.description or "") + len(json.dumps(t.input_schema)) for t in tools)
+        compact = sum(len(t.description or "") + len(json.dumps(t.input_schema, separators=(",", ":"))) for t in tools)
 
         async def call(name: str, args: dict):
             res = await c.call_tool(name, args)
@@ -81,7 +127,11 @@ async def investigate(server, show: bool = False) -> tuple[list[tuple[str, int, 
         await call("search_explanations", {"query": "verb clause"})
         await call("feature_stats", {"top": 10})
         await call("token_set_enrichment", {"top": 5})
-    return rows, listing
+        firing = [x["feature"] for p in acts["positions"][1:] for x in p["top"]]  # features of the prompt, in order
+        chosen = list(dict.fromkeys(firing))[:2 * N_LABELLED]  # each way its own features: a blind set leaves out
+        loops = {"four calls": await label_loop(c, chosen[0::2], False),  # the contexts answered before
+                 "two calls": await label_loop(c, chosen[1::2], True)}
+    return rows, listing, compact, loops
 
 
 def main() -> None:
@@ -98,14 +148,19 @@ def main() -> None:
         settings = Settings(model=str(demo.MODEL_DIR), saes=(str(demo.SAE_DIRS[1]),), corpus=str(demo.CORPUS),
                             device="cpu", data_dir=Path(d) / "data")
         server = build_server(Engine.from_settings(settings), settings)
-        rows, listing = anyio.run(investigate, server, args.show)
+        rows, listing, compact, loops = anyio.run(investigate, server, args.show)
     total = sum(t for _, t, _ in rows)
     for name, t, s in rows:
         print(f"{name:22s} text {t:7,d} chars   structured {s:7,d}")
     print(f"investigation ({len(rows)} calls): text {total:,} chars")
-    print(f"tools/list descriptions + input schemas: {listing:,} chars")
+    for name, (calls, chars, scores) in loops.items():
+        print(f"labelling loop, {name}: {calls / N_LABELLED:.2f} calls and {chars / N_LABELLED:,.0f} text chars per "
+              f"labelled + scored feature ({N_LABELLED} features; balanced accuracy of the stand-in scorer "
+              f"{', '.join(f'{x:.2f}' for x in scores)})")
+    print(f"tools/list descriptions + input schemas: {listing:,} chars ({compact:,} as sent, compact JSON)")
     if args.json:
-        args.json.write_text(json.dumps({"calls": rows, "text_total": total, "tools_list": listing}, indent=1))
+        args.json.write_text(json.dumps({"calls": rows, "text_total": total, "tools_list": listing,
+                                         "tools_list_compact": compact, "loops": loops}, indent=1))
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def test_steer_generate_text_gives_every_dose_seed_text_and_control_statistic(ti
     })])
     out, text = res.structured_content, text_of(res)
     for run in out["steered"]:
-        assert f"dose {fmt(run['scale'])} " in text and f"KL {fmt(run['kl_next_token'])}" in text
+        assert f"dose {fmt(run['scale'])} " in text and f"KL next token {fmt(run['kl_next_token'])}" in text
         for c in run["continuations"]:
             assert repr(c["text"]) in text
     for c in out["unsteered"]:

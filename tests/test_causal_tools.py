@@ -62,26 +62,37 @@ def test_steer_generate_tool_returns_unsteered_and_steered_side_by_side(server):
         assert len(cont["concept_readout"]) == 1 and run["concept_readout"] == cont["concept_readout"]
 
 
-def test_causal_tool_descriptions_say_what_is_scored_and_what_the_ablation_effect_is(server):
-    tools = {t.name: t for t in list_tools(server)}
+def test_the_metric_convention_is_said_once_and_the_ablation_effect_in_the_description(server):
+    """What is scored is said once, in the server's instructions (every tool's answer/counterfactual/metric follow
+    it), and what each result field means in the output schema; no tool repeats the convention."""
+    async def go():
+        async with Client(server) as client:
+            return client.instructions, (await client.list_tools()).tools
+
+    instructions, listed = anyio.run(go)
+    assert "logit[answer] - logit[counterfactual]" in instructions and "log P(answer)" in instructions
+    assert "leading space" in instructions and "the first token counts" in instructions
+    tools = {t.name: t for t in listed}
+    assert not [t.name for t in listed if "logit[answer]" in (t.description or "")], "the convention is repeated"
     steer = tools["steer_generate"]
-    assert "first token" in steer.input_schema["properties"]["answer"]["description"]
     run = steer.output_schema["$defs"]["SteerRun"]["properties"]
     assert "next-token position" in run["answer_probability"]["description"]
     cont = steer.output_schema["$defs"]["Continuation"]["properties"]
     assert {"changed", "first_divergent_token", "concept_readout", "degenerate"} <= set(cont)
     assert "UNSTEERED model" in cont["concept_readout"]["description"]
     abl = tools["ablate_and_test"]
-    assert "vs_reconstruction" in abl.description and "log P(answer)" in abl.description
+    assert "with the error term (the causal effect)" in abl.description
     feat = abl.output_schema["$defs"]["AblatedFeature"]["properties"]
     assert {"fired", "activation_sum", "max_activation"} <= set(feat) and "activation" not in feat
-    assert "first token" in tools["attribute"].description
 
 
 def test_steer_generate_tool_runs_several_seeds_and_controls_at_every_dose_or_one(server):
     args = {"prompt": PROMPT, "features": [{"feature": 5, "strength": 4.0}], "calibration": "absolute",
             "max_new_tokens": 5, "strengths": [0, 1, 2], "seeds": [4, 7], "controls": True, "n_controls": 2}
-    every, one = call_many(server, [("steer_generate", args), ("steer_generate", {**args, "control_strength": 2})])
+    every, one, over = call_many(server, [
+        ("steer_generate", args), ("steer_generate", {**args, "control_strength": 2}),
+        ("steer_generate", {**args, "strengths": list(range(12)), "seeds": list(range(8)), "n_controls": 5})])
+    assert over.is_error and f"over the {steering_plan.MAX_BATCH_ROWS}" in error_text(over)  # the limit, when hit
     assert not every.is_error, error_text(every)
     out = every.structured_content
     assert out["seeds"] == [4, 7] and [c["seed"] for c in out["unsteered"]] == [4, 7]
@@ -92,9 +103,7 @@ def test_steer_generate_tool_runs_several_seeds_and_controls_at_every_dose_or_on
     assert [c["scale"] for c in one.structured_content["controls"]] == [2.0]
     assert one.structured_content["controls"][0] == out["controls"][1]
     tool = next(t for t in list_tools(server) if t.name == "steer_generate")
-    assert str(steering_plan.MAX_BATCH_ROWS) in tool.description
-    seeds = next(x for x in tool.input_schema["properties"]["seeds"]["anyOf"] if x.get("type") == "array")
-    assert seeds["maxItems"] == steering_plan.MAX_SEEDS
+    assert tool.input_schema["properties"]["seeds"]["maxItems"] == steering_plan.MAX_SEEDS
 
 
 @pytest.mark.parametrize(

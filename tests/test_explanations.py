@@ -236,7 +236,8 @@ def test_label_feature_is_searchable_at_once_and_annotated_as_a_write(tiny_engin
         ("search_explanations", {"query": "park"}),
     ])
     ann = tools["label_feature"].annotations
-    assert ann.read_only_hint is False and ann.idempotent_hint is True  # a repeated call adds no second label
+    # a write, and not idempotent: with score each call hands out a new blind set (the label itself is kept once)
+    assert ann.read_only_hint is False and ann.idempotent_hint is False and ann.destructive_hint is False
     assert tools["search_explanations"].annotations.read_only_hint is True
     assert lab.structured_content["labels_for_feature"] == 1
     m = found.structured_content["matches"][0]

@@ -25,7 +25,7 @@ from sae_mcp.errors import InvalidInput
 MAX_NEW_TOKENS = 256
 MAX_STEER_FEATURES = 16
 MAX_STRENGTHS = 12
-MAX_STRENGTH = 1000.0  # |strength|: a multiple of max_activation, or the absolute coefficient
+MAX_STRENGTH = 1000  # |strength|: a multiple of max_activation, or the absolute coefficient
 MAX_COEFFICIENT = 1e5  # |strength * max_activation| after calibration
 MAX_SEEDS = 8
 MAX_SEED = 2**31 - 1

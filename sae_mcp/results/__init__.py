@@ -61,6 +61,7 @@ class SaeInfo(BaseModel):
     prepend_bos: bool = Field(description="Whether prompts get BOS prepended, as the SAE was trained")
     context_size: int | None = Field(default=None, description="Training context size, when known")
     dataset_path: str | None = Field(default=None, description="Training dataset, when known")
+    corpus: str | None = Field(default=None, description="The corpus its examples, index and blind sets read")
     fidelity: SaeFidelity | None = Field(default=None, description="How well it reconstructs, on a corpus sample")
     fidelity_note: str | None = Field(default=None, description="Why there is no fidelity measurement")
 

@@ -116,7 +116,8 @@ class FeatureDescription(BaseModel):
     density: float | None = Field(default=None, description="Share of scanned tokens where it fires (index)")
     max_activation: float | None = None
     top: list[Example] = Field(default_factory=list, description="Top examples, largest first (max token in «»)")
-    bands: list[Interval] = Field(default_factory=list, description="Samples by activation quantile, highest first")
+    bands: list[Interval] = Field(default_factory=list, description="Samples by activation quantile, highest first "
+                                  "(those already in top left out)")
     promotes: list[TokenLogit] = Field(default_factory=list, description="Logit lens: W_dec[f] @ W_U, largest")
     suppresses: list[TokenLogit] = Field(default_factory=list, description="... and smallest")
     labels: list[str] = Field(default_factory=list, description="The newest labels (one line each, cut)")

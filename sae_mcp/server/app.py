@@ -32,19 +32,17 @@ from sae_mcp.settings import Settings
 
 INSTRUCTIONS = """\
 sae-mcp runs sparse-autoencoder (SAE) experiments on a loaded transformer language model.
-Start with model_info (the model and its SAEs; address an SAE by its key, optional when one is loaded).
-Read: get_feature_acts (features firing per token), compare_prompts (pairs, or sets of minimal pairs with effect
-sizes), next_token, project_to_vocab (what a decoder direction promotes), top_examples (max-activating corpus
-examples; build_index indexes every feature at once), feature_card (everything known about a feature),
-search_explanations, feature_stats, token_set_enrichment.
-Test cause: ablate_and_test (the effect is `ablated` vs `baseline` on the metric; use controls), steer_generate
-(calibrated, dose-response, controls), attribute (gradient x activation, error share); patch_features (a minimal
-pair: patch features to the other prompt's values), trace_circuit (a feature circuit across SAEs, faithfulness).
-Record what you learn with label_feature, citing the run_id of the results it rests on (evidence_runs); every
-call is recorded, and ledger() finds earlier runs (also of earlier conversations). Measure how well a label
-predicts where its feature fires with score_explanation (answer its blind contexts from the label alone, then
-submit_predictions). Activations depend on context: prompts get BOS prepended as the SAE was trained. The MCP
-prompts hold investigation recipes."""
+Start with model_info. Conventions for every tool: `sae` is an SAE's key (optional when one is loaded); prompts get
+BOS prepended as the SAE was trained; positions count tokens from 0 (BOS when prepended), negative ones from the end;
+`answer` and `counterfactual` are next tokens written with their leading space (' Paris'; the first token counts);
+the metric is logit[answer] - logit[counterfactual], or log P(answer) without a counterfactual.
+Read: get_feature_acts, compare_prompts, next_token, project_to_vocab, top_examples (build_index indexes every
+feature at once), feature_card, search_explanations, feature_stats, token_set_enrichment.
+Test cause: ablate_and_test (the effect is `ablated` vs `baseline`; use controls), steer_generate, attribute,
+patch_features (minimal pairs), trace_circuit (a feature circuit across SAEs).
+Label in two calls: describe_features (the evidence for several features), then label_feature with score (records
+the label, cites run_ids in evidence_runs, hands out its blind set); answer the set from the label alone with
+submit_predictions. Every call is recorded: ledger() finds earlier runs. The MCP prompts hold recipes."""
 
 TOOL_MODULES = (tools_prompt, tools_corpus, tools_causal, tools_circuits, tools_explain, tools_scoring, tools_ledger)
 

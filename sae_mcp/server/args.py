@@ -38,10 +38,10 @@ def engine_args(engine: Engine) -> Args:
     return Args(
         Feature=index,
         Features=Annotated[list[index], Field(max_length=engine.limits.max_features_per_call)],
-        Position=Annotated[int, Field(ge=-n_ctx, le=n_ctx - 1, description="-1 = last token")],
+        Position=Annotated[int, Field(ge=-n_ctx, le=n_ctx - 1)],  # negative from the end (INSTRUCTIONS says so)
         Prompt=Annotated[str, Field(max_length=n_ctx * CHARS_PER_TOKEN_CEILING)],
-        Answer=Annotated[str, Field(max_length=256, description="A next token, e.g. ' Paris' (leading space)")],
-        Sae=Annotated[str | None, Field(max_length=256, description="SAE key; optional with one SAE")],
+        Answer=Annotated[str, Field(max_length=256)],  # a next token, leading space and all: INSTRUCTIONS says so
+        Sae=Annotated[str | None, Field(max_length=256)],  # the SAE's key, optional with one SAE: likewise
         max_feature=max_feature,
         n_ctx=n_ctx,
     )

@@ -1,14 +1,15 @@
 """A link from a tool result to the page that shows its feature, so a person can open what the agent saw.
 
 When pages are served (`serve --transport http`, or a dashboard elsewhere named by `--dashboard-url`), a result
-that names one feature gets `page`: that feature's page URL, in its structured content and as the last line of its
-text. One feature: the result's own `feature` (feature_card, top_examples, project_to_vocab, label_feature), else
-the arguments' only feature (`feature`, or `features` holding one, e.g. feature_stats(features=[f]), steer_generate
-with one feature). A result holding a circuit graph (trace_circuit's) gets the URL of its circuit page,
-/circuits/<run_id>, which exists only when the ledger recorded the call (the run id names the graph kept in
-store/circuits.py). SaeMcpServer.call_tool adds either, for every tool, after the ledger has recorded the result
-(where pages are served is not part of what a call computed). A URL never carries the token: the base is checked
-here.
+that names one feature gets `page`: that feature's page URL, in its structured content, and as the last line of
+its text for the tools declared with page_in_text (feature_card, top_examples, trace_circuit: the views a person
+opens; elsewhere the line was noise the agent skipped). One feature: the result's own `feature` (feature_card,
+top_examples, project_to_vocab, label_feature), else the arguments' only feature (`feature`, or `features` holding
+one, e.g. feature_stats(features=[f]), steer_generate with one feature). A result holding a circuit graph
+(trace_circuit's) gets the URL of its circuit page, /circuits/<run_id>, which exists only when the ledger recorded
+the call (the run id names the graph kept in store/circuits.py). SaeMcpServer.call_tool adds either, for every
+tool, after the ledger has recorded the result (where pages are served is not part of what a call computed). A
+URL never carries the token: the base is checked here.
 """
 
 from __future__ import annotations
@@ -68,25 +69,25 @@ class PageLinks:
     def circuit_url(self, run_id: str) -> str:
         return f"{self.base}/circuits/{quote(run_id, safe='')}"
 
-    def add(self, result: Any, arguments: dict[str, Any]) -> Any:
+    def add(self, result: Any, arguments: dict[str, Any], in_text: bool = False) -> Any:
         """The result with `page` added when it names one feature (in place, as the ledger adds run_id)."""
         if not isinstance(result, CallToolResult) or result.is_error or result.structured_content is None:
             return result
         page = self.page_of(arguments or {}, result.structured_content)
-        return result if page is None else with_page(result, page)
+        return result if page is None else with_page(result, page, in_text)
 
-    def add_circuit(self, result: Any, run_id: str) -> Any:
+    def add_circuit(self, result: Any, run_id: str, in_text: bool = True) -> Any:
         """The result with `page`: its circuit's page (in place)."""
         if not isinstance(result, CallToolResult) or result.is_error or result.structured_content is None:
             return result
-        return with_page(result, self.circuit_url(run_id))
+        return with_page(result, self.circuit_url(run_id), in_text)
 
 
-def with_page(result: CallToolResult, page: str) -> CallToolResult:
-    """`page` in the structured content and as the last line of the first text (in place)."""
+def with_page(result: CallToolResult, page: str, in_text: bool) -> CallToolResult:
+    """`page` in the structured content and, in_text, as the last line of the first text (in place)."""
     assert result.structured_content is not None
     result.structured_content["page"] = page
-    for i, c in enumerate(result.content):
+    for i, c in enumerate(result.content if in_text else []):
         if isinstance(c, TextContent):
             result.content[i] = TextContent.model_construct(type="text", text=f"{c.text}\npage: {page}",
                                                             annotations=c.annotations, meta=c.meta)

@@ -22,7 +22,7 @@ from sae_mcp.results.causal import (
     SteerResult,
 )
 from sae_mcp.results.circuits import CircuitResult, PatchCondition, PatchResult
-from sae_mcp.results.corpus import Example, TopExamples
+from sae_mcp.results.corpus import Example, IndexReport, TopExamples
 from sae_mcp.results.explain import (
     ExplanationSearch,
     FeatureCardResult,
@@ -229,9 +229,7 @@ def _steer(r: SteerResult) -> str:
         + (" readout " + " ".join(f"{n}={fmt(v)}" for n, v in zip(names, r.unsteered_concept_readout))
            if r.unsteered_concept_readout else ""),
         *(_continuation(c, names) for c in r.unsteered),
-        "per dose: KL next token, mean KL over the prompt[, metric and change], concept readout (mean activation "
-        "over the generated tokens) mean ± std over seeds, changed and degenerate shares of seeds",
-    ]
+    ]  # each dose line names its numbers (a legend repeated on every call was noise the agent skipped)
     for run in r.steered:
         readout = ""
         if run.concept_readout:
@@ -240,9 +238,9 @@ def _steer(r: SteerResult) -> str:
                 f"{n}={fmt(m)}" + (f"±{fmt(s)}" if s is not None else "")
                 for n, m, s in zip(names, run.concept_readout, std))
         answer = (f", metric {fmt(run.metric)} ({run.metric_change:+.4g})" if run.metric is not None else "")
-        lines.append(f"dose {fmt(run.scale)} (coefficients {', '.join(map(fmt, run.coefficients))}): KL "
-                     f"{fmt(run.kl_next_token)}, {fmt(run.mean_kl_prompt)}{answer}{readout}, changed "
-                     f"{fmt(run.changed_fraction)}, degenerate {fmt(run.degenerate_fraction)}")
+        lines.append(f"dose {fmt(run.scale)} (coefficients {', '.join(map(fmt, run.coefficients))}): KL next token "
+                     f"{fmt(run.kl_next_token)}, over the prompt {fmt(run.mean_kl_prompt)}{answer}{readout}, "
+                     f"changed {fmt(run.changed_fraction)}, degenerate {fmt(run.degenerate_fraction)} of seeds")
         lines += [_continuation(c, names) for c in run.continuations]
     for c in r.controls or []:
         lines += _controls_lines(c, head=f"controls at dose {fmt(c.scale)}")
@@ -261,8 +259,7 @@ def _top_examples(r: TopExamples) -> str:
     h = r.histogram
     lines = [
         f"sae {r.sae} feature {r.feature}: max {fmt(r.max_activation)}, density {fmt(r.density)} ({r.n_fired} of "
-        f"{r.tokens_scanned} tokens, {r.source}{', ' + r.compute_dtype if r.compute_dtype else ''}); corpus "
-        f"{r.corpus}",
+        f"{r.tokens_scanned} tokens, {r.source}{', ' + r.compute_dtype if r.compute_dtype else ''})",
         "histogram (bin lower edge: tokens): " + " ".join(f"{fmt(e)}:{c}" for e, c in zip(h.edges, h.counts))
         + (f" (top edge {fmt(h.edges[-1])})" if h.edges else ""),
         "top examples (activation, document @ token offset, firing token in «»)"
@@ -276,6 +273,13 @@ def _top_examples(r: TopExamples) -> str:
         lines += [f"  {_example(e)}" for e in band.examples]
     return join(lines + warnings_lines(r.warnings))
 
+
+
+def _index(r: IndexReport) -> str:
+    """build_index without its file's path and the corpus (model_info says which corpus; both stay structured)."""
+    how = "reused a finished index" if r.reused else f"{fmt(r.seconds)} s, {fmt(r.tokens_per_second)} tokens/s"
+    end = "; the corpus ended before the token budget" if r.exhausted else ""
+    return f"indexed sae {r.sae}: {r.tokens_scanned:,} tokens in {r.windows:,} windows ({how}){end}"
 
 
 def _blind_set(b: BlindSet, secret: str | None) -> str:
@@ -397,7 +401,7 @@ def describe_text(d: FeatureDescription) -> str:
     lines += [f"  {fmt(e.activation)}: {_context(e)}" for e in d.top]
     for b in d.bands:
         lines.append(f"  band [{fmt(b.lower)}, {fmt(b.upper)}) q{fmt(b.quantiles[0])}-{fmt(b.quantiles[1])}: "
-                     + "; ".join(f"{fmt(e.activation)}: {_context(e)}" for e in b.examples))
+                     + ("; ".join(f"{fmt(e.activation)}: {_context(e)}" for e in b.examples) or "(top examples)"))
     if d.promotes or d.suppresses:
         lines.append("  lens + " + ", ".join(f"{tok(t.token)} {fmt(t.logit)}" for t in d.promotes) + "; - "
                      + ", ".join(f"{tok(t.token)} {fmt(t.logit)}" for t in d.suppresses))
@@ -442,6 +446,7 @@ RENDERINGS: dict[type, Callable] = {
     PatchResult: _patch,
     CircuitResult: _circuit,
     FeatureDescriptions: _describe,
+    IndexReport: _index,
     LabelRecorded: _label,
 }
 

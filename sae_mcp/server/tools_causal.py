@@ -78,11 +78,11 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
 
     Seeds = Annotated[
         list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None,
-        Field(min_length=1, max_length=MAX_SEEDS, description="Run everything once per seed (default [seed])"),
+        Field(min_length=1, max_length=MAX_SEEDS, description="One run per seed"),
     ]
     ControlStrength = Annotated[
         Strength | None,
-        Field(description="Run controls at this one dose only (default: every dose)"),
+        Field(description="Controls at this dose only"),
     ]
 
     @tool()
@@ -90,34 +90,28 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         prompt: Prompt,
         features: Annotated[
             list[SteerSpec],
-            Field(min_length=1, max_length=MAX_STEER_FEATURES, description="[{feature, strength}]"),
+            Field(min_length=1, max_length=MAX_STEER_FEATURES),
         ],
         sae: SaeArg = None,
         max_new_tokens: Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)] = 30,
         temperature: Annotated[float, Field(ge=0, le=10, allow_inf_nan=False, description="0 = greedy")] = (
             DEFAULT_TEMPERATURE),
         top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = DEFAULT_TOP_P,
-        seed: Annotated[int | None, Field(ge=0, le=MAX_SEED, description="Default 0")] = None,
+        seed: Annotated[int | None, Field(ge=0, le=MAX_SEED)] = None,
         seeds: Seeds = None,
         calibration: Literal["max_activation", "absolute"] = "max_activation",
         strengths: Annotated[
             list[Strength] | None,
-            Field(min_length=1, max_length=MAX_STRENGTHS, description="Doses: each multiplies every coefficient"),
+            Field(min_length=1, max_length=MAX_STRENGTHS, description="Doses (multipliers)"),
         ] = None,
-        answer: Annotated[Answer | None, Field(description="Score the metric per dose (first token)")] = None,
-        counterfactual: Annotated[
-            Answer | None, Field(description="metric = logit[answer] - logit[this] (else log P(answer))")
-        ] = None,
-        controls: Annotated[bool, Field(description="Random features matched in decoder norm")] = False,
+        answer: Answer | None = None,
+        counterfactual: Answer | None = None,
+        controls: Annotated[bool, Field(description="Random features, matched norms")] = False,
         n_controls: Annotated[int, Field(ge=1, le=MAX_CONTROLS)] = 5,
         control_strength: ControlStrength = None,
         mcp_context: Context = None,
     ) -> SteerResult:
-        """Add coefficient * W_dec[feature] at the SAE's hook at every position and generate, unsteered and per
-        dose side by side from the same seeds. coefficient = strength * max activation (calibration max_activation)
-        or strength (absolute). Per dose: KL, the metric with an answer, the concept readout (the features' mean
-        activation over the generated tokens, read back unsteered), changed/degenerate seeds; controls per dose. At
-        most 128 runs x seeds."""
+        """Generate with features added at their SAE's hook, dose by dose beside the unsteered text."""
         calib = max_activation_of(services.examples) if calibration == "max_activation" else None
         cancel = CancelToken()
 
@@ -135,24 +129,19 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
     def ablate_and_test(
         prompt: Prompt,
         answer: Answer,
-        features: Annotated[A.Features, Field(min_length=1, description="To zero")],
+        features: Annotated[A.Features, Field(min_length=1)],
         sae: SaeArg = None,
         position: Annotated[
             A.Position | Annotated[list[A.Position], Field(max_length=A.n_ctx)] | None,
-            Field(description="Position(s) to ablate at; default all"),
+            Field(description="Default: all"),
         ] = None,
         top_k: Annotated[int, Field(ge=1, le=max_k)] = 10,
-        controls: Annotated[bool, Field(description="Random features matched in activation")] = False,
+        controls: Annotated[bool, Field(description="Matched random features")] = False,
         n_controls: Annotated[int, Field(ge=1, le=MAX_CONTROLS)] = 5,
-        seed: Annotated[int, Field(ge=0, le=2**31 - 1, description="Draws the controls")] = 0,
-        counterfactual: Annotated[
-            Answer | None, Field(description="Also score logit[answer] - logit[counterfactual]")
-        ] = None,
+        seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0,
+        counterfactual: Answer | None = None,
     ) -> AblationResult:
-        """Zero features at positions and compare the next token: baseline, reconstruction_only (SAE spliced, no
-        error term: its own distortion), ablated (error term on: its change from baseline is the causal effect),
-        ablated_without_error_term (effect *_vs_reconstruction). Scored on the metric: logit[answer] -
-        logit[counterfactual], else log P(answer)."""
+        """Zero features and read the next token, with the error term (the causal effect) and without it."""
         return ablation.ablate_and_test(
             engine, prompt, answer, features, sae=sae, position=position, top_k=top_k, controls=controls,
             n_controls=n_controls, seed=seed, counterfactual=counterfactual,
@@ -162,21 +151,19 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
     def attribute(
         prompt: Prompt,
         answer: Answer,
-        counterfactual: Annotated[Answer | None, Field(description="metric = logit[answer] - logit[this]")] = None,
+        counterfactual: Answer | None = None,
         sae: SaeArg = None,
         saes: Annotated[
             list[Annotated[str, Field(max_length=256)]] | None,
-            Field(max_length=64, description="Several SAEs, one pass (default: all, one per hook)"),
+            Field(max_length=64, description="Default: every SAE, one per hook"),
         ] = None,
         top_k: Annotated[int, Field(ge=1, le=max_k)] = 20,
-        position: Annotated[A.Position, Field(description="Whose logits define the metric")] = -1,
+        position: Annotated[A.Position, Field(description="Where the metric is read")] = -1,
         method: Literal["gradient", "integrated_gradients"] = "gradient",
-        steps: Annotated[int, Field(ge=1, le=attr.checks.MAX_STEPS, description="integrated_gradients")] = 8,
-        verify: Annotated[bool, Field(description="Zero each returned entry for its exact contribution")] = True,
+        steps: Annotated[int, Field(ge=1, le=attr.checks.MAX_STEPS)] = 8,
+        verify: Annotated[bool, Field(description="Exact effect of zeroing each entry")] = True,
     ) -> Attribution:
-        """Which features drive the metric (logit[answer] - logit[counterfactual], else log P(answer); first token
-        of each): gradient x activation (or integrated gradients) of every feature and each SAE's error, error term
-        on; error share; each entry's exact contribution (metric - metric with it zeroed) beside its attribution."""
+        """Which features and error terms drive the metric: attribution beside the exact effect of zeroing."""
         return attr.attribute(
             engine, prompt, answer, counterfactual=counterfactual, sae=sae, saes=saes, top_k=top_k, position=position,
             method=method, steps=steps, verify=verify,

@@ -52,7 +52,7 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
     annotations = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True,
                                   open_world_hint=corpus_is_remote(engine, services.settings))
 
-    @tool(annotations=annotations)
+    @tool(annotations=annotations, page_in_text=True)
     def top_examples(
         feature: A.Feature,
         sae: A.Sae = None,
@@ -63,14 +63,12 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         ] = DEFAULT_SCAN_TOKENS,
         plot: Annotated[bool, Field(description="Add a histogram PNG")] = False,
         intervals: Annotated[
-            int, Field(ge=0, le=MAX_INTERVALS, description="Also sample from this many activation bands")
+            int, Field(ge=0, le=MAX_INTERVALS, description="Activation bands to sample")
         ] = 0,
         per_interval: Annotated[int, Field(ge=1, le=MAX_PER_INTERVAL)] = DEFAULT_PER_INTERVAL,
         mcp_context: Context = None,
     ) -> Annotated[CallToolResult, TopExamples]:
-        """A feature's max-activating corpus examples in context (identical contexts once, with a count), with
-        density, max activation and histogram; intervals=N adds examples sampled from N bands by quantile. From
-        the index, else an on-demand scan of this feature (cached)."""
+        """A feature's max-activating corpus examples, density, histogram; intervals: samples by band."""
         cancel = CancelToken()
         progress = progress_reporter(mcp_context, cancel, "tokens scanned")
         res = source.top_examples(sae, feature, k=k, context=context, max_scan_tokens=max_scan_tokens,
@@ -90,9 +88,7 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         tokens: Annotated[int, Field(ge=1_000, le=MAX_INDEX_TOKENS, description="Corpus tokens to scan")] = 200_000,
         mcp_context: Context = None,
     ) -> IndexReport:
-        """Index EVERY feature of an SAE in one corpus pass (top examples, interval samples, density, histogram),
-        so top_examples, feature_card and feature_stats answer at once. Resumes and reuses; `sae-mcp index` for
-        more tokens."""
+        """Index every feature of an SAE in one corpus pass, so the corpus views answer at once."""
         cancel = CancelToken()
         return source.build_index(sae, tokens, progress=progress_reporter(mcp_context, cancel, "tokens indexed"),
                                   cancel=cancel)

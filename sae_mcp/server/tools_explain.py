@@ -66,12 +66,11 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
 
     @tool()
     def search_explanations(
-        query: Annotated[str, Field(min_length=1, max_length=500, description="e.g. 'bible verses'")],
+        query: Annotated[str, Field(min_length=1, max_length=500)],
         sae: SaeArg = None,
         top_k: Annotated[int, Field(ge=1, le=max_k)] = 10,
     ) -> ExplanationSearch:
-        """Search feature explanations (imported, e.g. Neuronpedia's) and your labels, in every SAE unless `sae`:
-        bm25, fused with embedding similarity when available."""
+        """Search feature explanations (imported and your labels) by text."""
         saes = [engine.sae(sae)] if sae else list(engine.saes.values())
         found, ranking = services.explanations.search(query, [s.store_key for s in saes], top_k=top_k)
         keys = key_of_source()
@@ -106,18 +105,17 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         sae: SaeArg = None,
         evidence: Annotated[str | None, Field(max_length=4000, description="What supports it, with numbers")] = None,
         idempotency_key: Annotated[
-            str | None, Field(min_length=1, max_length=128, description="Optional; a retry with it adds nothing")
+            str | None, Field(min_length=1, max_length=128, description="A retry with it adds nothing")
         ] = None,
         evidence_runs: Annotated[
             list[Annotated[str, Field(max_length=32)]] | None,
-            Field(max_length=64, description="run_id of each result it rests on"),
+            Field(max_length=64, description="run_ids it rests on"),
         ] = None,
-        score: Annotated[ScoreRequest | None, Field(description='e.g. {"method": "detection", "n": 20}: also '
-                                                    "hand out the label's blind set")] = None,
+        score: Annotated[ScoreRequest | None, Field(description="Also hand out its blind set, e.g. "
+                                                    '{"n": 20}')] = None,
         mcp_context: Context = None,
     ) -> LabelRecorded:
-        """Record your explanation of a feature (with evidence and the run_ids it rests on); with score, also its
-        blind set: answer it with submit_predictions, from the label alone."""
+        """Record your explanation of a feature, citing run_ids; with score, also get its blind set."""
         s = engine.sae(sae)
         engine.check_feature(s, feature)
         runs = list(dict.fromkeys(evidence_runs or [])) or None
@@ -149,14 +147,12 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         features: Annotated[list[FeatureArg], Field(min_length=1, max_length=MAX_DESCRIBED)],
         sae: SaeArg = None,
         examples: Annotated[int, Field(ge=0, le=20, description="Top examples each")] = 4,
-        per_band: Annotated[int, Field(ge=0, le=4, description="Samples per activation band (4 bands)")] = 2,
-        context: Annotated[int, Field(ge=1, le=32, description="Tokens each side of the max token")] = 8,
+        per_band: Annotated[int, Field(ge=0, le=4, description="Samples per band (4 bands)")] = 2,
+        context: Annotated[int, Field(ge=1, le=32, description="Tokens each side")] = 8,
         tokens: Annotated[int, Field(ge=0, le=20, description="Logit-lens tokens per side")] = 6,
-        budget: Annotated[int, Field(ge=500, le=MAX_BUDGET, description="Characters of text at most (the first "
-                                     "feature is always described)")] = 8000,
+        budget: Annotated[int, Field(ge=500, le=MAX_BUDGET, description="Max text characters")] = 8000,
     ) -> FeatureDescriptions:
-        """The evidence to explain features, several at once: density, top examples, samples by activation
-        band, logit lens, labels. Never shown in a blind set."""
+        """The evidence to explain features, several per call: examples, band samples, logit lens, labels."""
         s = engine.sae(sae)
         out, left_out = [], []
         used = len(describe_text_head(s.key)) + LEFT_OUT_RESERVE  # the header, and room for the left-out line
@@ -174,15 +170,14 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
             used += size
         return FeatureDescriptions(sae=s.key, features=out, left_out=left_out or None)
 
-    @tool()
+    @tool(page_in_text=True)
     def feature_card(
         feature: FeatureArg,
         sae: SaeArg = None,
         examples: Annotated[int, Field(ge=0, le=20)] = 5,
         tokens: Annotated[int, Field(ge=1, le=50, description="Logit-lens tokens per side")] = 8,
     ) -> FeatureCardResult:
-        """Everything known about a feature as markdown: labels and explanations, density, histogram and top
-        examples (when indexed), logit lens and statistics. Also the resource feature://{sae}/{feature}."""
+        """Everything known about one feature, as markdown."""
         s = engine.sae(sae)
         md = card_markdown(services, feature, s.key, n_examples=examples, n_tokens=tokens)
         return FeatureCardResult(sae=s.key, feature=feature, uri=f"feature://{s.key}/{feature}", markdown=md)
@@ -190,15 +185,14 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
     @tool()
     def feature_stats(
         sae: SaeArg = None,
-        features: Annotated[A.Features | None, Field(description="Default: all")] = None,
+        features: A.Features | None = None,
         sort_by: Literal["skewness", "kurtosis", "mean", "std", "density", "feature"] = "skewness",
         descending: bool = True,
         top: Annotated[int, Field(ge=1, le=max_k)] = 20,
-        min_density: Annotated[float | None, Field(ge=0, le=1, description="Needs the index")] = None,
-        max_density: Annotated[float | None, Field(ge=0, le=1, description="Needs the index")] = None,
+        min_density: Annotated[float | None, Field(ge=0, le=1)] = None,
+        max_density: Annotated[float | None, Field(ge=0, le=1)] = None,
     ) -> FeatureStats:
-        """Mean, std, skewness, kurtosis of each feature's logit weights W_dec[f] @ W_U (the tutorial's statistics;
-        high skewness = promotes a few tokens), with density when indexed; sorted, filtered."""
+        """Features' logit-weight statistics (skewness, kurtosis of W_dec[f] @ W_U), sorted, filtered."""
         s = engine.sae(sae)
         return services.stats.feature_stats(
             s.key, features=features, sort_by=sort_by, descending=descending, top=top,
@@ -209,7 +203,7 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
     def token_set_enrichment(
         sets: Annotated[
             list[SetName] | None,
-            Field(max_length=16, description=f"Built-in: {', '.join(BUILTIN_SETS)} (default all, without the others)"),
+            Field(max_length=16, description=f"{', '.join(BUILTIN_SETS)} (default: all)"),
         ] = None,
         token_sets: Annotated[
             dict[SetName, Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=4096)]] | None,
@@ -217,14 +211,13 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         ] = None,
         regex_sets: Annotated[
             dict[SetName, Annotated[str, Field(max_length=512)]] | None,
-            Field(max_length=16, description="{name: regex over token text}, e.g. {\"years\": \"^ ?1[89][0-9]{2}$\"}"),
+            Field(max_length=16, description="{name: regex}, e.g. {\"years\": \"^ ?1[89][0-9]{2}$\"}"),
         ] = None,
         sae: SaeArg = None,
-        features: Annotated[A.Features | None, Field(description="Default: all")] = None,
+        features: A.Features | None = None,
         top: Annotated[int, Field(ge=1, le=max_k, description="Per set and direction")] = 10,
     ) -> TokenSetEnrichment:
-        """Features whose logit weights W_dec[f] @ W_U most promote / suppress a token set: rank-biserial
-        r = 2*AUC-1 (Mann-Whitney, set vs rest of the vocabulary) and its z."""
+        """Features whose logit weights most promote or suppress a token set."""
         return services.stats.token_set_enrichment(
             sets=sets, token_sets=token_sets, regex_sets=regex_sets, sae=sae, features=features, top=top
         )

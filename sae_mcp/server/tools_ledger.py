@@ -127,15 +127,14 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
     @tool(name="ledger")
     def ledger_tool(
         session: Annotated[str | None, Field(max_length=64, description="Id (or prefix), or 'current'")] = None,
-        tool: Annotated[str | None, Field(max_length=64, description="Only runs of this tool")] = None,
-        feature: Annotated[int | None, Field(ge=0, description="Only runs about this feature")] = None,
+        tool: Annotated[str | None, Field(max_length=64)] = None,
+        feature: Annotated[int | None, Field(ge=0)] = None,
         sae: Annotated[str | None, Field(max_length=256, description="With feature: this SAE's")] = None,
         run: Annotated[str | None, Field(max_length=32, description="One run in full")] = None,
         limit: Annotated[int, Field(ge=1, le=MAX_LIMIT)] = 20,
         mcp_context: Context = None,
     ) -> Annotated[CallToolResult, LedgerAnswer]:
-        """Earlier runs of every tool, newest first, with their key numbers: to pick up where you (or an earlier
-        conversation) stopped, and to find run ids to cite (label_feature evidence_runs)."""
+        """Earlier runs of any conversation, newest first: to resume, and to find run_ids to cite."""
         current = ledger.session_of(mcp_context)[0] if ledger.recording else None
         store = ledger.store
         sid = current if session == "current" else (store.resolve_session(session) if session else None)

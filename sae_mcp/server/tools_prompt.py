@@ -13,6 +13,7 @@ from sae_mcp.engine import features as feat
 from sae_mcp.engine import logits as lg
 from sae_mcp.engine import prompt_sets
 from sae_mcp.engine.runtime import Engine, model_info
+from sae_mcp.errors import SaeMcpError
 from sae_mcp.results import FeatureActs, ModelInfo, NextToken, PromptComparison, VocabProjection
 from sae_mcp.server.args import engine_args
 from sae_mcp.server.wiring import ToolDecorator
@@ -26,23 +27,25 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
 
     @tool(name="model_info")
     def model_info_tool() -> ModelInfo:
-        """The model and every SAE (key, hook, d_sae, context, source), with each SAE's fidelity on a corpus
-        sample (explained variance, L0, loss recovered)."""
+        """Start here: the model, its SAEs (keys, hooks, fidelity) and the corpus."""
         info = model_info(engine)
         for s in info.saes:
             s.fidelity, s.fidelity_note = services.fidelity(s.key)
+            try:  # said once here: top_examples and build_index no longer repeat it in their text
+                s.corpus = services.examples.corpus(engine.sae(s.key)).describe()
+            except SaeMcpError:  # no corpus given and no training dataset known
+                s.corpus = None
         return info
 
     @tool()
     def get_feature_acts(
         prompt: A.Prompt,
         sae: A.Sae = None,
-        top_k: Annotated[int, Field(ge=1, le=max_k, description="Per position")] = 5,
+        top_k: Annotated[int, Field(ge=1, le=max_k)] = 5,
         features: Annotated[A.Features | None, Field(description="Also trace these")] = None,
-        position: Annotated[A.Position | None, Field(description="Only this position")] = None,
+        position: A.Position | None = None,
     ) -> FeatureActs:
-        """The top_k SAE features firing at each token of a prompt (BOS prepended as trained), with L0, and the
-        activations of `features` at the same positions."""
+        """The SAE features firing at each token of a prompt (top_k per position), and `features` traced."""
         return feat.get_feature_acts(engine, prompt, sae=sae, top_k=top_k, features=features, position=position)
 
     @tool()
@@ -53,11 +56,10 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         prompts_b: Annotated[list[A.Prompt] | None, Field(max_length=max_sets)] = None,
         sae: A.Sae = None,
         top_k: Annotated[int, Field(ge=1, le=max_k)] = 10,
-        position: Annotated[A.Position, Field(description="Compared in every prompt")] = -1,
+        position: A.Position = -1,
         sort_by: Literal["difference", "effect_size"] = "difference",
     ) -> PromptComparison:
-        """Features whose activation at `position` differs most between prompt_a and prompt_b, or between two sets
-        (prompts_a / prompts_b, e.g. minimal pairs: means, Cohen's d, rank-biserial, separated)."""
+        """Features whose activation differs most between two prompts, or two sets of minimal pairs."""
         single = prompt_a is not None or prompt_b is not None
         sets = prompts_a is not None or prompts_b is not None
         if single == sets:
@@ -78,8 +80,7 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         answer: A.Answer | None = None,
         top_k: Annotated[int, Field(ge=1, le=max_k)] = 10,
     ) -> NextToken:
-        """The plain model's next-token prediction (the tutorial's test_prompt): top tokens, and the answer's
-        rank, probability and logit (its first token; a multi-token answer also gets its whole log-probability)."""
+        """The plain model's next-token prediction, and an answer's rank, probability and logit."""
         return lg.next_token(engine, prompt, answer=answer, top_k=top_k)
 
     @tool()
@@ -87,8 +88,8 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         feature: A.Feature,
         sae: A.Sae = None,
         top_k: Annotated[int, Field(ge=1, le=max_k, description="Per side")] = 10,
-        skip_special: Annotated[bool, Field(description="Leave out special and byte (<0x..>) tokens")] = False,
+        skip_special: Annotated[bool, Field(description="Without special and byte tokens")] = True,
     ) -> VocabProjection:
-        """Logit lens: the tokens W_dec[feature] @ W_U promotes and suppresses most."""
+        """Logit lens: the tokens a feature's decoder direction promotes and suppresses most."""
         exclude = services.stats.builtin_excluded() if skip_special else frozenset()
         return lg.project_to_vocab(engine, feature, sae=sae, top_k=top_k, exclude=exclude)

@@ -67,24 +67,19 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
     def score_explanation(
         feature: A.Feature,
         explanation: Annotated[
-            str | None, Field(max_length=1000, description="The hypothesis, e.g. 'the word play'; or label_id")
+            str | None, Field(max_length=1000, description="Or pass label_id")
         ] = None,
         sae: A.Sae = None,
         n: Annotated[int, Field(ge=4, le=100, description="Contexts; half fire")] = 20,
         method: Literal["detection", "fuzzing"] = "detection",
-        seed: Annotated[int | None, Field(ge=0, le=MAX_ID, description="Same seed, same contexts")] = None,
+        seed: Annotated[int | None, Field(ge=0, le=MAX_ID)] = None,
         label_id: Annotated[int | None, Field(ge=1, le=MAX_ID, description="Score this label instead")] = None,
-        auto: Annotated[bool, Field(description="Your client's model answers, via MCP sampling")] = False,
-        min_activation: Annotated[float, Field(ge=low, le=high, description="Firing = a context's max reaches this "
-                                               "fraction of the feature's max activation")] = DEFAULT_MIN_ACTIVATION,
+        auto: Annotated[bool, Field(description="The client's model answers")] = False,
+        min_activation: Annotated[float, Field(ge=low, le=high, description="Firing: max >= this x feature max")] = (
+            DEFAULT_MIN_ACTIVATION),
         mcp_context: Context = None,
     ) -> ScoreExplanation:
-        """Score an explanation blind: n held-out corpus contexts no other view shows (half where the feature
-        fires, equally from 4 bands of their max activation; half where it is 0, some near misses), shuffled, no
-        activations. Predict for each (detection: fires somewhere; fuzzing: fires on the <<marked>> token, true
-        for a quarter: half the firing half) from the explanation alone, without looking them up, then call
-        submit_predictions once (within 30 min) with the challenge_id and submit_secret. auto: the client's model
-        answers."""
+        """Score an explanation blind: contexts to judge from the explanation alone, then submit_predictions."""
         session = conversation_of(services, mcp_context)
         reply = _sampled_reply(mcp_context) if auto else None
         if reply is not None:
@@ -100,18 +95,15 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
     @tool(annotations=CHALLENGES)
     def submit_predictions(
         challenge_id: Annotated[str, Field(min_length=1, max_length=64)],
-        submit_secret: Annotated[str, Field(min_length=1, max_length=64, description="The submit_secret "
-                                            "score_explanation returned with the challenge_id")],
+        submit_secret: Annotated[str, Field(min_length=1, max_length=64, description="Handed out with the "
+                                            "challenge_id")],
         predictions: Annotated[
             dict[Annotated[str, Field(max_length=16)], bool],
-            Field(min_length=1, max_length=100, description='{"1": true, "2": false, ...}: every context id'),
+            Field(min_length=1, max_length=100, description='{"1": true, "2": false, ...}'),
         ],
         mcp_context: Context = None,
     ) -> ExplanationScore:
-        """The score of your predictions on a score_explanation blind set: balanced accuracy (0.5 = chance) with its
-        95% interval, precision, recall, F1, per activation band, and the contexts misjudged with their
-        activations; looked_up names contexts this conversation looked up first (not blind). Stored with the
-        explanation (label_feature, search_explanations and feature_card show it)."""
+        """Score your predictions on a blind set (once, with its submit_secret)."""
         return scorer.submit(challenge_id, submit_secret, {k.strip(): v for k, v in predictions.items()},
                              session=conversation_of(services, mcp_context))
 

@@ -66,10 +66,11 @@ class SaeMcpServer(MCPServer):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._argument_names: dict[str, set[str]] | None = None  # tool -> its input schema's properties
-        self._defaults: dict[str, dict[str, Any]] = {}  # tool -> its arguments' defaults (for the ledger)
+        self._defaults: dict[str, dict[str, Any]] | None = None  # tool -> its arguments' defaults (for the ledger)
         self.ledger: Any = None  # services.ledger.Ledger when calls are recorded
         self.pages: Any = None  # server.page_links.PageLinks when the feature pages are served somewhere
         self.circuits: Any = None  # store.circuits.CircuitStore keeping circuit graphs whole (with the ledger)
+        self.page_in_text: set[str] = set()  # tools whose text also shows the page URL (tool(page_in_text=True))
 
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
         pending = await self._begin(name, arguments, context)
@@ -86,9 +87,9 @@ class SaeMcpServer(MCPServer):
         if pending is not None:
             result = pending.finish(result)
             if pending.run_id is not None:
-                result = await self._keep_circuit(result, pending.run_id)
+                result = await self._keep_circuit(result, pending.run_id, name in self.page_in_text)
         if self.pages is not None and {"feature", "features"} & await self.argument_names(name):
-            result = self.pages.add(result, arguments)  # the same tools list_tools gives a `page` property
+            result = self.pages.add(result, arguments, name in self.page_in_text)  # as list_tools lists `page`
         return result
 
     async def _begin(self, name: str, arguments: dict[str, Any], context: Any) -> Any:
@@ -97,12 +98,12 @@ class SaeMcpServer(MCPServer):
             return None
         try:
             await self.argument_names(name)
-            return self.ledger.begin(name, arguments, context, self._defaults.get(name, {}))
+            return self.ledger.begin(name, arguments, context, (self._defaults or {}).get(name, {}))
         except Exception:
             log.warning("could not begin recording the %s call; answering without the ledger", name, exc_info=True)
             return None
 
-    async def _keep_circuit(self, result: Any, run_id: str) -> Any:
+    async def _keep_circuit(self, result: Any, run_id: str, in_text: bool) -> Any:
         """A result holding a circuit graph: the graph kept under run_id and, with pages served, the link to its
         page added. Keeping it never fails a call (logged: the answer goes out without the link)."""
         found = circuit_of(result.structured_content) if isinstance(result, CallToolResult) else None
@@ -114,7 +115,7 @@ class SaeMcpServer(MCPServer):
             log.warning("could not keep the circuit graph of run %s; answering without its page", run_id,
                         exc_info=True)
             return result
-        return result if self.pages is None else self.pages.add_circuit(result, run_id)
+        return result if self.pages is None else self.pages.add_circuit(result, run_id, in_text)
 
     async def _call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
         valid = await self.argument_names(name)
@@ -133,11 +134,15 @@ class SaeMcpServer(MCPServer):
             raise
 
     async def list_tools(self) -> list[Any]:
-        """The SDK's tool list with the input schemas' `title`s left out: pydantic titles every property with its
-        own name capitalised, which the agent pays for on every tool and learns nothing from."""
+        """The SDK's tool list with the input schemas written compactly (published_schema): every conversation
+        pays for the list before its first call."""
         tools = await super().list_tools()
+        if self._defaults is None:  # read before compaction, which leaves out the null defaults
+            self._defaults = {t.name: {k: v["default"] for k, v in t.input_schema.get("properties", {}).items()
+                                       if isinstance(v, dict) and "default" in v} for t in tools}
         for t in tools:
-            t.input_schema = without_titles(t.input_schema)
+            t.description = " ".join((t.description or "").split())  # a docstring's line breaks and indentation
+            t.input_schema = published_schema(t.input_schema)
             if self.ledger is not None and t.name not in UNRECORDED and t.output_schema:
                 props = t.output_schema.get("properties", {})
                 t.output_schema = {**t.output_schema, "properties": {**props, "run_id": RUN_ID_SCHEMA}}
@@ -155,8 +160,6 @@ class SaeMcpServer(MCPServer):
         if self._argument_names is None:
             tools = await self.list_tools()
             self._argument_names = {t.name: set(t.input_schema.get("properties", {})) for t in tools}
-            self._defaults = {t.name: {k: v["default"] for k, v in t.input_schema.get("properties", {}).items()
-                                       if isinstance(v, dict) and "default" in v} for t in tools}
         return self._argument_names.get(name, set())
 
     async def get_prompt(self, name: str, arguments: dict[str, Any] | None = None, context: Any = None) -> Any:
@@ -182,14 +185,72 @@ def internal_error(name: str, exc: UnexpectedToolError) -> ToolError:
     return ToolError(f"internal error in {name}: {type(cause).__name__}: {reason}")
 
 
-def without_titles(schema: Any) -> Any:
-    """A JSON schema without its `title` keywords. A property *named* title stays: its value is a schema (a dict),
-    the keyword's a string."""
-    if isinstance(schema, dict):
-        return {k: without_titles(v) for k, v in schema.items() if k != "title" or not isinstance(v, str)}
+TYPE_KEYWORDS = {  # JSON Schema keywords that constrain only values of these types (and are ignored on others)
+    "number": {"maximum", "minimum", "exclusiveMaximum", "exclusiveMinimum", "multipleOf"},
+    "string": {"maxLength", "minLength", "pattern", "format"},
+    "array": {"items", "maxItems", "minItems", "uniqueItems", "prefixItems"},
+    "object": {"properties", "additionalProperties", "maxProperties", "minProperties", "propertyNames", "required"},
+}
+FAMILY = {"integer": "number", "number": "number", "string": "string", "array": "array", "object": "object"}
+
+
+def published_schema(schema: Any) -> Any:
+    """A tool's input schema as the agent reads it: the same constraints on every value it may send, in fewer
+    characters (every conversation pays for the tool list before its first call; bench/bench_transcript.py):
+    - no `title` keywords: pydantic titles every property with its own name capitalised (a property *named* title
+      stays: its value is a schema, the keyword's a string);
+    - an optional argument, pydantic's {"anyOf": [S, {"type": "null"}], "default": null}, as S: optional is said by
+      its absence from `required` (the server still takes an explicit null);
+    - a union of simple types, e.g. a position or a list of positions, as one schema with a list of types: each
+      option's keywords constrain only values of its own type, so the merged schema accepts the same values;
+    - a nested model written where it is used instead of under $defs and a $ref (our models are not recursive),
+      without its docstring: the argument that takes it says it.
+    """
     if isinstance(schema, list):
-        return [without_titles(v) for v in schema]
-    return schema
+        return [published_schema(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: published_schema(v) for k, v in schema.items() if k != "title" or not isinstance(v, str)}
+    if "$defs" in out:
+        defs = {f"#/$defs/{name}": {k: v for k, v in d.items() if k != "description"}
+                for name, d in out.pop("$defs").items()}
+        out = inlined(out, defs)
+    options = out.get("anyOf")
+    if isinstance(options, list):
+        options = [o for o in options if o != {"type": "null"}]
+        merged = merged_types(options)
+        if merged is not None:
+            rest = {k: v for k, v in out.items() if k != "anyOf" and not (k == "default" and v is None)}
+            out = {**merged, **rest}
+    return out
+
+
+def inlined(schema: Any, defs: dict[str, dict]) -> Any:
+    """`schema` with each {"$ref": "#/$defs/X"} replaced by X's schema (then compacted as the rest)."""
+    if isinstance(schema, list):
+        return [inlined(v, defs) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    if set(schema) == {"$ref"} and schema["$ref"] in defs:
+        return published_schema(inlined(defs[schema["$ref"]], defs))
+    out = {k: inlined(v, defs) for k, v in schema.items()}
+    return published_schema(out) if "anyOf" in out else out
+
+
+def merged_types(options: list) -> dict | None:
+    """anyOf options of distinct simple types, each constrained only by its own type's keywords -> one schema
+    with the list of types (or the one type); None where that would change what is accepted (a $ref, an enum,
+    two options of one family such as integer and number)."""
+    families = [FAMILY.get(o.get("type")) if isinstance(o, dict) else None for o in options]
+    if not options or None in families or len(set(families)) != len(families):
+        return None
+    if any(set(o) - {"type", "description"} - TYPE_KEYWORDS[f] for o, f in zip(options, families)):
+        return None
+    types = [o["type"] for o in options]
+    merged = {"type": types[0] if len(types) == 1 else types}
+    for o in options:
+        merged.update({k: v for k, v in o.items() if k != "type"})
+    return merged
 
 
 def validation_message(exc: ValidationError) -> str:
@@ -227,10 +288,13 @@ def domain_errors(fn: F) -> F:
 
 
 def tool_decorator(server: MCPServer) -> ToolDecorator:
-    """The `tool` each module's register() receives: read-only annotations unless given, domain errors translated."""
+    """The `tool` each module's register() receives: read-only annotations unless given, domain errors translated;
+    page_in_text=True: with pages served, its text also shows the page URL (else only its structured content)."""
 
     def tool(**kw: Any) -> Callable[[F], F]:
         def register(fn: F) -> F:
+            if kw.pop("page_in_text", False):
+                server.page_in_text.add(kw.get("name", fn.__name__))
             server.tool(annotations=kw.pop("annotations", READ_ONLY), **kw)(domain_errors(fn))
             return fn
 

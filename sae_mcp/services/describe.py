@@ -42,7 +42,10 @@ def describe_feature(services: Services, sae_key: str, feature: int, examples: i
     else:
         d.density, d.max_activation = top.density, top.max_activation
         d.top = top.examples[:examples]
-        d.bands = list(top.intervals or [])  # highest first, as top_examples lists them
+        shown_above = {(e.document, e.offset) for e in d.top}  # a band sample that is also a top example: once
+        d.bands = [b.model_copy(update={"examples": [e for e in b.examples
+                                                     if (e.document, e.offset) not in shown_above]})
+                   for b in top.intervals or []]  # highest first, as top_examples lists them
     try:
         lens = lg.project_to_vocab(engine, feature, sae=s.key, top_k=tokens, exclude=services.stats.builtin_excluded())
         d.promotes, d.suppresses = lens.top_positive, lens.top_negative
