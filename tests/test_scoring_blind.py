@@ -259,7 +259,7 @@ def test_min_activation_sets_what_fires_and_is_stated(setup, index, stories_engi
     assert score.structured_content["min_activation"] == 0.3 and "firing at max >= 0.3 x its max" in text_of(score)
     schema = tools_by_name(server)["score_explanation"].input_schema["properties"]["min_activation"]
     assert (schema["default"], schema["minimum"], schema["maximum"]) == (0.01, *sc.MIN_ACTIVATION_RANGE)
-    assert "fraction of the feature's max activation" in schema["description"]
+    assert "Firing: max >= this x feature max" == schema["description"]
     (bad,) = call_many(server, [("score_explanation", {"feature": feature, "explanation": "x", "min_activation": 0})])
     assert "min_activation" in error_text(bad) and "greater than or equal to 0.001" in error_text(bad)
 
@@ -268,12 +268,12 @@ def test_min_activation_sets_what_fires_and_is_stated(setup, index, stories_engi
 
 
 def test_the_fuzzing_positive_rate_stated_is_the_rate_realised(setup, index):
-    """The description says a quarter of the marks are true (half the firing half); the blind set states n_true,
-    and the prompt the scorer reads says the same count; the count of marks on a token where the feature fires
-    (recomputed) is exactly that, and for a full set it is a quarter of it."""
+    """The method's description says a quarter of the marks are true; the blind set states n_true, and the prompt
+    the scorer reads says the same count; the count of marks on a token where the feature fires (recomputed) is
+    exactly that, and for a full set it is a quarter of it."""
     server, services = setup
-    description = tools_by_name(server)["score_explanation"].description
-    assert "a quarter" in description and "half the firing half" in description
+    method = tools_by_name(server)["score_explanation"].input_schema["properties"]["method"]
+    assert "fuzzing" in method["description"] and "a quarter true" in method["description"]
     for feature in index[4][:2]:
         for n in (20, 30):
             out = ask(server, feature, n=n, seed=17, method="fuzzing")

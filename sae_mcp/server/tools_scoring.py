@@ -52,6 +52,7 @@ SAMPLING_KEY = "scorer"  # the InputRequiredResult's request key
 STATE_PREFIX = "score:"  # request_state = STATE_PREFIX + challenge id
 MAX_ID = 2**31 - 1
 # Each call hands out a new challenge (and stores it): neither read-only nor idempotent.
+FUZZING_RATE = "fuzzing: fires on the marked token? (a quarter true)"  # detection: anywhere (half true)
 CHALLENGES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
                              open_world_hint=False)
 NO_SAMPLING = ("the client does not offer MCP sampling, so the server cannot ask its model: answer this blind set "
@@ -71,9 +72,9 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         ] = None,
         sae: A.Sae = None,
         n: Annotated[int, Field(ge=4, le=100, description="Contexts; half fire")] = 20,
-        method: Literal["detection", "fuzzing"] = "detection",
+        method: Annotated[Literal["detection", "fuzzing"], Field(description=FUZZING_RATE)] = "detection",
         seed: Annotated[int | None, Field(ge=0, le=MAX_ID)] = None,
-        label_id: Annotated[int | None, Field(ge=1, le=MAX_ID, description="Score this label instead")] = None,
+        label_id: Annotated[int | None, Field(ge=1, le=MAX_ID)] = None,
         auto: Annotated[bool, Field(description="The client's model answers")] = False,
         min_activation: Annotated[float, Field(ge=low, le=high, description="Firing: max >= this x feature max")] = (
             DEFAULT_MIN_ACTIVATION),
@@ -95,8 +96,7 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
     @tool(annotations=CHALLENGES)
     def submit_predictions(
         challenge_id: Annotated[str, Field(min_length=1, max_length=64)],
-        submit_secret: Annotated[str, Field(min_length=1, max_length=64, description="Handed out with the "
-                                            "challenge_id")],
+        submit_secret: Annotated[str, Field(min_length=1, max_length=64)],
         predictions: Annotated[
             dict[Annotated[str, Field(max_length=16)], bool],
             Field(min_length=1, max_length=100, description='{"1": true, "2": false, ...}'),
