@@ -104,7 +104,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
 
-    from sae_mcp.export.replay import SKIPPED_IN_PLACE
+    from sae_mcp.export.replay import FLOAT_RTOL, SKIPPED_IN_PLACE
     from sae_mcp.export.session import load_session
 
     store, data_dir = _store(args)
@@ -118,8 +118,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
             shutil.rmtree(scratch, ignore_errors=True)
     for r in results:
         print(f"{r.run_id} {r.tool:<20} {r.status}" + (f": {r.detail}" if r.detail else ""))
-    counts = {s: sum(r.status == s for r in results) for s in ("same", "differs", "skipped")}
-    print(f"{counts['same']} same, {counts['differs']} differ, {counts['skipped']} skipped")
+    counts = {s: sum(r.status == s for r in results) for s in ("same", "close", "differs", "skipped")}
+    close = f"{counts['close']} close (numbers within {FLOAT_RTOL:g}, as another thread count or device gives), " \
+        if counts["close"] else ""
+    print(f"{counts['same']} same, {close}{counts['differs']} differ, {counts['skipped']} skipped")
     return 1 if counts["differs"] else 0
 
 

@@ -165,3 +165,28 @@ def test_a_cut_copy_of_a_long_result_is_checked_on_what_it_kept(tmp_path):
     acts[2, 50] = 3.0  # a left-out feature larger than the last kept one: the check must still catch it
     with pytest.raises(AssertionError, match="outside the recorded top"):
         exec(feature_acts(run), env)
+
+
+def test_replay_reads_last_digits_moved_as_close_and_a_real_change_as_differs():
+    """Another thread count or device moves the last digits of a float (measured: 0.795124 -> 0.795123, and a
+    Cohen's d of two-prompt sets -16.976 -> -16.97): replay says 'close', not 'differs'; a moved number beyond the
+    tolerance, or any other field, still differs."""
+    from mcp.types import CallToolResult
+
+    from sae_mcp.export.replay import FLOAT_RTOL, compare
+    from sae_mcp.services.ledger import digest_of
+    from sae_mcp.store.ledger import Run
+
+    recorded = {"tokens": ["<s>", "a"], "diffs": [{"feature": 3, "effect_size": -16.976, "exact": 0.795124}]}
+    run = Run(id="r1", session="s", env="e", time=0.0, tool="compare_prompts", given={}, resolved={}, wall_s=0.0,
+              ok=True, result=recorded, digest=digest_of("compare_prompts", recorded))
+
+    def now(**change):
+        diff = {**recorded["diffs"][0], **change}
+        return CallToolResult(content=[], structured_content={**recorded, "diffs": [diff]})
+
+    assert compare(run, now()).status == "same"
+    assert compare(run, now(effect_size=-16.97, exact=0.795123)).status == "close"
+    moved = compare(run, now(exact=0.795124 * (1 + 3 * FLOAT_RTOL)))
+    assert moved.status == "differs" and "diffs[0].exact" in moved.detail
+    assert compare(run, now(feature=4)).status == "differs"
