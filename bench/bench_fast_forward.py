@@ -14,7 +14,23 @@ same frame it was created").
     python bench/bench_fast_forward.py [--repeats 5] [--skip-gpt2] [--skip-compile] [--device cuda]
 
 Measured 2026-12-06 on the shared 2-core dev box (CPU, 1 thread, torch 2.13; python bench/bench_fast_forward.py):
-see the table in the README's Scaling section and in bench/bench_index.py's docstring.
+
+    stories260K, 64 windows x 128 to blocks.2     ms     x TL   max |x - TL|
+    TL (transformer-lens, stopped at the layer)   302.0  1.00
+    (c) ours (fast_forward.py)                     69.5  4.35   3.1e-06
+    (a) HF + SDPA                                  66.6  4.53   7.9e-06   +0.5 MiB of HF weights (2x for big models)
+    (b) compile TL                                 96.9  3.12   4.8e-06   first call (compile) 4.5 s, each shape
+    (b) compile ours                               61.5  4.91   4.5e-06   first call (compile) 4.1 s, each shape
+    gpt2-small shape, 10 windows x 128 to blocks.7
+    TL                                           1773.8  1.00
+    (c) ours                                     1572.3  1.13   8.2e-06
+    (b) compile TL                               1452.9  1.22   8.7e-06   compile 9.5 s
+    (b) compile ours                             1379.9  1.29   1.1e-05   compile 11.6 s
+
+Kept: (c). (a) is as fast but holds a second copy of the weights and needs transformer-lens' weight processing
+re-derived (LayerNorm models: the centred residual); (b) gains 10-30% over (c) only after a multi-second compile for
+every batch shape (a scan's length-sorted batches come in many lengths), and fails under inference_mode. The GPU
+side is unmeasured (bench/bench_index.py has the one command for it).
 """
 
 from __future__ import annotations

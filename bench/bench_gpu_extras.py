@@ -84,9 +84,9 @@ def bf16_vs_fp32(engine, sae, windows) -> None:
               f"(inf: not in fp32's top {b.shape[0]})")
 
 
-def gpu_extras(engine, sae, windows) -> None:
-    from bench_index import gpt2_engine
-
+def gpu_extras(engine, sae, windows, gpt2_engine) -> None:
+    """gpt2_engine: bench_index's factory of the gpt2-shaped engine, passed in (this module imports nothing from
+    bench_index, which imports this one)."""
     stats = LogitWeightStats(engine)
     print(f"feature_stats over {sae.d_sae} features: {timed(lambda: LogitWeightStats(engine).feature_stats()):.3f} s "
           "(cold moments each time)")

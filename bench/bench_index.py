@@ -5,25 +5,73 @@ user path   ExampleSource.build_index over a real corpus (TinyStories): document
             state updated, windows and checkpoints written to SQLite. What `sae-mcp index` and the build_index tool
             run.
 bare        a forward to the layer + encode of exactly the same windows, batched by length (the least padding
-            any batching can have), nothing else: the floor the user path can reach.
+            any batching can have), nothing else: the floor the user path can reach. The same forward and encode
+            as the user path (Engine.forward_to_hook, Engine.encode into the scan's encode buffer), so a faster
+            forward or encode raises both sides.
 
 Both are measured at two token budgets and compared on the difference (marginal throughput), so start-up costs
-(opening the index file, the first batch's allocations) cancel; the pairs are interleaved and the best of
---repeats taken, since a shared box moves single runs by +-10%. Also printed: the share of the forward's token
-slots that are padding, in corpus order (how scans batched before) and bucketed by length (now).
+(opening the index file, the first batch's allocations) cancel: the best of --repeats runs of each budget, the runs
+interleaved, since a shared box moves single runs by +-10-30%. Beside the wall clock, the same per CPU second of
+this process (steadier on a shared CPU box; meaningless on a GPU). --variants measures issue 24's changes switched
+on one at a time (before, +encode, +update, after) in the same interleaved run; --profile times and profiles one
+batch of the user path (forward, encode, update). Also printed: the share of the forward's token slots that are
+padding, in corpus order (how scans batched before) and bucketed by length (now).
 
 Shapes: the real stories260K model with a 4096-wide SAE, and a gpt2-small-shaped random model (12 layers,
 d_model 768, vocab 50257) with a 24576-wide SAE at blocks.7.hook_resid_pre, fed the same corpus through the
 stories tokenizer (its 512 ids are valid gpt2-shape ids; the random model does not care what they mean, and the
 corpus gives the real distribution of window lengths). Both SAEs are random but calibrated to L0 ~64.
 
-    python bench/bench_index.py [--tokens 20000] [--repeats 2] [--skip-gpt2]
+    python bench/bench_index.py [--tokens 20000] [--repeats 2] [--skip-gpt2] [--variants before,after] [--profile]
     python bench/bench_index.py --device cuda --tokens 1000000 --corpus-repeat 10 [--fp32] [--gpu-extras]   (GPU)
+
+Issue 24 (the index at GPU speed), 2026-12-06. The GPU figure is still open this round: no GPU was lent to this
+session. The one command that gives it, on one H100 or H200 (the user path, the bare forward + encode, their ratio,
+before and after issue 24's changes, and a profile of one batch; a few minutes):
+
+    python bench/bench_index.py --device cuda --tokens 1000000 --corpus-repeat 10 --skip-stories \
+        --variants before,after --profile
+
+What changed: the forward to a residual-stream hook runs transformer-lens' modules with fused SDPA attention
+(engine/fast_forward.py), the SAE encode is computed in place in the scan's precision, into a reused buffer on CPU
+(engine/fast_encode.py), and the state update is written in place, merging only the features that have an entry
+at or above their K-th kept value (scan.update_state). CPU figures, the shared 2-core dev box, 1 thread, torch 2.13,
+wall clock (per CPU second within 1-2% of it):
+
+    python bench/bench_index.py --tokens 60000 --repeats 3 --skip-gpt2 --variants before,+encode,+update,after
+    stories260K, SAE 64x4096          user path     bare fwd+encode   user / bare
+    before                            15.7k tok/s   17.8k tok/s       0.88
+    after                             38.8k         58.3k             0.67
+    (another run, best of differences: before 13.9k / 18.1k 0.77, after 39.7k / 57.8k 0.69)
+
+    python bench/bench_index.py --tokens 4000 --repeats 3 --skip-stories --variants before,+encode,+update,after
+    gpt2-small shape, SAE 768x24576   user path     bare fwd+encode   user / bare
+    before                            520 tok/s     547 tok/s         0.95
+    after                             610           596               1.02 (another run: 0.94 before, 0.99 after)
+
+The intermediate variants moved by more than their differences between runs (the box is shared), so each change's
+own share was measured apart, old and new interleaved on the same batches (best of 3; the old update is
+update_before below, the old encode sae-lens' own, the old forward transformer-lens' stopped at the layer):
+
+    per batch                 stories260K (8128 tokens x 4096)     gpt2 shape (1270 tokens x 24576)
+    encode                    239 -> 65 ms (in place: 117 ms;      723 -> 548 ms
+                              the reused buffer: 65 ms)
+    state update, warm        61 -> 59 ms                          100 -> 30 ms
+    forward to the hook       302 -> 70 ms (4.35x)                 1774 -> 1572 ms (1.13x; matmul-bound on CPU)
+                              (bench/bench_fast_forward.py: the other ways in measured there did not pay)
+
+So on stories260K the user path is ~2.5x faster, but the bare forward + encode is ~3.3x faster, and the ratio fell:
+the tiny model's forward now costs about as much as its 4096-wide SAE's encode, and the update (~60 ms a batch)
+is now 40% of a batch (--profile: forward 75 ms, encode 67, update 95 cold). Half the update is finding the ~490k
+firing entries among 33M activations (aten::nonzero, ~28 ms); the next step would find them inside the encode, a
+cache-sized block of rows at a time (a prototype: encode + firing entries 100 -> 80 ms a batch). At the gpt2 shape
+the CPU is bound by the matrix products (forward 74%, encode 24%, update 2%) and the user path is at the bare.
 
 --gpu-extras also times feature_stats and token_set_enrichment at the gpt2 shape (a 50257-token synthetic
 vocabulary) and compares bf16-autocast top examples with fp32 ones on the same windows.
-Measured 2026-11-30 on one NVIDIA H200 (torch 2.11 cu130; --tokens 1000000 --corpus-repeat 10, so the marginal is
-2.0M corpus tokens; batch from free memory: 681-725 windows at the gpt2 shape, peak 25-27 GiB allocated):
+Measured 2026-11-30 on one NVIDIA H200, before issue 24 (torch 2.11 cu130; --tokens 1000000 --corpus-repeat 10, so
+the marginal is 2.0M corpus tokens; batch from free memory: 681-725 windows at the gpt2 shape, peak 25-27 GiB
+allocated):
 
     gpt2 shape, 24576 features      user path    bare fwd+encode   ratio
     fp32 (--fp32)                   178k tok/s   213k tok/s        0.83
@@ -37,15 +85,17 @@ Measured 2026-11-30 on one NVIDIA H200 (torch 2.11 cu130; --tokens 1000000 --cor
     differs, bf16's choice is a near-tie (median 1.4e-2 of the max below it in fp32). The random SAE's top
     activations crowd near its threshold, so its ties are closer than a trained SAE's.
 
-The 1.3M tokens/s goal is not met: a profile of one 87k-token batch (bf16 autocast) spent 149 ms on the GPU, of
-which the matrix products were ~25 ms; the rest is elementwise work in transformer-lens' forward (residual adds,
-gelu_new, casts between fp32 and bf16: aten::add 20%, copy_ 19%, mul 13%) and the SAE's fp32 bias and ReLU over
-[87k, 24576]. The user path's gap to bare is the per-batch state update (top-k merge, histogram) on the device.
+The 1.3M tokens/s goal was not met on 2026-11-30 (before issue 24's changes): a profile of one 87k-token batch (bf16
+autocast) spent 149 ms on the GPU, of which the matrix products were ~25 ms; the rest is elementwise work in
+transformer-lens' forward (residual adds, gelu_new, casts between fp32 and bf16: aten::add 20%, copy_ 19%, mul 13%)
+and the SAE's fp32 bias and ReLU over [87k, 24576]. The user path's gap to bare was the per-batch state update
+(top-k merge, histogram) on the device. Issue 24's changes go at each of these; their GPU figure is open (above).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -67,16 +117,27 @@ CORPUS = demo.CORPUS
 
 from bench_scan import sparse_random_sae  # noqa: E402
 
+from sae_mcp.engine import fast_encode, fast_forward  # noqa: E402
 from sae_mcp.engine import scan as scan_mod  # noqa: E402
 from sae_mcp.engine.corpus import iter_windows, pad_windows, resolve_corpus  # noqa: E402
 from sae_mcp.engine.loading import LoadedModel  # noqa: E402
 from sae_mcp.engine.runtime import Engine  # noqa: E402
 from sae_mcp.engine.saes import LoadedSAE  # noqa: E402
+from sae_mcp.engine.samples import at, fold_samples  # noqa: E402
 from sae_mcp.engine.scan import (  # noqa: E402
     BUFFER_BATCHES,
+    HIST_BINS,
+    HIST_LO,
+    HIST_PER_DECADE,
+    ScanState,
+    _dense_candidates,
+    _key,
     autocast_for,
     batch_windows_for,
     compute_dtype,
+    encode_buffer,
+    firing_entries,
+    update_state,
     windows_pad_id,
 )
 from sae_mcp.services.example_source import ExampleSource  # noqa: E402
@@ -109,45 +170,173 @@ def padding_share(windows: list, batch: int, bucketed: bool) -> float:
     return padded / max(total, 1)
 
 
-def bare(engine: Engine, sae: LoadedSAE, windows: list, batch: int) -> float:
-    """Forward to the layer + encode of the windows, sorted by length, nothing else (synced) -> seconds."""
+def clock() -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds): CPU seconds count only this process's work (its threads: the
+    read-ahead tokenizer's too), so on a shared CPU box they move less with the other processes' load than the wall
+    clock does; on a GPU the wall clock is the measure."""
+    return time.perf_counter(), time.process_time()
+
+
+def since(t0: tuple[float, float]) -> tuple[float, float]:
+    t1 = clock()
+    return t1[0] - t0[0], t1[1] - t0[1]
+
+
+def bare(engine: Engine, sae: LoadedSAE, windows: list, batch: int) -> tuple[float, float]:
+    """Forward to the layer + encode of the windows, sorted by length, nothing else (synced) -> seconds. The same
+    forward and encode as the scan (Engine.forward_to_hook, Engine.encode into the scan's encode_buffer), so a
+    faster forward or encode raises both sides."""
     ordered = sorted(windows, key=lambda w: -len(w.ids))
-    t = time.perf_counter()
+    buf = encode_buffer(engine, sae, batch * 128)
+    t = clock()
     for i in range(0, len(ordered), batch):
         ids, valid = pad_windows(ordered[i : i + batch], windows_pad_id(engine), bos=True)
         with engine.device_work(), torch.inference_mode(), autocast_for(engine):
             x = engine.forward_to_hook(ids.to(engine.device), sae)
-            acts = engine.encode(sae, x.reshape(-1, x.shape[-1])[valid.reshape(-1).to(engine.device)])
+            acts = engine.encode(sae, x.reshape(-1, x.shape[-1])[valid.reshape(-1).to(engine.device)], out=buf)
             float(acts[0, 0])  # a sync point on a GPU
-    return time.perf_counter() - t
+    return since(t)
 
 
-def user(engine: Engine, sae: LoadedSAE, tokens: int, batch: int, corpus: Path) -> float:
-    """ExampleSource.build_index from an empty data dir -> seconds."""
+def user(engine: Engine, sae: LoadedSAE, tokens: int, batch: int, corpus: Path) -> tuple[float, float]:
+    """ExampleSource.build_index from an empty data dir -> (wall, CPU) seconds."""
     with tempfile.TemporaryDirectory() as d:
         source = ExampleSource(engine, Settings(corpus=str(corpus), data_dir=Path(d)))
-        t = time.perf_counter()
+        t = clock()
         source.build_index(sae.key, tokens, batch_windows=batch)
-        return time.perf_counter() - t
+        return since(t)
 
 
-def measure(name: str, engine: Engine, sae: LoadedSAE, tokens: int, batch: int, repeats: int, corpus: Path) -> None:
+# Issue 24's changes, switched on one more at a time, to measure each side by side in one run.
+VARIANTS = {"before": set(), "+encode": {"encode"}, "+update": {"encode", "update"},
+            "after": {"encode", "update", "forward"}}
+
+
+@contextlib.contextmanager
+def changes(on: set[str]):
+    """Run with only the `on` changes of issue 24: encode (fast_encode's in-place encode and the scan's reused
+    buffer), update (the state updated in place, only the features with a candidate merged), forward
+    (fast_forward's fused attention); the others as they were before it (update_before for the update)."""
+    saved = fast_encode._kind, fast_forward.supported, scan_mod.update_state
+    if "encode" not in on:
+        fast_encode._kind = lambda sae: None  # sae-lens' encode, no buffer (encode_buffer asks can_fuse)
+    if "forward" not in on:
+        fast_forward.supported = lambda model, hook_name: False  # transformer-lens' forward, stopped at the layer
+    if "update" not in on:
+        scan_mod.update_state = update_before
+    try:
+        yield
+    finally:
+        fast_encode._kind, fast_forward.supported, scan_mod.update_state = saved
+
+
+def update_before(state: ScanState, acts: torch.Tensor, pos: torch.Tensor) -> ScanState:
+    """scan.update_state as it was before issue 24 (commit ae9cdae), for the side-by-side figures: new histogram
+    and count tensors each batch, and every feature's [2K, F] top-K merged, the batch's candidates laid out dense."""
+    n, f = acts.shape
+    k = state.top_vals.shape[0]
+    flat = firing_entries(acts)
+    vals = at(acts.reshape(-1), flat)
+    rows, cols = flat // f, flat % f
+    b = ((vals.float().log10() - HIST_LO) * HIST_PER_DECADE).floor().clamp_(0, HIST_BINS - 1).long()
+    cells = cols * HIST_BINS + b
+    hist = state.hist + torch.bincount(cells, minlength=f * HIST_BINS).view(f, HIST_BINS)
+    n_fired = state.n_fired + torch.bincount(cols, minlength=f)
+    if flat.numel() * 8 <= n * f:
+        c_in = (vals.float() >= at(state.top_vals[-1], cols)).nonzero().squeeze(1)
+        r, c, v = at(rows, c_in), at(cols, c_in), at(vals, c_in)
+        o1 = _key(v, at(pos, r)).argsort(descending=True)
+        order = at(o1, at(c, o1).argsort(stable=True))
+        n_c = torch.bincount(c, minlength=f)
+        rank = torch.arange(c.numel(), device=acts.device) - at(torch.cumsum(n_c, 0) - n_c, at(c, order))
+        sel = (rank < k).nonzero().squeeze(1)
+        cell = at(rank, sel) * f + at(at(c, order), sel)
+        cand_v = torch.zeros(k * f, device=acts.device).index_copy_(0, cell, at(at(v, order), sel).float())
+        cand_p = torch.full((k * f,), scan_mod.MAX_POS, device=acts.device)
+        cand_v, cand_p = cand_v.view(k, f), cand_p.index_copy_(0, cell, at(pos, at(at(r, order), sel))).view(k, f)
+    else:
+        cand_v, cand_p = _dense_candidates(acts, pos, k)
+    all_v, all_p = torch.cat([state.top_vals, cand_v]), torch.cat([state.top_pos, cand_p])
+    keep = _key(all_v, all_p).topk(k, dim=0).indices
+    fold_samples(state.samp_pos, state.samp_vals, rows, cells, vals, pos)
+    return ScanState(top_vals=all_v.gather(0, keep), top_pos=all_p.gather(0, keep), n_fired=n_fired, hist=hist,
+                     samp_pos=state.samp_pos, samp_vals=state.samp_vals, tokens=state.tokens, windows=state.windows,
+                     exhausted=state.exhausted)
+
+
+def measure(name: str, engine: Engine, sae: LoadedSAE, tokens: int, batch: int, repeats: int, corpus: Path,
+            variants: list[str]) -> None:
     tok = engine.model.tokenizer
     small, large = corpus_windows(tok, tokens, corpus), corpus_windows(tok, 3 * tokens, corpus)
     n_small, n_large = (sum(len(w.ids) - 1 for w in ws) for ws in (small, large))
-    user(engine, sae, tokens // 4, batch, corpus)  # warm-up: allocator, first-call costs
-    best = {"user": float("inf"), "bare": float("inf")}
-    for _ in range(repeats):  # interleaved, so load changes on a shared box hit both alike
-        u = user(engine, sae, 3 * tokens, batch, corpus) - user(engine, sae, tokens, batch, corpus)
-        b = bare(engine, sae, large, batch) - bare(engine, sae, small, batch)
-        best["user"], best["bare"] = min(best["user"], u), min(best["bare"], b)
-    rate = (n_large - n_small) / best["user"]
-    print(f"\n== {name}: marginal {n_large - n_small:,} corpus tokens, batches of {batch} windows")
+    with changes(VARIANTS[variants[-1]]):
+        user(engine, sae, tokens // 4, batch, corpus)  # warm-up: allocator, first-call costs
+    # The best (least disturbed) of --repeats runs of each budget, then the difference of the bests: steadier on a
+    # shared box than the best of the runs' differences (one disturbed run of the small budget inflates those).
+    best = {(v, side, m): [float("inf")] * 2 for v in variants for side in ("user", "bare") for m in (1, 3)}
+    for _ in range(repeats):  # interleaved, so load changes on a shared box hit every variant and side alike
+        for v in variants:
+            with changes(VARIANTS[v]):
+                runs = {("user", m): user(engine, sae, m * tokens, batch, corpus) for m in (3, 1)}
+                runs |= {("bare", m): bare(engine, sae, ws, batch) for m, ws in ((3, large), (1, small))}
+            for (side, m), (w, c) in runs.items():
+                b = best[v, side, m]
+                best[v, side, m] = [min(b[0], w), min(b[1], c)]
+    best = {(v, side): [best[v, side, 3][i] - best[v, side, 1][i] for i in (0, 1)]
+            for v in variants for side in ("user", "bare")}
+    n = n_large - n_small
+    print(f"\n== {name}: marginal {n:,} corpus tokens, batches of {batch} windows")
     print(f"padding share of the forward's token slots: corpus order {padding_share(large, batch, False):.3f}, "
           f"bucketed by length {padding_share(large, batch, True):.3f}")
-    print(f"user path (build_index) {rate:,.0f} corpus tokens/s; bare forward+encode "
-          f"{(n_large - n_small) / best['bare']:,.0f} tokens/s")
-    print(f"user path / bare throughput: {best['bare'] / best['user']:.3f}   (goal >= 0.9)")
+    print("variant    user path tok/s   bare fwd+encode tok/s   user / bare    (per CPU second: user, bare, ratio)"
+          "   goal >= 0.9")
+    for v in variants:
+        (uw, uc), (bw, bc) = best[v, "user"], best[v, "bare"]
+        print(f"{v:8s} {n / uw:>13,.0f} {n / bw:>17,.0f} {bw / uw:>15.3f}        "
+              f"({n / uc:,.0f}, {n / bc:,.0f}, {bc / uc:.3f})")
+
+
+def profile_batch(engine: Engine, sae: LoadedSAE, corpus: Path, batch: int, rows: int = 12) -> None:
+    """One batch of the user path's work (the longest windows), timed part by part (synced) and profiled: where
+    the device's time goes (CUDA) or the CPU's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ws = sorted(corpus_windows(engine.model.tokenizer, 128 * batch * 2, corpus), key=lambda w: -len(w.ids))[:batch]
+    ids, valid = pad_windows(ws, windows_pad_id(engine), bos=True)
+    ids, keep = ids.to(engine.device), valid.reshape(-1).nonzero().squeeze(1).to(engine.device)
+    pos = torch.arange(keep.numel(), device=engine.device)
+    cuda = str(engine.device).startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    buf = encode_buffer(engine, sae, batch * 128)
+    state = ScanState.empty(sae.d_sae, scan_mod.KEEP, engine.device)
+    parts: dict[str, float] = {}
+
+    def step(record: bool) -> None:
+        nonlocal state
+        with torch.inference_mode(), autocast_for(engine):
+            for part, fn in (("forward", lambda: engine.forward_to_hook(ids, sae)),
+                             ("encode", lambda: engine.encode(sae, x.reshape(-1, x.shape[-1])[keep], out=buf)),
+                             ("update", lambda: update_state(state, acts, pos + state.tokens))):
+                sync()
+                t = time.perf_counter()
+                out = fn()
+                sync()
+                parts[part] = parts.get(part, 0.0) + (time.perf_counter() - t if record else 0.0)
+                if part == "forward":
+                    x = out
+                elif part == "encode":
+                    acts = out
+            state.tokens += keep.numel()
+
+    step(False)  # warm
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step(True)
+    total = sum(parts.values())
+    print(f"\n-- profile of one batch ({keep.numel():,} scanned tokens, {len(ws)} windows): " + ", ".join(
+        f"{k} {v * 1000:.1f} ms ({v / total:.0%})" for k, v in parts.items()))
+    print(prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                    row_limit=rows, max_name_column_width=40))
 
 
 def stories_engine(device: str) -> tuple[Engine, LoadedSAE]:
@@ -204,8 +393,14 @@ def main() -> None:
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA (the scan's default there)")
     ap.add_argument("--model-dtype", default="float32", choices=["float32", "bfloat16"],
                     help="the gpt2-shape model and SAE's weights (`sae-mcp --dtype`); bfloat16 needs no autocast")
+    ap.add_argument("--variants", default="after",
+                    help=f"comma-separated, measured interleaved: {', '.join(VARIANTS)} (issue 24's changes)")
+    ap.add_argument("--profile", action="store_true", help="time and profile one batch of the user path")
     ap.add_argument("--gpu-extras", action="store_true", help="feature_stats, token_set_enrichment, bf16 vs fp32")
     args = ap.parse_args()
+    variants = args.variants.split(",")
+    if unknown := set(variants) - VARIANTS.keys():
+        ap.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     torch.set_num_threads(args.threads)
     full_precision(args.fp32)
     corpus = repeated_corpus(args.corpus_repeat)
@@ -215,20 +410,26 @@ def main() -> None:
     print(f"scan precision: {compute_dtype(engine, sae)}")
     batch = args.batch or batch_windows_for(engine, sae, 128, sae.d_sae)
     if not args.skip_stories:
-        measure("stories260K (real), SAE 64x4096, TinyStories", engine, sae, args.tokens, batch, args.repeats, corpus)
+        measure("stories260K (real), SAE 64x4096, TinyStories", engine, sae, args.tokens, batch, args.repeats, corpus,
+                variants)
+        if args.profile:
+            profile_batch(engine, sae, corpus, batch)
     if args.skip_gpt2:
         return
     g_engine, g_sae = gpt2_engine(args.device, engine.model.tokenizer, getattr(torch, args.model_dtype))
     print(f"gpt2 shape: weights {args.model_dtype}, scan precision {compute_dtype(g_engine, g_sae)}")
     batch = args.batch or batch_windows_for(g_engine, g_sae, 128, g_sae.d_sae)
     measure("gpt2-small shape (random), SAE 768x24576, TinyStories windows", g_engine, g_sae, args.tokens, batch,
-            args.repeats, corpus)
+            args.repeats, corpus, variants)
+    if args.profile:
+        profile_batch(g_engine, g_sae, corpus, batch)
     if args.device.startswith("cuda"):
         print(f"peak GPU memory allocated: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     if args.gpu_extras:
         from bench_gpu_extras import gpu_extras
 
-        gpu_extras(g_engine, g_sae, corpus_windows(engine.model.tokenizer, args.tokens))
+        gpu_extras(g_engine, g_sae, corpus_windows(engine.model.tokenizer, args.tokens), gpt2_engine)
+
 
 if __name__ == "__main__":
     main()

@@ -29,6 +29,8 @@ command; its load moves a single ratio by +-0.05, even above 1.0, so medians and
     Gathers as index_select (6x faster than x[i] on this CPU), in the samples and in the top-K path, pay for most
     of the samples' cost (update_state on 6 synthetic stories-sized batches: 727 ms before, 750 ms after).
 The CUDA path (bf16 autocast, batch from free memory) is written but unmeasured: no GPU was available.
+The figures above predate issue 24 (the fast forward, the fused encode, the in-place state update); the bare side
+now uses the scan's forward and encode buffer. bench/bench_index.py has the current figures, before and after.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from sae_mcp.engine.corpus import Window, iter_windows, pad_windows, resolve_cor
 from sae_mcp.engine.loading import LoadedModel  # noqa: E402
 from sae_mcp.engine.runtime import Engine  # noqa: E402
 from sae_mcp.engine.saes import LoadedSAE  # noqa: E402
-from sae_mcp.engine.scan import autocast_for, scan, windows_pad_id  # noqa: E402
+from sae_mcp.engine.scan import autocast_for, encode_buffer, scan, windows_pad_id  # noqa: E402
 from sae_mcp.store.index import IndexStore  # noqa: E402
 
 
@@ -85,13 +87,16 @@ def sparse_random_sae(model, hook: str, layer: int, d_sae: int, calib: torch.Ten
 
 
 def bare(engine: Engine, sae: LoadedSAE, batch: list[Window]) -> float:
-    """Forward to the layer + encode, nothing else (the floor a scan can reach)."""
+    """Forward to the layer + encode, nothing else (the floor a scan can reach): the scan's forward and encode, into
+    the scan's reused encode buffer on CPU (scan.encode_buffer), so a faster forward or encode raises both sides."""
     ids = pad_windows(batch, windows_pad_id(engine), bos=True)[0].to(engine.device)  # [B, T]
+    buf = encode_buffer(engine, sae, ids.numel())
     t = time.perf_counter()
     # the same precision as the scan (bf16 autocast on CUDA), so the ratio compares like with like
     with engine.device_work(), torch.inference_mode(), autocast_for(engine):
-        acts = engine.encode(sae, engine.forward_to_hook(ids, sae))
-        float(acts[0, 0, 0])  # (a sync point on a GPU)
+        x = engine.forward_to_hook(ids, sae)
+        acts = engine.encode(sae, x.reshape(-1, x.shape[-1]), out=buf)
+        float(acts[0, 0])  # (a sync point on a GPU)
     return time.perf_counter() - t
 
 
