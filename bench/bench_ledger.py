@@ -123,9 +123,9 @@ def record_alone(on, n: int = 200) -> float:
     assert isinstance(result, CallToolResult)
     out = []
     for _ in range(n):
-        p = ledger.begin("get_feature_acts", {"prompt": PROMPT, "top_k": 5}, None, {"top_k": 5})
+        p = ledger.begin("get_feature_acts", {"prompt": PROMPT, "top_k": 5}, "s-bench", None, {"top_k": 5})
         t0 = time.perf_counter()
-        p.finish(result)
+        p.finish(result.structured_content)
         out.append(time.perf_counter() - t0)
     return statistics.median(out)
 

@@ -327,7 +327,7 @@ def test_a_session_is_found_by_a_unique_prefix_and_wildcards_are_plain_text(tmp_
 
 
 def test_the_session_map_keeps_only_the_newest_http_sessions():
-    from sae_mcp.services.ledger import MAX_TEXT_KEYS, IdentityMap
+    from sae_mcp.server.conversations import MAX_TEXT_KEYS, IdentityMap
 
     m = IdentityMap()
     for i in range(MAX_TEXT_KEYS + 50):

@@ -47,11 +47,11 @@ def fake_result(size: int, **extra) -> CallToolResult:
 
 
 def record(ledger, tool: str, given: dict, result: CallToolResult | None = None, error: str | None = None) -> str:
-    p = ledger.begin(tool, given, None, {})
+    p = ledger.begin(tool, given, "s-test", None, {})
     if error is not None:
         p.fail(error)
     else:
-        p.finish(result)
+        p.finish(result.structured_content)
     return p.run_id
 
 

@@ -135,7 +135,7 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         cancel = CancelToken()
         try:
             issued = scorer.issue(s.key, feature, None, rec.id, score.n, score.method, score.seed,
-                                  score.min_activation, session=conversation_of(services, mcp_context),
+                                  score.min_activation, session=conversation_of(server.conversations, mcp_context),
                                   progress=progress_reporter(mcp_context, cancel, "tokens scanned"), cancel=cancel)
         except SaeMcpError as exc:  # the label stays recorded: say so rather than fail the call that wrote it
             return recorded.model_copy(update={"warnings": [

@@ -135,7 +135,7 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         mcp_context: Context = None,
     ) -> Annotated[CallToolResult, LedgerAnswer]:
         """Earlier runs of any conversation, newest first: to resume, and to find run_ids to cite."""
-        current = ledger.session_of(mcp_context)[0] if ledger.recording else None
+        current = server.conversations.session_of(mcp_context)[0] if ledger.recording else None
         store = ledger.store
         sid = current if session == "current" else (store.resolve_session(session) if session else None)
         if sae and feature is None:

@@ -39,6 +39,7 @@ from sae_mcp.engine.runtime import CancelToken, Engine
 from sae_mcp.errors import InvalidInput
 from sae_mcp.results.scoring import ExplanationScore, ScoreExplanation
 from sae_mcp.server.args import engine_args
+from sae_mcp.server.conversations import Conversations
 from sae_mcp.server.progress import progress_reporter
 from sae_mcp.server.wiring import ToolDecorator
 from sae_mcp.services import Services
@@ -81,7 +82,7 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         mcp_context: Context = None,
     ) -> ScoreExplanation:
         """Score an explanation blind: contexts to judge from the explanation alone, then submit_predictions."""
-        session = conversation_of(services, mcp_context)
+        session = conversation_of(server.conversations, mcp_context)
         reply = _sampled_reply(mcp_context) if auto else None
         if reply is not None:
             return _score_reply(scorer, *reply, expect=(feature, method), session=session)
@@ -105,13 +106,13 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
     ) -> ExplanationScore:
         """Score your predictions on a blind set (once, with its submit_secret)."""
         return scorer.submit(challenge_id, submit_secret, {k.strip(): v for k, v in predictions.items()},
-                             session=conversation_of(services, mcp_context))
+                             session=conversation_of(server.conversations, mcp_context))
 
 
-def conversation_of(services: Services, ctx: Any) -> str | None:
+def conversation_of(conversations: Conversations, ctx: Any) -> str | None:
     """The ledger's id of the conversation this call came in (None outside a request)."""
     try:
-        return services.ledger.session_of(ctx)[0]
+        return conversations.session_of(ctx)[0]
     except Exception:  # the ledger cannot tell: the look-up check then reads the handing-out conversation only
         log.warning("no conversation id for a scoring call", exc_info=True)
         return None

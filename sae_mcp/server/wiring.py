@@ -12,8 +12,9 @@ SaeMcpServer is the SDK's MCPServer with three protocol-level rules an agent nee
   the structured content (whole) and a compact text rendering (server/text.py);
 - every call is recorded in the ledger (services/ledger.py) when `server.ledger` is set: begun and finished here,
   on the event loop (one SQLite insert, ~0.1 ms: measured cheaper than on the tool's worker thread, and no thread
-  hop), committed before the answer leaves, which then carries its `run_id`; a call that failed is recorded with the
-  message the client sees. Recording never fails a call;
+  hop), committed before the answer leaves, which then carries its `run_id` (added here: the ledger takes the
+  conversation's session id, server/conversations.py, and the result's structured content); a call that failed is
+  recorded with the message the client sees. Recording never fails a call;
 - every call's waits for the device end when its client cancels or goes away (progress.watching_request), with or
   without a progress reporter;
 - when pages are served (`server.pages`, server/page_links.py), a result that names one feature carries `page`,
@@ -35,11 +36,12 @@ import anyio
 from mcp import MCPError
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError, UnexpectedResourceError, UnexpectedToolError
-from mcp.types import CallToolResult, ToolAnnotations
+from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from mcp_types import INVALID_PARAMS, InputRequiredResult
 from pydantic import BaseModel, ValidationError
 
 from sae_mcp.errors import SaeMcpError
+from sae_mcp.server.conversations import Conversations
 from sae_mcp.server.page_links import CIRCUIT_PAGE_SCHEMA, PAGE_SCHEMA, draws_circuit, names_features
 from sae_mcp.server.progress import watching_request
 from sae_mcp.server.renderings import agent_text
@@ -71,6 +73,7 @@ class SaeMcpServer(MCPServer):
         self.pages: Any = None  # server.page_links.PageLinks when the feature pages are served somewhere
         self.circuits: Any = None  # store.circuits.CircuitStore keeping circuit graphs whole (with the ledger)
         self.page_in_text: set[str] = set()  # tools whose text also shows the page URL (tool(page_in_text=True))
+        self.conversations = Conversations()  # the session id of each conversation (the ledger files runs under it)
 
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
         pending = await self._begin(name, arguments, context)
@@ -84,10 +87,11 @@ class SaeMcpServer(MCPServer):
             if pending is not None:
                 pending.fail("cancelled before it answered")
             raise
-        if pending is not None:
-            result = pending.finish(result)
-            if pending.run_id is not None:
-                result = await self._keep_circuit(result, pending.run_id, name in self.page_in_text)
+        if pending is not None and isinstance(result, CallToolResult):  # (a request for client input is a round,
+            run_id = pending.finish(result.structured_content)  # not the run: the final round is)
+            if run_id is not None:
+                result = with_run_id(result, run_id)
+                result = await self._keep_circuit(result, run_id, name in self.page_in_text)
         if self.pages is not None and {"feature", "features"} & await self.argument_names(name):
             result = self.pages.add(result, arguments, name in self.page_in_text)  # as list_tools lists `page`
         return result
@@ -98,7 +102,8 @@ class SaeMcpServer(MCPServer):
             return None
         try:
             await self.argument_names(name)
-            return self.ledger.begin(name, arguments, context, (self._defaults or {}).get(name, {}))
+            session, client = self.conversations.session_of(context)
+            return self.ledger.begin(name, arguments, session, client, (self._defaults or {}).get(name, {}))
         except Exception:
             log.warning("could not begin recording the %s call; answering without the ledger", name, exc_info=True)
             return None
@@ -169,6 +174,19 @@ class SaeMcpServer(MCPServer):
             if missing:
                 raise MCPError(INVALID_PARAMS, f"prompt {name!r} needs the argument(s) {', '.join(missing)}")
         return await super().get_prompt(name, arguments, context)
+
+
+def with_run_id(result: CallToolResult, run_id: str) -> CallToolResult:
+    """The result with run_id in its structured content and as the last line of its first text. In place: the
+    result was made for this call (as_tool_result), and a copy would cost as much as the rest of the recording."""
+    for i, c in enumerate(result.content):
+        if isinstance(c, TextContent):
+            result.content[i] = TextContent.model_construct(type="text", text=f"{c.text}\nrun_id: {run_id}",
+                                                            annotations=c.annotations, meta=c.meta)
+            break
+    if result.structured_content is not None:
+        result.structured_content["run_id"] = run_id
+    return result
 
 
 def internal_error(name: str, exc: UnexpectedToolError) -> ToolError:

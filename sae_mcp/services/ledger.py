@@ -3,16 +3,16 @@
     Ledger(engine, settings, recording=True)     built once by Services; `services.ledger`
       .store                the LedgerStore (opened on first use: a server that is never called writes no file)
       .prepare()            starts computing the environment (model/SAE weights hashes, versions) in the background
-      .begin(tool, given, context, defaults) -> Pending, or None when not recording
-      .session_of(context)  this conversation's session id (one per MCP connection)
+      .begin(tool, given, session, client, defaults) -> Pending, or None when not recording; `session` is the
+                            conversation's id (the MCP face finds it: server/conversations.py)
 
-    Pending.finish(result)  before the answer leaves: digest, a bounded copy, the resolved arguments, one committed
-                            insert; returns the result with its run_id in the structured content and as the text's
-                            last line
+    Pending.finish(structured) -> run id   before the answer leaves: digest, a bounded copy, the resolved arguments,
+                            one committed insert, of the result's structured content (plain JSON data); the MCP
+                            face puts the run id in the answer (server/wiring.py)
     Pending.fail(message)   a failed call, with the message the client sees
 
-Recording never changes a result (the digest is taken before run_id is added) and never fails a call: an error
-while recording is logged and the answer goes out without a run_id. The digest is the SHA-256 of the result's
+Recording never changes a result (the digest is taken without run_id) and never fails a call: an error while
+recording is logged and the answer goes out without a run_id. The digest is the SHA-256 of the result's
 canonical JSON without the fields that vary between identical calls (VOLATILE: timings of build_index) and
 with the value of any secret field replaced (store/ledger.py SECRET_FIELDS: a blind set's submit secret is never
 written), so a replay compares digests. What is stored of the arguments, the result and the error, and the size
@@ -30,13 +30,11 @@ import secrets
 import sqlite3
 import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pydantic_core
-from mcp.types import CallToolResult, TextContent
 
 from sae_mcp.engine.runtime import Engine
 from sae_mcp.errors import InvalidInput
@@ -112,80 +110,6 @@ def digest_of(tool: str, structured: dict | None) -> str:
     return hashlib.sha256(canonical(tool, structured)).hexdigest()[:32]
 
 
-def with_run_id(result: Any, run_id: str) -> Any:
-    """The result with run_id in its structured content and as the last line of its first text. In place: the
-    result was made for this call (as_tool_result), and a copy would cost as much as the rest of the recording."""
-    if not isinstance(result, CallToolResult):
-        return result
-    for i, c in enumerate(result.content):
-        if isinstance(c, TextContent):
-            result.content[i] = TextContent.model_construct(type="text", text=f"{c.text}\nrun_id: {run_id}",
-                                                            annotations=c.annotations, meta=c.meta)
-            break
-    if result.structured_content is not None:
-        result.structured_content["run_id"] = run_id
-    return result
-
-
-def conversation_of(context: Any) -> tuple[Any, str | None]:
-    """(what every call of one conversation shares, the client's name) from a tool call's context.
-
-    On the 2026 wire every request gets a Connection (and on a JSON-RPC pipe a TransportContext) of its own, so
-    neither says which calls belong together. What lasts as long as the client: an MCP HTTP session's id; on a pipe
-    (stdio) the JSON-RPC dispatcher reading it; in process (the SDK's in-memory client) its transport context.
-    Sessionless HTTP has none of these, so its calls are grouped by the client program's name and version."""
-    request = getattr(context, "_request_context", None) if context is not None else None
-    session = getattr(request, "session", None)
-    conn = getattr(session, "_connection", None)
-    if conn is None:
-        return None, None
-    info = getattr(getattr(conn, "client_params", None), "client_info", None)
-    client = f"{info.name} {info.version}".strip() if info is not None else None
-    if getattr(conn, "session_id", None):
-        return f"mcp-session:{conn.session_id}", client
-    outbound = getattr(session, "_request_outbound", None)
-    inner = getattr(outbound, "_inner", outbound)
-    transport = getattr(inner, "transport", None)
-    if "http" in str(getattr(transport, "kind", "")):
-        return (f"http-client:{client}" if client else None), client
-    for key in (getattr(inner, "_dispatcher", None), transport):
-        if key is not None:
-            return key, client
-    return None, client
-
-
-MAX_TEXT_KEYS = 10_000  # HTTP sessions remembered: a long-running server must not grow with every one ever opened
-
-
-class IdentityMap:
-    """object -> value by identity, without keeping the object alive (the transport contexts are frozen
-    dataclasses: equal by value, so two clients' would collide as dict keys). Strings are keys by value."""
-
-    def __init__(self) -> None:
-        self._by_id: dict[int, tuple[Any, str]] = {}
-        self._by_text: dict[str, str] = {}
-
-    def get(self, key: Any) -> str | None:
-        if isinstance(key, str):
-            return self._by_text.get(key)
-        found = self._by_id.get(id(key))
-        return found[1] if found and found[0]() is key else None
-
-    def put(self, key: Any, value: str) -> None:
-        if isinstance(key, str):  # an HTTP session id or a client's name: the newest MAX_TEXT_KEYS are kept
-            self._by_text[key] = value
-            if len(self._by_text) > MAX_TEXT_KEYS:
-                del self._by_text[next(iter(self._by_text))]  # the oldest (dicts keep insertion order)
-            return
-        if len(self._by_id) > 1024:  # drop the entries of connections that are gone
-            self._by_id = {k: v for k, v in self._by_id.items() if v[0]() is not None}
-        try:
-            ref = weakref.ref(key)
-        except TypeError:
-            ref = (lambda obj: lambda: obj)(key)  # not weakly referable: kept alive (rare; bounded by clients)
-        self._by_id[id(key)] = (ref, value)
-
-
 @dataclass
 class Pending:
     """One call being recorded: begun on the event loop, finished (or failed) exactly once."""
@@ -209,17 +133,16 @@ class Pending:
             self.done = True
             return True
 
-    def finish(self, result: Any) -> Any:
-        if not isinstance(result, CallToolResult):  # e.g. a request for client input: the final round is the run
-            return result
+    def finish(self, structured: dict | None) -> str | None:
+        """Record the call's result (its structured content); its run id, or None when it was not recorded (done
+        before, or recording failed: logged)."""
         if not self._claim():
-            return result
+            return None
         try:
-            self.run_id = self.ledger.write(self, result=result)
+            self.run_id = self.ledger.write(self, structured=structured)
         except Exception:
             log.warning("could not record the %s call in the ledger; answering anyway", self.tool, exc_info=True)
-            return result
-        return with_run_id(result, self.run_id)
+        return self.run_id
 
     def fail(self, message: str) -> None:
         if not self._claim():
@@ -242,8 +165,6 @@ class Ledger:
         self._lock = threading.Lock()
         self._env: tuple[str, dict] | None = None
         self._env_thread: threading.Thread | None = None
-        self._sessions = IdentityMap()  # a conversation's transport (or its HTTP session id) -> session id
-        self._own_session = new_id("s", 10)  # calls made without a connection (tests calling the server directly)
         self._resolve = ResolveContext(engine, max_activation, self._corpus_of)
         self._written_sessions: set[str] = set()  # sessions whose row this ledger wrote (once each)
 
@@ -289,30 +210,18 @@ class Ledger:
 
     # -- recording ----------------------------------------------------------------------------------------------
 
-    def session_of(self, context: Any) -> tuple[str, str | None]:
-        """(session id, client name) of the conversation a call came in: one per client connection (a stdio pipe,
-        an in-memory client, an MCP HTTP session; on sessionless HTTP, one per client program and server run), else
-        the ledger's own (a call without a request, e.g. a test calling the server directly)."""
-        key, client = conversation_of(context)
-        if key is None:
-            return self._own_session, client
-        with self._lock:
-            sid = self._sessions.get(key)
-            if sid is None:
-                sid = new_id("s", 10)
-                self._sessions.put(key, sid)
-        return sid, client
-
-    def begin(self, tool: str, given: dict, context: Any, defaults: dict) -> Pending | None:
+    def begin(self, tool: str, given: dict, session: str, client: str | None, defaults: dict) -> Pending | None:
+        """A call of `tool` with the arguments `given`, in the conversation `session` (of the client named
+        `client`), to be recorded when it answers; None when this ledger does not record."""
         if not self.recording:
             return None
-        session, client = self.session_of(context)
         return Pending(self, tool, dict(given), defaults, session, client)
 
-    def write(self, p: Pending, result: Any = None, error: str | None = None) -> str:
-        """Record one call; returns its run id (committed)."""
+    def write(self, p: Pending, structured: dict | None = None, error: str | None = None) -> str:
+        """Record one call (its result's structured content, or the error it failed with); returns its run id
+        (committed)."""
         wall = time.perf_counter() - p.t0
-        structured = getattr(result, "structured_content", None) if error is None else None
+        structured = structured if error is None else None
         if self._env_thread is not None and self._env_thread is not threading.current_thread():
             self._env_thread.join()  # the first call waits for the hashes begun at start (seconds, once)
         eid = self.environment()[0]
