@@ -116,10 +116,11 @@ def record_alone(on, n: int = 200) -> float:
     from mcp.types import CallToolResult
 
     from sae_mcp.engine.features import get_feature_acts
-    from sae_mcp.server.wiring import as_tool_result
+    from sae_mcp.server.text import as_tool_result
+    from sae_mcp.tools.get_feature_acts import render
 
     ledger = on.ledger
-    result = as_tool_result(get_feature_acts(ledger.engine, PROMPT, top_k=5))
+    result = as_tool_result(get_feature_acts(ledger.engine, PROMPT, top_k=5), render)
     assert isinstance(result, CallToolResult)
     out = []
     for _ in range(n):

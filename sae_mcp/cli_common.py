@@ -80,8 +80,9 @@ def build_engine(settings: Settings):
 def services_for(settings: Settings, record: bool = True):
     """The engine's services (built once: services/), the demo's index built first when it is the demo."""
     from sae_mcp.services import Services
+    from sae_mcp.tools import tool_map
 
-    services = Services(build_engine(settings), settings, record=record)
+    services = Services(build_engine(settings), settings, tools=tool_map(), record=record)
     if settings.demo:
         index_demo(services)
     return services

@@ -8,7 +8,7 @@
 
 --session takes an id, a unique prefix, or nothing for the latest session. replay loads the recorded model and
 SAEs unless --model / --sae / --corpus / --dtype say otherwise, and exits 1 when a result differs. prune deletes
-the oldest runs no label cites (store/ledger.py's policy: the label_feature runs that recorded a label are kept too)
+the oldest runs no label cites (store/ledger.py's policy: the runs that recorded a label are kept too)
 until the ledger is under --max-mb (default: the cap, SAE_MCP_LEDGER_MAX_MB) and every run older than
 --older-than-days, then rewrites the file (VACUUM) so the space goes back to the disk.
 """
@@ -40,6 +40,13 @@ def _store(args: argparse.Namespace):
     return store, data_dir
 
 
+def _tools():
+    """The registered tools by name: how each tool's runs are summarised, exported, replayed and kept."""
+    from sae_mcp.tools import tool_map
+
+    return tool_map()
+
+
 def cmd_sessions(args: argparse.Namespace) -> int:
     from sae_mcp.services.ledger_summary import session_line
 
@@ -55,8 +62,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     store, _ = _store(args)
     sid = store.resolve_session(args.session)
     print(f"session {sid}")
+    tools = _tools()
     for run in store.runs(session=sid, limit=100_000, light=True):
-        print(run_line(run))
+        print(run_line(run, tools))
     return 0
 
 
@@ -65,7 +73,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from sae_mcp.export.session import load_session
 
     store, _ = _store(args)
-    data = load_session(store, args.session)
+    data = load_session(store, args.session, _tools())
     export(data, args.format, Path(args.out))
     print(f"{args.out}: session {data.id}, {len(data.runs)} runs, {len(data.labels)} labels ({args.format})")
     return 0
@@ -74,14 +82,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     import time
 
-    from sae_mcp.services.ledger import cited_runs, ledger_cap
+    from sae_mcp.services.ledger import cited_runs, kept_tools, ledger_cap
 
     store, data_dir = _store(args)
     before = time.time() - args.older_than_days * 86400 if args.older_than_days is not None else None
     max_bytes = int(args.max_mb * 1_000_000) if args.max_mb is not None else ledger_cap()
     cited = cited_runs(data_dir)
     was, runs = store.path.stat().st_size, store.count()
-    done = store.prune(cited, max_bytes=max_bytes, before=before)
+    done = store.prune(cited, kept_tools(_tools()), max_bytes=max_bytes, before=before)
     store.vacuum()
     print(f"{store.path}: deleted {done.runs} of {runs} runs (and {len(done.sessions)} sessions left without runs), "
           f"kept {done.kept} that labels cite; file {was / 1e6:.1f} MB -> {store.path.stat().st_size / 1e6:.1f} MB")
@@ -104,15 +112,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
 
-    from sae_mcp.export.replay import FLOAT_RTOL, SKIPPED_IN_PLACE
+    from sae_mcp.export.replay import FLOAT_RTOL
     from sae_mcp.export.session import load_session
 
     store, data_dir = _store(args)
-    data = load_session(store, args.session)
+    data = load_session(store, args.session, _tools())
     scratch = None if args.in_place else Path(tempfile.mkdtemp(prefix="sae-mcp-replay-"))
     try:
         settings = _replay_settings(args, data.env, scratch or data_dir)
-        results = _replay(settings, store, data, SKIPPED_IN_PLACE if args.in_place else {})
+        results = _replay(settings, store, data, args.in_place)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -125,7 +133,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 1 if counts["differs"] else 0
 
 
-def _replay(settings, store, data, skip: dict[str, str]) -> list:
+def _replay(settings, store, data, in_place: bool) -> list:
     from sae_mcp.cli_common import build_engine
     from sae_mcp.export.replay import env_changes, replay
     from sae_mcp.server.app import build_server
@@ -135,14 +143,16 @@ def _replay(settings, store, data, skip: dict[str, str]) -> list:
 
     engine = build_engine(settings)
     # A replay is no new experiment: nothing is recorded, but label_feature checks its evidence_runs in this ledger.
-    services = Services(engine, settings, ledger=Ledger(engine, settings, recording=False, store=store))
+    tools = _tools()
+    services = Services(engine, settings, tools=tools, ledger=Ledger(engine, settings, tools, recording=False,
+                                                                     store=store))
     server = build_server(engine, settings, services=services, record=False)
     print(f"replaying session {data.id} ({len(data.runs)} runs) on {settings.model} with {', '.join(settings.saes)}"
-          + ("" if skip else " (scratch data dir)"))
+          + ("" if in_place else " (scratch data dir)"))
     for line in env_changes(data.env, environment(engine, settings, None)):
         print(f"changed since the recording: {line}")
     with contextlib.redirect_stdout(sys.stderr):  # library chatter during the calls stays off the report
-        return replay(server, data, skip)
+        return replay(server, data, in_place)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -42,6 +42,14 @@ def stories_texts(n: int | None = None) -> list[str]:
     return texts[:n] if n else texts
 
 
+def volatile(tool: str) -> tuple[str, ...]:
+    """The result fields a registered tool's ledger rule leaves out of the digest (none for a name not registered)."""
+    from sae_mcp.services.ledger_rule import rule_of
+    from sae_mcp.tools import tool_map
+
+    return rule_of(tool_map(), tool).volatile
+
+
 def only_sae(engine):
     """The engine's one loaded SAE (a LoadedSAE)."""
     (s,) = engine.saes.values()
@@ -280,8 +288,9 @@ def indexed_stories_services(engine, sae_dir: Path, data_dir: Path, tokens: int 
     feature pages show from."""
     from sae_mcp.services import Services
     from sae_mcp.settings import Settings
+    from sae_mcp.tools import tool_map
 
     settings = Settings(model=str(STORIES_HF), saes=(str(sae_dir),), corpus=str(STORIES_CORPUS), data_dir=data_dir)
-    services = Services(engine, settings)
+    services = Services(engine, settings, tools=tool_map())
     services.examples.build_index(None, tokens)
     return services

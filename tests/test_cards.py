@@ -15,6 +15,7 @@ from sae_mcp.server.prompts import load_prompts
 from sae_mcp.services import Services
 from sae_mcp.services.cards import NOT_INDEXED
 from sae_mcp.settings import Settings
+from sae_mcp.tools import tool_map
 
 from conftest import FakeIndex, only_sae
 from mcp_client import call_many, error_text, read_resource
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("lexical_only")
 
 
 def services_with(engine, tmp_path, examples=None) -> Services:
-    return Services(engine, Settings(data_dir=tmp_path), examples=examples)
+    return Services(engine, Settings(data_dir=tmp_path), tools=tool_map(), examples=examples)
 
 
 def test_resource_template_matches_a_dotted_hook_name(tiny_engine, tmp_path):
@@ -96,7 +97,7 @@ def test_card_shows_a_cached_on_demand_scan_instead_of_not_indexed(tiny_engine, 
     scanned = src.top_examples(None, 4, k=3, max_scan_tokens=120)
     assert scanned.source == "scan" and scanned.examples
     monkeypatch.setattr(src, "_run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("a card must not scan")))
-    services = Services(tiny_engine, st, examples=src)
+    services = Services(tiny_engine, st, tools=tool_map(), examples=src)
     md = card_text.card_markdown(services, 4, n_examples=2)
     assert NOT_INDEXED not in md
     assert f"from an on-demand top_examples scan of this feature over {scanned.tokens_scanned:,} tokens" in md
@@ -282,5 +283,5 @@ def test_card_of_an_sae_off_the_residual_stream_says_why_there_is_no_logit_lens(
 
     folder = make_sae_folder(tmp_path / "mlp_sae", 64, 16, "blocks.0.mlp.hook_post")
     engine = engine_on(tiny_loaded, folder)
-    md = card_text.card_markdown(Services(engine, Settings(data_dir=tmp_path)), 2)
+    md = card_text.card_markdown(Services(engine, Settings(data_dir=tmp_path), tools=tool_map()), 2)
     assert "no logit lens:" in md and "residual stream" in md

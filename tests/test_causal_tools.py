@@ -13,6 +13,7 @@ from sae_mcp.errors import NotFound
 from sae_mcp.server.app import build_server
 from sae_mcp.services import Services
 from sae_mcp.settings import Settings
+from sae_mcp.tools import tool_map
 
 from mcp_client import call_many, call_tool, cancel_after_first_progress, error_text, list_tools
 
@@ -26,7 +27,8 @@ def server(tiny_server):
 
 
 def server_with_examples(engine, tmp_path, examples):
-    return build_server(engine, services=Services(engine, Settings(data_dir=tmp_path), examples=examples))
+    services = Services(engine, Settings(data_dir=tmp_path), tools=tool_map(), examples=examples)
+    return build_server(engine, services=services)
 
 
 def test_causal_tools_are_listed_read_only_with_bounded_inputs(server):

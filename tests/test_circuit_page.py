@@ -26,6 +26,7 @@ from sae_mcp.services import Services
 from sae_mcp.services.cards import shown
 from sae_mcp.settings import Settings
 from sae_mcp.store.circuits import CircuitStore, circuits_path
+from sae_mcp.tools import tool_map
 
 from conftest import engine_on
 from mcp_client import call_many, call_tool, text_of, tools_by_name
@@ -43,7 +44,7 @@ def engine(stories_loaded):
 
 
 def services_on(engine, data_dir: Path, dashboard_url: str | None = BASE, **kw) -> Services:
-    return Services(engine, Settings(data_dir=data_dir, dashboard_url=dashboard_url), **kw)
+    return Services(engine, Settings(data_dir=data_dir, dashboard_url=dashboard_url), tools=tool_map(), **kw)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import pytest
 from sae_mcp.services import Services
 from sae_mcp.services.feature_page import PAGE_CONTEXT, PAGE_INTERVALS, PAGE_PER_INTERVAL, PAGE_TOP
 from sae_mcp.settings import Settings
+from sae_mcp.tools import tool_map
 
 from conftest import free_port, indexed_stories_services, only_sae
 from mcp_client import call_tool
@@ -54,7 +55,7 @@ def serve_pages(services):
 @pytest.fixture
 def dashboard(tiny_engine, tmp_path):
     """The tiny model's pages for the length of one test."""
-    services = Services(tiny_engine, Settings(data_dir=tmp_path / "data"))
+    services = Services(tiny_engine, Settings(data_dir=tmp_path / "data"), tools=tool_map())
     server, thread, base = serve_pages(services)
     yield services, base
     server.should_exit = True

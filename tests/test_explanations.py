@@ -13,6 +13,7 @@ from sae_mcp.settings import Settings
 from sae_mcp.store import explanation_files as files
 from sae_mcp.store import explanations as ex
 from sae_mcp.store.explanations import ExplanationStore
+from sae_mcp.tools import tool_map
 
 from conftest import only_sae
 from mcp_client import call_many, error_text, tools_by_name
@@ -279,7 +280,8 @@ def test_matches_by_meaning_alone_are_said_to_be_so(tiny_engine, tmp_path):
     settings = Settings(data_dir=tmp_path)
     store = store_for(tiny_engine, tmp_path, embedder=embed)
     store.add_label(only_sae(tiny_engine).store_key, 4, "the word happy in stories")
-    server = build_server(tiny_engine, settings, services=Services(tiny_engine, settings, explanations=store))
+    services = Services(tiny_engine, settings, tools=tool_map(), explanations=store)
+    server = build_server(tiny_engine, settings, services=services)
     meaning, words = call_many(server, [("search_explanations", {"query": "suddenly"}),
                                         ("search_explanations", {"query": "happy"})])
     assert meaning.structured_content["ranking"] == "semantic" and meaning.structured_content["matches"]

@@ -17,6 +17,7 @@ from sae_mcp.engine.features import POOR_RECONSTRUCTION
 from sae_mcp.server.app import build_server
 from sae_mcp.services import Services
 from sae_mcp.settings import Settings
+from sae_mcp.tools import tool_map
 
 from conftest import assert_ranked_like, engine_on, make_sae_folder, only_sae, tutorial_sae_acts
 from mcp_client import call_many, error_text
@@ -175,7 +176,7 @@ def test_model_info_says_why_there_is_no_fidelity_without_a_corpus(tiny_engine, 
 def test_fidelity_is_measured_once_per_server(tiny_engine, tmp_path, monkeypatch):
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(["the cat sat on the mat and Lily saw it " * 4] * 6) + "\n", encoding="utf-8")
-    services = Services(tiny_engine, Settings(corpus=str(corpus), data_dir=tmp_path))
+    services = Services(tiny_engine, Settings(corpus=str(corpus), data_dir=tmp_path), tools=tool_map())
     calls = []
     import sae_mcp.services as services_module
 

@@ -33,6 +33,7 @@ from sae_mcp.server.security import (
 from sae_mcp.server.sessions import SessionLimiter
 from sae_mcp.services import Services
 from sae_mcp.settings import Settings
+from sae_mcp.tools import tool_map
 
 from conftest import STORIES_HF, free_port, only_sae
 
@@ -138,7 +139,7 @@ def test_a_page_cookie_replayed_after_its_lifetime_is_refused(tiny_engine, tmp_p
     its lifetime: here 30 minutes, on a clock the test moves."""
     now = [1000.0]
     policy = HttpPolicy(token=TOKEN, page_cookie_minutes=30)
-    app = pages_app(Services(tiny_engine, Settings(data_dir=tmp_path)), policy, clock=lambda: now[0])
+    app = pages_app(Services(tiny_engine, Settings(data_dir=tmp_path), tools=tool_map()), policy, clock=lambda: now[0])
     with client_for(app, policy) as c:
         jar = page_login(c, policy)
         now[0] += 29 * 60
@@ -388,7 +389,7 @@ def test_pages_carry_a_csp_that_runs_only_the_test_box_script_by_hash_nosniff_an
 
 
 def test_html_injected_through_a_label_stays_escaped_on_the_pages(tiny_engine, tmp_path, key):
-    services = Services(tiny_engine, Settings(data_dir=tmp_path))
+    services = Services(tiny_engine, Settings(data_dir=tmp_path), tools=tool_map())
     evil = "<script>alert(1)</script><img src=x onerror=alert(2)>"
     services.explanations.add_label(only_sae(tiny_engine).store_key, 4, evil, evidence="</li><script>x()</script>")
     policy = HttpPolicy(token=TOKEN)
@@ -451,7 +452,7 @@ def test_a_person_opens_the_dashboard_in_chromium_with_the_token_once_in_the_url
 
     if CHROMIUM is None:
         pytest.skip("no chromium binary: apt-get install -y chromium chromium-driver to run the browser test")
-    services = Services(tiny_engine, Settings(data_dir=tmp_path / "data"))
+    services = Services(tiny_engine, Settings(data_dir=tmp_path / "data"), tools=tool_map())
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # bound here: no other process can take the port before uvicorn listens on it
     policy = HttpPolicy(port=sock.getsockname()[1], token=TOKEN)

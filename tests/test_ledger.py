@@ -25,7 +25,7 @@ from sae_mcp.settings import Settings
 from sae_mcp.store.explanations import ExplanationStore
 from sae_mcp.store.ledger import LedgerStore, bounded, ledger_path, scrub
 
-from conftest import STORIES_CORPUS, STORIES_HF, only_sae
+from conftest import STORIES_CORPUS, STORIES_HF, only_sae, volatile
 from mcp_client import call_many, error_text, read_resource, text_of
 
 PROMPT = "Once upon a time, there was a little girl named Lily"
@@ -132,7 +132,7 @@ def test_a_session_across_every_tool_is_recorded_completely(recorded):
             continue
         out = dict(res.structured_content)
         assert out.pop("run_id") == run.id and text_of(res).endswith(f"\nrun_id: {run.id}")  # where the agent sees it
-        assert run.ok and run.digest == digest_of(name, out)
+        assert run.ok and run.digest == digest_of(volatile(name), out)
         assert run.result == scrub(out) or name == "build_index"  # whole (build_index's timings: not in the digest)
     by_tool = {r.tool: r.resolved for r in runs if r.ok}
     sae = only_sae(recorded["server"].ledger.engine)
@@ -246,13 +246,14 @@ def test_bounded_copies_cut_long_lists_and_the_digest_ignores_run_id():
     cut = bounded(big)
     assert cut["rows"][:32] == list(range(32)) and cut["rows"][-1] == {"left_out": 68}
     assert len(cut["text"]) < 2100 and cut["nested"][0]["a"][-1] == {"left_out": 8}
-    assert digest_of("t", {"a": 1, "run_id": "r1"}) == digest_of("t", {"a": 1})
-    assert digest_of("build_index", {"a": 1, "seconds": 2.0}) == digest_of("build_index", {"a": 1, "seconds": 9.0})
+    assert digest_of(volatile("t"), {"a": 1, "run_id": "r1"}) == digest_of(volatile("t"), {"a": 1})
+    timings = volatile("build_index")
+    assert digest_of(timings, {"a": 1, "seconds": 2.0}) == digest_of(timings, {"a": 1, "seconds": 9.0})
     blind = {"challenge": {"challenge_id": "ch_1", "seed": 1, "contexts": ["a"]}, "score": None}
     other_id = {"challenge": {**blind["challenge"], "challenge_id": "ch_2"}, "score": None}
     other_seed = {"challenge": {**blind["challenge"], "seed": 2}, "score": None}
-    assert digest_of("score_explanation", blind) == digest_of("score_explanation", other_id)
-    assert digest_of("score_explanation", blind) != digest_of("score_explanation", other_seed)
+    assert digest_of(volatile("score_explanation"), blind) == digest_of(volatile("score_explanation"), other_id)
+    assert digest_of(volatile("score_explanation"), blind) != digest_of(volatile("score_explanation"), other_seed)
     assert blind["challenge"]["challenge_id"] == "ch_1"  # the result itself is left whole
 
 
@@ -307,7 +308,8 @@ def test_kill_9_mid_session_loses_no_run_whose_result_was_returned(stories_sae_d
     assert store.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     for rid, (name, out) in returned.items():
         run = store.run(rid)
-        assert run.tool == name and run.digest == digest_of(name, {k: v for k, v in out.items() if k != "run_id"})
+        body = {k: v for k, v in out.items() if k != "run_id"}
+        assert run.tool == name and run.digest == digest_of(volatile(name), body)
     assert len({store.run(rid).session for rid in returned}) == 1  # one stdio client, one session
 
 

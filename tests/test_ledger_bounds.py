@@ -16,9 +16,12 @@ from mcp.types import CallToolResult, TextContent
 from sae_mcp.cli import main as cli_main
 from sae_mcp.server.app import build_server
 from sae_mcp.services.ledger import digest_of
+from sae_mcp.services.ledger_summary import summary_of
 from sae_mcp.settings import Settings
 from sae_mcp.store.ledger import BOUNDED_STR, MAX_ERROR_CHARS, MAX_REJECTED_CHARS, SECRET_MARK, LedgerStore, ledger_path
+from sae_mcp.tools import tool_map
 
+from conftest import volatile
 from mcp_client import call_many, error_text, text_of
 
 pytestmark = pytest.mark.usefixtures("lexical_only")
@@ -127,8 +130,8 @@ def test_an_old_ledger_gets_the_new_columns_and_its_runs_still_list(tmp_path):
         "'label_feature', '{\"feature\": 7, \"label\": \"cats\"}', 0.1, 1, '{\"label_id\": 4, \"feature\": 7}');")
     conn.close()
     store = LedgerStore(path)
-    (run,) = store.runs(light=True)
-    assert run.summary == "label 4 on feature 7" and run.given == {"feature": 7, "label": "cats"}
+    (run,) = store.runs(light=True)  # its summary computed from its result, by its tool's rule
+    assert summary_of(run, tool_map()) == "label 4 on feature 7" and run.given == {"feature": 7, "label": "cats"}
     assert store.run("r1").result == {"label_id": 4, "feature": 7}
 
 
@@ -194,7 +197,7 @@ def test_a_submit_secret_reaches_neither_the_ledger_nor_its_listing(tiny_engine,
                     error=f"submit_secret: wrong (given '{secret[:20]}...')")
     store = ledger.store
     assert store.run(blind).result["challenge"]["submit_secret"] == SECRET_MARK
-    assert store.run(blind).digest == digest_of("score_explanation", {**body, "challenge": {
+    assert store.run(blind).digest == digest_of(volatile("score_explanation"), {**body, "challenge": {
         **body["challenge"], "submit_secret": "another one"}})  # the digest does not depend on the secret
     assert store.run(plain).result["nested"] == [{"submit_secret": SECRET_MARK}]
     assert store.run(big).truncated and store.run(big).result["submit_secret"] == SECRET_MARK

@@ -19,8 +19,9 @@ from sae_mcp.cli import main as cli_main
 from sae_mcp.export import cells, write_ipynb
 from sae_mcp.export.session import load_session
 from sae_mcp.store.ledger import LedgerStore
+from sae_mcp.tools import tool_map
 
-from conftest import STORIES_HOOK, make_sae_folder
+from conftest import STORIES_HOOK, make_sae_folder, volatile
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 ALLOWED_IMPORTS = {"torch", "sae_lens", "transformer_lens", "transformers", "pandas", "json", "hashlib", "pathlib",
@@ -35,7 +36,7 @@ def session(stories_engine, tmp_path_factory):
     record_session(stories_engine, data_dir)
     store = LedgerStore.for_data_dir(data_dir)
     (recorded,) = store.sessions()
-    return dict(data_dir=data_dir, store=store, data=load_session(store, recorded.id))
+    return dict(data_dir=data_dir, store=store, data=load_session(store, recorded.id, tool_map()))
 
 
 def cli(*argv: str) -> tuple[int, str]:
@@ -148,8 +149,8 @@ def test_a_cut_copy_of_a_long_result_is_checked_on_what_it_kept(tmp_path):
 
     import torch
 
-    from sae_mcp.export.cells_read import feature_acts
     from sae_mcp.store.ledger import Run
+    from sae_mcp.tools.get_feature_acts import cell as feature_acts
 
     acts = torch.zeros(3, 64)  # [seq, d_sae]
     acts[2, :40] = torch.linspace(4.0, 0.1, 40)  # 40 features fire at position 2, in descending order
@@ -179,14 +180,14 @@ def test_replay_reads_last_digits_moved_as_close_and_a_real_change_as_differs():
 
     recorded = {"tokens": ["<s>", "a"], "diffs": [{"feature": 3, "effect_size": -16.976, "exact": 0.795124}]}
     run = Run(id="r1", session="s", env="e", time=0.0, tool="compare_prompts", given={}, resolved={}, wall_s=0.0,
-              ok=True, result=recorded, digest=digest_of("compare_prompts", recorded))
+              ok=True, result=recorded, digest=digest_of(volatile("compare_prompts"), recorded))
 
     def now(**change):
         diff = {**recorded["diffs"][0], **change}
         return CallToolResult(content=[], structured_content={**recorded, "diffs": [diff]})
 
-    assert compare(run, now()).status == "same"
-    assert compare(run, now(effect_size=-16.97, exact=0.795123)).status == "close"
-    moved = compare(run, now(exact=0.795124 * (1 + 3 * FLOAT_RTOL)))
+    assert compare(run, now(), volatile("compare_prompts")).status == "same"
+    assert compare(run, now(effect_size=-16.97, exact=0.795123), volatile("compare_prompts")).status == "close"
+    moved = compare(run, now(exact=0.795124 * (1 + 3 * FLOAT_RTOL)), volatile("compare_prompts"))
     assert moved.status == "differs" and "diffs[0].exact" in moved.detail
-    assert compare(run, now(feature=4)).status == "differs"
+    assert compare(run, now(feature=4), volatile("compare_prompts")).status == "differs"

@@ -21,6 +21,7 @@ from sae_mcp.export.session import SessionData, load_session
 from sae_mcp.server.app import build_server
 from sae_mcp.settings import Settings
 from sae_mcp.store.ledger import LedgerStore, Run
+from sae_mcp.tools import tool_map
 
 from conftest import STORIES_HF, only_sae
 
@@ -53,7 +54,7 @@ def hostile(stories_engine, tmp_path_factory):
     assert bad.is_error and unknown.is_error
     store = LedgerStore.for_data_dir(data_dir)
     (session,) = store.sessions()
-    return dict(data_dir=data_dir, data=load_session(store, session.id))
+    return dict(data_dir=data_dir, data=load_session(store, session.id, tool_map()))
 
 
 def rendered(markdown: str) -> str:
@@ -134,7 +135,7 @@ def test_a_script_that_would_not_compile_is_refused(tmp_path):
     assert not (tmp_path / "bad.py").exists()
     run = Run(id="r1", session="s", env=None, time=0.0, tool="feature_card", given={"x": C0}, resolved={},
               wall_s=0.0, ok=False, error=C0)
-    write_py(cells(SessionData(id="s", runs=[run], env={})), tmp_path / "ok.py")  # a failed run, listed
+    write_py(cells(SessionData(id="s", runs=[run], env={}, tools=tool_map())), tmp_path / "ok.py")  # a failed run
     text = (tmp_path / "ok.py").read_text()
     compile(text, "ok.py", "exec")
     assert not re.search("[\x00-\x08\x0b-\x1f\x7f]", text) and "\\\\x00\\\\x01" in text  # written out

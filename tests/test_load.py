@@ -21,6 +21,7 @@ from sae_mcp.server.app import build_server
 from sae_mcp.services import MEASURING, Services
 from sae_mcp.services.example_source import ExampleSource
 from sae_mcp.settings import Settings
+from sae_mcp.tools import tool_map
 
 from load_helpers import STEER, fresh_engine, slow_generation, wait_until
 from mcp_client import call_many, error_text
@@ -212,7 +213,7 @@ def test_feature_stats_answers_while_another_call_holds_the_device(tiny_loaded, 
 
 def test_model_info_does_not_wait_for_a_busy_device_and_measures_fidelity_in_the_background(engine,
                                                                                              indexed_settings):
-    services = Services(engine, indexed_settings)
+    services = Services(engine, indexed_settings, tools=tool_map())
     server = build_server(engine, services=services)
     engine._lock.acquire()  # a long call holds the device
     try:

@@ -26,6 +26,7 @@ from sae_mcp.services.score_metrics import metrics
 from sae_mcp.services.score_prompt import read_predictions, scorer_prompt
 from sae_mcp.services.score_runs import ExplanationScorer
 from sae_mcp.settings import Settings
+from sae_mcp.tools import tool_map
 
 from conftest import REPO, STORIES_CORPUS, STORIES_HF, only_sae, tutorial_sae_acts
 from mcp_client import call_many, error_text, text_of
@@ -40,7 +41,7 @@ def setup(stories_engine, stories_sae_dir, tmp_path_factory):
     data = tmp_path_factory.mktemp("scoring")
     settings = Settings(model=str(STORIES_HF), saes=(str(stories_sae_dir),), corpus=str(STORIES_CORPUS),
                         data_dir=data)
-    services = Services(stories_engine, settings)
+    services = Services(stories_engine, settings, tools=tool_map())
     services.examples.build_index(None, INDEX_TOKENS)
     return build_server(stories_engine, settings, services=services), services
 

@@ -26,6 +26,7 @@ from sae_mcp.services.example_view import DEFAULT_PER_INTERVAL, MAX_INTERVALS, M
 from sae_mcp.services.feature_page import gather_page
 from sae_mcp.services.score_prompt import scorer_prompt
 from sae_mcp.settings import Settings
+from sae_mcp.tools import tool_map
 
 from conftest import STORIES_CORPUS, STORIES_HF, only_sae, tutorial_sae_acts
 from mcp_client import call_many, error_text, text_of, tools_by_name
@@ -40,7 +41,7 @@ def setup(stories_engine, stories_sae_dir, tmp_path_factory):
     data = tmp_path_factory.mktemp("scoring_blind")
     settings = Settings(model=str(STORIES_HF), saes=(str(stories_sae_dir),), corpus=str(STORIES_CORPUS),
                         data_dir=data)
-    services = Services(stories_engine, settings)
+    services = Services(stories_engine, settings, tools=tool_map())
     services.examples.build_index(None, INDEX_TOKENS)
     return build_server(stories_engine, settings, services=services), services
 

@@ -25,6 +25,7 @@ from sae_mcp.services.cards import gather_card
 from sae_mcp.services.feature_page import gather_page
 from sae_mcp.settings import Settings
 from sae_mcp.store.scores import ScoreStore
+from sae_mcp.tools import tool_map
 
 from conftest import STORIES_CORPUS, STORIES_HF
 from mcp_client import call_many, text_of
@@ -39,7 +40,7 @@ def setup(stories_engine, stories_sae_dir, tmp_path_factory):
     data = tmp_path_factory.mktemp("scoring_secret")
     settings = Settings(model=str(STORIES_HF), saes=(str(stories_sae_dir),), corpus=str(STORIES_CORPUS),
                         data_dir=data)
-    services = Services(stories_engine, settings)
+    services = Services(stories_engine, settings, tools=tool_map())
     services.examples.build_index(None, INDEX_TOKENS)
     _, row, _, _ = services.examples.feature_row(None, 0)
     density = row.n_fired / row.tokens

@@ -6,6 +6,7 @@ from __future__ import annotations
 from sae_mcp.server.app import build_server
 from sae_mcp.services import Services
 from sae_mcp.settings import Settings
+from sae_mcp.tools import tool_map
 
 from conftest import FakeIndex, only_sae
 from mcp_client import call_many
@@ -15,7 +16,8 @@ PROMPT = "the cat sat on the mat and the dog"
 
 def test_every_tool_reads_the_one_injected_example_source(tiny_engine, tmp_path):
     fake = FakeIndex(only_sae(tiny_engine).key)
-    server = build_server(tiny_engine, services=Services(tiny_engine, Settings(data_dir=tmp_path), examples=fake))
+    services = Services(tiny_engine, Settings(data_dir=tmp_path), tools=tool_map(), examples=fake)
+    server = build_server(tiny_engine, services=services)
     top, card, stats, steer = call_many(server, [
         ("top_examples", {"feature": 3, "k": 1}),
         ("feature_card", {"feature": 4, "examples": 1}),

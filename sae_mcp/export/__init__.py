@@ -2,15 +2,16 @@
 
     cells(data)                       markdown + code cells: the setup (preamble.py), then per run its markdown
                                       (the call, its key numbers, the server's warnings, the labels citing it) and,
-                                      for the tools below, code that redoes it and asserts the recorded numbers
+                                      for the tools whose export rule has a cell (ExportRule.cell, in each tool's
+                                      module), code that redoes it and asserts the recorded numbers
     write_py(cells, path)             a script in the percent format (# %%): runs as `python FILE`, opens as a
                                       notebook in editors that read the format
     write_ipynb(cells, path)          a Jupyter notebook (nbformat 4.5, written as JSON: no nbformat needed)
     report.write_md(data, path)       a readable report: the question, what was found per feature (each label
                                       with its blind scores and the runs it cites), the setup, every run
 
-Runs of other tools (model_info, build_index, search_explanations, label_feature, feature_card, feature_stats,
-token_set_enrichment) and failed runs are listed as markdown.
+Runs of the other tools, and failed runs, are listed as markdown. The session's data carries the registered tools
+(load_session(store, ref, tools)): nothing here names a tool.
 """
 
 from __future__ import annotations
@@ -18,52 +19,42 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sae_mcp.export import cells_causal, cells_circuits, cells_read
 from sae_mcp.export.preamble import preamble
+from sae_mcp.export.rules import ExportRule, export_rule
 from sae_mcp.export.session import Cell, SessionData, label_markdown, md_text, run_markdown
+from sae_mcp.store.ledger import Run
 
-CODE = {
-    "get_feature_acts": cells_read.feature_acts,
-    "compare_prompts": cells_read.compare_prompts,
-    "next_token": cells_read.next_token,
-    "project_to_vocab": cells_read.project_to_vocab,
-    "top_examples": cells_read.top_examples,
-    "ablate_and_test": cells_causal.ablate_and_test,
-    "attribute": cells_causal.attribute,
-    "steer_generate": cells_causal.steer_generate,
-    "patch_features": cells_circuits.patch_features,
-    "trace_circuit": cells_circuits.trace_circuit,
-}
-HELPERS = {**cells_causal.HELPERS, **cells_circuits.HELPERS, "top_examples": [cells_read.CORPUS_HELPERS]}
 FORMATS = ("py", "ipynb", "md")
 
 
-def _note(run) -> str | None:
+def _note(run: Run, rule: ExportRule) -> str | None:
     notes = []
     if run.truncated:
         notes.append("The ledger kept a cut copy of this result (long lists shortened): the cell checks what it kept.")
-    if run.tool == "steer_generate" and float((run.resolved or {}).get("temperature", 0)) >= 1e-4:
-        notes.append("Sampled: each text is drawn again from a generator seeded as recorded and compared; the "
-                     "seed-independent numbers (KL, P(answer)) are asserted. Controls are not re-run.")
+    if rule.note is not None and (note := rule.note(run)):
+        notes.append(note)
     return " ".join(notes) or None
 
 
-def _run_cells(run, data: SessionData) -> list[Cell]:
+def _run_cells(run: Run, data: SessionData) -> list[Cell]:
     if not run.ok:
         return [("markdown", run_markdown(run, data, "Not redone: the call failed."))]
-    make = CODE.get(run.tool)
-    if make is None or not run.result or not run.resolved:
-        return [("markdown", run_markdown(run, data, None if make else "Listed only: not a tool this export redoes."))]
+    rule = export_rule(data.tools, run.tool)
+    if rule.cell is None or not run.result or not run.resolved:
+        return [("markdown", run_markdown(run, data, None if rule.cell else
+                                          "Listed only: not a tool this export redoes."))]
     try:
-        code = make(run)
+        code = rule.cell(run)
     except (KeyError, TypeError, IndexError) as exc:  # a run recorded before a field existed, or cut away
         return [("markdown", run_markdown(run, data, f"Not redone: the record lacks {md_text(exc)}."))]
-    return [("markdown", run_markdown(run, data, _note(run))), ("code", code)]
+    return [("markdown", run_markdown(run, data, _note(run, rule))), ("code", code)]
 
 
 def cells(data: SessionData) -> list[Cell]:
-    used = {r.tool for r in data.runs if r.ok and r.tool in CODE}
-    out, redone = preamble(data, used, HELPERS), 0
+    redoes = {name for name in data.tools if export_rule(data.tools, name).cell is not None}
+    used = {r.tool for r in data.runs if r.ok and r.tool in redoes}
+    helpers = {name: list(export_rule(data.tools, name).helpers) for name in redoes}
+    out, redone = preamble(data, used, helpers), 0
     for run in data.runs:
         made = _run_cells(run, data)
         redone += any(kind == "code" for kind, _ in made)

@@ -2,7 +2,8 @@
 SAEs without sae-mcp, and the helpers the run cells call (each a few lines of plain transformer-lens + sae-lens).
 
 Only torch, transformer-lens, sae-lens and pandas are imported (transformers, which transformer-lens depends on,
-converts a local model folder). Helpers are included only when a run needs them.
+converts a local model folder). Helpers are included only when a run needs them: each tool names the blocks its
+cells call (ExportRule.helpers, in its module), METRIC_HELPER below being one several tools share.
 """
 
 from __future__ import annotations
@@ -65,6 +66,13 @@ for key, source in SAE_SOURCES.items():
         assert folder_weights_id(source["folder"]) == source["weights_id"], (
             f"SAE {key}: {source['folder']} holds other weights than the recorded ones; set CHECK_WEIGHTS = False "
             "to run against them anyway")
+'''
+
+METRIC_HELPER = '''\
+def metric_of(logits, answer_id, cf_id):
+    """logit[answer] - logit[counterfactual]; without a counterfactual log P(answer)."""
+    logits = logits.float()
+    return logits[answer_id] - logits[cf_id] if cf_id is not None else logits.log_softmax(-1)[answer_id]
 '''
 
 CHECKS = '''\

@@ -5,10 +5,12 @@ Use it after upgrading a library, re-training or swapping an SAE, or changing sa
 listed first (weights hashes, package versions), then each run. By default the calls run against a scratch data dir
 (no cached scan, no index, no label from outside the session; the session's own labels are written again there, in
 order), so a result depends on the model, the SAEs, the corpus and the code alone; `--in-place` uses the real data
-dir instead (its index and cached scans answer, and label_feature is skipped: it would write). A recorded failure
-replays as 'same' when it fails again with the same message; one whose arguments the ledger cut (a rejected call's,
-store/ledger.py) is skipped. A blind set's submit secret is never recorded: submit_predictions is replayed with the
-secret of the blind set drawn again. The replaying server records nothing.
+dir instead (its index and cached scans answer, and a tool whose replay rule says skip_in_place, the one that
+writes labels, is skipped). A recorded failure replays as 'same' when it fails again with the same message; one
+whose arguments the ledger cut (a rejected call's, store/ledger.py) is skipped. Each tool's replay rule (in its
+module) adjusts what it is sent again: the seed a blind set was drawn with, so that the same set is drawn; a blind
+set's id and submit secret, which is never recorded, so that the runs answering it answer the set drawn again.
+The replaying server records nothing.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from sae_mcp.export.rules import Handed, replay_rule
 from sae_mcp.export.session import SessionData
 from sae_mcp.services.ledger import digest_of, without_volatile
-from sae_mcp.store.ledger import MAX_RESULT_CHARS, SECRET_FIELDS, fit, scrub, secrets_in
+from sae_mcp.services.ledger_rule import rule_of
+from sae_mcp.store.ledger import MAX_RESULT_CHARS, fit, scrub, secrets_in
 
-SKIPPED_IN_PLACE = {"label_feature": "writes a label (replayed only in a scratch data dir)"}
 ARGS_CUT = "its arguments were cut in the ledger (a rejected call's are): it cannot be sent again as it was"
 SHOWN = 80  # characters of a differing value shown
 FLOAT_RTOL = 1e-3  # 'close': every number within this of the recorded one, all else equal. Measured: the same
@@ -73,15 +76,16 @@ def first_difference(a: Any, b: Any, path: str = "", rtol: float = 0.0) -> str |
     return f"{path or 'result'}: recorded {_show(a)}, now {_show(b)}"
 
 
-def _view(tool: str, result: dict | None, cut: bool) -> dict:
+def _view(volatile: tuple[str, ...], result: dict | None, cut: bool) -> dict:
     """The part of a result that is compared: without volatile fields, run_id and secrets, cut as the recorded
     copy was."""
-    body = scrub(without_volatile(tool, result))
+    body = scrub(without_volatile(volatile, result))
     return fit(body, MAX_RESULT_CHARS, size=MAX_RESULT_CHARS + 1)[0] if cut else body
 
 
-def compare(run, result: Any) -> Replayed:
-    """A recorded run against the CallToolResult its call gives now."""
+def compare(run, result: Any, volatile: tuple[str, ...]) -> Replayed:
+    """A recorded run against the CallToolResult its call gives now (`volatile`: its tool's volatile fields, left
+    out of the comparison)."""
     text = " ".join(getattr(c, "text", "") for c in getattr(result, "content", []))
     if result.is_error or not run.ok:
         if result.is_error and not run.ok:
@@ -91,9 +95,9 @@ def compare(run, result: Any) -> Replayed:
         return Replayed(run.id, run.tool, "differs", f"now fails: {_show(text)}" if result.is_error else
                         f"now succeeds (recorded error {_show(run.error)})")
     structured = result.structured_content
-    if digest_of(run.tool, structured) == run.digest:
+    if digest_of(volatile, structured) == run.digest:
         return Replayed(run.id, run.tool, "same")
-    recorded, now = _view(run.tool, run.result, run.truncated), _view(run.tool, structured, run.truncated)
+    recorded, now = _view(volatile, run.result, run.truncated), _view(volatile, structured, run.truncated)
     where = first_difference(recorded, now)
     if where is None and not run.truncated:  # the same fields and values, serialised in another order
         return Replayed(run.id, run.tool, "same")
@@ -102,49 +106,29 @@ def compare(run, result: Any) -> Replayed:
     return Replayed(run.id, run.tool, "differs", where or "beyond the part of the result the ledger kept")
 
 
-def _challenge_id(result: dict | None) -> str | None:
-    return ((result or {}).get("challenge") or (result or {}).get("score") or {}).get("challenge_id")
-
-
-def replay_arguments(run, challenges: dict[str, str], secrets: dict[str, str] | None = None) -> dict:
-    """The arguments a run is replayed with: as given, but score_explanation with the seed it drew (the same blind
-    set) and submit_predictions answering the replayed challenge (`challenges`: recorded id -> replayed id) with its
-    submit secret (`secrets`: replayed id -> the secret its blind set came with; the recorded one never was)."""
-    args = dict(run.given)
-    if run.tool == "score_explanation" and args.get("seed") is None and (run.resolved or {}).get("seed") is not None:
-        args["seed"] = run.resolved["seed"]
-    drawn = ((run.resolved or {}).get("score") or {}).get("seed") if run.tool == "label_feature" else None
-    if isinstance(args.get("score"), dict) and args["score"].get("seed") is None and drawn is not None:
-        args["score"] = {**args["score"], "seed": drawn}  # label_feature's blind set likewise
-    if run.tool == "submit_predictions" and args.get("challenge_id") in challenges:
-        args["challenge_id"] = challenges[args["challenge_id"]]
-        for name in SECRET_FIELDS.intersection(args):
-            args[name] = (secrets or {}).get(args["challenge_id"], args[name])
-    if run.tool == "attribute" and isinstance(args.get("verify"), int) and not isinstance(args["verify"], bool):
-        args["verify"] = args["verify"] > 0  # recorded when verify counted the top entries checked (now: all or none)
-    return args
-
-
-def replay(server: Any, data: SessionData, skip: dict[str, str] | None = None) -> list[Replayed]:
-    """Every run of the session through one in-memory client connection to `server`, in the recorded order, but
-    the tools in `skip` (tool -> why)."""
+def replay(server: Any, data: SessionData, in_place: bool = False) -> list[Replayed]:
+    """Every run of the session through one in-memory client connection to `server`, in the recorded order, sent
+    as its tool's replay rule says; with `in_place` (the real data dir), the tools whose rule says so skipped."""
     import anyio
     from mcp import Client
 
     async def go() -> list[Replayed]:
-        out, challenges, secrets = [], {}, {}
+        out, handed = [], Handed()
         async with Client(server) as client:
             for run in data.runs:
-                if run.tool in (skip or {}) or run.args_cut:
-                    out.append(Replayed(run.id, run.tool, "skipped", ARGS_CUT if run.args_cut else skip[run.tool]))
+                rule = replay_rule(data.tools, run.tool)
+                if (in_place and rule.skip_in_place) or run.args_cut:
+                    out.append(Replayed(run.id, run.tool, "skipped", ARGS_CUT if run.args_cut else
+                                        rule.skip_in_place or ""))
                     continue
-                result = await client.call_tool(run.tool, replay_arguments(run, challenges, secrets))
-                if run.tool in ("score_explanation", "label_feature") and not result.is_error:
-                    old, new = _challenge_id(run.result), _challenge_id(result.structured_content)
-                    challenges.update({old: new} if old and new else {})
-                    secrets.update({new: found[0]} if new and (found := secrets_in(result.structured_content))
-                                   else {})
-                out.append(compare(run, result))
+                given = dict(run.given)
+                args = rule.arguments(given, run.resolved or {}, handed) if rule.arguments is not None else given
+                result = await client.call_tool(run.tool, args)
+                if rule.hands_out is not None and not result.is_error:
+                    found = secrets_in(result.structured_content)
+                    handed.add(rule.hands_out(run.result or {}), rule.hands_out(result.structured_content or {}),
+                               found[0] if found else None)
+                out.append(compare(run, result, rule_of(data.tools, run.tool).volatile))
         return out
 
     return anyio.run(go)

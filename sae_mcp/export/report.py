@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sae_mcp.export.cells_read import items
-from sae_mcp.export.session import SCORING_TOOLS, Label, SessionData, call_markdown, md_code, md_text
-from sae_mcp.services.ledger_summary import fmt, summarize, when
+from sae_mcp.export.rules import Label, export_rule
+from sae_mcp.export.session import SessionData, call_markdown, md_code, md_text, recorded_summary
+from sae_mcp.services.ledger_summary import fmt, when
 from sae_mcp.store.ledger import Run
 
 
@@ -39,11 +39,13 @@ class Finding:
     unlabelled: list[Score] = field(default_factory=list)  # scores of texts recorded as no label here
 
 
-def score_of(run: Run) -> Score | None:
-    """The score a run filed: submit_predictions' result, or score_explanation's when it scored (auto)."""
-    if not run.ok or run.tool not in SCORING_TOOLS:
+def score_of(run: Run, data: SessionData) -> Score | None:
+    """The score a run filed, where its tool's export rule says it is (a submission's result, or a blind set's
+    score when the client's model answered it)."""
+    score = export_rule(data.tools, run.tool).score
+    if not run.ok or score is None:
         return None
-    body = run.result if run.tool == "submit_predictions" else (run.result or {}).get("score")
+    body = score(run.result or {})
     return Score(run, body) if isinstance(body, dict) and isinstance(body.get("metrics"), dict) else None
 
 
@@ -64,7 +66,7 @@ def findings(data: SessionData) -> list[Finding]:
     for run in data.runs:
         if (lab := labels.get(run.id)) is not None:
             out.setdefault((lab.sae, lab.feature), Finding(lab.sae, lab.feature)).labels.append(lab)
-        elif (score := score_of(run)) is not None and not any(is_of(score, lab) for lab in data.labels):
+        elif (score := score_of(run, data)) is not None and not any(is_of(score, lab) for lab in data.labels):
             key = (score.body.get("sae"), int(score.body.get("feature", -1)))
             out.setdefault(key, Finding(*key)).unlabelled.append(score)
     return list(out.values())
@@ -88,7 +90,7 @@ def _score_line(score: Score, data: SessionData) -> str:
 
 
 def _label_lines(lab: Label, data: SessionData) -> list[str]:
-    scores = [sc for r in data.runs + data.scored_elsewhere if (sc := score_of(r)) and is_of(sc, lab)]
+    scores = [sc for r in data.runs + data.scored_elsewhere if (sc := score_of(r, data)) and is_of(sc, lab)]
     filed = {sc.body.get("score_id") for sc in scores}
     earlier = [b for b in lab.scored if b.get("score_id") not in filed]  # scored before: its run not in the ledger
     lines = [f"- Label *{md_text(lab.label)}* ({_link(lab.run_id, data)})"]
@@ -102,7 +104,7 @@ def _label_lines(lab: Label, data: SessionData) -> list[str]:
     by_id = {r.id: r for r in data.runs}
     for rid in lab.evidence_runs:
         run = by_id.get(rid)
-        what = md_text(f"{run.tool}: {summarize(run.tool, run.result, run.ok, run.error)}") if run else ""
+        what = md_text(f"{run.tool}: {recorded_summary(run, data)}") if run else ""
         lines.append(f"  - Cites {_link(rid, data)}" + (f" {what}" if what else ""))
     if not lab.evidence_runs:
         lines.append("  - Cites no run")
@@ -139,35 +141,14 @@ def _setup(data: SessionData) -> list[str]:
     return lines
 
 
-def _details(run: Run) -> list[str]:
-    """A few more numbers than the one-line summary, for the tools whose result is a table."""
-    r = run.result or {}
-    if run.tool == "ablate_and_test" and r.get("summary"):
-        return [f"- {md_text(r['summary'])}"]
-    if run.tool == "steer_generate":
-        return [f"- scale {fmt(s['scale'])}: KL {fmt(s['kl_next_token'])}, concept readout {s.get('concept_readout')}"
-                f" (unsteered {r.get('unsteered_concept_readout')}), text: "
-                + md_text(repr((items(s.get("continuations")) or [{}])[0].get("text", "")[:120]))
-                for s in items(r.get("steered"))]
-    if run.tool == "attribute":
-        return [f"- {t['position']} {md_text(repr(t['token']))} feature {t['feature']}: attribution "
-                f"{fmt(t['attribution'])}" + (f", exact contribution {fmt(x)}" if (x := t.get(
-                    "exact_contribution", t.get("exact_effect"))) is not None else "")
-                for t in items(r.get("top"))[:5]]
-    if run.tool == "top_examples":
-        return [f"- {fmt(e['activation'])}: " + md_text("".join(f"«{t}»" if i == e["position"] else t
-                                                               for i, t in enumerate(e["tokens"])))
-                for e in items(r.get("examples"))[:5]]
-    return []
-
-
 def _run(run: Run, data: SessionData) -> list[str]:
     lines = [f'<a id="{_anchor(run.id)}"></a>', f"### {md_code(run.id)} {md_text(run.tool, 64)}"
              + ("" if run.ok else " (failed)"), "",
              f"{call_markdown(run)} ({when(run.time)}, {run.wall_s * 1000:.0f} ms)", "",
-             f"- {md_text(summarize(run.tool, run.result, run.ok, run.error))}"]
-    if run.ok:
-        lines += _details(run)
+             f"- {md_text(recorded_summary(run, data))}"]
+    details = export_rule(data.tools, run.tool).details  # a few more numbers, for the tools whose result is a table
+    if run.ok and details is not None:
+        lines += details(run.result or {})
     lines += [f"- server warning: {md_text(w)}" for w in (run.result or {}).get("warnings") or []]
     lines += [f"- cited by the label on feature {lab.feature}: *{md_text(lab.label, 120)}* ({_link(lab.run_id, data)})"
               for lab in data.cited_by(run.id)]
@@ -182,7 +163,7 @@ def _anchor(run_id: str) -> str:
 def write_md(data: SessionData, path: Path) -> None:
     runs = data.runs
     failed = sum(not r.ok for r in runs)
-    scored = sum(score_of(r) is not None for r in runs)
+    scored = sum(score_of(r, data) is not None for r in runs)
     head = [f"# sae-mcp session `{data.id}`", "",
             f"**Question**: {md_text(repr(data.question))}" if data.question else "**Question**: (no prompt was given)",
             "",

@@ -14,11 +14,14 @@ from __future__ import annotations
 import html
 import pprint
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from sae_mcp.errors import NotFound
+from sae_mcp.export.rules import Exported, Label, export_rule
 from sae_mcp.services.cards import one_line
+from sae_mcp.services.ledger_rule import rule_of
 from sae_mcp.services.ledger_summary import args_line, first_prompt, summarize, when
 from sae_mcp.store.ledger import LedgerStore, Run
 
@@ -30,26 +33,15 @@ URL = re.compile(r"://|\bwww\.", re.IGNORECASE)
 Cell = tuple[str, str]  # ('markdown' | 'code', source)
 
 
-SCORING_TOOLS = ("score_explanation", "submit_predictions")  # the runs whose results can hold a score
-
-
-@dataclass(frozen=True)
-class Label:
-    run_id: str
-    sae: str | None
-    feature: int
-    label: str
-    evidence: str | None
-    evidence_runs: list[str]
-    label_id: int | None = None  # its id in the explanation store (scores name it)
-    scored: list[dict] = field(default_factory=list)  # scores of its text known when it was recorded (ScoreBrief)
-
 
 @dataclass
 class SessionData:
     id: str
     runs: list[Run]
     env: dict
+    tools: Mapping[str, Exported]
+    """The registered tools by name (sae_mcp.tools.tool_map()): how each tool's runs are summarised, redone,
+    reported and replayed."""
     envs: dict[str, dict] = field(default_factory=dict)  # every environment a run points to
     labels: list[Label] = field(default_factory=list)
     scored_elsewhere: list[Run] = field(default_factory=list)
@@ -64,25 +56,25 @@ class SessionData:
         return [lab for lab in self.labels if run_id in lab.evidence_runs]
 
 
-def load_session(store: LedgerStore, ref: str | None) -> SessionData:
-    """The session `ref` (an id, a unique prefix, or None for the latest) from the store."""
+def load_session(store: LedgerStore, ref: str | None, tools: Mapping[str, Exported]) -> SessionData:
+    """The session `ref` (an id, a unique prefix, or None for the latest) from the store; `tools`: the registered
+    tools by name."""
     sid = store.resolve_session(ref)
     runs = store.runs(session=sid, limit=100_000)
     if not runs:
         raise NotFound(f"session {sid} has no runs")
     envs = {r.env: store.env(r.env) or {} for r in runs if r.env}
     env = envs.get(runs[-1].env) or next(iter(envs.values()), {})
-    labels = [
-        Label(run_id=r.id, sae=(r.resolved or {}).get("sae"), feature=int(r.given.get("feature", -1)),
-              label=str(r.given.get("label", "")), evidence=r.given.get("evidence"),
-              evidence_runs=list(r.given.get("evidence_runs") or []), label_id=(r.result or {}).get("label_id"),
-              scored=[b for b in (r.result or {}).get("scored") or [] if isinstance(b, dict)])
-        for r in runs if r.tool == "label_feature" and r.ok
-    ]
+    labels = []
+    for r in runs:
+        label_of = export_rule(tools, r.tool).label  # the tools whose runs record a label
+        if r.ok and label_of is not None:
+            labels.append(label_of(r))
+    scoring = [name for name in tools if export_rule(tools, name).score is not None]  # their runs can hold a score
     elsewhere = [r for sae, feature in dict.fromkeys((lab.sae, lab.feature) for lab in labels)
-                 for tool in SCORING_TOOLS for r in store.runs(tool=tool, feature=feature, sae=sae)
+                 for tool in scoring for r in store.runs(tool=tool, feature=feature, sae=sae)
                  if r.session != sid and r.ok]
-    return SessionData(id=sid, runs=runs, env=env, envs=envs, labels=labels,
+    return SessionData(id=sid, runs=runs, env=env, tools=tools, envs=envs, labels=labels,
                        scored_elsewhere=sorted(elsewhere, key=lambda r: r.time))
 
 
@@ -99,6 +91,11 @@ def md_code(text: Any) -> str:
     """An identifier (a run id, a weights hash, an SAE key) as a markdown code span: one line, no backtick inside
     (the only character that ends one; HTML and links inside a code span are text)."""
     return "`" + one_line(str(text)).replace("`", "'") + "`"
+
+
+def items(xs: list | None) -> list:
+    """A recorded list without the ledger's '{left_out: n}' marker (a cut copy checks what it kept)."""
+    return [x for x in xs or [] if not (isinstance(x, dict) and set(x) == {"left_out"})]
 
 
 def lit(value: Any, indent: int = 0) -> str:
@@ -123,10 +120,14 @@ def run_heading(run: Run) -> str:
     return f"### `{run.id}` {md_text(run.tool, 64)} ({when(run.time)}, {run.wall_s * 1000:.0f} ms)"
 
 
+def recorded_summary(run: Run, data: SessionData) -> str:
+    """The run's key numbers, from the result the ledger kept, by its tool's rule."""
+    return summarize(rule_of(data.tools, run.tool), run.result, run.ok, run.error)
+
+
 def run_markdown(run: Run, data: SessionData, note: str | None = None) -> str:
     """Heading, the call as given, its key numbers, the server's warnings, and the labels that cite it."""
-    lines = [run_heading(run), "", call_markdown(run), "",
-             f"Recorded: {md_text(summarize(run.tool, run.result, run.ok, run.error))}"]
+    lines = [run_heading(run), "", call_markdown(run), "", f"Recorded: {md_text(recorded_summary(run, data))}"]
     for w in (run.result or {}).get("warnings") or []:
         lines += ["", f"> server warning: {md_text(w)}"]
     for lab in data.cited_by(run.id):

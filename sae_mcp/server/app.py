@@ -1,10 +1,12 @@
 """The MCP face: build_server(engine, settings) -> MCPServer.
 
 build_server constructs the services once (services/: the example source, the explanation store, the logit-weight
-statistics) and hands them, with the engine, to each tool module's `register(server, tool, engine, services)`.
-A tool body validates its arguments (bounds live in the signature, so every client sees them in the input
-schema), calls one engine or service function and returns its pydantic result (structured content + output
-schema). Domain errors (SaeMcpError) become `isError` results with the engine's message; the server keeps working.
+statistics, the ledger), handed the registered tools (sae_mcp/tools/: each tool's ToolSpec), and registers each
+tool with what it is made with (ToolDeps: the engine, the services, the argument types, every tool by name, the
+conversations). A tool body validates its arguments (bounds live in the signature, so every client sees them in
+the input schema), calls one engine or service function and returns its pydantic result (structured content +
+output schema). Domain errors (SaeMcpError) become `isError` results with the engine's message; the server keeps
+working.
 """
 
 from __future__ import annotations
@@ -14,21 +16,15 @@ from importlib.metadata import PackageNotFoundError, version
 from mcp.server.mcpserver import MCPServer
 
 from sae_mcp.engine.runtime import Engine
-from sae_mcp.server import (
-    http,
-    tools_causal,
-    tools_circuits,
-    tools_corpus,
-    tools_explain,
-    tools_ledger,
-    tools_prompt,
-    tools_scoring,
-)
+from sae_mcp.server import http
+from sae_mcp.server.args import engine_args
 from sae_mcp.server.page_links import PageLinks
 from sae_mcp.server.prompts import load_prompts
-from sae_mcp.server.wiring import SaeMcpServer, tool_decorator
+from sae_mcp.server.wiring import SaeMcpServer, register_tool
 from sae_mcp.services import Services
 from sae_mcp.settings import Settings
+from sae_mcp.tools import TOOLS, tool_map
+from sae_mcp.tools.spec import ToolDeps
 
 INSTRUCTIONS = """\
 sae-mcp runs sparse-autoencoder (SAE) experiments on a loaded transformer language model.
@@ -44,8 +40,6 @@ Label in two calls: describe_features (the evidence for several features), then 
 the label, cites run_ids in evidence_runs, hands out its blind set); answer the set from the label alone with
 submit_predictions. Every call is recorded: ledger() finds earlier runs. The MCP prompts hold recipes."""
 
-TOOL_MODULES = (tools_prompt, tools_corpus, tools_causal, tools_circuits, tools_explain, tools_scoring, tools_ledger)
-
 
 def package_version() -> str:
     try:
@@ -59,9 +53,14 @@ def package_version() -> str:
 def build_server(engine: Engine, settings: Settings | None = None, services: Services | None = None,
                  record: bool = True) -> MCPServer:
     """Every tool, resource, prompt and page, wired to the engine and to one set of services (built here unless
-    given: tests pass their own). Every call is recorded in the ledger unless `record` is False (`--no-ledger`) or
-    the services' ledger does not record."""
-    services = services or Services(engine, settings, record=record)
+    given: tests pass their own, built with the same tools). Every call is recorded in the ledger unless `record` is
+    False (`--no-ledger`) or the services' ledger does not record."""
+    tools = tool_map()
+    services = services or Services(engine, settings, tools=tools, record=record)
+    unknown = [s.name for s in TOOLS if s.ledger is not None and s.name not in services.tools]
+    if unknown:
+        raise ValueError(f"the services were built without the registered tools ({', '.join(unknown)}): pass "
+                         "Services(..., tools=sae_mcp.tools.tool_map())")
     server = SaeMcpServer("sae-mcp", version=package_version(), instructions=INSTRUCTIONS)
     if record and services.ledger.recording:
         server.ledger = services.ledger
@@ -70,9 +69,10 @@ def build_server(engine: Engine, settings: Settings | None = None, services: Ser
     dashboard_url = (settings.dashboard_url if settings is not None else None) or services.settings.dashboard_url
     if dashboard_url:  # results naming one feature link to its page
         server.pages = PageLinks(dashboard_url, list(engine.saes))
-    tool = tool_decorator(server)
-    for module in TOOL_MODULES:
-        module.register(server, tool, engine, services)
+    deps = ToolDeps(engine=engine, services=services, args=engine_args(engine), tools=tools,
+                    conversations=server.conversations)
+    for spec in TOOLS:
+        register_tool(server, spec, deps)
     for prompt in load_prompts():
         server.add_prompt(prompt)
     http.register_routes(server, services)  # the card pages, served beside /mcp over streamable HTTP

@@ -1,16 +1,22 @@
-"""The pieces of what the agent reads (server/renderings.py puts them together).
+"""The pieces of what the agent reads (each tool's rendering puts them together: ToolSpec.render, sae_mcp/tools/).
 
 A chat host shows the model a result's text content, and every character costs it context. The structured content
 keeps the whole typed result (the output schema); the text says the same facts once: compact JSON without
-indentation, without null or empty fields, floats to 4 significant digits, or a purpose-made rendering.
+indentation, without null or empty fields, floats to 4 significant digits, or a purpose-made rendering, which says
+every number of the structured content an agent needs, once, under a header line that names the units.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
-from mcp.types import TextContent
+from mcp.types import CallToolResult, TextContent
+from mcp_types import InputRequiredResult
+from pydantic import BaseModel
+
+from sae_mcp.results.causal import Controls
 
 SIGNIFICANT = 4
 
@@ -51,3 +57,29 @@ def warnings_lines(warnings: list[str] | None) -> list[str]:
 
 def join(lines: list[str | None]) -> str:
     return "\n".join(line for line in lines if line)
+
+
+def controls_lines(c: Controls, head: str = "controls") -> list[str]:
+    """Control stats per metric, and the control features (their texts stay in the structured content): the lines
+    of every tool that draws controls."""
+    if not c.runs:
+        return [f"{head}: none drawn ({c.note})"]
+    lines = [f"{head} ({len(c.runs)} runs, seed {c.seed}): {c.matched_on}. Target vs controls mean ± std [min, max], "
+             "z, |target| > every |control|"]
+    for s in c.stats:
+        z = "n/a" if s.z_score is None else fmt(s.z_score)
+        lines.append(f"  {s.metric}: {fmt(s.target)} vs {fmt(s.control_mean)} ± {fmt(s.control_std)} "
+                     f"[{fmt(s.control_min)}, {fmt(s.control_max)}], z {z}, |target| > all: "
+                     f"{'yes' if s.exceeds_all_controls else 'no'}")
+    lines.append("  control features: " + " ".join(str(run.features) for run in c.runs))
+    return lines + [f"  note: {c.note}" if c.note else None, f"  caution: {c.caution}" if c.caution else None]
+
+
+def as_tool_result(result: Any, render: Callable[[Any], str] | None) -> Any:
+    """A pydantic result -> CallToolResult(text: its tool's rendering, else compact JSON; structured: the whole
+    result). A CallToolResult, or an InputRequiredResult (the 2026 wire's request for client input, e.g. sampling:
+    tools/score_explanation.py), passes as is."""
+    if isinstance(result, BaseModel) and not isinstance(result, (CallToolResult, InputRequiredResult)):
+        text = render(result) if render is not None else compact_json(result.model_dump(mode="json"))
+        return CallToolResult(content=[text_content(text)], structured_content=result.model_dump(mode="json"))
+    return result

@@ -1,4 +1,5 @@
-"""The MCP server class and what every tool module uses to register its tools.
+"""The MCP server class, and register_tool(server, spec, deps): a tool's ToolSpec (sae_mcp/tools/spec.py) made
+into an MCP tool.
 
 SaeMcpServer is the SDK's MCPServer with three protocol-level rules an agent needs:
 - an argument name the tool does not have is an error naming the valid ones (the SDK would ignore it silently:
@@ -8,9 +9,10 @@ SaeMcpServer is the SDK's MCPServer with three protocol-level rules an agent nee
 - any other exception inside a tool is an isError result "internal error in <tool>: <Type>: <message>" (the SDK
   says only "Error executing tool <tool>", which leaves the agent nothing to act on), its traceback logged once to
   stderr, never sent;
-- results are shown to the agent compactly: `tool()`-registered functions return pydantic models, which become
-  the structured content (whole) and a compact text rendering (server/text.py);
-- every call is recorded in the ledger (services/ledger.py) when `server.ledger` is set: begun and finished here,
+- results are shown to the agent compactly: a tool's function returns a pydantic model, which becomes the
+  structured content (whole) and the text its spec renders (else compact JSON: server/text.py);
+- every call of a tool whose spec has a ledger rule (and of a tool name the server does not know: a failed call
+  worth a record) is recorded in the ledger (services/ledger.py) when `server.ledger` is set: begun and finished here,
   on the event loop (one SQLite insert, ~0.1 ms: measured cheaper than on the tool's worker thread, and no thread
   hop), committed before the answer leaves, which then carries its `run_id` (added here: the ledger takes the
   conversation's session id, server/conversations.py, and the result's structured content); a call that failed is
@@ -18,7 +20,8 @@ SaeMcpServer is the SDK's MCPServer with three protocol-level rules an agent nee
 - every call's waits for the device end when its client cancels or goes away (progress.watching_request), with or
   without a progress reporter;
 - when pages are served (`server.pages`, server/page_links.py), a result that names one feature carries `page`,
-  the URL of that feature's page, added here after the ledger recorded the result;
+  the URL of that feature's page, added here after the ledger recorded the result (in its text too where the
+  spec says page_in_text);
 - a result holding a circuit graph (trace_circuit's, known by its content) is kept whole under its run id
   (`server.circuits`, store/circuits.py: the ledger keeps a bounded copy), on a worker thread (a 256-node graph
   is 1.8 MB of JSON, ~20 ms to write), once the ledger gave it a run id; with pages served it then carries
@@ -30,37 +33,29 @@ No `from __future__ import annotations`: the SDK reads the tools' annotations at
 import functools
 import logging
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 from mcp import MCPError
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError, UnexpectedResourceError, UnexpectedToolError
-from mcp.types import CallToolResult, TextContent, ToolAnnotations
-from mcp_types import INVALID_PARAMS, InputRequiredResult
-from pydantic import BaseModel, ValidationError
+from mcp.types import CallToolResult, TextContent
+from mcp_types import INVALID_PARAMS
+from pydantic import ValidationError
 
 from sae_mcp.errors import SaeMcpError
 from sae_mcp.server.conversations import Conversations
 from sae_mcp.server.page_links import CIRCUIT_PAGE_SCHEMA, PAGE_SCHEMA, draws_circuit, names_features
 from sae_mcp.server.progress import watching_request
-from sae_mcp.server.renderings import agent_text
-from sae_mcp.server.text import text_content
+from sae_mcp.server.text import as_tool_result
 from sae_mcp.store.circuits import circuit_of
+from sae_mcp.tools.spec import ToolDeps, ToolSpec
 
-F = TypeVar("F", bound=Callable[..., Any])
-ToolDecorator = Callable[..., Callable[[F], F]]
-"""tool(name=..., annotations=...) -> a decorator registering the function as an MCP tool (read-only default)."""
-
-READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
-# label_feature writes, but the same call twice records one label (the store returns the existing one).
-WRITES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
 SHOWN_INPUT = 60  # characters of a rejected argument value quoted back
 SHOWN_REASON = 500  # characters of an unexpected exception's message passed on
 
 log = logging.getLogger(__name__)
 
-UNRECORDED = frozenset({"ledger"})  # reading the ledger is not an experiment (and would copy runs into runs)
 RUN_ID_SCHEMA = {"type": "string", "description": "This call's ledger id (cite it in evidence_runs)"}
 
 
@@ -72,8 +67,18 @@ class SaeMcpServer(MCPServer):
         self.ledger: Any = None  # services.ledger.Ledger when calls are recorded
         self.pages: Any = None  # server.page_links.PageLinks when the feature pages are served somewhere
         self.circuits: Any = None  # store.circuits.CircuitStore keeping circuit graphs whole (with the ledger)
-        self.page_in_text: set[str] = set()  # tools whose text also shows the page URL (tool(page_in_text=True))
+        self.tools: dict[str, ToolSpec[Any]] = {}  # name -> spec of every tool registered (register_tool)
         self.conversations = Conversations()  # the session id of each conversation (the ledger files runs under it)
+
+    def page_in_text(self, name: str) -> bool:
+        spec = self.tools.get(name)
+        return spec is not None and spec.page_in_text
+
+    def recorded(self, name: str) -> bool:
+        """Whether the ledger records calls of `name`: a registered tool's spec says; an unknown name's failed
+        call is recorded too."""
+        spec = self.tools.get(name)
+        return spec is None or spec.ledger is not None
 
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
         pending = await self._begin(name, arguments, context)
@@ -91,14 +96,14 @@ class SaeMcpServer(MCPServer):
             run_id = pending.finish(result.structured_content)  # not the run: the final round is)
             if run_id is not None:
                 result = with_run_id(result, run_id)
-                result = await self._keep_circuit(result, run_id, name in self.page_in_text)
+                result = await self._keep_circuit(result, run_id, self.page_in_text(name))
         if self.pages is not None and {"feature", "features"} & await self.argument_names(name):
-            result = self.pages.add(result, arguments, name in self.page_in_text)  # as list_tools lists `page`
+            result = self.pages.add(result, arguments, self.page_in_text(name))  # as list_tools lists `page`
         return result
 
     async def _begin(self, name: str, arguments: dict[str, Any], context: Any) -> Any:
         """The ledger's record of this call, begun; None when not recording (or when beginning failed: logged)."""
-        if self.ledger is None or name in UNRECORDED:
+        if self.ledger is None or not self.recorded(name):
             return None
         try:
             await self.argument_names(name)
@@ -148,7 +153,7 @@ class SaeMcpServer(MCPServer):
         for t in tools:
             t.description = " ".join((t.description or "").split())  # a docstring's line breaks and indentation
             t.input_schema = published_schema(t.input_schema)
-            if self.ledger is not None and t.name not in UNRECORDED and t.output_schema:
+            if self.ledger is not None and self.recorded(t.name) and t.output_schema:
                 props = t.output_schema.get("properties", {})
                 t.output_schema = {**t.output_schema, "properties": {**props, "run_id": RUN_ID_SCHEMA}}
             if self.pages is not None and t.output_schema and names_features(t.input_schema):
@@ -282,40 +287,25 @@ def validation_message(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def as_tool_result(result: Any) -> Any:
-    """A pydantic result -> CallToolResult(text: the compact rendering, structured: the whole result). An
-    InputRequiredResult (the 2026 wire's request for client input, e.g. sampling: tools_scoring.py) passes as is."""
-    if isinstance(result, BaseModel) and not isinstance(result, (CallToolResult, InputRequiredResult)):
-        return CallToolResult(content=[text_content(agent_text(result))],
-                              structured_content=result.model_dump(mode="json"))
-    return result
-
-
-def domain_errors(fn: F) -> F:
+def domain_errors(fn: Callable[..., Any], render: Callable[[Any], str] | None) -> Callable[..., Any]:
     """Our domain errors become the SDK's ToolError (the caller sees our message as an isError result), and a
-    result model becomes a compact CallToolResult."""
+    result model becomes a compact CallToolResult (its text rendered by `render`)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return as_tool_result(fn(*args, **kwargs))
+            return as_tool_result(fn(*args, **kwargs), render)
         except SaeMcpError as exc:
             raise ToolError(str(exc)) from exc
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
-def tool_decorator(server: MCPServer) -> ToolDecorator:
-    """The `tool` each module's register() receives: read-only annotations unless given, domain errors translated;
-    page_in_text=True: with pages served, its text also shows the page URL (else only its structured content)."""
-
-    def tool(**kw: Any) -> Callable[[F], F]:
-        def register(fn: F) -> F:
-            if kw.pop("page_in_text", False):
-                server.page_in_text.add(kw.get("name", fn.__name__))
-            server.tool(annotations=kw.pop("annotations", READ_ONLY), **kw)(domain_errors(fn))
-            return fn
-
-        return register
-
-    return tool
+def register_tool(server: SaeMcpServer, spec: ToolSpec[Any], deps: ToolDeps) -> None:
+    """The tool `spec` describes, made with `deps` and added to the server, then the resources that come with it.
+    The SDK reads the function's signature (input schema), return annotation (output schema) and docstring
+    (description)."""
+    server.add_tool(domain_errors(spec.make(deps), spec.render), name=spec.name, annotations=spec.annotations(deps))
+    server.tools[spec.name] = spec
+    if spec.resources is not None:
+        spec.resources(server, deps)

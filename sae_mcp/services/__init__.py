@@ -1,6 +1,8 @@
 """What the tools share beyond the engine: built once by build_server (or a CLI command) and passed explicitly.
 
-    Services(engine, settings)
+    Services(engine, settings, tools=...)
+      .tools           the registered tools by name (sae_mcp.tools.tool_map()): the ledger and its readers read each
+                       tool's ledger rule from it (services/ledger_rule.py)
       .examples        ExampleSource: the corpus index and on-demand scans (top examples, densities, max activations)
       .stats           LogitWeightStats: feature_stats and token_set_enrichment, with their whole-SAE results kept
       .explanations    ExplanationStore: imported explanations and the agent's labels (opened on first use, so a
@@ -11,6 +13,8 @@
       .scores          ScoreStore: explanations' scores and the challenges they came from (the explanation store's
                        file; score_explanation / submit_predictions)
       .ledger          Ledger: records every tool call (unless record=False: `--no-ledger`) and reads them back
+      .scorer          ExplanationScorer: hands out blind sets and scores the predictions on them (one per server:
+                       checking a challenge is still blind and storing its score is one locked step)
       .circuits        CircuitStore: trace_circuit's graphs kept whole by run id, for the circuit page (the file is
                        created by the first graph kept)
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 
 import torch
 
@@ -33,6 +38,8 @@ from sae_mcp.results import SaeFidelity
 from sae_mcp.services.example_source import ExampleSource
 from sae_mcp.services.fidelity import measure_fidelity, sample_tokens
 from sae_mcp.services.ledger import Ledger
+from sae_mcp.services.ledger_rule import Recorded
+from sae_mcp.services.score_runs import ExplanationScorer
 from sae_mcp.settings import Settings
 from sae_mcp.store.circuits import CircuitStore, circuits_path
 from sae_mcp.store.explanations import ExplanationStore
@@ -44,15 +51,19 @@ MEASURING = "being measured: the device was busy; ask model_info again shortly"
 
 
 class Services:
-    def __init__(self, engine: Engine, settings: Settings | None = None, *, examples: ExampleSource | None = None,
-                 stats: LogitWeightStats | None = None, explanations: ExplanationStore | None = None,
-                 ledger: Ledger | None = None, circuits: CircuitStore | None = None, record: bool = True):
+    def __init__(self, engine: Engine, settings: Settings | None = None, *, tools: Mapping[str, Recorded],
+                 examples: ExampleSource | None = None, stats: LogitWeightStats | None = None,
+                 explanations: ExplanationStore | None = None, ledger: Ledger | None = None,
+                 circuits: CircuitStore | None = None, record: bool = True):
         self.engine = engine
         self.settings = settings or Settings()
+        self.tools = tools
         self.examples = examples or ExampleSource(engine, self.settings)
         self.stats = stats or LogitWeightStats(engine)
-        self.ledger = ledger or Ledger(engine, self.settings, recording=record, max_activation=self._max_activation)
+        self.ledger = ledger or Ledger(engine, self.settings, tools, recording=record,
+                                       max_activation=self._max_activation)
         self._explanations = explanations
+        self._scorer: ExplanationScorer | None = None
         self._scores: ScoreStore | None = None
         self._circuits = circuits
         self._fidelity: dict[str, tuple[SaeFidelity | None, str | None]] = {}  # SAE key -> (measured, why not)
@@ -76,6 +87,14 @@ class Services:
             if self._scores is None:
                 self._scores = ScoreStore(path)
             return self._scores
+
+    @property
+    def scorer(self) -> ExplanationScorer:
+        """The one scorer of this server's blind sets (score_explanation, submit_predictions, label_feature)."""
+        with self._lock:
+            if self._scorer is None:
+                self._scorer = ExplanationScorer(self)
+            return self._scorer
 
     @property
     def circuits(self) -> CircuitStore:

@@ -4,7 +4,8 @@
         the card, the examples grouped as the agent gets them from top_examples (the top list, identical contexts
         once with a count, then one group per activation band, highest first), every shown token's activation
         (recomputed in one batched forward over the examples' window prefixes: the index keeps only each
-        example's max activation), and the steering / ablation runs the agent recorded for this feature (ledger)
+        example's max activation), and the runs the agent recorded for this feature (ledger) of the tools whose
+        ledger rule lists them on the page (steering, ablation)
     try_text(services, feature, sae, text) -> dict
         the test box: the text tokenised, this feature's activation at every token and the top features at each,
         from one get_feature_acts call (so the numbers are exactly the tool's)
@@ -29,6 +30,7 @@ from sae_mcp.results.corpus import Example, TopExamples
 from sae_mcp.services import Services
 from sae_mcp.services.cards import CardData, gather_card
 from sae_mcp.services.example_view import Context
+from sae_mcp.services.ledger_rule import rule_of
 from sae_mcp.services.ledger_summary import args_line, summary_of
 from sae_mcp.store.ledger import ledger_path
 
@@ -42,7 +44,6 @@ DEVICE_WAIT_S = 2.0  # longest a page waits for the device before showing exampl
 ENCODE_ELEMENTS = 16_000_000  # feature activations encoded at once (64 MB of float32) when shading examples
 TEST_TOP_K = 10  # features listed per token in the test box
 MAX_TEST_CHARS = 2000  # test box text: it travels in a GET query (same-origin GETs carry no Origin header)
-RECORDED_TOOLS = ("steer_generate", "ablate_and_test")
 SHOWN_RUNS = 10
 
 
@@ -175,8 +176,9 @@ def length_buckets(lengths: list[int], slack: float = 1.5, min_width: int = 16) 
 
 
 def recorded_runs(services: Services, sae_key: str, feature: int) -> tuple[list[RecordedRun], str | None]:
-    """The newest steering and ablation runs the ledger holds for this feature of this SAE (read-only: a server
-    that never recorded has no ledger file, and reading does not make one)."""
+    """The newest runs the ledger holds for this feature of this SAE, of the tools the page lists (their ledger rule
+    says on_feature_page: steering, ablation); read-only: a server that never recorded has no ledger file, and
+    reading does not make one."""
     if not ledger_path(services.settings.data_dir).exists():
         return [], None
     try:
@@ -184,8 +186,8 @@ def recorded_runs(services: Services, sae_key: str, feature: int) -> tuple[list[
     except Exception as exc:
         log.warning("ledger unreadable for %s/%d: %s", sae_key, feature, exc)
         return [], f"the ledger could not be read ({type(exc).__name__}: {exc})"
-    runs = [RecordedRun(r.id, r.time, r.tool, args_line(r.given), summary_of(r), r.ok)
-            for r in found if r.tool in RECORDED_TOOLS]
+    runs = [RecordedRun(r.id, r.time, r.tool, args_line(r.given), summary_of(r, services.tools), r.ok)
+            for r in found if rule_of(services.tools, r.tool).on_feature_page]
     return runs[:SHOWN_RUNS], None
 
 

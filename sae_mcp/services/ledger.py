@@ -1,6 +1,8 @@
 """Recording every tool call (the ledger), as the server makes them.
 
-    Ledger(engine, settings, recording=True)     built once by Services; `services.ledger`
+    Ledger(engine, settings, tools, recording=True)     built once by Services; `services.ledger`; `tools`: the
+                            registered tools by name, whose ledger rules (services/ledger_rule.py) say how each
+                            tool's calls are resolved, digested and summarised, and which runs are kept
       .store                the LedgerStore (opened on first use: a server that is never called writes no file)
       .prepare()            starts computing the environment (model/SAE weights hashes, versions) in the background
       .begin(tool, given, session, client, defaults) -> Pending, or None when not recording; `session` is the
@@ -13,7 +15,8 @@
 
 Recording never changes a result (the digest is taken without run_id) and never fails a call: an error while
 recording is logged and the answer goes out without a run_id. The digest is the SHA-256 of the result's
-canonical JSON without the fields that vary between identical calls (VOLATILE: timings of build_index) and
+canonical JSON without the fields that vary between identical calls (its rule's volatile fields: timings of an
+index build, the ids a store hands out) and
 with the value of any secret field replaced (store/ledger.py SECRET_FIELDS: a blind set's submit secret is never
 written), so a replay compares digests. What is stored of the arguments, the result and the error, and the size
 cap (pruning the oldest runs no label cites), are store/ledger.py's; the cap is DEFAULT_MAX_MB, or
@@ -30,16 +33,17 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pydantic_core
 
 from sae_mcp.engine.runtime import Engine
 from sae_mcp.errors import InvalidInput
 from sae_mcp.services.ledger_env import env_id, environment
-from sae_mcp.services.ledger_resolve import ResolveContext, features_of, resolve
+from sae_mcp.services.ledger_resolve import features_of, resolve
+from sae_mcp.services.ledger_rule import Recorded, ResolveContext, rule_of, tools_where
 from sae_mcp.services.ledger_summary import summarize
 from sae_mcp.settings import Settings
 from sae_mcp.store.explanations import explanations_db_path
@@ -62,13 +66,6 @@ from sae_mcp.store.ledger import (
 
 log = logging.getLogger(__name__)
 
-VOLATILE = {"build_index": ("seconds", "tokens_per_second", "reused", "path"), "model_info": ("fidelity_note",),
-            "score_explanation": ("challenge.challenge_id", "challenge.expires_in_s", "score.challenge_id",
-                                  "score.score_id"),
-            "submit_predictions": ("challenge_id", "score_id"),
-            "label_feature": ("challenge.challenge_id", "challenge.expires_in_s")}
-"""Result fields (a.b: b inside a) left out of the digest: they differ between identical calls (timings, whether it
-was cached, the ids a store hands out)."""
 CHECK_EVERY_CHARS = 1_000_000  # the ledger's size is checked after this much text is recorded (or a 16th of the cap)
 ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford's base 32: no i, l, o, u to misread in a citation
 
@@ -79,22 +76,23 @@ def new_id(prefix: str, n: int = 8) -> str:
     return prefix + "".join(ALPHABET[(bits >> (5 * i)) & 31] for i in range(n))
 
 
-def canonical(tool: str, structured: dict | None) -> bytes:
+def canonical(volatile: tuple[str, ...], structured: dict | None) -> bytes:
     """The JSON the digest is taken of (UTF-8), volatile fields and run_id left out, secret fields' values replaced.
     Written by pydantic-core (4x faster than json.dumps: recording must stay cheap); keys stay in the result model's
     field order (deterministic; replay compares the fields themselves when digests differ, so a reordering alone
     reads as the same result). A secret is looked for in the JSON text (one C search) before the result is walked."""
-    body = without_volatile(tool, structured)
+    body = without_volatile(volatile, structured)
     text = pydantic_core.to_json(body)
     if any(f'"{name}"'.encode() in text for name in SECRET_FIELDS):
         text = pydantic_core.to_json(scrub(body))
     return text
 
 
-def without_volatile(tool: str, structured: dict | None) -> dict:
-    """The result without run_id and the tool's VOLATILE fields (a shallow copy; nested dicts copied where cut)."""
+def without_volatile(volatile: tuple[str, ...], structured: dict | None) -> dict:
+    """The result without run_id and the `volatile` fields (a.b: b inside a) of its tool's rule (a shallow copy;
+    nested dicts copied where cut)."""
     out = {k: v for k, v in (structured or {}).items() if k != "run_id"}
-    for path in VOLATILE.get(tool, ()):
+    for path in volatile:
         *parents, leaf = path.split(".")
         node = out
         for name in parents:
@@ -106,8 +104,8 @@ def without_volatile(tool: str, structured: dict | None) -> dict:
     return out
 
 
-def digest_of(tool: str, structured: dict | None) -> str:
-    return hashlib.sha256(canonical(tool, structured)).hexdigest()[:32]
+def digest_of(volatile: tuple[str, ...], structured: dict | None) -> str:
+    return hashlib.sha256(canonical(volatile, structured)).hexdigest()[:32]
 
 
 @dataclass
@@ -154,9 +152,11 @@ class Pending:
 
 
 class Ledger:
-    def __init__(self, engine: Engine, settings: Settings, recording: bool = True, store: LedgerStore | None = None,
-                 max_activation: Any = None, max_bytes: int | None = None):
-        self.engine, self.settings, self.recording = engine, settings, recording
+    def __init__(self, engine: Engine, settings: Settings, tools: Mapping[str, Recorded], recording: bool = True,
+                 store: LedgerStore | None = None,
+                 max_activation: Callable[[str, int], tuple[float, str] | None] | None = None,
+                 max_bytes: int | None = None):
+        self.engine, self.settings, self.tools, self.recording = engine, settings, tools, recording
         self.max_bytes = max_bytes if max_bytes is not None else ledger_cap()
         self._pruning = False  # over the cap: each recorded run deletes a batch until under PRUNE_TO of it
         self._unchecked = 0  # characters recorded since the size was last checked
@@ -229,23 +229,24 @@ class Ledger:
         if error is not None:  # a rejected call's arguments are cut before anything reads them (a 3.5 MB answer
             given, args_cut = fit(scrub(given), MAX_REJECTED_CHARS)  # would be tokenized to resolve it)
             error = without_secrets(error, secrets_in(p.given))
-        resolved = resolve(p.tool, given, p.defaults, structured, self._resolve)
+        rule = rule_of(self.tools, p.tool)
+        resolved = resolve(rule, given, p.defaults, structured, self._resolve)
         sae = resolved.get("sae") if isinstance(resolved.get("sae"), str) else None
         run = Run(id=new_id("r"), session=p.session, env=eid, time=p.started, tool=p.tool, given=given,
                   resolved=resolved, wall_s=wall, ok=error is None, error=error, args_cut=args_cut, sae=sae,
-                  features=features_of(p.tool, resolved, structured))
+                  features=features_of(rule, resolved, structured))
         view = structured
         if error is None:
-            text = canonical(p.tool, structured)
+            text = canonical(rule.volatile, structured)
             run.digest = hashlib.sha256(text).hexdigest()[:32]
             run.result_chars = len(text)
-            if structured is not None and (p.tool in VOLATILE or SECRET_MARK.encode() in text):
+            if structured is not None and (rule.volatile or SECRET_MARK.encode() in text):
                 view = scrub(structured)  # a secret may sit in a volatile field, which canonical() left out
-            if structured is not None and p.tool not in VOLATILE and len(text) <= MAX_RESULT_CHARS:
+            if structured is not None and not rule.volatile and len(text) <= MAX_RESULT_CHARS:
                 run.result_json = text.decode()  # the canonical JSON is the whole result: no second dump
             elif structured is not None:
                 run.result, run.truncated = fit(view, MAX_RESULT_CHARS, size=len(text))
-        run.summary = summarize(p.tool, view, run.ok, error)
+        run.summary = summarize(rule, view, run.ok, error)
         if p.session not in self._written_sessions:
             self.store.put_session(p.session, p.started, eid, p.client)
             self._written_sessions.add(p.session)
@@ -269,7 +270,8 @@ class Ledger:
             log.warning("the ledger %s holds %.0f MB, over its cap of %.0f MB: deleting its oldest runs that no label "
                         "cites (SAE_MCP_LEDGER_MAX_MB sets the cap)", self.store.path, used / 1e6, self.max_bytes / 1e6)
         target = int(self.max_bytes * PRUNE_TO)
-        done = self.store.prune(cited_runs(self.settings.data_dir), max_bytes=target, most=PRUNE_BATCH)
+        done = self.store.prune(cited_runs(self.settings.data_dir), kept_tools(self.tools), max_bytes=target,
+                                most=PRUNE_BATCH)
         self._written_sessions.difference_update(done.sessions)
         self._pruning = done.used_bytes > target and done.runs > 0
         if done.used_bytes > self.max_bytes and done.runs == 0 and not self._warned_full:
@@ -290,6 +292,11 @@ def ledger_cap() -> int:
     if not 1 <= mb <= 10_000_000:
         raise InvalidInput(f"SAE_MCP_LEDGER_MAX_MB={raw!r}: give the ledger's cap in megabytes, 1 to 10000000")
     return int(mb * 1_000_000)
+
+
+def kept_tools(tools: Mapping[str, Recorded]) -> list[str]:
+    """The tools whose successful runs are never pruned (their rule keeps them: the runs that recorded a label)."""
+    return tools_where(tools, lambda rule: rule.keeps_runs)
 
 
 def cited_runs(data_dir: Path) -> set[str]:

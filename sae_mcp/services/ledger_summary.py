@@ -1,16 +1,19 @@
-"""One line per recorded run: its arguments and its key numbers, read from the ledger's copy of the result.
+"""One line per recorded run: its arguments and its key numbers, read from the ledger's copy of the result (each
+tool's summary is its ledger rule's: sae_mcp/tools/<tool>.py).
 
-Used where runs are listed (the `ledger` tool, the ledger:// resources, `sae-mcp ledger sessions`, the markdown
-report). Pure functions of JSON data: a result copy cut by the ledger still summarises (missing keys are skipped).
+Used where runs are listed (the ledger tool and its resources, `sae-mcp ledger sessions`, the markdown report, the
+feature page). Pure functions of JSON data: a result copy cut by the ledger still summarises (what a summary
+misses, it says as the result's JSON instead).
 """
 
 from __future__ import annotations
 
-import heapq
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
+
+from sae_mcp.services.ledger_rule import LedgerRule, Recorded, rule_of
 
 SHOWN = 60  # characters of a string argument shown
 
@@ -44,117 +47,29 @@ def first_prompt(args: dict) -> str | None:
     return None
 
 
-def _feature_acts(r: dict) -> str:
-    cells = ((a["activation"], p["position"], p["token"], a["feature"]) for p in r.get("positions", [])
-             if p.get("position", 0) > 0 for a in p.get("top", []))
-    best = heapq.nlargest(3, cells)  # written with every run: no sort of every cell
-    return f"{len(r.get('tokens', []))} tokens; strongest: " + ", ".join(
-        f"{pos} {tok!r} {f}={fmt(a)}" for a, pos, tok, f in best)
-
-
-def _compare(r: dict) -> str:
-    which = f"{r.get('token_a')!r} vs {r.get('token_b')!r}" if r.get("mode") == "pair" else \
-        f"{r.get('n_a')} vs {r.get('n_b')} prompts"
-    return which + ": " + ", ".join(f"{d['feature']} {fmt(d['difference'])}" for d in r.get("diffs", [])[:4])
-
-
-def _next_token(r: dict) -> str:
-    top = ", ".join(f"{t['token']!r} {fmt(t['probability'])}" for t in r.get("top", [])[:3])
-    a = r.get("answer")
-    return top + (f"; answer {a['token']!r} rank {a['rank']} p {fmt(a['probability'])}" if a else "")
-
-
-def _project(r: dict) -> str:
-    return (f"feature {r.get('feature')} promotes " + " ".join(repr(t["token"]) for t in r.get("top_positive", [])[:5])
-            + "; suppresses " + " ".join(repr(t["token"]) for t in r.get("top_negative", [])[:3]))
-
-
-def _top_examples(r: dict) -> str:
-    ex = (r.get("examples") or [None])[0]
-    shown = "".join(f"«{t}»" if i == ex["position"] else t for i, t in enumerate(ex["tokens"])) if ex else ""
-    return (f"max {fmt(r.get('max_activation'))}, density {fmt(r.get('density'))} over {r.get('tokens_scanned')} "
-            f"tokens ({r.get('source')})" + (f"; top: {shown!r}" if ex else ""))
-
-
-def _steer(r: dict) -> str:
-    runs = "; ".join(f"x{fmt(s['scale'])}: KL {fmt(s['kl_next_token'])}, changed {fmt(s['changed_fraction'])}"
-                     + (f", P(answer) {fmt(s['answer_probability'])}" if s.get("answer_probability") is not None
-                        else "") for s in r.get("steered", [])[:4])
-    text = (r.get("steered") or [{}])[0].get("continuations", [{}])[0].get("text", "")
-    return f"{runs}; steered text {text[:60]!r}"
-
-
-def _ablate(r: dict) -> str:
-    a = r.get("ablated", {})
-    metric = f", metric {fmt(a['metric_change'])}" if a.get("metric_change") is not None else ""
-    return (f"ablated vs baseline: P(answer) {fmt(a.get('answer_probability_change'))}, logit "
-            f"{fmt(a.get('answer_logit_change'))}{metric}, KL {fmt(a.get('kl_from_baseline'))}")
-
-
-def _attribute(r: dict) -> str:
-    top = ", ".join(f"{t['position']} {t['token']!r} {t['feature']}: {fmt(t['attribution'])}"
-                    for t in r.get("top", [])[:3])
-    return f"{r.get('metric')} = {fmt(r.get('metric_value'))}; top {top}; error share {r.get('error_share')}"
-
-
-def _search(r: dict) -> str:
-    return f"{len(r.get('matches', []))} matches: " + ", ".join(
-        f"{m['feature']} {m['description'][:30]!r}" for m in r.get("matches", [])[:3])
-
-
-def _score(s: dict) -> str:
-    m = s.get("metrics") or {}
-    lo, hi = (m.get("interval_95") or [None, None])[:2]
-    return (f"{s.get('method')} score of {s.get('explanation', '')[:40]!r} on feature {s.get('feature')}: balanced "
-            f"accuracy {fmt(m.get('balanced_accuracy'))} [{fmt(lo)}, {fmt(hi)}] over {s.get('n')} contexts")
-
-
-def _score_explanation(r: dict) -> str:
-    if r.get("score"):
-        return _score(r["score"])
-    c = r.get("challenge") or {}
-    return (f"blind set {c.get('challenge_id')}: {len(c.get('contexts') or [])} contexts ({c.get('method')}, seed "
-            f"{c.get('seed')}) for {c.get('explanation', '')[:40]!r}")
-
-
-SUMMARIES: dict[str, Callable[[dict], str]] = {
-    "get_feature_acts": _feature_acts, "compare_prompts": _compare, "next_token": _next_token,
-    "project_to_vocab": _project, "top_examples": _top_examples, "steer_generate": _steer,
-    "ablate_and_test": _ablate, "attribute": _attribute, "search_explanations": _search,
-    "label_feature": lambda r: f"label {r.get('label_id')} on feature {r.get('feature')}",
-    "build_index": lambda r: f"{r.get('tokens_scanned')} tokens in {r.get('windows')} windows",
-    "feature_card": lambda r: (r.get("markdown") or "").split("\n", 1)[0].lstrip("# "),
-    "feature_stats": lambda r: f"by {r.get('sort_by')}: " + ", ".join(
-        f"{f['feature']} ({fmt(f.get(r.get('sort_by')))})" for f in r.get("features", [])[:5]),
-    "token_set_enrichment": lambda r: "; ".join(
-        f"{x['name']}: " + " ".join(str(e["feature"]) for e in x.get("promoted", [])[:3])
-        for x in r.get("sets", [])[:4]),
-    "score_explanation": _score_explanation, "submit_predictions": _score,
-    "model_info": lambda r: f"{r.get('model')}, SAEs " + ", ".join(s.get("key", "") for s in r.get("saes", [])),
-}
-
-
-def summarize(tool: str, result: dict | None, ok: bool = True, error: str | None = None) -> str:
-    """The run's key numbers in one line (its error when it failed)."""
+def summarize(rule: LedgerRule, result: dict | None, ok: bool = True, error: str | None = None) -> str:
+    """The run's key numbers in one line, by its tool's rule (its error when it failed)."""
     if not ok:
         return f"error: {(error or '')[:200]}"
     if not result:
         return ""
     try:
-        return SUMMARIES[tool](result) if tool in SUMMARIES else \
+        return rule.summary(result) if rule.summary is not None else \
             json.dumps(result, ensure_ascii=False, separators=(",", ":"))[:160]
     except (KeyError, TypeError, IndexError, AttributeError):  # a cut copy: say what there is
         return json.dumps(result, ensure_ascii=False, separators=(",", ":"))[:160]
 
 
-def summary_of(run: Any) -> str:
-    """A store Run's key numbers: the line written with it, else (a run recorded before those were) computed."""
-    return run.summary if run.summary is not None else summarize(run.tool, run.result, run.ok, run.error)
+def summary_of(run: Any, tools: Mapping[str, Recorded]) -> str:
+    """A store Run's key numbers: the line written with it, else (a run recorded before those were) computed from
+    its result by its tool's rule."""
+    return run.summary if run.summary is not None else summarize(rule_of(tools, run.tool), run.result, run.ok,
+                                                                 run.error)
 
 
-def run_line(run: Any) -> str:
+def run_line(run: Any, tools: Mapping[str, Recorded]) -> str:
     """A store Run as one line: id, time, tool, arguments -> key numbers."""
-    return f"{run.id} {when(run.time)} {run.tool}({args_line(run.given)}) -> {summary_of(run)}"
+    return f"{run.id} {when(run.time)} {run.tool}({args_line(run.given)}) -> {summary_of(run, tools)}"
 
 
 def session_line(store: Any, s: Any) -> str:

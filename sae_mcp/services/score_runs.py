@@ -19,8 +19,8 @@ over the windows searched (in batches, one device turn each), and the challenge'
   new blind sets leave them out, and an open challenge that holds one is refused. So a seed gives the same
   contexts as long as no blind set of the feature is answered in between;
 - a score says it is not blind (looked_up) when the conversation the set was handed to (or the one submitting) ran
-  a tool that shows activations on a given text (LOOKUP_TOOLS) on text holding a context, after the set was handed
-  out: the ledger records every call with its conversation, and is read here (never written).
+  a tool that shows activations on a given text (its ledger rule says looks_up) on text holding a context, after
+  the set was handed out: the ledger records every call with its conversation, and is read here (never written).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from sae_mcp.results import rounded
 from sae_mcp.results.scoring import BlindContext, BlindSet, ExplanationScore
 from sae_mcp.services import scoring as sc
 from sae_mcp.services.example_source import Progress
+from sae_mcp.services.ledger_rule import tools_where
 from sae_mcp.services.score_results import looked_up, not_blind_warning, score_result
 from sae_mcp.store.index import IndexStore, StoredScan
 from sae_mcp.store.scores import Challenge
@@ -56,8 +57,6 @@ from sae_mcp.store.scores import Challenge
 # contexts have been looked up with other tools (get_feature_acts on a context gives its answer away).
 CHALLENGE_TTL_S = 30 * 60
 SECRET_BYTES = 16  # 128 random bits: a submit secret is not guessed
-# Tools that show a feature's activations on a text the caller gives (their string arguments are that text).
-LOOKUP_TOOLS = ("get_feature_acts", "compare_prompts", "attribute", "ablate_and_test", "steer_generate")
 LOOKUP_RUNS = 1000  # newest runs of each such tool read per conversation (a challenge lasts 30 min)
 
 
@@ -96,6 +95,8 @@ class ExplanationScorer:
     def __init__(self, services: Any):
         self.services = services
         self.engine = services.engine
+        # Tools that show a feature's activations on a text the caller gives (their string arguments are that text).
+        self.lookup_tools = tools_where(services.tools, lambda rule: rule.looks_up)
         # Checking that a challenge is still blind and storing its score are one step: two overlapping challenges
         # submitted at once must not both pass the check before either is stored.
         self._submitting = threading.Lock()
@@ -277,14 +278,14 @@ class ExplanationScorer:
 
     def _looked_up(self, c: Challenge, session: str | None) -> list[tuple[str, list[str]]]:
         """[(context id, the tools that showed activations on its text)] for the calls of the conversation the set
-        was handed to, and of the one submitting, since it was handed out (LOOKUP_TOOLS, their string arguments);
+        was handed to, and of the one submitting, since it was handed out (lookup_tools, their string arguments);
         none when the server keeps no ledger (it cannot tell: a replay, --no-ledger)."""
         ledger = self.services.ledger
         if not ledger.recording:
             return []
         texts: list[tuple[str, str]] = []
         for sid in dict.fromkeys(x for x in (c.session, session) if x):
-            for tool in LOOKUP_TOOLS:  # by tool in SQL: a conversation's other runs (and their results) stay unread
+            for tool in self.lookup_tools:  # by tool in SQL: its other runs (and their results) stay unread
                 for run in ledger.store.runs(session=sid, tool=tool, newest_first=True, limit=LOOKUP_RUNS):
                     if run.ok and run.time >= c.created:
                         texts += [(tool, t) for t in _strings(run.given)]

@@ -37,8 +37,9 @@ What is stored (record())
 The size cap (prune())
     The runs hold at most max_bytes of the file's pages (default DEFAULT_MAX_MB, SAE_MCP_LEDGER_MAX_MB to change;
     services/ledger.py). Past it, each recorded run also deletes up to PRUNE_BATCH of the oldest runs, until the
-    pages in use are under PRUNE_TO of the cap, except runs a label cites as evidence and the label_feature runs
-    that recorded a label: those are kept whatever their age. Freed pages are reused, so the file stops growing;
+    pages in use are under PRUNE_TO of the cap, except runs a label cites as evidence and the successful runs of the
+    tools whose runs are kept (the caller names them: those that recorded a label): those are kept whatever their
+    age. Freed pages are reused, so the file stops growing;
     `sae-mcp ledger prune` deletes the same way on demand (or by age) and gives the space back to the disk.
 
 Reading fast whatever is stored
@@ -46,7 +47,7 @@ Reading fast whatever is stored
     large value spills into a chain of overflow pages that reading a later column has to walk. A listing
     (runs(light=True)) reads only the columns before them: summary and brief instead of the result and the
     arguments. Ledgers written before these columns existed get them appended (their large columns stay in the
-    middle); their old runs' summaries are computed from the result when listed.
+    middle); their old runs are listed with their result, to compute the summary from (ledger_summary.summary_of).
 """
 
 from __future__ import annotations
@@ -158,7 +159,8 @@ class Run:
     args_cut: bool = False
     """The arguments were cut (a rejected call's, beyond MAX_REJECTED_CHARS or BOUNDED_STR)."""
     summary: str | None = None
-    """Its key numbers in one line (ledger_summary.summarize), written with the run."""
+    """Its key numbers in one line (ledger_summary.summarize), written with the run; None for a run recorded before
+    summaries were (listed with its result instead)."""
     sae: str | None = None
     """The key of the SAE the run addressed (None: none, or several)."""
     features: list[int] = field(default_factory=list)
@@ -184,7 +186,7 @@ class Pruned:
     runs: int
     """Runs deleted."""
     kept: int
-    """Runs it would have deleted but kept: a label cites them, or they recorded a label."""
+    """Runs it would have deleted but kept: a label cites them."""
     sessions: list[str]
     """Sessions it left without runs, deleted with them."""
     used_bytes: int
@@ -385,7 +387,8 @@ class LedgerStore:
     def runs(self, session: str | None = None, tool: str | None = None, feature: int | None = None,
              sae: str | None = None, limit: int = 1000, newest_first: bool = False, light: bool = False) -> list[Run]:
         """Runs matching every filter given, in order of recording (or newest first). light: for a listing, the
-        columns before the large ones (given holds the brief copy, resolved and result None, summary set)."""
+        columns before the large ones (given holds the brief copy, resolved and result None, summary set; a run
+        written before summaries were comes with its result instead, summary None)."""
         where, args = _filters(session, tool, feature, sae)
         columns = f"{LIGHT_COLUMNS}, brief" if light else RUN_COLUMNS
         sql = f"SELECT {columns} FROM runs{where} ORDER BY seq {'DESC' if newest_first else 'ASC'} LIMIT ?"
@@ -394,24 +397,22 @@ class LedgerStore:
         if not light:
             return [_run_of(r) for r in rows]
         runs = [_light_run_of(r) for r in rows]
-        older = [r for r in runs if r.summary is None]  # written before summaries were: read them whole
+        older = [r for r in runs if r.summary is None]  # written before summaries were: read their results
         if older:
             whole = {r.id: r for r in self._whole([r.id for r in older])}
             runs = [whole.get(r.id, r) if r.summary is None else r for r in runs]
         return runs
 
     def _whole(self, ids: Sequence[str]) -> list[Run]:
-        """Runs written before summaries and briefs were stored, read whole, with both computed (their own
-        listing line needs them)."""
-        from sae_mcp.services.ledger_summary import summarize  # pure functions of the JSON; no cycle at import
-
+        """Runs written before summaries and briefs were stored, as a listing holds them: the brief copy of their
+        arguments, and their result (their summary is computed from it by the tool's rule, which the store does
+        not know: ledger_summary.summary_of)."""
         with self._lock:
             rows = self.conn.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE id IN ({','.join('?' * len(ids))})",
                                      list(ids)).fetchall()
         out = [_run_of(r) for r in rows]
         for r in out:
-            r.summary = summarize(r.tool, r.result, r.ok, r.error)
-            r.given, r.result, r.resolved = brief_of(r.given), None, None
+            r.given, r.resolved = brief_of(r.given), None
         return out
 
     def run(self, run_id: str) -> Run:
@@ -447,11 +448,13 @@ class LedgerStore:
                                  for p in ("page_count", "freelist_count", "page_size"))
         return (pages - free) * size
 
-    def prune(self, keep: Collection[str], max_bytes: int | None = None, before: float | None = None,
-              most: int | None = None) -> Pruned:
-        """Delete the oldest runs, except those in `keep` and the label_feature runs that recorded a label: every
-        one recorded before `before` (a time), then more until the pages in use are at most max_bytes; at most
-        `most` runs in all. Each batch is its own transaction (another writer waits one batch, not the prune)."""
+    def prune(self, keep: Collection[str], kept_tools: Collection[str], max_bytes: int | None = None,
+              before: float | None = None, most: int | None = None) -> Pruned:
+        """Delete the oldest runs, except those in `keep` and the successful runs of `kept_tools` (the runs that
+        recorded a label): every one recorded before `before` (a time), then more until the pages in use are at
+        most max_bytes; at most `most` runs in all. Each batch is its own transaction (another writer waits one
+        batch, not the prune)."""
+        spared = f" AND NOT (tool IN ({','.join('?' * len(kept_tools))}) AND ok = 1)" if kept_tools else ""
         deleted, kept, sessions, after = 0, set(), set(), -1
         while most is None or deleted < most:
             if before is None and (max_bytes is None or self.used_bytes() <= max_bytes):
@@ -460,9 +463,9 @@ class LedgerStore:
             batch = batch if most is None else min(batch, most - deleted)
             with self._lock:
                 rows = self.conn.execute(
-                    "SELECT seq, id, session FROM runs WHERE seq > ? AND NOT (tool = 'label_feature' AND ok = 1)"
+                    "SELECT seq, id, session FROM runs WHERE seq > ?" + spared
                     + (" AND time < ?" if before is not None else "") + " ORDER BY seq LIMIT ?",
-                    [after, *([before] if before is not None else []), batch]).fetchall()
+                    [after, *kept_tools, *([before] if before is not None else []), batch]).fetchall()
             if not rows and before is None:
                 break
             if not rows:  # every old run is gone: on to the size, from the oldest again

@@ -1,26 +1,24 @@
-"""Scored explanations: the agent explains a feature, and the server measures how good the explanation is.
-
-register(server, tool, engine, services) adds:
-    score_explanation    a blind set of held-out corpus contexts for an explanation (services/score_runs.py); with
-                         auto, the client's own model answers it through MCP sampling and the score comes back
-    submit_predictions   the predictions on a blind set -> the score, stored with the explanation
+"""score_explanation: a blind set for an explanation of a feature (held-out corpus contexts, half where it fires,
+shuffled, no activations) to answer from the explanation alone with submit_predictions; with auto, the client's own
+model answers it through MCP sampling and the score comes back (services/score_runs.py draws and scores).
 
 Sampling, both wires: on 2026-07-28 connections the tool answers its first round with an InputRequiredResult
 holding the sampling request (its request_state names the challenge), and the client retries the same call with
 the model's answer; on older ones it asks over the session's back-channel (sampling/createMessage) and waits. A
 client without the sampling capability gets the blind set with a note: the two-step protocol is the way.
 
-No `from __future__ import annotations`: the SDK reads the tools' annotations at registration.
+No `from __future__ import annotations`: the SDK reads the tool's annotations at registration.
 """
 
 import functools
 import logging
 import warnings
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import anyio.from_thread
 from mcp import MCPError
-from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver import Context
 from mcp.shared.exceptions import MCPDeprecationWarning
 from mcp.types import (
     ClientCapabilities,
@@ -29,43 +27,38 @@ from mcp.types import (
     SamplingCapability,
     SamplingMessage,
     TextContent,
-    ToolAnnotations,
 )
 from mcp_types import InputRequiredResult
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import Field
 
-from sae_mcp.engine.runtime import CancelToken, Engine
+from sae_mcp.engine.runtime import CancelToken
 from sae_mcp.errors import InvalidInput
-from sae_mcp.results.scoring import ExplanationScore, ScoreExplanation
-from sae_mcp.server.args import engine_args
-from sae_mcp.server.conversations import Conversations
+from sae_mcp.export.rules import ExportRule, Handed, ReplayRule
+from sae_mcp.results.scoring import BlindSet, ScoreExplanation
 from sae_mcp.server.progress import progress_reporter
-from sae_mcp.server.wiring import ToolDecorator
-from sae_mcp.services import Services
+from sae_mcp.server.text import join, warnings_lines
+from sae_mcp.services.ledger_rule import JSON, LedgerRule, ResolveContext
 from sae_mcp.services.score_prompt import answer_tokens, read_predictions, scorer_prompt
 from sae_mcp.services.score_runs import ExplanationScorer, Issued
 from sae_mcp.services.scoring import DEFAULT_MIN_ACTIVATION, MIN_ACTIVATION_RANGE
+from sae_mcp.tools.spec import ToolDeps, ToolSpec, hands_out_challenges
+from sae_mcp.tools.submit_predictions import score_summary, score_text
 
 log = logging.getLogger(__name__)
 
 SAMPLING_KEY = "scorer"  # the InputRequiredResult's request key
 STATE_PREFIX = "score:"  # request_state = STATE_PREFIX + challenge id
 MAX_ID = 2**31 - 1
-# Each call hands out a new challenge (and stores it): neither read-only nor idempotent.
 FUZZING_RATE = "fuzzing: fires on the marked token? (a quarter true)"  # detection: anywhere (half true)
-CHALLENGES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
-                             open_world_hint=False)
 NO_SAMPLING = ("the client does not offer MCP sampling, so the server cannot ask its model: answer this blind set "
                "yourself with submit_predictions (from the explanation alone)")
 
 
-def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: Services) -> None:
-    A = engine_args(engine)
-    scorer = ExplanationScorer(services)
+def make(deps: ToolDeps) -> Callable[..., Any]:
+    A, scorer = deps.args, deps.services.scorer
     low, high = MIN_ACTIVATION_RANGE
 
-    @tool(annotations=CHALLENGES)
     def score_explanation(
         feature: A.Feature,
         explanation: Annotated[
@@ -82,7 +75,7 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         mcp_context: Context = None,
     ) -> ScoreExplanation:
         """Score an explanation blind: contexts to judge from the explanation alone, then submit_predictions."""
-        session = conversation_of(server.conversations, mcp_context)
+        session = deps.conversations.id_of(mcp_context)
         reply = _sampled_reply(mcp_context) if auto else None
         if reply is not None:
             return _score_reply(scorer, *reply, expect=(feature, method), session=session)
@@ -94,28 +87,7 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
             return ScoreExplanation(challenge=issued.blind, submit_secret=issued.submit_secret)
         return _auto(scorer, issued, mcp_context, session)
 
-    @tool(annotations=CHALLENGES)
-    def submit_predictions(
-        challenge_id: Annotated[str, Field(min_length=1, max_length=64)],
-        submit_secret: Annotated[str, Field(min_length=1, max_length=64)],
-        predictions: Annotated[
-            dict[Annotated[str, Field(max_length=16)], bool],
-            Field(min_length=1, max_length=100, description='{"1": true, "2": false, ...}'),
-        ],
-        mcp_context: Context = None,
-    ) -> ExplanationScore:
-        """Score your predictions on a blind set (once, with its submit_secret)."""
-        return scorer.submit(challenge_id, submit_secret, {k.strip(): v for k, v in predictions.items()},
-                             session=conversation_of(server.conversations, mcp_context))
-
-
-def conversation_of(conversations: Conversations, ctx: Any) -> str | None:
-    """The ledger's id of the conversation this call came in (None outside a request)."""
-    try:
-        return conversations.session_of(ctx)[0]
-    except Exception:  # the ledger cannot tell: the look-up check then reads the handing-out conversation only
-        log.warning("no conversation id for a scoring call", exc_info=True)
-        return None
+    return score_explanation
 
 
 def _can_sample(ctx: Any) -> bool:
@@ -199,3 +171,70 @@ def _score_reply(scorer: ExplanationScorer, challenge_id: str, secret: str, repl
                                 "submit_predictions")
     return ScoreExplanation(score=scorer.submit(challenge_id, secret, predictions, scorer=f"sampling: {model}",
                                                 session=session))
+
+
+def blind_set_text(b: BlindSet, secret: str | None) -> str:
+    return join([
+        f"challenge {b.challenge_id}: {b.method} of {b.explanation!r} for feature {b.feature} (sae {b.sae}), "
+        f"{len(b.contexts)} contexts (firing: max >= {b.min_activation:g} x its max activation), seed {b.seed}; "
+        f"expires in {b.expires_in_s // 60} min",
+        f"submit_secret {secret} (shown once: pass it with the challenge_id)" if secret else None,
+        f"{b.question}. Judge from the explanation alone, then submit_predictions once: "
+        '{"1": true, "2": false, ...}',
+        *(f"{c.id}: {c.text}" for c in b.contexts),
+        *warnings_lines(b.warnings),
+    ])
+
+
+def render(r: ScoreExplanation) -> str:
+    return join([score_text(r.score) if r.score else None,
+                 blind_set_text(r.challenge, r.submit_secret) if r.challenge else None,
+                 f"note: {r.note}" if r.note else None])
+
+
+def summary(r: JSON) -> str:
+    if r.get("score"):
+        return score_summary(r["score"])
+    c = r.get("challenge") or {}
+    return (f"blind set {c.get('challenge_id')}: {len(c.get('contexts') or [])} contexts ({c.get('method')}, seed "
+            f"{c.get('seed')}) for {c.get('explanation', '')[:40]!r}")
+
+
+def resolve(r: JSON, result: JSON, ctx: ResolveContext) -> JSON:
+    """The seed drawn when none was given: replay asks for the same blind set."""
+    drawn = (result.get("challenge") or result.get("score") or {}).get("seed")
+    return {"seed": drawn if drawn is not None else r.get("seed")}
+
+
+def challenge_of(r: JSON) -> str | None:
+    """The id of the blind set a result handed out (or scored, with auto)."""
+    return ((r or {}).get("challenge") or (r or {}).get("score") or {}).get("challenge_id")
+
+
+def replay_arguments(given: JSON, resolved: JSON, handed: Handed) -> JSON:
+    """The seed it drew, so that replay hands out the same blind set."""
+    if given.get("seed") is None and resolved.get("seed") is not None:
+        return {**given, "seed": resolved["seed"]}
+    return given
+
+
+def score_of(r: JSON) -> JSON | None:
+    """With auto, the score of the client's model's answer."""
+    return r.get("score")
+
+
+SPEC = ToolSpec(
+    name="score_explanation",
+    make=make,
+    result=ScoreExplanation,
+    render=render,
+    annotations=hands_out_challenges,
+    page_in_text=False,
+    resources=None,
+    ledger=LedgerRule(summary=summary, volatile=("challenge.challenge_id", "challenge.expires_in_s",
+                                                 "score.challenge_id", "score.score_id"),
+                      bos="sae", resolve=resolve, features=None, keeps_runs=False, looks_up=False,
+                      on_feature_page=False),
+    export=ExportRule(cell=None, helpers=(), note=None, details=None, label=None, score=score_of),
+    replay=ReplayRule(skip_in_place=None, arguments=replay_arguments, hands_out=challenge_of),
+)

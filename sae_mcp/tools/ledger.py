@@ -1,20 +1,21 @@
-"""Reading the ledger back: the `ledger` tool and the ledger:// resources.
+"""ledger: reading the ledger back, the tool and the ledger:// resources.
 
-register(server, tool, engine, services) adds:
     tool        ledger(session?, tool?, feature?, sae?, run?, limit)   earlier runs, newest first, one line each with
                 their key numbers, under how many match in all; `run=` gives one run as the agent read it when the
-                call answered: one line (id, time, session, tool(arguments), ok or its error), then the tool's own
-                rendering of the recorded result (renderings.agent_text); the structured content holds the run
-                whole (arguments as resolved, digest, result copy)
+                call answered: one line (id, time, session, tool(arguments), ok or its error), then the recorded
+                result re-validated into its tool's result model and rendered as that tool renders it (ToolSpec);
+                the structured content holds the run whole (arguments as resolved, digest, result copy)
     resources   ledger://sessions         the sessions, newest first (id, time, runs, model, first prompt)
                 ledger://session/{id}     one session's runs, in order, one line each
 
-An agent (or the next conversation) reads where an investigation stopped and cites runs by id. Calls to `ledger`
-itself are not recorded (wiring.UNRECORDED).
+An agent (or the next conversation) reads where an investigation stopped and cites runs by id. Calls to the tool
+itself are not recorded (its SPEC has no ledger rule): reading the ledger is not an experiment, and would copy runs
+into runs.
 
-No `from __future__ import annotations`: the SDK reads the tools' annotations at registration.
+No `from __future__ import annotations`: the SDK reads the tool's annotations at registration.
 """
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from mcp.server.mcpserver import Context, MCPServer
@@ -24,12 +25,10 @@ from pydantic import BaseModel, Field, ValidationError
 
 from sae_mcp.engine.runtime import Engine
 from sae_mcp.errors import InvalidInput, SaeMcpError
-from sae_mcp.server.renderings import agent_text
 from sae_mcp.server.text import compact_json, text_content
-from sae_mcp.server.wiring import ToolDecorator
-from sae_mcp.services import Services
 from sae_mcp.services.ledger_summary import args_line, run_line, session_line, summary_of, when
 from sae_mcp.store.ledger import BOUNDED_LIST, SECRET_FIELDS, Run
+from sae_mcp.tools.spec import ToolDeps, ToolSpec, read_only
 
 MAX_LIMIT = 200
 MAX_JSON_TEXT = 8_000  # characters of a result shown as JSON (a cut copy can hold 256k): the rest is structured
@@ -66,14 +65,6 @@ def _sae_key(engine: Engine, sae: str) -> str:
         return sae
 
 
-def result_model(server: MCPServer, tool: str) -> type[BaseModel] | None:
-    """The model the tool's answers were validated against (its function's return annotation). The SDK keeps it on
-    its tool manager, which it does not expose; None when that changes, and a run then reads as compact JSON."""
-    found = getattr(getattr(server, "_tool_manager", None), "get_tool", lambda _: None)(tool)
-    model = getattr(getattr(found, "fn_metadata", None), "output_model", None)
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
-
-
 def without_cut_marks(value: Any) -> tuple[Any, int]:
     """A cut copy (store/ledger.py bounded()) without the {'left_out': n} items that end its shortened lists, so it
     validates as the result it was cut from; and how many items they stood for."""
@@ -87,18 +78,20 @@ def without_cut_marks(value: Any) -> tuple[Any, int]:
     return value, 0
 
 
-def result_text(r: Run, model: type[BaseModel] | None) -> str:
-    """The recorded result as the tool rendered it (a secret it handed out is not recorded: left out); a cut copy is
-    rendered from what it kept, said first; what does not validate as the tool's result is compact JSON."""
+def result_text(r: Run, spec: ToolSpec | None) -> str:
+    """The recorded result as its tool rendered it (a secret it handed out is not recorded: left out); a cut copy is
+    rendered from what it kept, said first; what does not validate as the tool's result model (or a run of a tool
+    not registered now) is compact JSON."""
     if r.result is None:
         return ""
     body = {k: None if k in SECRET_FIELDS else v for k, v in r.result.items()}
     left_out = 0
     if r.truncated:
         body, left_out = without_cut_marks(body)
-    if model is not None:
+    if spec is not None:
         try:
-            text = agent_text(model.model_validate(body))
+            result = spec.result.model_validate(body)
+            text = spec.render(result) if spec.render else compact_json(result.model_dump(mode="json"))
             return (f"(the ledger kept a cut copy: lists to their first {BOUNDED_LIST} items, {left_out:,} items left "
                     "out)\n" if r.truncated else "") + text
         except ValidationError:
@@ -116,15 +109,14 @@ def run_head(r: Run) -> str:
             + (" (arguments cut)" if r.args_cut else "") + f" -> {outcome}")
 
 
-def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: Services) -> None:
-    ledger = services.ledger
+def make(deps: ToolDeps) -> Callable[..., CallToolResult]:
+    engine, services, ledger = deps.engine, deps.services, deps.services.ledger
 
     def one_run(r: Run) -> dict[str, Any]:
         return {"run_id": r.id, "session": r.session, "tool": r.tool, "resolved": r.resolved, "wall_s": r.wall_s,
                 "ok": r.ok, "error": r.error, "digest": r.digest, "result": r.result, "truncated": r.truncated or None,
                 "arguments_cut": r.args_cut or None, "env": r.env}
 
-    @tool(name="ledger")
     def ledger_tool(
         session: Annotated[str | None, Field(max_length=64, description="Id (or prefix), or 'current'")] = None,
         tool: Annotated[str | None, Field(max_length=64)] = None,
@@ -135,7 +127,7 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         mcp_context: Context = None,
     ) -> Annotated[CallToolResult, LedgerAnswer]:
         """Earlier runs of any conversation, newest first: to resume, and to find run_ids to cite."""
-        current = server.conversations.session_of(mcp_context)[0] if ledger.recording else None
+        current = deps.conversations.session_of(mcp_context)[0] if ledger.recording else None
         store = ledger.store
         sid = current if session == "current" else (store.resolve_session(session) if session else None)
         if sae and feature is None:
@@ -149,7 +141,7 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
         total = (len(runs) if len(runs) < limit else store.count(session=sid, tool=tool, feature=feature, sae=key)
                  ) if listing else None
         rows = [LedgerRun(run_id=r.id, session=r.session, time=when(r.time), tool=r.tool, arguments=r.given, ok=r.ok,
-                          error=r.error, summary=summary_of(r)) for r in runs]
+                          error=r.error, summary=summary_of(r, services.tools)) for r in runs]
         note = None if rows or not listing else "no run matches" + ("" if store.count() else ": the ledger is empty")
         if not ledger.recording:
             note = "this server records nothing (--no-ledger): runs of earlier servers only" + (f"; {note}" if note
@@ -160,16 +152,18 @@ def register(server: MCPServer, tool: ToolDecorator, engine: Engine, services: S
                  ] if rows else []
         lines += [f"{r.run_id} {r.time} {r.session} {r.tool}({args_line(r.arguments)}) -> {r.summary}" for r in rows]
         if one is not None:
-            lines += [run_head(one), result_text(one, result_model(server, one.tool))]
+            lines += [run_head(one), result_text(one, deps.tools.get(one.tool))]
         if note:
             lines.append(note + (f" (this session: {current})" if current and not rows else ""))
         return CallToolResult(content=[text_content("\n".join(line for line in lines if line))],
                               structured_content=answer.model_dump(mode="json", exclude_none=True))
 
-    register_resources(server, ledger)
+    return ledger_tool
 
 
-def register_resources(server: MCPServer, ledger) -> None:
+def resources(server: MCPServer, deps: ToolDeps) -> None:
+    ledger, tools = deps.services.ledger, deps.services.tools
+
     @server.resource("ledger://sessions", name="ledger_sessions", title="Recorded sessions",
                      description="Every recorded session (conversation), newest first: id, time, runs, model, "
                      "first prompt or query", mime_type="text/plain")
@@ -188,4 +182,18 @@ def register_resources(server: MCPServer, ledger) -> None:
         except SaeMcpError as exc:
             raise ResourceError(str(exc)) from exc
         runs = ledger.store.runs(session=sid, light=True)
-        return "\n".join([f"session {sid}: {len(runs)} runs"] + [run_line(r) for r in runs])
+        return "\n".join([f"session {sid}: {len(runs)} runs"] + [run_line(r, tools) for r in runs])
+
+
+SPEC = ToolSpec(
+    name="ledger",
+    make=make,
+    result=LedgerAnswer,
+    render=None,  # it writes its own text: one line per run, or the run as its tool rendered it
+    annotations=read_only,
+    page_in_text=False,
+    resources=resources,
+    ledger=None,  # not recorded
+    export=None,
+    replay=None,
+)
