@@ -55,7 +55,7 @@ from bench_index import corpus_windows, gpt2_engine, stories_engine  # noqa: E40
 from sae_mcp import demo  # noqa: E402
 from sae_mcp.engine import fast_forward  # noqa: E402
 from sae_mcp.engine.corpus import pad_windows  # noqa: E402
-from sae_mcp.engine.scan import batch_windows_for, windows_pad_id  # noqa: E402
+from sae_mcp.index.scan import batch_windows_for, windows_pad_id  # noqa: E402
 
 
 def tl_forward(model, layer: int):

@@ -15,8 +15,8 @@ import time
 import numpy as np
 import torch
 
-from sae_mcp.engine import scan as scan_mod
 from sae_mcp.engine.stats import LogitWeightStats
+from sae_mcp.index import scan as scan_mod
 
 
 def synthetic_vocab_tokenizer(n: int = 50257):

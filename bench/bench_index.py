@@ -123,8 +123,8 @@ from sae_mcp.engine.corpus import iter_windows, pad_windows, resolve_corpus  # n
 from sae_mcp.engine.loading import LoadedModel  # noqa: E402
 from sae_mcp.engine.runtime import Engine  # noqa: E402
 from sae_mcp.engine.saes import LoadedSAE  # noqa: E402
-from sae_mcp.engine.samples import at, fold_samples  # noqa: E402
-from sae_mcp.engine.scan import (  # noqa: E402
+from sae_mcp.index.samples import at, fold_samples  # noqa: E402
+from sae_mcp.index.scan import (  # noqa: E402
     BUFFER_BATCHES,
     HIST_BINS,
     HIST_LO,
@@ -140,7 +140,7 @@ from sae_mcp.engine.scan import (  # noqa: E402
     update_state,
     windows_pad_id,
 )
-from sae_mcp.services.example_source import ExampleSource  # noqa: E402
+from sae_mcp.index.source import ExampleSource  # noqa: E402
 from sae_mcp.settings import Settings  # noqa: E402
 
 

@@ -94,7 +94,7 @@ def time_recording() -> dict[str, list[float]]:
     """Times Ledger.begin and Pending.finish (digest, copy, resolved arguments, the committed insert) as they run
     inside the measured calls: after a forward pass the caches are cold, and the same work costs ~3x the warm
     loop of record_alone."""
-    from sae_mcp.services.ledger import Ledger, Pending
+    from sae_mcp.ledger.recording import Ledger, Pending
 
     spent: dict[str, list[float]] = {"begin": [], "finish": []}
 
@@ -117,7 +117,7 @@ def record_alone(on, n: int = 200) -> float:
 
     from sae_mcp.engine.features import get_feature_acts
     from sae_mcp.server.text import as_tool_result
-    from sae_mcp.tools.get_feature_acts import render
+    from sae_mcp.server.tools.get_feature_acts import render
 
     ledger = on.ledger
     result = as_tool_result(get_feature_acts(ledger.engine, PROMPT, top_k=5), render)
@@ -135,7 +135,7 @@ async def flood(server, calls: int, flood_calls: int, label_mb: float) -> dict:
     """Listing time and file size with a ledger in use, then after a flood of rejected oversized labels."""
     from mcp import Client
 
-    from sae_mcp.store.ledger import ledger_path
+    from sae_mcp.ledger.store import ledger_path
 
     path = ledger_path(server.ledger.settings.data_dir)
 

@@ -52,9 +52,9 @@ sys.path.insert(0, str(BENCH.parent))
 from bench_index import CORPUS, STORIES_HF, corpus_windows  # noqa: E402
 from bench_scan import sparse_random_sae  # noqa: E402
 
-from sae_mcp.engine.merge import merge_states  # noqa: E402
-from sae_mcp.engine.samples import MAX_POS, SAMPLE_BINS, SAMPLES_PER_BIN  # noqa: E402
-from sae_mcp.engine.scan import HIST_BINS, KEEP, ScanState  # noqa: E402
+from sae_mcp.index.merge import merge_states  # noqa: E402
+from sae_mcp.index.samples import MAX_POS, SAMPLE_BINS, SAMPLES_PER_BIN  # noqa: E402
+from sae_mcp.index.scan import HIST_BINS, KEEP, ScanState  # noqa: E402
 from sae_mcp.settings import Settings  # noqa: E402
 
 
@@ -72,7 +72,7 @@ def saved_sae(folder: Path) -> Path:
 def single_process(settings: Settings, tokens: int, batch: int | None) -> float:
     """tokens/s of ExampleSource.build_index in this process (1 thread): the floor one worker has to match."""
     from sae_mcp.engine.runtime import Engine
-    from sae_mcp.services.example_source import ExampleSource
+    from sae_mcp.index.source import ExampleSource
 
     src = ExampleSource(Engine.from_settings(settings), settings)
     t = time.perf_counter()
@@ -144,7 +144,7 @@ def main() -> None:
     torch.set_num_threads(1)
     import ray
 
-    from sae_mcp.services.ray_index import RayIndexer
+    from sae_mcp.index.ray_driver import RayIndexer
 
     print(f"torch {torch.__version__}, ray {ray.__version__}, {os.cpu_count()} CPU(s), 1 thread per worker; "
           f"load average at start {os.getloadavg()[0]:.2f} (other processes share these cores)")

@@ -56,8 +56,8 @@ from sae_mcp.engine.corpus import Window, iter_windows, pad_windows, resolve_cor
 from sae_mcp.engine.loading import LoadedModel  # noqa: E402
 from sae_mcp.engine.runtime import Engine  # noqa: E402
 from sae_mcp.engine.saes import LoadedSAE  # noqa: E402
-from sae_mcp.engine.scan import autocast_for, encode_buffer, scan, windows_pad_id  # noqa: E402
-from sae_mcp.store.index import IndexStore  # noqa: E402
+from sae_mcp.index.scan import autocast_for, encode_buffer, scan, windows_pad_id  # noqa: E402
+from sae_mcp.index.store import IndexStore  # noqa: E402
 
 
 def sparse_random_sae(model, hook: str, layer: int, d_sae: int, calib: torch.Tensor, l0: int = 64) -> LoadedSAE:

@@ -79,8 +79,8 @@ def build_engine(settings: Settings):
 
 def services_for(settings: Settings, record: bool = True):
     """The engine's services (built once: services/), the demo's index built first when it is the demo."""
+    from sae_mcp.server.tools import tool_map
     from sae_mcp.services import Services
-    from sae_mcp.tools import tool_map
 
     services = Services(build_engine(settings), settings, tools=tool_map(), record=record)
     if settings.demo:
@@ -168,7 +168,7 @@ def page_base(policy) -> str:
 
 def dashboard_url(args: argparse.Namespace, policy=None) -> str | None:
     """--dashboard-url (checked now, before the model loads), else the HTTP server's own pages, else None."""
-    from sae_mcp.server.page_links import check_base
+    from sae_mcp.pages.links import check_base
 
     given = getattr(args, "dashboard_url", None)
     if given:

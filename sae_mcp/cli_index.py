@@ -34,7 +34,7 @@ def register(sub, engine_flags) -> None:
 
 def cmd_index(args: argparse.Namespace) -> int:
     from sae_mcp.cli_common import build_engine, settings_from_args
-    from sae_mcp.services.example_source import ExampleSource
+    from sae_mcp.index.source import ExampleSource
 
     settings = settings_from_args(args)
     if args.ray is not None:
@@ -57,9 +57,9 @@ def _with_cancel(source, keys, args) -> int:
 
 
 def _index_ray(settings, args) -> int:
-    """--ray: the same index and report, built by Ray workers (services/ray_index.py); exit 2 without Ray."""
+    """--ray: the same index and report, built by Ray workers (index/ray_driver.py); exit 2 without Ray."""
+    from sae_mcp.index.ray_driver import INSTALL_HINT, RayIndexer, import_ray
     from sae_mcp.preflight import check_settings
-    from sae_mcp.services.ray_index import INSTALL_HINT, RayIndexer, import_ray
 
     if import_ray() is None:
         print(f"error: {INSTALL_HINT}", file=sys.stderr)

@@ -8,7 +8,7 @@
 
 --session takes an id, a unique prefix, or nothing for the latest session. replay loads the recorded model and
 SAEs unless --model / --sae / --corpus / --dtype say otherwise, and exits 1 when a result differs. prune deletes
-the oldest runs no label cites (store/ledger.py's policy: the runs that recorded a label are kept too)
+the oldest runs no label cites (ledger/store.py's policy: the runs that recorded a label are kept too)
 until the ledger is under --max-mb (default: the cap, SAE_MCP_LEDGER_MAX_MB) and every run older than
 --older-than-days, then rewrites the file (VACUUM) so the space goes back to the disk.
 """
@@ -30,8 +30,8 @@ def add_no_ledger_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _store(args: argparse.Namespace):
+    from sae_mcp.ledger.store import open_existing
     from sae_mcp.settings import default_data_dir
-    from sae_mcp.store.ledger import open_existing
 
     data_dir = args.data_dir or default_data_dir()
     store = open_existing(data_dir)
@@ -42,13 +42,13 @@ def _store(args: argparse.Namespace):
 
 def _tools():
     """The registered tools by name: how each tool's runs are summarised, exported, replayed and kept."""
-    from sae_mcp.tools import tool_map
+    from sae_mcp.server.tools import tool_map
 
     return tool_map()
 
 
 def cmd_sessions(args: argparse.Namespace) -> int:
-    from sae_mcp.services.ledger_summary import session_line
+    from sae_mcp.ledger.summary import session_line
 
     store, _ = _store(args)
     for s in store.sessions(limit=args.limit):
@@ -57,7 +57,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from sae_mcp.services.ledger_summary import run_line
+    from sae_mcp.ledger.summary import run_line
 
     store, _ = _store(args)
     sid = store.resolve_session(args.session)
@@ -69,8 +69,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from sae_mcp.export import export
-    from sae_mcp.export.session import load_session
+    from sae_mcp.ledger.export import export
+    from sae_mcp.ledger.export.session import load_session
 
     store, _ = _store(args)
     data = load_session(store, args.session, _tools())
@@ -82,7 +82,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     import time
 
-    from sae_mcp.services.ledger import cited_runs, kept_tools, ledger_cap
+    from sae_mcp.ledger.recording import cited_runs, kept_tools, ledger_cap
 
     store, data_dir = _store(args)
     before = time.time() - args.older_than_days * 86400 if args.older_than_days is not None else None
@@ -112,8 +112,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
 
-    from sae_mcp.export.replay import FLOAT_RTOL
-    from sae_mcp.export.session import load_session
+    from sae_mcp.ledger.export.replay import FLOAT_RTOL
+    from sae_mcp.ledger.export.session import load_session
 
     store, data_dir = _store(args)
     data = load_session(store, args.session, _tools())
@@ -135,11 +135,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def _replay(settings, store, data, in_place: bool) -> list:
     from sae_mcp.cli_common import build_engine
-    from sae_mcp.export.replay import env_changes, replay
+    from sae_mcp.ledger.env import environment
+    from sae_mcp.ledger.export.replay import env_changes, replay
+    from sae_mcp.ledger.recording import Ledger
     from sae_mcp.server.app import build_server
     from sae_mcp.services import Services
-    from sae_mcp.services.ledger import Ledger
-    from sae_mcp.services.ledger_env import environment
 
     engine = build_engine(settings)
     # A replay is no new experiment: nothing is recorded, but label_feature checks its evidence_runs in this ledger.

@@ -39,7 +39,7 @@ def check_data_dir(path: Path) -> None:
 
 
 def check_ledger_dir(path: Path) -> None:
-    """The ledger's folder (services/ledger.py writes <data_dir>/ledger/ledger.sqlite), when it exists, takes a
+    """The ledger's folder (ledger/recording.py writes <data_dir>/ledger/ledger.sqlite), when it exists, takes a
     file, and its ledger, when there is one, is a SQLite file the server can write. A missing folder is left to
     the first recorded call (--no-ledger creates none); the data dir check has shown it can be made."""
     fix = "make it a writable folder, move it away (a new ledger starts), or pass another --data-dir"

@@ -44,8 +44,8 @@ def stories_texts(n: int | None = None) -> list[str]:
 
 def volatile(tool: str) -> tuple[str, ...]:
     """The result fields a registered tool's ledger rule leaves out of the digest (none for a name not registered)."""
-    from sae_mcp.services.ledger_rule import rule_of
-    from sae_mcp.tools import tool_map
+    from sae_mcp.ledger.rule import rule_of
+    from sae_mcp.server.tools import tool_map
 
     return rule_of(tool_map(), tool).volatile
 
@@ -286,9 +286,9 @@ def stories_server(stories_engine, stories_settings):
 def indexed_stories_services(engine, sae_dir: Path, data_dir: Path, tokens: int = 30_000):
     """Services over stories260K whose corpus is indexed (`tokens` of it, ~2 s), stores in `data_dir`: what the
     feature pages show from."""
+    from sae_mcp.server.tools import tool_map
     from sae_mcp.services import Services
     from sae_mcp.settings import Settings
-    from sae_mcp.tools import tool_map
 
     settings = Settings(model=str(STORIES_HF), saes=(str(sae_dir),), corpus=str(STORIES_CORPUS), data_dir=data_dir)
     services = Services(engine, settings, tools=tool_map())

@@ -8,14 +8,15 @@ import anyio
 import pytest
 from mcp import Client
 
+from sae_mcp.cards import text as card_text
+from sae_mcp.cards.data import NOT_INDEXED
 from sae_mcp.engine.stats import LogitWeightStats
-from sae_mcp.server import card_text, pages
+from sae_mcp.pages import routes as pages
 from sae_mcp.server.app import build_server
 from sae_mcp.server.prompts import load_prompts
+from sae_mcp.server.tools import tool_map
 from sae_mcp.services import Services
-from sae_mcp.services.cards import NOT_INDEXED
 from sae_mcp.settings import Settings
-from sae_mcp.tools import tool_map
 
 from conftest import FakeIndex, only_sae
 from mcp_client import call_many, error_text, read_resource
@@ -87,7 +88,7 @@ def test_card_never_scans_when_the_index_has_no_summary(tiny_engine, tmp_path):
 def test_card_shows_a_cached_on_demand_scan_instead_of_not_indexed(tiny_engine, tiny_sae_dir, tmp_path, monkeypatch):
     """top_examples already scanned feature 4 (no index): its card shows that scan and says it is one; a feature
     never scanned still says not indexed; and the card itself never scans."""
-    from sae_mcp.services.example_source import ExampleSource
+    from sae_mcp.index.source import ExampleSource
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(["the cat sat on the mat and Lily saw it", "Tom ran to the park with a red ball"] * 10)

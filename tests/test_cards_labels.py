@@ -8,12 +8,14 @@ import re
 
 import pytest
 
-from sae_mcp.server import card_text, pages
+from sae_mcp.cards import text as card_text
+from sae_mcp.cards.data import SHOWN_LABELS
+from sae_mcp.one_line import one_line
+from sae_mcp.pages import routes as pages
 from sae_mcp.server.app import build_server
+from sae_mcp.server.tools import tool_map
 from sae_mcp.services import Services
-from sae_mcp.services.cards import SHOWN_LABELS, one_line
 from sae_mcp.settings import Settings
-from sae_mcp.tools import tool_map
 
 from conftest import only_sae
 from mcp_client import call_many

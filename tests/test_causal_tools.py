@@ -11,9 +11,9 @@ from mcp import Client
 from sae_mcp.engine import generation, steering_plan
 from sae_mcp.errors import NotFound
 from sae_mcp.server.app import build_server
+from sae_mcp.server.tools import tool_map
 from sae_mcp.services import Services
 from sae_mcp.settings import Settings
-from sae_mcp.tools import tool_map
 
 from mcp_client import call_many, call_tool, cancel_after_first_progress, error_text, list_tools
 

@@ -17,16 +17,16 @@ import pytest
 from starlette.testclient import TestClient
 
 from sae_mcp import demo
+from sae_mcp.circuits.store import CircuitStore, circuits_path
+from sae_mcp.one_line import shown
+from sae_mcp.pages.assets import visible
+from sae_mcp.pages.circuit import MAX_DRAWN_EDGES, SIGN, TOKEN_CHARS
 from sae_mcp.server.app import build_server
 from sae_mcp.server.http import dashboard_app
-from sae_mcp.server.pages_assets import visible
-from sae_mcp.server.pages_circuit import MAX_DRAWN_EDGES, SIGN, TOKEN_CHARS
 from sae_mcp.server.security import HttpPolicy
+from sae_mcp.server.tools import tool_map
 from sae_mcp.services import Services
-from sae_mcp.services.cards import shown
 from sae_mcp.settings import Settings
-from sae_mcp.store.circuits import CircuitStore, circuits_path
-from sae_mcp.tools import tool_map
 
 from conftest import engine_on
 from mcp_client import call_many, call_tool, text_of, tools_by_name

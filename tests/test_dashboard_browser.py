@@ -16,10 +16,10 @@ from urllib.parse import quote
 
 import pytest
 
+from sae_mcp.pages.feature import PAGE_CONTEXT, PAGE_INTERVALS, PAGE_PER_INTERVAL, PAGE_TOP
+from sae_mcp.server.tools import tool_map
 from sae_mcp.services import Services
-from sae_mcp.services.feature_page import PAGE_CONTEXT, PAGE_INTERVALS, PAGE_PER_INTERVAL, PAGE_TOP
 from sae_mcp.settings import Settings
-from sae_mcp.tools import tool_map
 
 from conftest import free_port, indexed_stories_services, only_sae
 from mcp_client import call_tool

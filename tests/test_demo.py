@@ -50,6 +50,9 @@ def test_the_built_wheel_carries_the_demo_model_saes_corpus_and_their_licenses(t
     names = set(zipfile.ZipFile(wheel).namelist())
     missing = [f for f in DEMO_FILES if f"sae_mcp/demo/{f}" not in names]
     assert not missing, f"the wheel lacks {missing}"
+    # Every module of the package, in every folder (a folder left out of pyproject's packages installs nothing)
+    modules = [str(p.relative_to(REPO)) for p in (REPO / "sae_mcp").rglob("*.py")]
+    assert len(modules) > 100 and [m for m in modules if m not in names] == []
     for f in ("model.safetensors", "sae_weights.safetensors"):  # whole files, not LFS pointers or truncations
         local = next(p for p in demo.HERE.rglob(f))
         inside = zipfile.ZipFile(wheel).getinfo(f"sae_mcp/demo/{local.relative_to(demo.HERE)}")

@@ -9,11 +9,11 @@ import pytest
 
 from sae_mcp.errors import InvalidInput, LoadError
 from sae_mcp.server.app import build_server
+from sae_mcp.server.tools import tool_map
 from sae_mcp.settings import Settings
 from sae_mcp.store import explanation_files as files
 from sae_mcp.store import explanations as ex
 from sae_mcp.store.explanations import ExplanationStore
-from sae_mcp.tools import tool_map
 
 from conftest import only_sae
 from mcp_client import call_many, error_text, tools_by_name

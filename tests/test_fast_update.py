@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from sae_mcp.engine.samples import FINE_PER_BIN, MAX_POS, SAMPLES_PER_BIN, pos_hash
-from sae_mcp.engine.scan import HIST_BINS, HIST_LO, HIST_PER_DECADE, ScanState, update_state
+from sae_mcp.index.samples import FINE_PER_BIN, MAX_POS, SAMPLES_PER_BIN, pos_hash
+from sae_mcp.index.scan import HIST_BINS, HIST_LO, HIST_PER_DECADE, ScanState, update_state
 
 
 def brute(acts: np.ndarray, pos: np.ndarray, k: int) -> dict:

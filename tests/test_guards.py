@@ -15,9 +15,9 @@ from sae_mcp.engine import features as F
 from sae_mcp.engine import logits as L
 from sae_mcp.engine.features import POOR_RECONSTRUCTION
 from sae_mcp.server.app import build_server
+from sae_mcp.server.tools import tool_map
 from sae_mcp.services import Services
 from sae_mcp.settings import Settings
-from sae_mcp.tools import tool_map
 
 from conftest import assert_ranked_like, engine_on, make_sae_folder, only_sae, tutorial_sae_acts
 from mcp_client import call_many, error_text
@@ -136,7 +136,7 @@ def test_poor_reconstruction_is_warned_about_at_exactly_the_positions_the_plain_
 
 def test_model_info_reports_each_saes_fidelity_measured_on_its_corpus(stories_engine, stories_settings):
     from sae_mcp.engine.corpus import iter_windows, resolve_corpus
-    from sae_mcp.services.fidelity import FIDELITY_WINDOWS
+    from sae_mcp.index.fidelity import FIDELITY_WINDOWS
 
     server = build_server(stories_engine, stories_settings)
     (info,) = call_many(server, [("model_info", {})])

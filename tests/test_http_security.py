@@ -31,9 +31,9 @@ from sae_mcp.server.security import (
     is_loopback,
 )
 from sae_mcp.server.sessions import SessionLimiter
+from sae_mcp.server.tools import tool_map
 from sae_mcp.services import Services
 from sae_mcp.settings import Settings
-from sae_mcp.tools import tool_map
 
 from conftest import STORIES_HF, free_port, only_sae
 

@@ -1,4 +1,4 @@
-"""Interval samples (engine/samples.py) and what top_examples shows of them (services/example_view.py), against
+"""Interval samples (index/samples.py) and what top_examples shows of them (index/view.py), against
 plain computations written here: the bottom-S-by-hash samples over every firing entry (across batch splits and a
 resume from a stored checkpoint), the quantile bands of a histogram, and identical contexts merged with counts."""
 
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from sae_mcp.engine.samples import MAX_POS, SAMPLE_BINS, SAMPLES_PER_BIN, pos_hash
-from sae_mcp.engine.scan import ScanState, update_state
-from sae_mcp.services.example_source import resume_state
-from sae_mcp.services.example_view import merge_identical, quantile_bands
-from sae_mcp.store.index import IndexStore
+from sae_mcp.index.samples import MAX_POS, SAMPLE_BINS, SAMPLES_PER_BIN, pos_hash
+from sae_mcp.index.scan import ScanState, update_state
+from sae_mcp.index.source import resume_state
+from sae_mcp.index.store import IndexStore
+from sae_mcp.index.view import merge_identical, quantile_bands
 
 S = SAMPLES_PER_BIN
 

@@ -11,7 +11,7 @@ import pytest
 from test_interval_samples import plain_hash
 from test_scan_index import FEATURES, TOKENS, brute_force, plain_top, settings_for
 
-from sae_mcp.services.example_source import ExampleSource
+from sae_mcp.index.source import ExampleSource
 
 from conftest import stories_texts
 

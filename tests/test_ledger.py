@@ -19,11 +19,11 @@ import anyio
 import pytest
 from mcp import Client
 
+from sae_mcp.ledger.recording import digest_of
+from sae_mcp.ledger.store import LedgerStore, bounded, ledger_path, scrub
 from sae_mcp.server.app import build_server
-from sae_mcp.services.ledger import digest_of
 from sae_mcp.settings import Settings
 from sae_mcp.store.explanations import ExplanationStore
-from sae_mcp.store.ledger import LedgerStore, bounded, ledger_path, scrub
 
 from conftest import STORIES_CORPUS, STORIES_HF, only_sae, volatile
 from mcp_client import call_many, error_text, read_resource, text_of
@@ -315,7 +315,7 @@ def test_kill_9_mid_session_loses_no_run_whose_result_was_returned(stories_sae_d
 
 def test_a_session_is_found_by_a_unique_prefix_and_wildcards_are_plain_text(tmp_path):
     from sae_mcp.errors import NotFound
-    from sae_mcp.store.ledger import LedgerStore
+    from sae_mcp.ledger.store import LedgerStore
 
     store = LedgerStore(tmp_path / "ledger.sqlite")
     for sid in ("sab12", "sab34", "sxy99"):

@@ -14,12 +14,12 @@ import pytest
 from mcp.types import CallToolResult, TextContent
 
 from sae_mcp.cli import main as cli_main
+from sae_mcp.ledger.recording import digest_of
+from sae_mcp.ledger.store import BOUNDED_STR, MAX_ERROR_CHARS, MAX_REJECTED_CHARS, SECRET_MARK, LedgerStore, ledger_path
+from sae_mcp.ledger.summary import summary_of
 from sae_mcp.server.app import build_server
-from sae_mcp.services.ledger import digest_of
-from sae_mcp.services.ledger_summary import summary_of
+from sae_mcp.server.tools import tool_map
 from sae_mcp.settings import Settings
-from sae_mcp.store.ledger import BOUNDED_STR, MAX_ERROR_CHARS, MAX_REJECTED_CHARS, SECRET_MARK, LedgerStore, ledger_path
-from sae_mcp.tools import tool_map
 
 from conftest import volatile
 from mcp_client import call_many, error_text, text_of

@@ -16,10 +16,10 @@ import pytest
 from test_ledger import record_session
 
 from sae_mcp.cli import main as cli_main
-from sae_mcp.export import cells, write_ipynb
-from sae_mcp.export.session import load_session
-from sae_mcp.store.ledger import LedgerStore
-from sae_mcp.tools import tool_map
+from sae_mcp.ledger.export import cells, write_ipynb
+from sae_mcp.ledger.export.session import load_session
+from sae_mcp.ledger.store import LedgerStore
+from sae_mcp.server.tools import tool_map
 
 from conftest import STORIES_HOOK, make_sae_folder, volatile
 
@@ -149,8 +149,8 @@ def test_a_cut_copy_of_a_long_result_is_checked_on_what_it_kept(tmp_path):
 
     import torch
 
-    from sae_mcp.store.ledger import Run
-    from sae_mcp.tools.get_feature_acts import cell as feature_acts
+    from sae_mcp.ledger.store import Run
+    from sae_mcp.server.tools.get_feature_acts import cell as feature_acts
 
     acts = torch.zeros(3, 64)  # [seq, d_sae]
     acts[2, :40] = torch.linspace(4.0, 0.1, 40)  # 40 features fire at position 2, in descending order
@@ -158,7 +158,7 @@ def test_a_cut_copy_of_a_long_result_is_checked_on_what_it_kept(tmp_path):
     run = Run(id="rcut", session="s", env="e", time=0.0, tool="get_feature_acts", given={}, wall_s=0.0, ok=True,
               resolved={"sae": "k", "prompt": "a b", "prepend_bos": True, "top_k": 50}, truncated=True,
               result={"tokens": ["<s>", "a", "b"], "positions": [{"position": 2, "l0": 40, "top": kept}]})
-    preamble = importlib.import_module("sae_mcp.export.preamble")  # the package exports a function of that name
+    preamble = importlib.import_module("sae_mcp.ledger.export.preamble")  # the package exports a function of that name
     env = {"torch": torch, "ATOL": 1e-3, "RTOL": 1e-3, "sae_acts": lambda key, prompt, prepend_bos: acts}
     exec(preamble.CHECKS.split("def hook_of")[0], env)  # close, check_rank, kl
     exec("def check_top" + preamble.CHECKS.split("def check_top")[1].split("\ndef ")[0], env)
@@ -174,9 +174,9 @@ def test_replay_reads_last_digits_moved_as_close_and_a_real_change_as_differs():
     tolerance, or any other field, still differs."""
     from mcp.types import CallToolResult
 
-    from sae_mcp.export.replay import FLOAT_RTOL, compare
-    from sae_mcp.services.ledger import digest_of
-    from sae_mcp.store.ledger import Run
+    from sae_mcp.ledger.export.replay import FLOAT_RTOL, compare
+    from sae_mcp.ledger.recording import digest_of
+    from sae_mcp.ledger.store import Run
 
     recorded = {"tokens": ["<s>", "a"], "diffs": [{"feature": 3, "effect_size": -16.976, "exact": 0.795124}]}
     run = Run(id="r1", session="s", env="e", time=0.0, tool="compare_prompts", given={}, resolved={}, wall_s=0.0,

@@ -16,12 +16,12 @@ from markdown_it import MarkdownIt
 from mcp import Client
 from test_ledger_export import ENV, WITHOUT_SAE_MCP, cli
 
-from sae_mcp.export import cells, write_py
-from sae_mcp.export.session import SessionData, load_session
+from sae_mcp.ledger.export import cells, write_py
+from sae_mcp.ledger.export.session import SessionData, load_session
+from sae_mcp.ledger.store import LedgerStore, Run
 from sae_mcp.server.app import build_server
+from sae_mcp.server.tools import tool_map
 from sae_mcp.settings import Settings
-from sae_mcp.store.ledger import LedgerStore, Run
-from sae_mcp.tools import tool_map
 
 from conftest import STORIES_HF, only_sae
 

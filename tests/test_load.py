@@ -17,11 +17,11 @@ from mcp import Client
 from sae_mcp.engine.admission import DeviceBusy, DeviceQueue
 from sae_mcp.engine.runtime import Engine
 from sae_mcp.errors import Busy
+from sae_mcp.index.source import ExampleSource
 from sae_mcp.server.app import build_server
+from sae_mcp.server.tools import tool_map
 from sae_mcp.services import MEASURING, Services
-from sae_mcp.services.example_source import ExampleSource
 from sae_mcp.settings import Settings
-from sae_mcp.tools import tool_map
 
 from load_helpers import STEER, fresh_engine, slow_generation, wait_until
 from mcp_client import call_many, error_text
@@ -396,9 +396,9 @@ def test_a_second_scan_of_a_row_being_scanned_is_answered_busy_or_cancelled_not_
         tiny_loaded, tiny_engine, tmp_path, monkeypatch):
     """build_index while another build_index scans the same row (minutes, on a real corpus): the second waits as
     for the device, so it is answered busy after the busy timeout, or stops when cancelled, while the first runs."""
-    from sae_mcp.engine import scan as scan_module
     from sae_mcp.engine.runtime import CancelToken
     from sae_mcp.errors import Cancelled
+    from sae_mcp.index import scan as scan_module
 
     engine = fresh_engine(tiny_loaded, tiny_engine, busy_timeout_s=0.3)
     corpus = tmp_path / "corpus.txt"

@@ -171,7 +171,7 @@ def test_a_queued_call_without_progress_leaves_the_queue_when_its_2025_client_di
 
 def slow_batches(tmp_path, monkeypatch) -> tuple[Settings, list[float]]:
     """A corpus and settings, with every scan batch slowed by 0.3 s -> (settings, the batches' start times)."""
-    from sae_mcp.engine import scan as scan_module
+    from sae_mcp.index import scan as scan_module
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"the cat sat on the mat {i % 10} and Lily saw the dog" for i in range(600)),

@@ -13,10 +13,10 @@ import torch
 from starlette.testclient import TestClient
 
 from sae_mcp.errors import InvalidInput
+from sae_mcp.pages.feature import MAX_TEST_CHARS, PAGE_CONTEXT, PAGE_INTERVALS, PAGE_PER_INTERVAL, PAGE_TOP
 from sae_mcp.server.app import build_server
 from sae_mcp.server.http import dashboard_app
 from sae_mcp.server.security import HttpPolicy
-from sae_mcp.services.feature_page import MAX_TEST_CHARS, PAGE_CONTEXT, PAGE_INTERVALS, PAGE_PER_INTERVAL, PAGE_TOP
 
 from conftest import indexed_stories_services, only_sae
 from mcp_client import call_many, call_tool
@@ -142,7 +142,7 @@ def test_a_newline_inside_an_example_is_a_visible_mark_and_never_breaks_the_row(
 def test_a_page_never_waits_long_for_a_busy_device_it_marks_the_max_tokens_and_says_why(site, monkeypatch):
     import threading
 
-    from sae_mcp.services import feature_page as fp
+    from sae_mcp.pages import feature as fp
 
     services, _, s, picked = site
     monkeypatch.setattr(fp, "DEVICE_WAIT_S", 0.2)
@@ -172,7 +172,7 @@ def test_how_long_a_card_takes_to_render_from_the_index(site):
     """Gather + HTML of a feature page, best of 5, printed (the target is under 200 ms; a timing is never asserted:
     the box these tests share is often loaded by other processes). CPU time is printed beside wall time because
     load stretches the one but not the other."""
-    from sae_mcp.server.pages import feature_page
+    from sae_mcp.pages.routes import feature_page
 
     services, _, s, picked = site
     cpu, wall = {}, {}
@@ -218,9 +218,9 @@ def test_the_test_box_answers_exactly_what_get_feature_acts_answers(site):
 
 
 def test_labels_explanations_corpus_text_and_typed_text_are_escaped_everywhere(site):
-    from sae_mcp.server.pages import render_feature
-    from sae_mcp.services.feature_page import gather_page
-    from sae_mcp.store.scores import StoredScore
+    from sae_mcp.pages.feature import gather_page
+    from sae_mcp.pages.routes import render_feature
+    from sae_mcp.scoring.store import StoredScore
 
     services, _, s, picked = site
     f = picked["banded"]
@@ -365,7 +365,7 @@ def test_page_urls_never_carry_a_token_and_default_to_the_http_servers_own_addre
     import argparse
 
     from sae_mcp.cli_common import dashboard_url
-    from sae_mcp.server.page_links import check_base
+    from sae_mcp.pages.links import check_base
 
     for bad in ("http://127.0.0.1:8765/?token=abcdefabcdefabcdef", "http://user:pw@host:1", "ftp://x", "x"):
         with pytest.raises(InvalidInput):

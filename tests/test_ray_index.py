@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae_mcp.engine.merge import merge_all, merge_states
-from sae_mcp.engine.scan import ScanState, update_state
-from sae_mcp.services import ray_index
-from sae_mcp.services.index_shards import Shard, batch_for, plan_shards, reuse_shards
-from sae_mcp.services.ray_worker import Cursor, FailAfter, Walk, walk, windows_at
-from sae_mcp.store.index import StoredScan
+from sae_mcp.index import ray_driver as ray_index
+from sae_mcp.index.merge import merge_all, merge_states
+from sae_mcp.index.ray_worker import Cursor, FailAfter, Walk, walk, windows_at
+from sae_mcp.index.scan import ScanState, update_state
+from sae_mcp.index.shards import Shard, batch_for, plan_shards, reuse_shards
+from sae_mcp.index.store import StoredScan
 
 from conftest import STORIES_CORPUS, STORIES_HF, STORIES_HOOK
 
@@ -151,7 +151,7 @@ def settings_for(sae_dir, data_dir):
 def single(stories_sae_dir, tmp_path_factory):
     """The single-process index (built as `sae-mcp index` builds it: Engine.from_settings, as the workers do)."""
     from sae_mcp.engine.runtime import Engine
-    from sae_mcp.services.example_source import ExampleSource
+    from sae_mcp.index.source import ExampleSource
 
     st = settings_for(stories_sae_dir, tmp_path_factory.mktemp("single"))
     return ExampleSource(Engine.from_settings(st), st).build_index(None, TOKENS, batch_windows=BATCH)
@@ -235,7 +235,7 @@ def test_an_index_row_is_extended_as_a_single_process_extends_it(ray_cluster, st
     """A 12k-token index (one process) taken to 20k by Ray equals the same extension by one process: both resume
     at the row's window (mid-buffer of a fresh 20k scan, so it is compared with that extension)."""
     from sae_mcp.engine.runtime import Engine
-    from sae_mcp.services.example_source import ExampleSource
+    from sae_mcp.index.source import ExampleSource
 
     st_a, st_b = settings_for(stories_sae_dir, tmp_path / "a"), settings_for(stories_sae_dir, tmp_path / "b")
     engine = Engine.from_settings(st_a)

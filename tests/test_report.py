@@ -12,9 +12,9 @@ from markdown_it import MarkdownIt
 from mcp import Client
 from test_ledger_export import cli
 
+from sae_mcp.ledger.store import LedgerStore
 from sae_mcp.server.app import build_server
 from sae_mcp.settings import Settings
-from sae_mcp.store.ledger import LedgerStore
 
 from conftest import STORIES_CORPUS, STORIES_HF, only_sae
 

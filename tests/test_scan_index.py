@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from sae_mcp.engine.runtime import CancelToken
-from sae_mcp.engine.scan import ScanState, update_state
 from sae_mcp.errors import Cancelled
-from sae_mcp.services.example_source import ExampleSource
+from sae_mcp.index.scan import ScanState, update_state
+from sae_mcp.index.source import ExampleSource
 from sae_mcp.settings import Settings
 
 from conftest import STORIES_CORPUS, STORIES_HF, STORIES_HOOK, engine_on, stories_texts, tutorial_sae_acts
@@ -50,7 +50,7 @@ def test_update_state_keeps_exactly_the_k_largest_with_ties_by_earlier_position(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_firing_entries_are_exactly_the_entries_above_zero(dtype):
     """The word-wise fast path against the plain `> 0`: +0.0, -0.0, negatives, tiny positives, odd lengths."""
-    from sae_mcp.engine.scan import firing_entries
+    from sae_mcp.index.scan import firing_entries
 
     torch.manual_seed(0)
     acts = (torch.randn(301, 67) - 1.5).to(dtype)
@@ -212,7 +212,7 @@ def test_cancel_keeps_the_last_whole_buffer_and_a_rerun_resumes_to_the_uninterru
     """Batches are scanned longest first within a buffer, so only a whole buffer is a prefix of the corpus: a
     cancel mid-buffer keeps the state at the last buffer's end, and the rerun ends exactly where a run without
     the cancel ends."""
-    from sae_mcp.engine import scan as scan_mod
+    from sae_mcp.index import scan as scan_mod
 
     monkeypatch.setattr(scan_mod, "BUFFER_BATCHES", 2)  # buffers of 2 batches x 16 windows
     src = ExampleSource(stories_engine, settings_for(stories_sae_dir, tmp_path / "a"))
@@ -310,7 +310,7 @@ def test_an_sae_retrained_into_the_same_folder_never_gets_the_old_index(tiny_loa
 
 
 def test_a_pretrained_sae_keeps_an_index_written_before_weights_were_recorded(tmp_path):
-    from sae_mcp.store.index import IndexStore, meta_for
+    from sae_mcp.index.store import IndexStore, meta_for
 
     pre = meta_for("gpt2-small", "rel/id", "/c.txt", "1-2", 128, 50256, 8, weights_id="rel/id")
     legacy = {k: v for k, v in pre.items() if k != "weights"}
@@ -354,7 +354,7 @@ def test_cpu_scans_record_and_report_float32_compute_dtype(tiny_engine, tiny_sae
 def test_compute_dtype_names_the_cuda_autocast_precision(monkeypatch):
     from types import SimpleNamespace
 
-    from sae_mcp.engine import scan as scan_mod
+    from sae_mcp.index import scan as scan_mod
 
     sae = SimpleNamespace(sae=torch.nn.Linear(2, 2))  # float32 parameters
     cpu = SimpleNamespace(device="cpu", model=SimpleNamespace(cfg=SimpleNamespace(dtype=torch.float32)))
@@ -371,7 +371,7 @@ def test_compute_dtype_names_the_cuda_autocast_precision(monkeypatch):
 def test_an_index_file_from_before_compute_dtype_opens_and_reports_none(tmp_path):
     import sqlite3
 
-    from sae_mcp.store.index import IndexStore, meta_for
+    from sae_mcp.index.store import IndexStore, meta_for
 
     path = tmp_path / "old.sqlite"
     con = sqlite3.connect(path)
@@ -404,7 +404,7 @@ def test_read_ahead_keeps_order_raises_reader_errors_and_stops_when_abandoned():
     import threading
     import time
 
-    from sae_mcp.engine.scan import _read_ahead
+    from sae_mcp.index.scan import _read_ahead
 
     assert list(_read_ahead(iter([[1], [2], [3]]))) == [[1], [2], [3]]
 

@@ -18,15 +18,15 @@ import pytest
 import torch
 from mcp import Client, types
 
+from sae_mcp.cards.data import gather_card
+from sae_mcp.scoring import blind_set as sc
+from sae_mcp.scoring.metrics import metrics
+from sae_mcp.scoring.prompt import read_predictions, scorer_prompt
+from sae_mcp.scoring.runs import ExplanationScorer
 from sae_mcp.server.app import build_server
+from sae_mcp.server.tools import tool_map
 from sae_mcp.services import Services
-from sae_mcp.services import scoring as sc
-from sae_mcp.services.cards import gather_card
-from sae_mcp.services.score_metrics import metrics
-from sae_mcp.services.score_prompt import read_predictions, scorer_prompt
-from sae_mcp.services.score_runs import ExplanationScorer
 from sae_mcp.settings import Settings
-from sae_mcp.tools import tool_map
 
 from conftest import REPO, STORIES_CORPUS, STORIES_HF, only_sae, tutorial_sae_acts
 from mcp_client import call_many, error_text, text_of

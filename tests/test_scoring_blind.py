@@ -15,18 +15,18 @@ import numpy as np
 import pytest
 import torch
 
-from sae_mcp.engine.samples import MAX_POS
+from sae_mcp.cards.data import gather_card
+from sae_mcp.index.samples import MAX_POS
+from sae_mcp.index.source import DEFAULT_CONTEXT, MAX_CONTEXT
+from sae_mcp.index.view import DEFAULT_PER_INTERVAL, MAX_INTERVALS, MAX_PER_INTERVAL
+from sae_mcp.pages.feature import gather_page
 from sae_mcp.results.scoring import BlindSet
+from sae_mcp.scoring import blind_set as sc
+from sae_mcp.scoring.prompt import scorer_prompt
 from sae_mcp.server.app import build_server
+from sae_mcp.server.tools import tool_map
 from sae_mcp.services import Services
-from sae_mcp.services import scoring as sc
-from sae_mcp.services.cards import gather_card
-from sae_mcp.services.example_source import DEFAULT_CONTEXT, MAX_CONTEXT
-from sae_mcp.services.example_view import DEFAULT_PER_INTERVAL, MAX_INTERVALS, MAX_PER_INTERVAL
-from sae_mcp.services.feature_page import gather_page
-from sae_mcp.services.score_prompt import scorer_prompt
 from sae_mcp.settings import Settings
-from sae_mcp.tools import tool_map
 
 from conftest import STORIES_CORPUS, STORIES_HF, only_sae, tutorial_sae_acts
 from mcp_client import call_many, error_text, text_of, tools_by_name

@@ -19,13 +19,13 @@ import anyio
 import pytest
 from mcp import Client
 
+from sae_mcp.cards.data import gather_card
+from sae_mcp.pages.feature import gather_page
+from sae_mcp.scoring.store import ScoreStore
 from sae_mcp.server.app import build_server
+from sae_mcp.server.tools import tool_map
 from sae_mcp.services import Services
-from sae_mcp.services.cards import gather_card
-from sae_mcp.services.feature_page import gather_page
 from sae_mcp.settings import Settings
-from sae_mcp.store.scores import ScoreStore
-from sae_mcp.tools import tool_map
 
 from conftest import STORIES_CORPUS, STORIES_HF
 from mcp_client import call_many, text_of

@@ -119,7 +119,7 @@ def test_every_returned_entry_is_checked_and_every_disagreement_is_named(stories
 
 
 def test_integrated_gradients_is_labelled_as_itself_and_its_error_share_is_its_own(stories_engine):
-    from sae_mcp.tools.attribute import render as agent_text
+    from sae_mcp.server.tools.attribute import render as agent_text
 
     grad = attr.attribute(stories_engine, PROMPT, ANSWER, counterfactual=COUNTERFACTUAL, top_k=5, verify=False)
     ig = attr.attribute(stories_engine, PROMPT, ANSWER, counterfactual=COUNTERFACTUAL, top_k=5, verify=False,

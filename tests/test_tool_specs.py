@@ -19,17 +19,17 @@ import pytest
 from mcp import Client
 from mcp.types import ToolAnnotations
 
-from sae_mcp.export.rules import ExportRule, ReplayRule
+from sae_mcp.ledger.export.rules import ExportRule, ReplayRule
+from sae_mcp.ledger.rule import LedgerRule
 from sae_mcp.server.app import build_server
 from sae_mcp.server.args import engine_args
+from sae_mcp.server.tools import TOOLS, tool_map
+from sae_mcp.server.tools.spec import ToolDeps, ToolSpec
 from sae_mcp.services import Services
-from sae_mcp.services.ledger_rule import LedgerRule
 from sae_mcp.settings import Settings
-from sae_mcp.tools import TOOLS, tool_map
-from sae_mcp.tools.spec import ToolDeps, ToolSpec
 
 PACKAGE = Path(__file__).resolve().parent.parent / "sae_mcp"
-TOOLS_DIR = PACKAGE / "tools"
+TOOLS_DIR = PACKAGE / "server" / "tools"
 NAMES = {spec.name for spec in TOOLS}
 
 
@@ -62,7 +62,7 @@ def test_every_tool_is_one_module_named_after_it_and_registered_once():
     modules = {p.stem for p in TOOLS_DIR.glob("*.py")} - {"__init__", "spec"}
     assert modules == NAMES
     for spec in TOOLS:
-        assert spec.make.__module__ == f"sae_mcp.tools.{spec.name}"
+        assert spec.make.__module__ == f"sae_mcp.server.tools.{spec.name}"
 
 
 def no_defaults(cls: type) -> list[str]:
@@ -90,7 +90,7 @@ def test_every_spec_is_whole_each_choice_stated_in_its_module(tiny_engine, tmp_p
         assert isinstance(spec.annotations(deps), ToolAnnotations), spec.name
         assert callable(spec.make(deps)), spec.name
         for fn in own_callables(spec):  # its rendering, summary, resolve, export cell, replay rule: in its module
-            assert fn.__module__ == f"sae_mcp.tools.{spec.name}", (spec.name, fn)
+            assert fn.__module__ == f"sae_mcp.server.tools.{spec.name}", (spec.name, fn)
         if spec.ledger is not None:
             assert spec.ledger.bos in ("sae", "model", None)
             assert all(isinstance(p, str) and p for p in spec.ledger.volatile), spec.name

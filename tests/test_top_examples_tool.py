@@ -7,8 +7,8 @@ import base64
 
 import pytest
 
+from sae_mcp.index.source import ExampleSource
 from sae_mcp.server.app import build_server
-from sae_mcp.services.example_source import ExampleSource
 from sae_mcp.settings import Settings
 
 from conftest import STORIES_HF

@@ -4,9 +4,9 @@ stand-in injected through the constructor is what every tool reads (no module ke
 from __future__ import annotations
 
 from sae_mcp.server.app import build_server
+from sae_mcp.server.tools import tool_map
 from sae_mcp.services import Services
 from sae_mcp.settings import Settings
-from sae_mcp.tools import tool_map
 
 from conftest import FakeIndex, only_sae
 from mcp_client import call_many

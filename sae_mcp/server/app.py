@@ -1,7 +1,7 @@
 """The MCP face: build_server(engine, settings) -> MCPServer.
 
 build_server constructs the services once (services/: the example source, the explanation store, the logit-weight
-statistics, the ledger), handed the registered tools (sae_mcp/tools/: each tool's ToolSpec), and registers each
+statistics, the ledger), handed the registered tools (sae_mcp/server/tools/: each tool's ToolSpec), and registers each
 tool with what it is made with (ToolDeps: the engine, the services, the argument types, every tool by name, the
 conversations). A tool body validates its arguments (bounds live in the signature, so every client sees them in
 the input schema), calls one engine or service function and returns its pydantic result (structured content +
@@ -16,15 +16,15 @@ from importlib.metadata import PackageNotFoundError, version
 from mcp.server.mcpserver import MCPServer
 
 from sae_mcp.engine.runtime import Engine
+from sae_mcp.pages.links import PageLinks
 from sae_mcp.server import http
 from sae_mcp.server.args import engine_args
-from sae_mcp.server.page_links import PageLinks
 from sae_mcp.server.prompts import load_prompts
+from sae_mcp.server.tools import TOOLS, tool_map
+from sae_mcp.server.tools.spec import ToolDeps
 from sae_mcp.server.wiring import SaeMcpServer, register_tool
 from sae_mcp.services import Services
 from sae_mcp.settings import Settings
-from sae_mcp.tools import TOOLS, tool_map
-from sae_mcp.tools.spec import ToolDeps
 
 INSTRUCTIONS = """\
 sae-mcp runs sparse-autoencoder (SAE) experiments on a loaded transformer language model.
@@ -60,7 +60,7 @@ def build_server(engine: Engine, settings: Settings | None = None, services: Ser
     unknown = [s.name for s in TOOLS if s.ledger is not None and s.name not in services.tools]
     if unknown:
         raise ValueError(f"the services were built without the registered tools ({', '.join(unknown)}): pass "
-                         "Services(..., tools=sae_mcp.tools.tool_map())")
+                         "Services(..., tools=sae_mcp.server.tools.tool_map())")
     server = SaeMcpServer("sae-mcp", version=package_version(), instructions=INSTRUCTIONS)
     if record and services.ledger.recording:
         server.ledger = services.ledger

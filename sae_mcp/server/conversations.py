@@ -16,7 +16,7 @@ import threading
 import weakref
 from typing import Any
 
-from sae_mcp.services.ledger import new_id
+from sae_mcp.ledger.recording import new_id
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,13 @@
 """Feature cards as HTML pages on localhost, so a person can look at what the agent looked at.
 
     /?q=WORDS&sort=label|density loaded SAEs with their fidelity, features by label or density, explanation search
-    /features/{sae}/{feature}    the feature page (server/pages.py): the card's data, every example token shaded,
+    /features/{sae}/{feature}    the feature page (pages/routes.py): the card's data, every example token shaded,
                                  examples per activation band, histogram, logit lens, recorded runs, a test box;
                                  ?text=... fills the test box (and its script runs it)
     /features/{sae}/{feature}/acts?text=...   the test box's JSON: get_feature_acts on the text for this feature
     /features/{sae}/?f=N         the front page's box (a plain GET form) -> the feature page
-    /circuits/{run_id}           a trace_circuit graph drawn as SVG with its figures (server/pages_circuit.py), from
-                                 the graph kept under the call's ledger run id (store/circuits.py)
+    /circuits/{run_id}           a trace_circuit graph drawn as SVG with its figures (pages/circuit.py), from
+                                 the graph kept under the call's ledger run id (circuits/store.py)
 
 The routes are added to the MCP server (custom routes, served next to /mcp when it runs over streamable HTTP)
 and make up the standalone `sae-mcp dashboard` app. Cards do device work, so they run on a worker thread.
@@ -33,12 +33,12 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from sae_mcp.errors import Busy, InvalidInput, SaeMcpError
-from sae_mcp.server.pages import feature_page, index_page
-from sae_mcp.server.pages_circuit import circuit_page
+from sae_mcp.pages.circuit import circuit_page
+from sae_mcp.pages.feature import MAX_TEST_CHARS, try_text
+from sae_mcp.pages.routes import feature_page, index_page
 from sae_mcp.server.security import HttpPolicy, RedactTokens, SecurityMiddleware
 from sae_mcp.server.sessions import SessionLimiter
 from sae_mcp.services import Services
-from sae_mcp.services.feature_page import MAX_TEST_CHARS, try_text
 
 
 def _error_page(message: str, status: int) -> HTMLResponse:

@@ -42,7 +42,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sae_mcp.errors import InvalidInput
-from sae_mcp.server.pages_assets import SCRIPT_HASH
+from sae_mcp.pages.assets import SCRIPT_HASH
 
 log = logging.getLogger("sae_mcp")
 

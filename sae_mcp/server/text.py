@@ -1,4 +1,4 @@
-"""The pieces of what the agent reads (each tool's rendering puts them together: ToolSpec.render, sae_mcp/tools/).
+"""The pieces of what the agent reads (each tool's rendering puts them together: ToolSpec.render, server/tools/).
 
 A chat host shows the model a result's text content, and every character costs it context. The structured content
 keeps the whole typed result (the output schema); the text says the same facts once: compact JSON without

@@ -1,4 +1,4 @@
-"""The MCP server class, and register_tool(server, spec, deps): a tool's ToolSpec (sae_mcp/tools/spec.py) made
+"""The MCP server class, and register_tool(server, spec, deps): a tool's ToolSpec (sae_mcp/server/tools/spec.py) made
 into an MCP tool.
 
 SaeMcpServer is the SDK's MCPServer with three protocol-level rules an agent needs:
@@ -12,18 +12,18 @@ SaeMcpServer is the SDK's MCPServer with three protocol-level rules an agent nee
 - results are shown to the agent compactly: a tool's function returns a pydantic model, which becomes the
   structured content (whole) and the text its spec renders (else compact JSON: server/text.py);
 - every call of a tool whose spec has a ledger rule (and of a tool name the server does not know: a failed call
-  worth a record) is recorded in the ledger (services/ledger.py) when `server.ledger` is set: begun and finished here,
+  worth a record) is recorded in the ledger (ledger/recording.py) when `server.ledger` is set: begun and finished here,
   on the event loop (one SQLite insert, ~0.1 ms: measured cheaper than on the tool's worker thread, and no thread
   hop), committed before the answer leaves, which then carries its `run_id` (added here: the ledger takes the
   conversation's session id, server/conversations.py, and the result's structured content); a call that failed is
   recorded with the message the client sees. Recording never fails a call;
 - every call's waits for the device end when its client cancels or goes away (progress.watching_request), with or
   without a progress reporter;
-- when pages are served (`server.pages`, server/page_links.py), a result that names one feature carries `page`,
+- when pages are served (`server.pages`, pages/links.py), a result that names one feature carries `page`,
   the URL of that feature's page, added here after the ledger recorded the result (in its text too where the
   spec says page_in_text);
 - a result holding a circuit graph (trace_circuit's, known by its content) is kept whole under its run id
-  (`server.circuits`, store/circuits.py: the ledger keeps a bounded copy), on a worker thread (a 256-node graph
+  (`server.circuits`, circuits/store.py: the ledger keeps a bounded copy), on a worker thread (a 256-node graph
   is 1.8 MB of JSON, ~20 ms to write), once the ledger gave it a run id; with pages served it then carries
   `page`, its circuit page's URL. Without the ledger there is no run id, so no graph is kept and no link given.
 
@@ -43,13 +43,13 @@ from mcp.types import CallToolResult, TextContent
 from mcp_types import INVALID_PARAMS
 from pydantic import ValidationError
 
+from sae_mcp.circuits.store import circuit_of
 from sae_mcp.errors import SaeMcpError
+from sae_mcp.pages.links import CIRCUIT_PAGE_SCHEMA, PAGE_SCHEMA, draws_circuit, names_features
 from sae_mcp.server.conversations import Conversations
-from sae_mcp.server.page_links import CIRCUIT_PAGE_SCHEMA, PAGE_SCHEMA, draws_circuit, names_features
 from sae_mcp.server.progress import watching_request
 from sae_mcp.server.text import as_tool_result
-from sae_mcp.store.circuits import circuit_of
-from sae_mcp.tools.spec import ToolDeps, ToolSpec
+from sae_mcp.server.tools.spec import ToolDeps, ToolSpec
 
 SHOWN_INPUT = 60  # characters of a rejected argument value quoted back
 SHOWN_REASON = 500  # characters of an unexpected exception's message passed on
@@ -65,7 +65,7 @@ class SaeMcpServer(MCPServer):
         self._argument_names: dict[str, set[str]] | None = None  # tool -> its input schema's properties
         self._defaults: dict[str, dict[str, Any]] | None = None  # tool -> its arguments' defaults (for the ledger)
         self.ledger: Any = None  # services.ledger.Ledger when calls are recorded
-        self.pages: Any = None  # server.page_links.PageLinks when the feature pages are served somewhere
+        self.pages: Any = None  # pages.links.PageLinks when the feature pages are served somewhere
         self.circuits: Any = None  # store.circuits.CircuitStore keeping circuit graphs whole (with the ledger)
         self.tools: dict[str, ToolSpec[Any]] = {}  # name -> spec of every tool registered (register_tool)
         self.conversations = Conversations()  # the session id of each conversation (the ledger files runs under it)

@@ -1,8 +1,8 @@
 """What the tools share beyond the engine: built once by build_server (or a CLI command) and passed explicitly.
 
     Services(engine, settings, tools=...)
-      .tools           the registered tools by name (sae_mcp.tools.tool_map()): the ledger and its readers read each
-                       tool's ledger rule from it (services/ledger_rule.py)
+      .tools           the registered tools by name (server.tools.tool_map()): the ledger and its readers read each
+                       tool's ledger rule from it (ledger/rule.py)
       .examples        ExampleSource: the corpus index and on-demand scans (top examples, densities, max activations)
       .stats           LogitWeightStats: feature_stats and token_set_enrichment, with their whole-SAE results kept
       .explanations    ExplanationStore: imported explanations and the agent's labels (opened on first use, so a
@@ -19,7 +19,7 @@
                        created by the first graph kept)
 
 Each can be given to the constructor instead (tests inject stand-ins this way). Feature cards are gathered from
-these by services/cards.py.
+these by cards/data.py.
 """
 
 from __future__ import annotations
@@ -31,19 +31,19 @@ from collections.abc import Mapping
 
 import torch
 
+from sae_mcp.circuits.store import CircuitStore, circuits_path
 from sae_mcp.engine.runtime import Engine
 from sae_mcp.engine.stats import LogitWeightStats
 from sae_mcp.errors import Busy, SaeMcpError
+from sae_mcp.index.fidelity import measure_fidelity, sample_tokens
+from sae_mcp.index.source import ExampleSource
+from sae_mcp.ledger.recording import Ledger
+from sae_mcp.ledger.rule import Recorded
 from sae_mcp.results import SaeFidelity
-from sae_mcp.services.example_source import ExampleSource
-from sae_mcp.services.fidelity import measure_fidelity, sample_tokens
-from sae_mcp.services.ledger import Ledger
-from sae_mcp.services.ledger_rule import Recorded
-from sae_mcp.services.score_runs import ExplanationScorer
+from sae_mcp.scoring.runs import ExplanationScorer
+from sae_mcp.scoring.store import ScoreStore
 from sae_mcp.settings import Settings
-from sae_mcp.store.circuits import CircuitStore, circuits_path
 from sae_mcp.store.explanations import ExplanationStore
-from sae_mcp.store.scores import ScoreStore
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,545 @@
+"""The ledger: every tool call an agent made, in one SQLite file (WAL) under <data_dir>/ledger/ledger.sqlite.
+
+Tables
+    envs          (id, body JSON, created)        what runs ran against: the model and its weights' identity, each
+                                                  SAE (source, weights hash, dtype, device), the model processing,
+                                                  the corpus, package versions; id = SHA-256 prefix of the body
+    sessions      (id, started, env, client)       one per conversation (an MCP connection, a `sae-mcp call`)
+    runs          (seq, id, session, env, time, tool, wall_s, ok, error, digest, result_chars, truncated, args_cut,
+                   sae, features, summary, brief JSON, given JSON, resolved JSON, result JSON)
+                                                  one per tool call: how long it took, its error message when it
+                                                  failed, the digest of its whole result, its SAE's key, the features
+                                                  it was about (named in its arguments or listed in its result) as
+                                                  ' 3 17 102 ' for ledger(feature=), its key numbers in one line
+                                                  (summary) and a short copy of its arguments (brief) for listings;
+                                                  then the arguments as given and as resolved (defaults, the SAE key,
+                                                  steering's coefficients, the seeds) and a bounded copy of the result
+    file_hashes   (path, size, mtime_ns, sha256)   weights hashes already computed (a large local model is hashed
+                                                  once, not at every start)
+
+A run is one row, written by one INSERT committed before the tool's answer is sent (synchronous=NORMAL in WAL mode
+survives a killed process; only a power loss can drop the last commits), so a client never holds a run id the
+ledger lost. One statement per call keeps recording cheap (~0.1 ms): a session's row is written once, at its first
+run, and its run count and last time are read from the runs.
+
+What is stored (record())
+    accepted calls  the arguments whole (replay and the exports redo the call from them; the tools' schemas bound
+                    them), the result whole up to MAX_RESULT_CHARS of JSON, else cut (fit(): long lists to their
+                    first items, long strings to their start, each cut saying how much it left out)
+    rejected calls  the arguments cut as results are: each string to BOUNDED_STR characters, the whole to
+                    MAX_REJECTED_CHARS (args_cut = 1; replay skips them). 165 label_feature calls with a 3.5 MB
+                    label (rejected: labels take 1,000 characters) grew the ledger by 1.16 GB when they were stored
+                    whole, 1.0 MB now (bench/bench_ledger.py --flood); every error message is cut to
+                    MAX_ERROR_CHARS, a tool's or a client's name to MAX_NAME_CHARS
+    never           a field named in SECRET_FIELDS (a blind set's submit secret), in the arguments, the result or
+                    the error: its value is replaced by SECRET_MARK before anything is written
+
+The size cap (prune())
+    The runs hold at most max_bytes of the file's pages (default DEFAULT_MAX_MB, SAE_MCP_LEDGER_MAX_MB to change;
+    ledger/recording.py). Past it, each recorded run also deletes up to PRUNE_BATCH of the oldest runs, until the
+    pages in use are under PRUNE_TO of the cap, except runs a label cites as evidence and the successful runs of the
+    tools whose runs are kept (the caller names them: those that recorded a label): those are kept whatever their
+    age. Freed pages are reused, so the file stops growing;
+    `sae-mcp ledger prune` deletes the same way on demand (or by age) and gives the space back to the disk.
+
+Reading fast whatever is stored
+    The large columns (given, resolved, result) come last in a row: SQLite reads a row's columns in order, and a
+    large value spills into a chain of overflow pages that reading a later column has to walk. A listing
+    (runs(light=True)) reads only the columns before them: summary and brief instead of the result and the
+    arguments. Ledgers written before these columns existed get them appended (their large columns stay in the
+    middle); their old runs are listed with their result, to compute the summary from (ledger/summary.py summary_of).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydantic_core
+
+from sae_mcp.errors import NotFound
+from sae_mcp.store.db import open_db
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS envs (id TEXT PRIMARY KEY, body TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, started REAL NOT NULL, env TEXT, client TEXT);
+CREATE TABLE IF NOT EXISTS runs (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    session TEXT NOT NULL,
+    env TEXT,
+    time REAL NOT NULL,
+    tool TEXT NOT NULL,
+    wall_s REAL NOT NULL,
+    ok INTEGER NOT NULL,
+    error TEXT,
+    digest TEXT,
+    result_chars INTEGER,
+    truncated INTEGER NOT NULL DEFAULT 0,
+    args_cut INTEGER NOT NULL DEFAULT 0,
+    sae TEXT,
+    features TEXT,
+    summary TEXT,
+    brief TEXT,
+    given TEXT NOT NULL,
+    resolved TEXT,
+    result TEXT
+);
+CREATE TABLE IF NOT EXISTS file_hashes (
+    path TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL,
+    PRIMARY KEY (path, size, mtime_ns)
+);
+"""
+INDEXES = """
+CREATE INDEX IF NOT EXISTS runs_session ON runs (session, seq);
+CREATE INDEX IF NOT EXISTS runs_tool ON runs (tool, seq);
+"""
+ADDED_COLUMNS = (("args_cut", "INTEGER NOT NULL DEFAULT 0"), ("summary", "TEXT"), ("brief", "TEXT"))
+"""Columns a ledger written before them lacks (appended when it is opened)."""
+
+BUSY_TIMEOUT_MS = 2000
+LIGHT_COLUMNS = "id, session, env, time, tool, wall_s, ok, error, digest, result_chars, truncated, args_cut, summary"
+RUN_COLUMNS = f"{LIGHT_COLUMNS}, given, resolved, result"
+SESSION_QUERY = ("SELECT s.id, s.started, coalesce(max(r.time), s.started), s.env, s.client, count(r.seq) "
+                 "FROM sessions s LEFT JOIN runs r ON r.session = s.id")
+
+MAX_RESULT_CHARS = 256_000  # a stored result's JSON; larger ones are cut (fit)
+MAX_REJECTED_CHARS = 16_000  # a rejected call's arguments (as given, and as resolved), JSON
+MAX_ERROR_CHARS = 2_000
+MAX_NAME_CHARS = 200  # a tool's or a client's name as stored (a client names both, and the call is recorded)
+BRIEF_CHARS = 1_000  # the listing copy of the arguments (args_line shows 60 characters of each)
+BOUNDED_LIST = 32
+BOUNDED_STR = 2_000
+MAX_DEPTH = 24  # JSON nested deeper is cut (results nest < 10 levels; a client can send more)
+CUTS = ((BOUNDED_LIST, BOUNDED_STR), (8, 200), (2, 40))
+"""(items per list and keys per dict, characters per string) of fit()'s successive cuts; the first keeps every
+key of a dict (a result model's fields)."""
+BRIEF_CUTS = ((8, 120), (2, 40))
+MAX_FEATURES_INDEXED = 256  # features of one run written for ledger(feature=) (the tools take at most 64)
+SECRET_FIELDS = frozenset({"submit_secret"})
+SECRET_MARK = "(secret, not recorded)"
+MIN_SECRET_PREFIX = 8  # an error message quoting this many leading characters of a secret has them replaced
+
+DEFAULT_MAX_MB = 1024
+PRUNE_TO = 0.9  # past the cap, runs are deleted until the pages in use are under this share of it
+PRUNE_BATCH = 64  # runs deleted at most per recorded run (recording stays cheap: the deletes are spread out)
+PRUNE_STEP = 8  # runs deleted between two looks at the size (not many more than needed are deleted)
+
+
+def ledger_path(data_dir: Path) -> Path:
+    return Path(data_dir) / "ledger" / "ledger.sqlite"
+
+
+@dataclass
+class Run:
+    """One recorded tool call (results and arguments as JSON data)."""
+
+    id: str
+    session: str
+    env: str | None
+    time: float
+    tool: str
+    given: dict
+    """The arguments as given (a listing, runs(light=True), holds the brief copy: long values cut)."""
+    resolved: dict | None
+    wall_s: float
+    ok: bool
+    error: str | None = None
+    digest: str | None = None
+    result: dict | None = None
+    """A copy of the result (None in a listing: `summary` has its key numbers)."""
+    result_chars: int | None = None
+    truncated: bool = False
+    """The result copy was cut (fit)."""
+    args_cut: bool = False
+    """The arguments were cut (a rejected call's, beyond MAX_REJECTED_CHARS or BOUNDED_STR)."""
+    summary: str | None = None
+    """Its key numbers in one line (ledger/summary.py summarize), written with the run; None for a run recorded before
+    summaries were (listed with its result instead)."""
+    sae: str | None = None
+    """The key of the SAE the run addressed (None: none, or several)."""
+    features: list[int] = field(default_factory=list)
+    """The features it was about; written with the run (a filter of runs()), not read back."""
+    result_json: str | None = None
+    """The stored result as JSON text, when the writer already has it (saves a second dump)."""
+
+
+@dataclass(frozen=True)
+class Session:
+    id: str
+    started: float
+    last: float
+    env: str | None
+    client: str | None
+    n_runs: int
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What a prune deleted and kept."""
+
+    runs: int
+    """Runs deleted."""
+    kept: int
+    """Runs it would have deleted but kept: a label cites them."""
+    sessions: list[str]
+    """Sessions it left without runs, deleted with them."""
+    used_bytes: int
+    """Bytes of the file's pages in use after it."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What is stored: bounded copies and secrets
+
+
+def bounded(value: Any, max_list: int = BOUNDED_LIST, max_str: int = BOUNDED_STR, max_keys: int | None = None,
+            depth: int = 0) -> Any:
+    """A copy with lists cut to max_list items (then {'left_out': n}), strings to max_str characters, dicts to
+    max_keys keys when given (then 'left_out_keys': n) and nesting to MAX_DEPTH."""
+    if depth >= MAX_DEPTH and isinstance(value, (dict, list)):
+        return {"left_out": "nested deeper"}
+    if isinstance(value, dict):
+        kept = list(value.items())[:max_keys] if max_keys is not None else value.items()
+        out = {_cut(str(k), max_str): bounded(v, max_list, max_str, max_keys, depth + 1) for k, v in kept}
+        if max_keys is not None and len(value) > max_keys:
+            out["left_out_keys"] = len(value) - max_keys
+        return out
+    if isinstance(value, list):
+        kept = [bounded(v, max_list, max_str, max_keys, depth + 1) for v in value[:max_list]]
+        return kept + ([{"left_out": len(value) - max_list}] if len(value) > max_list else [])
+    return _cut(value, max_str) if isinstance(value, str) else value
+
+
+def _cut(text: str, max_str: int) -> str:
+    return text if len(text) <= max_str else text[:max_str] + f"... ({len(text) - max_str} characters left out)"
+
+
+def fit(value: Any, max_chars: int, cuts: Sequence[tuple[int, int]] = CUTS, size: int | None = None
+        ) -> tuple[Any, bool]:
+    """(value, False) when its JSON (`size` characters, when known) is within max_chars; else (a bounded copy,
+    True): each of `cuts` in turn until one fits, else a dict saying how large it was."""
+    size = len(_json(value) or "") if size is None else size
+    if size <= max_chars:
+        return value, False
+    for i, (n, chars) in enumerate(cuts):
+        cut = bounded(value, n, chars, max_keys=n if i else None)
+        if len(_json(cut) or "") <= max_chars:
+            return cut, True
+    return {"left_out": f"{size:,} characters of JSON"}, True
+
+
+def scrub(value: Any) -> Any:
+    """A copy with every field named in SECRET_FIELDS, at any depth, holding SECRET_MARK instead."""
+    if isinstance(value, dict):
+        return {k: SECRET_MARK if k in SECRET_FIELDS else scrub(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub(v) for v in value]
+    return value
+
+
+def secrets_in(value: Any) -> list[str]:
+    """The text values of the fields named in SECRET_FIELDS, at any depth."""
+    if isinstance(value, dict):
+        return [x for k, v in value.items() for x in ([str(v)] if k in SECRET_FIELDS and v else secrets_in(v))]
+    if isinstance(value, list):
+        return [x for v in value for x in secrets_in(v)]
+    return []
+
+
+def without_secrets(text: str, secrets: Iterable[str]) -> str:
+    """`text` with each secret, and each of its leading parts of MIN_SECRET_PREFIX or more characters (an error
+    message quotes a value's start), replaced by SECRET_MARK."""
+    for secret in secrets:
+        for n in range(len(secret), MIN_SECRET_PREFIX - 1, -1):
+            if secret[:n] in text:
+                text = text.replace(secret[:n], SECRET_MARK)
+                break
+    return text
+
+
+def brief_of(given: dict) -> dict:
+    """The listing copy of the arguments: each string cut to 120 characters, the whole to BRIEF_CHARS."""
+    return fit(given, BRIEF_CHARS, BRIEF_CUTS)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The store
+
+
+class LedgerStore:
+    """The ledger file; one connection shared by the server's worker threads, one writer at a time."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.conn = open_db(self.path)
+        # Runs are written on the server's event loop: never wait long for another writer of this file (a second
+        # server on the same data dir holds the lock for one insert); past this the run is logged as not recorded.
+        self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self.conn.executescript(SCHEMA)
+        self._add_columns()
+        self.conn.executescript(INDEXES)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_data_dir(cls, data_dir: Path) -> LedgerStore:
+        return cls(ledger_path(data_dir))
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _add_columns(self) -> None:
+        """A ledger written before ADDED_COLUMNS gets them (a second server may add one first)."""
+        have = {row[1] for row in self.conn.execute("PRAGMA table_info(runs)")}
+        for name, kind in ADDED_COLUMNS:
+            try:
+                if name not in have:
+                    self.conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
+            except sqlite3.OperationalError as exc:
+                if "duplicate column" not in str(exc):
+                    raise
+
+    # -- writing ------------------------------------------------------------------------------------------------
+
+    def put_env(self, env_id: str, body: dict, now: float) -> None:
+        with self._lock:
+            self.conn.execute("INSERT OR IGNORE INTO envs (id, body, created) VALUES (?, ?, ?)",
+                              (env_id, json.dumps(body, sort_keys=True), now))
+
+    def put_session(self, session: str, started: float, env: str | None, client: str | None) -> None:
+        with self._lock:
+            self.conn.execute("INSERT OR IGNORE INTO sessions (id, started, env, client) VALUES (?, ?, ?, ?)",
+                              (session, started, env, None if client is None else _cut(client, MAX_NAME_CHARS)))
+
+    def record(self, run: Run) -> int:
+        """The run as one row (one statement: committed when this returns), stored as the module's docstring says:
+        secrets replaced, a rejected call's arguments and every error message cut. The result is the caller's
+        (ledger/recording.py takes its digest and cuts it); `run` itself is left as it was. Returns the characters
+        of text the row holds."""
+        secrets = secrets_in(run.given)
+        given, resolved = scrub(run.given), scrub(run.resolved)
+        args_cut = run.args_cut
+        if not run.ok:
+            given, cut_given = fit(given, MAX_REJECTED_CHARS)
+            resolved, cut_resolved = fit(resolved, MAX_REJECTED_CHARS)
+            args_cut = args_cut or cut_given or cut_resolved
+        error = run.error if run.error is None else _cut(without_secrets(run.error, secrets), MAX_ERROR_CHARS)
+        result = run.result_json if run.result_json is not None else _json(run.result)
+        features = " ".join(map(str, run.features[:MAX_FEATURES_INDEXED]))
+        given_json = _json(given) or "{}"
+        brief = given_json if len(given_json) <= BRIEF_CHARS else _json(brief_of(given))
+        row = (run.id, run.session, run.env, run.time, _cut(run.tool, MAX_NAME_CHARS), run.wall_s, int(run.ok), error,
+               run.digest, run.result_chars, int(run.truncated), int(args_cut), run.summary, brief, given_json,
+               _json(resolved), result, run.sae, f" {features} " if features else None)
+        with self._lock:
+            self.conn.execute(f"INSERT INTO runs ({LIGHT_COLUMNS}, brief, given, resolved, result, sae, features) "
+                              f"VALUES ({','.join('?' * len(row))})", row)
+        return sum(len(x) for x in row if isinstance(x, str))
+
+    def put_file_hash(self, path: str, size: int, mtime_ns: int, sha256: str) -> None:
+        with self._lock:
+            self.conn.execute("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)", (path, size, mtime_ns, sha256))
+
+    # -- reading ------------------------------------------------------------------------------------------------
+
+    def file_hash(self, path: str, size: int, mtime_ns: int) -> str | None:
+        with self._lock:
+            row = self.conn.execute("SELECT sha256 FROM file_hashes WHERE path = ? AND size = ? AND mtime_ns = ?",
+                                    (path, size, mtime_ns)).fetchone()
+        return None if row is None else row[0]
+
+    def env(self, env_id: str | None) -> dict | None:
+        if env_id is None:
+            return None
+        with self._lock:
+            row = self.conn.execute("SELECT body FROM envs WHERE id = ?", (env_id,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def sessions(self, limit: int = 50) -> list[Session]:
+        """The most recent sessions first."""
+        with self._lock:
+            rows = self.conn.execute(f"{SESSION_QUERY} GROUP BY s.id ORDER BY 3 DESC, s.id DESC LIMIT ?",
+                                     (limit,)).fetchall()
+        return [Session(*r) for r in rows]
+
+    def resolve_session(self, ref: str | None) -> str:
+        """A session id, a unique prefix of one, or None / 'latest' for the most recent; NotFound otherwise."""
+        if ref in (None, "", "latest"):
+            found = self.sessions(1)
+            if not found:
+                raise NotFound(f"the ledger {self.path} has no session yet")
+            return found[0].id
+        with self._lock:
+            ids = [r[0] for r in self.conn.execute("SELECT id FROM sessions WHERE id = ? OR substr(id, 1, ?) = ? "
+                                                   "LIMIT 3", (ref, len(ref), ref))]  # a prefix, no LIKE wildcards
+        if ref in ids:
+            return ref
+        if len(ids) != 1:
+            what = "no session matches" if not ids else f"several sessions ({', '.join(ids)}) match"
+            raise NotFound(f"{what} {ref!r} in the ledger; the resource ledger://sessions (or `sae-mcp ledger "
+                           "sessions`) lists them")
+        return ids[0]
+
+    def runs(self, session: str | None = None, tool: str | None = None, feature: int | None = None,
+             sae: str | None = None, limit: int = 1000, newest_first: bool = False, light: bool = False) -> list[Run]:
+        """Runs matching every filter given, in order of recording (or newest first). light: for a listing, the
+        columns before the large ones (given holds the brief copy, resolved and result None, summary set; a run
+        written before summaries were comes with its result instead, summary None)."""
+        where, args = _filters(session, tool, feature, sae)
+        columns = f"{LIGHT_COLUMNS}, brief" if light else RUN_COLUMNS
+        sql = f"SELECT {columns} FROM runs{where} ORDER BY seq {'DESC' if newest_first else 'ASC'} LIMIT ?"
+        with self._lock:
+            rows = self.conn.execute(sql, [*args, limit]).fetchall()
+        if not light:
+            return [_run_of(r) for r in rows]
+        runs = [_light_run_of(r) for r in rows]
+        older = [r for r in runs if r.summary is None]  # written before summaries were: read their results
+        if older:
+            whole = {r.id: r for r in self._whole([r.id for r in older])}
+            runs = [whole.get(r.id, r) if r.summary is None else r for r in runs]
+        return runs
+
+    def _whole(self, ids: Sequence[str]) -> list[Run]:
+        """Runs written before summaries and briefs were stored, as a listing holds them: the brief copy of their
+        arguments, and their result (their summary is computed from it by the tool's rule, which the store does
+        not know: ledger/summary.py summary_of)."""
+        with self._lock:
+            rows = self.conn.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE id IN ({','.join('?' * len(ids))})",
+                                     list(ids)).fetchall()
+        out = [_run_of(r) for r in rows]
+        for r in out:
+            r.given, r.resolved = brief_of(r.given), None
+        return out
+
+    def run(self, run_id: str) -> Run:
+        with self._lock:
+            row = self.conn.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no run {run_id!r} in the ledger; ledger() lists the runs")
+        return _run_of(row)
+
+    def missing(self, run_ids: Sequence[str]) -> list[str]:
+        """The ids among `run_ids` that the ledger does not hold."""
+        ids = list(dict.fromkeys(run_ids))
+        if not ids:
+            return []
+        with self._lock:
+            found = {r[0] for r in self.conn.execute(
+                f"SELECT id FROM runs WHERE id IN ({','.join('?' * len(ids))})", ids)}
+        return [i for i in ids if i not in found]
+
+    def count(self, session: str | None = None, tool: str | None = None, feature: int | None = None,
+              sae: str | None = None) -> int:
+        """How many runs match every filter given (runs()'s filters)."""
+        where, args = _filters(session, tool, feature, sae)
+        with self._lock:
+            return int(self.conn.execute(f"SELECT count(*) FROM runs{where}", args).fetchone()[0])
+
+    # -- the size cap -------------------------------------------------------------------------------------------
+
+    def used_bytes(self) -> int:
+        """Bytes of the file's pages in use (its size less the free pages that new rows reuse): two header reads."""
+        with self._lock:
+            pages, free, size = (self.conn.execute(f"PRAGMA {p}").fetchone()[0]
+                                 for p in ("page_count", "freelist_count", "page_size"))
+        return (pages - free) * size
+
+    def prune(self, keep: Collection[str], kept_tools: Collection[str], max_bytes: int | None = None,
+              before: float | None = None, most: int | None = None) -> Pruned:
+        """Delete the oldest runs, except those in `keep` and the successful runs of `kept_tools` (the runs that
+        recorded a label): every one recorded before `before` (a time), then more until the pages in use are at
+        most max_bytes; at most `most` runs in all. Each batch is its own transaction (another writer waits one
+        batch, not the prune)."""
+        spared = f" AND NOT (tool IN ({','.join('?' * len(kept_tools))}) AND ok = 1)" if kept_tools else ""
+        deleted, kept, sessions, after = 0, set(), set(), -1
+        while most is None or deleted < most:
+            if before is None and (max_bytes is None or self.used_bytes() <= max_bytes):
+                break
+            batch = PRUNE_BATCH if before is not None else PRUNE_STEP  # by size: checked every few runs
+            batch = batch if most is None else min(batch, most - deleted)
+            with self._lock:
+                rows = self.conn.execute(
+                    "SELECT seq, id, session FROM runs WHERE seq > ?" + spared
+                    + (" AND time < ?" if before is not None else "") + " ORDER BY seq LIMIT ?",
+                    [after, *kept_tools, *([before] if before is not None else []), batch]).fetchall()
+            if not rows and before is None:
+                break
+            if not rows:  # every old run is gone: on to the size, from the oldest again
+                before, after = None, -1
+                continue
+            after = rows[-1][0]
+            gone = [(seq, sid) for seq, rid, sid in rows if rid not in keep]
+            kept.update(rid for _, rid, _ in rows if rid in keep)
+            if gone:
+                with self._lock:
+                    self.conn.execute(f"DELETE FROM runs WHERE seq IN ({','.join('?' * len(gone))})",
+                                      [seq for seq, _ in gone])
+            deleted += len(gone)
+            sessions.update(sid for _, sid in gone)
+        emptied = self._drop_empty_sessions(sessions)
+        return Pruned(runs=deleted, kept=len(kept), sessions=emptied, used_bytes=self.used_bytes())
+
+    def _drop_empty_sessions(self, candidates: Collection[str]) -> list[str]:
+        if not candidates:
+            return []
+        with self._lock:
+            empty = [sid for sid in candidates
+                     if self.conn.execute("SELECT 1 FROM runs WHERE session = ? LIMIT 1", (sid,)).fetchone() is None]
+            self.conn.executemany("DELETE FROM sessions WHERE id = ?", [(s,) for s in empty])
+        return sorted(empty)
+
+    def vacuum(self) -> None:
+        """Rewrite the file without its free pages (the space deleted runs held goes back to the disk)."""
+        with self._lock:
+            self.conn.execute("VACUUM")
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def _filters(session: str | None, tool: str | None, feature: int | None, sae: str | None) -> tuple[str, list]:
+    """(' WHERE ...' or '', its parameters) for runs() and count(): every filter given must match; sae narrows
+    feature (a run about the feature of no SAE in particular matches too)."""
+    where, args = [], []
+    for column, value in (("session", session), ("tool", tool)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            args.append(value)
+    if feature is not None:  # features: ' 3 17 102 '
+        where.append("features LIKE ?" + (" AND (sae = ? OR sae IS NULL)" if sae else ""))
+        args += [f"% {int(feature)} %"] + ([sae] if sae else [])
+    return (" WHERE " + " AND ".join(where) if where else ""), args
+
+
+def _json(value: object) -> str | None:
+    """JSON text (pydantic-core writes it ~4x faster than json.dumps: this runs before every answer)."""
+    return None if value is None else pydantic_core.to_json(value, fallback=str).decode()
+
+
+def _run_of(row: Sequence) -> Run:
+    (rid, session, env, t, tool, wall_s, ok, error, digest, chars, truncated, args_cut, summary,
+     given, resolved, result) = row
+    return Run(id=rid, session=session, env=env, time=t, tool=tool, given=json.loads(given),
+               resolved=None if resolved is None else json.loads(resolved), wall_s=wall_s, ok=bool(ok), error=error,
+               digest=digest, result=None if result is None else json.loads(result), result_chars=chars,
+               truncated=bool(truncated), args_cut=bool(args_cut), summary=summary)
+
+
+def _light_run_of(row: Sequence) -> Run:
+    (rid, session, env, t, tool, wall_s, ok, error, digest, chars, truncated, args_cut, summary, brief) = row
+    return Run(id=rid, session=session, env=env, time=t, tool=tool, given=json.loads(brief) if brief else {},
+               resolved=None, wall_s=wall_s, ok=bool(ok), error=error, digest=digest, result_chars=chars,
+               truncated=bool(truncated), args_cut=bool(args_cut), summary=summary)
+
+
+def open_existing(data_dir: Path) -> LedgerStore | None:
+    """The data dir's ledger, or None when it has none (reading never creates one)."""
+    path = ledger_path(data_dir)
+    if not path.exists():
+        return None
+    try:
+        return LedgerStore(path)
+    except sqlite3.DatabaseError:
+        return None

@@ -1,0 +1,415 @@
+"""Scoring explanations end to end: a blind set drawn from the corpus index and handed out as a challenge, then the
+predictions made on it scored and stored with the explanation (score_explanation / submit_predictions).
+
+    ExplanationScorer(services)
+      .issue(sae, feature, explanation, label_id, n, method, seed, min_activation, session, ...)
+                                                  -> Issued: the BlindSet (stored) and its submit secret (not stored)
+      .submit(challenge_id, submit_secret, predictions, scorer, session)
+                                                  -> ExplanationScore (stored)
+      .blind_set(challenge_id)                    -> the BlindSet of an open challenge
+
+What is drawn, and the truth, is scoring.py's; the rates are score_metrics.py's. Here: reading the feature's row
+of the index (an on-demand scan of it when there is no index, as top_examples does), running the model and SAE
+over the windows searched (in batches, one device turn each), and the challenge's rules:
+- it expires CHALLENGE_TTL_S after it was handed out, and is answered once;
+- answering needs its id (public: the ledger, replay and the two-step CLI flow use it) and its submit secret, a
+  random token handed out once with the blind set; the store keeps only its SHA-256, so the ledger, exports,
+  pages and cards never hold it, and another conversation that reads the id cannot answer in its owner's stead;
+- no token of a context whose answers were revealed (a submitted challenge of the feature) is shown blind again:
+  new blind sets leave them out, and an open challenge that holds one is refused. So a seed gives the same
+  contexts as long as no blind set of the feature is answered in between;
+- a score says it is not blind (looked_up) when the conversation the set was handed to (or the one submitting) ran
+  a tool that shows activations on a given text (its ledger rule says looks_up) on text holding a context, after
+  the set was handed out: the ledger records every call with its conversation, and is read here (never written).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import json
+import secrets
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from sae_mcp.engine.runtime import CancelToken
+from sae_mcp.engine.saes import LoadedSAE
+from sae_mcp.errors import InvalidInput, NotFound
+from sae_mcp.index.samples import MAX_POS
+from sae_mcp.index.scan import batch_windows_for, bos_id, windows_pad_id
+from sae_mcp.index.source import Progress
+from sae_mcp.index.store import IndexStore, StoredScan
+from sae_mcp.ledger.rule import tools_where
+from sae_mcp.results import rounded
+from sae_mcp.results.scoring import BlindContext, BlindSet, ExplanationScore
+from sae_mcp.scoring import blind_set as sc
+from sae_mcp.scoring.results import looked_up, not_blind_warning, score_result
+from sae_mcp.scoring.store import Challenge
+
+# Long enough to read 100 contexts and answer; short enough that a forgotten challenge is not answered after its
+# contexts have been looked up with other tools (get_feature_acts on a context gives its answer away).
+CHALLENGE_TTL_S = 30 * 60
+SECRET_BYTES = 16  # 128 random bits: a submit secret is not guessed
+LOOKUP_RUNS = 1000  # newest runs of each such tool read per conversation (a challenge lasts 30 min)
+
+
+@dataclass(frozen=True)
+class Issued:
+    blind: BlindSet
+    submit_secret: str  # handed out once; only its SHA-256 is stored
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """A blind set's contexts and how they were found."""
+
+    items: list[sc.Item]
+    bands: tuple[sc.Band, ...]  # of the firing candidates' own max, highest first
+    short: list[tuple[sc.Band, int, int]]  # (band, its share, what it held) of the bands that fell short
+    windows_run: int
+    firing_windows: int  # firing candidates among them
+
+
+def question(method: str, n_true: int, n: int) -> str:
+    """What a prediction of true means, and how many of the contexts are true (as drawn)."""
+    if method == "fuzzing":
+        return (f"true = the marked <<token>> is one the explanation says the feature fires on; false = it is not "
+                f"({n_true} of the {n} marks are on the token where it fires most in its context, the others on "
+                "tokens where it is 0)")
+    return (f"true = the explanation says the feature fires on some token of the context; false = nowhere "
+            f"({n_true} of the {n} contexts fire)")
+
+
+def secret_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class ExplanationScorer:
+    def __init__(self, services: Any):
+        self.services = services
+        self.engine = services.engine
+        # Tools that show a feature's activations on a text the caller gives (their string arguments are that text).
+        self.lookup_tools = tools_where(services.tools, lambda rule: rule.looks_up)
+        # Checking that a challenge is still blind and storing its score are one step: two overlapping challenges
+        # submitted at once must not both pass the check before either is stored.
+        self._submitting = threading.Lock()
+
+    # -- handing out a blind set ----------------------------------------------------------------------------------
+
+    def issue(self, sae: str | None, feature: int, explanation: str | None, label_id: int | None, n: int,
+              method: str, seed: int | None, min_activation: float = sc.DEFAULT_MIN_ACTIVATION,
+              session: str | None = None, auto: bool = False, progress: Progress | None = None,
+              cancel: CancelToken | None = None) -> Issued:
+        s = self.engine.sae(sae)
+        self.engine.check_feature(s, feature)
+        low, high = sc.MIN_ACTIVATION_RANGE
+        if not low <= min_activation <= high:
+            raise InvalidInput(f"min_activation {min_activation} is out of range: a fraction of the feature's max "
+                               f"activation from {low} to {high} (default {sc.DEFAULT_MIN_ACTIVATION})")
+        text, label_id = self._explanation(s, feature, explanation, label_id)
+        seed = secrets.randbelow(2**31) if seed is None else int(seed)
+        index, row, col, source = self.services.examples.feature_row(s.key, feature, progress=progress,
+                                                                     cancel=cancel)
+        view = self._view(s, feature, index, row, col, source, min_activation)
+        if view.max_activation <= 0:
+            raise InvalidInput(f"feature {feature} never fired in the {row.tokens:,} tokens scanned: there is nothing "
+                               "to score; build_index with more tokens, or score a feature that fires")
+        set_key = hashlib.sha1(json.dumps([s.store_key, feature, method, n, seed, min_activation, str(index.path),
+                                           row.tokens, row.windows]).encode()).hexdigest()
+        view = dataclasses.replace(view, revealed=_spans(self.services.scores.revealed(s.store_key, feature)))
+        drawn = self._draw(s, feature, index, view, n, method, np.random.default_rng(seed), cancel)
+        return self._hand_out(s, feature, text, label_id, method, n, seed, set_key, view, drawn, source, row, auto,
+                              session)
+
+    def _explanation(self, s: LoadedSAE, feature: int, text: str | None, label_id: int | None
+                     ) -> tuple[str, int | None]:
+        """The text to score and the label it is (by id, else the newest label of the feature with that text)."""
+        store = self.services.scores
+        if label_id is not None:
+            found = store.label(label_id)
+            if found is None or found[:2] != (s.store_key, feature):
+                raise NotFound(f"label_id {label_id} is not a label of feature {feature} of SAE {s.key}; "
+                               "label_feature returns the ids (or pass the explanation text)")
+            if text is not None and text.strip() != found[2]:
+                raise InvalidInput(f"label {label_id} reads {found[2]!r}, not the explanation given; pass one of them")
+            return found[2], label_id
+        text = (text or "").strip()
+        if not text:
+            raise InvalidInput("no explanation given: pass `explanation` (the text to score) or a `label_id`")
+        return text, store.label_id_of(s.store_key, feature, text)
+
+    def _view(self, s: LoadedSAE, feature: int, index: IndexStore, row: StoredScan, col: int, source: str,
+              min_activation: float) -> sc.FeatureView:
+        """The feature as the blind set needs it. Seen: every window holding an entry the index keeps of it (its
+        top 50 and its interval samples, every bin), and those of its own on-demand scan when one was cached
+        before the index was built (top_examples showed from it then; windows are numbered alike)."""
+        length = self.services.examples.window_length(s)
+        top = [(float(v), int(p)) for v, p in zip(row.top_vals[:, col], row.top_pos[:, col]) if v > 0]
+        seen = set(_kept_windows(row, col, length))
+        own = index.load_scan(f"feature:{feature}") if source == "index" else None
+        if own is not None:
+            seen.update(_kept_windows(own, 0, length))
+        wins = index.get_windows(list({p // length for _, p in top}))
+        counts = Counter(wins[p // length][2][p % length] for _, p in top if p // length in wins)
+        top_tokens = tuple(t for t, c in counts.most_common(sc.NEAR_MISS_TOKENS) if c >= 2)
+        nbos = 1 if bos_id(self.engine, s) is not None else 0
+        return sc.FeatureView(length=length, nbos=nbos, n_windows=int(row.windows),
+                              max_activation=top[0][0] if top else 0.0, seen_windows=frozenset(seen),
+                              top_tokens=top_tokens, min_activation=min_activation)
+
+    def _draw(self, s: LoadedSAE, feature: int, index: IndexStore, view: sc.FeatureView, n: int, method: str,
+              rng: np.random.Generator, cancel: CancelToken | None) -> Drawn:
+        pool = sc.pool_windows(view, rng)
+        tokens = {w: ids for w, (_, _, ids) in index.get_windows(pool).items()}
+        span = sc.context_length([tokens[w] for w in pool if w in tokens], view.nbos)
+        seen = [ids for _, _, ids in index.get_windows(list(view.seen_windows)).values()]
+        view = dataclasses.replace(view, span=span, shown_grams=sc.grams(seen, span))
+        usable = [w for w in pool if w in tokens and sc.long_enough(tokens[w], view)]
+        ran, candidates = self._scan(s, feature, view, usable, tokens, n, rng, cancel)
+        firing, bands, short = sc.draw_firing(candidates, n // 2, rng)
+        self._add_near_windows(s, feature, view, usable, tokens, ran, n, cancel)
+        items = sc.compose(view, firing, ran, tokens, n, method, rng)
+        n_firing = sum(it.kind == "firing" for it in items)
+        if min(n_firing, len(items) - n_firing) < sc.MIN_PER_CLASS:
+            what = ("where it fires" if n_firing < sc.MIN_PER_CLASS else f"of {view.span} tokens where it is 0")
+            raise InvalidInput(f"too few held-out contexts {what} for a blind set: of the {len(ran)} windows run "
+                               f"(outside the {len(view.seen_windows)} windows its top examples and interval samples "
+                               f"show, and the {sum(map(len, view.revealed.values()))} contexts of its answered blind "
+                               f"sets) {len(candidates)} fire at min_activation {view.min_activation:g}; build_index "
+                               "with more tokens" + (", or lower min_activation" if view.min_activation >
+                                                     sc.DEFAULT_MIN_ACTIVATION else ""))
+        return Drawn(items, bands, short, len(ran), len(candidates))
+
+    def _scan(self, s: LoadedSAE, feature: int, view: sc.FeatureView, usable: list[int], tokens: dict[int, list[int]],
+              n: int, rng: np.random.Generator, cancel: CancelToken | None
+              ) -> tuple[dict[int, np.ndarray], list[sc.Item]]:
+        """Run the usable pool windows, SCAN_BATCH at a time in their random order, until scanned_enough ->
+        (window -> its activations [T], for every window run, in that order; the firing candidates among them)."""
+        ran: dict[int, np.ndarray] = {}
+        candidates: list[sc.Item] = []
+        quiet = 0
+        for i in range(0, len(usable), sc.SCAN_BATCH):
+            batch = usable[i : i + sc.SCAN_BATCH]
+            for w, acts in zip(batch, window_activations(self.engine, s, feature, [tokens[w] for w in batch], cancel)):
+                ran[w] = acts
+                found = sc.firing_candidate(view, w, tokens[w], acts, rng)
+                candidates += [found] if found is not None else []
+                quiet += bool(sc.quiet_starts(view, w, tokens[w], acts))
+            if sc.scanned_enough(len(candidates), quiet, n):
+                break
+        return ran, candidates
+
+    def _add_near_windows(self, s: LoadedSAE, feature: int, view: sc.FeatureView, usable: list[int],
+                          tokens: dict[int, list[int]], ran: dict[int, np.ndarray], n: int,
+                          cancel: CancelToken | None) -> None:
+        """Run more pool windows holding a top token when those run hold too few for the near misses (twice the
+        near misses wanted, and 2 spare), appended to `ran`."""
+        top = set(view.top_tokens)
+        holds = [w for w in usable if top.intersection(tokens[w][view.nbos :])]
+        want = 2 * sc.quotas(n, bool(top))[1] + 2 - sum(w in ran for w in holds)
+        more = [w for w in holds if w not in ran][: max(0, want)]
+        ran.update(zip(more, window_activations(self.engine, s, feature, [tokens[w] for w in more], cancel)))
+
+    def _hand_out(self, s: LoadedSAE, feature: int, text: str, label_id: int | None, method: str, n: int, seed: int,
+                  set_key: str, view: sc.FeatureView, drawn: Drawn, source: str, row: StoredScan, auto: bool,
+                  session: str | None) -> Issued:
+        now = time.time()
+        cid = "ch_" + secrets.token_hex(6)
+        secret = secrets.token_urlsafe(SECRET_BYTES)
+        answers, contexts = [], []
+        for i, it in enumerate(drawn.items):
+            toks = self.engine.str_tokens(torch.tensor(it.ids))
+            contexts.append(BlindContext(id=str(i + 1), text=sc.shown_text(toks, it.mark if method == "fuzzing"
+                                                                               else None)))
+            answers.append(_answer(str(i + 1), it, toks, method, view.threshold))
+        n_true = sum(a["truth"] for a in answers)
+        blind = BlindSet(challenge_id=cid, sae=s.key, feature=feature, explanation=text, method=method, seed=seed,
+                         min_activation=view.min_activation, expires_in_s=CHALLENGE_TTL_S,
+                         question=question(method, n_true, len(contexts)), n_true=n_true, contexts=contexts,
+                         warnings=_draw_warnings(drawn, n, source, row) or None)
+        self.services.scores.add_challenge(Challenge(
+            id=cid, sae=s.store_key, feature=feature, explanation=text, label_id=label_id, method=method,
+            n=len(drawn.items), seed=seed, set_key=set_key, created=now, expires=now + CHALLENGE_TTL_S, auto=auto,
+            blind=blind.model_dump(mode="json"), secret_hash=secret_hash(secret), session=session,
+            answers={"items": answers, "threshold": view.threshold, "min_activation": view.min_activation,
+                     "bands": [[b.number, b.lower, b.upper] for b in drawn.bands]}))
+        return Issued(blind, secret)
+
+    def blind_set(self, challenge_id: str) -> BlindSet:
+        c = self._open(challenge_id)
+        return BlindSet(**{"min_activation": c.answers.get("min_activation", sc.DEFAULT_MIN_ACTIVATION), **c.blind,
+                           "expires_in_s": max(0, int(c.expires - time.time()))})
+
+    # -- scoring the predictions ------------------------------------------------------------------------------------
+
+    def submit(self, challenge_id: str, submit_secret: str | None, predictions: dict[str, bool],
+               scorer: str = "agent", session: str | None = None) -> ExplanationScore:
+        c = self._open(challenge_id)
+        _check_secret(c, submit_secret)
+        ids = [a["id"] for a in c.answers["items"]]
+        unknown = [k for k in predictions if k not in set(ids)]
+        missing = [i for i in ids if i not in predictions]
+        if unknown or missing:
+            parts = ([f"no context has the id(s) {_ids(unknown)}"] if unknown else []) + \
+                    ([f"no prediction for the id(s) {_ids(missing)}"] if missing else [])
+            raise InvalidInput(f"challenge {challenge_id}: {'; '.join(parts)}. Give true or false for every context "
+                               f"id ({ids[0]}..{ids[-1]}) and nothing else; the challenge stays open")
+        result = score_result(c, predictions, scorer)
+        seen = self._looked_up(c, session)
+        if seen:
+            result.looked_up = [tool_ids[0] for tool_ids in seen]
+            result.warnings = [not_blind_warning(seen)] + (result.warnings or [])
+        with self._submitting:
+            self._open(challenge_id)  # again, now that no other submission can store meanwhile
+            score_id = self.services.scores.record(c, result.metrics.model_dump(mode="json"), scorer)
+        if score_id is None:
+            raise InvalidInput(f"challenge {challenge_id} was answered meanwhile by another submission; a challenge "
+                               "is scored once: call score_explanation again for a new blind set")
+        result.score_id = score_id
+        result.label_id = c.label_id or self.services.scores.label_id_of(c.sae, c.feature, c.explanation)
+        return result
+
+    def _looked_up(self, c: Challenge, session: str | None) -> list[tuple[str, list[str]]]:
+        """[(context id, the tools that showed activations on its text)] for the calls of the conversation the set
+        was handed to, and of the one submitting, since it was handed out (lookup_tools, their string arguments);
+        none when the server keeps no ledger (it cannot tell: a replay, --no-ledger)."""
+        ledger = self.services.ledger
+        if not ledger.recording:
+            return []
+        texts: list[tuple[str, str]] = []
+        for sid in dict.fromkeys(x for x in (c.session, session) if x):
+            for tool in self.lookup_tools:  # by tool in SQL: its other runs (and their results) stay unread
+                for run in ledger.store.runs(session=sid, tool=tool, newest_first=True, limit=LOOKUP_RUNS):
+                    if run.ok and run.time >= c.created:
+                        texts += [(tool, t) for t in _strings(run.given)]
+        return looked_up(c.answers["items"], texts)
+
+    def _open(self, challenge_id: str) -> Challenge:
+        """The challenge if it can still be answered, else an error saying why and what to do."""
+        c = self.services.scores.challenge(challenge_id)
+        if c is None:
+            raise NotFound(f"no challenge {challenge_id!r}: use the challenge_id score_explanation returned (ids "
+                           "look like 'ch_3f9a1c2b7d04'), or call score_explanation for a new one")
+        if c.submitted is not None:
+            raise InvalidInput(f"challenge {challenge_id} was already answered (score {c.score_id}): a challenge is "
+                               "answered once, since its answers are now known; call score_explanation again for a "
+                               "new blind set (it leaves answered contexts out)")
+        shared = _shared(c, self.services.scores.revealed(c.sae, c.feature))
+        if shared:
+            raise InvalidInput(f"challenge {challenge_id} shares tokens of {shared[1]} context(s) with challenge "
+                               f"{shared[0]}, whose answers were revealed: it is no longer blind; call "
+                               "score_explanation again (new blind sets leave answered contexts out)")
+        late = time.time() - c.expires
+        if late > 0:
+            raise InvalidInput(f"challenge {challenge_id} expired {late / 60:.0f} min ago (challenges last "
+                               f"{CHALLENGE_TTL_S // 60} min); call score_explanation again (seed {c.seed} gives the "
+                               "same contexts)")
+        return c
+
+
+def _check_secret(c: Challenge, given: str | None) -> None:
+    """Refuse a submission without the challenge's submit secret (compared as SHA-256 digests, in constant time)."""
+    again = ("score_explanation hands it out once, with the blind set; without it, call score_explanation again "
+             "for a new blind set. The challenge stays open")
+    if c.secret_hash is None:
+        raise InvalidInput(f"challenge {c.id} was handed out before submit secrets existed and cannot be answered; "
+                           "call score_explanation again for a new blind set")
+    if not given:
+        raise InvalidInput(f"challenge {c.id}: no submit_secret given: pass the submit_secret that came with its "
+                           f"challenge_id; {again}")
+    if not hmac.compare_digest(secret_hash(given), c.secret_hash):
+        raise InvalidInput(f"challenge {c.id}: the submit_secret does not match: pass the one that came with its "
+                           f"challenge_id; {again}")
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string in a call's arguments (a prompt, each prompt of a set)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _strings(v)]
+    if isinstance(value, list):
+        return [t for v in value for t in _strings(v)]
+    return []
+
+
+def _kept_windows(row: StoredScan, col: int, length: int) -> list[int]:
+    """The windows of every entry a scan row keeps of a feature: its top list and its interval samples (all bins)."""
+    pos = [int(p) for v, p in zip(row.top_vals[:, col], row.top_pos[:, col]) if v > 0]
+    if row.samp_pos is not None:
+        pos += [int(p) for p in row.samp_pos[col].ravel() if p != MAX_POS]
+    return [p // length for p in pos]
+
+
+def _draw_warnings(drawn: Drawn, n: int, source: str, row: StoredScan) -> list[str]:
+    out = [f"band {b.number} (context max {b.lower:.4g}-{b.upper:.4g}) holds {held} firing context(s), not its "
+           f"share of {want}: {drawn.firing_windows} of the {drawn.windows_run} unseen windows run fire, too few "
+           "to fill every band; build_index with more tokens for a full set" for b, want, held in drawn.short]
+    if len(drawn.items) < n:
+        out.append(f"{len(drawn.items)} contexts, not {n}: the index holds too few usable ones; build_index with "
+                   "more tokens for a full set")
+    if source == "scan":
+        out.append(f"from an on-demand scan of this feature over {row.tokens:,} tokens (no index); build_index "
+                   "draws from more text")
+    return out
+
+
+def _spans(revealed: list[tuple[str, int, int, int]]) -> dict[int, list[tuple[int, int]]]:
+    """window -> the [start, end) of its revealed contexts."""
+    out: dict[int, list[tuple[int, int]]] = {}
+    for _, w, a, b in revealed:
+        out.setdefault(w, []).append((a, b))
+    return out
+
+
+def _shared(c: Challenge, revealed: list[tuple[str, int, int, int]]) -> tuple[str, int] | None:
+    """(the first other challenge whose revealed contexts share tokens with c's, how many of c's they touch)."""
+    by: dict[str, int] = {}
+    for cid, w, a, b in revealed:
+        if cid != c.id:
+            by[cid] = by.get(cid, 0) + sum(x["window"] == w and x["start"] < b and a < x["start"] + len(x["tokens"])
+                                           for x in c.answers["items"])
+    return next(((cid, k) for cid, k in by.items() if k), None)
+
+
+def _ids(ids: list[str], most: int = 10) -> str:
+    return ", ".join(map(repr, ids[:most])) + (f" and {len(ids) - most} more" if len(ids) > most else "")
+
+
+def _answer(cid: str, it: sc.Item, toks: list[str], method: str, threshold: float) -> dict[str, Any]:
+    """What the server keeps of a context until the predictions are in."""
+    mark = it.mark if method == "fuzzing" else None
+    return {"id": cid, "kind": it.kind, "band": it.band, "truth": it.truth(method, threshold),
+            "max": rounded(max(it.acts)), "max_at": it.max_at, "mark": mark,
+            "mark_act": None if mark is None else rounded(it.acts[mark]), "tokens": toks, "window": it.window,
+            "start": it.start}
+
+
+def window_activations(engine: Any, s: LoadedSAE, feature: int, windows: list[list[int]],
+                       cancel: CancelToken | None = None) -> list[np.ndarray]:
+    """The feature's activation at every position of each window (token ids, BOS first when the SAE has one), as
+    the model computes it when it reads the window: one turn of the device, batches as a scan makes them."""
+    if not windows:
+        return []
+    pad = windows_pad_id(engine)
+    batch = batch_windows_for(engine, s, max(map(len, windows)), s.d_sae)
+    out: list[np.ndarray] = []
+    with engine.device_work(), torch.inference_mode():
+        for i in range(0, len(windows), batch):
+            if cancel is not None:
+                cancel.check()
+            chunk = windows[i : i + batch]
+            ids = torch.full((len(chunk), max(map(len, chunk))), pad, dtype=torch.long)  # [B, T] right-padded
+            for j, w in enumerate(chunk):
+                ids[j, : len(w)] = torch.tensor(w)
+            acts = engine.encode(s, engine.forward_to_hook(ids.to(engine.device), s))[..., feature]  # [B, T]
+            acts = acts.float().cpu().numpy()
+            out += [acts[j, : len(w)] for j, w in enumerate(chunk)]
+    return out
