@@ -1,7 +1,7 @@
 """trace_circuit on a long prompt: seconds for a 128-token prompt through 3 SAEs of 4096 features, on CPU.
 
 The bundled stories260K model with three random SAEs of 4096 features at blocks.1/2/3.hook_resid_pre, each calibrated
-to fire ~64 features a token (bench_scan.sparse_random_sae: a random SAE with a plain negative b_enc would fire a
+to fire ~64 features a token (common.sparse_random_sae: a random SAE with a plain negative b_enc would fire a
 third of its features and make every sparse path look slow for the wrong reason), a 128-token window of the bundled
 corpus, the metric log P(its next token). Per max_nodes: the whole call (nodes, exact contributions of the kept
 nodes, edges between consecutive SAEs, faithfulness), best of --repeats, one torch thread.
@@ -16,27 +16,15 @@ dominate the larger trace: one backward pass per kept downstream node, batched.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import torch
+from common import CONTEXT, CORPUS, STORIES_HF, calibration_batch, sparse_random_sae
 
-import torch  # noqa: E402
-
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-sys.path.insert(0, str(BENCH.parent))
-
-from bench_scan import sparse_random_sae  # noqa: E402
-
-from sae_mcp import demo  # noqa: E402
-from sae_mcp.circuits.graph import trace_circuit  # noqa: E402
-from sae_mcp.engine.corpus import iter_windows, resolve_corpus  # noqa: E402
-from sae_mcp.engine.loading import load_model  # noqa: E402
-from sae_mcp.engine.runtime import Engine  # noqa: E402
+from sae_mcp.circuits.graph import trace_circuit
+from sae_mcp.engine.corpus import iter_windows, resolve_corpus
+from sae_mcp.engine.loading import load_model
+from sae_mcp.engine.runtime import Engine
 
 
 def main() -> None:
@@ -46,10 +34,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    loaded = load_model(str(demo.MODEL_DIR), "cpu", torch.float32)
-    windows = [w.ids for w in iter_windows(resolve_corpus(str(demo.CORPUS)), loaded.model.tokenizer, 128, 1)
-               if len(w.ids) == 128]
-    calib = torch.tensor(windows[:8])
+    loaded = load_model(str(STORIES_HF), "cpu", torch.float32)
+    windows = [w.ids for w in iter_windows(resolve_corpus(str(CORPUS)), loaded.model.tokenizer, CONTEXT, 1)
+               if len(w.ids) == CONTEXT]
+    calib = calibration_batch(loaded.model.tokenizer, 8)
     saes = [sparse_random_sae(loaded.model, f"blocks.{layer}.hook_resid_pre", layer, 4096, calib)
             for layer in (1, 2, 3)]
     engine = Engine(loaded, saes, "cpu")

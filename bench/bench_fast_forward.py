@@ -36,26 +36,14 @@ side is unmeasured (bench/bench_index.py has the one command for it).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import torch
+from common import STORIES_HF, corpus_windows, gpt2_engine, stories_engine
 
-import torch  # noqa: E402
-
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-sys.path.insert(0, str(BENCH.parent))
-
-from bench_index import corpus_windows, gpt2_engine, stories_engine  # noqa: E402
-
-from sae_mcp import demo  # noqa: E402
-from sae_mcp.engine import fast_forward  # noqa: E402
-from sae_mcp.engine.corpus import pad_windows  # noqa: E402
-from sae_mcp.index.scan import batch_windows_for, windows_pad_id  # noqa: E402
+from sae_mcp.engine import fast_forward
+from sae_mcp.engine.corpus import pad_windows
+from sae_mcp.index.scan import batch_windows_for, windows_pad_id
 
 
 def tl_forward(model, layer: int):
@@ -73,7 +61,7 @@ def hf_forward(layer: int, device: str):
     residual stream before block `layer` (RMSNorm models are not centred by transformer-lens)."""
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(str(demo.MODEL_DIR), dtype=torch.float32, attn_implementation="sdpa")
+    hf = AutoModelForCausalLM.from_pretrained(str(STORIES_HF), dtype=torch.float32, attn_implementation="sdpa")
     hf.model.layers = hf.model.layers[:layer]
     hf.model.norm = torch.nn.Identity()
     hf.to(device).eval()

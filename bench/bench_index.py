@@ -96,35 +96,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import numpy as np
+import torch
+from common import CORPUS, corpus_windows, gpt2_engine, stories_engine
 
-import torch  # noqa: E402
-
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-sys.path.insert(0, str(BENCH.parent))
-from sae_mcp import demo  # noqa: E402
-
-STORIES_HF = demo.MODEL_DIR  # the bundled stories260K model and corpus
-CORPUS = demo.CORPUS
-
-from bench_scan import sparse_random_sae  # noqa: E402
-
-from sae_mcp.engine import fast_encode, fast_forward  # noqa: E402
-from sae_mcp.engine import scan as scan_mod  # noqa: E402
-from sae_mcp.engine.corpus import iter_windows, pad_windows, resolve_corpus  # noqa: E402
-from sae_mcp.engine.loading import LoadedModel  # noqa: E402
-from sae_mcp.engine.runtime import Engine  # noqa: E402
-from sae_mcp.engine.saes import LoadedSAE  # noqa: E402
-from sae_mcp.index.samples import at, fold_samples  # noqa: E402
-from sae_mcp.index.scan import (  # noqa: E402
+from sae_mcp.engine import fast_encode, fast_forward
+from sae_mcp.engine.corpus import pad_windows
+from sae_mcp.engine.runtime import Engine
+from sae_mcp.engine.saes import LoadedSAE
+from sae_mcp.engine.stats import LogitWeightStats
+from sae_mcp.index import scan as scan_mod
+from sae_mcp.index.samples import at, fold_samples
+from sae_mcp.index.scan import (
     BUFFER_BATCHES,
     HIST_BINS,
     HIST_LO,
@@ -140,19 +127,8 @@ from sae_mcp.index.scan import (  # noqa: E402
     update_state,
     windows_pad_id,
 )
-from sae_mcp.index.source import ExampleSource  # noqa: E402
-from sae_mcp.settings import Settings  # noqa: E402
-
-
-def corpus_windows(tokenizer, max_tokens: int, corpus: Path = CORPUS) -> list:
-    """The windows a scan of max_tokens document tokens reads (BOS + 127 tokens of one document each)."""
-    out, seen = [], 0
-    for w in iter_windows(resolve_corpus(str(corpus)), tokenizer, 128, 1):
-        if seen >= max_tokens:
-            break
-        out.append(w)
-        seen += len(w.ids) - 1
-    return out
+from sae_mcp.index.source import ExampleSource
+from sae_mcp.settings import Settings
 
 
 def padding_share(windows: list, batch: int, bucketed: bool) -> float:
@@ -339,29 +315,6 @@ def profile_batch(engine: Engine, sae: LoadedSAE, corpus: Path, batch: int, rows
                                     row_limit=rows, max_name_column_width=40))
 
 
-def stories_engine(device: str) -> tuple[Engine, LoadedSAE]:
-    from sae_mcp.engine.loading import load_model
-
-    loaded = load_model(str(STORIES_HF), device, torch.float32)
-    calib = torch.tensor([w.ids for w in corpus_windows(loaded.model.tokenizer, 4000) if len(w.ids) == 128][:8])
-    sae = sparse_random_sae(loaded.model, "blocks.2.hook_resid_pre", 2, 4096, calib.to(device))
-    return Engine(loaded, [sae], device), sae
-
-
-def gpt2_engine(device: str, tokenizer, dtype: torch.dtype = torch.float32) -> tuple[Engine, LoadedSAE]:
-    from sae_lens import HookedSAETransformer
-    from transformer_lens import HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(n_layers=12, d_model=768, n_ctx=1024, d_head=64, n_heads=12, d_mlp=3072,
-                                  d_vocab=50257, act_fn="gelu_new", normalization_type="LNPre", device=device, seed=0,
-                                  dtype=dtype)
-    model = HookedSAETransformer(cfg, tokenizer=tokenizer)
-    model.eval()
-    calib = torch.tensor([w.ids for w in corpus_windows(tokenizer, 2000) if len(w.ids) == 128][:2])
-    sae = sparse_random_sae(model, "blocks.7.hook_resid_pre", 7, 24576, calib.to(device))
-    return Engine(LoadedModel(model, "gpt2-shaped", "random", "generated"), [sae], device), sae
-
-
 def repeated_corpus(k: int) -> Path:
     """The TinyStories corpus k times over as one JSONL file (a GPU scans the 384k-token original in well under a
     second, too short to time); identical documents are fine for throughput."""
@@ -377,6 +330,93 @@ def full_precision(on: bool) -> None:
     """--fp32: the scan computes in fp32 on CUDA too (by default it autocasts fp32 weights to bf16 there)."""
     if on:
         scan_mod._autocast_dtype = lambda engine: None
+
+
+# ------------------------------------------------------------------------------------------------ --gpu-extras
+# At gpt2-small shapes (24576 x 50257 logit weights): feature_stats and token_set_enrichment over every feature
+# (goal on an H200: < 2 s each, warm), and the bf16-autocast scan against the fp32 scan of the same windows: do the
+# top examples agree, and to what tolerance?
+
+
+def synthetic_vocab_tokenizer(n: int = 50257):
+    """A word-level tokenizer of n tokens with text, standing in for GPT-2's (which needs the hub): some digit,
+    capitalised and punctuation tokens, so that every built-in token set exists."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    words = ["<s>"] + [(" " if i % 3 else "") + (str(i) if i % 7 == 0 else ("W" if i % 11 == 0 else "w") + str(i))
+                       for i in range(1, n - 1)] + ["."]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<s>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    # transformer-lens reloads a tokenizer by its name_or_path (to add BOS handling), which a tokenizer built in
+    # memory lacks (KeyError 'name_or_path'): save it to a folder and load it from there.
+    folder = tempfile.mkdtemp(prefix="synthetic-vocab-")
+    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", unk_token="<s>").save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def timed(fn, repeats: int = 3) -> float:
+    """Best of `repeats` calls after one warm-up call (synced)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def bf16_vs_fp32(engine, sae, windows) -> None:
+    """The same windows scanned under bf16 autocast and in fp32: top-1 agreement and the value tolerance."""
+    states = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", None)):
+        real = scan_mod._autocast_dtype
+        scan_mod._autocast_dtype = (lambda e: dtype) if dtype is None else real
+        try:
+            states[name] = scan_mod.scan(engine, sae, windows, context_size=128, bos=True, max_tokens=10**12)
+        finally:
+            scan_mod._autocast_dtype = real
+    a, b = (states[n].top_vals.float().cpu().numpy() for n in ("bf16", "fp32"))  # [k, d_sae], rank-major
+    pa, pb = (states[n].top_pos.cpu().numpy() for n in ("bf16", "fp32"))
+    fired = np.nonzero(b[0] > 0)[0]
+    scale = b[0, fired]  # each feature's fp32 max: the tolerance is relative to it
+    rel = np.abs(a[:, fired] - b[:, fired]) / scale  # [k, n_fired] value gap at equal ranks
+    top1 = pa[0, fired] == pb[0, fired]
+    # Where the top-1 window differs: how far below the fp32 max is bf16's choice, in fp32? (a near-tie or not)
+    gaps = []
+    for j in np.nonzero(~top1)[0]:
+        f = fired[j]
+        hit = np.nonzero(pb[:, f] == pa[0, f])[0]
+        gaps.append((b[0, f] - b[hit[0], f]) / b[0, f] if len(hit) else np.inf)
+    gaps = np.array(gaps)
+    print(f"bf16 vs fp32 on {len(windows)} windows, {len(fired)} firing features: top-1 window equal for "
+          f"{top1.mean():.4f}; top-10 windows equal as sets for "
+          f"{np.mean([set(pa[:10, f]) == set(pb[:10, f]) for f in fired]):.4f}")
+    print(f"  values at equal ranks, |bf16 - fp32| / the feature's fp32 max: median {np.median(rel):.2e}, "
+          f"p99 {np.quantile(rel, 0.99):.2e}, max {rel.max():.2e}")
+    if len(gaps):
+        print(f"  where top-1 differs, bf16's window is within x of the fp32 max (fp32 values): p50 "
+              f"{np.median(gaps):.2e}, p99 {np.quantile(gaps, 0.99):.2e}, max {gaps.max():.2e} "
+              f"(inf: not in fp32's top {b.shape[0]})")
+
+
+def gpu_extras(engine: Engine, sae: LoadedSAE, windows: list) -> None:
+    """feature_stats and token_set_enrichment at the gpt2 shape, then bf16 against fp32 on the same windows."""
+    stats = LogitWeightStats(engine)
+    print(f"feature_stats over {sae.d_sae} features: {timed(lambda: LogitWeightStats(engine).feature_stats()):.3f} s "
+          "(cold moments each time)")
+    w_engine, _ = gpt2_engine(str(engine.device), synthetic_vocab_tokenizer())
+    w_stats = LogitWeightStats(w_engine)
+    w_stats.builtin_excluded()  # the vocabulary's strings, once per server
+    print(f"token_set_enrichment (every built-in set, {sae.d_sae} features, 50257 tokens): "
+          f"{timed(lambda: w_stats.token_set_enrichment(top=10)):.3f} s")
+    del stats
+    bf16_vs_fp32(engine, sae, windows)
 
 
 def main() -> None:
@@ -426,9 +466,7 @@ def main() -> None:
     if args.device.startswith("cuda"):
         print(f"peak GPU memory allocated: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     if args.gpu_extras:
-        from bench_gpu_extras import gpu_extras
-
-        gpu_extras(g_engine, g_sae, corpus_windows(engine.model.tokenizer, args.tokens), gpt2_engine)
+        gpu_extras(g_engine, g_sae, corpus_windows(engine.model.tokenizer, args.tokens))
 
 
 if __name__ == "__main__":

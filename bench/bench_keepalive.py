@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import os
 import socket
 import statistics
 import sys
@@ -35,12 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from sae_mcp import demo  # noqa: E402
+from common import STORIES_HF, STORIES_SAE  # first: the hub offline, the repo importable
 
 
 def old_socket() -> socket.socket:
@@ -124,7 +118,7 @@ def main() -> None:
     from sae_mcp.server.security import reserve_socket
     from sae_mcp.settings import Settings
 
-    settings = Settings(model=str(demo.MODEL_DIR), saes=(f"res3={demo.SAE_DIRS[1]}",), device="cpu")
+    settings = Settings(model=str(STORIES_HF), saes=(f"res3={STORIES_SAE}",), device="cpu")
     engine = Engine.from_settings(settings)
     work = Path(tempfile.mkdtemp(prefix="sae-mcp-keepalive-"))
     socks = {"old": old_socket(), "new": reserve_socket("127.0.0.1", 0)}

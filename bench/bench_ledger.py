@@ -25,24 +25,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import anyio
+import torch
+from common import REPO, STORIES_HF  # first: the hub offline, the repo importable
 
-import anyio  # noqa: E402
-import torch  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from sae_mcp import demo  # noqa: E402
-
-STORIES = demo.MODEL_DIR  # the bundled stories260K model
 PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play outside"
 
 
@@ -175,7 +167,7 @@ async def flood(server, calls: int, flood_calls: int, label_mb: float) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=1000, help="calls per server")
-    ap.add_argument("--model", default=str(STORIES))
+    ap.add_argument("--model", default=str(STORIES_HF))
     ap.add_argument("--sae", default=None, help="a SAELens folder (default: a random SAE on stories260K)")
     ap.add_argument("--out", default=None, help="default: bench/out/ledger.json (ledger_flood.json with --flood)")
     ap.add_argument("--flood", action="store_true", help="measure a flood of rejected oversized labels instead")

@@ -60,14 +60,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from sae_mcp import demo  # noqa: E402
-
-MODEL, CORPUS = demo.MODEL_DIR, demo.CORPUS  # the bundled stories260K model and corpus
+from common import CORPUS, STORIES_HF, STORIES_SAE  # first: the hub offline, the repo importable
 
 PROMPT = "Once upon a time, there was a little girl named Lily. She"
 CHEAP = {"model_info", "search_explanations", "label_feature", "project_to_vocab", "top_examples", "feature_card"}
@@ -112,7 +105,7 @@ def free_port() -> int:
 
 def serve_args(sae: Path, data: Path, port: int, clients: int) -> list[str]:
     cmd = [sys.executable, "-m", "sae_mcp", "serve", "--transport", "http", "--port", str(port),
-           "--model", str(MODEL), "--sae", str(sae), "--corpus", str(CORPUS), "--data-dir", str(data)]
+           "--model", str(STORIES_HF), "--sae", str(sae), "--corpus", str(CORPUS), "--data-dir", str(data)]
     help_text = subprocess.run(cmd[:4] + ["--help"], capture_output=True, text=True).stdout
     if "--max-sessions-per-client" in help_text:  # each client holds a session on the 2025 wire
         cmd += ["--max-sessions-per-client", str(clients + 8)]
@@ -268,9 +261,9 @@ def rss_report(run: Run) -> dict:
 
 
 def prepare(args, work: Path) -> Path:
-    sae = args.sae or demo.SAE_DIRS[1]
+    sae = args.sae or STORIES_SAE
     t0 = time.monotonic()
-    subprocess.run([sys.executable, "-m", "sae_mcp", "index", "--model", str(MODEL), "--sae", str(sae),
+    subprocess.run([sys.executable, "-m", "sae_mcp", "index", "--model", str(STORIES_HF), "--sae", str(sae),
                     "--corpus", str(CORPUS), "--data-dir", str(work / "data"), "--tokens", "20000"],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     print(f"SAE {sae}; index of 20,000 tokens built in {time.monotonic() - t0:.1f} s", file=sys.stderr)

@@ -7,7 +7,7 @@ row. Not timed: starting the cluster and the workers (model loads), paid once pe
 the best of --repeats taken (a shared box moves single runs by +-10%). Also: one process without Ray (the floor
 a worker has to match), the walk alone, and merge_states on full states of a 4096- and a 24576-feature SAE.
 
-Shape: the real stories260K model with a random 4096-wide SAE calibrated to L0 ~64 (bench_scan.sparse_random_sae),
+Shape: the real stories260K model with a random 4096-wide SAE calibrated to L0 ~64 (common.stories_engine),
 saved as a SAELens folder so that the workers load it from Settings like any SAE; the TinyStories corpus.
 
     python bench/bench_ray.py [--tokens 200000] [--repeats 2] [--batch 8] [--checkpoint-seconds 30]
@@ -35,36 +35,22 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import torch
+from common import CORPUS, STORIES_HF, stories_engine
 
-import torch  # noqa: E402
-
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-sys.path.insert(0, str(BENCH.parent))
-
-from bench_index import CORPUS, STORIES_HF, corpus_windows  # noqa: E402
-from bench_scan import sparse_random_sae  # noqa: E402
-
-from sae_mcp.index.merge import merge_states  # noqa: E402
-from sae_mcp.index.samples import MAX_POS, SAMPLE_BINS, SAMPLES_PER_BIN  # noqa: E402
-from sae_mcp.index.scan import HIST_BINS, KEEP, ScanState  # noqa: E402
-from sae_mcp.settings import Settings  # noqa: E402
+from sae_mcp.index.merge import merge_states
+from sae_mcp.index.samples import MAX_POS, SAMPLE_BINS, SAMPLES_PER_BIN
+from sae_mcp.index.scan import HIST_BINS, KEEP, ScanState
+from sae_mcp.settings import Settings
 
 
 def saved_sae(folder: Path) -> Path:
     """The bench SAE (random, L0 ~64 on TinyStories) as a SAELens folder the workers can load."""
-    from sae_mcp.engine.loading import load_model
-
-    loaded = load_model(str(STORIES_HF), "cpu", torch.float32)
-    calib = torch.tensor([w.ids for w in corpus_windows(loaded.model.tokenizer, 4000) if len(w.ids) == 128][:8])
-    sae = sparse_random_sae(loaded.model, "blocks.2.hook_resid_pre", 2, 4096, calib)
+    _, sae = stories_engine("cpu")
     sae.sae.save_model(str(folder))
     return folder
 

@@ -36,54 +36,20 @@ now uses the scan's forward and encode buffer. bench/bench_index.py has the curr
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 import torch
+from common import CORPUS, gpt2_model, sparse_random_sae, stories_engine
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from sae_mcp import demo  # noqa: E402
-from sae_mcp.engine import scan as scan_module  # noqa: E402
-from sae_mcp.engine.corpus import Window, iter_windows, pad_windows, resolve_corpus  # noqa: E402
-from sae_mcp.engine.loading import LoadedModel  # noqa: E402
-from sae_mcp.engine.runtime import Engine  # noqa: E402
-from sae_mcp.engine.saes import LoadedSAE  # noqa: E402
-from sae_mcp.index.scan import autocast_for, encode_buffer, scan, windows_pad_id  # noqa: E402
-from sae_mcp.index.store import IndexStore  # noqa: E402
-
-
-def sparse_random_sae(model, hook: str, layer: int, d_sae: int, calib: torch.Tensor, l0: int = 64) -> LoadedSAE:
-    """A random StandardSAE whose b_enc makes ~l0 features fire per token on the calibration batch."""
-    from sae_lens import StandardSAE, StandardSAEConfig
-    from sae_lens.saes.sae import SAEMetadata
-
-    d_in = model.cfg.d_model
-    torch.manual_seed(0)
-    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(
-        hook_name=hook, model_name="bench", context_size=128, prepend_bos=True)))
-    sae.to(model.cfg.device)
-    with torch.inference_mode():
-        _, cache = model.run_with_cache(calib, names_filter=[hook], stop_at_layer=layer + 1)
-        x = cache[hook].reshape(-1, d_in).float()
-        pre = (x - sae.b_dec) @ sae.W_enc  # [N, d_sae]
-        q = torch.quantile(pre[:, : min(d_sae, 4096)].flatten().float(), 1 - l0 / d_sae)
-    with torch.no_grad():
-        sae.b_enc.fill_(-float(q))
-    sae.to(model.cfg.dtype)  # as the model: a bf16 model gets a bf16 SAE (fp32 by default)
-    sae.eval()
-    for p in sae.parameters():
-        p.requires_grad_(False)
-    return LoadedSAE(sae=sae, key=hook, hook_name=hook, layer=layer, d_in=d_in, d_sae=d_sae, architecture="standard",
-                     source=f"random-{d_sae}", release=None, sae_id=None, neuronpedia_id=None, prepend_bos=True,
-                     context_size=128, dataset_path=None)
+from sae_mcp.engine.corpus import Window, iter_windows, pad_windows, resolve_corpus
+from sae_mcp.engine.loading import LoadedModel
+from sae_mcp.engine.runtime import Engine
+from sae_mcp.engine.saes import LoadedSAE
+from sae_mcp.index import scan as scan_module
+from sae_mcp.index.scan import autocast_for, encode_buffer, scan, windows_pad_id
+from sae_mcp.index.store import IndexStore
 
 
 def bare(engine: Engine, sae: LoadedSAE, batch: list[Window]) -> float:
@@ -189,13 +155,7 @@ def _measure(name: str, engine: Engine, sae: LoadedSAE, batches: list[list[Windo
 
 
 def gpt2_shaped(n_batches: int, windows: int, device: str) -> None:
-    from sae_lens import HookedSAETransformer
-    from transformer_lens import HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(n_layers=12, d_model=768, n_ctx=1024, d_head=64, n_heads=12, d_mlp=3072,
-                                  d_vocab=50257, act_fn="gelu_new", normalization_type="LNPre", device=device, seed=0)
-    model = HookedSAETransformer(cfg)
-    model.eval()
+    model = gpt2_model(device)
     g = torch.Generator().manual_seed(0)
     batches = []
     for b in range(n_batches + 1):
@@ -213,16 +173,10 @@ def gpt2_shaped(n_batches: int, windows: int, device: str) -> None:
 
 
 def stories(n_batches: int, windows: int, device: str) -> None:
-    from sae_mcp.engine.loading import load_model
-
-    loaded = load_model(str(demo.MODEL_DIR), device, torch.float32)
-    model = loaded.model
-    src = resolve_corpus(str(demo.CORPUS))
-    it = iter_windows(src, model.tokenizer, 128, 1)
+    engine, sae = stories_engine(device)
+    model = engine.model
+    it = iter_windows(resolve_corpus(str(CORPUS)), model.tokenizer, 128, 1)
     batches = [[next(it) for _ in range(windows)] for _ in range(n_batches + 1)]
-    calib = torch.tensor([w.ids for w in batches[0] if len(w.ids) == 128][:8], device=device)
-    sae = sparse_random_sae(model, "blocks.2.hook_resid_pre", 2, 4096, calib)
-    engine = Engine(loaded, [sae], device)
     measure("stories260K (real), SAE 64x4096 at blocks.2.hook_resid_pre, TinyStories", engine, sae, batches[1:],
             model.to_str_tokens)
 

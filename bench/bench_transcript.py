@@ -23,22 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("WANDB_MODE", "disabled")
-
-import anyio  # noqa: E402
-import torch  # noqa: E402
-from mcp import Client  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from sae_mcp import demo  # noqa: E402
+import anyio
+import torch
+from common import CORPUS, STORIES_HF, STORIES_SAE  # first: the hub offline, the repo importable
+from mcp import Client
 
 PROMPT = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her "
           "dog. One day, Lily saw a big red ball under a tree. She ran to the ball and")
@@ -145,7 +136,7 @@ def main() -> None:
     from sae_mcp.settings import Settings
 
     with tempfile.TemporaryDirectory() as d:
-        settings = Settings(model=str(demo.MODEL_DIR), saes=(str(demo.SAE_DIRS[1]),), corpus=str(demo.CORPUS),
+        settings = Settings(model=str(STORIES_HF), saes=(str(STORIES_SAE),), corpus=str(CORPUS),
                             device="cpu", data_dir=Path(d) / "data")
         server = build_server(Engine.from_settings(settings), settings)
         rows, listing, compact, loops = anyio.run(investigate, server, args.show)
