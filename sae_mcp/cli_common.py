@@ -102,7 +102,7 @@ def index_demo(services) -> None:
 
 
 def add_http_flags(p: argparse.ArgumentParser, sessions: bool) -> None:
-    """Who may reach an HTTP server (serve --transport http, dashboard); README "Security" explains each."""
+    """Who may reach an HTTP server (serve --transport http, dashboard); docs/security.md explains each."""
     from sae_mcp.server.security import HttpPolicy
 
     defaults = HttpPolicy()  # one place for the defaults

@@ -1,4 +1,4 @@
-"""sae-mcp ledger sessions | show | export | replay | prune: the record of every tool call (README "The ledger").
+"""sae-mcp ledger sessions | show | export | replay | prune: the record of every tool call (docs/ledger.md).
 
     sae-mcp ledger sessions [--data-dir D]                     the sessions, newest first
     sae-mcp ledger show [--session ID]                         one session's runs, one line each

@@ -549,7 +549,7 @@ def test_serve_http_with_a_token_refuses_strangers_and_serves_the_client_that_se
         assert login.status_code == 200 and "res2" in login.text
 
         async def session():
-            timeout = httpx2.Timeout(30, read=300)  # as the README tells a client to connect
+            timeout = httpx2.Timeout(30, read=300)  # as docs/security.md tells a client to connect
             async with httpx2.AsyncClient(headers=BEARER, timeout=timeout) as http:
                 async with Client(streamable_http_client(f"{url}/mcp", http_client=http)) as client:
                     return await client.call_tool("get_feature_acts", {"prompt": "Once upon a time", "top_k": 2})

@@ -1,6 +1,6 @@
 """Who may talk to the HTTP server: the bind rules, a bearer token, Host/Origin checks and the pages' headers.
 
-Threat model (README "Security"): local processes and network peers that reach the port, and web pages in the
+Threat model (docs/security.md): local processes and network peers that reach the port, and web pages in the
 user's browser (DNS rebinding: a page on evil.example re-resolves its name to 127.0.0.1 and reads our answers;
 CSRF: a page makes the browser send requests here). Every HTTP request goes through SecurityMiddleware, in this
 order, before any route or the MCP SDK sees it:
