@@ -38,13 +38,14 @@ class CancelAfter(CancelToken):
 
 
 def steer_ok(e, mp):
-    steering.steer_generate(e, PROMPT, [(5, 3.0)], calibration="absolute", max_new_tokens=5, temperature=1.0,
-                            controls=True, n_controls=2, answer=" mat")
+    steering.steer_generate(e, steering.SteeringRequest(PROMPT, ((5, 3.0),), calibration="absolute", max_new_tokens=5,
+                                                        temperature=1.0, controls=True, n_controls=2, answer=" mat"))
 
 
 def steer_cancelled(e, mp):
     with pytest.raises(Cancelled):
-        steering.steer_generate(e, PROMPT, [(5, 3.0)], calibration="absolute", max_new_tokens=8, cancel=CancelAfter(3))
+        request = steering.SteeringRequest(PROMPT, ((5, 3.0),), calibration="absolute", max_new_tokens=8)
+        steering.steer_generate(e, request, cancel=CancelAfter(3))
 
 
 def steer_sampler_crashes(e, mp):
@@ -59,7 +60,8 @@ def steer_sampler_crashes(e, mp):
 
     mp.setattr(generation, "_sample", sample)
     with pytest.raises(Boom):
-        steering.steer_generate(e, PROMPT, [(5, 3.0)], calibration="absolute", max_new_tokens=8)
+        steering.steer_generate(e, steering.SteeringRequest(PROMPT, ((5, 3.0),), calibration="absolute",
+                                                            max_new_tokens=8))
 
 
 def ablate_ok(e, mp):

@@ -123,8 +123,9 @@ def test_a_one_forward_call_queued_beside_a_long_generation_runs_between_its_ste
 
     e = fresh_engine(tiny_loaded, tiny_engine, busy_timeout_s=60.0, max_queued=4)
     plain = L.next_token(e, "the cat sat", top_k=5)
-    kw = dict(calibration="absolute", max_new_tokens=12, temperature=0.0, answer=" mat")
-    alone = steering.steer_generate(e, STEER["prompt"], [(5, 40.0)], **kw)
+    request = steering.SteeringRequest(STEER["prompt"], ((5, 40.0),), calibration="absolute", max_new_tokens=12,
+                                       temperature=0.0, answer=" mat")
+    alone = steering.steer_generate(e, request)
     order: list[str] = []
     short: dict = {}
     done = threading.Event()
@@ -139,7 +140,7 @@ def test_a_one_forward_call_queued_beside_a_long_generation_runs_between_its_ste
             threading.Thread(target=next_token_call, daemon=True).start()
             done.wait(60)  # a hang guard only: it answers at once when the device is free between steps
 
-    interleaved = steering.steer_generate(e, STEER["prompt"], [(5, 40.0)], progress=progress, **kw)
+    interleaved = steering.steer_generate(e, request, progress=progress)
     order.append("steer_generate")
     done.wait(120)
     assert order == ["next_token", "steer_generate"]

@@ -8,6 +8,7 @@ logit[' do'] - logit[' b'] (the first token of each).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -222,8 +223,9 @@ def test_fluent_steering_is_not_flagged_and_word_salad_far_above_the_max_is_with
     e, s = stories_engine, only_sae(stories_engine)
     mx = plain_max(e, feature)
     tokens = e.to_tokens(PROMPT)
-    res = steering.steer_generate(e, PROMPT, [(feature, mx)], calibration="absolute", strengths=[2.0, 290.0],
-                                  max_new_tokens=30, temperature=0.0, known_max_fn=lambda sae, f: mx)
+    request = steering.SteeringRequest(PROMPT, ((feature, mx),), calibration="absolute", strengths=(2.0, 290.0),
+                                       max_new_tokens=30, temperature=0.0)
+    res = steering.steer_generate(e, request, known_max_fn=lambda sae, f: mx)
     _, reference = plain_loss_and_entropy(e, tokens, plain_greedy(e, tokens, s.hook_name, 0.0 * s.sae.W_dec[0], 30))
     for run in res.steered:
         (cont,) = run.continuations
@@ -236,8 +238,7 @@ def test_fluent_steering_is_not_flagged_and_word_salad_far_above_the_max_is_with
     far = [w for w in res.warnings if "far above the feature's max activation" in w]
     assert len(far) == 1 and f"feature {feature} at 290x" in far[0]
     assert any("dose 290 degenerated" in w and "read dose 2" in w for w in res.warnings)
-    calm = steering.steer_generate(e, PROMPT, [(feature, mx)], calibration="absolute", strengths=[2.0],
-                                   max_new_tokens=30, temperature=0.0, known_max_fn=lambda sae, f: mx)
+    calm = steering.steer_generate(e, dataclasses.replace(request, strengths=(2.0,)), known_max_fn=lambda sae, f: mx)
     assert not [w for w in calm.warnings or [] if "far above" in w]
 
 

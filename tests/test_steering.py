@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import math
 import statistics
 
@@ -13,6 +13,7 @@ from torch.testing import assert_close
 from sae_mcp.engine import generation, steering, steering_readout
 from sae_mcp.engine.metric import Metric
 from sae_mcp.engine.runtime import CancelToken
+from sae_mcp.engine.steering_plan import DEFAULT_TOP_P
 from sae_mcp.errors import Cancelled, InvalidInput
 
 from conftest import tutorial_sae_acts
@@ -23,6 +24,21 @@ PROMPT = "the cat sat on the mat and the dog"
 def tokens_of(engine, prompt=PROMPT):
     s = engine.sae(None)
     return engine.to_tokens(prompt, prepend_bos=s.prepend_bos)
+
+
+def steer(engine, prompt, features, max_activation_fn=None, known_max_fn=None, use_cache=True, cancel=None,
+          progress=None, **asked):
+    """steer_generate with the SteeringRequest built from keyword arguments, lists as tuples (as the tool builds
+    it)."""
+    asked = {k: tuple(v) if isinstance(v, list) else v for k, v in asked.items()}
+    request = steering.SteeringRequest(prompt, tuple(features), **asked)
+    return steering.steer_generate(engine, request, max_activation_fn, known_max_fn, use_cache, cancel, progress)
+
+
+def rows(tokens, hook_name, vectors, max_new_tokens, temperature, top_p, seed, metric=None):
+    """A RowBatch: every row of vectors [B, d_in] seeded with `seed`."""
+    decoding = generation.Decoding(max_new_tokens, temperature, top_p)
+    return generation.RowBatch(tokens, hook_name, vectors, (seed,) * vectors.shape[0], decoding, metric=metric)
 
 
 def plain_greedy(engine, tokens, hook_name, vector, n):
@@ -48,8 +64,9 @@ def test_steering_adds_coefficient_times_decoder_at_every_prompt_position(tiny_e
     with torch.inference_mode():
         plain = e.model(tokens)[0]  # [S, V]
         expected = e.model.run_with_hooks(tokens, fwd_hooks=[(s.hook_name, lambda x, hook: x + vec)])[0]
-    _, stats, _ = generation.generate_rows(e, tokens, s.hook_name, torch.stack([torch.zeros_like(vec), vec]),
-                                           1, 0.0, 1.0, 0, metric=Metric(7, None, "x", None))
+    batch = rows(tokens, s.hook_name, torch.stack([torch.zeros_like(vec), vec]), 1, 0.0, 1.0, 0,
+                 metric=Metric(7, None, "x", None))
+    _, stats, _ = generation.generate_rows(e, batch)
     assert stats.last_logits.shape == (2, plain.shape[-1])  # only the last position is kept
     assert_close(stats.last_logits[1], expected[-1], atol=1e-5, rtol=1e-5)
     # every prompt position enters the mean KL: it equals the plain per-position KL averaged
@@ -81,8 +98,8 @@ def test_prompt_stats_chunked_over_rows_and_positions_equal_the_plain_full_tenso
 def test_steer_generate_kl_and_answer_probability_equal_a_plain_computation(tiny_engine):
     e, s = tiny_engine, tiny_engine.sae(None)
     tokens = tokens_of(e)
-    res = steering.steer_generate(e, PROMPT, [(5, 3.0), (9, -2.0)], calibration="absolute", max_new_tokens=3,
-                                  temperature=0.0, answer=" mat", strengths=[1.0, 2.5])
+    res = steer(e, PROMPT, [(5, 3.0), (9, -2.0)], calibration="absolute", max_new_tokens=3,
+                temperature=0.0, answer=" mat", strengths=[1.0, 2.5])
     vec = 3.0 * s.sae.W_dec[5] - 2.0 * s.sae.W_dec[9]
     a = int(e.model.to_tokens(" mat", prepend_bos=False)[0, 0])
     with torch.inference_mode():
@@ -114,14 +131,14 @@ def test_generation_keeps_no_prompt_sized_logits_while_generating(tiny_engine):
         gc.collect()
         held.append(any(isinstance(o, torch.Tensor) and tuple(o.shape) == (B, S, V) for o in gc.get_objects()))
 
-    generation.generate_rows(e, tokens, s.hook_name, vectors, 3, 0.0, 1.0, 0, progress=progress)
+    generation.generate_rows(e, rows(tokens, s.hook_name, vectors, 3, 0.0, 1.0, 0), progress=progress)
     assert held == [False, False, False]
 
 
 def test_greedy_steered_generation_matches_a_plain_decoding_loop(tiny_engine):
     e, s = tiny_engine, tiny_engine.sae(None)
-    res = steering.steer_generate(e, PROMPT, [(5, 3.0), (9, -2.0)], calibration="absolute", max_new_tokens=8,
-                                  temperature=0.0)
+    res = steer(e, PROMPT, [(5, 3.0), (9, -2.0)], calibration="absolute", max_new_tokens=8,
+                temperature=0.0)
     tokens = tokens_of(e)
     vec = 3.0 * s.sae.W_dec[5] - 2.0 * s.sae.W_dec[9]
     steered = plain_greedy(e, tokens, s.hook_name, vec, 8)
@@ -135,8 +152,8 @@ def test_greedy_steered_generation_matches_a_plain_decoding_loop(tiny_engine):
 
 def test_each_run_says_whether_its_text_changed_and_the_first_generated_token_where_it_diverged(tiny_engine):
     e, s = tiny_engine, tiny_engine.sae(None)
-    res = steering.steer_generate(e, PROMPT, [(5, 3.0), (9, -2.0)], calibration="absolute", max_new_tokens=8,
-                                  temperature=0.0, strengths=[0.0, 1.0])
+    res = steer(e, PROMPT, [(5, 3.0), (9, -2.0)], calibration="absolute", max_new_tokens=8,
+                temperature=0.0, strengths=[0.0, 1.0])
     tokens = tokens_of(e)
     vec = 3.0 * s.sae.W_dec[5] - 2.0 * s.sae.W_dec[9]
     steered = plain_greedy(e, tokens, s.hook_name, vec, 8).tolist()
@@ -154,20 +171,20 @@ def test_each_run_says_whether_its_text_changed_and_the_first_generated_token_wh
 def test_a_multi_token_answer_is_scored_on_its_first_token_and_the_result_says_so(tiny_engine):
     e = tiny_engine
     kw = dict(calibration="absolute", max_new_tokens=2, temperature=0.0)
-    multi = steering.steer_generate(e, PROMPT, [(5, 3.0)], answer=" cat sat", **kw)
-    single = steering.steer_generate(e, PROMPT, [(5, 3.0)], answer=" cat", **kw)
+    multi = steer(e, PROMPT, [(5, 3.0)], answer=" cat sat", **kw)
+    single = steer(e, PROMPT, [(5, 3.0)], answer=" cat", **kw)
     assert (multi.answer_tokens, multi.multi_token) == (["cat", "sat"], True)
     assert (single.answer_tokens, single.multi_token) == (["cat"], False)
     assert multi.steered[0].answer_probability == single.steered[0].answer_probability
-    none = steering.steer_generate(e, PROMPT, [(5, 3.0)], **kw)
+    none = steer(e, PROMPT, [(5, 3.0)], **kw)
     assert (none.answer_tokens, none.multi_token) == (None, None)
 
 
 def test_fewer_than_five_steering_controls_carry_a_caution_that_they_are_weak_evidence(tiny_engine):
     e = tiny_engine
     kw = dict(calibration="absolute", max_new_tokens=2, temperature=0.0, answer=" mat", controls=True)
-    few = steering.steer_generate(e, PROMPT, [(5, 3.0)], n_controls=3, **kw)
-    enough = steering.steer_generate(e, PROMPT, [(5, 3.0)], n_controls=5, **kw)
+    few = steer(e, PROMPT, [(5, 3.0)], n_controls=3, **kw)
+    enough = steer(e, PROMPT, [(5, 3.0)], n_controls=5, **kw)
     assert "3 control" in few.controls[0].caution and "weak evidence" in few.controls[0].caution
     assert enough.controls[0].caution is None
 
@@ -177,8 +194,8 @@ def test_steered_generation_is_the_same_with_and_without_the_kv_cache(stories_en
     e = stories_engine
     kw = dict(calibration="absolute", max_new_tokens=20, temperature=temperature, top_p=top_p, seed=3,
               strengths=[0.0, 1.0, 4.0])
-    cached = steering.steer_generate(e, "Once upon a time, Lily", [(7, 2.0)], use_cache=True, **kw)
-    uncached = steering.steer_generate(e, "Once upon a time, Lily", [(7, 2.0)], use_cache=False, **kw)
+    cached = steer(e, "Once upon a time, Lily", [(7, 2.0)], use_cache=True, **kw)
+    uncached = steer(e, "Once upon a time, Lily", [(7, 2.0)], use_cache=False, **kw)
     assert cached.steered == uncached.steered
     assert cached.unsteered == uncached.unsteered
     # a zero dose is the unsteered run exactly, and the strongest dose changes the text
@@ -192,14 +209,14 @@ def test_steered_generation_is_the_same_with_and_without_the_kv_cache(stories_en
 def test_sampling_is_reproducible_by_seed_and_a_tiny_top_p_is_greedy(tiny_engine):
     e = tiny_engine
     kw = dict(calibration="absolute", max_new_tokens=10)
-    a = steering.steer_generate(e, PROMPT, [(5, 1.0)], temperature=1.0, top_p=1.0, seed=11, **kw)
-    b = steering.steer_generate(e, PROMPT, [(5, 1.0)], temperature=1.0, top_p=1.0, seed=11, **kw)
-    c = steering.steer_generate(e, PROMPT, [(5, 1.0)], temperature=1.0, top_p=1.0, seed=12, **kw)
+    a = steer(e, PROMPT, [(5, 1.0)], temperature=1.0, top_p=1.0, seed=11, **kw)
+    b = steer(e, PROMPT, [(5, 1.0)], temperature=1.0, top_p=1.0, seed=11, **kw)
+    c = steer(e, PROMPT, [(5, 1.0)], temperature=1.0, top_p=1.0, seed=12, **kw)
     assert a == b
     texts = [(r.unsteered[0].text, r.steered[0].continuations[0].text) for r in (a, c)]
     assert texts[0] != texts[1]
-    nucleus = steering.steer_generate(e, PROMPT, [(5, 1.0)], temperature=1.0, top_p=1e-6, seed=11, **kw)
-    greedy = steering.steer_generate(e, PROMPT, [(5, 1.0)], temperature=0.0, **kw)
+    nucleus = steer(e, PROMPT, [(5, 1.0)], temperature=1.0, top_p=1e-6, seed=11, **kw)
+    greedy = steer(e, PROMPT, [(5, 1.0)], temperature=0.0, **kw)
     assert nucleus.steered[0].continuations[0].text == greedy.steered[0].continuations[0].text
 
 
@@ -208,8 +225,8 @@ def test_generation_stops_at_eos(tiny_engine):
     eos = e.model.tokenizer.eos_token_id
     push = e.model.W_U[:, eos] - e.model.W_U.mean(-1)  # a direction that makes EOS the argmax after ln_final
     vec = 1e3 * push / push.norm()
-    new, _, stopped = generation.generate_rows(e, tokens_of(e), "blocks.1.hook_resid_post",
-                                               torch.stack([torch.zeros_like(vec), vec]), 6, 0.0, 1.0, 0)
+    batch = rows(tokens_of(e), "blocks.1.hook_resid_post", torch.stack([torch.zeros_like(vec), vec]), 6, 0.0, 1.0, 0)
+    new, _, stopped = generation.generate_rows(e, batch)
     assert stopped[1] and new[1, 0] == eos
     cont = generation.continuation(e, new[1], eos, stopped[1])
     assert cont.text == "" and cont.n_tokens == 0 and cont.stopped_at_eos
@@ -218,26 +235,26 @@ def test_generation_stops_at_eos(tiny_engine):
 def test_max_activation_calibration_scales_strength_by_the_features_max(tiny_engine):
     e = tiny_engine
     maxes = {5: (2.5, "index"), 9: (4.0, "scan")}
-    res = steering.steer_generate(e, PROMPT, [(5, 2.0), (9, -0.5)], max_new_tokens=2, temperature=0.0,
-                                  calibration="max_activation", max_activation_fn=lambda sae, f: maxes[f],
-                                  strengths=[1.0, 3.0])
+    res = steer(e, PROMPT, [(5, 2.0), (9, -0.5)], max_new_tokens=2, temperature=0.0,
+                calibration="max_activation", max_activation_fn=lambda sae, f: maxes[f],
+                strengths=[1.0, 3.0])
     assert [(f.max_activation, f.max_activation_source, f.coefficient) for f in res.features] == [
         (2.5, "index", 5.0), (4.0, "scan", -2.0)
     ]
     assert res.steered[1].coefficients == [15.0, -6.0]
     with pytest.raises(InvalidInput, match="--corpus.*calibration='absolute'"):
-        steering.steer_generate(e, PROMPT, [(5, 1.0)], calibration="max_activation", max_activation_fn=None)
+        steer(e, PROMPT, [(5, 1.0)], calibration="max_activation", max_activation_fn=None)
     with pytest.raises(InvalidInput, match="never fired"):
-        steering.steer_generate(e, PROMPT, [(5, 1.0)], max_activation_fn=lambda sae, f: (0.0, "index"))
+        steer(e, PROMPT, [(5, 1.0)], max_activation_fn=lambda sae, f: (0.0, "index"))
 
 
 def test_steering_controls_match_decoder_norm_and_coefficient(tiny_engine):
     e, s = tiny_engine, tiny_engine.sae(None)
     norms = s.sae.W_dec.norm(dim=-1)
-    res = steering.steer_generate(e, PROMPT, [(5, 4.0)], calibration="absolute", max_new_tokens=4, temperature=0.0,
-                                  answer=" mat", controls=True, n_controls=5, seed=1, strengths=[1.0, -2.0])
-    again = steering.steer_generate(e, PROMPT, [(5, 4.0)], calibration="absolute", max_new_tokens=4, temperature=0.0,
-                                    answer=" mat", controls=True, n_controls=5, seed=1, strengths=[1.0, -2.0])
+    res = steer(e, PROMPT, [(5, 4.0)], calibration="absolute", max_new_tokens=4, temperature=0.0,
+                answer=" mat", controls=True, n_controls=5, seed=1, strengths=[1.0, -2.0])
+    again = steer(e, PROMPT, [(5, 4.0)], calibration="absolute", max_new_tokens=4, temperature=0.0,
+                  answer=" mat", controls=True, n_controls=5, seed=1, strengths=[1.0, -2.0])
     assert res.controls == again.controls
     block = res.controls[1]
     assert len(block.runs) == 5 and "scale -2" in block.matched_on and block.scale == -2.0
@@ -285,7 +302,7 @@ def test_steering_controls_match_decoder_norm_and_coefficient(tiny_engine):
 )
 def test_steer_generate_rejects_bad_input_with_what_to_change(tiny_engine, kwargs, message):
     with pytest.raises(InvalidInput, match=message):
-        steering.steer_generate(tiny_engine, PROMPT, calibration="absolute", **kwargs)
+        steer(tiny_engine, PROMPT, calibration="absolute", **kwargs)
     assert tiny_engine.is_clean()
 
 
@@ -302,13 +319,13 @@ def test_a_cancelled_token_stops_generation_between_steps_and_leaves_the_model_c
             token.cancel()  # as the tool does when the client cancels
 
     with pytest.raises(Cancelled, match="cancelled"):
-        steering.steer_generate(e, PROMPT, [(5, 3.0)], calibration="absolute", max_new_tokens=20, temperature=0.0,
-                                strengths=[1.0, 2.0], controls=True, n_controls=3, cancel=token, progress=progress)
+        steer(e, PROMPT, [(5, 3.0)], calibration="absolute", max_new_tokens=20, temperature=0.0,
+              strengths=[1.0, 2.0], controls=True, n_controls=3, cancel=token, progress=progress)
     assert steps == [(1, 20), (2, 20), (3, 20)]  # stopped before the 4th step
     assert e.is_clean()
     with torch.inference_mode():
         assert torch.equal(e.model(tokens), before)
-    ok = steering.steer_generate(e, PROMPT, [(5, 3.0)], calibration="absolute", max_new_tokens=4, temperature=0.0)
+    ok = steer(e, PROMPT, [(5, 3.0)], calibration="absolute", max_new_tokens=4, temperature=0.0)
     assert ok.steered[0].continuations[0].n_tokens <= 4  # the engine is free again
 
 
@@ -317,12 +334,12 @@ def test_engine_and_tool_default_to_the_same_sampling_settings(tiny_engine):
 
     from mcp_client import list_tools
 
-    engine_defaults = inspect.signature(steering.steer_generate).parameters
+    engine_defaults = {f.name: f.default for f in dataclasses.fields(steering.SteeringRequest)}
     tool = next(t for t in list_tools(build_server(tiny_engine)) if t.name == "steer_generate")
     props = tool.input_schema["properties"]
     for name in ("temperature", "top_p", "max_new_tokens", "seed", "seeds", "calibration", "n_controls",
                  "control_strength"):
-        assert props[name].get("default") == engine_defaults[name].default, name  # a null default: left unsaid
+        assert props[name].get("default") == engine_defaults[name], name  # a null default: left unsaid
         assert name not in tool.input_schema.get("required", []), name
     assert (props["temperature"]["default"], props["top_p"]["default"]) == (1.0, 0.9)
     assert "greedy" in props["temperature"]["description"]
@@ -331,8 +348,8 @@ def test_engine_and_tool_default_to_the_same_sampling_settings(tiny_engine):
 def test_kv_cached_steered_greedy_text_equals_an_independent_full_forward_loop(stories_engine):
     e, s = stories_engine, stories_engine.sae(None)
     prompt, n = "Once upon a time, Lily", 24
-    res = steering.steer_generate(e, prompt, [(7, 2.0), (30, -1.0)], calibration="absolute", max_new_tokens=n,
-                                  temperature=0.0, strengths=[1.0, 4.0], use_cache=True)
+    res = steer(e, prompt, [(7, 2.0), (30, -1.0)], calibration="absolute", max_new_tokens=n,
+                temperature=0.0, strengths=[1.0, 4.0], use_cache=True)
     tokens = tokens_of(e, prompt)
     base = 2.0 * s.sae.W_dec[7] - 1.0 * s.sae.W_dec[30]
     model, tok = e.model, e.model.tokenizer
@@ -371,7 +388,7 @@ def test_controls_run_at_every_nonzero_dose_each_at_that_doses_scale_against_tha
     tokens, W, hook = tokens_of(e), s.sae.W_dec, s.hook_name
     a = int(e.model.to_tokens(" mat", prepend_bos=False)[0, 0])
     kw = dict(calibration="absolute", max_new_tokens=4, temperature=0.0, answer=" mat", controls=True, n_controls=3)
-    res = steering.steer_generate(e, PROMPT, [(5, 3.0), (9, -2.0)], strengths=[0.0, 1.0, -2.0, 4.0], **kw)
+    res = steer(e, PROMPT, [(5, 3.0), (9, -2.0)], strengths=[0.0, 1.0, -2.0, 4.0], **kw)
     assert [b.scale for b in res.controls] == [1.0, -2.0, 4.0]  # a zero dose steers nothing: no controls there
     assert len({tuple(tuple(r.features) for r in b.runs) for b in res.controls}) == 1  # same controls at every dose
     unsteered_text = res.unsteered[0].text
@@ -403,8 +420,8 @@ def test_controls_run_at_every_nonzero_dose_each_at_that_doses_scale_against_tha
                 [t - u for t, u in zip(target.continuations[0].concept_readout, res.unsteered[0].concept_readout)]
             )
             assert stats["concept_readout_change"].target == pytest.approx(readout_change, abs=1e-5)
-    one = steering.steer_generate(e, PROMPT, [(5, 3.0), (9, -2.0)], strengths=[0.0, 1.0, -2.0, 4.0],
-                                  control_strength=-2.0, **kw)
+    one = steer(e, PROMPT, [(5, 3.0), (9, -2.0)], strengths=[0.0, 1.0, -2.0, 4.0],
+                control_strength=-2.0, **kw)
     assert [b.scale for b in one.controls] == [-2.0] and one.controls[0] == res.controls[1]
     assert e.is_clean()
 
@@ -413,10 +430,10 @@ def test_each_seed_of_a_several_seed_call_is_the_one_seed_call_with_that_seed(ti
     e, s = tiny_engine, tiny_engine.sae(None)
     kw = dict(calibration="absolute", max_new_tokens=10, temperature=1.0, strengths=[0.5, 2.0], answer=" mat",
               controls=True, n_controls=2)
-    both = steering.steer_generate(e, PROMPT, [(5, 3.0)], seeds=[3, 5], **kw)
-    first = steering.steer_generate(e, PROMPT, [(5, 3.0)], seed=3, **kw)
-    second = steering.steer_generate(e, PROMPT, [(5, 3.0)], seeds=[5], **kw)
-    assert steering.steer_generate(e, PROMPT, [(5, 3.0)], seed=3, seeds=[3, 5], **kw) == both  # they agree: fine
+    both = steer(e, PROMPT, [(5, 3.0)], seeds=[3, 5], **kw)
+    first = steer(e, PROMPT, [(5, 3.0)], seed=3, **kw)
+    second = steer(e, PROMPT, [(5, 3.0)], seeds=[5], **kw)
+    assert steer(e, PROMPT, [(5, 3.0)], seed=3, seeds=[3, 5], **kw) == both  # they agree: fine
     assert both.seeds == [3, 5] and first.seeds == [3]
     assert both.unsteered[0].text != both.unsteered[1].text  # the seeds do sample different texts
     for k, one in enumerate((first, second)):
@@ -434,16 +451,16 @@ def test_each_seed_of_a_several_seed_call_is_the_one_seed_call_with_that_seed(ti
     tokens, eos = tokens_of(e), e.model.tokenizer.eos_token_id
     block = both.controls[1]
     vecs = torch.stack([block.scale * 3.0 * s.sae.W_dec[r.features[0]] for r in block.runs])
-    new, _, stopped = generation.generate_rows(e, tokens, s.hook_name, vecs, 10, 1.0, steering.DEFAULT_TOP_P, 5)
+    new, _, stopped = generation.generate_rows(e, rows(tokens, s.hook_name, vecs, 10, 1.0, DEFAULT_TOP_P, 5))
     texts = [generation.continuation(e, new[i], eos, stopped[i]).text for i in range(len(block.runs))]
     assert [r.continuations[1] for r in block.runs] == texts
 
 
 def test_seed_aggregates_are_the_plain_mean_and_std_of_the_per_seed_values(tiny_engine):
     e = tiny_engine
-    res = steering.steer_generate(e, PROMPT, [(5, 3.0), (9, 1.0)], calibration="absolute", max_new_tokens=12,
-                                  temperature=1.0, seeds=[1, 2, 3, 4], strengths=[1.0, 30.0], controls=True,
-                                  n_controls=2)
+    res = steer(e, PROMPT, [(5, 3.0), (9, 1.0)], calibration="absolute", max_new_tokens=12,
+                temperature=1.0, seeds=[1, 2, 3, 4], strengths=[1.0, 30.0], controls=True,
+                n_controls=2)
     for run in res.steered:
         per_seed = [c.concept_readout for c in run.continuations]
         for j in range(2):
@@ -462,15 +479,15 @@ def test_seed_aggregates_are_the_plain_mean_and_std_of_the_per_seed_values(tiny_
                                  for t, u in zip(c.concept_readout, b.concept_readout))
         stat = next(st for st in block.stats if st.metric == "concept_readout_change")
         assert stat.target == pytest.approx(change, abs=1e-5)
-    one = steering.steer_generate(e, PROMPT, [(5, 3.0)], calibration="absolute", max_new_tokens=12, seed=1)
+    one = steer(e, PROMPT, [(5, 3.0)], calibration="absolute", max_new_tokens=12, seed=1)
     assert one.steered[0].concept_readout_std is None  # one seed: no spread
 
 
 def test_concept_readout_equals_the_tutorial_sae_acts_over_the_generated_tokens(tiny_engine):
     e, s = tiny_engine, tiny_engine.sae(None)
     tokens = tokens_of(e)
-    res = steering.steer_generate(e, PROMPT, [(5, 3.0), (9, -2.0)], calibration="absolute", max_new_tokens=8,
-                                  temperature=0.0)
+    res = steer(e, PROMPT, [(5, 3.0), (9, -2.0)], calibration="absolute", max_new_tokens=8,
+                temperature=0.0)
     vec = 3.0 * s.sae.W_dec[5] - 2.0 * s.sae.W_dec[9]
     for v, cont in ((torch.zeros_like(vec), res.unsteered[0]), (vec, res.steered[0].continuations[0])):
         ids, text = plain_text(e, tokens, s.hook_name, v, 8)
@@ -532,7 +549,7 @@ def test_the_degeneration_rule_on_constructed_token_lists():
 def test_a_huge_dose_degenerates_and_the_warning_names_it_and_the_doses_that_read(tiny_engine):
     e, s = tiny_engine, tiny_engine.sae(None)
     kw = dict(calibration="absolute", max_new_tokens=20, temperature=0.0)
-    res = steering.steer_generate(e, PROMPT, [(5, 3.0)], strengths=[1.0, 1000.0], **kw)
+    res = steer(e, PROMPT, [(5, 3.0)], strengths=[1.0, 1000.0], **kw)
     ids, _ = plain_text(e, tokens_of(e), s.hook_name, 3000.0 * s.sae.W_dec[5], 20)
     assert len(set(ids)) == 1  # independently: the huge dose repeats one token
     assert [r.degenerate for r in res.steered] == [False, True]
@@ -542,16 +559,16 @@ def test_a_huge_dose_degenerates_and_the_warning_names_it_and_the_doses_that_rea
     # the tiny random model loops greedily on its own: the result says so, and what to do
     assert res.unsteered[0].degenerate
     assert any("unsteered continuation loops too (1 of 1 seeds)" in w and "temperature 1" in w for w in res.warnings)
-    only = steering.steer_generate(e, PROMPT, [(5, 3.0)], strengths=[1000.0], **kw)
+    only = steer(e, PROMPT, [(5, 3.0)], strengths=[1000.0], **kw)
     assert any(w.startswith("every dose (1000) degenerated") and "lower the strengths" in w for w in only.warnings)
 
 
 def test_a_clean_call_has_no_warnings_and_a_long_one_warns_past_the_saes_context(tiny_engine):
     e = tiny_engine  # the tiny SAE was trained on 32-token contexts; the prompt is 10 tokens with BOS
     kw = dict(calibration="absolute", temperature=1.0, seed=1)
-    short = steering.steer_generate(e, PROMPT, [(5, 1.0)], max_new_tokens=12, **kw)
+    short = steer(e, PROMPT, [(5, 1.0)], max_new_tokens=12, **kw)
     assert short.warnings is None and "warnings" not in short.model_dump(exclude_none=True)
-    long = steering.steer_generate(e, PROMPT, [(5, 1.0)], max_new_tokens=30, **kw)
+    long = steer(e, PROMPT, [(5, 1.0)], max_new_tokens=30, **kw)
     assert any("32-token contexts" in w for w in long.warnings)
 
 
@@ -559,8 +576,8 @@ def test_an_answer_whose_space_variant_is_far_more_likely_is_warned_about(storie
     e = stories_engine
     kw = dict(calibration="absolute", max_new_tokens=4, temperature=0.0)
     prompt = "Once upon a time, there was a little girl named"
-    bare = steering.steer_generate(e, prompt, [(7, 1.0)], answer="Lily", **kw)
-    spaced = steering.steer_generate(e, prompt, [(7, 1.0)], answer=" Lily", **kw)
+    bare = steer(e, prompt, [(7, 1.0)], answer="Lily", **kw)
+    spaced = steer(e, prompt, [(7, 1.0)], answer=" Lily", **kw)
     assert any("answer=' Lily'" in w for w in bare.warnings)
     assert not any("answer=" in w for w in spaced.warnings or [])
 

@@ -103,51 +103,65 @@ def _summed_kl_from_row_0(logits: torch.Tensor) -> list[float]:
     return kl_sum
 
 
-def _generators(seed: int | Sequence[int], B: int, device: torch.device) -> list[torch.Generator]:
-    """One generator per row: all seeded with `seed`, or row b with seed[b]."""
-    seeds = [seed] * B if isinstance(seed, int) else [int(x) for x in seed]
+def _generators(seeds: Sequence[int], B: int, device: torch.device) -> list[torch.Generator]:
+    """One generator per row, row b seeded with seeds[b]."""
     if len(seeds) != B:
         raise ValueError(f"{len(seeds)} seeds for {B} rows")
     return [torch.Generator(device=device).manual_seed(x) for x in seeds]
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """How every row draws its next token: the same settings for each row."""
+
+    max_new_tokens: int  # tokens generated per row (fewer when every row has reached EOS)
+    temperature: float  # softmax temperature; below GREEDY_BELOW greedy
+    top_p: float  # the nucleus' probability mass, in (0, 1]
+
+
+@dataclass(frozen=True)
+class RowBatch:
+    """One batch to generate: the prompt, a steering vector and a seed per row, what to score on the prompt."""
+
+    tokens: torch.Tensor  # [1, S]: the prompt every row continues
+    hook_name: str  # the hook each row's vector is added at, at every position
+    vectors: torch.Tensor  # [B, d_in]: one steering vector per row (a zero row is the unsteered model)
+    seeds: tuple[int, ...]  # [B]: each row's generator seed (rows of one seed draw alike)
+    decoding: Decoding
+    metric: Metric | None = None  # scored at the prompt's last position, when given
+    stats_rows: int | None = None  # PromptStats covers the first stats_rows rows; None = all
+
+
 def generate_rows(
     engine: Engine,
-    tokens: torch.Tensor,
-    hook_name: str,
-    vectors: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    seed: int | Sequence[int],
+    batch: RowBatch,
     use_cache: bool = True,
     cancel: CancelToken | None = None,
     progress: ProgressFn | None = None,
-    metric: Metric | None = None,
-    stats_rows: int | None = None,
 ) -> tuple[torch.Tensor, PromptStats, list[bool]]:
-    """Generate one continuation per row of `vectors` [B, d_in] (added at `hook_name` at every position; a zero
-    row is the unsteered model) from prompt `tokens` [1, S], each step in its own engine.device_work() (the first
-    admitted under the queue's limits, the others continuations). `cancel` is checked before every step (a cancelled
-    token raises Cancelled there; the hooks go with the context managers); `progress(step, max_new_tokens)` is
-    called after every step (it may cancel the token, e.g. when the client is gone). `seed` seeds every row's
-    generator alike, or is one seed per row (several seeds in one batch: a row's draws depend only on its own seed,
-    so its text is the one a batch of that seed alone gives).
+    """Generate one continuation per row of `batch.vectors` [B, d_in] (added at `batch.hook_name` at every
+    position; a zero row is the unsteered model) from the prompt `batch.tokens` [1, S], each step in its own
+    engine.device_work() (the first admitted under the queue's limits, the others continuations). `cancel` is checked
+    before every step (a cancelled token raises Cancelled there; the hooks go with the context managers);
+    `progress(step, max_new_tokens)` is called after every step (it may cancel the token, e.g. when the client is
+    gone). Row b draws from a generator seeded with `batch.seeds[b]`: a row's draws depend only on its own seed, so
+    its text is the one a batch of that seed alone gives.
 
     Returns (new tokens [B, T] (after EOS: EOS), PromptStats of the first forward against row 0 (KL at the last
     position and over the prompt, P(answer) and the metric, the last position's logits: the [B, S, d_vocab] logits
-    themselves are dropped at once) over the first `stats_rows` rows (default all: rows that repeat earlier ones under
-    another seed have the same prompt logits), stopped_at_eos per row). Call outside device_work: it takes the
-    device itself, step by step.
+    themselves are dropped at once) over the first `batch.stats_rows` rows (default all: rows that repeat earlier
+    ones under another seed have the same prompt logits), stopped_at_eos per row). Call outside device_work: it takes
+    the device itself, step by step.
     """
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
     model = engine.model
+    tokens, vectors, metric, decoding = batch.tokens, batch.vectors, batch.metric, batch.decoding
     B = vectors.shape[0]
     eos = model.tokenizer.eos_token_id if model.tokenizer is not None else None
     device = tokens.device
-    gens = _generators(seed, B, device)
-    n_stats = B if stats_rows is None else stats_rows
+    gens = _generators(batch.seeds, B, device)
+    n_stats = B if batch.stats_rows is None else batch.stats_rows
 
     def steer(act: torch.Tensor, hook) -> torch.Tensor:  # act [B, pos, d_in] (pos = 1 on cached steps)
         return act + _as_hook_shape(vectors, act)
@@ -161,11 +175,11 @@ def generate_rows(
 
     def forward(x: torch.Tensor, kv=None) -> torch.Tensor:
         """One step's forward [B, x_len, V], holding the device and the steering hook only while it runs."""
-        with engine.device_work(), torch.inference_mode(), model.hooks(fwd_hooks=[(hook_name, steer)]):
+        with engine.device_work(), torch.inference_mode(), model.hooks(fwd_hooks=[(batch.hook_name, steer)]):
             # An explicit all-ones mask: otherwise transformer-lens masks tokens equal to pad (= EOS = BOS for GPT-2)
             return model(x, return_type="logits", past_kv_cache=kv, attention_mask=torch.ones_like(x))
 
-    for step in range(max_new_tokens):
+    for step in range(decoding.max_new_tokens):
         if cancel is not None:
             cancel.check()
         logits = forward(step_input, cache) if use_cache else forward(seq)
@@ -174,7 +188,7 @@ def generate_rows(
                 stats = PromptStats.from_logits(logits[:n_stats], metric)  # [n_stats, S, V], then dropped
             last = logits[:, -1].clone()  # [B, V]: a copy, so the [B, S, V] storage goes with `del`
             del logits
-            nxt = _sample(last, temperature, top_p, gens)  # [B]
+            nxt = _sample(last, decoding.temperature, decoding.top_p, gens)  # [B]
             if eos is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
                 done = done | (nxt == eos)
@@ -182,7 +196,7 @@ def generate_rows(
         seq = torch.cat([seq, nxt[:, None]], dim=1)  # [B, S + step + 1]
         step_input = nxt[:, None]  # [B, 1]
         if progress is not None:
-            progress(step + 1, max_new_tokens)
+            progress(step + 1, decoding.max_new_tokens)
         if eos is not None and bool(done.all()):
             break
     if stats is None:  # max_new_tokens == 0: still score the prompt

@@ -14,32 +14,26 @@ generated step (generation.py: calls queued meanwhile take the device between st
 finally detaches anything left anyway; the readout runs after it, in its own device turn, on the plain model; SAE
 weights are never touched.
 
-steer_generate validates a call into a SteerPlan (steering_plan.py), runs it under device_work into a SteerOutcome
-(here), and assembles the SteerResult from that (steering_result.py).
+steer_generate takes the call as one SteeringRequest, validates it into a SteerPlan (steering_plan.py), runs it
+under device_work into a SteerOutcome (here), and assembles the SteerResult from that (steering_result.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from sae_mcp.engine.controls import matched_controls
-from sae_mcp.engine.generation import ProgressFn, PromptStats, generate_rows, generated_ids
+from sae_mcp.engine.generation import ProgressFn, PromptStats, RowBatch, generate_rows, generated_ids
 from sae_mcp.engine.logits import answer_variant_warning
 from sae_mcp.engine.runtime import CancelToken, Engine
 from sae_mcp.engine.steering_plan import (
-    DEFAULT_TEMPERATURE,
-    DEFAULT_TOP_P,
-    ControlAsk,
     KnownMaxFn,
     MaxActivationFn,
-    Sampling,
+    SteeringRequest,
     SteerOutcome,
     SteerPlan,
     SteerRows,
     plan_call,
-    resolve_seeds,
 )
 from sae_mcp.engine.steering_readout import concept_readout, continuation_losses
 from sae_mcp.engine.steering_result import assemble
@@ -81,12 +75,13 @@ def _generate(
     """All runs x seeds as one batch, seed-major (SteerRows.batch_row). The prompt statistics come from the first
     seed's rows only: the prompt's forward does not depend on the seed."""
     sampling, layout = plan.sampling, rows.batch_layout()
-    batch = vectors[torch.tensor([run for run, _ in layout], device=vectors.device)]  # [n_seeds * n_runs, d_in]
-    row_seeds = [sampling.seeds[k] for _, k in layout]  # [n_seeds * n_runs]
-    return generate_rows(
-        engine, tokens, plan.sae.hook_name, batch, sampling.max_new_tokens, sampling.temperature, sampling.top_p,
-        row_seeds, use_cache, cancel, progress, metric=plan.metric, stats_rows=rows.n_runs,
+    batch = RowBatch(
+        tokens=tokens, hook_name=plan.sae.hook_name,
+        vectors=vectors[torch.tensor([run for run, _ in layout], device=vectors.device)],  # [n_seeds * n_runs, d_in]
+        seeds=tuple(sampling.seeds[k] for _, k in layout),  # [n_seeds * n_runs]
+        decoding=sampling.decoding, metric=plan.metric, stats_rows=rows.n_runs,
     )
+    return generate_rows(engine, batch, use_cache, cancel, progress)
 
 
 def _run(
@@ -127,38 +122,20 @@ def _run(
 
 def steer_generate(
     engine: Engine,
-    prompt: str,
-    features: Sequence[tuple[int, float]],
-    sae: str | None = None,
-    max_new_tokens: int = 30,
-    temperature: float = DEFAULT_TEMPERATURE,
-    top_p: float = DEFAULT_TOP_P,
-    seed: int | None = None,
-    calibration: str = "max_activation",
+    request: SteeringRequest,
     max_activation_fn: MaxActivationFn | None = None,
-    strengths: Sequence[float] | None = None,
-    answer: str | None = None,
-    controls: bool = False,
-    n_controls: int = 5,
+    known_max_fn: KnownMaxFn | None = None,
     use_cache: bool = True,
     cancel: CancelToken | None = None,
     progress: ProgressFn | None = None,
-    seeds: Sequence[int] | None = None,
-    control_strength: float | None = None,
-    counterfactual: str | None = None,
-    known_max_fn: KnownMaxFn | None = None,
 ) -> SteerResult:
-    """Generate unsteered and steered continuations side by side. `features` = [(feature, strength)];
-    coefficient = strength * max_activation(feature) ('max_activation') or strength ('absolute');
-    `strengths` = doses: one run per value, every coefficient multiplied by it. `seeds` (default [seed], seed
-    default 0): every run once per seed. `controls`: random features matched in decoder norm, steered at every
-    nonzero dose or at `control_strength` (one of the doses). All rows are generated as one batch (at most
-    MAX_BATCH_ROWS runs x seeds): `cancel` stops it between steps (Cancelled), `progress(step, max_new_tokens)`
-    follows it. With `answer` (and `counterfactual`) each dose is scored on the metric; `known_max_fn` gives a
-    feature's max activation when one is already known, for the warning on coefficients far above it."""
-    sampling = Sampling(max_new_tokens, temperature, top_p, resolve_seeds(seed, seeds))
-    ask = ControlAsk(controls, n_controls, control_strength)
-    plan = plan_call(engine, sae, features, strengths, sampling, calibration, max_activation_fn, answer, ask,
-                     counterfactual, known_max_fn)
-    outcome = _run(engine, prompt, plan, use_cache, cancel, progress)  # takes the device step by step
+    """Generate unsteered and steered continuations side by side, as `request` asks (SteeringRequest: coefficient
+    = strength * max_activation(feature) under 'max_activation', the strength under 'absolute'; every run once per
+    seed; controls at every nonzero dose or at the one dose asked for; with an answer each dose scored on the
+    metric). `max_activation_fn` calibrates; `known_max_fn` gives a feature's max activation when one is already
+    known, for the warning on coefficients far above it. All rows are generated as one batch (at most MAX_BATCH_ROWS
+    runs x seeds), with transformer-lens' KV cache unless `use_cache` is False: `cancel` stops it between steps
+    (Cancelled), `progress(step, max_new_tokens)` follows it."""
+    plan = plan_call(engine, request, max_activation_fn, known_max_fn)
+    outcome = _run(engine, request.prompt, plan, use_cache, cancel, progress)  # takes the device step by step
     return assemble(engine, plan, outcome)

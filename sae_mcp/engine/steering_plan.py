@@ -1,8 +1,9 @@
-"""What one steer_generate call is: its ceilings and defaults, its runs and their batch rows (SteerRows), the
-validated call (SteerPlan) and what the device work gives back (SteerOutcome).
+"""What one steer_generate call is: its ceilings and defaults, the call as asked (SteeringRequest), its runs and
+their batch rows (SteerRows), the validated call (SteerPlan) and what the device work gives back (SteerOutcome).
 
 Validation happens here, before any device work: every error says what to change, and a call too large for one
-batch is refused before it starts.
+batch is refused before it starts. SteeringRequest.check() validates all that needs no model; plan_call the rest
+(the SAE, the features' range, the answer's tokens, the calibration).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from sae_mcp.engine.controls import check_n_controls
-from sae_mcp.engine.generation import PromptStats
+from sae_mcp.engine.generation import Decoding, PromptStats
 from sae_mcp.engine.logits import answer_token_ids
 from sae_mcp.engine.metric import Metric, metric_for
 from sae_mcp.engine.runtime import Engine
@@ -96,6 +97,11 @@ class Sampling:
     top_p: float
     seeds: tuple[int, ...]
 
+    @property
+    def decoding(self) -> Decoding:
+        """The per-row settings, without the seeds."""
+        return Decoding(self.max_new_tokens, self.temperature, self.top_p)
+
     def check(self) -> None:
         if not 0 <= self.max_new_tokens <= MAX_NEW_TOKENS:
             raise InvalidInput(f"max_new_tokens={self.max_new_tokens}: use 0..{MAX_NEW_TOKENS}")
@@ -126,12 +132,76 @@ def resolve_seeds(seed: int | None, seeds: Sequence[int] | None) -> tuple[int, .
 
 
 @dataclass(frozen=True)
-class ControlAsk:
-    """The controls a call asks for: n sets of random features, at one dose or at every nonzero dose."""
+class SteeringRequest:
+    """One steer_generate call as asked: the prompt, what to steer with and at which doses, how to sample, what to
+    score, which controls to run. check() validates it without a model."""
 
-    enabled: bool
-    n: int
-    strength: float | None  # the one dose to run them at; None = every nonzero dose
+    prompt: str  # the text every run continues
+    features: tuple[tuple[int, float], ...]  # (feature, strength): strength x max activation, or the coefficient
+    sae: str | None = None  # the SAE's key; None = the default SAE
+    max_new_tokens: int = 30  # tokens generated per run
+    temperature: float = DEFAULT_TEMPERATURE  # 0 = greedy
+    top_p: float = DEFAULT_TOP_P  # the nucleus' probability mass, in (0, 1]
+    seed: int | None = None  # the one seed when `seeds` is not given (default 0)
+    seeds: tuple[int, ...] | None = None  # every run once per seed; seeds[0] also draws the controls
+    calibration: str = "max_activation"  # 'max_activation' (strength x max activation) or 'absolute'
+    strengths: tuple[float, ...] | None = None  # the doses: one run per value, every coefficient x it; None = (1,)
+    answer: str | None = None  # scored at the prompt's next-token position, per dose
+    counterfactual: str | None = None  # with an answer: the metric is logit[answer] - logit[counterfactual]
+    controls: bool = False  # random features matched in decoder norm, steered alike
+    n_controls: int = 5  # control sets
+    control_strength: float | None = None  # the one dose the controls run at; None = every nonzero dose
+
+    @property
+    def strengths_given(self) -> list[float]:
+        """Per feature, as given."""
+        return [float(st) for _, st in self.features]
+
+    @property
+    def scales(self) -> list[float]:
+        """The doses: `strengths`, else [1.0]."""
+        return [1.0] if self.strengths is None else [float(x) for x in self.strengths]
+
+    def sampling(self) -> Sampling:
+        """How every run is generated, its seeds resolved (an error when `seed` and `seeds` disagree)."""
+        return Sampling(self.max_new_tokens, self.temperature, self.top_p, resolve_seeds(self.seed, self.seeds))
+
+    def control_scales(self) -> list[float]:
+        """The doses the controls run at: the one asked for, else every distinct nonzero dose (a zero dose steers
+        nothing, so its controls would only repeat the unsteered run); [] without controls."""
+        scales = self.scales
+        if self.control_strength is None:
+            if not self.controls:
+                return []
+            nonzero = list(dict.fromkeys(x for x in scales if x != 0))
+            if not nonzero:
+                raise InvalidInput("controls=true but every strength is 0 (nothing is steered); add a nonzero strength")
+            return nonzero
+        x = float(self.control_strength)
+        if not self.controls:
+            raise InvalidInput(
+                f"control_strength={x:g} is only used with controls=true; pass controls=true or drop it"
+            )
+        if x not in scales or x == 0:
+            raise InvalidInput(
+                f"control_strength={x:g} is not one of the nonzero strengths ({', '.join(f'{s:g}' for s in scales)}): "
+                "pick one of them, or omit it to run controls at every dose"
+            )
+        return [x]
+
+    def check(self) -> None:
+        """Every check that needs no model, each error saying what to change: the sampling settings and seeds, the
+        strengths and doses, the calibration, the controls and their doses, the batch size, the counterfactual."""
+        sampling = self.sampling()
+        sampling.check()
+        _check_strengths(self.strengths_given, self.scales)
+        if self.calibration not in ("max_activation", "absolute"):
+            raise InvalidInput(f"calibration={self.calibration!r}: use 'max_activation' or 'absolute'")
+        check_n_controls(self.controls, self.n_controls)
+        n_controls = self.n_controls if self.controls else 0
+        _check_batch(len(self.scales), len(self.control_scales()), n_controls, len(sampling.seeds))
+        if self.counterfactual is not None and self.answer is None:
+            raise InvalidInput("counterfactual needs an answer: the metric is logit[answer] - logit[counterfactual]")
 
 
 @dataclass(frozen=True)
@@ -217,27 +287,6 @@ def _check_coefficients(features: list[int], coefficients: list[float], scales: 
                 )
 
 
-def _control_scales(ask: ControlAsk, scales: list[float]) -> list[float]:
-    """The doses the controls run at: the one asked for, else every distinct nonzero dose (a zero dose steers
-    nothing, so its controls would only repeat the unsteered run)."""
-    if ask.strength is None:
-        if not ask.enabled:
-            return []
-        nonzero = list(dict.fromkeys(x for x in scales if x != 0))
-        if not nonzero:
-            raise InvalidInput("controls=true but every strength is 0 (nothing is steered); add a nonzero strength")
-        return nonzero
-    x = float(ask.strength)
-    if not ask.enabled:
-        raise InvalidInput(f"control_strength={x:g} is only used with controls=true; pass controls=true or drop it")
-    if x not in scales or x == 0:
-        raise InvalidInput(
-            f"control_strength={x:g} is not one of the nonzero strengths ({', '.join(f'{s:g}' for s in scales)}): "
-            "pick one of them, or omit it to run controls at every dose"
-        )
-    return [x]
-
-
 def _check_batch(n_scales: int, n_control_scales: int, n_controls: int, n_seeds: int) -> None:
     runs = 1 + n_scales + n_control_scales * n_controls
     if runs * n_seeds > MAX_BATCH_ROWS:
@@ -249,36 +298,30 @@ def _check_batch(n_scales: int, n_control_scales: int, n_controls: int, n_seeds:
 
 
 def plan_call(
-    engine: Engine, sae: str | None, features: Sequence[tuple[int, float]], strengths: Sequence[float] | None,
-    sampling: Sampling, calibration: str, max_activation_fn: MaxActivationFn | None, answer: str | None,
-    ask: ControlAsk, counterfactual: str | None = None, known_max_fn: KnownMaxFn | None = None,
+    engine: Engine, request: SteeringRequest, max_activation_fn: MaxActivationFn | None = None,
+    known_max_fn: KnownMaxFn | None = None,
 ) -> SteerPlan:
-    """Validate a call and calibrate its coefficients. Calibration runs here, outside device_work: the max may come
-    from an on-demand scan that takes the lock itself."""
-    s = engine.sae(sae)
-    feats = engine.check_features(s, [f for f, _ in features], MAX_STEER_FEATURES, required=True, unique=True)
-    given = [float(st) for _, st in features]
-    scales = [1.0] if strengths is None else [float(x) for x in strengths]
-    sampling.check()
-    _check_strengths(given, scales)
-    if calibration not in ("max_activation", "absolute"):
-        raise InvalidInput(f"calibration={calibration!r}: use 'max_activation' or 'absolute'")
-    check_n_controls(ask.enabled, ask.n)
-    control_scales = _control_scales(ask, scales)
-    _check_batch(len(scales), len(control_scales), ask.n if ask.enabled else 0, len(sampling.seeds))
-    if counterfactual is not None and answer is None:
-        raise InvalidInput("counterfactual needs an answer: the metric is logit[answer] - logit[counterfactual]")
+    """Validate a call (request.check(), then what needs the model) and calibrate its coefficients. Calibration runs
+    here, outside device_work: the max may come from an on-demand scan that takes the lock itself."""
+    request.check()
+    s = engine.sae(request.sae)
+    feats = engine.check_features(s, [f for f, _ in request.features], MAX_STEER_FEATURES, required=True, unique=True)
+    given, scales = request.strengths_given, request.scales
+    answer, counterfactual = request.answer, request.counterfactual
     answer_ids = answer_token_ids(engine, answer) if answer is not None else None
     cf_ids = answer_token_ids(engine, counterfactual) if counterfactual is not None else None
-    metric = metric_for(engine, answer_ids, cf_ids, answer, counterfactual) if answer_ids else None
-    maxes = _max_activations(s, feats, calibration, max_activation_fn)
+    metric = None
+    if answer is not None and answer_ids:
+        metric = metric_for(engine, answer_ids, cf_ids, answer, counterfactual)
+    maxes = _max_activations(s, feats, request.calibration, max_activation_fn)
     coefficients = [st * (m[0] if m else 1.0) for st, m in zip(given, maxes)]  # per feature at scale 1
     _check_coefficients(feats, coefficients, scales)
     known = [m[0] if m else (known_max_fn(s, f) if known_max_fn else None) for f, m in zip(feats, maxes)]
     return SteerPlan(
-        sae=s, features=feats, strengths=given, scales=scales, calibration=calibration, maxes=maxes,
+        sae=s, features=feats, strengths=given, scales=scales, calibration=request.calibration, maxes=maxes,
         coefficients=coefficients, reference_maxes=known, answer=answer, answer_ids=answer_ids, metric=metric,
-        sampling=sampling, controls=ask.enabled, n_controls=ask.n, control_scales=control_scales,
+        sampling=request.sampling(), controls=request.controls, n_controls=request.n_controls,
+        control_scales=request.control_scales(),
     )
 
 

@@ -122,13 +122,15 @@ def make(deps: ToolDeps) -> Callable[..., SteerResult]:
 
         progress = progress_reporter(mcp_context, cancel, "tokens generated")
 
-        return steering.steer_generate(
-            engine, prompt, [(f.feature, f.strength) for f in features], sae=sae, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p, seed=seed, calibration=calibration, max_activation_fn=calib,
-            strengths=strengths, answer=answer, controls=controls, n_controls=n_controls, cancel=cancel,
-            progress=progress, seeds=seeds, control_strength=control_strength, counterfactual=counterfactual,
-            known_max_fn=known_max_of(services.examples),
+        request = steering.SteeringRequest(
+            prompt=prompt, features=tuple((f.feature, f.strength) for f in features), sae=sae,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+            seeds=None if seeds is None else tuple(seeds), calibration=calibration,
+            strengths=None if strengths is None else tuple(strengths), answer=answer, counterfactual=counterfactual,
+            controls=controls, n_controls=n_controls, control_strength=control_strength,
         )
+        return steering.steer_generate(engine, request, calib, known_max_of(services.examples), cancel=cancel,
+                                       progress=progress)
 
     return steer_generate
 
