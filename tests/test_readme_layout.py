@@ -2,7 +2,8 @@
 
     Layout     every package folder of sae_mcp/ (a folder with an __init__.py) and every top-level entry of the repo a
                clean checkout holds is named in the Layout block; every path the block names exists
-    links      every relative link in README.md and docs/*.md points at a file or folder that exists
+    links      every relative link in README.md and docs/*.md points at a file or folder that exists, and at a
+               heading when it names one
     Tests      .ci/run runs each command of the README's test command
 
 Each check is a function of the text it reads, so the tests below also show it failing on text made up to be wrong.
