@@ -146,8 +146,9 @@ def test_every_relative_link_in_the_readme_and_docs_points_at_a_file_that_exists
 
 def test_the_link_check_fails_on_a_missing_file_and_on_a_path_out_of_the_repo():
     page = DOCS / "scoring.md"
-    text = ("See [pages](pages.md), [the tests](../tests/), [x](nowhere.md#a), [up](../../etc/passwd), [web](https://x.y),"
-            " [ok](security.md#running-on-a-remote-gpu-box), [no such heading](security.md#running-on-a-laptop).")
+    text = ("See [pages](pages.md), [the tests](../tests/), [x](nowhere.md#a), [up](../../etc/passwd),"
+            " [web](https://x.y), [ok](security.md#running-on-a-remote-gpu-box),"
+            " [no such heading](security.md#running-on-a-laptop).")
     assert broken_links(text, page, REPO) == ["docs/scoring.md: nowhere.md#a", "docs/scoring.md: ../../etc/passwd",
                                               "docs/scoring.md: security.md#running-on-a-laptop"]
 
