@@ -13,6 +13,7 @@ import difflib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,12 +22,15 @@ from sae_mcp.engine.hub import Hub, hf_file_cached
 from sae_mcp.engine.saes import LoadedSAE, parse_release_id, sae_cached, split_alias
 from sae_mcp.errors import LoadError
 
+if TYPE_CHECKING:  # sae-lens imports slowly: only the type is needed here
+    from sae_lens import HookedSAETransformer
+
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class LoadedModel:
-    model: "object"  # sae_lens.HookedSAETransformer (kept loose so this module imports fast)
+    model: HookedSAETransformer
     name: str
     """The official name, or the folder's name for a local model."""
     source: str

@@ -11,6 +11,7 @@ import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,10 +19,14 @@ from sae_mcp.engine.devices import dtype_name
 from sae_mcp.engine.hub import Hub, hf_file_cached
 from sae_mcp.errors import LoadError
 
+if TYPE_CHECKING:  # sae-lens imports slowly: only the type is needed here
+    from sae_lens import SAE
+
 
 @dataclass
 class LoadedSAE:
-    sae: "object"  # sae_lens.SAE
+    sae: SAE[Any]
+    """Any architecture's config (sae-lens' SAE is generic in it)."""
     key: str
     """How tools address it: the alias when given, else the hook name."""
     hook_name: str

@@ -26,22 +26,21 @@ from sae_mcp.server.tools.spec import ToolDeps, ToolSpec, read_only
 def make(deps: ToolDeps) -> Callable[..., AblationResult]:
     engine, A = deps.engine, deps.args
     max_k = engine.limits.max_top_k
-    SaeArg, Prompt, Answer = A.Sae, A.Prompt, A.Answer
 
     def ablate_and_test(
-        prompt: Prompt,
-        answer: Answer,
-        features: Annotated[A.Features, Field(min_length=1)],
-        sae: SaeArg = None,
+        prompt: Annotated[str, A.prompt],
+        answer: Annotated[str, A.answer],
+        features: Annotated[Annotated[list[Annotated[int, A.feature]], A.features], Field(min_length=1)],
+        sae: Annotated[str | None, A.sae] = None,
         position: Annotated[
-            A.Position | Annotated[list[A.Position], Field(max_length=A.n_ctx)] | None,
+            Annotated[int, A.position] | Annotated[list[Annotated[int, A.position]], Field(max_length=A.n_ctx)] | None,
             Field(description="Default: all"),
         ] = None,
         top_k: Annotated[int, Field(ge=1, le=max_k)] = 10,
         controls: Annotated[bool, Field(description="Matched random features")] = False,
         n_controls: Annotated[int, Field(ge=1, le=MAX_CONTROLS)] = 5,
         seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0,
-        counterfactual: Answer | None = None,
+        counterfactual: Annotated[str, A.answer] | None = None,
     ) -> AblationResult:
         """Zero features and read the next token, with the error term (the causal effect) and without it."""
         return ablation.ablate_and_test(

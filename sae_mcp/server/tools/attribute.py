@@ -25,19 +25,18 @@ from sae_mcp.server.tools.spec import ToolDeps, ToolSpec, read_only
 def make(deps: ToolDeps) -> Callable[..., Attribution]:
     engine, A = deps.engine, deps.args
     max_k = engine.limits.max_top_k
-    SaeArg, Prompt, Answer = A.Sae, A.Prompt, A.Answer
 
     def attribute(
-        prompt: Prompt,
-        answer: Answer,
-        counterfactual: Answer | None = None,
-        sae: SaeArg = None,
+        prompt: Annotated[str, A.prompt],
+        answer: Annotated[str, A.answer],
+        counterfactual: Annotated[str, A.answer] | None = None,
+        sae: Annotated[str | None, A.sae] = None,
         saes: Annotated[
             list[Annotated[str, Field(max_length=256)]] | None,
             Field(max_length=64, description="Default: every SAE, one per hook"),
         ] = None,
         top_k: Annotated[int, Field(ge=1, le=max_k)] = 20,
-        position: Annotated[A.Position, Field(description="Where the metric is read")] = -1,
+        position: Annotated[Annotated[int, A.position], Field(description="Where the metric is read")] = -1,
         method: Literal["gradient", "integrated_gradients"] = "gradient",
         steps: Annotated[int, Field(ge=1, le=attr.checks.MAX_STEPS)] = 8,
         verify: Annotated[bool, Field(description="Exact effect of zeroing each entry")] = True,

@@ -28,7 +28,7 @@ def make(deps: ToolDeps) -> Callable[..., IndexReport]:
     source, A = deps.services.examples, deps.args
 
     def build_index(
-        sae: A.Sae = None,
+        sae: Annotated[str | None, A.sae] = None,
         tokens: Annotated[int, Field(ge=1_000, le=MAX_INDEX_TOKENS, description="Corpus tokens to scan")] = 200_000,
         mcp_context: Context = None,
     ) -> IndexReport:

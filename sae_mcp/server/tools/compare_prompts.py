@@ -28,13 +28,13 @@ def make(deps: ToolDeps) -> Callable[..., PromptComparison]:
     max_sets = engine.limits.max_prompts_per_set
 
     def compare_prompts(
-        prompt_a: A.Prompt | None = None,
-        prompt_b: A.Prompt | None = None,
-        prompts_a: Annotated[list[A.Prompt] | None, Field(max_length=max_sets)] = None,
-        prompts_b: Annotated[list[A.Prompt] | None, Field(max_length=max_sets)] = None,
-        sae: A.Sae = None,
+        prompt_a: Annotated[str, A.prompt] | None = None,
+        prompt_b: Annotated[str, A.prompt] | None = None,
+        prompts_a: Annotated[list[Annotated[str, A.prompt]] | None, Field(max_length=max_sets)] = None,
+        prompts_b: Annotated[list[Annotated[str, A.prompt]] | None, Field(max_length=max_sets)] = None,
+        sae: Annotated[str | None, A.sae] = None,
         top_k: Annotated[int, Field(ge=1, le=max_k)] = 10,
-        position: A.Position = -1,
+        position: Annotated[int, A.position] = -1,
         sort_by: Literal["difference", "effect_size"] = "difference",
     ) -> PromptComparison:
         """Features whose activation differs most between two prompts, or two sets of minimal pairs."""

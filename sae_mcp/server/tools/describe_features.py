@@ -27,11 +27,10 @@ DESCRIBE_HEAD = ("per feature: density, max activation, newest labels; top examp
 
 def make(deps: ToolDeps) -> Callable[..., FeatureDescriptions]:
     engine, services, A = deps.engine, deps.services, deps.args
-    SaeArg, FeatureArg = A.Sae, A.Feature
 
     def describe_features(
-        features: Annotated[list[FeatureArg], Field(min_length=1, max_length=MAX_DESCRIBED)],
-        sae: SaeArg = None,
+        features: Annotated[list[Annotated[int, A.feature]], Field(min_length=1, max_length=MAX_DESCRIBED)],
+        sae: Annotated[str | None, A.sae] = None,
         examples: Annotated[int, Field(ge=0, le=20, description="Top examples each")] = 4,
         per_band: Annotated[int, Field(ge=0, le=4, description="Samples per band (4 bands)")] = 2,
         context: Annotated[int, Field(ge=1, le=32, description="Tokens each side")] = 8,

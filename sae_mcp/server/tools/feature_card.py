@@ -22,11 +22,10 @@ from sae_mcp.server.tools.spec import ToolDeps, ToolSpec, read_only
 
 def make(deps: ToolDeps) -> Callable[..., FeatureCardResult]:
     engine, services, A = deps.engine, deps.services, deps.args
-    SaeArg, FeatureArg = A.Sae, A.Feature
 
     def feature_card(
-        feature: FeatureArg,
-        sae: SaeArg = None,
+        feature: Annotated[int, A.feature],
+        sae: Annotated[str | None, A.sae] = None,
         examples: Annotated[int, Field(ge=0, le=20)] = 5,
         tokens: Annotated[int, Field(ge=1, le=50, description="Logit-lens tokens per side")] = 8,
     ) -> FeatureCardResult:

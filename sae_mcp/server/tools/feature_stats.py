@@ -20,11 +20,10 @@ from sae_mcp.server.tools.spec import ToolDeps, ToolSpec, read_only
 def make(deps: ToolDeps) -> Callable[..., FeatureStats]:
     engine, services, A = deps.engine, deps.services, deps.args
     max_k = engine.limits.max_top_k
-    SaeArg = A.Sae
 
     def feature_stats(
-        sae: SaeArg = None,
-        features: A.Features | None = None,
+        sae: Annotated[str | None, A.sae] = None,
+        features: Annotated[list[Annotated[int, A.feature]], A.features] | None = None,
         sort_by: Literal["skewness", "kurtosis", "mean", "std", "density", "feature"] = "skewness",
         descending: bool = True,
         top: Annotated[int, Field(ge=1, le=max_k)] = 20,

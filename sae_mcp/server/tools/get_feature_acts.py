@@ -25,11 +25,13 @@ def make(deps: ToolDeps) -> Callable[..., FeatureActs]:
     max_k = engine.limits.max_top_k
 
     def get_feature_acts(
-        prompt: A.Prompt,
-        sae: A.Sae = None,
+        prompt: Annotated[str, A.prompt],
+        sae: Annotated[str | None, A.sae] = None,
         top_k: Annotated[int, Field(ge=1, le=max_k)] = 5,
-        features: Annotated[A.Features | None, Field(description="Also trace these")] = None,
-        position: A.Position | None = None,
+        features: Annotated[
+            Annotated[list[Annotated[int, A.feature]], A.features] | None, Field(description="Also trace these")
+        ] = None,
+        position: Annotated[int, A.position] | None = None,
     ) -> FeatureActs:
         """The SAE features firing at each token of a prompt (top_k per position), and `features` traced."""
         return feat.get_feature_acts(engine, prompt, sae=sae, top_k=top_k, features=features, position=position)

@@ -37,13 +37,12 @@ class ScoreRequest(BaseModel):
 
 def make(deps: ToolDeps) -> Callable[..., LabelRecorded]:
     engine, services, A = deps.engine, deps.services, deps.args
-    SaeArg, FeatureArg = A.Sae, A.Feature
     scorer = services.scorer
 
     def label_feature(
-        feature: FeatureArg,
+        feature: Annotated[int, A.feature],
         label: Annotated[str, Field(min_length=1, max_length=1000)],
-        sae: SaeArg = None,
+        sae: Annotated[str | None, A.sae] = None,
         evidence: Annotated[str | None, Field(max_length=4000, description="What supports it, with numbers")] = None,
         idempotency_key: Annotated[
             str | None, Field(min_length=1, max_length=128, description="A retry with it adds nothing")

@@ -25,8 +25,8 @@ def make(deps: ToolDeps) -> Callable[..., NextToken]:
     max_k = engine.limits.max_top_k
 
     def next_token(
-        prompt: A.Prompt,
-        answer: A.Answer | None = None,
+        prompt: Annotated[str, A.prompt],
+        answer: Annotated[str, A.answer] | None = None,
         top_k: Annotated[int, Field(ge=1, le=max_k)] = 10,
     ) -> NextToken:
         """The plain model's next-token prediction, and an answer's rank, probability and logit."""

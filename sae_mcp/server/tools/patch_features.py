@@ -30,19 +30,21 @@ def make(deps: ToolDeps) -> Callable[..., PatchResult]:
     engine, A = deps.engine, deps.args
     max_k = engine.limits.max_top_k
     Positions = Annotated[
-        A.Position | Annotated[list[A.Position], Field(max_length=A.n_ctx)] | None,
+        Annotated[int, A.position] | Annotated[list[Annotated[int, A.position]], Field(max_length=A.n_ctx)] | None,
         Field(description="Default: every aligned one but BOS"),
     ]
 
     def patch_features(
-        prompt: A.Prompt,
-        source_prompt: A.Prompt,
-        answer: A.Answer,
-        counterfactual: A.Answer | None = None,
-        features: Annotated[A.Features | None, Field(min_length=1, description="Patched together; "
-                                                     "default: sweep every differing feature alone")] = None,
+        prompt: Annotated[str, A.prompt],
+        source_prompt: Annotated[str, A.prompt],
+        answer: Annotated[str, A.answer],
+        counterfactual: Annotated[str, A.answer] | None = None,
+        features: Annotated[
+            Annotated[list[Annotated[int, A.feature]], A.features] | None,
+            Field(min_length=1, description="Patched together; default: sweep every differing feature alone"),
+        ] = None,
         position: Positions = None,
-        sae: A.Sae = None,
+        sae: Annotated[str | None, A.sae] = None,
         align: Annotated[Literal["none", "end"], Field(description="'end': align from the end if lengths differ")] = (
             "none"),
         top_k: Annotated[int, Field(ge=1, le=max_k)] = 10,

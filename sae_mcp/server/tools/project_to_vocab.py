@@ -24,8 +24,8 @@ def make(deps: ToolDeps) -> Callable[..., VocabProjection]:
     max_k = engine.limits.max_top_k
 
     def project_to_vocab(
-        feature: A.Feature,
-        sae: A.Sae = None,
+        feature: Annotated[int, A.feature],
+        sae: Annotated[str | None, A.sae] = None,
         top_k: Annotated[int, Field(ge=1, le=max_k, description="Per side")] = 10,
         skip_special: Annotated[bool, Field(description="Without special and byte tokens")] = True,
     ) -> VocabProjection:

@@ -60,11 +60,11 @@ def make(deps: ToolDeps) -> Callable[..., Any]:
     low, high = MIN_ACTIVATION_RANGE
 
     def score_explanation(
-        feature: A.Feature,
+        feature: Annotated[int, A.feature],
         explanation: Annotated[
             str | None, Field(max_length=1000, description="Or pass label_id")
         ] = None,
-        sae: A.Sae = None,
+        sae: Annotated[str | None, A.sae] = None,
         n: Annotated[int, Field(ge=4, le=100, description="Contexts; half fire")] = 20,
         method: Annotated[Literal["detection", "fuzzing"], Field(description=FUZZING_RATE)] = "detection",
         seed: Annotated[int | None, Field(ge=0, le=MAX_ID)] = None,

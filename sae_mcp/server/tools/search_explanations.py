@@ -20,7 +20,6 @@ from sae_mcp.server.tools.spec import ToolDeps, ToolSpec, read_only
 def make(deps: ToolDeps) -> Callable[..., ExplanationSearch]:
     engine, services, A = deps.engine, deps.services, deps.args
     max_k = engine.limits.max_top_k
-    SaeArg = A.Sae
 
     def key_of_source() -> dict[str, str]:
         """Store key (source + weights id) -> the key tools address the SAE by."""
@@ -28,7 +27,7 @@ def make(deps: ToolDeps) -> Callable[..., ExplanationSearch]:
 
     def search_explanations(
         query: Annotated[str, Field(min_length=1, max_length=500)],
-        sae: SaeArg = None,
+        sae: Annotated[str | None, A.sae] = None,
         top_k: Annotated[int, Field(ge=1, le=max_k)] = 10,
     ) -> ExplanationSearch:
         """Search feature explanations (imported and your labels) by text."""

@@ -76,10 +76,9 @@ def known_max_of(examples: ExampleSource) -> Callable[[LoadedSAE, int], float | 
 
 def make(deps: ToolDeps) -> Callable[..., SteerResult]:
     engine, services, A = deps.engine, deps.services, deps.args
-    SaeArg, Prompt, Answer = A.Sae, A.Prompt, A.Answer
 
     class SteerSpec(BaseModel):
-        feature: A.Feature
+        feature: Annotated[int, A.feature]
         strength: Strength = Field(default=1.0, description="x max activation (the coefficient if absolute)")
 
     Seeds = Annotated[
@@ -92,12 +91,12 @@ def make(deps: ToolDeps) -> Callable[..., SteerResult]:
     ]
 
     def steer_generate(
-        prompt: Prompt,
+        prompt: Annotated[str, A.prompt],
         features: Annotated[
             list[SteerSpec],
             Field(min_length=1, max_length=MAX_STEER_FEATURES),
         ],
-        sae: SaeArg = None,
+        sae: Annotated[str | None, A.sae] = None,
         max_new_tokens: Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)] = 30,
         temperature: Annotated[float, Field(ge=0, le=10, allow_inf_nan=False, description="0 = greedy")] = (
             DEFAULT_TEMPERATURE),
@@ -109,8 +108,8 @@ def make(deps: ToolDeps) -> Callable[..., SteerResult]:
             list[Strength] | None,
             Field(min_length=1, max_length=MAX_STRENGTHS, description="Doses (multipliers)"),
         ] = None,
-        answer: Answer | None = None,
-        counterfactual: Answer | None = None,
+        answer: Annotated[str, A.answer] | None = None,
+        counterfactual: Annotated[str, A.answer] | None = None,
         controls: Annotated[bool, Field(description="Random features, matched norms")] = False,
         n_controls: Annotated[int, Field(ge=1, le=MAX_CONTROLS)] = 5,
         control_strength: ControlStrength = None,

@@ -22,7 +22,6 @@ SetName = Annotated[str, Field(max_length=64)]
 def make(deps: ToolDeps) -> Callable[..., TokenSetEnrichment]:
     engine, services, A = deps.engine, deps.services, deps.args
     max_k = engine.limits.max_top_k
-    SaeArg = A.Sae
 
     def token_set_enrichment(
         sets: Annotated[
@@ -37,8 +36,8 @@ def make(deps: ToolDeps) -> Callable[..., TokenSetEnrichment]:
             dict[SetName, Annotated[str, Field(max_length=512)]] | None,
             Field(max_length=16, description="{name: regex}, e.g. {\"years\": \"^ ?1[89][0-9]{2}$\"}"),
         ] = None,
-        sae: SaeArg = None,
-        features: A.Features | None = None,
+        sae: Annotated[str | None, A.sae] = None,
+        features: Annotated[list[Annotated[int, A.feature]], A.features] | None = None,
         top: Annotated[int, Field(ge=1, le=max_k, description="Per set and direction")] = 10,
     ) -> TokenSetEnrichment:
         """Features whose logit weights most promote or suppress a token set."""

@@ -54,8 +54,8 @@ def make(deps: ToolDeps) -> Callable[..., CallToolResult]:
     source, A = deps.services.examples, deps.args
 
     def top_examples(
-        feature: A.Feature,
-        sae: A.Sae = None,
+        feature: Annotated[int, A.feature],
+        sae: Annotated[str | None, A.sae] = None,
         k: Annotated[int, Field(ge=1, le=KEEP)] = 10,
         context: Annotated[int, Field(ge=0, le=MAX_CONTEXT, description="Tokens each side")] = DEFAULT_CONTEXT,
         max_scan_tokens: Annotated[

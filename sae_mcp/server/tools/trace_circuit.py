@@ -47,9 +47,9 @@ def make(deps: ToolDeps) -> Callable[..., CircuitResult]:
     engine, services, A = deps.engine, deps.services, deps.args
 
     def trace_circuit(
-        prompt: A.Prompt,
-        answer: A.Answer,
-        counterfactual: A.Answer | None = None,
+        prompt: Annotated[str, A.prompt],
+        answer: Annotated[str, A.answer],
+        counterfactual: Annotated[str, A.answer] | None = None,
         saes: Annotated[
             list[Annotated[str, Field(max_length=256)]] | None,
             Field(max_length=64, description="Default: every SAE, one per hook"),
@@ -57,7 +57,7 @@ def make(deps: ToolDeps) -> Callable[..., CircuitResult]:
         node_threshold: Annotated[Threshold, Field(description="Min |attribution|")] = 0.0,
         max_nodes: Annotated[int, Field(ge=1, le=graph.MAX_NODES)] = 40,
         edge_threshold: Annotated[Threshold, Field(description="Min |weight|")] = 0.0,
-        position: Annotated[A.Position, Field(description="Where the metric is read")] = -1,
+        position: Annotated[Annotated[int, A.position], Field(description="Where the metric is read")] = -1,
         method: Literal["gradient", "integrated_gradients"] = "gradient",
         steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 8,
         mcp_context: Context = None,
