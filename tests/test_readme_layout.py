@@ -11,6 +11,7 @@ Each check is a function of the text it reads, so the tests below also show it f
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import subprocess
 from pathlib import Path
@@ -19,8 +20,9 @@ REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 DOCS = REPO / "docs"
 
-# Top-level entries a checkout may hold that are not part of the project's layout (tooling, not content).
-NOT_LAYOUT = {".gitignore"}
+# Top-level dot-entries are tooling (.gitignore, the caches of hypothesis, ruff or mypy), not the project's layout,
+# except these.
+DOT_ENTRIES_IN_LAYOUT = {".ci"}
 
 # A markdown link's target: [text](target), the text possibly wrapped over lines; images too.
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
@@ -46,16 +48,19 @@ def layout_paths(markdown: str) -> list[str]:
 
 
 def checkout_entries(root: Path) -> set[str]:
-    """The top-level files and folders a clean checkout holds: tracked ones and untracked ones git does not ignore
-    (a folder named with a trailing '/'); outside a git checkout, what is there less dot-names."""
+    """The top-level files and folders a clean checkout holds (a folder named with a trailing '/'): tracked ones and
+    untracked ones git does not ignore; outside a git checkout, what is there less what .gitignore's patterns name."""
     try:
         out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=root,
                              capture_output=True, text=True, check=True).stdout
         names = [line for line in out.splitlines() if line and (root / line).exists()]
     except (OSError, subprocess.CalledProcessError):
-        names = [p.name + ("/x" if p.is_dir() else "") for p in root.iterdir() if not p.name.startswith(".")]
+        ignore = [p.strip().strip("/") for p in (root / ".gitignore").read_text(encoding="utf-8").splitlines()
+                  if p.strip() and not p.startswith("#")]
+        names = [p.name + ("/x" if p.is_dir() else "") for p in root.iterdir()
+                 if not any(fnmatch.fnmatch(p.name, pattern) for pattern in ignore)]
     tops = {n.split("/")[0] + ("/" if "/" in n else "") for n in names}
-    return {t for t in tops if t.rstrip("/") not in NOT_LAYOUT}
+    return {t for t in tops if not t.startswith(".") or t.rstrip("/") in DOT_ENTRIES_IN_LAYOUT}
 
 
 def package_folders(root: Path) -> set[str]:
