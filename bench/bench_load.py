@@ -8,15 +8,19 @@ search_explanations, label_feature, project_to_vocab, top_examples from the inde
 the device (steer_generate over 4 doses, ablate_and_test, get_feature_acts, build_index growing the index 2,000
 tokens a call: a scan taking the device per batch).
 
-Reported per client count: per tool p50/p99/max latency, busy answers, errors; the cheap calls' p99 overall and
-for the cheap calls started while a heavy call was in flight (goal < 1 s). Then a phase at the largest client
+First, --abandon rounds of a long steer_generate given up by its client after 5 steps, in this process (the
+engine watched): how soon the generation stops after the give-up, and how many steps it started meanwhile (the
+wall-clock side of tests/test_load_http.py, which asserts only the order). Then, reported per client count:
+per tool p50/p99/max latency, busy answers, errors; the cheap calls' p99 overall and for the cheap calls started
+while a heavy call was in flight (goal < 1 s; tests/test_load.py asserts that they answer while the device is
+held). Then a phase at the largest client
 count for WARM_CALLS + --rss-calls calls gives the server's RSS growth from its warm state to the end (goal <=
 5%), sampled along the way. A client answered busy waits the hinted seconds (at most BACKOFF_MAX_S) before its
 next call, as an agent would. The clients share this process's event loop and, on a small box, the CPUs with the
 server: latencies include that client-side queueing.
 
     python bench/bench_load.py [--clients 8 32] [--seconds 60] [--rss-calls 10000] [--baseline] [--legacy]
-                               [--sae DIR] [--server-env KEY=VALUE ...] [--json out.json]
+                               [--abandon 5] [--sae DIR] [--server-env KEY=VALUE ...] [--json out.json]
 
 Measured on the shared 2-core dev box, CPU, clients and server on the same two cores, the SDK's 2026 wire,
 p50 / p99 in seconds. Since the listening socket sets TCP_NODELAY (issue 20; before, every request after the first
@@ -257,6 +261,89 @@ def rss_report(run: Run) -> dict:
     return dict(warm_calls=n0, warm_mb=mb0, end_calls=n1, end_mb=mb1, growth=growth, series=series)
 
 
+# ------------------------------------------------------------------------------------------------ abandoned calls
+
+
+def abandon_phase(mode: str, rounds: int, sae: Path) -> dict:
+    """How soon an abandoned call stops (tests/test_load_http.py asserts the order: within a step of the server's
+    cancel, the device then free; this times it). In this process, so that the engine can be watched: the same
+    model and SAE behind the streamable-HTTP app under uvicorn on a thread. Per round, a client starts a 200-step
+    steer_generate and gives it up after its 5th step (its request closed); timed: the give-up until the generation
+    stops at its cancel check, and the steps it started after the give-up."""
+    import threading
+
+    import anyio
+    import uvicorn
+    from mcp import Client
+
+    from sae_mcp.engine import generation, runtime
+    from sae_mcp.engine.runtime import Engine
+    from sae_mcp.errors import Cancelled
+    from sae_mcp.server.app import build_server
+    from sae_mcp.settings import Settings
+
+    settings = Settings(model=str(STORIES_HF), saes=(str(sae),), device="cpu",
+                        data_dir=Path(tempfile.mkdtemp(prefix="sae-mcp-abandon-")))
+    engine = Engine.from_settings(settings)
+    steps: list[float] = []  # each generation step's start (perf_counter)
+    stops: list[tuple[float, int]] = []  # (when, steps so far) each time a cancel check stopped the work
+    real_sample, real_check = generation._sample, runtime.CancelToken.check
+
+    def sample(*a):
+        steps.append(time.perf_counter())
+        return real_sample(*a)
+
+    def check(token: runtime.CancelToken) -> None:
+        try:
+            real_check(token)
+        except Cancelled:
+            stops.append((time.perf_counter(), len(steps)))
+            raise
+
+    generation._sample, runtime.CancelToken.check = sample, check
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(build_server(engine, settings).streamable_http_app(), log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/mcp"
+    long_steer = {"prompt": PROMPT, "features": [{"feature": 3, "strength": 2.0}], "calibration": "absolute",
+                  "max_new_tokens": 200, "temperature": 0}
+    stop_s, extra = [], []
+
+    async def one_round() -> None:
+        async with Client(url, mode=mode) as client:
+            n0, k0 = len(stops), len(steps)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: client.call_tool("steer_generate", long_steer))
+                while len(steps) < k0 + 5:
+                    await anyio.sleep(0.005)
+                given_up, at = time.perf_counter(), len(steps)
+                tg.cancel_scope.cancel()
+            with anyio.fail_after(CALL_TIMEOUT_S):
+                while len(stops) == n0 or engine.device_status().held:
+                    await anyio.sleep(0.005)
+            stop_s.append(stops[-1][0] - given_up)
+            extra.append(stops[-1][1] - at)
+
+    try:
+        while not srv.started:
+            time.sleep(0.05)
+        for _ in range(rounds):
+            anyio.run(one_round)
+    finally:
+        generation._sample, runtime.CancelToken.check = real_sample, real_check
+        srv.should_exit = True
+        thread.join(10)
+        sock.close()
+    out = {"rounds": rounds, "stopped_after_p50_s": pct(stop_s, 0.5), "stopped_after_max_s": max(stop_s),
+           "steps_after_max": max(extra)}
+    print(f"\nabandoned steer_generate ({rounds} rounds, {mode} wire, given up after its 5th step): stopped "
+          f"p50 {out['stopped_after_p50_s']:.3f} s, max {out['stopped_after_max_s']:.3f} s after the give-up; "
+          f"at most {out['steps_after_max']} step(s) started after it")
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -299,11 +386,13 @@ def main() -> None:
     ap.add_argument("--legacy", action="store_true", help="the 2025 session wire instead of the SDK's 2026 default")
     ap.add_argument("--baseline", action="store_true", help="first, each client count with cheap calls only")
     ap.add_argument("--sae", type=Path, default=None, help="an SAE folder (default: the bundled layer-3 SAE)")
+    ap.add_argument("--abandon", type=int, default=5, help="rounds of the abandoned-call phase (0: none)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
     args = ap.parse_args()
     mode = "legacy" if args.legacy else "auto"
     work = Path(tempfile.mkdtemp(prefix="sae-mcp-load-"))
     sae = prepare(args, work)
+    abandoned = abandon_phase(mode, args.abandon, sae) if args.abandon else None
     port = free_port()
     env = dict(kv.split("=", 1) for kv in args.server_env)
     proc = start_server(serve_args(sae, work / "data", port, max(args.clients)), port, work / "server.log", env)
@@ -312,6 +401,8 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(30)
+    if abandoned is not None:
+        figures["abandon"] = abandoned
     if args.json:
         args.json.write_text(json.dumps(dict(mode=mode, seconds=args.seconds, **figures), indent=1))
 

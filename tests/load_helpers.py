@@ -1,11 +1,20 @@
-"""What tests/test_load.py and tests/test_load_http.py share: a slow, deterministic heavy call and polling."""
+"""What tests/test_load.py and tests/test_load_http.py share: a slow, deterministic heavy call, a step it can be
+held at, a record of cancellations, and polling.
+
+These tests assert order and counts (which step ran before which answer, how many ran after a cancel), never how
+many seconds something took: a loaded box stretches every duration. bench/bench_load.py reports the durations.
+"""
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from sae_mcp.engine import generation
+from sae_mcp.engine import generation, runtime
 from sae_mcp.engine.runtime import Engine
+from sae_mcp.errors import Cancelled
 from sae_mcp.settings import Limits
 
 PROMPT = "the cat sat on the mat and the dog"
@@ -19,13 +28,25 @@ def fresh_engine(tiny_loaded, tiny_engine, **limits) -> Engine:
     return Engine(tiny_loaded, list(tiny_engine.saes.values()), "cpu", Limits(**limits))
 
 
-def slow_generation(monkeypatch) -> list[float]:
-    """Make every generation step sleep STEP_S; -> the list of the steps' start times, filled as they run."""
+@dataclass
+class Gate:
+    """Holds a slowed generation at one step: step `at` (counted from 1) waits for `go`, after its forward, so
+    without the device (each step takes the device for its forward only)."""
+
+    at: int  # the step that waits
+    go: threading.Event = field(default_factory=threading.Event)  # set to let that step and the rest run
+
+
+def slow_generation(monkeypatch, gate: Gate | None = None) -> list[float]:
+    """Make every generation step sleep STEP_S (and wait at the gate's step until it opens; a hang guard of 60 s);
+    -> the list of the steps' start times, filled as they run."""
     times: list[float] = []
     real = generation._sample
 
     def slow_sample(*a):
         times.append(time.monotonic())
+        if gate is not None and len(times) == gate.at:
+            assert gate.go.wait(60), "the gate was never opened"
         time.sleep(STEP_S)
         return real(*a)
 
@@ -40,3 +61,33 @@ def wait_until(predicate, timeout_s: float = 5.0) -> float:
         assert time.monotonic() - t0 < timeout_s, "timed out waiting"
         time.sleep(0.005)
     return time.monotonic() - t0
+
+
+@dataclass
+class Cancels:
+    """What long work's CancelTokens saw, as counts of the work done (count(): e.g. the steps run so far)."""
+
+    cancelled: list[int] = field(default_factory=list)  # at each cancel(): the server saw the client cancel or go
+    stopped: list[int] = field(default_factory=list)  # at each check() that raised Cancelled: the work stopped there
+
+
+def record_cancels(monkeypatch, count: Callable[[], int]) -> Cancels:
+    """Record count() at every CancelToken.cancel() and at every check() that stops the work; -> the record, filled
+    as they come."""
+    seen = Cancels()
+    real_cancel, real_check = runtime.CancelToken.cancel, runtime.CancelToken.check
+
+    def cancel(token: runtime.CancelToken) -> None:
+        seen.cancelled.append(count())
+        real_cancel(token)
+
+    def check(token: runtime.CancelToken) -> None:
+        try:
+            real_check(token)
+        except Cancelled:
+            seen.stopped.append(count())
+            raise
+
+    monkeypatch.setattr(runtime.CancelToken, "cancel", cancel)
+    monkeypatch.setattr(runtime.CancelToken, "check", check)
+    return seen

@@ -490,7 +490,7 @@ def run_cli(*args: str, env: dict | None = None) -> tuple[subprocess.CompletedPr
 
 
 @pytest.mark.parametrize("command", [["serve", "--transport", "http"], ["dashboard"]], ids=["serve", "dashboard"])
-def test_a_bad_port_a_port_in_use_or_an_open_bind_fail_in_seconds_with_one_line_before_the_model_loads(
+def test_a_bad_port_a_port_in_use_or_an_open_bind_fail_with_one_line_before_the_model_loads(
         command, tmp_path):
     # A model folder that does not exist: were it loaded first, the message would be about the model.
     model = ["--model", str(tmp_path / "no-such-model"), "--device", "cpu", "--data-dir", str(tmp_path)]

@@ -1,7 +1,11 @@
 """Abandoned calls over streamable HTTP stop within a step or batch and free the device: a client that disconnects
 (2025 session wire, where the SDK does not cancel the handler), one that closes its request (2026 wire), and
 calls still queued for the device. The real streamable-HTTP app runs under uvicorn on a thread, over the tiny
-engine; heavy calls are slowed with a sleeping step. Each test prints the seconds it measured (pytest -s).
+engine; heavy calls are slowed with a sleeping step.
+
+Each test asserts an order or a count: how many steps or batches ran after the server cancelled the call, whether
+the device was held when a queued call left the queue. How many seconds the server takes to notice a client gone
+depends on the box; bench/bench_load.py measures it.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ from sae_mcp.engine.runtime import Engine
 from sae_mcp.server.app import build_server
 from sae_mcp.settings import Settings
 
-from load_helpers import PROMPT, STEER, fresh_engine, slow_generation, wait_until
+from load_helpers import PROMPT, STEER, Cancels, fresh_engine, record_cancels, slow_generation, wait_until
 
 
 @pytest.fixture
 def engine(tiny_loaded, tiny_engine):
-    return fresh_engine(tiny_loaded, tiny_engine, busy_timeout_s=5.0, max_queued=4)
+    """A busy timeout (600 s) past every hang guard here: a call that leaves a queue or a row's wait left it because
+    the server saw its client go, not because it gave up."""
+    return fresh_engine(tiny_loaded, tiny_engine, busy_timeout_s=600.0, max_queued=4)
 
 
 @pytest.fixture(autouse=True)
@@ -84,38 +90,42 @@ def tool_call_stream(url: str, headers: dict[str, str], name: str, arguments: di
         yield resp
 
 
-def freed_after_drop(engine: Engine, dropped_at: float) -> float:
-    """Seconds from the drop until the device is free again."""
-    wait_until(lambda: not engine.device_status().held, 5)
-    return time.monotonic() - dropped_at
+def stopped_within_one(engine: Engine, cancels: Cancels, done: list) -> None:
+    """The abandoned work stopped on its cancel (a check between steps or batches raised: it had not ended), within
+    one step or batch of that cancel, ran nothing after, and gave the device back. `done`: the steps or batches run;
+    `cancels` counts them."""
+    wait_until(lambda: cancels.stopped, 30)  # a hang guard: work the server never cancels fails here
+    wait_until(lambda: not engine.device_status().held, 30)
+    (stopped,) = cancels.stopped
+    assert stopped - cancels.cancelled[-1] <= 1 and len(done) == stopped, (cancels, len(done))
+    assert engine.is_clean() and engine.device_status().waiting == 0
 
 
-def test_an_http_disconnect_stops_steer_generate_within_a_step_and_frees_the_device(engine, steps):
+def test_an_http_disconnect_stops_steer_generate_within_a_step_and_frees_the_device(engine, steps, monkeypatch):
+    cancels = record_cancels(monkeypatch, lambda: len(steps))
     with serving(build_server(engine)) as url:
         headers = legacy_session(url)
         with tool_call_stream(url, headers, "steer_generate", STEER):
             wait_until(lambda: len(steps) >= 5)
-        dropped = time.monotonic()
-        freed = freed_after_drop(engine, dropped)
-        after = sum(t > dropped for t in steps)
-    print(f"\n2025 wire, steer_generate: device free {freed:.3f} s after the disconnect; {after} step(s) after it")
-    assert freed < 1.0 and after <= 3 and len(steps) < 20
-    assert engine.is_clean() and engine.device_status().waiting == 0
+        stopped_within_one(engine, cancels, steps)
+    assert len(steps) < 50
 
 
-def test_a_2026_wire_client_that_closes_its_request_stops_the_work(engine, steps):
+def test_a_2026_wire_client_that_closes_its_request_stops_the_work(engine, steps, monkeypatch):
+    cancels = record_cancels(monkeypatch, lambda: len(steps))
+
     async def go(url):
         async with Client(url) as client:  # the SDK client speaks the 2026-07-28 wire to this server
-            with anyio.move_on_after(0.5):
-                await client.call_tool("steer_generate", STEER)
-            return time.monotonic()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(client.call_tool, "steer_generate", STEER)
+                while len(steps) < 5:
+                    await anyio.sleep(0.01)
+                tg.cancel_scope.cancel()  # closes the request
 
     with serving(build_server(engine)) as url:
-        dropped = anyio.run(go, url)
-        freed = freed_after_drop(engine, dropped)
-        after = sum(t > dropped for t in steps)
-    print(f"\n2026 wire, steer_generate: device free {freed:.3f} s after the close; {after} step(s) after it")
-    assert freed < 1.0 and after <= 3 and len(steps) < 20 and engine.is_clean()
+        anyio.run(go, url)
+        stopped_within_one(engine, cancels, steps)
+    assert len(steps) < 50
 
 
 @contextlib.contextmanager
@@ -145,12 +155,10 @@ def test_a_call_queued_for_the_device_leaves_the_queue_when_its_client_disconnec
         with device_held(engine):
             with tool_call_stream(url, headers, "steer_generate", STEER, call_id=3):
                 wait_until(lambda: engine.device_status().waiting == 1)
-            dropped = time.monotonic()
-            left = wait_until(lambda: engine.device_status().waiting == 0, 5)
-            assert engine.device_status().held  # the holder still holds it
-        freed_after_drop(engine, time.monotonic())
-    print(f"\nqueued steer_generate left the device queue {left:.3f} s after its client disconnected")
-    assert left < 1.0 and time.monotonic() - dropped < 5 and not steps and engine.is_clean()
+            wait_until(lambda: engine.device_status().waiting == 0, 30)
+            assert engine.device_status().held  # it left while the holder still held the device
+        wait_until(lambda: not engine.device_status().held)
+    assert not steps and engine.is_clean()  # it never ran a step
 
 
 def test_a_queued_call_without_progress_leaves_the_queue_when_its_2025_client_disconnects(engine):
@@ -162,10 +170,9 @@ def test_a_queued_call_without_progress_leaves_the_queue_when_its_2025_client_di
             ablate = {"prompt": PROMPT, "answer": " mat", "features": [3]}
             with tool_call_stream(url, headers, "ablate_and_test", ablate, call_id=3):
                 wait_until(lambda: engine.device_status().waiting == 1)
-            left = wait_until(lambda: engine.device_status().waiting == 0, 5)
+            wait_until(lambda: engine.device_status().waiting == 0, 30)
             assert engine.device_status().held  # left while the device was still held
-        freed_after_drop(engine, time.monotonic())
-    print(f"\nqueued ablate_and_test (2025 wire) left the device queue {left:.3f} s after its client disconnected")
+        wait_until(lambda: not engine.device_status().held)
     assert engine.is_clean()
 
 
@@ -188,52 +195,62 @@ def slow_batches(tmp_path, monkeypatch) -> tuple[Settings, list[float]]:
     return Settings(corpus=str(corpus), data_dir=tmp_path / "data"), batches
 
 
+def row_waits(monkeypatch) -> list[str]:
+    """Record the row each scan asks for (ExampleSource._row_lock, before it waits for another call's scan of it);
+    -> the list, filled as they come."""
+    from sae_mcp.index.source import ExampleSource
+
+    asked: list[str] = []
+    real = ExampleSource._row_lock
+
+    @contextlib.contextmanager
+    def row_lock(self, s, index, name, cancel):
+        asked.append(name)
+        with real(self, s, index, name, cancel):
+            yield
+
+    monkeypatch.setattr(ExampleSource, "_row_lock", row_lock)
+    return asked
+
+
 def test_an_http_disconnect_stops_a_top_examples_scan_between_batches(engine, tmp_path, monkeypatch):
     settings, batches = slow_batches(tmp_path, monkeypatch)
+    cancels = record_cancels(monkeypatch, lambda: len(batches))
     with serving(build_server(engine, settings)) as url:
         headers = legacy_session(url)
         with tool_call_stream(url, headers, "top_examples", {"feature": 3, "max_scan_tokens": 100_000}):
             wait_until(lambda: len(batches) >= 1)
-        dropped = time.monotonic()
-        freed = freed_after_drop(engine, dropped)
-        time.sleep(0.5)  # would be one more batch
-        after = sum(t > dropped for t in batches)
-    print(f"\ntop_examples scan: device free {freed:.3f} s after the disconnect; {after} batch(es) after it")
-    assert after == 0 and len(batches) < 4 and engine.is_clean() and engine.device_status().waiting == 0
+        stopped_within_one(engine, cancels, batches)
 
 
 def test_a_call_waiting_for_another_calls_scan_of_its_row_leaves_when_its_client_disconnects(
         engine, tmp_path, monkeypatch):
-    """Two build_index calls: the second waits for the first's scan of the same row. Its client leaves first,
-    then the first's: had the second still been waiting, it would take the row and go on scanning."""
+    """Two build_index calls: the second waits for the first's scan of the same row. Its client leaves first, and
+    the server cancels it while the first still scans; then the first's client leaves: had the second still been
+    waiting, it would take the row and go on scanning."""
     settings, batches = slow_batches(tmp_path, monkeypatch)
+    cancels = record_cancels(monkeypatch, lambda: len(batches))
+    asked = row_waits(monkeypatch)
     with serving(build_server(engine, settings)) as url:
         headers = legacy_session(url)
         with tool_call_stream(url, headers, "build_index", {"tokens": 100_000}, call_id=2):
             wait_until(lambda: len(batches) >= 1)
             with tool_call_stream(url, headers, "build_index", {"tokens": 100_000}, call_id=3):
-                time.sleep(0.3)  # waiting for the row
-            time.sleep(0.5)  # it polls every 0.05 s, the HTTP request at most every 0.1 s
-        dropped = time.monotonic()
-        freed_after_drop(engine, dropped)
-        time.sleep(0.8)  # a resumed scan would have run two more batches by now
-        after = sum(t > dropped for t in batches)
-    assert after == 0 and engine.is_clean() and engine.device_status().waiting == 0
+                wait_until(lambda: len(asked) == 2, 30)  # the second asks for the row the first scans
+            wait_until(lambda: cancels.cancelled, 30)  # the server saw the second's client go: it left the wait
+            assert not cancels.stopped  # while the first still scans
+        stopped_within_one(engine, cancels, batches)
+    assert asked == ["index", "index"]
 
 
 def test_an_http_disconnect_stops_build_index_between_batches(engine, tmp_path, monkeypatch):
     settings, batches = slow_batches(tmp_path, monkeypatch)
+    cancels = record_cancels(monkeypatch, lambda: len(batches))
     with serving(build_server(engine, settings)) as url:
         headers = legacy_session(url)
         with tool_call_stream(url, headers, "build_index", {"tokens": 100_000}):
             wait_until(lambda: len(batches) >= 1)
-        dropped = time.monotonic()
-        freed = freed_after_drop(engine, dropped)
-        time.sleep(0.5)  # would be one more batch
-        after = sum(t > dropped for t in batches)
-    print(f"\nbuild_index: device free {freed:.3f} s after the disconnect; {after} batch(es) after it")
-    assert freed < 1.0 and after == 0 and len(batches) < 4
-    assert engine.is_clean() and engine.device_status().waiting == 0
+        stopped_within_one(engine, cancels, batches)
 
 
 def test_a_queued_call_without_progress_leaves_the_queue_when_its_2026_client_closes(engine):
@@ -241,17 +258,17 @@ def test_a_queued_call_without_progress_leaves_the_queue_when_its_2026_client_cl
 
     async def go(url):
         async with Client(url) as queued:
-            with anyio.move_on_after(0.5):
-                await queued.call_tool("ablate_and_test", {"prompt": PROMPT, "answer": " mat", "features": [3]})
-            closed = time.monotonic()
-            left = await anyio.to_thread.run_sync(lambda: wait_until(
-                lambda: engine.device_status().waiting == 0, 5))
-            assert engine.device_status().held  # the holder still holds it
-            return closed, left
+            async with anyio.create_task_group() as tg:
+                ablate = {"prompt": PROMPT, "answer": " mat", "features": [3]}
+                tg.start_soon(queued.call_tool, "ablate_and_test", ablate)
+                while engine.device_status().waiting != 1:
+                    await anyio.sleep(0.01)
+                tg.cancel_scope.cancel()  # closes the request while it waits for the device
+            await anyio.to_thread.run_sync(lambda: wait_until(lambda: engine.device_status().waiting == 0, 30))
+            assert engine.device_status().held  # it left while the holder still held the device
 
     with serving(build_server(engine)) as url:
         with device_held(engine):
-            closed, left = anyio.run(go, url)
-        freed_after_drop(engine, time.monotonic())
-    print(f"\nqueued ablate_and_test (2026 wire) left the device queue {left:.3f} s after its client closed")
-    assert left < 1.0 and engine.is_clean()
+            anyio.run(go, url)
+        wait_until(lambda: not engine.device_status().held)
+    assert engine.is_clean()
