@@ -378,7 +378,8 @@ def bf16_vs_fp32(engine, sae, windows) -> None:
         real = scan_mod._autocast_dtype
         scan_mod._autocast_dtype = (lambda e: dtype) if dtype is None else real
         try:
-            states[name] = scan_mod.scan(engine, sae, windows, context_size=128, bos=True, max_tokens=10**12)
+            request = scan_mod.ScanRequest(context_size=128, bos=True, max_tokens=10**12)
+            states[name] = scan_mod.scan(engine, sae, windows, request)
         finally:
             scan_mod._autocast_dtype = real
     a, b = (states[n].top_vals.float().cpu().numpy() for n in ("bf16", "fp32"))  # [k, d_sae], rank-major

@@ -48,7 +48,7 @@ from sae_mcp.engine.loading import LoadedModel
 from sae_mcp.engine.runtime import Engine
 from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.index import scan as scan_module
-from sae_mcp.index.scan import autocast_for, encode_buffer, scan, windows_pad_id
+from sae_mcp.index.scan import ScanRequest, autocast_for, encode_buffer, scan, windows_pad_id
 from sae_mcp.index.store import IndexStore
 
 
@@ -68,8 +68,8 @@ def bare(engine: Engine, sae: LoadedSAE, batch: list[Window]) -> float:
 
 def full_scan(engine: Engine, sae: LoadedSAE, batch: list[Window], store: IndexStore, state):
     t = time.perf_counter()
-    state = scan(engine, sae, batch, context_size=128, bos=True, max_tokens=10**12, state=state,
-                 batch_windows=len(batch),
+    request = ScanRequest(context_size=128, bos=True, max_tokens=10**12, batch_windows=len(batch))
+    state = scan(engine, sae, batch, request, state=state,
                  on_batch=lambda ws, st, _: store.put_windows([(w.index, w.document, w.start, w.ids) for w in ws]))
     float(state.top_vals[0, 0])
     return time.perf_counter() - t, state
@@ -139,10 +139,7 @@ def _measure(name: str, engine: Engine, sae: LoadedSAE, batches: list[list[Windo
             t_tut += tutorial_one_feature(engine, sae, b, 0, str_tok)
             n_tok += sum(len(w.ids) for w in b)
         t0 = time.perf_counter()
-        store.save_scan("bench", tokens=1, windows=1, exhausted=False, target=1, top_vals=state.top_vals.cpu().numpy(),
-                        top_pos=state.top_pos.cpu().numpy(), n_fired=state.n_fired.cpu().numpy(),
-                        hist=state.hist.cpu().numpy(), samp_pos=state.samp_pos.cpu().numpy(),
-                        samp_vals=state.samp_vals.cpu().numpy())
+        store.save_scan(state.stored("bench", 1, None))
         t_ckpt = time.perf_counter() - t0
     print(f"\n== {name}: {len(batches)} batches x {len(batches[0])} windows, {n_tok} tokens, d_sae {sae.d_sae}")
     print(f"scan throughput / bare forward+encode throughput:  {t_bare / t_scan:.3f}   (goal >= 0.9)")

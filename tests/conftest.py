@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from sae_mcp import demo
+from sae_mcp.index.view import View
 from sae_mcp.results.corpus import Example, FeatureSummary, Histogram, TopExamples
 
 torch.set_num_threads(1)
@@ -110,15 +111,15 @@ class FakeIndex:
         self.calls.append("summary")
         return FeatureSummary(**self._summary(feature))
 
-    def top_examples(self, sae, feature, k=10, **kw):
-        self.calls.append(f"top_examples k={k}")
+    def top_examples(self, sae, feature, view, *args, **kw):
+        self.calls.append(f"top_examples k={view.k}")
         ex = Example(activation=4.2, token=" cat", tokens=["<s>", "the", " cat", " sat", " on"], position=2, document=0,
                      offset=1)
         return TopExamples(**self._summary(feature), source="index", corpus="fake", context_size=8, examples=[ex])
 
     def cached_top_examples(self, sae, feature, k=10, **kw):
         self.calls.append(f"cached_top_examples k={k}")
-        return self.top_examples(sae, feature, k=k)
+        return self.top_examples(sae, feature, View(k, 10))
 
     def densities(self, sae):
         self.calls.append("densities")

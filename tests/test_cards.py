@@ -88,14 +88,15 @@ def test_card_never_scans_when_the_index_has_no_summary(tiny_engine, tmp_path):
 def test_card_shows_a_cached_on_demand_scan_instead_of_not_indexed(tiny_engine, tiny_sae_dir, tmp_path, monkeypatch):
     """top_examples already scanned feature 4 (no index): its card shows that scan and says it is one; a feature
     never scanned still says not indexed; and the card itself never scans."""
-    from sae_mcp.index.source import ExampleSource
+    from sae_mcp.index.source import DEFAULT_CONTEXT, ExampleSource
+    from sae_mcp.index.view import View
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(["the cat sat on the mat and Lily saw it", "Tom ran to the park with a red ball"] * 10)
                       + "\n", encoding="utf-8")
     st = Settings(model="tiny", saes=(str(tiny_sae_dir),), corpus=str(corpus), data_dir=tmp_path / "d")
     src = ExampleSource(tiny_engine, st)
-    scanned = src.top_examples(None, 4, k=3, max_scan_tokens=120)
+    scanned = src.top_examples(None, 4, View(3, DEFAULT_CONTEXT), max_scan_tokens=120)
     assert scanned.source == "scan" and scanned.examples
     monkeypatch.setattr(src, "_run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("a card must not scan")))
     services = Services(tiny_engine, st, tools=tool_map(), examples=src)

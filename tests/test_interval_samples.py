@@ -68,9 +68,7 @@ def _fold(state: ScanState, acts: torch.Tensor, pos: torch.Tensor, sizes: list[i
 def _checkpoint_roundtrip(state: ScanState, path) -> ScanState:
     """Through the SQLite row and back, as a resumed scan gets it."""
     store = IndexStore(path, {"test": "samples"})
-    store.save_scan("index", tokens=state.tokens, windows=state.windows, exhausted=False, target=10**6,
-                    top_vals=state.top_vals.numpy(), top_pos=state.top_pos.numpy(), n_fired=state.n_fired.numpy(),
-                    hist=state.hist.numpy(), samp_pos=state.samp_pos.numpy(), samp_vals=state.samp_vals.numpy())
+    store.save_scan(state.stored("index", 10**6, None))
     row = IndexStore(path, {"test": "samples"}).load_scan("index")
     return resume_state(row, "cpu")
 

@@ -11,7 +11,8 @@ import pytest
 from test_interval_samples import plain_hash
 from test_scan_index import FEATURES, TOKENS, brute_force, plain_top, settings_for
 
-from sae_mcp.index.source import ExampleSource
+from sae_mcp.index.source import DEFAULT_CONTEXT, ExampleSource
+from sae_mcp.index.view import View
 
 from conftest import stories_texts
 
@@ -58,7 +59,7 @@ def test_the_top_list_shows_each_identical_context_once_with_its_count(plain, in
     acts, locs, _, ids = plain
     k, context, merged_somewhere = 12, 3, 0
     for f in FEATURES:
-        res = indexed.top_examples(None, f, k=k, context=context)
+        res = indexed.top_examples(None, f, View(k, context))
         cands = plain_top(acts, locs, f, 50)  # what the index keeps: the top 50
         firsts, counts = [], {}
         for _, loc in cands:
@@ -114,7 +115,7 @@ def test_interval_samples_lie_in_their_bands_count_their_tokens_and_are_the_bott
             assert gpos[locs.index(plain_top(acts, locs, f, 1)[0][1])] == int(row.top_pos[0, f])
     exact = 0
     for f in FEATURES:
-        res = indexed.top_examples(None, f, k=1, intervals=8, per_interval=4, merge_duplicates=False)
+        res = indexed.top_examples(None, f, View(1, DEFAULT_CONTEXT, 8, 4, merge=False))
         if res.n_fired == 0:
             assert res.intervals == [] and any("never fired" in w for w in res.warnings)
             continue
@@ -128,11 +129,10 @@ def test_the_on_demand_scan_of_one_feature_gives_the_same_intervals(plain, stori
     acts, locs, gpos, _ = plain
     src = ExampleSource(stories_engine, settings_for(stories_sae_dir, tmp_path))
     for f in (27, 45):
-        res = src.top_examples(None, f, k=3, intervals=5, per_interval=4, max_scan_tokens=TOKENS,
-                               merge_duplicates=False)
+        res = src.top_examples(None, f, View(3, DEFAULT_CONTEXT, 5, 4, merge=False), max_scan_tokens=TOKENS)
         assert res.source == "scan" and res.tokens_scanned == len(locs)
         check_intervals(res, acts, locs, gpos, f, 4)
-        ix = indexed.top_examples(None, f, k=3, intervals=5, per_interval=4, merge_duplicates=False)
+        ix = indexed.top_examples(None, f, View(3, DEFAULT_CONTEXT, 5, 4, merge=False))
         assert [(b.lower, b.tokens, [(e.document, e.offset) for e in b.examples]) for b in res.intervals] == [
             (b.lower, b.tokens, [(e.document, e.offset) for e in b.examples]) for b in ix.intervals]
 
@@ -151,20 +151,20 @@ def test_an_index_from_before_interval_samples_answers_with_a_warning_and_build_
         stories_engine, stories_sae_dir, tmp_path):
     first = ExampleSource(stories_engine, settings_for(stories_sae_dir, tmp_path))
     rep = first.build_index(None, 3_000)
-    before = first.top_examples(None, 9, k=5)
+    before = first.top_examples(None, 9, View(5, DEFAULT_CONTEXT))
     first.index_store(stories_engine.sae(None)).close()
     make_format_1(rep.path)
 
     old = ExampleSource(stories_engine, settings_for(stories_sae_dir, tmp_path))  # a restart with the old file
-    res = old.top_examples(None, 9, k=5, intervals=4)
+    res = old.top_examples(None, 9, View(5, DEFAULT_CONTEXT, 4))
     assert res.source == "index" and res.intervals is None and res.examples == before.examples
     (warning,) = res.warnings
     assert "before interval samples" in warning and "build_index" in warning
-    assert old.top_examples(None, 9, k=5).warnings is None  # no intervals asked: nothing missing
+    assert old.top_examples(None, 9, View(5, DEFAULT_CONTEXT)).warnings is None  # no intervals asked: nothing missing
 
     again = old.build_index(None, 3_000)  # rebuilt from the start, not reused
     assert not again.reused and again.tokens_scanned == rep.tokens_scanned
-    res = old.top_examples(None, 9, k=5, intervals=4)
+    res = old.top_examples(None, 9, View(5, DEFAULT_CONTEXT, 4))
     assert res.intervals and res.warnings is None and res.examples == before.examples
     meta = dict(sqlite3.connect(rep.path).execute("SELECT key, value FROM meta").fetchall())
     assert meta["format"] == "2"
@@ -179,7 +179,7 @@ def test_an_on_demand_scan_stored_before_samples_answers_with_a_warning_and_is_r
                                  "one day the little girl played with the big dog"] * 8) + "\n", encoding="utf-8")
     st = Settings(model="tiny", saes=(str(tiny_sae_dir),), corpus=str(corpus), data_dir=tmp_path / "d")
     src = ExampleSource(tiny_engine, st)
-    first = src.top_examples(None, 4, k=3, max_scan_tokens=300, intervals=3)
+    first = src.top_examples(None, 4, View(3, DEFAULT_CONTEXT, 3), max_scan_tokens=300)
     assert first.source == "scan" and first.intervals and first.warnings is None
     store = src.index_store(tiny_engine.sae(None))
     store.close()
@@ -190,5 +190,6 @@ def test_an_on_demand_scan_stored_before_samples_answers_with_a_warning_and_is_r
     assert cached.intervals is None and cached.examples == first.examples
     assert "before interval samples" in cached.warnings[0]
     seen = []
-    again = old.top_examples(None, 4, k=3, max_scan_tokens=300, intervals=3, progress=lambda d, t: seen.append(d))
+    again = old.top_examples(None, 4, View(3, DEFAULT_CONTEXT, 3), max_scan_tokens=300,
+                             progress=lambda d, t: seen.append(d))
     assert seen and again == first  # rescanned from the start, with samples: the same answer as the first scan

@@ -13,7 +13,9 @@ import torch
 from sae_mcp.engine.runtime import CancelToken
 from sae_mcp.errors import Cancelled
 from sae_mcp.index.scan import ScanState, update_state
-from sae_mcp.index.source import ExampleSource
+from sae_mcp.index.source import DEFAULT_CONTEXT, ExampleSource
+from sae_mcp.index.store import StoredScan
+from sae_mcp.index.view import View
 from sae_mcp.settings import Settings
 
 from conftest import STORIES_CORPUS, STORIES_HF, STORIES_HOOK, engine_on, stories_texts, tutorial_sae_acts
@@ -111,7 +113,7 @@ def test_index_equals_brute_force_value_location_and_density(stories_engine, sou
     rep = source.build_index(None, TOKENS, batch_windows=1)
     assert rep.tokens_scanned == len(locs) and not rep.reused
     for f in FEATURES:
-        res = source.top_examples(None, f, k=K, context=3, merge_duplicates=False)
+        res = source.top_examples(None, f, View(K, 3, merge=False))
         want = plain_top(acts, locs, f, K)
         assert res.source == "index" and res.tokens_scanned == len(locs)
         assert [(e.document, e.offset) for e in res.examples] == [loc for _, loc in want]
@@ -131,7 +133,7 @@ def test_batched_index_matches_brute_force_up_to_float_noise(stories_engine, sou
     dens = source.densities(None)
     torch.testing.assert_close(dens, ((acts > 0).sum(0) / len(locs)).float())
     for f in FEATURES:
-        res = source.top_examples(None, f, k=K, context=0, merge_duplicates=False)
+        res = source.top_examples(None, f, View(K, 0, merge=False))
         want = plain_top(acts, locs, f, K + 1)
         torch.testing.assert_close(
             torch.tensor([e.activation for e in res.examples]),
@@ -150,7 +152,7 @@ def test_example_tokens_show_the_window_around_the_max_token(stories_engine, sou
     source.build_index(None, 5_000)
     tok = stories_engine.model.tokenizer
     texts = stories_texts(60)
-    res = source.top_examples(None, 18, k=5, context=4)
+    res = source.top_examples(None, 18, View(5, 4))
     assert res.examples
     for e in res.examples:
         ids = tok(texts[e.document], add_special_tokens=False)["input_ids"]
@@ -165,7 +167,7 @@ def test_example_tokens_show_the_window_around_the_max_token(stories_engine, sou
 def test_on_demand_scan_of_one_feature_matches_brute_force(stories_engine, source, brute):
     acts, locs = brute
     f = 27
-    res = source.top_examples(None, f, k=K, max_scan_tokens=TOKENS, merge_duplicates=False)
+    res = source.top_examples(None, f, View(K, DEFAULT_CONTEXT, merge=False), max_scan_tokens=TOKENS)
     assert res.source == "scan" and res.tokens_scanned == len(locs)
     want = plain_top(acts, locs, f, K)
     torch.testing.assert_close(
@@ -174,8 +176,8 @@ def test_on_demand_scan_of_one_feature_matches_brute_force(stories_engine, sourc
     assert res.n_fired == int((acts[:, f] > 0).sum())
     # Cached: a second call with the same budget scans nothing (no progress reported).
     calls = []
-    again = source.top_examples(None, f, k=K, max_scan_tokens=TOKENS, progress=lambda d, t: calls.append(d),
-                                merge_duplicates=False)
+    again = source.top_examples(None, f, View(K, DEFAULT_CONTEXT, merge=False), max_scan_tokens=TOKENS,
+                                progress=lambda d, t: calls.append(d))
     assert calls == [] and again == res
     assert source.max_activation(None, f, max_scan_tokens=TOKENS) == (
         pytest.approx(float(acts[:, f].max()), abs=1e-4),
@@ -197,7 +199,7 @@ def test_rerun_reuses_and_a_larger_budget_resumes_to_the_fresh_result(stories_en
     fresh = b.build_index(None, 9_000)
     assert fresh.tokens_scanned == resumed.tokens_scanned
     for f in FEATURES[:8]:
-        ra, rb = a.top_examples(None, f, k=K), b.top_examples(None, f, k=K)
+        ra, rb = a.top_examples(None, f, View(K, DEFAULT_CONTEXT)), b.top_examples(None, f, View(K, DEFAULT_CONTEXT))
         assert ra.n_fired == rb.n_fired and ra.histogram == rb.histogram
         torch.testing.assert_close(
             torch.tensor([e.activation for e in ra.examples]),
@@ -309,20 +311,25 @@ def test_an_sae_retrained_into_the_same_folder_never_gets_the_old_index(tiny_loa
     torch.testing.assert_close(back.densities(None), old_dens)
 
 
+def zero_row(tokens: int, compute_dtype: str | None = None) -> StoredScan:
+    """An 'index' row of 8 features, k 2, all zero, over `tokens` tokens in one window."""
+    return StoredScan("index", tokens=tokens, windows=1, exhausted=False, target=tokens, updated=0.0,
+                      top_vals=np.zeros((2, 8), np.float32), top_pos=np.zeros((2, 8), np.int64),
+                      n_fired=np.zeros(8, np.int64), hist=np.zeros((8, 4), np.int64), compute_dtype=compute_dtype)
+
+
 def test_a_pretrained_sae_keeps_an_index_written_before_weights_were_recorded(tmp_path):
     from sae_mcp.index.store import IndexStore, meta_for
 
     pre = meta_for("gpt2-small", "rel/id", "/c.txt", "1-2", 128, 50256, 8, weights_id="rel/id")
     legacy = {k: v for k, v in pre.items() if k != "weights"}
     st = IndexStore(tmp_path / "a.sqlite", legacy)
-    st.save_scan("index", tokens=5, windows=1, exhausted=False, target=5, top_vals=np.zeros((2, 8), np.float32),
-                 top_pos=np.zeros((2, 8), np.int64), n_fired=np.zeros(8, np.int64), hist=np.zeros((8, 4), np.int64))
+    st.save_scan(zero_row(tokens=5))
     st.close()
     assert IndexStore(tmp_path / "a.sqlite", pre).load_scan("index").tokens == 5  # kept, meta now records weights
     local = meta_for("gpt2-small", "/sae", "/c.txt", "1-2", 128, 50256, 8, weights_id="0123abcd")
     st = IndexStore(tmp_path / "b.sqlite", {k: v for k, v in local.items() if k != "weights"})
-    st.save_scan("index", tokens=5, windows=1, exhausted=False, target=5, top_vals=np.zeros((2, 8), np.float32),
-                 top_pos=np.zeros((2, 8), np.int64), n_fired=np.zeros(8, np.int64), hist=np.zeros((8, 4), np.int64))
+    st.save_scan(zero_row(tokens=5))
     st.close()
     assert IndexStore(tmp_path / "b.sqlite", local).load_scan("index") is None  # unknown weights: emptied
 
@@ -341,13 +348,13 @@ def test_cpu_scans_record_and_report_float32_compute_dtype(tiny_engine, tiny_sae
     """The index and on-demand scans record the precision they computed in; results report it."""
     st = Settings(model="tiny", saes=(str(tiny_sae_dir),), corpus=str(_tiny_corpus(tmp_path)), data_dir=tmp_path / "d")
     src = ExampleSource(tiny_engine, st)
-    scanned = src.top_examples(None, 4, k=2, max_scan_tokens=100)
+    scanned = src.top_examples(None, 4, View(2, DEFAULT_CONTEXT), max_scan_tokens=100)
     assert scanned.source == "scan" and scanned.compute_dtype == "float32"
     src.build_index(None, 10**6)
     s = tiny_engine.sae(None)
     assert src.index_store(s).load_scan("index").compute_dtype == "float32"
     assert src.index_store(s).load_scan("feature:4").compute_dtype == "float32"
-    assert src.top_examples(None, 4, k=2).compute_dtype == "float32"
+    assert src.top_examples(None, 4, View(2, DEFAULT_CONTEXT)).compute_dtype == "float32"
     assert src.feature_summary(None, 4).compute_dtype == "float32"
 
 
@@ -394,9 +401,7 @@ def test_an_index_file_from_before_compute_dtype_opens_and_reports_none(tmp_path
     st = IndexStore(path, meta)
     row = st.load_scan("index")
     assert row.tokens == 5 and row.compute_dtype is None
-    st.save_scan("index", tokens=6, windows=1, exhausted=False, target=6, top_vals=np.zeros((2, 8), np.float32),
-                 top_pos=np.zeros((2, 8), np.int64), n_fired=np.zeros(8, np.int64), hist=np.zeros((8, 4), np.int64),
-                 compute_dtype="bfloat16")
+    st.save_scan(zero_row(tokens=6, compute_dtype="bfloat16"))
     assert st.load_scan("index").compute_dtype == "bfloat16"
 
 

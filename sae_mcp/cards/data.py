@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from sae_mcp.engine import logits as lg
 from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.errors import InvalidInput
-from sae_mcp.index.source import ExampleSource
+from sae_mcp.index.source import DEFAULT_CONTEXT, ExampleSource
+from sae_mcp.index.view import View
 from sae_mcp.results import VocabProjection, rounded
 from sae_mcp.results.corpus import Example, FeatureSummary
 from sae_mcp.scoring.store import StoredScore
@@ -138,5 +139,5 @@ def _add_activations(card: CardData, examples: ExampleSource, s: LoadedSAE, feat
     card.summary = summary
     if n_examples:
         if top is None:
-            top = examples.top_examples(s.key, feature, k=n_examples)
+            top = examples.top_examples(s.key, feature, View(n_examples, DEFAULT_CONTEXT))
         card.examples = list(top.examples)[:n_examples]

@@ -36,7 +36,7 @@ import torch
 from sae_mcp.engine.corpus import CorpusSource, Window, iter_documents, iter_windows, tokenized_documents
 from sae_mcp.engine.hub import Hub
 from sae_mcp.index import scan as scan_mod
-from sae_mcp.index.scan import ScanState, batch_windows_for, bos_id, compute_dtype, scan
+from sae_mcp.index.scan import ScanRequest, ScanState, batch_windows_for, bos_id, compute_dtype, scan
 from sae_mcp.index.store import StoredScan
 from sae_mcp.settings import Settings
 
@@ -223,20 +223,10 @@ class IndexWorker:
             self._progress = (job.name, done)
 
         try:
-            st = scan(self.engine, s, itertools.islice(stream, job.end - job.first), context_size=length,
-                      bos=bos is not None, max_tokens=job.target, state=resume_state(state, self.engine.device),
-                      batch_windows=job.batch_windows, progress=progress, on_batch=on_batch)
+            request = ScanRequest(context_size=length, bos=bos is not None, max_tokens=job.target,
+                                  batch_windows=job.batch_windows)
+            st = scan(self.engine, s, itertools.islice(stream, job.end - job.first), request,
+                      state=resume_state(state, self.engine.device), progress=progress, on_batch=on_batch)
         except _Pause as pause:
             st = pause.state
-        return _row(st, job, compute_dtype(self.engine, s)), rows
-
-
-def _row(st: ScanState, job: Chunk, dtype: str) -> StoredScan:
-    def host(t: torch.Tensor):
-        return t.cpu().numpy()
-
-    return StoredScan(
-        name=job.name, tokens=st.tokens, windows=st.windows, exhausted=st.exhausted, target=job.target,
-        updated=time.time(), top_vals=host(st.top_vals), top_pos=host(st.top_pos), n_fired=host(st.n_fired),
-        hist=host(st.hist), compute_dtype=dtype, samp_pos=host(st.samp_pos), samp_vals=host(st.samp_vals),
-    )
+        return st.stored(job.name, job.target, compute_dtype(self.engine, s)), rows

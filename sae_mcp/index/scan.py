@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ from sae_mcp.engine.fast_encode import can_fuse
 from sae_mcp.engine.runtime import CancelToken, Engine
 from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.index.samples import FINE_PER_BIN, MAX_POS, SAMPLE_BINS, at, empty_samples, fold_samples
+from sae_mcp.index.store import StoredScan
 
 HIST_LO, HIST_HI, HIST_PER_DECADE = -4, 4, 8
 HIST_BINS = (HIST_HI - HIST_LO) * HIST_PER_DECADE  # 64
@@ -83,6 +85,15 @@ class ScanState:
         batches, at its resumable point, so the copy costs little next to the batches (~65 MB at 24576 features)."""
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).clone() for f in dataclasses.fields(self)
                                             if isinstance(getattr(self, f.name), torch.Tensor)})
+
+    def stored(self, name: str, target: int, compute_dtype: str | None) -> StoredScan:
+        """The state as the row `name` to write (IndexStore.save_scan), its tensors copied to host arrays."""
+        return StoredScan(
+            name=name, tokens=self.tokens, windows=self.windows, exhausted=self.exhausted, target=target,
+            updated=time.time(), top_vals=self.top_vals.cpu().numpy(), top_pos=self.top_pos.cpu().numpy(),
+            n_fired=self.n_fired.cpu().numpy(), hist=self.hist.cpu().numpy(), compute_dtype=compute_dtype,
+            samp_pos=self.samp_pos.cpu().numpy(), samp_vals=self.samp_vals.cpu().numpy(),
+        )
 
 
 def _key(vals: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -367,35 +378,53 @@ def _scan_batch(engine: Engine, sae: LoadedSAE, state: ScanState, batch: list[Wi
     return state
 
 
+@dataclass(frozen=True)
+class ScanRequest:
+    """What one scan reads and keeps (the windows, the state it resumes and the callbacks are separate)."""
+
+    context_size: int  # tokens per window: a token's position is window_index * context_size + its offset
+    bos: bool  # windows start with BOS (context, not scanned)
+    max_tokens: int  # document tokens to stop at, counting those of the resumed state
+    features: tuple[int, ...] | None = None  # the features kept, None = all d_sae (the state's F columns)
+    k: int = KEEP  # top activations kept per feature
+    batch_windows: int | None = None  # windows per forward; None = fitted to the device (batch_windows_for)
+
+    def __post_init__(self) -> None:
+        if self.context_size < 1 or self.max_tokens < 0 or self.k < 1:
+            raise ValueError(f"scan of context_size={self.context_size}, max_tokens={self.max_tokens}, k={self.k}: "
+                             "a window needs a token, k an example, and the budget cannot be negative")
+        if self.features is not None and not self.features:
+            raise ValueError("features=(): pass None for all features, or at least one")
+        if self.batch_windows is not None and self.batch_windows < 1:
+            raise ValueError(f"batch_windows={self.batch_windows}: at least one window a batch")
+
+
 def scan(
     engine: Engine,
     sae: LoadedSAE,
     windows: Iterable[Window],
+    request: ScanRequest,
     *,
-    context_size: int,
-    bos: bool,
-    max_tokens: int,
     state: ScanState | None = None,
-    features: list[int] | None = None,
-    k: int = KEEP,
-    batch_windows: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: CancelToken | None = None,
     on_batch: Callable[[list[Window], ScanState, bool], None] | None = None,
 ) -> ScanState:
-    """Scan `windows` (from the resume point) until max_tokens document tokens or the corpus' end.
+    """Scan `windows` (from the resume point `state`) until request.max_tokens document tokens or the corpus' end.
 
-    `features`: None for all d_sae features, else a subset (the on-demand single-feature scan; the full encode
-    still runs, since e.g. a TopK SAE's feature value depends on all the others). Windows are taken in buffers of
+    `request.features`: None for all d_sae features, else a subset (the on-demand single-feature scan; the full
+    encode still runs, since e.g. a TopK SAE's feature value depends on all the others). Windows are taken in buffers of
     BUFFER_BATCHES batches and scanned longest first (no padding to a stranger's length); the result is the same in
     any order (every statistic is exact and order-free). `on_batch(windows, state, resumable)` runs after each
     batch, outside the device lock: the store writes windows there, and checkpoints only a `resumable` state (the
     last batch of a buffer: everything before state.windows is in, nothing after it). The device lock is taken per
     batch, so other tools can run between batches of a long scan.
     """
+    context_size, bos, max_tokens, features = request.context_size, request.bos, request.max_tokens, request.features
     n_features = sae.d_sae if features is None else len(features)
     if state is None:
-        state = ScanState.empty(n_features, k, engine.device)
+        state = ScanState.empty(n_features, request.k, engine.device)
+    batch_windows = request.batch_windows
     if batch_windows is None:
         batch_windows = batch_windows_for(engine, sae, context_size, n_features)
     pad = windows_pad_id(engine)

@@ -8,6 +8,7 @@ a rerun can tell whether stored rows still fit what it must scan). The 'index' r
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -115,9 +116,7 @@ def shard_rows(index: IndexStore) -> list[StoredScan]:
 
 
 def save_row(index: IndexStore, name: str, row: StoredScan) -> None:
-    index.save_scan(name, tokens=row.tokens, windows=row.windows, exhausted=row.exhausted, target=row.target,
-                    top_vals=row.top_vals, top_pos=row.top_pos, n_fired=row.n_fired, hist=row.hist,
-                    compute_dtype=row.compute_dtype, samp_pos=row.samp_pos, samp_vals=row.samp_vals)
+    index.save_scan(dataclasses.replace(row, name=name))
 
 
 def merge_into_index(index: IndexStore, base: StoredScan | None, shards: list[Shard], walk: Walk, target: int

@@ -2,7 +2,7 @@
 
     ExampleSource(engine, settings)            built once per server (services), or by `sae-mcp index`
       .build_index(sae, max_tokens, ...)        the one-pass index of every feature (resumes, reuses)
-      .top_examples(sae, feature, k, context, intervals, per_interval)
+      .top_examples(sae, feature, View(k, context, intervals, per_interval), max_scan_tokens)
                                                 from the index; else an on-demand scan of the feature, cached
       .cached_top_examples(sae, feature, ...)   the same from the index or an already cached scan; never scans
       .feature_row(sae, feature)                the raw scan row holding the feature (index, else its scan, run now)
@@ -40,7 +40,7 @@ from sae_mcp.engine.runtime import CancelToken, Engine
 from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.errors import Busy, Cancelled, InvalidInput, SaeMcpError
 from sae_mcp.index.samples import SAMPLE_BINS, SAMPLES_PER_BIN
-from sae_mcp.index.scan import KEEP, ScanState, bos_id, compute_dtype, hist_edges, scan
+from sae_mcp.index.scan import KEEP, ScanRequest, ScanState, bos_id, compute_dtype, hist_edges, scan
 from sae_mcp.index.store import IndexStore, StoredScan, index_path, meta_for
 from sae_mcp.index.view import (
     DEFAULT_PER_INTERVAL,
@@ -113,12 +113,7 @@ class Checkpointer:
         self.latest: ScanState | None = None
 
     def save(self, st: ScanState) -> None:
-        self.index.save_scan(
-            self.name, tokens=st.tokens, windows=st.windows, exhausted=st.exhausted, target=self.target,
-            top_vals=st.top_vals.cpu().numpy(), top_pos=st.top_pos.cpu().numpy(),
-            n_fired=st.n_fired.cpu().numpy(), hist=st.hist.cpu().numpy(), compute_dtype=self.compute_dtype,
-            samp_pos=st.samp_pos.cpu().numpy(), samp_vals=st.samp_vals.cpu().numpy(),
-        )
+        self.index.save_scan(st.stored(self.name, self.target, self.compute_dtype))
         self.last_save = time.monotonic()
 
     def on_batch(self, batch, st: ScanState, resumable: bool) -> None:
@@ -247,10 +242,11 @@ class ExampleSource:
             windows = iter_windows(src, self.engine.corpus_tokenizer, length, bos,
                                    skip_windows=prev.windows if prev else 0, hub=self.engine.hub)
             try:
-                st = scan(self.engine, s, windows, context_size=length, bos=bos is not None, max_tokens=target,
-                          state=resume_state(prev, self.engine.device), features=features,
-                          batch_windows=batch_windows, progress=progress, cancel=cancel,
-                          on_batch=checkpoint.on_batch)
+                request = ScanRequest(context_size=length, bos=bos is not None, max_tokens=target,
+                                      features=None if features is None else tuple(features),
+                                      batch_windows=batch_windows)
+                st = scan(self.engine, s, windows, request, state=resume_state(prev, self.engine.device),
+                          progress=progress, cancel=cancel, on_batch=checkpoint.on_batch)
             except Cancelled:
                 checkpoint.save_latest()
                 raise
@@ -308,14 +304,12 @@ class ExampleSource:
         return TopExamples(**self._summary(s, row, col, feature), source=source, corpus=self.corpus(s).describe(),
                            context_size=length, **shown)
 
-    def top_examples(self, sae: str | None, feature: int, k: int = 10, context: int = DEFAULT_CONTEXT,
-                     max_scan_tokens: int = DEFAULT_SCAN_TOKENS, progress: Progress | None = None,
-                     cancel: CancelToken | None = None, intervals: int = 0,
-                     per_interval: int = DEFAULT_PER_INTERVAL, merge_duplicates: bool = True) -> TopExamples:
-        """The top k (identical shown contexts once, unless merge_duplicates=False) and, with intervals=N, up to
-        N activation bands with per_interval sampled examples each (view.py)."""
+    def top_examples(self, sae: str | None, feature: int, view: View, max_scan_tokens: int = DEFAULT_SCAN_TOKENS,
+                     progress: Progress | None = None, cancel: CancelToken | None = None) -> TopExamples:
+        """What `view` asks of the feature (view.py): the top k (identical shown contexts once, unless
+        view.merge=False) and, with intervals=N, up to N activation bands with per_interval sampled examples each;
+        from the index, else from an on-demand scan of max_scan_tokens tokens (cached)."""
         s = self.engine.sae(sae)
-        view = View(k, context, intervals, per_interval, merge_duplicates)
         self._check_request(s, feature, view)
         if not 1 <= max_scan_tokens <= MAX_SCAN_TOKENS:
             raise InvalidInput(f"max_scan_tokens={max_scan_tokens} is out of range: 1..{MAX_SCAN_TOKENS}; "

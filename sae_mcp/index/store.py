@@ -133,23 +133,22 @@ class IndexStore:
 
     # -- scans --------------------------------------------------------------------------------------------------
 
-    def save_scan(self, name: str, *, tokens: int, windows: int, exhausted: bool, target: int,
-                  top_vals: np.ndarray, top_pos: np.ndarray, n_fired: np.ndarray, hist: np.ndarray,
-                  compute_dtype: str | None = None, samp_pos: np.ndarray | None = None,
-                  samp_vals: np.ndarray | None = None) -> None:
-        """samp_pos/samp_vals [F, SB, S]: the interval samples (None: the row has none)."""
-        has = samp_pos is not None and samp_vals is not None
+    def save_scan(self, scan: StoredScan) -> None:
+        """Write `scan` as the row scan.name (replacing it), stamped with the time of this write: scan.updated is
+        not read, load_scan gives the stamp back as `updated`. Without interval samples (samp_pos or samp_vals
+        None) the row has none."""
+        samples = None if scan.samp_pos is None or scan.samp_vals is None else (scan.samp_pos, scan.samp_vals)
         row = (
-            name, int(top_vals.shape[1]), int(top_vals.shape[0]), int(tokens), int(windows), int(exhausted),
-            int(target), time.time(),
-            np.ascontiguousarray(top_vals, dtype=np.float32).tobytes(),
-            np.ascontiguousarray(top_pos, dtype=np.int64).tobytes(),
-            np.ascontiguousarray(n_fired, dtype=np.int64).tobytes(),
-            np.ascontiguousarray(hist, dtype=np.int64).tobytes(),
-            compute_dtype,
-            np.ascontiguousarray(samp_pos, dtype=np.int64).tobytes() if has else None,
-            np.ascontiguousarray(samp_vals, dtype=np.float32).tobytes() if has else None,
-            int(samp_pos.shape[1]) if has else None,
+            scan.name, int(scan.top_vals.shape[1]), int(scan.top_vals.shape[0]), int(scan.tokens), int(scan.windows),
+            int(scan.exhausted), int(scan.target), time.time(),
+            np.ascontiguousarray(scan.top_vals, dtype=np.float32).tobytes(),
+            np.ascontiguousarray(scan.top_pos, dtype=np.int64).tobytes(),
+            np.ascontiguousarray(scan.n_fired, dtype=np.int64).tobytes(),
+            np.ascontiguousarray(scan.hist, dtype=np.int64).tobytes(),
+            scan.compute_dtype,
+            np.ascontiguousarray(samples[0], dtype=np.int64).tobytes() if samples else None,  # [F, SB, S]
+            np.ascontiguousarray(samples[1], dtype=np.float32).tobytes() if samples else None,  # [F, SB, S]
+            int(samples[0].shape[1]) if samples else None,
         )
         with self._lock:
             marks = ", ".join("?" * len(row))

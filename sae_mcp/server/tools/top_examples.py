@@ -17,7 +17,7 @@ from sae_mcp.engine.runtime import CancelToken, Engine
 from sae_mcp.errors import SaeMcpError
 from sae_mcp.index.scan import KEEP, bos_id, windows_pad_id
 from sae_mcp.index.source import DEFAULT_CONTEXT, DEFAULT_SCAN_TOKENS, MAX_CONTEXT, MAX_SCAN_TOKENS
-from sae_mcp.index.view import DEFAULT_PER_INTERVAL, MAX_INTERVALS, MAX_PER_INTERVAL
+from sae_mcp.index.view import DEFAULT_PER_INTERVAL, MAX_INTERVALS, MAX_PER_INTERVAL, View
 from sae_mcp.ledger import summary as ls
 from sae_mcp.ledger.export.rules import AS_GIVEN, ExportRule
 from sae_mcp.ledger.export.session import items, lit, md_text
@@ -71,8 +71,8 @@ def make(deps: ToolDeps) -> Callable[..., CallToolResult]:
         """A feature's max-activating corpus examples, density, histogram; intervals: samples by band."""
         cancel = CancelToken()
         progress = progress_reporter(mcp_context, cancel, "tokens scanned")
-        res = source.top_examples(sae, feature, k=k, context=context, max_scan_tokens=max_scan_tokens,
-                                  progress=progress, cancel=cancel, intervals=intervals, per_interval=per_interval)
+        view = View(k, context, intervals, per_interval)
+        res = source.top_examples(sae, feature, view, max_scan_tokens, progress=progress, cancel=cancel)
         result = as_tool_result(res, render)
         if plot:
             png = histogram_png(res.histogram, f"{res.sae} feature {feature}: fired on {res.n_fired:,} of "
