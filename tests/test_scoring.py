@@ -22,7 +22,7 @@ from sae_mcp.cards.data import gather_card
 from sae_mcp.scoring import blind_set as sc
 from sae_mcp.scoring.metrics import metrics
 from sae_mcp.scoring.prompt import read_predictions, scorer_prompt
-from sae_mcp.scoring.runs import ExplanationScorer
+from sae_mcp.scoring.runs import BlindSetRequest, ExplanationScorer
 from sae_mcp.server.app import build_server
 from sae_mcp.server.tools import tool_map
 from sae_mcp.services import Services
@@ -492,8 +492,8 @@ def test_auto_scores_what_a_real_scorer_answers_from_the_prompt(setup, token_fea
 def test_the_scorer_prompt_keeps_the_explanation_as_written(setup, token_feature):
     """Braces in an explanation are not template slots: '{contexts}' in it is not replaced by the contexts."""
     server, services = setup
-    blind = ExplanationScorer(services).issue(None, token_feature[0], "odd {contexts} and {n}", None, 8, "detection",
-                                              123).blind
+    request = BlindSetRequest(None, token_feature[0], "odd {contexts} and {n}", None, 8, "detection", 123)
+    blind = ExplanationScorer(services).issue(request).blind
     prompt = scorer_prompt(blind)
     assert "EXPLANATION: odd {contexts} and {n}\n" in prompt and prompt.count(blind.contexts[0].text) == 1
 

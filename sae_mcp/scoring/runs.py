@@ -2,7 +2,7 @@
 predictions made on it scored and stored with the explanation (score_explanation / submit_predictions).
 
     ExplanationScorer(services)
-      .issue(sae, feature, explanation, label_id, n, method, seed, min_activation, session, ...)
+      .issue(BlindSetRequest(sae, feature, explanation, label_id, n, method, seed, ...), progress, cancel)
                                                   -> Issued: the BlindSet (stored) and its submit secret (not stored)
       .submit(challenge_id, submit_secret, predictions, scorer, session)
                                                   -> ExplanationScore (stored)
@@ -61,6 +61,39 @@ LOOKUP_RUNS = 1000  # newest runs of each such tool read per conversation (a cha
 
 
 @dataclass(frozen=True)
+class BlindSetRequest:
+    """One blind set asked for: the feature, the explanation it scores, how its contexts are drawn, for whom."""
+
+    sae: str | None  # the SAE's key; None = the default SAE
+    feature: int  # the feature the explanation is of
+    explanation: str | None  # the text to score; None = the text of label_id
+    label_id: int | None  # the label scored, by id (its text must be `explanation` when both are given)
+    n: int  # contexts in the set
+    method: str  # 'detection' (does it fire anywhere in the context) or 'fuzzing' (on the marked token)
+    seed: int | None = None  # the draw's seed; None = a random one (the set records it)
+    min_activation: float = sc.DEFAULT_MIN_ACTIVATION  # a context fires when its max >= this x the feature's max
+    session: str | None = None  # the conversation the set is handed to (its lookups make a score not blind)
+    auto: bool = False  # the client's model answers (MCP sampling), not the agent
+
+    def check(self) -> None:
+        """What needs no model or store: min_activation in its range."""
+        low, high = sc.MIN_ACTIVATION_RANGE
+        if not low <= self.min_activation <= high:
+            raise InvalidInput(f"min_activation {self.min_activation} is out of range: a fraction of the feature's "
+                               f"max activation from {low} to {high} (default {sc.DEFAULT_MIN_ACTIVATION})")
+
+
+@dataclass(frozen=True)
+class DrawnFrom:
+    """What a blind set is drawn from and with: the feature's scan row, the seed, the set's identity."""
+
+    row: StoredScan  # the row holding the feature (the index's, or its own on-demand scan's)
+    source: str  # 'index' or 'scan'
+    seed: int  # the request's seed, else the random one drawn
+    set_key: str  # SHA-1 of all that fixes the draw (SAE, feature, method, n, seed, min_activation, index, extent)
+
+
+@dataclass(frozen=True)
 class Issued:
     blind: BlindSet
     submit_secret: str  # handed out once; only its SHA-256 is stored
@@ -103,30 +136,27 @@ class ExplanationScorer:
 
     # -- handing out a blind set ----------------------------------------------------------------------------------
 
-    def issue(self, sae: str | None, feature: int, explanation: str | None, label_id: int | None, n: int,
-              method: str, seed: int | None, min_activation: float = sc.DEFAULT_MIN_ACTIVATION,
-              session: str | None = None, auto: bool = False, progress: Progress | None = None,
-              cancel: CancelToken | None = None) -> Issued:
-        s = self.engine.sae(sae)
+    def issue(self, request: BlindSetRequest, progress: Progress | None = None, cancel: CancelToken | None = None
+              ) -> Issued:
+        """Draw the blind set `request` asks for (reading the feature's row: an on-demand scan of it, which
+        `progress` follows and `cancel` stops, when there is no index), store it as an open challenge, hand it out."""
+        feature, n, method = request.feature, request.n, request.method
+        s = self.engine.sae(request.sae)
         self.engine.check_feature(s, feature)
-        low, high = sc.MIN_ACTIVATION_RANGE
-        if not low <= min_activation <= high:
-            raise InvalidInput(f"min_activation {min_activation} is out of range: a fraction of the feature's max "
-                               f"activation from {low} to {high} (default {sc.DEFAULT_MIN_ACTIVATION})")
-        text, label_id = self._explanation(s, feature, explanation, label_id)
-        seed = secrets.randbelow(2**31) if seed is None else int(seed)
+        request.check()
+        text, label_id = self._explanation(s, feature, request.explanation, request.label_id)
+        seed = secrets.randbelow(2**31) if request.seed is None else int(request.seed)
         index, row, col, source = self.services.examples.feature_row(s.key, feature, progress=progress,
                                                                      cancel=cancel)
-        view = self._view(s, feature, index, row, col, source, min_activation)
+        view = self._view(s, feature, index, row, col, source, request.min_activation)
         if view.max_activation <= 0:
             raise InvalidInput(f"feature {feature} never fired in the {row.tokens:,} tokens scanned: there is nothing "
                                "to score; build_index with more tokens, or score a feature that fires")
-        set_key = hashlib.sha1(json.dumps([s.store_key, feature, method, n, seed, min_activation, str(index.path),
-                                           row.tokens, row.windows]).encode()).hexdigest()
+        set_key = hashlib.sha1(json.dumps([s.store_key, feature, method, n, seed, request.min_activation,
+                                           str(index.path), row.tokens, row.windows]).encode()).hexdigest()
         view = dataclasses.replace(view, revealed=_spans(self.services.scores.revealed(s.store_key, feature)))
         drawn = self._draw(s, feature, index, view, n, method, np.random.default_rng(seed), cancel)
-        return self._hand_out(s, feature, text, label_id, method, n, seed, set_key, view, drawn, source, row, auto,
-                              session)
+        return self._hand_out(s, request, text, label_id, DrawnFrom(row, source, seed, set_key), view, drawn)
 
     def _explanation(self, s: LoadedSAE, feature: int, text: str | None, label_id: int | None
                      ) -> tuple[str, int | None]:
@@ -217,9 +247,11 @@ class ExplanationScorer:
         more = [w for w in holds if w not in ran][: max(0, want)]
         ran.update(zip(more, window_activations(self.engine, s, feature, [tokens[w] for w in more], cancel)))
 
-    def _hand_out(self, s: LoadedSAE, feature: int, text: str, label_id: int | None, method: str, n: int, seed: int,
-                  set_key: str, view: sc.FeatureView, drawn: Drawn, source: str, row: StoredScan, auto: bool,
-                  session: str | None) -> Issued:
+    def _hand_out(self, s: LoadedSAE, request: BlindSetRequest, text: str, label_id: int | None, origin: DrawnFrom,
+                  view: sc.FeatureView, drawn: Drawn) -> Issued:
+        """The drawn contexts as a BlindSet (with what a prediction of true means) and the open Challenge stored
+        with their answers; the submit secret is handed out here once, only its hash stored."""
+        feature, method, seed = request.feature, request.method, origin.seed
         now = time.time()
         cid = "ch_" + secrets.token_hex(6)
         secret = secrets.token_urlsafe(SECRET_BYTES)
@@ -233,11 +265,12 @@ class ExplanationScorer:
         blind = BlindSet(challenge_id=cid, sae=s.key, feature=feature, explanation=text, method=method, seed=seed,
                          min_activation=view.min_activation, expires_in_s=CHALLENGE_TTL_S,
                          question=question(method, n_true, len(contexts)), n_true=n_true, contexts=contexts,
-                         warnings=_draw_warnings(drawn, n, source, row) or None)
+                         warnings=_draw_warnings(drawn, request.n, origin.source, origin.row) or None)
         self.services.scores.add_challenge(Challenge(
             id=cid, sae=s.store_key, feature=feature, explanation=text, label_id=label_id, method=method,
-            n=len(drawn.items), seed=seed, set_key=set_key, created=now, expires=now + CHALLENGE_TTL_S, auto=auto,
-            blind=blind.model_dump(mode="json"), secret_hash=secret_hash(secret), session=session,
+            n=len(drawn.items), seed=seed, set_key=origin.set_key, created=now, expires=now + CHALLENGE_TTL_S,
+            auto=request.auto, blind=blind.model_dump(mode="json"), secret_hash=secret_hash(secret),
+            session=request.session,
             answers={"items": answers, "threshold": view.threshold, "min_activation": view.min_activation,
                      "bands": [[b.number, b.lower, b.upper] for b in drawn.bands]}))
         return Issued(blind, secret)

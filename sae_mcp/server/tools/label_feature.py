@@ -19,6 +19,7 @@ from sae_mcp.ledger.store import Run
 from sae_mcp.results.explain import LabelRecorded
 from sae_mcp.scoring.blind_set import DEFAULT_MIN_ACTIVATION, MIN_ACTIVATION_RANGE
 from sae_mcp.scoring.results import brief, brief_text
+from sae_mcp.scoring.runs import BlindSetRequest
 from sae_mcp.server.progress import progress_reporter
 from sae_mcp.server.text import join, warnings_lines
 from sae_mcp.server.tools.score_explanation import blind_set_text
@@ -74,9 +75,10 @@ def make(deps: ToolDeps) -> Callable[..., LabelRecorded]:
             return recorded
         cancel = CancelToken()
         try:
-            issued = scorer.issue(s.key, feature, None, rec.id, score.n, score.method, score.seed,
-                                  score.min_activation, session=deps.conversations.id_of(mcp_context),
-                                  progress=progress_reporter(mcp_context, cancel, "tokens scanned"), cancel=cancel)
+            request = BlindSetRequest(s.key, feature, None, rec.id, score.n, score.method, score.seed,
+                                      score.min_activation, session=deps.conversations.id_of(mcp_context))
+            issued = scorer.issue(request, progress=progress_reporter(mcp_context, cancel, "tokens scanned"),
+                                  cancel=cancel)
         except SaeMcpError as exc:  # the label stays recorded: say so rather than fail the call that wrote it
             return recorded.model_copy(update={"warnings": [
                 f"label recorded, but no blind set: {exc}; score it later with score_explanation(label_id=...)"]})

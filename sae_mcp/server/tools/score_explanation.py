@@ -39,7 +39,7 @@ from sae_mcp.ledger.rule import JSON, LedgerRule, ResolveContext
 from sae_mcp.results.scoring import BlindSet, ScoreExplanation
 from sae_mcp.scoring.blind_set import DEFAULT_MIN_ACTIVATION, MIN_ACTIVATION_RANGE
 from sae_mcp.scoring.prompt import answer_tokens, read_predictions, scorer_prompt
-from sae_mcp.scoring.runs import ExplanationScorer, Issued
+from sae_mcp.scoring.runs import BlindSetRequest, ExplanationScorer, Issued
 from sae_mcp.server.progress import progress_reporter
 from sae_mcp.server.text import join, warnings_lines
 from sae_mcp.server.tools.spec import ToolDeps, ToolSpec, hands_out_challenges
@@ -81,8 +81,9 @@ def make(deps: ToolDeps) -> Callable[..., Any]:
             return _score_reply(scorer, *reply, expect=(feature, method), session=session)
         cancel = CancelToken()
         progress = progress_reporter(mcp_context, cancel, "tokens scanned")
-        issued = scorer.issue(sae, feature, explanation, label_id, n, method, seed, min_activation, session=session,
-                              auto=auto, progress=progress, cancel=cancel)
+        request = BlindSetRequest(sae, feature, explanation, label_id, n, method, seed, min_activation,
+                                  session=session, auto=auto)
+        issued = scorer.issue(request, progress=progress, cancel=cancel)
         if not auto:
             return ScoreExplanation(challenge=issued.blind, submit_secret=issued.submit_secret)
         return _auto(scorer, issued, mcp_context, session)
