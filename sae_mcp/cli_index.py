@@ -48,8 +48,12 @@ def _with_cancel(source, keys, args) -> int:
     from sae_mcp.engine.runtime import CancelToken
 
     cancel = CancelToken()
-    # Ctrl-C: stop between batches, keep the last whole batch in a checkpoint; a second Ctrl-C kills at once.
-    old = signal.signal(signal.SIGINT, lambda *_: (cancel.cancel(), signal.signal(signal.SIGINT, signal.SIG_DFL)))
+    def interrupted(signum: int, frame: object) -> None:
+        """Ctrl-C: stop between batches, keep the last whole batch in a checkpoint; a second Ctrl-C kills at once."""
+        cancel.cancel()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    old = signal.signal(signal.SIGINT, interrupted)
     try:
         return _index_all(source, keys, args, cancel)
     finally:

@@ -53,7 +53,8 @@ def circuit_of(structured: dict[str, Any] | None) -> tuple[dict[str, Any], dict[
     """(the result without its graph, run_id and page; the graph) when a structured result holds a circuit graph,
     else None."""
     graph = (structured or {}).get("graph")
-    if not isinstance(graph, dict) or not str(graph.get("schema_name", "")).startswith(CIRCUIT_SCHEMA_PREFIX):
+    if structured is None or not isinstance(graph, dict) or \
+            not str(graph.get("schema_name", "")).startswith(CIRCUIT_SCHEMA_PREFIX):
         return None
     summary = {k: v for k, v in structured.items() if k not in ("graph", "run_id", "page")}
     return summary, graph

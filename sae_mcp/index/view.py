@@ -146,10 +146,13 @@ def show(engine: Engine, index: IndexStore, row: StoredScan, col: int, length: i
     """The row's column `col` as TopExamples' fields: examples, merged_duplicates, intervals, warnings. A dict
     given as `contexts` receives each shown example's Context, keyed by its (document, offset)."""
     cands = [(float(v), int(p)) for v, p in zip(row.top_vals[:, col], row.top_pos[:, col]) if v > 0]  # sorted
-    has_samples = row.samp_pos is not None and row.samp_vals is not None
-    fine_per = HIST_BINS // row.samp_pos.shape[1] if has_samples else 0
-    bands = quantile_bands(row.hist[col], view.intervals, fine_per) if view.intervals and has_samples else []
-    samples = [band_samples(row.samp_pos[col], row.samp_vals[col], b) for b in bands]
+    has_samples, fine_per = False, 0
+    bands: list[Band] = []
+    samples: list[list[tuple[float, int]]] = []  # per band: (activation, position) sampled in it
+    if row.samp_pos is not None and row.samp_vals is not None:  # [d_sae, samples per feature] each
+        has_samples, fine_per = True, HIST_BINS // row.samp_pos.shape[1]
+        bands = quantile_bands(row.hist[col], view.intervals, fine_per) if view.intervals else []
+        samples = [band_samples(row.samp_pos[col], row.samp_vals[col], b) for b in bands]
     shown_at = [p for _, p in cands] + [p for s in samples for _, p in s]
     wins = Windows(engine, index, length, nbos, view.context, shown_at)
     top, merged = _pick(cands, wins, view.k, view.merge)

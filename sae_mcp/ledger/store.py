@@ -455,7 +455,9 @@ class LedgerStore:
         most max_bytes; at most `most` runs in all. Each batch is its own transaction (another writer waits one
         batch, not the prune)."""
         spared = f" AND NOT (tool IN ({','.join('?' * len(kept_tools))}) AND ok = 1)" if kept_tools else ""
-        deleted, kept, sessions, after = 0, set(), set(), -1
+        kept: set[str] = set()  # run ids spared because `keep` names them
+        sessions: set[str] = set()  # sessions that lost runs
+        deleted, after = 0, -1
         while most is None or deleted < most:
             if before is None and (max_bytes is None or self.used_bytes() <= max_bytes):
                 break

@@ -14,13 +14,16 @@ URL never carries the token: the base is checked here.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 from mcp.types import CallToolResult, TextContent
 
 from sae_mcp.circuits.store import CIRCUIT_SCHEMA_PREFIX
 from sae_mcp.errors import InvalidInput
+
+Answer = TypeVar("Answer")
+"""A tool call's answer: a CallToolResult gets the link; anything else (a request for client input) passes as is."""
 
 PAGE_SCHEMA = {"type": "string", "description": "This feature's page on the dashboard (open it to see the results)"}
 CIRCUIT_PAGE_SCHEMA = {"type": "string", "description": "This circuit's page on the dashboard: the graph drawn, each "
@@ -39,7 +42,7 @@ def check_base(url: str) -> str:
     return url.strip().rstrip("/")
 
 
-def _one_feature(value: Any) -> int | None:
+def _one_feature(value: object) -> int | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -69,18 +72,20 @@ class PageLinks:
     def circuit_url(self, run_id: str) -> str:
         return f"{self.base}/circuits/{quote(run_id, safe='')}"
 
-    def add(self, result: Any, arguments: dict[str, Any], in_text: bool = False) -> Any:
+    def add(self, result: Answer, arguments: dict[str, Any], in_text: bool = False) -> Answer:
         """The result with `page` added when it names one feature (in place, as the ledger adds run_id)."""
         if not isinstance(result, CallToolResult) or result.is_error or result.structured_content is None:
             return result
         page = self.page_of(arguments or {}, result.structured_content)
-        return result if page is None else with_page(result, page, in_text)
+        if page is not None:
+            with_page(result, page, in_text)
+        return result
 
-    def add_circuit(self, result: Any, run_id: str, in_text: bool = True) -> Any:
+    def add_circuit(self, result: Answer, run_id: str, in_text: bool = True) -> Answer:
         """The result with `page`: its circuit's page (in place)."""
-        if not isinstance(result, CallToolResult) or result.is_error or result.structured_content is None:
-            return result
-        return with_page(result, self.circuit_url(run_id), in_text)
+        if isinstance(result, CallToolResult) and not result.is_error and result.structured_content is not None:
+            with_page(result, self.circuit_url(run_id), in_text)
+        return result
 
 
 def with_page(result: CallToolResult, page: str, in_text: bool) -> CallToolResult:

@@ -106,7 +106,7 @@ def _with_scores(services: Services, s: LoadedSAE, rows: list[Row]) -> list[Row]
     """Each labelled row with its label's latest scores (one query for the listing)."""
     scored = services.scores.latest([(s.store_key, r.feature, r.label) for r in rows if r.label])
     for r in rows:
-        r.scored = brief_text([brief(x) for x in scored.get((s.store_key, r.feature, r.label), [])])
+        r.scored = brief_text([brief(x) for x in scored.get((s.store_key, r.feature, r.label or ""), [])])
     return rows
 
 

@@ -135,7 +135,7 @@ def quotas(n: int, has_top_tokens: bool) -> tuple[int, int, int]:
 def pool_windows(view: FeatureView, rng: np.random.Generator) -> list[int]:
     """A random sample of unseen window ids, in a random order: the windows a blind set is drawn from."""
     size = min(view.n_windows, POOL_WINDOWS + len(view.seen_windows))
-    drawn = rng.choice(view.n_windows, size=size, replace=False) if size else []
+    drawn = rng.choice(view.n_windows, size=size, replace=False) if size else np.empty(0, dtype=np.int64)
     return [int(w) for w in drawn if int(w) not in view.seen_windows][:POOL_WINDOWS]
 
 

@@ -22,7 +22,7 @@ SLOT = re.compile(r"\{(explanation|n_true|n|contexts)\}")
 
 
 def scorer_prompt(blind: BlindSet) -> str:
-    text = files("sae_mcp.prompts").joinpath("scoring", f"{blind.method}.md").read_text(encoding="utf-8")
+    text = files("sae_mcp.prompts").joinpath("scoring").joinpath(f"{blind.method}.md").read_text(encoding="utf-8")
     contexts = "\n".join(f"{c.id}: {c.text}" for c in blind.contexts)
     values = {"explanation": blind.explanation, "n": str(len(blind.contexts)), "n_true": str(blind.n_true),
               "contexts": contexts}

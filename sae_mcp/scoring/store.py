@@ -142,9 +142,11 @@ class ScoreStore:
                                     (challenge_id,)).fetchone()
         if row is None:
             return None
-        *head, blind, answers, auto, submitted, score_id, secret_hash, session = row
-        return Challenge(*head, blind=json.loads(blind), answers=json.loads(answers), auto=bool(auto),
-                         submitted=submitted, score_id=score_id, secret_hash=secret_hash, session=session)
+        (id_, sae, feature, explanation, label_id, method, n, seed, set_key, created, expires, blind, answers, auto,
+         submitted, score_id, secret_hash, session) = row
+        return Challenge(id_, sae, feature, explanation, label_id, method, n, seed, set_key, created, expires,
+                         blind=json.loads(blind), answers=json.loads(answers), auto=bool(auto), submitted=submitted,
+                         score_id=score_id, secret_hash=secret_hash, session=session)
 
     def revealed(self, sae: str, feature: int) -> list[tuple[str, int, int, int]]:
         """(challenge id, window, start, end) of every context of this feature whose answers a submission revealed
@@ -166,8 +168,10 @@ class ScoreStore:
             cur = conn.execute(f"INSERT INTO scores ({SCORE_COLUMNS}) VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                                (c.sae, c.feature, c.explanation, c.label_id, c.method, c.n, c.seed,
                                 json.dumps(metrics), scorer, c.id, now))
-            conn.execute("UPDATE challenges SET submitted = ?, score_id = ? WHERE id = ?", (now, cur.lastrowid, c.id))
-            return int(cur.lastrowid)
+            score_id = cur.lastrowid
+            assert score_id is not None  # an INSERT sets it
+            conn.execute("UPDATE challenges SET submitted = ?, score_id = ? WHERE id = ?", (now, score_id, c.id))
+            return score_id
 
         return self._write(go)
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from typing import Any
+from collections.abc import Callable
+
+from mcp.server.mcpserver import Context
 
 from sae_mcp.ledger.recording import new_id
 
@@ -23,7 +25,7 @@ log = logging.getLogger(__name__)
 MAX_TEXT_KEYS = 10_000  # HTTP sessions remembered: a long-running server must not grow with every one ever opened
 
 
-def conversation_of(context: Any) -> tuple[Any, str | None]:
+def conversation_of(context: Context | None) -> tuple[object | None, str | None]:
     """(what every call of one conversation shares, the client's name) from a tool call's context.
 
     On the 2026 wire every request gets a Connection (and on a JSON-RPC pipe a TransportContext) of its own, so
@@ -55,16 +57,16 @@ class IdentityMap:
     dataclasses: equal by value, so two clients' would collide as dict keys). Strings are keys by value."""
 
     def __init__(self) -> None:
-        self._by_id: dict[int, tuple[Any, str]] = {}
+        self._by_id: dict[int, tuple[Callable[[], object], str]] = {}  # id -> (a reference to the key, value)
         self._by_text: dict[str, str] = {}
 
-    def get(self, key: Any) -> str | None:
+    def get(self, key: object) -> str | None:
         if isinstance(key, str):
             return self._by_text.get(key)
         found = self._by_id.get(id(key))
         return found[1] if found and found[0]() is key else None
 
-    def put(self, key: Any, value: str) -> None:
+    def put(self, key: object, value: str) -> None:
         if isinstance(key, str):  # an HTTP session id or a client's name: the newest MAX_TEXT_KEYS are kept
             self._by_text[key] = value
             if len(self._by_text) > MAX_TEXT_KEYS:
@@ -72,6 +74,7 @@ class IdentityMap:
             return
         if len(self._by_id) > 1024:  # drop the entries of connections that are gone
             self._by_id = {k: v for k, v in self._by_id.items() if v[0]() is not None}
+        ref: Callable[[], object]
         try:
             ref = weakref.ref(key)
         except TypeError:
@@ -87,7 +90,7 @@ class Conversations:
         self._own = new_id("s", 10)  # calls made without a connection (tests calling the server directly)
         self._lock = threading.Lock()
 
-    def session_of(self, context: Any) -> tuple[str, str | None]:
+    def session_of(self, context: Context | None) -> tuple[str, str | None]:
         """(session id, client name) of the conversation a call came in (the module's docstring says which)."""
         key, client = conversation_of(context)
         if key is None:
@@ -99,7 +102,7 @@ class Conversations:
                 self._ids.put(key, sid)
         return sid, client
 
-    def id_of(self, context: Any) -> str | None:
+    def id_of(self, context: Context | None) -> str | None:
         """The session id alone; None when it cannot be told (logged): the blind-scoring look-up check then reads
         the conversation a blind set was handed to only."""
         try:

@@ -19,9 +19,10 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Protocol
 
 import anyio.from_thread
+from mcp.server.mcpserver import Context
 
 from sae_mcp.engine.admission import unwatch_request, watch_call, watch_request, worker_cancelled
 from sae_mcp.engine.runtime import CancelToken
@@ -33,7 +34,13 @@ DISCONNECT_POLL_S = 0.1  # at most this often a round trip to the event loop to 
 request_cancelled = worker_cancelled  # True when the MCP request running this worker thread was cancelled
 
 
-def http_request_of(mcp_context: Any) -> Any | None:
+class HttpRequest(Protocol):
+    """What is asked of the HTTP request that carried a call (Starlette's Request)."""
+
+    async def is_disconnected(self) -> bool: ...
+
+
+def http_request_of(mcp_context: Context | None) -> HttpRequest | None:
     """The Starlette request that carried this call over HTTP (None in-process, over stdio, or outside MCP)."""
     try:
         request = mcp_context.request_context.request if mcp_context is not None else None
@@ -42,7 +49,7 @@ def http_request_of(mcp_context: Any) -> Any | None:
     return request if callable(getattr(request, "is_disconnected", None)) else None
 
 
-def client_disconnected(request: Any) -> bool:
+def client_disconnected(request: HttpRequest) -> bool:
     """Ask the event loop whether the HTTP connection of `request` is gone; False when it cannot be asked."""
     try:
         return bool(anyio.from_thread.run(request.is_disconnected))
@@ -51,7 +58,7 @@ def client_disconnected(request: Any) -> bool:
         return False
 
 
-def abandonment_check(mcp_context: Any, cancel: CancelToken) -> Callable[[], bool]:
+def abandonment_check(mcp_context: Context | None, cancel: CancelToken) -> Callable[[], bool]:
     """A check that trips `cancel` (and answers True) once the call's client cancelled or went away."""
     request = http_request_of(mcp_context)
     last_asked = -float("inf")
@@ -77,7 +84,7 @@ def abandonment_check(mcp_context: Any, cancel: CancelToken) -> Callable[[], boo
 
 
 @contextlib.contextmanager
-def watching_request(mcp_context: Any) -> Iterator[None]:
+def watching_request(mcp_context: Context | None) -> Iterator[None]:
     """Around one tool call, on the event loop: the engine's device and row waits of this call (on its worker
     thread, which inherits the context) end with Cancelled once its client cancelled or went away."""
     token = watch_request(abandonment_check(mcp_context, CancelToken()))
@@ -87,7 +94,7 @@ def watching_request(mcp_context: Any) -> Iterator[None]:
         unwatch_request(token)
 
 
-def progress_reporter(mcp_context: Any, cancel: CancelToken, unit: str) -> Callable[[int, int], None]:
+def progress_reporter(mcp_context: Context | None, cancel: CancelToken, unit: str) -> Callable[[int, int], None]:
     """A (done, total) callback for engine work: reports MCP progress, and cancels `cancel` when the client
     cancelled or the request is gone. With mcp_context None (called outside MCP) it only watches for cancellation.
     Call it on the tool's worker thread: it registers the same check for the call's device waits."""

@@ -14,11 +14,16 @@ sae_mcp.prompts, so a wheel and a checkout read the same files). A recipe file l
 from __future__ import annotations
 
 import re
+import sys
 from importlib.resources import files
-from importlib.resources.abc import Traversable
 from typing import Any
 
 from mcp.server.mcpserver.prompts.base import Prompt, PromptArgument
+
+if sys.version_info >= (3, 11):
+    from importlib.resources.abc import Traversable
+else:  # where 3.10 has it
+    from importlib.abc import Traversable
 
 FRONT_MATTER = re.compile(r"^---\n(.*?)\n---\n(.*)$", re.S)
 ARGUMENT = re.compile(r"^\s*-\s*(\w+)\s*(\(required\))?\s*:\s*(.*)$")

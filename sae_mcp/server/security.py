@@ -203,7 +203,7 @@ class PageLogins:
 
     def revoke(self, value: str | None) -> bool:
         """End this login; whether it was live."""
-        return bool(value) and self._expiry.pop(_digest(value), None) is not None
+        return value is not None and value != "" and self._expiry.pop(_digest(value), None) is not None
 
     def __len__(self) -> int:
         self._expire()

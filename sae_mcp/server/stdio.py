@@ -35,8 +35,10 @@ from pydantic import ValidationError
 
 try:  # the SDK's own claim on fd 0 (private): children read EOF and the wire stays ours alone
     from mcp.server.stdio import _claim_fd, _open_stdin_diversion
+
+    CLAIMS_STDIN = True
 except ImportError:  # a later SDK may rename them: read stdin in place, as SDK 1.x did
-    _claim_fd = _open_stdin_diversion = None
+    CLAIMS_STDIN = False
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +179,7 @@ class CheckedLines:
 async def checked_stdio_server():
     """The SDK's stdio_server with every line checked first: yields (read_stream, write_stream) as it does."""
     release = None
-    if _claim_fd is not None:
+    if CLAIMS_STDIN:
         binary, release = _claim_fd(0, sys.stdin, "rb", _open_stdin_diversion)
     else:
         binary = sys.stdin.buffer

@@ -9,7 +9,7 @@ every number of the structured content an agent needs, once, under a header line
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from mcp.types import CallToolResult, TextContent
@@ -55,7 +55,7 @@ def warnings_lines(warnings: list[str] | None) -> list[str]:
     return [f"warning: {w}" for w in warnings or []]
 
 
-def join(lines: list[str | None]) -> str:
+def join(lines: Iterable[str | None]) -> str:
     return "\n".join(line for line in lines if line)
 
 
@@ -72,7 +72,7 @@ def controls_lines(c: Controls, head: str = "controls") -> list[str]:
                      f"[{fmt(s.control_min)}, {fmt(s.control_max)}], z {z}, |target| > all: "
                      f"{'yes' if s.exceeds_all_controls else 'no'}")
     lines.append("  control features: " + " ".join(str(run.features) for run in c.runs))
-    return lines + [f"  note: {c.note}" if c.note else None, f"  caution: {c.caution}" if c.caution else None]
+    return lines + ([f"  note: {c.note}"] if c.note else []) + ([f"  caution: {c.caution}"] if c.caution else [])
 
 
 def as_tool_result(result: Any, render: Callable[[Any], str] | None) -> Any:

@@ -37,15 +37,17 @@ from typing import Any
 
 import anyio
 from mcp import MCPError
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError, UnexpectedResourceError, UnexpectedToolError
-from mcp.types import CallToolResult, TextContent
-from mcp_types import INVALID_PARAMS
+from mcp.types import CallToolResult, GetPromptResult, TextContent
+from mcp_types import INVALID_PARAMS, InputRequiredResult
+from mcp_types import Tool as MCPTool
 from pydantic import ValidationError
 
-from sae_mcp.circuits.store import circuit_of
+from sae_mcp.circuits.store import CircuitStore, circuit_of
 from sae_mcp.errors import SaeMcpError
-from sae_mcp.pages.links import CIRCUIT_PAGE_SCHEMA, PAGE_SCHEMA, draws_circuit, names_features
+from sae_mcp.ledger.recording import Ledger, Pending
+from sae_mcp.pages.links import CIRCUIT_PAGE_SCHEMA, PAGE_SCHEMA, PageLinks, draws_circuit, names_features
 from sae_mcp.server.conversations import Conversations
 from sae_mcp.server.progress import watching_request
 from sae_mcp.server.text import as_tool_result
@@ -64,10 +66,10 @@ class SaeMcpServer(MCPServer):
         super().__init__(*args, **kwargs)
         self._argument_names: dict[str, set[str]] | None = None  # tool -> its input schema's properties
         self._defaults: dict[str, dict[str, Any]] | None = None  # tool -> its arguments' defaults (for the ledger)
-        self.ledger: Any = None  # services.ledger.Ledger when calls are recorded
-        self.pages: Any = None  # pages.links.PageLinks when the feature pages are served somewhere
-        self.circuits: Any = None  # store.circuits.CircuitStore keeping circuit graphs whole (with the ledger)
-        self.tools: dict[str, ToolSpec[Any]] = {}  # name -> spec of every tool registered (register_tool)
+        self.ledger: Ledger | None = None  # set when calls are recorded
+        self.pages: PageLinks | None = None  # set when the feature pages are served somewhere
+        self.circuits: CircuitStore | None = None  # keeps circuit graphs whole (with the ledger)
+        self.tools: dict[str, ToolSpec[Any]] = {}  # name -> spec of every tool registered (any result model)
         self.conversations = Conversations()  # the session id of each conversation (the ledger files runs under it)
 
     def page_in_text(self, name: str) -> bool:
@@ -80,7 +82,8 @@ class SaeMcpServer(MCPServer):
         spec = self.tools.get(name)
         return spec is None or spec.ledger is not None
 
-    async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+    async def call_tool(self, name: str, arguments: dict[str, Any], context: Context | None = None
+                        ) -> CallToolResult | InputRequiredResult:
         pending = await self._begin(name, arguments, context)
         try:
             result = await self._call_tool(name, arguments, context)
@@ -101,7 +104,7 @@ class SaeMcpServer(MCPServer):
             result = self.pages.add(result, arguments, self.page_in_text(name))  # as list_tools lists `page`
         return result
 
-    async def _begin(self, name: str, arguments: dict[str, Any], context: Any) -> Any:
+    async def _begin(self, name: str, arguments: dict[str, Any], context: Context | None) -> Pending | None:
         """The ledger's record of this call, begun; None when not recording (or when beginning failed: logged)."""
         if self.ledger is None or not self.recorded(name):
             return None
@@ -113,10 +116,10 @@ class SaeMcpServer(MCPServer):
             log.warning("could not begin recording the %s call; answering without the ledger", name, exc_info=True)
             return None
 
-    async def _keep_circuit(self, result: Any, run_id: str, in_text: bool) -> Any:
+    async def _keep_circuit(self, result: CallToolResult, run_id: str, in_text: bool) -> CallToolResult:
         """A result holding a circuit graph: the graph kept under run_id and, with pages served, the link to its
         page added. Keeping it never fails a call (logged: the answer goes out without the link)."""
-        found = circuit_of(result.structured_content) if isinstance(result, CallToolResult) else None
+        found = circuit_of(result.structured_content)
         if found is None or self.circuits is None or result.is_error:
             return result
         try:
@@ -127,7 +130,8 @@ class SaeMcpServer(MCPServer):
             return result
         return result if self.pages is None else self.pages.add_circuit(result, run_id, in_text)
 
-    async def _call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+    async def _call_tool(self, name: str, arguments: dict[str, Any], context: Context | None = None
+                         ) -> CallToolResult | InputRequiredResult:
         valid = await self.argument_names(name)
         unknown = sorted(set(arguments) - valid)
         if valid and unknown:
@@ -143,7 +147,7 @@ class SaeMcpServer(MCPServer):
                 raise ToolError(f"invalid arguments for {name}: {validation_message(exc.__cause__)}") from exc.__cause__
             raise
 
-    async def list_tools(self) -> list[Any]:
+    async def list_tools(self) -> list[MCPTool]:
         """The SDK's tool list with the input schemas written compactly (published_schema): every conversation
         pays for the list before its first call."""
         tools = await super().list_tools()
@@ -160,7 +164,7 @@ class SaeMcpServer(MCPServer):
                 props = t.output_schema.get("properties", {})
                 t.output_schema = {**t.output_schema, "properties": {**props, "page": PAGE_SCHEMA}}
             if self.pages is not None and self.ledger is not None and self.circuits is not None and \
-                    draws_circuit(t.output_schema):
+                    t.output_schema is not None and draws_circuit(t.output_schema):
                 props = t.output_schema.get("properties", {})
                 t.output_schema = {**t.output_schema, "properties": {**props, "page": CIRCUIT_PAGE_SCHEMA}}
         return tools
@@ -172,7 +176,8 @@ class SaeMcpServer(MCPServer):
             self._argument_names = {t.name: set(t.input_schema.get("properties", {})) for t in tools}
         return self._argument_names.get(name, set())
 
-    async def get_prompt(self, name: str, arguments: dict[str, Any] | None = None, context: Any = None) -> Any:
+    async def get_prompt(self, name: str, arguments: dict[str, Any] | None = None, context: Context | None = None
+                         ) -> GetPromptResult | InputRequiredResult:
         listed = {p.name: p for p in await self.list_prompts()}
         if name in listed:
             missing = [a.name for a in listed[name].arguments or [] if a.required and not (arguments or {}).get(a.name)]
@@ -260,14 +265,21 @@ def inlined(schema: Any, defs: dict[str, dict]) -> Any:
     return published_schema(out) if "anyOf" in out else out
 
 
+def family_of(option: object) -> str | None:
+    """The type family of an anyOf option of one simple type; None for anything else."""
+    kind = option.get("type") if isinstance(option, dict) else None
+    return FAMILY.get(kind) if isinstance(kind, str) else None
+
+
 def merged_types(options: list) -> dict | None:
     """anyOf options of distinct simple types, each constrained only by its own type's keywords -> one schema
     with the list of types (or the one type); None where that would change what is accepted (a $ref, an enum,
     two options of one family such as integer and number)."""
-    families = [FAMILY.get(o.get("type")) if isinstance(o, dict) else None for o in options]
-    if not options or None in families or len(set(families)) != len(families):
+    families = [family_of(o) for o in options]
+    known = [f for f in families if f is not None]
+    if not options or len(known) != len(families) or len(set(known)) != len(known):
         return None
-    if any(set(o) - {"type", "description"} - TYPE_KEYWORDS[f] for o, f in zip(options, families)):
+    if any(set(o) - {"type", "description"} - TYPE_KEYWORDS[f] for o, f in zip(options, known)):
         return None
     types = [o["type"] for o in options]
     merged = {"type": types[0] if len(types) == 1 else types}

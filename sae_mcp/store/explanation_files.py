@@ -89,7 +89,6 @@ def parse_explanations_text(text: str, name: str, d_sae: int | None = None, neur
     """A JSON list (or {"explanations": [...]}), JSONL, or CSV with a header row -> normalised rows.
     `neuronpedia_id`, `sae_name`: the target SAE, checked against the rows' modelId/layer (normalise_rows)."""
     where = f"{name}: "
-    chk = dict(neuronpedia_id=neuronpedia_id, sae_name=sae_name)
     stripped = text.lstrip()
     suffix = Path(name).suffix.lower()
     if not stripped:
@@ -100,7 +99,7 @@ def parse_explanations_text(text: str, name: str, d_sae: int | None = None, neur
             raise InvalidInput(
                 f"{where}a CSV needs a header row with a 'feature' (or 'index') and a 'description' column"
             )
-        return normalise_rows(reader, d_sae, where, **chk)
+        return normalise_rows(reader, d_sae, where, neuronpedia_id=neuronpedia_id, sae_name=sae_name)
     if suffix == ".jsonl" or (stripped.startswith("{") and "\n{" in stripped and suffix != ".json"):
         records = []
         for n, line in enumerate(text.splitlines(), start=1):
@@ -109,7 +108,7 @@ def parse_explanations_text(text: str, name: str, d_sae: int | None = None, neur
                     records.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise InvalidInput(f"{where}line {n} is not valid JSON: {exc.msg}") from None
-        return normalise_rows(records, d_sae, where, **chk)
+        return normalise_rows(records, d_sae, where, neuronpedia_id=neuronpedia_id, sae_name=sae_name)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -119,7 +118,7 @@ def parse_explanations_text(text: str, name: str, d_sae: int | None = None, neur
     rows = explanation_list(data)
     if rows is None:
         raise InvalidInput(f"{where}expected a JSON list of {{feature, description}} objects")
-    return normalise_rows(rows, d_sae, where, **chk)
+    return normalise_rows(rows, d_sae, where, neuronpedia_id=neuronpedia_id, sae_name=sae_name)
 
 
 def explanation_list(data: object) -> list | None:

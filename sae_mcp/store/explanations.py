@@ -33,11 +33,15 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from sae_mcp.errors import InvalidInput
 from sae_mcp.store.db import open_db, slug
+
+if TYPE_CHECKING:  # the optional `semantic` extra: imported on first use
+    from sentence_transformers import SentenceTransformer
 
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009): dampens the weight of the very top ranks
 MIN_COSINE = 0.2  # semantic candidates below this similarity are unrelated for MiniLM; they are not returned
@@ -118,7 +122,7 @@ class MiniLMEmbedder:
     name = "all-MiniLM-L6-v2"
 
     def __init__(self) -> None:
-        self._model = None
+        self._model: SentenceTransformer | None = None
         self._lock = threading.Lock()
 
     def __call__(self, texts: list[str]):
@@ -149,17 +153,18 @@ def default_embedder() -> Embedder | None:
 class ExplanationStore:
     """Imported explanations + agent labels for every SAE of one model, searchable with FTS5 (and embeddings)."""
 
-    def __init__(self, path: Path, embedder: Embedder | None | str = "auto"):
+    def __init__(self, path: Path, embedder: Embedder | None | Literal["auto"] = "auto"):
         self.path = Path(path)
         self.conn = open_db(self.path)
         self.conn.executescript(SCHEMA)
         self._migrate()
         self._lock = threading.RLock()  # the connection is shared by the tool worker threads: one user at a time
-        self.embedder = default_embedder() if embedder == "auto" else embedder
+        self.embedder: Embedder | None = default_embedder() if isinstance(embedder, str) else embedder
         self.embedder_name = getattr(self.embedder, "name", type(self.embedder).__name__) if self.embedder else None
 
     @classmethod
-    def for_model(cls, data_dir: Path, model_key: str, embedder: Embedder | None | str = "auto") -> ExplanationStore:
+    def for_model(cls, data_dir: Path, model_key: str, embedder: Embedder | None | Literal["auto"] = "auto"
+                  ) -> ExplanationStore:
         return cls(explanations_db_path(data_dir, model_key), embedder=embedder)
 
     def close(self) -> None:
@@ -312,7 +317,7 @@ class ExplanationStore:
         if not words:
             raise InvalidInput("the query is empty; pass some words to look for, e.g. 'bible verses'")
         q = None
-        if self.semantic:
+        if self.embedder is not None:
             self._embed_missing(saes)
             q = np.asarray(self.embedder([query]), dtype=np.float32)[0]  # [dim], unit norm
         with self._lock:
@@ -365,6 +370,8 @@ class ExplanationStore:
 
     def _embed_missing(self, saes: Sequence[str] | None, batch: int = 512) -> None:
         """Embed texts with no cached vector for this embedder (first search after an import pays for it once)."""
+        if self.embedder is None:
+            return
         where, args = self._where_sae(saes, "t.sae")
         with self._lock:
             todo = self.conn.execute(

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from sae_mcp.ledger.export.preamble import preamble
-from sae_mcp.ledger.export.rules import ExportRule, export_rule
+from sae_mcp.ledger.export.rules import ExportRule, Redone, export_rule
 from sae_mcp.ledger.export.session import Cell, SessionData, label_markdown, md_text, run_markdown
 from sae_mcp.ledger.store import Run
 
@@ -44,7 +44,7 @@ def _run_cells(run: Run, data: SessionData) -> list[Cell]:
         return [("markdown", run_markdown(run, data, None if rule.cell else
                                           "Listed only: not a tool this export redoes."))]
     try:
-        code = rule.cell(run)
+        code = rule.cell(Redone(id=run.id, resolved=run.resolved, result=run.result, truncated=run.truncated))
     except (KeyError, TypeError, IndexError) as exc:  # a run recorded before a field existed, or cut away
         return [("markdown", run_markdown(run, data, f"Not redone: the record lacks {md_text(exc)}."))]
     return [("markdown", run_markdown(run, data, _note(run, rule))), ("code", code)]
@@ -86,7 +86,8 @@ def write_py(cs: list[Cell], path: Path) -> None:
 def write_ipynb(cs: list[Cell], path: Path) -> None:
     nb_cells = []
     for i, (kind, source) in enumerate(cs):
-        cell = {"cell_type": kind, "id": f"cell-{i}", "metadata": {}, "source": source.splitlines(keepends=True)}
+        cell: dict[str, object] = {"cell_type": kind, "id": f"cell-{i}", "metadata": {},
+                                   "source": source.splitlines(keepends=True)}
         if kind == "code":
             cell.update(execution_count=None, outputs=[])
         nb_cells.append(cell)

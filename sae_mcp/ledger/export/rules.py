@@ -30,7 +30,21 @@ class Label:
     scored: list[dict] = field(default_factory=list)  # scores of its text known when it was recorded (ScoreBrief)
 
 
-Cell = Callable[[Run], str]
+@dataclass(frozen=True)
+class Redone:
+    """A run as its export cell redoes it: recorded whole, its result and resolved arguments both there."""
+
+    id: str
+    """The run's id."""
+    resolved: JSON
+    """Its arguments as resolved (the defaults, and what the tool looked up, filled in)."""
+    result: JSON
+    """Its result (the ledger's copy: cut when truncated)."""
+    truncated: bool
+    """The result copy was cut (fit): the cell checks what was kept."""
+
+
+Cell = Callable[[Redone], str]
 """A recorded run -> Python source that redoes it with plain transformer-lens + sae-lens and asserts its numbers."""
 Note = Callable[[Run], str | None]
 """A recorded run -> a sentence shown above its cell, or None."""

@@ -64,7 +64,7 @@ def load_session(store: LedgerStore, ref: str | None, tools: Mapping[str, Export
     if not runs:
         raise NotFound(f"session {sid} has no runs")
     envs = {r.env: store.env(r.env) or {} for r in runs if r.env}
-    env = envs.get(runs[-1].env) or next(iter(envs.values()), {})
+    env = envs.get(runs[-1].env or "") or next(iter(envs.values()), {})
     labels = []
     for r in runs:
         label_of = export_rule(tools, r.tool).label  # the tools whose runs record a label

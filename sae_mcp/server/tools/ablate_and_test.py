@@ -14,10 +14,9 @@ from sae_mcp.engine import ablation
 from sae_mcp.engine.controls import MAX_CONTROLS
 from sae_mcp.ledger import summary as ls
 from sae_mcp.ledger.export.preamble import METRIC_HELPER
-from sae_mcp.ledger.export.rules import AS_GIVEN, ExportRule
+from sae_mcp.ledger.export.rules import AS_GIVEN, ExportRule, Redone
 from sae_mcp.ledger.export.session import items, lit, md_text
 from sae_mcp.ledger.rule import JSON, LedgerRule, ResolveContext
-from sae_mcp.ledger.store import Run
 from sae_mcp.results.causal import AblationResult, NextTokenTable
 from sae_mcp.server.text import controls_lines, fmt, join, tok, warnings_lines
 from sae_mcp.server.tools.spec import ToolDeps, ToolSpec, read_only
@@ -137,7 +136,7 @@ def check_table(logits, ref, recorded, answer_id, cf_id, what, suffix=""):
 '''
 
 
-def cell(run: Run) -> str:
+def cell(run: Redone) -> str:
     r, res = run.resolved, run.result
     a, c = res["answer"]["token_id"], (res.get("counterfactual") or {}).get("token_id")
     tables = {k: {f: v for f, v in res[k].items() if f != "top"} for k in

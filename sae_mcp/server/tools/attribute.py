@@ -13,10 +13,9 @@ from pydantic import Field
 from sae_mcp.engine import attribution as attr
 from sae_mcp.engine.attribution_checks import IG_TOLERANCE
 from sae_mcp.ledger import summary as ls
-from sae_mcp.ledger.export.rules import ExportRule, Handed, ReplayRule
+from sae_mcp.ledger.export.rules import ExportRule, Handed, Redone, ReplayRule
 from sae_mcp.ledger.export.session import items, lit, md_text
 from sae_mcp.ledger.rule import JSON, LedgerRule, ResolveContext
-from sae_mcp.ledger.store import Run
 from sae_mcp.results.causal import Attribution
 from sae_mcp.server.text import fmt, join, tok, warnings_lines
 from sae_mcp.server.tools.spec import ToolDeps, ToolSpec, read_only
@@ -157,7 +156,7 @@ def exact_contribution(keys, tokens, position, answer_id, cf_id, log_prob, key, 
 '''
 
 
-def cell(run: Run) -> str:
+def cell(run: Redone) -> str:
     r, res = run.resolved, run.result
     a = (r.get("answer_ids") or [None])[0]
     c = (r.get("counterfactual_ids") or [None])[0]

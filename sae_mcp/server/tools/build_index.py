@@ -30,7 +30,7 @@ def make(deps: ToolDeps) -> Callable[..., IndexReport]:
     def build_index(
         sae: Annotated[str | None, A.sae] = None,
         tokens: Annotated[int, Field(ge=1_000, le=MAX_INDEX_TOKENS, description="Corpus tokens to scan")] = 200_000,
-        mcp_context: Context = None,
+        mcp_context: Context | None = None,
     ) -> IndexReport:
         """Index every feature of an SAE in one corpus pass, so the corpus views answer at once."""
         cancel = CancelToken()

@@ -13,11 +13,10 @@ from pydantic import Field
 from sae_mcp.engine import features as feat
 from sae_mcp.engine import prompt_sets
 from sae_mcp.ledger import summary as ls
-from sae_mcp.ledger.export.rules import AS_GIVEN, ExportRule
+from sae_mcp.ledger.export.rules import AS_GIVEN, ExportRule, Redone
 from sae_mcp.ledger.export.session import items, lit
 from sae_mcp.ledger.rule import JSON, LedgerRule
-from sae_mcp.ledger.store import Run
-from sae_mcp.results import PromptComparison
+from sae_mcp.results import FeatureDiff, FeatureSetDiff, PromptComparison
 from sae_mcp.server.text import fmt, join, tok, warnings_lines
 from sae_mcp.server.tools.spec import ToolDeps, ToolSpec, read_only
 
@@ -57,16 +56,17 @@ def make(deps: ToolDeps) -> Callable[..., PromptComparison]:
 
 def render(r: PromptComparison) -> str:
     if r.mode == "pair":
-        head = (f"sae {r.sae}, position {r.position}: a={tok(r.token_a)} b={tok(r.token_b)}; "
+        head = (f"sae {r.sae}, position {r.position}: a={tok(r.token_a or '')} b={tok(r.token_b or '')}; "
                 "feature: activation a, b, difference a-b")
-        rows = [f"{d.feature}: {fmt(d.activation_a)}, {fmt(d.activation_b)}, {fmt(d.difference)}" for d in r.diffs]
+        rows = [f"{d.feature}: {fmt(d.activation_a)}, {fmt(d.activation_b)}, {fmt(d.difference)}" for d in r.diffs
+                if isinstance(d, FeatureDiff)]
     else:
         head = (f"sae {r.sae}, position {r.position}, {r.n_a} vs {r.n_b} prompts, sorted by {r.sort_by}; compared "
                 f"tokens a: {' '.join(map(tok, r.tokens_a or []))}; b: {' '.join(map(tok, r.tokens_b or []))}\n"
                 "feature: mean a, mean b, difference, Cohen's d, rank-biserial[, separated]")
         rows = [f"{d.feature}: {fmt(d.mean_a)}, {fmt(d.mean_b)}, {fmt(d.difference)}, "
                 f"{'n/a' if d.effect_size is None else fmt(d.effect_size)}, {fmt(d.rank_biserial)}"
-                + (", separated" if d.separated else "") for d in r.diffs]
+                + (", separated" if d.separated else "") for d in r.diffs if isinstance(d, FeatureSetDiff)]
     return join([head, *rows, *warnings_lines(r.warnings)])
 
 
@@ -80,7 +80,7 @@ def features(r: JSON) -> set[int]:
     return {d["feature"] for d in r.get("diffs") or []}
 
 
-def cell(run: Run) -> str:
+def cell(run: Redone) -> str:
     r, res = run.resolved, run.result
     pos, key, bos = r["position"], r["sae"], r["prepend_bos"]
     if res["mode"] == "pair":
@@ -97,11 +97,11 @@ if len(recorded) == {r['top_k']}:  # nothing left out differs more than the last
     check_top((a - b).abs(), [(f, abs(d)) for f, _, _, d in recorded], {r['top_k']}, "|difference|")
 print({run.id!r}, "compare_prompts reproduced:", len(recorded), "features")
 """
-    rows = [(d["feature"], d["mean_a"], d["mean_b"], d["difference"], d["rank_biserial"]) for d in items(res["diffs"])]
+    means = [(d["feature"], d["mean_a"], d["mean_b"], d["difference"], d["rank_biserial"]) for d in items(res["diffs"])]
     return f"""\
 A = torch.stack([sae_acts({key!r}, p, prepend_bos={bos})[{pos}] for p in {lit(r['prompts_a'], 29)}])
 B = torch.stack([sae_acts({key!r}, p, prepend_bos={bos})[{pos}] for p in {lit(r['prompts_b'], 29)}])
-recorded = {lit(rows, 11)}  # (feature, mean_a, mean_b, difference, rank_biserial)
+recorded = {lit(means, 11)}  # (feature, mean_a, mean_b, difference, rank_biserial)
 for feature, mean_a, mean_b, d, rb in recorded:
     a, b = A[:, feature], B[:, feature]
     close(a.mean(), mean_a, f"feature {{feature}}: mean over prompts_a")

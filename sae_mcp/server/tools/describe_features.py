@@ -39,7 +39,8 @@ def make(deps: ToolDeps) -> Callable[..., FeatureDescriptions]:
     ) -> FeatureDescriptions:
         """The evidence to explain features, several per call: examples, band samples, logit lens, labels."""
         s = engine.sae(sae)
-        out, left_out = [], []
+        out: list[FeatureDescription] = []
+        left_out: list[int] = []  # features that did not fit the budget
         used = len(describe_text_head(s.key)) + LEFT_OUT_RESERVE  # the header, and room for the left-out line
         for f in dict.fromkeys(features):
             if left_out:
@@ -65,7 +66,7 @@ def _context(e: Example) -> str:
 def describe_text(d: FeatureDescription) -> str:
     """One feature of describe_features, compactly (the tool keeps the whole answer within its budget)."""
     head = f"feature {d.feature}: " + (f"density {fmt(d.density)}, max {fmt(d.max_activation)}"
-                                      if d.density is not None else "not indexed")
+                                      if d.density is not None and d.max_activation is not None else "not indexed")
     lines = [head + ("; labels: " + " | ".join(repr(x) for x in d.labels) if d.labels else "")]
     lines += [f"  {fmt(e.activation)}: {_context(e)}" for e in d.top]
     for b in d.bands:

@@ -48,8 +48,8 @@ def render(r: FeatureStats) -> str:
     lines = [f"sae {r.sae}: {r.n_features} features considered, sorted by {r.sort_by}; densities {r.densities}",
              " ".join(cols)]
     for f in r.features:
-        vals = [str(f.feature)] + ([fmt(f.mean)] if has_mean else []) + [fmt(f.std), fmt(f.skewness),
-                                                                          fmt(f.kurtosis)]
+        mean = [fmt(f.mean) if f.mean is not None else "n/a"] if has_mean else []
+        vals = [str(f.feature)] + mean + [fmt(f.std), fmt(f.skewness), fmt(f.kurtosis)]
         lines.append(" ".join(vals + ([fmt(f.density)] if has_density and f.density is not None else [])))
     return join(lines)
 

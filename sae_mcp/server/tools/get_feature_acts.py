@@ -11,10 +11,9 @@ from pydantic import Field
 
 from sae_mcp.engine import features as feat
 from sae_mcp.ledger import summary as ls
-from sae_mcp.ledger.export.rules import AS_GIVEN, ExportRule
+from sae_mcp.ledger.export.rules import AS_GIVEN, ExportRule, Redone
 from sae_mcp.ledger.export.session import items, lit
 from sae_mcp.ledger.rule import JSON, LedgerRule
-from sae_mcp.ledger.store import Run
 from sae_mcp.results import FeatureActs
 from sae_mcp.server.text import fmt, join, tok, warnings_lines
 from sae_mcp.server.tools.spec import ToolDeps, ToolSpec, read_only
@@ -62,7 +61,7 @@ def features(r: JSON) -> set[int]:
     return {a["feature"] for p in r.get("positions") or [] for a in p.get("top") or []}
 
 
-def cell(run: Run) -> str:
+def cell(run: Redone) -> str:
     r, res = run.resolved, run.result
     rows = [(p["position"], p["l0"], [(a["feature"], a["activation"]) for a in items(p["top"])])
             for p in items(res["positions"])]

@@ -54,7 +54,7 @@ def make(deps: ToolDeps) -> Callable[..., LabelRecorded]:
         ] = None,
         score: Annotated[ScoreRequest | None, Field(description="Also hand out its blind set, e.g. "
                                                     '{"n": 20}')] = None,
-        mcp_context: Context = None,
+        mcp_context: Context | None = None,
     ) -> LabelRecorded:
         """Record your explanation of a feature, citing run_ids; with score, also get its blind set."""
         s = engine.sae(sae)
@@ -69,6 +69,7 @@ def make(deps: ToolDeps) -> Callable[..., LabelRecorded]:
         n = sum(1 for e in store.for_feature(s.store_key, feature) if e.source == "label")
         scored = services.scores.latest([(s.store_key, feature, rec.description)]).get(
             (s.store_key, feature, rec.description), [])
+        assert rec.id is not None  # add_label answers with the stored row, which has its id
         recorded = LabelRecorded(feature=feature, sae=s.key, label_id=rec.id, labels_for_feature=n,
                                  scored=[brief(x) for x in scored] or None)
         if score is None:

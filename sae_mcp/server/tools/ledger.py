@@ -124,7 +124,7 @@ def make(deps: ToolDeps) -> Callable[..., CallToolResult]:
         sae: Annotated[str | None, Field(max_length=256, description="With feature: this SAE's")] = None,
         run: Annotated[str | None, Field(max_length=32, description="One run in full")] = None,
         limit: Annotated[int, Field(ge=1, le=MAX_LIMIT)] = 20,
-        mcp_context: Context = None,
+        mcp_context: Context | None = None,
     ) -> Annotated[CallToolResult, LedgerAnswer]:
         """Earlier runs of any conversation, newest first: to resume, and to find run_ids to cite."""
         current = deps.conversations.session_of(mcp_context)[0] if ledger.recording else None

@@ -11,10 +11,9 @@ from pydantic import Field
 
 from sae_mcp.engine import logits as lg
 from sae_mcp.ledger import summary as ls
-from sae_mcp.ledger.export.rules import AS_GIVEN, ExportRule
+from sae_mcp.ledger.export.rules import AS_GIVEN, ExportRule, Redone
 from sae_mcp.ledger.export.session import items, lit
 from sae_mcp.ledger.rule import JSON, LedgerRule
-from sae_mcp.ledger.store import Run
 from sae_mcp.results import NextToken
 from sae_mcp.server.text import fmt, join, tok, warnings_lines
 from sae_mcp.server.tools.spec import ToolDeps, ToolSpec, read_only
@@ -55,7 +54,7 @@ def summary(r: JSON) -> str:
     return top + (f"; answer {a['token']!r} rank {a['rank']} p {ls.fmt(a['probability'])}" if a else "")
 
 
-def cell(run: Run) -> str:
+def cell(run: Redone) -> str:
     r, res = run.resolved, run.result
     top = [(t["token_id"], t["probability"], t["logit"]) for t in items(res["top"])]
     ans = res.get("answer")

@@ -10,10 +10,9 @@ from typing import Annotated
 from pydantic import Field
 
 from sae_mcp.engine import logits as lg
-from sae_mcp.ledger.export.rules import AS_GIVEN, ExportRule
+from sae_mcp.ledger.export.rules import AS_GIVEN, ExportRule, Redone
 from sae_mcp.ledger.export.session import items, lit
 from sae_mcp.ledger.rule import JSON, LedgerRule
-from sae_mcp.ledger.store import Run
 from sae_mcp.results import VocabProjection
 from sae_mcp.server.text import fmt, join, tok
 from sae_mcp.server.tools.spec import ToolDeps, ToolSpec, read_only
@@ -49,7 +48,7 @@ def summary(r: JSON) -> str:
             + "; suppresses " + " ".join(repr(t["token"]) for t in r.get("top_negative", [])[:3]))
 
 
-def cell(run: Run) -> str:
+def cell(run: Redone) -> str:
     r, res = run.resolved, run.result
     pos = [(t["token_id"], t["logit"]) for t in items(res["top_positive"])]
     neg = [(t["token_id"], t["logit"]) for t in items(res["top_negative"])]

@@ -72,7 +72,7 @@ def make(deps: ToolDeps) -> Callable[..., Any]:
         auto: Annotated[bool, Field(description="The client's model answers")] = False,
         min_activation: Annotated[float, Field(ge=low, le=high, description="Firing: max >= this x feature max")] = (
             DEFAULT_MIN_ACTIVATION),
-        mcp_context: Context = None,
+        mcp_context: Context | None = None,
     ) -> ScoreExplanation:
         """Score an explanation blind: contexts to judge from the explanation alone, then submit_predictions."""
         session = deps.conversations.id_of(mcp_context)

@@ -30,7 +30,7 @@ def make(deps: ToolDeps) -> Callable[..., ExplanationScore]:
             dict[Annotated[str, Field(max_length=16)], bool],
             Field(min_length=1, max_length=100, description='{"1": true, "2": false, ...}'),
         ],
-        mcp_context: Context = None,
+        mcp_context: Context | None = None,
     ) -> ExplanationScore:
         """Score your predictions on a blind set (once, with its submit_secret)."""
         return scorer.submit(challenge_id, submit_secret, {k.strip(): v for k, v in predictions.items()},
@@ -50,7 +50,8 @@ def score_text(r: ExplanationScore) -> str:
         f"accuracy {fmt(m.accuracy)}, precision {precision}, recall {fmt(m.recall)}, specificity "
         f"{fmt(m.specificity)}, F1 {fmt(m.f1)} (" + " ".join(f"{k} {v}" for k, v in m.counts.items()) + ")",
         "per group, right/contexts: " + ", ".join(
-            f"{g.group}" + (f" [{fmt(g.lower)}, {fmt(g.upper)}]" if g.lower is not None else "") + f" {g.correct}/{g.n}"
+            f"{g.group}" + (f" [{fmt(g.lower)}, {fmt(g.upper)}]" if g.lower is not None and g.upper is not None
+                            else "") + f" {g.correct}/{g.n}"
             for g in r.groups),
     ]
     if r.misjudged:

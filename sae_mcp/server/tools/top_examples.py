@@ -19,10 +19,9 @@ from sae_mcp.index.scan import KEEP, bos_id, windows_pad_id
 from sae_mcp.index.source import DEFAULT_CONTEXT, DEFAULT_SCAN_TOKENS, MAX_CONTEXT, MAX_SCAN_TOKENS
 from sae_mcp.index.view import DEFAULT_PER_INTERVAL, MAX_INTERVALS, MAX_PER_INTERVAL, View
 from sae_mcp.ledger import summary as ls
-from sae_mcp.ledger.export.rules import AS_GIVEN, ExportRule
+from sae_mcp.ledger.export.rules import AS_GIVEN, ExportRule, Redone
 from sae_mcp.ledger.export.session import items, lit, md_text
 from sae_mcp.ledger.rule import JSON, LedgerRule, ResolveContext
-from sae_mcp.ledger.store import Run
 from sae_mcp.results.corpus import Example, TopExamples
 from sae_mcp.server.progress import progress_reporter
 from sae_mcp.server.render import histogram_png
@@ -66,7 +65,7 @@ def make(deps: ToolDeps) -> Callable[..., CallToolResult]:
             int, Field(ge=0, le=MAX_INTERVALS, description="Activation bands to sample")
         ] = 0,
         per_interval: Annotated[int, Field(ge=1, le=MAX_PER_INTERVAL)] = DEFAULT_PER_INTERVAL,
-        mcp_context: Context = None,
+        mcp_context: Context | None = None,
     ) -> Annotated[CallToolResult, TopExamples]:
         """A feature's max-activating corpus examples, density, histogram; intervals: samples by band."""
         cancel = CancelToken()
@@ -194,7 +193,7 @@ def brute_force(key, feature, corpus, context_size, bos_id, budget):
 '''
 
 
-def cell(run: Run) -> str:
+def cell(run: Redone) -> str:
     r, res = run.resolved, run.result
     examples = [(e["document"], e["offset"], e["activation"]) for e in items(res.get("examples"))]
     loose = (r.get("compute_dtype") or "float32") != "float32"
