@@ -21,7 +21,7 @@ import time
 import torch
 from common import CONTEXT, CORPUS, STORIES_HF, calibration_batch, sparse_random_sae
 
-from sae_mcp.circuits.graph import trace_circuit
+from sae_mcp.circuits.graph import CircuitRequest, trace_circuit
 from sae_mcp.engine.corpus import iter_windows, resolve_corpus
 from sae_mcp.engine.loading import load_model
 from sae_mcp.engine.runtime import Engine
@@ -50,7 +50,7 @@ def main() -> None:
         best, res = float("inf"), None
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            res = trace_circuit(engine, prompt, answer, max_nodes=max_nodes)
+            res = trace_circuit(engine, CircuitRequest(prompt, answer, max_nodes=max_nodes))
             best = min(best, time.perf_counter() - t0)
         print(f"max_nodes {max_nodes:4d}: {best:6.2f} s (best of {args.repeats}); {res.n_candidate_nodes} candidate "
               f"nodes, {res.n_nodes} kept, {res.n_edges} edges, faithfulness {res.faithfulness.faithfulness}")

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from sae_mcp import demo
-from sae_mcp.circuits.graph import MAX_NODES, trace_circuit
-from sae_mcp.circuits.patching import patch_features
+from sae_mcp.circuits.graph import MAX_NODES, CircuitRequest, trace_circuit
+from sae_mcp.circuits.patching import PatchRequest, patch_features
 from sae_mcp.engine.logits import answer_token_ids
 from sae_mcp.errors import InvalidInput
 
@@ -48,6 +48,21 @@ def metric(engine, logits):
 # patch_features
 
 
+def as_tuples(asked: dict) -> dict:
+    """Lists as tuples, as the tools build a request from their arguments."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in asked.items()}
+
+
+def patch(engine, prompt, source_prompt, answer, cancel=None, **asked):
+    """patch_features with the PatchRequest built from keyword arguments."""
+    return patch_features(engine, PatchRequest(prompt, source_prompt, answer, **as_tuples(asked)), cancel=cancel)
+
+
+def trace(engine, prompt, answer, progress=None, cancel=None, **asked):
+    """trace_circuit with the CircuitRequest built from keyword arguments."""
+    return trace_circuit(engine, CircuitRequest(prompt, answer, **as_tuples(asked)), progress=progress, cancel=cancel)
+
+
 def plain_patch(engine, s, prompt, source, features, pairs):
     """The plain way: the SAE's activations on the source (run_with_cache + encode), then the prompt with the SAE
     spliced (error term on) and those features set to the source's values at the paired positions."""
@@ -71,8 +86,8 @@ def plain_patch(engine, s, prompt, source, features, pairs):
 
 def test_patching_features_equals_a_patch_by_hand_with_clean_and_source_metrics(engine):
     s = sae_of(engine, 3)
-    sweep = patch_features(engine, PROMPT, SOURCE, ANSWER, counterfactual=COUNTERFACTUAL, sae=s.key, align="end",
-                           top_k=5)
+    sweep = patch(engine, PROMPT, SOURCE, ANSWER, counterfactual=COUNTERFACTUAL, sae=s.key, align="end",
+                  top_k=5)
     pairs = [tuple(p) for p in sweep.positions]
     assert pairs == [(p, p + 1) for p in range(1, 17)]  # aligned from the end, BOS left out
     with torch.inference_mode():
@@ -88,8 +103,8 @@ def test_patching_features_equals_a_patch_by_hand_with_clean_and_source_metrics(
     effects = [abs(e.effect) for e in sweep.sweep]
     assert effects == sorted(effects, reverse=True) and sweep.n_swept == sweep.n_differing > 5
     top = [e.feature for e in sweep.sweep[:3]]
-    together = patch_features(engine, PROMPT, SOURCE, ANSWER, counterfactual=COUNTERFACTUAL, sae=s.key,
-                              align="end", features=top)
+    together = patch(engine, PROMPT, SOURCE, ANSWER, counterfactual=COUNTERFACTUAL, sae=s.key,
+                     align="end", features=top)
     by_hand = plain_patch(engine, s, PROMPT, SOURCE, top, pairs)
     assert together.patched.metric == pytest.approx(metric(engine, by_hand), abs=1e-4)
     assert together.effect == pytest.approx(metric(engine, by_hand) - metric(engine, clean), abs=1e-4)
@@ -100,18 +115,18 @@ def test_patching_features_equals_a_patch_by_hand_with_clean_and_source_metrics(
 
 def test_prompts_of_different_lengths_are_refused_with_both_tokenizations_unless_aligned_from_the_end(engine):
     with pytest.raises(InvalidInput, match=r"different token lengths \(17 vs 18\).*' T', 'om'.*align='end'"):
-        patch_features(engine, PROMPT, SOURCE, ANSWER, sae="blocks.3.hook_resid_pre")
-    res = patch_features(engine, PAIR_A, PAIR_B, " was", sae="blocks.3.hook_resid_pre", position=[4, -3])
+        patch(engine, PROMPT, SOURCE, ANSWER, sae="blocks.3.hook_resid_pre")
+    res = patch(engine, PAIR_A, PAIR_B, " was", sae="blocks.3.hook_resid_pre", position=[4, -3])
     assert res.positions == [[4, 4], [5, 5]] and res.metric_kind == "log_probability"
 
 
 def test_patch_controls_differ_between_the_prompts_by_a_matched_amount_and_are_no_known_cause(engine):
     s = sae_of(engine, 3)
-    res = patch_features(engine, PROMPT, SOURCE, ANSWER, counterfactual=COUNTERFACTUAL, sae=s.key, align="end",
-                         top_k=3)
+    res = patch(engine, PROMPT, SOURCE, ANSWER, counterfactual=COUNTERFACTUAL, sae=s.key, align="end",
+                top_k=3)
     target = res.sweep[0].feature
-    ctl = patch_features(engine, PROMPT, SOURCE, ANSWER, counterfactual=COUNTERFACTUAL, sae=s.key, align="end",
-                         features=[target], controls=True, n_controls=5)
+    ctl = patch(engine, PROMPT, SOURCE, ANSWER, counterfactual=COUNTERFACTUAL, sae=s.key, align="end",
+                features=[target], controls=True, n_controls=5)
     with torch.inference_mode():
         _, cp = engine.model.run_with_cache(engine.to_tokens(PROMPT), names_filter=[s.hook_name])
         _, cs = engine.model.run_with_cache(engine.to_tokens(SOURCE), names_filter=[s.hook_name])
@@ -209,13 +224,13 @@ def plain_edge(engine, tokens, up, down, src, dst, g_down):
 @pytest.fixture(scope="module")
 def whole(engine):
     """Every node kept (a short prompt has fewer than MAX_NODES), every edge: the graph the identities hold on."""
-    res = trace_circuit(engine, PAIR_A, " was", max_nodes=MAX_NODES)
+    res = trace(engine, PAIR_A, " was", max_nodes=MAX_NODES)
     assert res.n_nodes == res.n_candidate_nodes < MAX_NODES
     return res
 
 
 def test_node_attributions_equal_the_plain_models_gradient_times_each_node(engine):
-    res = trace_circuit(engine, PROMPT, ANSWER, counterfactual=COUNTERFACTUAL, max_nodes=40)
+    res = trace(engine, PROMPT, ANSWER, counterfactual=COUNTERFACTUAL, max_nodes=40)
     plain = plain_node_attributions(engine, engine.to_tokens(PROMPT))
     nodes = [n for n in res.graph.nodes if n.kind != "metric"]
     assert len(nodes) == 40
@@ -228,7 +243,7 @@ def test_node_attributions_equal_the_plain_models_gradient_times_each_node(engin
 
 
 def test_edge_weights_equal_a_derivative_through_the_plain_model(engine):
-    res = trace_circuit(engine, PROMPT, ANSWER, counterfactual=COUNTERFACTUAL, max_nodes=24)
+    res = trace(engine, PROMPT, ANSWER, counterfactual=COUNTERFACTUAL, max_nodes=24)
     tokens = engine.to_tokens(PROMPT)
     up, down = sae_of(engine, 1), sae_of(engine, 3)
     grads = plain_hook_gradients(engine, tokens, [down.hook_name])
@@ -256,7 +271,7 @@ def test_a_nodes_out_edges_sum_to_its_own_attribution(whole):
 
 
 def test_faithfulness_equals_an_ablation_by_hand(engine):
-    res = trace_circuit(engine, PROMPT, ANSWER, counterfactual=COUNTERFACTUAL, max_nodes=20)
+    res = trace(engine, PROMPT, ANSWER, counterfactual=COUNTERFACTUAL, max_nodes=20)
     tokens = engine.to_tokens(PROMPT)
     saes = [sae_of(engine, 1), sae_of(engine, 3)]
     circuit = {key_of(n) for n in res.graph.nodes if n.kind != "metric"}
@@ -296,18 +311,18 @@ def test_faithfulness_equals_an_ablation_by_hand(engine):
 
 
 def test_every_kept_node_carries_its_exact_contribution(engine):
-    res = trace_circuit(engine, PROMPT, ANSWER, counterfactual=COUNTERFACTUAL, max_nodes=10)
+    res = trace(engine, PROMPT, ANSWER, counterfactual=COUNTERFACTUAL, max_nodes=10)
     assert all(n.exact_contribution is not None for n in res.graph.nodes if n.kind != "metric")
     assert res.paths and all(p.nodes[-1] == "metric" for p in res.paths)
 
 
 def test_bad_trace_options_are_refused_with_what_to_change(engine):
     with pytest.raises(InvalidInput, match=r"max_nodes=0 is out of range; pass 1\.\.256"):
-        trace_circuit(engine, PROMPT, ANSWER, max_nodes=0)
+        trace(engine, PROMPT, ANSWER, max_nodes=0)
     with pytest.raises(InvalidInput, match="magnitudes"):
-        trace_circuit(engine, PROMPT, ANSWER, edge_threshold=-1)
+        trace(engine, PROMPT, ANSWER, edge_threshold=-1)
     with pytest.raises(InvalidInput, match="same token"):
-        trace_circuit(engine, PROMPT, ANSWER, counterfactual=ANSWER)
+        trace(engine, PROMPT, ANSWER, counterfactual=ANSWER)
     assert engine.is_clean()
 
 
@@ -328,7 +343,7 @@ def server(engine, tmp_path_factory):
 def test_trace_circuit_over_mcp_reads_compactly_with_labels_and_bounds_say_what_to_change(server, engine):
     from mcp_client import call_many, error_text
 
-    graph = trace_circuit(engine, PROMPT, ANSWER, counterfactual=COUNTERFACTUAL, max_nodes=12).graph
+    graph = trace(engine, PROMPT, ANSWER, counterfactual=COUNTERFACTUAL, max_nodes=12).graph
     labelled = next(n for n in graph.nodes if n.kind == "feature")
     label, bad_nodes, bad_positions, traced = call_many(server, [
         ("label_feature", {"feature": labelled.feature, "sae": labelled.sae, "label": "a name, then a pronoun"}),
@@ -350,7 +365,7 @@ def test_trace_circuit_over_mcp_reads_compactly_with_labels_and_bounds_say_what_
 def test_the_graph_converts_to_circuit_tracers_json_node_for_node_and_link_for_link(engine):
     from sae_mcp.circuits.neuronpedia import to_neuronpedia
 
-    res = trace_circuit(engine, PROMPT, ANSWER, counterfactual=COUNTERFACTUAL, max_nodes=15)
+    res = trace(engine, PROMPT, ANSWER, counterfactual=COUNTERFACTUAL, max_nodes=15)
     out = to_neuronpedia(res.graph, scan="stories260K", slug="lily-her")
     assert set(out) == {"metadata", "qParams", "nodes", "links"} and out["metadata"]["schema_version"] == 1
     ids = [n["node_id"] for n in out["nodes"]]
@@ -372,15 +387,15 @@ def test_a_trace_reports_progress_per_sae_pair_and_stops_when_cancelled(engine):
     from sae_mcp.errors import Cancelled
 
     seen = []
-    trace_circuit(engine, PROMPT, ANSWER, max_nodes=10, progress=lambda done, total: seen.append((done, total)))
+    trace(engine, PROMPT, ANSWER, max_nodes=10, progress=lambda done, total: seen.append((done, total)))
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]  # nodes, exact contributions, the one SAE pair, faithfulness
 
     cancel = CancelToken()
     with pytest.raises(Cancelled):
-        trace_circuit(engine, PROMPT, ANSWER, max_nodes=10, cancel=cancel,
-                      progress=lambda done, total: cancel.cancel())
+        trace(engine, PROMPT, ANSWER, max_nodes=10, cancel=cancel,
+              progress=lambda done, total: cancel.cancel())
     cancel_first = CancelToken()
     cancel_first.cancel()
     with pytest.raises(Cancelled):
-        patch_features(engine, PAIR_A, PAIR_B, " was", sae="blocks.3.hook_resid_pre", cancel=cancel_first)
+        patch(engine, PAIR_A, PAIR_B, " was", sae="blocks.3.hook_resid_pre", cancel=cancel_first)
     assert engine.is_clean()

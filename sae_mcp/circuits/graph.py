@@ -31,7 +31,7 @@ keep yet.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +59,37 @@ Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
+class CircuitRequest:
+    """One trace_circuit call as asked: the prompt, the metric and where it is read, the SAEs, what is kept."""
+
+    prompt: str  # the text traced
+    answer: str  # the metric: logit[answer] - logit[counterfactual], or log P(answer)
+    counterfactual: str | None = None  # the metric's other token, when given
+    saes: tuple[str, ...] | None = None  # the SAEs traced, by key; None = every loaded SAE, one per hook, by layer
+    node_threshold: float = 0.0  # nodes kept need |attribution| >= this
+    max_nodes: int = 40  # nodes kept at most, by |attribution|
+    edge_threshold: float = 0.0  # edges kept need |weight| >= this
+    position: int = -1  # the position the metric is read at (negative: from the end)
+    method: str = "gradient"  # 'gradient' or 'integrated_gradients'
+    steps: int = 8  # integrated gradients' steps
+    verify: bool = True  # each kept node's exact contribution computed (its attribution checked)
+
+    def check(self) -> None:
+        """What needs no model: the method, steps, max_nodes and the thresholds in their ranges."""
+        if self.method not in checks.METHODS:
+            raise InvalidInput(f"method {self.method!r} is unknown; pass 'gradient' or 'integrated_gradients'")
+        if not 1 <= self.steps <= checks.MAX_STEPS:
+            raise InvalidInput(f"steps={self.steps} is out of range; pass 1..{checks.MAX_STEPS}")
+        if not 1 <= self.max_nodes <= MAX_NODES:
+            raise InvalidInput(f"max_nodes={self.max_nodes} is out of range; pass 1..{MAX_NODES}")
+        if self.node_threshold < 0 or self.edge_threshold < 0:
+            raise InvalidInput("node_threshold and edge_threshold are magnitudes: pass values >= 0")
+
+
+@dataclass(frozen=True)
 class TracePlan:
+    """A validated trace_circuit call: its SAEs loaded, its metric built."""
+
     saes: list[LoadedSAE]  # by layer, one per hook
     metric: Metric
     answer: str
@@ -92,26 +122,22 @@ class SaeState:
 # Validation
 
 
-def _plan(engine: Engine, answer: str, counterfactual: str | None, saes: Sequence[str] | None, position: int,
-          node_threshold: float, max_nodes: int, edge_threshold: float, method: str, steps: int, verify: bool
-          ) -> TracePlan:
-    loaded = resolve_saes(engine, None, saes)
-    if method not in checks.METHODS:
-        raise InvalidInput(f"method {method!r} is unknown; pass 'gradient' or 'integrated_gradients'")
-    if not 1 <= steps <= checks.MAX_STEPS:
-        raise InvalidInput(f"steps={steps} is out of range; pass 1..{checks.MAX_STEPS}")
-    if not 1 <= max_nodes <= MAX_NODES:
-        raise InvalidInput(f"max_nodes={max_nodes} is out of range; pass 1..{MAX_NODES}")
-    if node_threshold < 0 or edge_threshold < 0:
-        raise InvalidInput("node_threshold and edge_threshold are magnitudes: pass values >= 0")
+def _plan(engine: Engine, request: CircuitRequest) -> TracePlan:
+    """The SAEs resolved (an unknown one is the first error), then request.check(), then the SAEs' BOS agreement
+    and the metric's tokens."""
+    loaded = resolve_saes(engine, None, request.saes)
+    request.check()
     bos = {s.prepend_bos for s in loaded}
     if len(bos) > 1:
         raise InvalidInput("these SAEs disagree on prepending BOS; trace SAEs that agree (saes=[...])")
+    answer, counterfactual = request.answer, request.counterfactual
     a_ids = answer_token_ids(engine, answer)
     c_ids = answer_token_ids(engine, counterfactual) if counterfactual is not None else None
     return TracePlan(saes=loaded, metric=metric_for(engine, a_ids, c_ids, answer, counterfactual), answer=answer,
-                     answer_ids=a_ids, position=position, prepend_bos=bos.pop(), node_threshold=node_threshold,
-                     max_nodes=max_nodes, edge_threshold=edge_threshold, method=method, steps=steps, verify=verify)
+                     answer_ids=a_ids, position=request.position, prepend_bos=bos.pop(),
+                     node_threshold=request.node_threshold, max_nodes=request.max_nodes,
+                     edge_threshold=request.edge_threshold, method=request.method, steps=request.steps,
+                     verify=request.verify)
 
 
 def _check_size(plan: TracePlan, n_tokens: int) -> None:
@@ -269,25 +295,15 @@ def _warnings(engine: Engine, plan: TracePlan, last: torch.Tensor, n_tokens: int
 
 def trace_circuit(
     engine: Engine,
-    prompt: str,
-    answer: str,
-    counterfactual: str | None = None,
-    saes: Sequence[str] | None = None,
-    node_threshold: float = 0.0,
-    max_nodes: int = 40,
-    edge_threshold: float = 0.0,
-    position: int = -1,
-    method: str = "gradient",
-    steps: int = 8,
-    verify: bool = True,
+    request: CircuitRequest,
     progress: Progress | None = None,
     cancel: CancelToken | None = None,
 ) -> CircuitResult:
-    """A sparse feature circuit over `saes` (default every loaded SAE, one per hook, by layer) for the metric at
-    `position`: nodes, edges between consecutive SAEs, faithfulness, the strongest paths."""
-    plan = _plan(engine, answer, counterfactual, saes, position, node_threshold, max_nodes, edge_threshold, method,
-                 steps, verify)
-    tokens = engine.to_tokens(prompt, prepend_bos=plan.prepend_bos)  # [1, S]
+    """A sparse feature circuit over request.saes (default every loaded SAE, one per hook, by layer) for the metric
+    at request.position: nodes, edges between consecutive SAEs, faithfulness, the strongest paths. `progress(done,
+    total)` follows its steps; `cancel` stops it between them."""
+    plan = _plan(engine, request)
+    tokens = engine.to_tokens(request.prompt, prepend_bos=plan.prepend_bos)  # [1, S]
     _check_size(plan, tokens.shape[1])
     pos = position_index(plan.position, tokens.shape[1])
     at, first, keys = MetricAt(plan.metric, pos), 1 if plan.prepend_bos else 0, [s.key for s in plan.saes]
@@ -335,8 +351,8 @@ def trace_circuit(
         attribution_kept=rounded(sum(abs(n.attribution) for n in kept) / total_abs, 4) if total_abs else 0.0,
         faithfulness=faithful,
         paths=top_paths(kept, edges, len(plan.saes), keys),
-        graph=CircuitGraph(prompt=prompt, tokens=str_tokens, metric=plan.metric.name, metric_value=rounded(metric, 6),
-                           position=pos, answer_token_id=plan.metric.answer,
+        graph=CircuitGraph(prompt=request.prompt, tokens=str_tokens, metric=plan.metric.name,
+                           metric_value=rounded(metric, 6), position=pos, answer_token_id=plan.metric.answer,
                            answer_probability=rounded(float(last.float().softmax(-1)[plan.metric.answer]), 6),
                            n_layers=int(engine.model.cfg.n_layers), saes=keys,
                            nodes=nodes + [CircuitNode(node_id=METRIC, kind="metric", attribution=rounded(metric, 6))],

@@ -50,7 +50,39 @@ SIGNIFICANCE = ("metric_change", "kl_next_token")
 
 
 @dataclass(frozen=True)
+class PatchRequest:
+    """One patch_features call as asked: the minimal pair, the metric, what is patched where, the controls."""
+
+    prompt: str  # the clean run, whose features are patched
+    source_prompt: str  # the run the patched values come from
+    answer: str  # the metric: logit[answer] - logit[counterfactual], or log P(answer)
+    counterfactual: str | None = None  # the metric's other token, when given
+    features: tuple[int, ...] | None = None  # patched together; None = each differing feature alone (the sweep)
+    position: int | tuple[int, ...] | None = None  # prompt positions (negative: from the end); None = every aligned one
+    sae: str | None = None  # the SAE's key; None = the default SAE
+    align: str = "none"  # 'none' (equal token lengths) or 'end' (positions paired from the end)
+    top_k: int = 10  # next tokens listed per condition
+    controls: bool = False  # matched features patched alike, for comparison
+    n_controls: int = 5  # control sets
+    seed: int = 0  # draws the control sets
+
+    def check(self, max_top_k: int) -> None:
+        """What needs no model (but the server's top_k ceiling): align, top_k, controls (they need features)."""
+        if self.align not in ("none", "end"):
+            raise InvalidInput(f"align={self.align!r}: use 'none' (equal token lengths) or 'end' (pair positions "
+                               "from the end)")
+        if not 1 <= self.top_k <= max_top_k:
+            raise InvalidInput(f"top_k={self.top_k} is out of range; pass 1..{max_top_k}")
+        if self.controls and self.features is None:
+            raise InvalidInput("controls need features: without them the sweep ranks every differing feature (each "
+                               "is the others' control)")
+        check_n_controls(self.controls, self.n_controls)
+
+
+@dataclass(frozen=True)
 class PatchPlan:
+    """A validated patch_features call: its SAE loaded, its features checked, its metric built."""
+
     sae: LoadedSAE
     metric: Metric
     answer: str
@@ -176,10 +208,10 @@ def _rows_for(plan: PatchPlan, differing: list[int], delta: torch.Tensor, contro
     return [[f] for f in order], order
 
 
-def _run(engine: Engine, prompt: str, source_prompt: str, plan: PatchPlan, cancel: CancelToken | None) -> Runs:
+def _run(engine: Engine, request: PatchRequest, plan: PatchPlan, cancel: CancelToken | None) -> Runs:
     s = plan.sae
-    tokens = engine.to_tokens(prompt, prepend_bos=s.prepend_bos)  # [1, S]
-    source_tokens = engine.to_tokens(source_prompt, prepend_bos=s.prepend_bos)  # [1, S']
+    tokens = engine.to_tokens(request.prompt, prepend_bos=s.prepend_bos)  # [1, S]
+    source_tokens = engine.to_tokens(request.source_prompt, prepend_bos=s.prepend_bos)  # [1, S']
     str_p, str_s = engine.str_tokens(tokens), engine.str_tokens(source_tokens)
     first = 1 if s.prepend_bos else 0
     pairs = chosen(aligned(len(str_p), len(str_s), plan.align, str_p, str_s, first), plan.position, len(str_p))
@@ -311,40 +343,20 @@ def _assemble(engine: Engine, plan: PatchPlan, runs: Runs) -> PatchResult:
     )
 
 
-def patch_features(
-    engine: Engine,
-    prompt: str,
-    source_prompt: str,
-    answer: str,
-    counterfactual: str | None = None,
-    features: Sequence[int] | None = None,
-    position: int | Sequence[int] | None = None,
-    sae: str | None = None,
-    align: str = "none",
-    top_k: int = 10,
-    controls: bool = False,
-    n_controls: int = 5,
-    seed: int = 0,
-    cancel: CancelToken | None = None,
-) -> PatchResult:
-    """Patch `features` (or, without them, each differing feature alone) at `position` (default every aligned
-    position but BOS) of `prompt` to their values on `source_prompt`, and score the metric."""
-    s = engine.sae(sae)
+def patch_features(engine: Engine, request: PatchRequest, cancel: CancelToken | None = None) -> PatchResult:
+    """Patch request.features (or, without them, each differing feature alone) at request.position (default every
+    aligned position but BOS) of the prompt to their values on the source prompt, and score the metric. `cancel`
+    stops it between forwards."""
+    s = engine.sae(request.sae)
     feats = None
-    if features is not None:
-        feats = engine.check_features(s, list(features), required=True, unique=True)
-    if align not in ("none", "end"):
-        raise InvalidInput(f"align={align!r}: use 'none' (equal token lengths) or 'end' (pair positions from the end)")
-    if not 1 <= top_k <= engine.limits.max_top_k:
-        raise InvalidInput(f"top_k={top_k} is out of range; pass 1..{engine.limits.max_top_k}")
-    if controls and feats is None:
-        raise InvalidInput("controls need features: without them the sweep ranks every differing feature (each is "
-                           "the others' control)")
-    check_n_controls(controls, n_controls)
+    if request.features is not None:
+        feats = engine.check_features(s, list(request.features), required=True, unique=True)
+    request.check(engine.limits.max_top_k)
+    answer, counterfactual = request.answer, request.counterfactual
     a_ids = answer_token_ids(engine, answer)
     c_ids = answer_token_ids(engine, counterfactual) if counterfactual is not None else None
     plan = PatchPlan(sae=s, metric=metric_for(engine, a_ids, c_ids, answer, counterfactual), answer=answer,
-                     answer_ids=a_ids, counterfactual_ids=c_ids,
-                     features=feats, position=position, align=align, top_k=top_k, controls=controls,
-                     n_controls=n_controls, seed=seed)
-    return _assemble(engine, plan, _run(engine, prompt, source_prompt, plan, cancel))
+                     answer_ids=a_ids, counterfactual_ids=c_ids, features=feats, position=request.position,
+                     align=request.align, top_k=request.top_k, controls=request.controls,
+                     n_controls=request.n_controls, seed=request.seed)
+    return _assemble(engine, plan, _run(engine, request, plan, cancel))

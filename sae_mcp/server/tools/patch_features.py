@@ -56,9 +56,13 @@ def make(deps: ToolDeps) -> Callable[..., PatchResult]:
         """On a minimal pair, patch features to their source_prompt values: the metric's gap recovered."""
         cancel = CancelToken()
         progress_reporter(mcp_context, cancel, "patches")  # watches the client: a cancel stops between forwards
-        return patching.patch_features(engine, prompt, source_prompt, answer, counterfactual=counterfactual,
-                                       features=features, position=position, sae=sae, align=align, top_k=top_k,
-                                       controls=controls, n_controls=n_controls, seed=seed, cancel=cancel)
+        request = patching.PatchRequest(
+            prompt=prompt, source_prompt=source_prompt, answer=answer, counterfactual=counterfactual,
+            features=None if features is None else tuple(features),
+            position=tuple(position) if isinstance(position, list) else position, sae=sae, align=align, top_k=top_k,
+            controls=controls, n_controls=n_controls, seed=seed,
+        )
+        return patching.patch_features(engine, request, cancel=cancel)
 
     return patch_features
 

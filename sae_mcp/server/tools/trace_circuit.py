@@ -65,10 +65,12 @@ def make(deps: ToolDeps) -> Callable[..., CircuitResult]:
         """A sparse feature circuit across SAEs (Marks et al.): nodes, edges, faithfulness, paths."""
         cancel = CancelToken()
         progress = progress_reporter(mcp_context, cancel, "steps (nodes, checks, each SAE pair, faithfulness)")
-        result = graph.trace_circuit(engine, prompt, answer, counterfactual=counterfactual, saes=saes,
-                                     node_threshold=node_threshold, max_nodes=max_nodes,
-                                     edge_threshold=edge_threshold, position=position, method=method, steps=steps,
-                                     progress=progress, cancel=cancel)
+        request = graph.CircuitRequest(
+            prompt=prompt, answer=answer, counterfactual=counterfactual, saes=None if saes is None else tuple(saes),
+            node_threshold=node_threshold, max_nodes=max_nodes, edge_threshold=edge_threshold, position=position,
+            method=method, steps=steps,
+        )
+        result = graph.trace_circuit(engine, request, progress=progress, cancel=cancel)
         return label_nodes(services, engine, result)
 
     return trace_circuit
