@@ -13,7 +13,7 @@ import torch
 
 from sae_mcp.circuits.nodes import Node
 from sae_mcp.engine.attribution_checks import ERROR, MetricAt
-from sae_mcp.engine.runtime import Engine
+from sae_mcp.engine.runtime import Engine, FwdHooks
 from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.results import rounded
 from sae_mcp.results.circuits import Faithfulness
@@ -23,7 +23,8 @@ def _masked_metric(engine: Engine, saes: list[LoadedSAE], tokens: torch.Tensor, 
                    keep: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """The metric with every traced SAE spliced (error term on), its features multiplied by keep[i][0] [S, d_sae]
     and its error by keep[i][1] [S] (1 = kept, 0 = zero-ablated)."""
-    model, hooks = engine.model, []
+    model = engine.model
+    hooks: FwdHooks = []
     for s, (feat, err) in zip(saes, keep):
         hooks.append((f"{s.hook_name}.hook_sae_acts_post", lambda a, hook, m=feat: a * m.to(a.dtype)))
         hooks.append((f"{s.hook_name}.hook_sae_error",

@@ -287,6 +287,7 @@ def _ablation_controls(plan: AblationPlan, out: AblationOutcome, silent: list[in
 def _table(engine: Engine, plan: AblationPlan, logits: torch.Tensor, baseline: torch.Tensor) -> NextTokenTable:
     """logits [V] -> one condition's table, with its changes from baseline."""
     top, ans = next_token_table(engine, logits, plan.top_k, plan.answer_ids)
+    assert ans is not None  # scored: the plan has an answer
     c = changes(plan.metric, logits, baseline)
     return NextTokenTable(
         top=top, answer_rank=ans.rank, answer_probability=ans.probability, answer_logit=ans.logit,

@@ -41,7 +41,7 @@ difference. The reconstruction's part is then its features' (b_dec is on both en
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -51,7 +51,7 @@ from sae_mcp.engine import attribution_checks as checks
 from sae_mcp.engine.attribution_checks import CleanSae, MetricAt
 from sae_mcp.engine.logits import answer_token_ids, answer_variant_warning
 from sae_mcp.engine.metric import Metric, metric_for
-from sae_mcp.engine.runtime import CancelToken, Engine, context_warning, position_index
+from sae_mcp.engine.runtime import CancelToken, Engine, FwdHooks, context_warning, position_index
 from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.errors import InvalidInput
 from sae_mcp.results import collect_warnings, rounded
@@ -62,14 +62,16 @@ class SaeCapture:
     """One SAE's hooks for the attribution pass, and what they capture: x (its input), the activations as a leaf
     that requires grad, the error as a leaf with an identity path to x, and the output."""
 
+    # Kept by the hooks during the forward (read after it):
+    x: torch.Tensor  # [1, S, d_in] (flattened at hook_z)
+    acts: torch.Tensor  # [1, S, d_sae], a leaf
+    err: torch.Tensor  # [1, S, d_in] or [1, S, n_heads, d_head], a leaf
+    out: torch.Tensor  # x_hat + err, the value that flows on (detached)
+
     def __init__(self, sae: LoadedSAE):
         self.sae = sae
-        self.x: torch.Tensor | None = None  # [1, S, d_in] (flattened at hook_z)
-        self.acts: torch.Tensor | None = None  # [1, S, d_sae], a leaf
-        self.err: torch.Tensor | None = None  # [1, S, d_in] or [1, S, n_heads, d_head], a leaf
-        self.out: torch.Tensor | None = None  # x_hat + err, the value that flows on (detached)
 
-    def fwd_hooks(self) -> list[tuple[str, Callable]]:
+    def fwd_hooks(self) -> FwdHooks:
         h = self.sae.hook_name
         return [
             (f"{h}.hook_sae_input", self._keep_input),

@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 
 from sae_mcp.engine.metric import Metric
-from sae_mcp.engine.runtime import Engine
+from sae_mcp.engine.runtime import Engine, FwdHooks
 from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.results import rounded
 from sae_mcp.results.causal import AttributionEntry, IntegratedGradientsCheck
@@ -120,7 +120,8 @@ def rows_per_forward(engine: Engine, saes: Sequence[LoadedSAE], n_tokens: int) -
 def _zeroed_metrics(engine: Engine, saes: Sequence[LoadedSAE], tokens: torch.Tensor, at: MetricAt,
                     cells: Sequence[Cell | None]) -> torch.Tensor:
     """The metric per row [len(cells)] with row i's cell zeroed (None: nothing zeroed). tokens [1, S]."""
-    model, hooks = engine.model, []
+    model = engine.model
+    hooks: FwdHooks = []
     for s in saes:
         mine = [(i, c) for i, c in enumerate(cells) if c is not None and c.sae == s.key and c.feature != ERROR]
         if mine:
@@ -179,11 +180,13 @@ class PathCapture:
         # noise between a batch of R rows and the clean 1-row forward (~4e-7 on the tiny test model): after a
         # LayerNorm such noise is not small when the rest of the stream is ~0.
         self.first = first
-        self.x: torch.Tensor | None = None  # [R, S, d_in]
-        self.acts: torch.Tensor | None = None  # [R, S, d_sae], a leaf
-        self.err: torch.Tensor | None = None  # [R, S, d_in] ([R, S, n_heads, d_head] at hook_z), a leaf
 
-    def fwd_hooks(self) -> list[tuple[str, Callable]]:
+    # Kept by the hooks during the forward (read after it):
+    x: torch.Tensor  # [R, S, d_in]
+    acts: torch.Tensor  # [R, S, d_sae], a leaf
+    err: torch.Tensor  # [R, S, d_in] ([R, S, n_heads, d_head] at hook_z), a leaf
+
+    def fwd_hooks(self) -> FwdHooks:
         h = self.clean.sae.hook_name
         return [
             (f"{h}.hook_sae_input", self._keep_input),
@@ -209,14 +212,15 @@ class PathCapture:
             return self.err + shift
 
 
-FEATURES, ERROR = "features", "error"  # which nodes a path scales (the others are held at their clean values)
+# Which nodes a path scales (the others are held at their clean values). Not ERROR: that is the error node's feature.
+FEATURE_PATH, ERROR_PATH = "features", "error"
 
 
 def _captures(clean: list[CleanSae], alphas: torch.Tensor, path: str) -> list[PathCapture]:
     """One PathCapture per SAE (clean is in layer order) scaling `path`'s nodes by alphas [R]; the first is first
     on the stream when it alone sits at the earliest layer."""
     ones = torch.ones_like(alphas)
-    scale_a, scale_e = (alphas, ones) if path == FEATURES else (ones, alphas)
+    scale_a, scale_e = (alphas, ones) if path == FEATURE_PATH else (ones, alphas)
     layers = [c.sae.layer for c in clean]
     return [PathCapture(c, scale_a, scale_e, first=i == 0 and layers.count(layers[0]) == 1)
             for i, c in enumerate(clean)]
@@ -237,7 +241,7 @@ def _path_gradients(
     caps = _captures(clean, alphas, path)
     with torch.enable_grad():
         metric = _spliced(engine, caps, tokens, at).sum()  # rows are independent: each keeps its own gradient
-        leaves = [c.acts if path == FEATURES else c.err for c in caps]
+        leaves = [c.acts if path == FEATURE_PATH else c.err for c in caps]
         grads = torch.autograd.grad(metric, leaves, allow_unused=True)
     return [(g if g is not None else torch.zeros_like(leaf)).float().sum(0) for g, leaf in zip(grads, leaves)]
 
@@ -263,7 +267,7 @@ def _integrate(engine: Engine, clean: list[CleanSae], tokens: torch.Tensor, at: 
     """Per SAE, (clean nodes) * mean over the midpoints of the gradient, and the path's endpoint difference. Each
     chunk of IG_ROWS points is its own device turn."""
     alphas = (torch.arange(steps, device=tokens.device, dtype=torch.float32) + 0.5) / steps  # [steps] midpoints
-    nodes = [(c.acts if path == FEATURES else c.err)[0].float() for c in clean]  # [S, d_sae] or [S, d_in]
+    nodes = [(c.acts if path == FEATURE_PATH else c.err)[0].float() for c in clean]  # [S, d_sae] or [S, d_in]
     # summed in float32: steps gradients of a bf16/fp16 model would lose digits
     totals = [torch.zeros_like(n) for n in nodes]
     for chunk in alphas.split(IG_ROWS):
@@ -286,8 +290,8 @@ def integrated_gradients(
     degenerate (LayerNorm/RMSNorm are scale-invariant, so the metric hardly moves along alpha and then jumps at 0):
     on the tiny test model such a joint path's 32-step sum was -0.48 against an endpoint difference of 1.70. Holding
     the other nodes keeps the stream away from zero on both paths."""
-    feats, end_f = _integrate(engine, clean, tokens, at, steps, FEATURES)
-    errs, end_e = _integrate(engine, clean, tokens, at, steps, ERROR)
+    feats, end_f = _integrate(engine, clean, tokens, at, steps, FEATURE_PATH)
+    errs, end_e = _integrate(engine, clean, tokens, at, steps, ERROR_PATH)
     out = [PathAttribution(features=f, error_per_token=e.flatten(1).sum(-1)) for f, e in zip(feats, errs)]
     return out, PathEnds(features=end_f, error=end_e)
 

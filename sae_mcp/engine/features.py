@@ -105,7 +105,7 @@ def get_feature_acts(
         tokens=str_tokens,
         positions=rows,
         features={str(f): [rounded(a) for a in traces[i].tolist()] for i, f in enumerate(features)}
-        if features else None,
+        if features and traces is not None else None,
         warnings=collect_warnings(context_warning(s, seq),
                                   reconstruction_warning(s, pa.recon_error, positions, str_tokens)),
     )

@@ -22,7 +22,7 @@ def answer_token_ids(engine: Engine, answer: str) -> list[int]:
     """
     if answer is None or answer == "":
         raise InvalidInput("the answer is empty; pass the expected next token, e.g. ' Paris' (mind the leading space)")
-    tok = engine.model.tokenizer
+    tok = engine.tokenizer
     anchor = tok(ANCHOR, add_special_tokens=False)["input_ids"]
     both = tok(ANCHOR + answer, add_special_tokens=False)["input_ids"]
     if both[: len(anchor)] == anchor:
@@ -124,11 +124,12 @@ def next_token(engine: Engine, prompt: str, answer: str | None = None, top_k: in
             all_logits = engine.model(full, return_type="logits", attention_mask=torch.ones_like(full))[0]
         seq = tokens.shape[1]
         top, ans = next_token_table(engine, all_logits[seq - 1], top_k, answer_ids)  # [d_vocab] after the prompt
-        if ans is not None and len(answer_ids) > 1:
+        if ans is not None and answer_ids is not None and len(answer_ids) > 1:
             logp = all_logits[seq - 1 :].float().log_softmax(-1)  # [n_answer, d_vocab]
             ids = torch.tensor(answer_ids, device=logp.device)[:, None]  # [n_answer, 1]
             ans.sequence_log_probability = rounded(logp.gather(1, ids).sum().item())
-        variant = answer_variant_warning(engine, all_logits[seq - 1], answer, answer_ids) if answer_ids else None
+        variant = (answer_variant_warning(engine, all_logits[seq - 1], answer, answer_ids)
+                   if answer_ids and answer is not None else None)
     return NextToken(tokens=engine.str_tokens(tokens), top=top, answer=ans, warnings=collect_warnings(variant))
 
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -45,7 +46,15 @@ from sae_mcp.errors import Cancelled, InvalidInput, LoadError, NotFound
 from sae_mcp.results import ModelInfo, SaeInfo
 from sae_mcp.settings import Limits, Settings
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 log = logging.getLogger(__name__)
+
+
+FwdHooks = list[tuple[str | Callable[..., Any], Callable[..., Any]]]
+"""Forward hooks as transformer-lens' HookedRootModule.hooks takes them: (a hook's name, or a filter on names;
+fn(value, hook) -> the value that flows on, or None to keep it). Its own element type: a list is invariant."""
 
 
 def position_index(position: int, seq_len: int, what: str = "the prompt") -> int:
@@ -171,7 +180,7 @@ class Engine:
         return feature
 
     def check_features(
-        self, sae: LoadedSAE, features: list[int] | None, most: int | None = None, *, required: bool = False,
+        self, sae: LoadedSAE, features: Sequence[int] | None, most: int | None = None, *, required: bool = False,
         unique: bool = False,
     ) -> list[int]:
         """Validate a list of feature indices for `sae`: count (at most `most`, default the per-call limit),
@@ -189,6 +198,21 @@ class Engine:
         return features
 
     # -- tokens -------------------------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The model's tokenizer (transformer-lens leaves it None only for a model built without one, which no
+        load_model source is)."""
+        tok = self.model.tokenizer
+        if tok is None:
+            raise LoadError("the model has no tokenizer")
+        return tok
+
+    def decode(self, ids: list[int]) -> str:
+        """Token ids -> their text, as the tokenizer writes it."""
+        text = self.tokenizer.decode(ids)
+        assert isinstance(text, str)  # a list only for a batch of sequences
+        return text
 
     def to_tokens(self, prompt: str, prepend_bos: bool = True) -> torch.Tensor:
         """prompt -> [1, seq] token ids on the device, BOS prepended when asked; bad prompts get clear errors."""
@@ -213,11 +237,10 @@ class Engine:
         agent can tell the positions of an emoji apart.
         """
         ids = [int(i) for i in tokens.reshape(-1).tolist()]
-        tok = self.model.tokenizer
-        pieces = tok.convert_ids_to_tokens(ids)
+        pieces = self.tokenizer.convert_ids_to_tokens(ids)
         out = []
         for i, piece in zip(ids, pieces):
-            text = tok.decode([i])
+            text = self.decode([i])
             if "\ufffd" in text and isinstance(piece, str):
                 text = _bytes_of_piece(piece) or text
             elif isinstance(piece, str) and piece.startswith("\u2581") and not text.startswith(" "):
@@ -278,11 +301,12 @@ class Engine:
         # An explicit all-ones mask: with a left-padding tokenizer whose pad id is EOS (Llama-style),
         # transformer-lens would otherwise mask every literal EOS token of the prompt.
         mask = torch.ones_like(tokens)
+        n_blocks = fast_forward.blocks_to_run(sae.hook_name)  # None: not a residual-stream hook
         with torch.inference_mode():
-            if fast_forward.supported(self.model, sae.hook_name):
+            if n_blocks is not None and fast_forward.supported(self.model, sae.hook_name):
                 # Residual-stream hooks of pre-norm decoders: transformer-lens' modules with fused attention
                 # (fast_forward.py; equal up to float rounding, tests/test_fast_forward.py).
-                return fast_forward.resid(self.model, tokens, fast_forward.blocks_to_run(sae.hook_name))
+                return fast_forward.resid(self.model, tokens, n_blocks)
             if sae.hook_name == f"blocks.{sae.layer}.hook_resid_pre":
                 # The residual stream before block L is what the forward returns when it stops there (blocks
                 # 0..L-1 run); reaching the hook point through the cache runs block L too. The same operations, so

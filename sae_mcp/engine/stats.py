@@ -207,6 +207,7 @@ class LogitWeightStats:
         if sort_by == "feature":
             key = idx[kept].float()
         elif sort_by == "density":
+            assert dens is not None  # refused above when the SAE has no densities
             key = dens[kept]
         else:
             key = moments[kept, MOMENT_COLUMN[sort_by]]
@@ -263,9 +264,9 @@ def small_sets_warning(named: list[TokenSet]) -> str | None:
 def _feature_stat(feature: int, m: torch.Tensor, density: torch.Tensor | None, centred: bool) -> FeatureStat:
     """One row: m [4] = (mean, std, skewness, kurtosis); the mean left out when it is 0 by construction."""
     return FeatureStat(
-        feature=feature, mean=None if centred else rounded(m[0]), std=rounded(m[1]), skewness=rounded(m[2]),
-        kurtosis=rounded(m[3]),
-        density=rounded(density, 6) if density is not None else None,
+        feature=feature, mean=None if centred else rounded(float(m[0])), std=rounded(float(m[1])),
+        skewness=rounded(float(m[2])), kurtosis=rounded(float(m[3])),
+        density=rounded(float(density), 6) if density is not None else None,
     )
 
 
@@ -275,7 +276,7 @@ def _set_enrichment(ts: TokenSet, vocab: list[str], idx: torch.Tensor, score: to
 
     def rows(order: torch.Tensor) -> list[EnrichedFeature]:
         return [
-            EnrichedFeature(feature=int(idx[i]), score=rounded(score[i]), z=rounded(z[i], 2))
+            EnrichedFeature(feature=int(idx[i]), score=rounded(float(score[i])), z=rounded(float(z[i]), 2))
             for i in order.tolist()
         ]
 

@@ -54,7 +54,7 @@ def _rounded_list(xs: list[float] | None) -> list[float] | None:
 
 
 def _row_texts(engine: Engine, out: SteerOutcome) -> list[_RowText]:
-    eos = engine.model.tokenizer.eos_token_id
+    eos = engine.tokenizer.eos_token_id
     new = out.new_tokens  # [B, T]
     return [
         _RowText(generated_ids(new[b], eos), continuation(engine, new[b], eos, out.stopped_at_eos[b]), out.readouts[b],
@@ -137,7 +137,7 @@ def _controls_at(plan: SteerPlan, out: SteerOutcome, seed_runs: list[_SeedRun], 
     effects = [_effects(out.stats, r, seed_runs[r]) for r in c_rows]
     keep = [m for m, v in target.items() if v is not None and all(e[m] is not None for e in effects)]
     runs = [
-        ControlRun(features=cs, effects=rounded_effects({m: e[m] for m in keep}),
+        ControlRun(features=cs, effects=rounded_effects({m: v for m in keep if (v := e[m]) is not None}),
                    continuations=[c.text for c in seed_runs[r].conts])
         for cs, e, r in zip(rows.control_sets, effects, c_rows)
     ]
@@ -147,7 +147,7 @@ def _controls_at(plan: SteerPlan, out: SteerOutcome, seed_runs: list[_SeedRun], 
         scale=rows.control_scales[j],
         seed=plan.sampling.seeds[0],
         runs=runs,
-        stats=control_stats({m: target[m] for m in keep if m in SIGNIFICANCE}, runs),
+        stats=control_stats({m: v for m in keep if m in SIGNIFICANCE and (v := target[m]) is not None}, runs),
         note=out.control_note,
         caution=few_controls_caution(len(runs)),
     )

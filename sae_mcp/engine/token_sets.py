@@ -145,7 +145,7 @@ def build_token_sets(
 def _wanted_sets(sets, token_sets, regex_sets) -> list[tuple[str, object | None, list[str] | None, bool]]:
     """-> [(name, compiled regex, tokens, built-in)], built-in names checked and every regex compiled before any
     is matched (a bad last pattern fails at once)."""
-    wanted = []
+    wanted: list[tuple[str, object | None, list[str] | None, bool]] = []
     for name in sets or []:
         if name not in BUILTIN_SETS:
             raise InvalidInput(f"unknown token set {name!r}; built-in sets: {', '.join(BUILTIN_SETS)}")

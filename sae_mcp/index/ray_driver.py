@@ -310,6 +310,7 @@ class RayIndexer:
                 return self._report(info, base, reused=True, seconds=time.perf_counter() - t0, scanned=0)
             before = self._build(index, info, base, max_tokens, progress, cancel, batch_windows)
             row = index.load_scan(INDEX)
+            assert row is not None  # _build saved it
             return self._report(info, row, reused=False, seconds=time.perf_counter() - t0, scanned=row.tokens - before)
         finally:
             index.close()

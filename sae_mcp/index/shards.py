@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from sae_mcp.index.merge import merge_all
 from sae_mcp.index.ray_worker import Walk
+from sae_mcp.index.scan import ScanState
 from sae_mcp.index.source import INDEX, resume_state
 from sae_mcp.index.store import IndexStore, StoredScan
 
@@ -112,19 +113,30 @@ def join_dtypes(*names: str | None) -> str:
 
 def shard_rows(index: IndexStore) -> list[StoredScan]:
     names = [r[0] for r in index.conn.execute("SELECT name FROM scans WHERE name LIKE ?", (SHARD_PREFIX + "%",))]
-    return [index.load_scan(n) for n in names]
+    return [row for n in names if (row := index.load_scan(n)) is not None]  # (a row deleted meanwhile: gone)
 
 
 def save_row(index: IndexStore, name: str, row: StoredScan) -> None:
     index.save_scan(dataclasses.replace(row, name=name))
 
 
+def _state(row: StoredScan) -> ScanState:
+    """A row to merge -> its running state on the CPU (every shard row and resumed base has its samples)."""
+    st = resume_state(row, "cpu")
+    if st is None:
+        raise ValueError(f"scan row {row.name!r} has no interval samples in this version's layout: it cannot be merged")
+    return st
+
+
 def merge_into_index(index: IndexStore, base: StoredScan | None, shards: list[Shard], walk: Walk, target: int
                      ) -> None:
     """The 'index' row := merge(base, shards), with the walk's end and exhaustion; the shard rows are deleted in
     the same transaction (a crash leaves either the shards or the merged row, never both counted)."""
-    parts = ([base] if base is not None else []) + [s.row for s in shards]
-    st = merge_all(resume_state(p, "cpu") for p in parts)
+    unfinished = [s.number for s in shards if s.row is None]
+    if unfinished:
+        raise ValueError(f"shards {unfinished} have no row yet: only finished shards are merged")
+    parts = ([base] if base is not None else []) + [s.row for s in shards if s.row is not None]
+    st = merge_all(_state(p) for p in parts)
     merged = StoredScan(
         name=INDEX, tokens=st.tokens, windows=walk.end, exhausted=walk.exhausted, target=target, updated=0.0,
         top_vals=st.top_vals.numpy(), top_pos=st.top_pos.numpy(), n_fired=st.n_fired.numpy(), hist=st.hist.numpy(),
