@@ -35,6 +35,16 @@ def list_tools(server):
     return anyio.run(go)
 
 
+def instructions_and_tools(server) -> tuple[str | None, list]:
+    """The server's instructions and its listed tools, as a client sees them on connecting."""
+
+    async def go():
+        async with Client(server) as client:
+            return client.instructions, (await client.list_tools()).tools
+
+    return anyio.run(go)
+
+
 def tools_by_name(server) -> dict:
     return {t.name: t for t in list_tools(server)}
 

@@ -10,14 +10,16 @@ from sae_mcp.engine import ablation
 from sae_mcp.engine.runtime import resolve_positions
 from sae_mcp.errors import InvalidInput
 
-from conftest import assert_tables_close, tutorial_sae_acts
+from helpers.plain import (
+    assert_tables_close,
+    first_token_ids,
+    plain_ablation_logits,
+    spliced_grad_x_act,
+    tokens_of,
+    tutorial_sae_acts,
+)
 
 PROMPT = "the cat sat on the mat and the dog"
-
-
-def tokens_of(engine, prompt=PROMPT):
-    s = engine.sae(None)
-    return engine.to_tokens(prompt, prepend_bos=s.prepend_bos)
 
 
 def plain_acts(engine, tokens):
@@ -30,32 +32,9 @@ def silent_warning(res) -> str | None:
     return next((w for w in res.warnings or [] if "zero activation at the ablated positions" in w), None)
 
 
-def plain_ablation_logits(engine, tokens, feats: list[int]) -> dict[str, torch.Tensor]:
-    """Last-position logits [d_vocab] of the plain model ('base'), the SAE spliced without its error term
-    ('recon'), `feats` zeroed on hook_sae_acts_post without ('no_err') and with ('with_err') the error term,
-    each with the tutorial's own calls (run_with_saes, run_with_hooks_with_saes, model.saes)."""
-    s = engine.sae(None)
-    hook = f"{s.hook_name}.hook_sae_acts_post"
-
-    def zero(acts, hook):
-        acts[:, :, feats] = 0.0
-        return acts
-
-    with torch.inference_mode():
-        out = {
-            "base": engine.model(tokens)[0, -1],
-            "recon": engine.model.run_with_saes(tokens, saes=[s.sae], use_error_term=False)[0, -1],
-            "no_err": engine.model.run_with_hooks_with_saes(tokens, saes=[s.sae], fwd_hooks=[(hook, zero)])[0, -1],
-        }
-        with engine.model.saes(saes=[s.sae], use_error_term=True):
-            out["with_err"] = engine.model.run_with_hooks(tokens, fwd_hooks=[(hook, zero)])[0, -1]
-    engine.clean_model()
-    return out
-
-
 def test_error_term_with_nothing_ablated_gives_the_plain_models_logits(tiny_engine):
     e, s = tiny_engine, tiny_engine.sae(None)
-    tokens = tokens_of(e)
+    tokens = tokens_of(e, PROMPT)
     with e.device_work(), torch.inference_mode():
         plain = e.model(tokens)[0, -1]
         spliced = ablation._spliced_logits(e, s, tokens, [[]], list(range(tokens.shape[1])), error_term=True)[0]
@@ -67,7 +46,7 @@ def test_error_term_with_nothing_ablated_gives_the_plain_models_logits(tiny_engi
 
 def test_ablation_with_error_term_removes_exactly_act_times_decoder_at_the_positions(tiny_engine):
     e, s = tiny_engine, tiny_engine.sae(None)
-    tokens = tokens_of(e)
+    tokens = tokens_of(e, PROMPT)
     acts = plain_acts(e, tokens)  # [S, d_sae]
     positions = [2, 4, -1]
     pos = [p % tokens.shape[1] for p in positions]
@@ -101,7 +80,7 @@ def test_ablation_with_error_term_removes_exactly_act_times_decoder_at_the_posit
 
 def test_without_the_error_term_the_ablation_is_measured_against_reconstruction_only(tiny_engine):
     e = tiny_engine
-    tokens = tokens_of(e)
+    tokens = tokens_of(e, PROMPT)
     feats = [int(f) for f in plain_acts(e, tokens).sum(0).topk(2).indices]
     plain = plain_ablation_logits(e, tokens, feats)
     base, recon, no_err, with_err = plain["base"], plain["recon"], plain["no_err"], plain["with_err"]
@@ -137,7 +116,7 @@ def test_without_the_error_term_the_ablation_is_measured_against_reconstruction_
 
 def test_tables_without_error_term_match_tutorial_run_with_saes(tiny_engine):
     e, s = tiny_engine, tiny_engine.sae(None)
-    tokens = tokens_of(e)
+    tokens = tokens_of(e, PROMPT)
     feats = [int(f) for f in plain_acts(e, tokens).sum(0).topk(2).indices]
     plain = plain_ablation_logits(e, tokens, feats)
     base, recon, ablated = plain["base"], plain["recon"], plain["no_err"]
@@ -153,7 +132,7 @@ def test_tables_without_error_term_match_tutorial_run_with_saes(tiny_engine):
 
 def test_ablating_a_feature_that_does_not_fire_changes_nothing(tiny_engine):
     e = tiny_engine
-    acts = plain_acts(e, tokens_of(e))
+    acts = plain_acts(e, tokens_of(e, PROMPT))
     silent = int((acts.sum(0) == 0).nonzero()[0])
     res = ablation.ablate_and_test(e, PROMPT, " mat", [silent], controls=True, n_controls=3)
     assert res.features[0].activation_sum == 0.0 and not res.features[0].fired
@@ -163,7 +142,7 @@ def test_ablating_a_feature_that_does_not_fire_changes_nothing(tiny_engine):
 
 def test_a_target_that_never_fires_is_flagged_per_feature_and_in_a_note_even_without_controls(tiny_engine):
     e = tiny_engine
-    acts = plain_acts(e, tokens_of(e))  # [S, d_sae]
+    acts = plain_acts(e, tokens_of(e, PROMPT))  # [S, d_sae]
     silent = int((acts[-1] == 0).nonzero()[0])
     firing = int(acts[-1].argmax())
     alone = ablation.ablate_and_test(e, PROMPT, " mat", [silent], position=-1)
@@ -184,20 +163,9 @@ def test_a_target_that_never_fires_is_flagged_per_feature_and_in_a_note_even_wit
 
 def plain_attribution_sum(engine, tokens, answer_id, positions) -> torch.Tensor:
     """Gradient x activation of every feature on log P(answer) after the prompt, summed over `positions` [d_sae]:
-    the SAE spliced with its error term, acts_post made to require grad, one backward (the tutorial way)."""
-    s, kept = engine.sae(None), {}
-
-    def keep(acts, hook):
-        acts.requires_grad_(True)
-        acts.retain_grad()
-        kept["acts"] = acts
-        return acts
-
-    with torch.enable_grad(), engine.model.saes(saes=[s.sae], use_error_term=True):
-        logits = engine.model.run_with_hooks(tokens, fwd_hooks=[(f"{s.hook_name}.hook_sae_acts_post", keep)])
-        torch.log_softmax(logits[0, -1], -1)[answer_id].backward()
-    engine.clean_model()
-    return (kept["acts"].grad * kept["acts"].detach())[0, positions].sum(0)
+    the tutorial way (helpers.plain.spliced_grad_x_act)."""
+    run = spliced_grad_x_act(engine, engine.sae(None), tokens, lambda logits: logits[0, -1].log_softmax(-1)[answer_id])
+    return run.grad_x_act[0, positions].sum(0)
 
 
 def test_ablation_controls_fire_within_half_to_twice_their_targets_activation_and_are_no_known_cause(tiny_engine):
@@ -205,7 +173,7 @@ def test_ablation_controls_fire_within_half_to_twice_their_targets_activation_an
     positions with a summed activation within 0.5-2x its target's, and none is a target or among the 20 features of
     largest |attribution| to the metric there (computed here the plain way)."""
     e = tiny_engine
-    tokens = tokens_of(e)
+    tokens = tokens_of(e, PROMPT)
     acts = plain_acts(e, tokens)  # [S, d_sae]
     total = acts.sum(0)  # every position is ablated
     order = total.argsort(descending=True)
@@ -234,7 +202,7 @@ def test_fewer_matched_controls_than_asked_come_back_fewer_with_why_never_filled
     """The strongest feature at the last position has few features within 0.5-2x of it there: fewer control sets
     than asked, each a real match, and a note saying why."""
     e = tiny_engine
-    tokens = tokens_of(e)
+    tokens = tokens_of(e, PROMPT)
     acts = plain_acts(e, tokens)[-1]  # [d_sae] at the ablated position
     top = int(acts.argmax())
     attribution = plain_attribution_sum(e, tokens, ablation_answer_id(e), [tokens.shape[1] - 1])
@@ -248,7 +216,8 @@ def test_fewer_matched_controls_than_asked_come_back_fewer_with_why_never_filled
 
 
 def ablation_answer_id(engine) -> int:
-    return int(engine.model.to_tokens(" mat", prepend_bos=False)[0, 0])
+    (answer,) = first_token_ids(engine, " mat")
+    return answer
 
 
 def test_positions_resolve_negative_indices_and_reject_out_of_range():
@@ -263,6 +232,6 @@ def test_positions_resolve_negative_indices_and_reject_out_of_range():
 
 def test_fewer_than_five_ablation_controls_carry_a_caution_that_they_are_weak_evidence(tiny_engine):
     e = tiny_engine
-    feats = [int(f) for f in plain_acts(e, tokens_of(e))[-1].topk(2).indices]
+    feats = [int(f) for f in plain_acts(e, tokens_of(e, PROMPT))[-1].topk(2).indices]
     abl = ablation.ablate_and_test(e, PROMPT, " mat", feats, position=-1, controls=True, n_controls=2)
     assert "weak evidence" in abl.controls.caution

@@ -9,28 +9,16 @@ from torch.testing import assert_close
 from sae_mcp.engine import attribution as attr
 from sae_mcp.errors import InvalidInput
 
-from conftest import engine_on, make_sae_folder
+from helpers.plain import first_token_ids, spliced_grad_x_act
 
 PROMPT = "the cat sat on the mat and the dog"
 
 
 def plain_attribution(engine, sae, tokens, a, c, pos):
-    """The tutorial way: SAE spliced with the error term, acts_post made to require grad, one backward."""
-    model, kept = engine.model, {}
-
-    def keep(acts, hook):
-        acts.requires_grad_(True)  # nothing upstream requires grad, so acts is a leaf here
-        acts.retain_grad()
-        kept["acts"] = acts
-        return acts
-
-    with torch.enable_grad(), model.saes(saes=[sae.sae], use_error_term=True):
-        logits = model.run_with_hooks(tokens, fwd_hooks=[(f"{sae.hook_name}.hook_sae_acts_post", keep)])
-        metric = logits[0, pos, a] - logits[0, pos, c]
-        metric.backward()
-    engine.clean_model()
-    acts = kept["acts"]
-    return float(metric), logits.detach(), (acts.grad * acts.detach())[0]  # [S, d_sae]
+    """The tutorial way (helpers.plain.spliced_grad_x_act) on logit[a] - logit[c] at `pos` -> (the metric, the
+    logits [1, S, V], gradient x activation [S, d_sae])."""
+    run = spliced_grad_x_act(engine, sae, tokens, lambda logits: logits[0, pos, a] - logits[0, pos, c])
+    return run.metric, run.logits, run.grad_x_act[0]
 
 
 def plain_hook_gradient(engine, sae, tokens, a, c, pos):
@@ -49,14 +37,10 @@ def plain_hook_gradient(engine, sae, tokens, a, c, pos):
     return kept["x"].detach()[0], kept["x"].grad[0]  # [S, d_in] each
 
 
-def ids(engine, *words):
-    return [int(engine.model.to_tokens(w, prepend_bos=False)[0, 0]) for w in words]
-
-
 def test_single_sae_attributions_equal_the_plain_grad_times_activation(tiny_engine):
     e, s = tiny_engine, tiny_engine.sae(None)
     tokens = e.to_tokens(PROMPT)
-    a, c = ids(e, " mat", " park")
+    a, c = first_token_ids(e, " mat", " park")
     metric, logits, plain = plain_attribution(e, s, tokens, a, c, -2)
     res = attr.attribute(e, PROMPT, " mat", counterfactual=" park", top_k=15, position=-2)
     assert res.metric_value == pytest.approx(metric, abs=1e-5)
@@ -76,7 +60,7 @@ def test_single_sae_attributions_equal_the_plain_grad_times_activation(tiny_engi
 def test_error_attribution_is_gradient_dot_error_and_the_parts_sum_to_gradient_dot_input(tiny_engine):
     e, s = tiny_engine, tiny_engine.sae(None)
     tokens = e.to_tokens(PROMPT)
-    a, c = ids(e, " mat", " park")
+    a, c = first_token_ids(e, " mat", " park")
     x, g = plain_hook_gradient(e, s, tokens, a, c, -1)
     with torch.inference_mode():
         x_hat = s.sae.decode(s.sae.encode(x))  # [S, d_in]
@@ -101,7 +85,7 @@ def test_error_attribution_is_gradient_dot_error_and_the_parts_sum_to_gradient_d
 def test_error_share_is_taken_over_positions_one_to_the_metric_position_without_bos(tiny_engine):
     e, s = tiny_engine, tiny_engine.sae(None)
     tokens = e.to_tokens(PROMPT)
-    a, c = ids(e, " mat", " park")
+    a, c = first_token_ids(e, " mat", " park")
     pos = tokens.shape[1] - 3
     x, g = plain_hook_gradient(e, s, tokens, a, c, pos)
     with torch.inference_mode():
@@ -122,21 +106,9 @@ def test_answer_alone_differentiates_the_log_probability_of_the_answer_not_its_r
     distribution). Its value and its gradient x activation against the plain computation."""
     e, s = tiny_engine, tiny_engine.sae(None)
     tokens = e.to_tokens(PROMPT)
-    (a,) = ids(e, " mat")
-    kept = {}
-
-    def keep(acts, hook):
-        acts.requires_grad_(True)
-        acts.retain_grad()
-        kept["acts"] = acts
-        return acts
-
-    with torch.enable_grad(), e.model.saes(saes=[s.sae], use_error_term=True):
-        logits = e.model.run_with_hooks(tokens, fwd_hooks=[(f"{s.hook_name}.hook_sae_acts_post", keep)])
-        log_p = logits[0, -1].log_softmax(-1)[a]
-        log_p.backward()
-    e.clean_model()
-    plain = (kept["acts"].grad * kept["acts"].detach())[0]  # [S, d_sae]
+    (a,) = first_token_ids(e, " mat")
+    run = spliced_grad_x_act(e, s, tokens, lambda logits: logits[0, -1].log_softmax(-1)[a])
+    log_p, logits, plain = run.metric, run.logits, run.grad_x_act[0]  # [S, d_sae]
     res = attr.attribute(e, PROMPT, " mat", top_k=5)
     assert res.metric_value == pytest.approx(float(log_p), abs=1e-4)
     assert res.metric_value != pytest.approx(float(logits[0, -1, a]), abs=1e-2)  # not the raw logit
@@ -148,7 +120,7 @@ def test_answer_alone_differentiates_the_log_probability_of_the_answer_not_its_r
 def test_a_multi_token_answer_or_counterfactual_is_scored_on_its_first_token_and_the_result_says_so(tiny_engine):
     e = tiny_engine
     tokens = e.to_tokens(PROMPT)
-    a, c = ids(e, " mat", " park")
+    a, c = first_token_ids(e, " mat", " park")
     with torch.inference_mode():
         logits = e.model(tokens)[0, -1]
     res = attr.attribute(e, PROMPT, " mat on", counterfactual=" park and")
@@ -158,12 +130,6 @@ def test_a_multi_token_answer_or_counterfactual_is_scored_on_its_first_token_and
     single = attr.attribute(e, PROMPT, " mat")
     assert (single.answer_tokens, single.multi_token) == (["mat"], False)
     assert (single.counterfactual_tokens, single.counterfactual_multi_token) == (None, None)
-
-
-@pytest.fixture(scope="module")
-def two_sae_engine(tiny_loaded, tiny_dir, tiny_sae_dir):
-    l0 = make_sae_folder(tiny_dir / "attr_sae_l0", 32, 96, "blocks.0.hook_resid_post", seed=3)
-    return engine_on(tiny_loaded, tiny_sae_dir, l0)
 
 
 def test_several_saes_in_one_pass_give_each_saes_attributions_alone(two_sae_engine):
@@ -197,7 +163,7 @@ def test_attribution_on_the_real_model_matches_the_plain_computation(stories_eng
     e, s = stories_engine, stories_engine.sae(None)
     prompt = "Once upon a time, there was a little girl named Lily. She"
     tokens = e.to_tokens(prompt)
-    a, c = ids(e, " was", " saw")
+    a, c = first_token_ids(e, " was", " saw")
     metric, _, plain = plain_attribution(e, s, tokens, a, c, -1)
     res = attr.attribute(e, prompt, " was", counterfactual=" saw", top_k=10)
     assert res.metric_value == pytest.approx(metric, abs=1e-4)

@@ -12,7 +12,7 @@ from sae_mcp.engine import attribution as attr
 from sae_mcp.engine import attribution_checks as checks
 from sae_mcp.errors import InvalidInput
 
-from conftest import engine_on, make_sae_folder
+from helpers.plain import first_token_ids, spliced_grad_x_act
 from mcp_client import call_many, error_text
 
 PROMPT = "the cat sat on the mat and the dog"
@@ -21,10 +21,6 @@ PROMPT = "the cat sat on the mat and the dog"
 # 20%.
 NONLINEAR = ("Lily saw a big red ball . she", " dog", " cat")
 LINEAR = (PROMPT, " mat", " park")
-
-
-def ids(engine, *words):
-    return [int(engine.model.to_tokens(w, prepend_bos=False)[0, 0]) for w in words]
 
 
 def spliced_metric(engine, saes, tokens, a, c, pos, zero=None):
@@ -49,20 +45,8 @@ def spliced_metric(engine, saes, tokens, a, c, pos, zero=None):
 
 
 def plain_grad_x_act(engine, sae, tokens, a, c, pos):
-    """acts * d metric / d acts [S, d_sae], the SAE spliced with the error term."""
-    model, kept = engine.model, {}
-
-    def keep(acts, hook):
-        acts.requires_grad_(True)
-        acts.retain_grad()
-        kept["acts"] = acts
-        return acts
-
-    with torch.enable_grad(), model.saes(saes=[sae.sae], use_error_term=True):
-        logits = model.run_with_hooks(tokens, fwd_hooks=[(f"{sae.hook_name}.hook_sae_acts_post", keep)])
-        (logits[0, pos, a] - logits[0, pos, c]).backward()
-    engine.clean_model()
-    return (kept["acts"].grad * kept["acts"].detach())[0]
+    """acts * d metric / d acts [S, d_sae], the SAE spliced with the error term (helpers.plain.spliced_grad_x_act)."""
+    return spliced_grad_x_act(engine, sae, tokens, lambda logits: logits[0, pos, a] - logits[0, pos, c]).grad_x_act[0]
 
 
 def plain_integrated_gradients(engine, sae, tokens, a, c, pos, steps, hook="hook_sae_acts_post"):
@@ -102,12 +86,6 @@ def linearity_warnings(res):
     return [w for w in res.warnings or [] if "exact contribution" in w]
 
 
-@pytest.fixture(scope="module")
-def two_sae_engine(tiny_loaded, tiny_dir, tiny_sae_dir):
-    l0 = make_sae_folder(tiny_dir / "checks_sae_l0", 32, 96, "blocks.0.hook_resid_post", seed=3)
-    return engine_on(tiny_loaded, tiny_sae_dir, l0)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Exact contributions
 
@@ -115,7 +93,7 @@ def two_sae_engine(tiny_loaded, tiny_dir, tiny_sae_dir):
 def test_every_returned_entry_gets_its_exact_contribution_the_metric_minus_the_metric_with_it_zeroed(tiny_engine):
     e, s = tiny_engine, tiny_engine.sae(None)
     tokens = e.to_tokens(PROMPT)
-    a, c = ids(e, " mat", " park")
+    a, c = first_token_ids(e, " mat", " park")
     res = attr.attribute(e, PROMPT, " mat", counterfactual=" park", top_k=30)
     clean = spliced_metric(e, [s], tokens, a, c, -1)
     assert len(res.top) == 30 and all(t.exact_contribution is not None for t in res.top)  # not only the top 3
@@ -146,7 +124,7 @@ def test_exact_contributions_with_two_saes_zero_one_feature_with_both_spliced(tw
     e = two_sae_engine
     saes = sorted(e.saes.values(), key=lambda s: s.layer)
     tokens = e.to_tokens(PROMPT)
-    a, c = ids(e, " mat", " park")
+    a, c = first_token_ids(e, " mat", " park")
     res = attr.attribute(e, PROMPT, " mat", counterfactual=" park", top_k=10)
     assert {t.sae for t in res.top} == set(e.saes)  # entries of both SAEs are verified
     clean = spliced_metric(e, saes, tokens, a, c, -1)
@@ -168,7 +146,7 @@ def test_warns_where_gradient_x_activation_is_far_from_the_exact_contribution_an
     e, s = tiny_engine, tiny_engine.sae(None)
     prompt, answer, counterfactual = case
     tokens = e.to_tokens(prompt)
-    a, c = ids(e, answer, counterfactual)
+    a, c = first_token_ids(e, answer, counterfactual)
     plain = plain_grad_x_act(e, s, tokens, a, c, -1)
     clean = spliced_metric(e, [s], tokens, a, c, -1)
     res = attr.attribute(e, prompt, answer, counterfactual=counterfactual, top_k=top_k)
@@ -202,7 +180,7 @@ def test_totals_are_the_plain_sums_reported_beside_the_metric(tiny_engine, case)
     e, s = tiny_engine, tiny_engine.sae(None)
     prompt, answer, counterfactual = case
     tokens = e.to_tokens(prompt)
-    a, c = ids(e, answer, counterfactual)
+    a, c = first_token_ids(e, answer, counterfactual)
     plain = plain_grad_x_act(e, s, tokens, a, c, -1)
     res = attr.attribute(e, prompt, answer, counterfactual=counterfactual, verify=False)
     assert res.method == "gradient" and res.integrated_gradients is None
@@ -220,7 +198,7 @@ def test_integrated_gradients_equal_a_plain_riemann_loop_for_features_and_error(
     were the plain gradient's)."""
     e, s = tiny_engine, tiny_engine.sae(None)
     tokens = e.to_tokens(PROMPT)
-    a, c = ids(e, " mat", " park")
+    a, c = first_token_ids(e, " mat", " park")
     plain = plain_integrated_gradients(e, s, tokens, a, c, -1, steps=8)
     plain_err = plain_integrated_gradients(e, s, tokens, a, c, -1, steps=8, hook="hook_sae_error").sum(-1)  # [S]
     res = attr.attribute(e, PROMPT, " mat", counterfactual=" park", method="integrated_gradients", steps=8, top_k=10)
@@ -245,7 +223,7 @@ def test_integrated_gradients_equal_a_plain_riemann_loop_for_features_and_error(
 def test_integrated_gradients_are_complete_with_enough_steps_and_warn_with_too_few(tiny_engine):
     e, s = tiny_engine, tiny_engine.sae(None)
     tokens = e.to_tokens(PROMPT)
-    a, c = ids(e, " mat", " park")
+    a, c = first_token_ids(e, " mat", " park")
     clean = spliced_metric(e, [s], tokens, a, c, -1)
     endpoint = clean - spliced_metric(e, [s], tokens, a, c, -1, zero=(s.hook_name, None, None))
     error_endpoint = clean - error_zeroed_metric(e, [s], tokens, a, c, -1)
@@ -270,7 +248,7 @@ def test_integrated_gradients_over_two_saes_sum_to_the_metric_with_every_feature
     e = two_sae_engine
     saes = sorted(e.saes.values(), key=lambda s: s.layer)
     tokens = e.to_tokens(PROMPT)
-    a, c = ids(e, " mat", " park")
+    a, c = first_token_ids(e, " mat", " park")
     model = e.model
     with torch.inference_mode():
         logits, cache = model.run_with_cache(tokens)

@@ -18,7 +18,9 @@ from sae_mcp.server.tools import tool_map
 from sae_mcp.services import Services
 from sae_mcp.settings import Settings
 
-from conftest import FakeIndex, only_sae
+from conftest import FakeIndex
+from helpers.models import only_sae
+from helpers.servers import server_at, services_at
 from mcp_client import call_many, error_text, read_resource
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,13 +28,13 @@ pytestmark = pytest.mark.usefixtures("lexical_only")
 
 
 def services_with(engine, tmp_path, examples=None) -> Services:
-    return Services(engine, Settings(data_dir=tmp_path), tools=tool_map(), examples=examples)
+    return services_at(engine, tmp_path, examples=examples)
 
 
 def test_resource_template_matches_a_dotted_hook_name(tiny_engine, tmp_path):
     s = only_sae(tiny_engine)
     assert "." in s.key  # blocks.1.hook_resid_pre
-    res = read_resource(build_server(tiny_engine, Settings(data_dir=tmp_path)), f"feature://{s.key}/5")
+    res = read_resource(server_at(tiny_engine, tmp_path), f"feature://{s.key}/5")
     text = res.contents[0].text
     assert res.contents[0].mime_type == "text/markdown"
     assert text.startswith(f"# Feature 5 · {s.key}")
@@ -152,7 +154,7 @@ def test_an_index_read_failure_shows_on_that_card_and_the_next_card_reads_the_in
 
 
 def test_feature_card_tool_and_bad_inputs(tiny_engine, tmp_path):
-    server = build_server(tiny_engine, Settings(data_dir=tmp_path))
+    server = server_at(tiny_engine, tmp_path)
 
     async def go():
         async with Client(server) as c:
@@ -179,7 +181,7 @@ def test_feature_card_tool_and_bad_inputs(tiny_engine, tmp_path):
 
 
 def test_stats_tools_through_the_client(tiny_engine, tmp_path):
-    server = build_server(tiny_engine, Settings(data_dir=tmp_path))
+    server = server_at(tiny_engine, tmp_path)
     kurt, dens, pets, builtin, bad_set, too_many = call_many(server, [
         ("feature_stats", {"sort_by": "kurtosis", "top": 3}),
         ("feature_stats", {"sort_by": "density"}),
@@ -216,7 +218,7 @@ def test_feature_stats_of_given_densities(tiny_engine):
 
 
 def test_prompts_are_served_with_their_arguments(tiny_engine, tmp_path):
-    server = build_server(tiny_engine, Settings(data_dir=tmp_path))
+    server = server_at(tiny_engine, tmp_path)
 
     async def go():
         async with Client(server) as c:
@@ -270,7 +272,7 @@ def test_mcp_http_app_serves_the_card_page_next_to_mcp(tiny_engine, tmp_path):
     """Over streamable HTTP the same server also answers /features/{sae}/{feature} with the HTML card."""
     from starlette.testclient import TestClient
 
-    server = build_server(tiny_engine, Settings(data_dir=tmp_path))
+    server = server_at(tiny_engine, tmp_path)
     client = TestClient(server.streamable_http_app())
     key = only_sae(tiny_engine).key
     page = client.get(f"/features/{key}/2")
@@ -281,9 +283,9 @@ def test_mcp_http_app_serves_the_card_page_next_to_mcp(tiny_engine, tmp_path):
 def test_card_of_an_sae_off_the_residual_stream_says_why_there_is_no_logit_lens(tiny_loaded, tmp_path):
     """An SAE on hook_mlp_out's neighbour blocks.0.mlp.hook_post (width d_mlp) has no direct logit lens."""
 
-    from conftest import engine_on, make_sae_folder
+    from helpers.models import engine_on, make_sae_folder
 
     folder = make_sae_folder(tmp_path / "mlp_sae", 64, 16, "blocks.0.mlp.hook_post")
     engine = engine_on(tiny_loaded, folder)
-    md = card_text.card_markdown(Services(engine, Settings(data_dir=tmp_path), tools=tool_map()), 2)
+    md = card_text.card_markdown(services_at(engine, tmp_path), 2)
     assert "no logit lens:" in md and "residual stream" in md

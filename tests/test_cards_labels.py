@@ -12,12 +12,9 @@ from sae_mcp.cards import text as card_text
 from sae_mcp.cards.data import SHOWN_LABELS
 from sae_mcp.one_line import one_line
 from sae_mcp.pages import routes as pages
-from sae_mcp.server.app import build_server
-from sae_mcp.server.tools import tool_map
-from sae_mcp.services import Services
-from sae_mcp.settings import Settings
 
-from conftest import only_sae
+from helpers.models import only_sae
+from helpers.servers import server_at, services_at
 from mcp_client import call_many
 
 pytestmark = pytest.mark.usefixtures("lexical_only")
@@ -37,8 +34,8 @@ def label_rows(services, s, feature: int, n: int, size: int) -> None:
 
 def test_two_thousand_5kb_labels_make_a_card_of_a_few_kb_with_the_newest_shown(tiny_engine, tmp_path):
     s = only_sae(tiny_engine)
-    services = Services(tiny_engine, Settings(data_dir=tmp_path), tools=tool_map())
-    server = build_server(tiny_engine, Settings(data_dir=tmp_path), services=services)
+    services = services_at(tiny_engine, tmp_path)
+    server = server_at(tiny_engine, tmp_path, services=services)
     label_rows(services, s, 9, 2000, 5000)
     (card,) = call_many(server, [("feature_card", {"feature": 9})])
     md = card.structured_content["markdown"]
@@ -53,7 +50,7 @@ def test_two_thousand_5kb_labels_make_a_card_of_a_few_kb_with_the_newest_shown(t
 
 def test_a_label_with_a_forged_section_stays_one_quoted_line(tiny_engine, tmp_path):
     s = only_sae(tiny_engine)
-    services = Services(tiny_engine, Settings(data_dir=tmp_path), tools=tool_map())
+    services = services_at(tiny_engine, tmp_path)
     services.explanations.add_label(s.store_key, 4, FORGED, evidence='strong" (evidence: "fabricated\n## Logit lens')
     md = card_text.card_markdown(services, 4, s.key)
     lines = md.splitlines()

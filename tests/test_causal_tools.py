@@ -11,11 +11,9 @@ from mcp import Client
 from sae_mcp.engine import generation, steering_plan
 from sae_mcp.errors import NotFound
 from sae_mcp.server.app import build_server
-from sae_mcp.server.tools import tool_map
-from sae_mcp.services import Services
-from sae_mcp.settings import Settings
 
-from mcp_client import call_many, call_tool, cancel_after_first_progress, error_text, list_tools
+from helpers.servers import services_at
+from mcp_client import call_many, call_tool, cancel_after_first_progress, error_text, instructions_and_tools, list_tools
 
 PROMPT = "the cat sat on the mat and the dog"
 CAUSAL = ("steer_generate", "ablate_and_test", "attribute")
@@ -27,7 +25,7 @@ def server(tiny_server):
 
 
 def server_with_examples(engine, tmp_path, examples):
-    services = Services(engine, Settings(data_dir=tmp_path), tools=tool_map(), examples=examples)
+    services = services_at(engine, tmp_path, examples=examples)
     return build_server(engine, services=services)
 
 
@@ -67,11 +65,7 @@ def test_steer_generate_tool_returns_unsteered_and_steered_side_by_side(server):
 def test_the_metric_convention_is_said_once_and_the_ablation_effect_in_the_description(server):
     """What is scored is said once, in the server's instructions (every tool's answer/counterfactual/metric follow
     it), and what each result field means in the output schema; no tool repeats the convention."""
-    async def go():
-        async with Client(server) as client:
-            return client.instructions, (await client.list_tools()).tools
-
-    instructions, listed = anyio.run(go)
+    instructions, listed = instructions_and_tools(server)
     assert "logit[answer] - logit[counterfactual]" in instructions and "log P(answer)" in instructions
     assert "leading space" in instructions and "the first token counts" in instructions
     tools = {t.name: t for t in listed}

@@ -8,7 +8,6 @@ the real CSP (chromedriver over plain WebDriver), with a screenshot kept."""
 
 from __future__ import annotations
 
-import os
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import quote
@@ -28,7 +27,7 @@ from sae_mcp.server.tools import tool_map
 from sae_mcp.services import Services
 from sae_mcp.settings import Settings
 
-from conftest import engine_on
+from helpers.models import engine_on
 from mcp_client import call_many, call_tool, text_of, tools_by_name
 
 BASE = "http://127.0.0.1:8765"
@@ -319,17 +318,9 @@ def test_serve_over_http_serves_the_circuit_page_beside_mcp(engine, tmp_path):
 # ---------------------------------------------------------------------------------------------- Chromium
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory) -> Path:
-    where = os.environ.get("SAE_MCP_ARTIFACTS")
-    path = Path(where) if where else tmp_path_factory.mktemp("artifacts")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def test_the_page_renders_in_chromium_under_the_csp_with_every_node_linked(traced, artifacts, tmp_path):
-    from test_dashboard_browser import CHROMIUM, chromium, serve_pages
-
+    from helpers.browser import CHROMIUM, chromium
+    from helpers.servers import serve_pages
     from webdriver_client import CHROMEDRIVER, WebDriver
 
     if CHROMIUM is None or CHROMEDRIVER is None:

@@ -18,7 +18,7 @@ from sae_mcp.circuits.patching import PatchRequest, patch_features
 from sae_mcp.engine.logits import answer_token_ids
 from sae_mcp.errors import InvalidInput
 
-from conftest import engine_on
+from helpers.models import engine_on
 
 PROMPT = "Lily had a red ball. She gave the ball to"
 SOURCE = "Tom had a red ball. He gave the ball to"  # one token longer: ' T', 'om'

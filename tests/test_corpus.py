@@ -10,7 +10,7 @@ import pytest
 from sae_mcp.engine.corpus import iter_documents, iter_windows, resolve_corpus, window_context
 from sae_mcp.errors import InvalidInput, LoadError, NotFound
 
-from conftest import STORIES_CORPUS, STORIES_HF, stories_texts
+from helpers.models import STORIES_CORPUS, STORIES_HF, stories_texts
 
 
 def docs(path) -> list[str]:

@@ -3,7 +3,6 @@ killed index build resumes from its last checkpoint to the same index an uninter
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess
@@ -13,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import STORIES_CORPUS, STORIES_HF
-
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+from helpers.models import STORIES_CORPUS, STORIES_HF
+from helpers.servers import CLI_ENV
 
 LABEL_WRITER = """
 import sys
@@ -29,7 +27,8 @@ for i in range(100_000):
 
 def test_labels_acknowledged_before_a_kill_9_are_all_there_and_the_store_is_consistent(tmp_path):
     db = tmp_path / "explanations.sqlite"
-    proc = subprocess.Popen([sys.executable, "-c", LABEL_WRITER, str(db)], stdout=subprocess.PIPE, env=ENV, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", LABEL_WRITER, str(db)], stdout=subprocess.PIPE, env=CLI_ENV,
+                            text=True)
     acknowledged = []
     for line in proc.stdout:  # kill it mid-stream, after a good number of writes
         acknowledged.append(int(line))
@@ -73,10 +72,10 @@ def scan_state(path: Path) -> tuple:
 def test_a_kill_9_during_an_index_build_resumes_to_the_uninterrupted_index(stories_sae_dir, tmp_path):
     tokens = 40_000
     whole = tmp_path / "whole"
-    subprocess.run(index_command(whole, stories_sae_dir, tokens), env=ENV, check=True, capture_output=True,
+    subprocess.run(index_command(whole, stories_sae_dir, tokens), env=CLI_ENV, check=True, capture_output=True,
                    timeout=600)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(index_command(killed, stories_sae_dir, tokens), env=ENV, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(index_command(killed, stories_sae_dir, tokens), env=CLI_ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     checkpointed = 0
@@ -95,7 +94,7 @@ def test_a_kill_9_during_an_index_build_resumes_to_the_uninterrupted_index(stori
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the build finished before it could be killed mid-way"
     assert sqlite3.connect(index_file(killed)).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    resumed = subprocess.run(index_command(killed, stories_sae_dir, tokens), env=ENV, capture_output=True,
+    resumed = subprocess.run(index_command(killed, stories_sae_dir, tokens), env=CLI_ENV, capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert '"reused": false' in resumed.stdout and "resuming index at" in resumed.stderr

@@ -6,80 +6,31 @@ the test box goes through chromedriver (tests/webdriver_client.py), skipped when
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import threading
-import time
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
 from sae_mcp.pages.feature import PAGE_CONTEXT, PAGE_INTERVALS, PAGE_PER_INTERVAL, PAGE_TOP
-from sae_mcp.server.tools import tool_map
-from sae_mcp.services import Services
-from sae_mcp.settings import Settings
 
-from conftest import free_port, indexed_stories_services, only_sae
+from helpers.browser import CHROMIUM, NO_CHROMIUM, chromium, dump_dom
+from helpers.models import only_sae
+from helpers.servers import indexed_stories_services, serve_pages, services_at
 from mcp_client import call_tool
 from page_dom import parse
 from webdriver_client import CHROMEDRIVER, WebDriver
 
-CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
-
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="no chromium binary: apt-get install -y chromium chromium-driver to run the browser test"
-)
-
-
-def serve_pages(services):
-    """The dashboard app on a localhost port, served by uvicorn on a thread: (server, base URL)."""
-    import uvicorn
-
-    from sae_mcp.server.http import dashboard_app
-    from sae_mcp.server.security import HttpPolicy
-
-    port = free_port()
-    app = dashboard_app(services, HttpPolicy(port=port))  # loopback without a token: Host/Origin checks and CSP on
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    return server, thread, f"http://127.0.0.1:{port}"
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
 
 
 @pytest.fixture
 def dashboard(tiny_engine, tmp_path):
     """The tiny model's pages for the length of one test."""
-    services = Services(tiny_engine, Settings(data_dir=tmp_path / "data"), tools=tool_map())
+    services = services_at(tiny_engine, tmp_path / "data")
     server, thread, base = serve_pages(services)
     yield services, base
     server.should_exit = True
     thread.join(timeout=10)
-
-
-def chromium(url: str, profile, *args: str, wait_ms: int = 0) -> subprocess.CompletedProcess:
-    """Headless Chromium on `url` (sandbox-less as root, no network besides localhost); `wait_ms` of virtual time
-    lets the page's script fetch and render before the DOM is dumped or the screenshot taken."""
-    cmd = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile}", *args,
-    ]
-    if wait_ms:
-        cmd.append(f"--virtual-time-budget={wait_ms}")
-    out = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out
-
-
-def dump_dom(url: str, profile, wait_ms: int = 0) -> str:
-    """The page's DOM after Chromium rendered it (and ran its script for `wait_ms` of virtual time)."""
-    return chromium(url, profile, "--dump-dom", wait_ms=wait_ms).stdout
 
 
 def screenshot(url: str, profile, name: str, artifacts: Path, height: int, wait_ms: int = 0) -> Path:
@@ -126,14 +77,6 @@ def stories_site(stories_engine, stories_sae_dir, tmp_path_factory):
     yield services, build_server(stories_engine, services.settings, services=services, record=False), base
     server.should_exit = True
     thread.join(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory) -> Path:
-    where = os.environ.get("SAE_MCP_ARTIFACTS")
-    path = Path(where) if where else tmp_path_factory.mktemp("artifacts")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def busiest_banded_feature(services) -> int:

@@ -20,7 +20,7 @@ import torch
 
 from sae_mcp import demo
 
-from conftest import REPO, STORIES_CORPUS, only_sae
+from helpers.models import REPO, STORIES_CORPUS, only_sae
 
 DEMO_FILES = [
     "stories260K/config.json", "stories260K/model.safetensors", "stories260K/tokenizer.json",
@@ -104,7 +104,7 @@ def test_doctor_demo_names_the_bundled_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def demo_engine(stories_loaded):
-    from conftest import engine_on
+    from helpers.models import engine_on
 
     return engine_on(stories_loaded, *demo.SAE_DIRS)
 

@@ -15,7 +15,8 @@ from sae_mcp.store import explanation_files as files
 from sae_mcp.store import explanations as ex
 from sae_mcp.store.explanations import ExplanationStore
 
-from conftest import only_sae
+from helpers.models import only_sae
+from helpers.servers import server_at
 from mcp_client import call_many, error_text, tools_by_name
 
 pytestmark = pytest.mark.usefixtures("lexical_only")  # tests pick their ranking explicitly
@@ -207,7 +208,7 @@ def test_cli_imports_a_neuronpedia_file_where_the_server_finds_it(tiny_engine, t
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     assert report["added"] == 6 and report["source"] == "file:export.json"
-    server = build_server(tiny_engine, Settings(data_dir=tmp_path / "data"))
+    server = server_at(tiny_engine, tmp_path / "data")
     (res,) = call_many(server, [("search_explanations", {"query": "kittens"})])
     assert not res.is_error
     assert res.structured_content["matches"][0]["feature"] == 3
@@ -230,7 +231,7 @@ def test_cli_import_rejects_a_malformed_file_and_names_the_row(tiny_sae_dir, tmp
 
 
 def test_label_feature_is_searchable_at_once_and_annotated_as_a_write(tiny_engine, tmp_path):
-    server = build_server(tiny_engine, Settings(data_dir=tmp_path))
+    server = server_at(tiny_engine, tmp_path)
     tools = tools_by_name(server)
     lab, found = call_many(server, [
         ("label_feature", {"feature": 5, "label": "the word park", "evidence": "acts on 'park'"}),
@@ -247,14 +248,14 @@ def test_label_feature_is_searchable_at_once_and_annotated_as_a_write(tiny_engin
 
 def test_search_with_nothing_imported_says_how_to_import(tiny_engine, tmp_path):
     (res,) = call_many(
-        build_server(tiny_engine, Settings(data_dir=tmp_path)), [("search_explanations", {"query": "bible"})]
+        server_at(tiny_engine, tmp_path), [("search_explanations", {"query": "bible"})]
     )
     assert res.structured_content["matches"] == []
     assert "sae-mcp explanations import" in res.structured_content["note"]
 
 
 def test_bad_inputs_are_errors_and_the_next_call_works(tiny_engine, tmp_path):
-    server = build_server(tiny_engine, Settings(data_dir=tmp_path))
+    server = server_at(tiny_engine, tmp_path)
     bad_sae, bad_feature, empty_q, blank_label, ok = call_many(server, [
         ("search_explanations", {"query": "x", "sae": "nope"}),
         ("label_feature", {"feature": 128, "label": "x"}),
@@ -305,7 +306,7 @@ def test_real_minilm_finds_a_description_by_meaning_when_installed(tmp_path):
 def test_labels_belong_to_the_weights_not_the_folder(tiny_loaded, tmp_path):
     """A label recorded for an SAE folder is not shown once the folder holds re-trained weights (a restart with
     the new weights starts empty), and is shown again, after a restart, for the same weights."""
-    from conftest import engine_on, make_sae_folder
+    from helpers.models import engine_on, make_sae_folder
 
     folder = make_sae_folder(tmp_path / "sae", 32, 128, "blocks.1.hook_resid_pre", seed=0)
     data = tmp_path / "data"
@@ -349,7 +350,7 @@ def test_lexical_scores_keep_significant_digits_on_a_small_store(tiny_engine, tm
     key = only_sae(tiny_engine).store_key
     store.import_rows(key, rows, "np")
     (res,) = call_many(
-        build_server(tiny_engine, Settings(data_dir=tmp_path)), [("search_explanations", {"query": "park"})]
+        server_at(tiny_engine, tmp_path), [("search_explanations", {"query": "park"})]
     )
     got = [(m["description"], m["score"]) for m in res.structured_content["matches"]]
 

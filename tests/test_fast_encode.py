@@ -12,7 +12,7 @@ from torch.testing import assert_close
 from sae_mcp.engine import fast_encode
 from sae_mcp.engine.saes import load_sae
 
-from conftest import STORIES_SAE_L1
+from helpers.models import STORIES_SAE_L1
 
 D_IN, D_SAE = 48, 320
 
@@ -104,7 +104,7 @@ def test_the_jumprelu_threshold_is_strict_at_the_exact_pre_activation(tmp_path):
 
 def test_the_trained_stories_sae_on_real_activations_equals_sae_lens(stories_engine, stories_loaded):
     """The bundled layer-1 SAE (StandardSAE) on stories260K's residual stream, through Engine.encode."""
-    from conftest import engine_on
+    from helpers.models import engine_on
 
     engine = engine_on(stories_loaded, STORIES_SAE_L1)
     (s,) = engine.saes.values()

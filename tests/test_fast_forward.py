@@ -14,7 +14,7 @@ from torch.testing import assert_close
 
 from sae_mcp.engine import fast_forward
 
-from conftest import _make_tiny_tokenizer, engine_on, make_sae_folder
+from helpers.models import engine_on, make_sae_folder, make_tiny_tokenizer
 
 
 def cached(model, tokens: torch.Tensor, hook: str) -> torch.Tensor:
@@ -46,7 +46,7 @@ def gpt2_folder_loaded(tmp_path_factory):
     from sae_mcp.engine.loading import load_model
 
     folder = tmp_path_factory.mktemp("gpt2_folder")
-    tok = _make_tiny_tokenizer(folder)
+    tok = make_tiny_tokenizer(folder)
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_ctx=64, n_embd=48, n_layer=3, n_head=4))
     hf.save_pretrained(folder)
@@ -102,7 +102,7 @@ def test_the_fast_forward_under_bf16_autocast_is_close_to_transformer_lens_under
 
 
 def test_engine_forward_to_hook_takes_the_fast_path_for_the_stories_saes(stories_engine, stories_loaded, tmp_path):
-    from conftest import STORIES_SAE_L1
+    from helpers.models import STORIES_SAE_L1
 
     engine = engine_on(stories_loaded, STORIES_SAE_L1)
     for s in [*engine.saes.values(), *stories_engine.saes.values()]:

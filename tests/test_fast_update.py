@@ -109,7 +109,7 @@ def test_a_snapshot_is_not_changed_by_later_batches():
 def test_update_state_equals_brute_force_on_real_stories_activations(stories_engine):
     """The bundled layer-3 SAE's activations on TinyStories windows (bit-identical values recur across documents
     that share their first words), folded in batches as a scan does."""
-    from conftest import stories_texts
+    from helpers.models import stories_texts
 
     engine = stories_engine
     (s,) = engine.saes.values()

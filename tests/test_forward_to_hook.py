@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import engine_on, make_sae_folder
+from helpers.models import engine_on, make_sae_folder
 
 
 def _cached(model, tokens, hook: str) -> torch.Tensor:

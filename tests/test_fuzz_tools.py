@@ -26,7 +26,7 @@ from mcp import Client
 from sae_mcp.server.app import build_server
 from sae_mcp.settings import Settings
 
-from conftest import only_sae
+from helpers.models import only_sae
 from mcp_client import list_tools, text_of
 
 CALLS = int(os.environ.get("SAE_MCP_FUZZ_CALLS", "300"))

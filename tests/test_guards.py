@@ -19,7 +19,9 @@ from sae_mcp.server.tools import tool_map
 from sae_mcp.services import Services
 from sae_mcp.settings import Settings
 
-from conftest import assert_ranked_like, engine_on, make_sae_folder, only_sae, tutorial_sae_acts
+from helpers.models import engine_on, make_sae_folder, only_sae
+from helpers.plain import assert_ranked_like, tutorial_sae_acts
+from helpers.servers import server_at
 from mcp_client import call_many, error_text
 
 # ----------------------------------------------------------------------------------------------- protocol rules
@@ -168,7 +170,7 @@ def test_model_info_reports_each_saes_fidelity_measured_on_its_corpus(stories_en
 
 
 def test_model_info_says_why_there_is_no_fidelity_without_a_corpus(tiny_engine, tmp_path):
-    (info,) = call_many(build_server(tiny_engine, Settings(data_dir=tmp_path)), [("model_info", {})])
+    (info,) = call_many(server_at(tiny_engine, tmp_path), [("model_info", {})])
     sae = info.structured_content["saes"][0]
     assert sae["fidelity"] is None and "--corpus" in sae["fidelity_note"]
 
@@ -214,12 +216,14 @@ def test_compare_prompt_sets_name_the_token_compared_in_each_prompt(tiny_engine)
 
 
 def test_ablate_and_test_with_a_counterfactual_scores_attributes_metric_in_every_table(tiny_engine):
-    from test_ablation import PROMPT, plain_ablation_logits, tokens_of
+    from helpers.plain import plain_ablation_logits, tokens_of
+
+    PROMPT = "the cat sat on the mat and the dog"
 
     from sae_mcp.engine import ablation
 
     e = tiny_engine
-    tokens = tokens_of(e)
+    tokens = tokens_of(e, PROMPT)
     feats = [int(f) for f in tutorial_sae_acts(e, tokens)[0].sum(0).topk(2).indices]
     plain = plain_ablation_logits(e, tokens, feats)
     res = ablation.ablate_and_test(e, PROMPT, " mat", feats, counterfactual=" park")

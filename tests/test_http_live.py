@@ -20,7 +20,7 @@ import pytest
 from sae_mcp.server.http import mcp_http_app, redacted_access_log, uvicorn_server
 from sae_mcp.server.security import HttpPolicy, reserve_socket
 
-from conftest import only_sae
+from helpers.models import only_sae
 
 TOKEN = "test-token-0123456789abcdef"
 

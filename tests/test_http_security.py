@@ -31,11 +31,10 @@ from sae_mcp.server.security import (
     is_loopback,
 )
 from sae_mcp.server.sessions import SessionLimiter
-from sae_mcp.server.tools import tool_map
 from sae_mcp.services import Services
-from sae_mcp.settings import Settings
 
-from conftest import STORIES_HF, free_port, only_sae
+from helpers.models import STORIES_HF, only_sae
+from helpers.servers import free_port, services_at
 
 TOKEN = "test-token-0123456789abcdef"
 INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
@@ -139,7 +138,7 @@ def test_a_page_cookie_replayed_after_its_lifetime_is_refused(tiny_engine, tmp_p
     its lifetime: here 30 minutes, on a clock the test moves."""
     now = [1000.0]
     policy = HttpPolicy(token=TOKEN, page_cookie_minutes=30)
-    app = pages_app(Services(tiny_engine, Settings(data_dir=tmp_path), tools=tool_map()), policy, clock=lambda: now[0])
+    app = pages_app(services_at(tiny_engine, tmp_path), policy, clock=lambda: now[0])
     with client_for(app, policy) as c:
         jar = page_login(c, policy)
         now[0] += 29 * 60
@@ -389,7 +388,7 @@ def test_pages_carry_a_csp_that_runs_only_the_test_box_script_by_hash_nosniff_an
 
 
 def test_html_injected_through_a_label_stays_escaped_on_the_pages(tiny_engine, tmp_path, key):
-    services = Services(tiny_engine, Settings(data_dir=tmp_path), tools=tool_map())
+    services = services_at(tiny_engine, tmp_path)
     evil = "<script>alert(1)</script><img src=x onerror=alert(2)>"
     services.explanations.add_label(only_sae(tiny_engine).store_key, 4, evil, evidence="</li><script>x()</script>")
     policy = HttpPolicy(token=TOKEN)
@@ -448,11 +447,12 @@ def test_a_person_opens_the_dashboard_in_chromium_with_the_token_once_in_the_url
     """The page URL with ?token= redirects with the cookie set; the browser follows and renders the card, and the
     test box's script reaches its JSON endpoint with that cookie."""
     import uvicorn
-    from test_dashboard_browser import CHROMIUM, dump_dom
+
+    from helpers.browser import CHROMIUM, NO_CHROMIUM, dump_dom
 
     if CHROMIUM is None:
-        pytest.skip("no chromium binary: apt-get install -y chromium chromium-driver to run the browser test")
-    services = Services(tiny_engine, Settings(data_dir=tmp_path / "data"), tools=tool_map())
+        pytest.skip(NO_CHROMIUM)
+    services = services_at(tiny_engine, tmp_path / "data")
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # bound here: no other process can take the port before uvicorn listens on it
     policy = HttpPolicy(port=sock.getsockname()[1], token=TOKEN)

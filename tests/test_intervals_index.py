@@ -14,7 +14,7 @@ from test_scan_index import FEATURES, TOKENS, brute_force, plain_top, settings_f
 from sae_mcp.index.source import DEFAULT_CONTEXT, ExampleSource
 from sae_mcp.index.view import View
 
-from conftest import stories_texts
+from helpers.models import stories_texts
 
 LENGTH = 128  # window: BOS + 127 document tokens
 

@@ -16,7 +16,8 @@ from mcp import Client
 from sae_mcp.server.app import build_server
 from sae_mcp.settings import Settings
 
-from conftest import STORIES_CORPUS, STORIES_HF, indexed_stories_services, only_sae
+from helpers.models import STORIES_CORPUS, STORIES_HF, only_sae
+from helpers.servers import indexed_stories_services
 from mcp_client import call_many, error_text, text_of
 
 pytestmark = [pytest.mark.usefixtures("lexical_only")]

@@ -6,7 +6,6 @@ turns it off, and a `sae-mcp serve` killed with -9 mid-session has lost no run w
 from __future__ import annotations
 
 import json
-import os
 import queue
 import signal
 import sqlite3
@@ -15,100 +14,16 @@ import sys
 import threading
 import time
 
-import anyio
 import pytest
-from mcp import Client
 
 from sae_mcp.ledger.recording import digest_of
 from sae_mcp.ledger.store import LedgerStore, bounded, ledger_path, scrub
-from sae_mcp.server.app import build_server
-from sae_mcp.settings import Settings
 from sae_mcp.store.explanations import ExplanationStore
 
-from conftest import STORIES_CORPUS, STORIES_HF, only_sae, volatile
+from helpers.models import STORIES_HF, only_sae
+from helpers.servers import CLI_ENV, server_at, volatile
+from helpers.session import PROMPT, record_session, session_calls
 from mcp_client import call_many, error_text, read_resource, text_of
-
-PROMPT = "Once upon a time, there was a little girl named Lily"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-
-
-def session_calls() -> list[tuple[str, dict]]:
-    """One investigation touching every tool (and one call that fails)."""
-    return [
-        ("model_info", {}),
-        ("get_feature_acts", {"prompt": PROMPT, "top_k": 3, "features": [5, 9]}),
-        ("compare_prompts", {"prompt_a": "She was happy.", "prompt_b": "She was sad.", "top_k": 5}),
-        ("compare_prompts", {"prompts_a": ["He was happy.", "She was happy."],
-                             "prompts_b": ["He was sad.", "She was sad."], "sort_by": "effect_size", "top_k": 5}),
-        ("next_token", {"prompt": PROMPT, "answer": " Lily"}),
-        ("next_token", {"prompt": "Once upon a", "answer": " time there"}),
-        ("project_to_vocab", {"feature": 3, "top_k": 5}),
-        ("project_to_vocab", {"feature": 4, "top_k": 5, "skip_special": True}),
-        ("top_examples", {"feature": 7, "k": 5, "max_scan_tokens": 4000}),
-        ("ablate_and_test", {"prompt": PROMPT, "answer": " Lily", "counterfactual": " Tom", "features": [7, 8],
-                             "controls": True, "n_controls": 3}),
-        ("attribute", {"prompt": PROMPT, "answer": " Lily", "counterfactual": " Tom", "top_k": 5}),
-        ("attribute", {"prompt": PROMPT, "answer": " Lily", "method": "integrated_gradients", "steps": 4, "top_k": 3}),
-        ("steer_generate", {"prompt": "Once upon a time", "features": [{"feature": 7, "strength": 2.0}],
-                            "calibration": "absolute", "temperature": 0, "max_new_tokens": 8, "strengths": [1, 4],
-                            "answer": " there"}),
-        ("steer_generate", {"prompt": "Once upon a time", "features": [{"feature": 7, "strength": 1.0}],
-                            "max_new_tokens": 8, "seeds": [0, 1]}),
-        ("patch_features", {"prompt": "Lily saw a cat. She", "source_prompt": "Lily saw a dog. She", "answer": " was",
-                            "top_k": 4}),
-        ("patch_features", {"prompt": "Lily saw a cat. She", "source_prompt": "Lily saw a dog. She", "answer": " was",
-                            "counterfactual": " had", "features": [5, 9]}),
-        ("trace_circuit", {"prompt": PROMPT, "answer": " was", "max_nodes": 12}),
-        ("project_to_vocab", {"feature": 99999}),  # fails: out of range
-        ("build_index", {"tokens": 20000}),
-        ("search_explanations", {"query": "girl"}),
-        ("feature_stats", {"top": 3}),
-        ("token_set_enrichment", {"top": 2}),
-        ("feature_card", {"feature": 7}),
-        ("score_explanation", {"feature": 5, "explanation": "a word ending", "n": 8}),  # its seed drawn
-    ]
-
-
-def label_calls(rid: dict[str, str]) -> list[tuple[str, dict]]:
-    """The agent's labels, citing the runs of the session (and one citing a run that does not exist)."""
-    return [
-        ("label_feature", {"feature": 7, "label": "Lily's name", "evidence": "ablation moves P(' Lily')",
-                           "evidence_runs": [rid["ablate_and_test"], rid["top_examples"]]}),
-        ("label_feature", {"feature": 8, "label": "no such evidence", "evidence_runs": ["r00000000"]}),
-        ("label_feature", {"feature": 9, "label": "an uncited hunch", "score": {"n": 8}}),  # its blind set's seed drawn
-    ]
-
-
-def record_session(engine, data_dir):
-    """The session on a fresh server, over one connection (one conversation: the labels cite its runs);
-    -> (server, calls, results, the labels' results)."""
-    server = build_server(engine, Settings(model=str(STORIES_HF), saes=(str(only_sae(engine).source),),
-                                           corpus=str(STORIES_CORPUS), data_dir=data_dir))
-    calls = session_calls()
-
-    async def go():
-        async with Client(server) as client:
-            results = [await client.call_tool(name, args) for name, args in calls]
-            for name, args in score_calls(results[-1].structured_content if calls[-1][0] == "score_explanation"
-                                          else None):
-                calls.append((name, args))
-                results.append(await client.call_tool(name, args))
-            rid = {n: r.structured_content["run_id"] for (n, _), r in zip(calls, results) if not r.is_error}
-            return results, [await client.call_tool(n, a) for n, a in label_calls(rid)]
-
-    results, labels = anyio.run(go)
-    return server, calls, results, labels
-
-
-def score_calls(blind: dict | None) -> list[tuple[str, dict]]:
-    """After the session's score_explanation (a blind set drawn with no seed given): the agent's answer to it."""
-    if blind is None:
-        return []
-    ids = [c["id"] for c in blind["challenge"]["contexts"]]
-    answer = {i: n % 2 == 0 for n, i in enumerate(ids)}
-    secret = {"submit_secret": blind["submit_secret"]} if blind.get("submit_secret") else {}
-    return [("submit_predictions", {"challenge_id": blind["challenge"]["challenge_id"], "predictions": answer,
-                                    **secret})]
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +113,7 @@ def test_the_ledger_reads_back_through_the_tool_and_the_resources(recorded):
 
 
 def test_a_failed_recording_never_fails_the_call(tiny_engine, tmp_path, monkeypatch, caplog):
-    server = build_server(tiny_engine, Settings(data_dir=tmp_path))
+    server = server_at(tiny_engine, tmp_path)
 
     def broken(self, run):
         raise sqlite3.OperationalError("disk I/O error")
@@ -213,13 +128,13 @@ def test_no_ledger_records_nothing_and_recording_changes_no_result(tiny_engine, 
     from sae_mcp.cli import make_parser
 
     call = ("next_token", {"prompt": "the cat sat", "top_k": 2})
-    off = build_server(tiny_engine, Settings(data_dir=tmp_path), record=False)
+    off = server_at(tiny_engine, tmp_path, record=False)
     res, listed, cited = call_many(off, [call, ("ledger", {}), ("label_feature", {
         "feature": 1, "label": "x", "evidence_runs": ["r00000000"]})])
     assert not res.is_error and "run_id" not in res.structured_content
     assert "records nothing (--no-ledger)" in text_of(listed) and "no run 'r00000000'" in error_text(cited)
     assert not ledger_path(tmp_path).exists()  # reading the ledger or checking evidence creates none
-    (rec,) = call_many(build_server(tiny_engine, Settings(data_dir=tmp_path / "on")), [call])
+    (rec,) = call_many(server_at(tiny_engine, tmp_path / "on"), [call])
     run_id = rec.structured_content["run_id"]
     assert {k: v for k, v in rec.structured_content.items() if k != "run_id"} == res.structured_content
     assert text_of(rec) == f"{text_of(res)}\nrun_id: {run_id}"
@@ -228,7 +143,7 @@ def test_no_ledger_records_nothing_and_recording_changes_no_result(tiny_engine, 
 
 
 def test_ledger_run_alone_answers_that_run_only_and_a_missing_session_names_the_resource(tiny_engine, tmp_path):
-    server = build_server(tiny_engine, Settings(data_dir=tmp_path))
+    server = server_at(tiny_engine, tmp_path)
     first, second = call_many(server, [("next_token", {"prompt": "the cat sat", "top_k": 2}),
                                        ("get_feature_acts", {"prompt": "the dog", "top_k": 1})])
     rid, other = first.structured_content["run_id"], second.structured_content["run_id"]
@@ -262,7 +177,7 @@ class Lines:
 
     def __init__(self, argv: list[str]):
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     env=ENV)
+                                     env=CLI_ENV)
         self.replies: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 

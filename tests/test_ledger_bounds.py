@@ -4,8 +4,6 @@ cites (`sae-mcp ledger prune` does it on demand, by size or age), and a submit s
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import sqlite3
 import time
@@ -13,15 +11,12 @@ import time
 import pytest
 from mcp.types import CallToolResult, TextContent
 
-from sae_mcp.cli import main as cli_main
 from sae_mcp.ledger.recording import digest_of
 from sae_mcp.ledger.store import BOUNDED_STR, MAX_ERROR_CHARS, MAX_REJECTED_CHARS, SECRET_MARK, LedgerStore, ledger_path
 from sae_mcp.ledger.summary import summary_of
-from sae_mcp.server.app import build_server
 from sae_mcp.server.tools import tool_map
-from sae_mcp.settings import Settings
 
-from conftest import volatile
+from helpers.servers import cli, server_at, volatile
 from mcp_client import call_many, error_text, text_of
 
 pytestmark = pytest.mark.usefixtures("lexical_only")
@@ -59,7 +54,7 @@ def record(ledger, tool: str, given: dict, result: CallToolResult | None = None,
 
 
 def test_a_flood_of_rejected_megabyte_labels_stores_cut_arguments(tiny_engine, tmp_path):
-    server = build_server(tiny_engine, Settings(data_dir=tmp_path))
+    server = server_at(tiny_engine, tmp_path)
     big = "spam " * 200_000  # 1 MB: label_feature takes 1,000 characters
     answers = call_many(server, [("get_feature_acts", {"prompt": "the cat sat", "top_k": 2})]
                         + [("label_feature", {"feature": 3, "label": big, "evidence": big}) for _ in range(12)]
@@ -77,7 +72,7 @@ def test_a_flood_of_rejected_megabyte_labels_stores_cut_arguments(tiny_engine, t
 
 
 def test_an_accepted_call_keeps_its_arguments_whole(tiny_engine, tmp_path):
-    server = build_server(tiny_engine, Settings(data_dir=tmp_path))
+    server = server_at(tiny_engine, tmp_path)
     label, evidence = "cat words " * 100, "feature 3 fires on 'cat' in 9 of 10 prompts; " * 80  # 1,000 and 3,680
     (ok,) = call_many(server, [("label_feature", {"feature": 3, "label": label[:1000], "evidence": evidence})])
     run = server.ledger.store.run(ok.structured_content["run_id"])
@@ -85,7 +80,7 @@ def test_an_accepted_call_keeps_its_arguments_whole(tiny_engine, tmp_path):
 
 
 def test_rejected_arguments_with_many_keys_or_deep_nesting_are_cut_to_the_cap(tiny_engine, tmp_path):
-    server = build_server(tiny_engine, Settings(data_dir=tmp_path))
+    server = server_at(tiny_engine, tmp_path)
     many = {f"k{i}": "v" * 50 for i in range(20_000)}  # 1.1 MB of unknown argument names
     deep: dict = {"x": 1}
     for _ in range(60):
@@ -101,7 +96,7 @@ def test_rejected_arguments_with_many_keys_or_deep_nesting_are_cut_to_the_cap(ti
 def test_a_listing_parses_no_large_column(tiny_engine, tmp_path):
     """The listing reads the summary and the brief arguments written with each run, which come before the large
     columns in a row: with those columns made unreadable, the listing still answers."""
-    server = build_server(tiny_engine, Settings(data_dir=tmp_path))
+    server = server_at(tiny_engine, tmp_path)
     for i in range(5):
         record(server.ledger, "big_result", {"prompt": "p" * 5000, "top_k": i}, fake_result(50_000))
     columns = [r[1] for r in server.ledger.store.conn.execute("PRAGMA table_info(runs)")]
@@ -136,7 +131,7 @@ def test_an_old_ledger_gets_the_new_columns_and_its_runs_still_list(tmp_path):
 
 
 def test_past_the_cap_the_oldest_uncited_runs_are_deleted_and_cited_ones_kept(tiny_engine, tmp_path):
-    server = build_server(tiny_engine, Settings(data_dir=tmp_path))
+    server = server_at(tiny_engine, tmp_path)
     ledger = server.ledger
     ledger.max_bytes = cap = 2_000_000
     first = [record(ledger, "get_feature_acts", {"prompt": f"run {i}"}, fake_result(100_000)) for i in range(3)]
@@ -150,15 +145,8 @@ def test_past_the_cap_the_oldest_uncited_runs_are_deleted_and_cited_ones_kept(ti
     assert ledger_path(tmp_path).stat().st_size <= 1.3 * cap  # freed pages are reused: the file stops growing
 
 
-def cli(*argv: str) -> tuple[int, str]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        rc = cli_main(list(argv))
-    return rc, out.getvalue()
-
-
 def test_prune_by_age_and_size_keeps_cited_runs_and_gives_the_space_back(tiny_engine, tmp_path):
-    server = build_server(tiny_engine, Settings(data_dir=tmp_path))
+    server = server_at(tiny_engine, tmp_path)
     ledger = server.ledger
     old = [record(ledger, "get_feature_acts", {"prompt": f"old {i}"}, fake_result(100_000)) for i in range(20)]
     (label,) = call_many(server, [("label_feature", {"feature": 3, "label": "cats", "evidence_runs": [old[0]]})])
@@ -179,7 +167,7 @@ def test_prune_by_age_and_size_keeps_cited_runs_and_gives_the_space_back(tiny_en
 
 def test_a_submit_secret_reaches_neither_the_ledger_nor_its_listing(tiny_engine, tmp_path):
     secret = "s3cr3t-" + "q" * 25
-    server = build_server(tiny_engine, Settings(data_dir=tmp_path))
+    server = server_at(tiny_engine, tmp_path)
     ledger = server.ledger
     # As arguments: a rejected call (an argument the tool lacks, or a bad value quoted in the error).
     answers = call_many(server, [("next_token", {"prompt": "the cat", "submit_secret": secret}),

@@ -6,28 +6,23 @@ difference on the unchanged setup and reports the differences after swapping in 
 from __future__ import annotations
 
 import ast
-import contextlib
-import io
 import os
 import subprocess
 import sys
 
 import pytest
-from test_ledger import record_session
 
-from sae_mcp.cli import main as cli_main
 from sae_mcp.ledger.export import cells, write_ipynb
 from sae_mcp.ledger.export.session import load_session
 from sae_mcp.ledger.store import LedgerStore
 from sae_mcp.server.tools import tool_map
 
-from conftest import STORIES_HOOK, make_sae_folder, volatile
+from helpers.models import STORIES_HOOK, make_sae_folder
+from helpers.servers import CLI_ENV, cli, volatile
+from helpers.session import WITHOUT_SAE_MCP, record_session
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 ALLOWED_IMPORTS = {"torch", "sae_lens", "transformer_lens", "transformers", "pandas", "json", "hashlib", "pathlib",
                    "datasets"}
-# Runs the exported file with sae_mcp made unimportable: it must need nothing of ours.
-WITHOUT_SAE_MCP = "import runpy, sys; sys.modules['sae_mcp'] = None; runpy.run_path(sys.argv[1], run_name='__main__')"
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +32,6 @@ def session(stories_engine, tmp_path_factory):
     store = LedgerStore.for_data_dir(data_dir)
     (recorded,) = store.sessions()
     return dict(data_dir=data_dir, store=store, data=load_session(store, recorded.id, tool_map()))
-
-
-def cli(*argv: str) -> tuple[int, str]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        rc = cli_main(list(argv))
-    return rc, out.getvalue()
 
 
 def test_the_exported_script_redoes_every_run_without_sae_mcp(session, tmp_path):
@@ -60,7 +48,7 @@ def test_the_exported_script_redoes_every_run_without_sae_mcp(session, tmp_path)
                    "get_pretrained_state_dict", "load_and_process_state_dict", "SAE.load_from_disk"):
         assert needle in source, needle
     done = subprocess.run([sys.executable, "-c", WITHOUT_SAE_MCP, str(path)], capture_output=True, text=True,
-                          env=ENV, cwd=tmp_path, timeout=900)
+                          env=CLI_ENV, cwd=tmp_path, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     redone = [line for line in done.stdout.splitlines() if "reproduced" in line]
     tools = ["get_feature_acts", "compare_prompts", "compare_prompts (sets)", "next_token", "next_token",

@@ -14,7 +14,6 @@ import anyio
 import pytest
 from markdown_it import MarkdownIt
 from mcp import Client
-from test_ledger_export import ENV, WITHOUT_SAE_MCP, cli
 
 from sae_mcp.ledger.export import cells, write_py
 from sae_mcp.ledger.export.session import SessionData, load_session
@@ -23,7 +22,9 @@ from sae_mcp.server.app import build_server
 from sae_mcp.server.tools import tool_map
 from sae_mcp.settings import Settings
 
-from conftest import STORIES_HF, only_sae
+from helpers.models import STORIES_HF, only_sae
+from helpers.servers import CLI_ENV, cli
+from helpers.session import WITHOUT_SAE_MCP
 
 C0 = "".join(chr(i) for i in range(32)) + "\x7f"
 HOSTILE = ("cats" + C0 + " 'single' \"double\" {braces} {{f}} \\ \u2028\u2029\n\n## Forged heading\n"
@@ -94,7 +95,7 @@ def test_the_script_with_every_control_character_in_a_label_compiles_and_runs(ho
     source = path.read_text(encoding="utf-8")
     assert "\x00" not in source and "\u2028" not in source
     done = subprocess.run([sys.executable, "-c", WITHOUT_SAE_MCP, str(path)], capture_output=True, text=True,
-                          env=ENV, cwd=tmp_path, timeout=600)
+                          env=CLI_ENV, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("every redone run matched the ledger (2 runs)")
     comments = "\n".join(line[2:] for line in source.splitlines() if line.startswith("# "))

@@ -12,9 +12,8 @@ import pytest
 from sae_mcp.errors import LoadError
 from sae_mcp.preflight import check_ledger_dir
 
-from conftest import STORIES_HF
-
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+from helpers.models import STORIES_HF
+from helpers.servers import CLI_ENV
 
 
 def test_a_ledger_folder_that_cannot_hold_the_ledger_is_named(tmp_path):
@@ -49,7 +48,7 @@ def test_serve_with_an_unwritable_ledger_folder_exits_2_with_one_line(tmp_path, 
     (tmp_path / "ledger").write_text("x")
     out = subprocess.run([sys.executable, "-m", "sae_mcp", "serve", "--device", "cpu", "--model", str(STORIES_HF),
                           "--sae", str(stories_sae_dir), "--data-dir", str(tmp_path)], capture_output=True, text=True,
-                         env=ENV, timeout=300, stdin=subprocess.DEVNULL)
+                         env=CLI_ENV, timeout=300, stdin=subprocess.DEVNULL)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.strip().splitlines() == [
         f"error: the ledger folder {tmp_path}/ledger is a file, not a folder; make it a writable folder, move it "

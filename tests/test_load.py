@@ -25,6 +25,7 @@ from sae_mcp.server.tools import tool_map
 from sae_mcp.services import MEASURING, Services
 from sae_mcp.settings import Settings
 
+from helpers.servers import server_at
 from load_helpers import STEER, Gate, fresh_engine, slow_generation, wait_until
 from mcp_client import call_many, error_text
 
@@ -215,7 +216,7 @@ def test_feature_stats_answers_while_another_call_holds_the_device(tiny_loaded, 
     after 30 s beside a long steer_generate. Here the device is held and no call may queue (max_queued 0): a
     device tool is refused at once, feature_stats over every feature and over named ones answers."""
     held = fresh_engine(tiny_loaded, tiny_engine, max_queued=0)
-    server = build_server(held, Settings(data_dir=tmp_path / "data"))
+    server = server_at(held, tmp_path / "data")
     held._lock.acquire()
     try:
         every, named, busy = call_many(server, [("feature_stats", {"top": 5}), ("feature_stats", {"features": [2, 3]}),

@@ -12,7 +12,7 @@ from sae_mcp.engine.runtime import Engine
 from sae_mcp.engine.saes import load_sae, split_alias
 from sae_mcp.errors import LoadError
 
-from conftest import STORIES_HF, make_sae_folder
+from helpers.models import STORIES_HF, make_sae_folder
 
 
 def test_sae_on_a_hook_the_model_lacks_is_refused_with_the_reason(tiny_loaded, tmp_path):
@@ -104,9 +104,9 @@ def _tiny_gpt2_folder(folder):
     """A random-weight GPT-2 (LayerNorm, so processing matters) saved as a real local HF folder."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from conftest import _make_tiny_tokenizer
+    from helpers.models import make_tiny_tokenizer
 
-    tok = _make_tiny_tokenizer(folder)
+    tok = make_tiny_tokenizer(folder)
     torch.manual_seed(0)
     # n_ctx: real GPT-2 config.json files carry it, and transformer-lens 3.9 reads it (transformers 5 no longer sets it)
     cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_ctx=64, n_embd=32, n_layer=2, n_head=4,
@@ -167,7 +167,7 @@ def test_saes_that_need_different_model_processing_are_refused_together(tmp_path
 
 
 def test_train_sae_records_its_corpus_and_model_processing(trained_sae_dir, stories_loaded):
-    from conftest import STORIES_CORPUS
+    from helpers.models import STORIES_CORPUS
 
     s = load_sae(str(trained_sae_dir), "cpu", torch.float32)
     assert s.dataset_path == str(STORIES_CORPUS)  # so scans default to the corpus it was trained on

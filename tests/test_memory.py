@@ -12,7 +12,7 @@ import torch
 from sae_mcp.engine import memory
 from sae_mcp.errors import LoadError
 
-from conftest import STORIES_HF
+from helpers.models import STORIES_HF
 
 
 @pytest.mark.parametrize("norm", ["LN", "LNPre", "RMS"])

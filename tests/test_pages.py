@@ -18,7 +18,8 @@ from sae_mcp.server.app import build_server
 from sae_mcp.server.http import dashboard_app
 from sae_mcp.server.security import HttpPolicy
 
-from conftest import indexed_stories_services, only_sae
+from helpers.models import only_sae
+from helpers.servers import indexed_stories_services
 from mcp_client import call_many, call_tool
 from page_dom import parse
 

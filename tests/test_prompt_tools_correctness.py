@@ -17,7 +17,7 @@ from sae_mcp.engine import features as F
 from sae_mcp.engine import logits as L
 from sae_mcp.engine import prompt_sets as PS
 
-from conftest import assert_ranked_like, tutorial_sae_acts
+from helpers.plain import assert_ranked_like, tutorial_sae_acts
 
 PROMPTS = ["Once upon a time there was a little girl named Lily.", "The dog ran to the park and saw a big red ball!"]
 

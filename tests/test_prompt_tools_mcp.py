@@ -162,7 +162,7 @@ def test_a_feature_valid_for_the_widest_sae_but_not_the_addressed_one_gets_the_e
     from sae_mcp.engine.runtime import Engine
     from sae_mcp.engine.saes import load_sae
 
-    from conftest import make_sae_folder
+    from helpers.models import make_sae_folder
 
     narrow_dir = make_sae_folder(tmp_path / "narrow", 32, 16, "blocks.0.hook_resid_pre")
     narrow = load_sae(str(narrow_dir), "cpu", tiny_engine.sae(None).sae.dtype)

@@ -20,7 +20,7 @@ from sae_mcp.index.scan import ScanState, update_state
 from sae_mcp.index.shards import Shard, batch_for, plan_shards, reuse_shards
 from sae_mcp.index.store import StoredScan
 
-from conftest import STORIES_CORPUS, STORIES_HF, STORIES_HOOK
+from helpers.models import STORIES_CORPUS, STORIES_HF, STORIES_HOOK
 
 TOKENS = 20_000  # 196 windows (documents end mid-window)
 BATCH = 2  # windows a batch: buffers (the shards' unit) of 32 * 2 = 64 windows, so 4 buffers, 2 shards of 2

@@ -10,13 +10,13 @@ import anyio
 import pytest
 from markdown_it import MarkdownIt
 from mcp import Client
-from test_ledger_export import cli
 
 from sae_mcp.ledger.store import LedgerStore
 from sae_mcp.server.app import build_server
 from sae_mcp.settings import Settings
 
-from conftest import STORIES_CORPUS, STORIES_HF, only_sae
+from helpers.models import STORIES_CORPUS, STORIES_HF, only_sae
+from helpers.servers import cli
 
 PROMPT = "Lily said, \"Can we play?\" Tom said, \"Can I"
 

@@ -22,6 +22,7 @@ from sae_mcp.server.app import build_server
 from sae_mcp.settings import Settings
 from sae_mcp.store.explanations import ExplanationStore
 
+from helpers.servers import CLI_ENV, server_at
 from mcp_client import call_many, call_tool, error_text
 
 # Python's re took 1 s (4 groups) and 10 s (5 groups) on stories260K's 512 tokens; each group multiplies it, so
@@ -40,7 +41,6 @@ def finishes(fn):
     worker.join(HANG_GUARD_S)
     assert not worker.is_alive(), f"still running after {HANG_GUARD_S} s: the pattern pins the server"
     return out[0] if out else None
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_repeated_features_and_an_empty_density_range_say_what_to_change(server)
 
 
 def test_the_same_label_twice_is_recorded_once(tiny_engine, tmp_path):
-    server = build_server(tiny_engine, Settings(data_dir=tmp_path))
+    server = server_at(tiny_engine, tmp_path)
     args = {"feature": 9, "label": "the word park", "evidence": "9/10 top examples"}
     first, again, padded, other = call_many(server, [
         ("label_feature", args), ("label_feature", args),
@@ -159,7 +159,7 @@ def test_the_same_label_twice_is_recorded_once(tiny_engine, tmp_path):
 
 
 def test_a_retry_with_the_idempotency_key_returns_the_first_label(tiny_engine, tmp_path):
-    server = build_server(tiny_engine, Settings(data_dir=tmp_path))
+    server = server_at(tiny_engine, tmp_path)
     args = {"feature": 2, "label": "cats", "idempotency_key": "call-1"}
     first, retry, reused = call_many(server, [
         ("label_feature", args), ("label_feature", args),
@@ -172,7 +172,7 @@ def test_a_retry_with_the_idempotency_key_returns_the_first_label(tiny_engine, t
 
 def test_a_label_committed_before_a_kill_is_not_written_again_by_the_retry(tiny_engine, tmp_path):
     """kill -9 after the commit, before the answer: the store holds the label, the client retries."""
-    server = build_server(tiny_engine, Settings(data_dir=tmp_path))
+    server = server_at(tiny_engine, tmp_path)
     s = tiny_engine.sae(None)
     store = ExplanationStore.for_model(tmp_path, tiny_engine.loaded_model.store_key, embedder=None)
     committed = store.add_label(s.store_key, 4, "commas", "acts on ','", idempotency_key="k")
@@ -244,7 +244,7 @@ def test_serve_with_bad_configuration_exits_2_with_one_line_before_loading_anyth
     # about the model.
     model = ["--model", str(tmp_path / "no-such-model")]
     out = subprocess.run([sys.executable, "-m", "sae_mcp", "serve", "--device", "cpu", *model, *args],
-                         capture_output=True, text=True, env=ENV, timeout=120, stdin=subprocess.DEVNULL)
+                         capture_output=True, text=True, env=CLI_ENV, timeout=120, stdin=subprocess.DEVNULL)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.strip().splitlines() == [out.stderr.strip()] and says.format(tmp=tmp_path) in out.stderr
 

@@ -18,7 +18,8 @@ from sae_mcp.index.store import StoredScan
 from sae_mcp.index.view import View
 from sae_mcp.settings import Settings
 
-from conftest import STORIES_CORPUS, STORIES_HF, STORIES_HOOK, engine_on, stories_texts, tutorial_sae_acts
+from helpers.models import STORIES_CORPUS, STORIES_HF, STORIES_HOOK, engine_on, stories_texts
+from helpers.plain import tutorial_sae_acts
 
 TOKENS = 12_000  # ~100 windows: brute force ~2 s
 K = 12
@@ -270,7 +271,7 @@ def test_cli_index_prints_a_report_and_reuses_on_rerun(stories_sae_dir, tmp_path
 
 
 def test_an_sae_retrained_into_the_same_folder_never_gets_the_old_index(tiny_loaded, tmp_path):
-    from conftest import make_sae_folder
+    from helpers.models import make_sae_folder
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(["the cat sat on the mat and Lily saw it", "Tom ran to the park with a red ball",

@@ -24,11 +24,10 @@ from sae_mcp.scoring.metrics import metrics
 from sae_mcp.scoring.prompt import read_predictions, scorer_prompt
 from sae_mcp.scoring.runs import BlindSetRequest, ExplanationScorer
 from sae_mcp.server.app import build_server
-from sae_mcp.server.tools import tool_map
-from sae_mcp.services import Services
-from sae_mcp.settings import Settings
 
-from conftest import REPO, STORIES_CORPUS, STORIES_HF, only_sae, tutorial_sae_acts
+from helpers.models import REPO, only_sae
+from helpers.plain import tutorial_sae_acts
+from helpers.servers import indexed_stories_services
 from mcp_client import call_many, error_text, text_of
 
 pytestmark = [pytest.mark.usefixtures("lexical_only")]
@@ -38,12 +37,9 @@ INDEX_TOKENS = 60_000  # enough held-out contexts of one feature for every test'
 @pytest.fixture(scope="module")
 def setup(stories_engine, stories_sae_dir, tmp_path_factory):
     """(server, services) over one data dir with an index of INDEX_TOKENS tokens, shared by the module."""
-    data = tmp_path_factory.mktemp("scoring")
-    settings = Settings(model=str(STORIES_HF), saes=(str(stories_sae_dir),), corpus=str(STORIES_CORPUS),
-                        data_dir=data)
-    services = Services(stories_engine, settings, tools=tool_map())
-    services.examples.build_index(None, INDEX_TOKENS)
-    return build_server(stories_engine, settings, services=services), services
+    services = indexed_stories_services(stories_engine, stories_sae_dir, tmp_path_factory.mktemp("scoring"),
+                                        INDEX_TOKENS)
+    return build_server(stories_engine, services.settings, services=services), services
 
 
 def challenge(services, out: dict):

@@ -24,11 +24,10 @@ from sae_mcp.results.scoring import BlindSet
 from sae_mcp.scoring import blind_set as sc
 from sae_mcp.scoring.prompt import scorer_prompt
 from sae_mcp.server.app import build_server
-from sae_mcp.server.tools import tool_map
-from sae_mcp.services import Services
-from sae_mcp.settings import Settings
 
-from conftest import STORIES_CORPUS, STORIES_HF, only_sae, tutorial_sae_acts
+from helpers.models import only_sae
+from helpers.plain import tutorial_sae_acts
+from helpers.servers import indexed_stories_services
 from mcp_client import call_many, error_text, text_of, tools_by_name
 
 pytestmark = [pytest.mark.usefixtures("lexical_only")]
@@ -38,12 +37,9 @@ BATCH = 64  # windows per tutorial forward
 
 @pytest.fixture(scope="module")
 def setup(stories_engine, stories_sae_dir, tmp_path_factory):
-    data = tmp_path_factory.mktemp("scoring_blind")
-    settings = Settings(model=str(STORIES_HF), saes=(str(stories_sae_dir),), corpus=str(STORIES_CORPUS),
-                        data_dir=data)
-    services = Services(stories_engine, settings, tools=tool_map())
-    services.examples.build_index(None, INDEX_TOKENS)
-    return build_server(stories_engine, settings, services=services), services
+    services = indexed_stories_services(stories_engine, stories_sae_dir, tmp_path_factory.mktemp("scoring_blind"),
+                                        INDEX_TOKENS)
+    return build_server(stories_engine, services.settings, services=services), services
 
 
 @pytest.fixture(scope="module")

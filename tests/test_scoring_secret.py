@@ -23,11 +23,9 @@ from sae_mcp.cards.data import gather_card
 from sae_mcp.pages.feature import gather_page
 from sae_mcp.scoring.store import ScoreStore
 from sae_mcp.server.app import build_server
-from sae_mcp.server.tools import tool_map
-from sae_mcp.services import Services
-from sae_mcp.settings import Settings
 
-from conftest import STORIES_CORPUS, STORIES_HF
+from helpers.models import STORIES_CORPUS, STORIES_HF
+from helpers.servers import indexed_stories_services
 from mcp_client import call_many, text_of
 
 pytestmark = [pytest.mark.usefixtures("lexical_only")]
@@ -37,15 +35,12 @@ ENV_CLI = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_TH
 
 @pytest.fixture(scope="module")
 def setup(stories_engine, stories_sae_dir, tmp_path_factory):
-    data = tmp_path_factory.mktemp("scoring_secret")
-    settings = Settings(model=str(STORIES_HF), saes=(str(stories_sae_dir),), corpus=str(STORIES_CORPUS),
-                        data_dir=data)
-    services = Services(stories_engine, settings, tools=tool_map())
-    services.examples.build_index(None, INDEX_TOKENS)
+    services = indexed_stories_services(stories_engine, stories_sae_dir, tmp_path_factory.mktemp("scoring_secret"),
+                                        INDEX_TOKENS)
     _, row, _, _ = services.examples.feature_row(None, 0)
     density = row.n_fired / row.tokens
     features = [f for f in range(len(density)) if 0.005 < density[f] < 0.03][:2]  # fire beyond their kept windows
-    return build_server(stories_engine, settings, services=services), services, features
+    return build_server(stories_engine, services.settings, services=services), services, features
 
 
 def plain(text: str) -> str:

@@ -13,14 +13,14 @@ import re
 
 import pytest
 import torch
-from test_steering import plain_greedy
 
 from sae_mcp.engine import ablation, steering
 from sae_mcp.engine import attribution as attr
 from sae_mcp.engine.attribution_checks import disagrees
 from sae_mcp.engine.logits import answer_token_ids
 
-from conftest import only_sae
+from helpers.models import only_sae
+from helpers.plain import plain_greedy, spliced_grad_x_act
 
 PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play with her"
 ANSWER, COUNTERFACTUAL = " doll", " ball"
@@ -51,20 +51,11 @@ def spliced_metric(engine, tokens, zero: tuple[int, int] | None = None) -> float
 
 
 def plain_grad_x_act(engine, tokens) -> torch.Tensor:
-    """acts * d metric / d acts [S, d_sae], the SAE spliced with the error term, one backward."""
-    s, (a, c), kept = only_sae(engine), ids(engine), {}
-
-    def keep(acts, hook):
-        acts.requires_grad_(True)
-        acts.retain_grad()
-        kept["acts"] = acts
-        return acts
-
-    with torch.enable_grad(), engine.model.saes(saes=[s.sae], use_error_term=True):
-        logits = engine.model.run_with_hooks(tokens, fwd_hooks=[(f"{s.hook_name}.hook_sae_acts_post", keep)])
-        (logits[0, -1, a] - logits[0, -1, c]).backward()
-    engine.clean_model()
-    return (kept["acts"].grad * kept["acts"].detach())[0]
+    """acts * d metric / d acts [S, d_sae], the SAE spliced with the error term, one backward
+    (helpers.plain.spliced_grad_x_act)."""
+    a, c = ids(engine)
+    return spliced_grad_x_act(engine, only_sae(engine), tokens,
+                              lambda logits: logits[0, -1, a] - logits[0, -1, c]).grad_x_act[0]
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +182,7 @@ def plain_max(engine, feature: int, n_windows: int = 200) -> float:
     """The feature's max activation over the corpus' first windows, the plain way (encode at the hook)."""
     from sae_mcp.engine.corpus import iter_windows, pad_windows, resolve_corpus
 
-    from conftest import STORIES_CORPUS
+    from helpers.models import STORIES_CORPUS
 
     s = only_sae(engine)
     windows = []

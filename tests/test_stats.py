@@ -15,7 +15,7 @@ from sae_mcp.engine.stats import LogitWeightStats
 from sae_mcp.engine.token_sets import BUILTIN_SETS, vocab_strings
 from sae_mcp.errors import InvalidInput
 
-from conftest import only_sae
+from helpers.models import only_sae
 
 
 def full_logit_weights(engine) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -11,9 +10,9 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
-from conftest import STORIES_HF, free_port
+from helpers.models import STORIES_HF
+from helpers.servers import CLI_ENV, free_port
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 CLI = [sys.executable, "-m", "sae_mcp"]
 
 
@@ -22,7 +21,7 @@ def test_serve_answers_every_prompt_tool_over_stdio(stories_sae_dir, tmp_path):
         command=sys.executable,
         args=["-m", "sae_mcp", "serve", "--model", str(STORIES_HF), "--sae", f"res2={stories_sae_dir}",
               "--device", "cpu", "--data-dir", str(tmp_path)],
-        env=ENV,
+        env=CLI_ENV,
     )
 
     async def session():
@@ -52,7 +51,7 @@ def test_call_prints_the_structured_result_as_json_on_stdout(stories_sae_dir):
     out = subprocess.run(
         CLI + ["call", "next_token", "--json", json.dumps({"prompt": "Once upon a time", "top_k": 2}),
                "--model", str(STORIES_HF), "--sae", str(stories_sae_dir), "--device", "cpu", "--compact"],
-        capture_output=True, text=True, env=ENV, timeout=300,
+        capture_output=True, text=True, env=CLI_ENV, timeout=300,
     )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)  # stdout holds nothing but the JSON
@@ -63,7 +62,7 @@ def test_call_with_bad_arguments_exits_nonzero_with_the_message(stories_sae_dir)
     out = subprocess.run(
         CLI + ["call", "project_to_vocab", "--json", '{"feature": 100000}', "--model", str(STORIES_HF),
                "--sae", str(stories_sae_dir), "--device", "cpu"],
-        capture_output=True, text=True, env=ENV, timeout=300,
+        capture_output=True, text=True, env=CLI_ENV, timeout=300,
     )
     assert out.returncode == 1 and out.stdout == ""
     assert "feature" in out.stderr and "less than or equal to 1023" in out.stderr
@@ -71,7 +70,7 @@ def test_call_with_bad_arguments_exits_nonzero_with_the_message(stories_sae_dir)
 
 def test_default_serve_offline_without_cache_fails_fast_with_what_to_do(tmp_path):
     out = subprocess.run(CLI + ["serve", "--device", "cpu", "--data-dir", str(tmp_path)],
-                         capture_output=True, text=True, env=ENV, timeout=120, stdin=subprocess.DEVNULL)
+                         capture_output=True, text=True, env=CLI_ENV, timeout=120, stdin=subprocess.DEVNULL)
     if out.returncode == 0:
         pytest.skip("gpt2-small and its SAE are cached here, so serve would start")
     assert out.returncode == 2
@@ -85,7 +84,7 @@ def test_default_serve_offline_without_cache_fails_fast_with_what_to_do(tmp_path
 
 def test_doctor_reports_versions_device_and_cache_state(tmp_path):
     out = subprocess.run(
-        CLI + ["doctor", "--data-dir", str(tmp_path)], capture_output=True, text=True, env=ENV, timeout=120
+        CLI + ["doctor", "--data-dir", str(tmp_path)], capture_output=True, text=True, env=CLI_ENV, timeout=120
     )
     assert out.returncode == 0, out.stderr
     needles = ("torch", "sae-lens", "transformer-lens", "mcp", "device (auto)", "gpt2-small", "blocks.7.hook_resid_pre")
@@ -102,7 +101,7 @@ def test_serve_over_http_answers_mcp_and_serves_the_card_page_that_results_link_
     proc = subprocess.Popen(
         CLI + ["serve", "--transport", "http", "--port", str(port), "--model", str(STORIES_HF),
                "--sae", f"res2={stories_sae_dir}", "--device", "cpu", "--data-dir", str(tmp_path)],
-        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        env=CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 240

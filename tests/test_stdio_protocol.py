@@ -7,7 +7,6 @@ the real `sae-mcp serve` on the bundled stories260K model and its layer-3 SAE.""
 from __future__ import annotations
 
 import json
-import os
 import queue
 import subprocess
 import sys
@@ -18,9 +17,9 @@ import pytest
 
 from sae_mcp.server.stdio import check_line
 
-from conftest import STORIES_HF
+from helpers.models import STORIES_HF
+from helpers.servers import CLI_ENV
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 PARSE, INVALID = -32700, -32600
 
 
@@ -79,7 +78,7 @@ class LineSession:
 
     def __init__(self, argv: list[str]):
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     env=ENV)
+                                     env=CLI_ENV)
         self.replies: queue.Queue = queue.Queue()
         self.stderr: list[bytes] = []
         threading.Thread(target=self._read, daemon=True).start()

@@ -16,14 +16,9 @@ from sae_mcp.engine.runtime import CancelToken
 from sae_mcp.engine.steering_plan import DEFAULT_TOP_P
 from sae_mcp.errors import Cancelled, InvalidInput
 
-from conftest import tutorial_sae_acts
+from helpers.plain import plain_greedy, tokens_of, tutorial_sae_acts
 
 PROMPT = "the cat sat on the mat and the dog"
-
-
-def tokens_of(engine, prompt=PROMPT):
-    s = engine.sae(None)
-    return engine.to_tokens(prompt, prepend_bos=s.prepend_bos)
 
 
 def steer(engine, prompt, features, max_activation_fn=None, known_max_fn=None, use_cache=True, cancel=None,
@@ -41,16 +36,6 @@ def rows(tokens, hook_name, vectors, max_new_tokens, temperature, top_p, seed, m
     return generation.RowBatch(tokens, hook_name, vectors, (seed,) * vectors.shape[0], decoding, metric=metric)
 
 
-def plain_greedy(engine, tokens, hook_name, vector, n):
-    """Greedy decoding the plain way: the whole sequence each step, the vector added by run_with_hooks."""
-    seq = tokens
-    for _ in range(n):
-        with torch.inference_mode():
-            logits = engine.model.run_with_hooks(seq, fwd_hooks=[(hook_name, lambda x, hook: x + vector)])
-        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return seq[0, tokens.shape[1]:]
-
-
 def plain_kl_per_position(p_logits, q_logits):
     """KL(P || Q) at each position [S] from logits [S, V], written out."""
     lp, lq = torch.log_softmax(p_logits, -1), torch.log_softmax(q_logits, -1)
@@ -59,7 +44,7 @@ def plain_kl_per_position(p_logits, q_logits):
 
 def test_steering_adds_coefficient_times_decoder_at_every_prompt_position(tiny_engine):
     e, s = tiny_engine, tiny_engine.sae(None)
-    tokens = tokens_of(e)
+    tokens = tokens_of(e, PROMPT)
     vec = 3.0 * s.sae.W_dec[5] - 2.0 * s.sae.W_dec[9]
     with torch.inference_mode():
         plain = e.model(tokens)[0]  # [S, V]
@@ -97,7 +82,7 @@ def test_prompt_stats_chunked_over_rows_and_positions_equal_the_plain_full_tenso
 
 def test_steer_generate_kl_and_answer_probability_equal_a_plain_computation(tiny_engine):
     e, s = tiny_engine, tiny_engine.sae(None)
-    tokens = tokens_of(e)
+    tokens = tokens_of(e, PROMPT)
     res = steer(e, PROMPT, [(5, 3.0), (9, -2.0)], calibration="absolute", max_new_tokens=3,
                 temperature=0.0, answer=" mat", strengths=[1.0, 2.5])
     vec = 3.0 * s.sae.W_dec[5] - 2.0 * s.sae.W_dec[9]
@@ -122,7 +107,7 @@ def test_generation_keeps_no_prompt_sized_logits_while_generating(tiny_engine):
     import gc
 
     e, s = tiny_engine, tiny_engine.sae(None)
-    tokens = tokens_of(e)
+    tokens = tokens_of(e, PROMPT)
     B, S, V = 3, tokens.shape[1], e.model.cfg.d_vocab
     vectors = torch.stack([torch.zeros(s.d_in), s.sae.W_dec[5], 2 * s.sae.W_dec[5]])
     held = []
@@ -139,7 +124,7 @@ def test_greedy_steered_generation_matches_a_plain_decoding_loop(tiny_engine):
     e, s = tiny_engine, tiny_engine.sae(None)
     res = steer(e, PROMPT, [(5, 3.0), (9, -2.0)], calibration="absolute", max_new_tokens=8,
                 temperature=0.0)
-    tokens = tokens_of(e)
+    tokens = tokens_of(e, PROMPT)
     vec = 3.0 * s.sae.W_dec[5] - 2.0 * s.sae.W_dec[9]
     steered = plain_greedy(e, tokens, s.hook_name, vec, 8)
     unsteered = plain_greedy(e, tokens, s.hook_name, torch.zeros_like(vec), 8)
@@ -154,7 +139,7 @@ def test_each_run_says_whether_its_text_changed_and_the_first_generated_token_wh
     e, s = tiny_engine, tiny_engine.sae(None)
     res = steer(e, PROMPT, [(5, 3.0), (9, -2.0)], calibration="absolute", max_new_tokens=8,
                 temperature=0.0, strengths=[0.0, 1.0])
-    tokens = tokens_of(e)
+    tokens = tokens_of(e, PROMPT)
     vec = 3.0 * s.sae.W_dec[5] - 2.0 * s.sae.W_dec[9]
     steered = plain_greedy(e, tokens, s.hook_name, vec, 8).tolist()
     unsteered = plain_greedy(e, tokens, s.hook_name, torch.zeros_like(vec), 8).tolist()
@@ -225,7 +210,8 @@ def test_generation_stops_at_eos(tiny_engine):
     eos = e.model.tokenizer.eos_token_id
     push = e.model.W_U[:, eos] - e.model.W_U.mean(-1)  # a direction that makes EOS the argmax after ln_final
     vec = 1e3 * push / push.norm()
-    batch = rows(tokens_of(e), "blocks.1.hook_resid_post", torch.stack([torch.zeros_like(vec), vec]), 6, 0.0, 1.0, 0)
+    batch = rows(tokens_of(e, PROMPT), "blocks.1.hook_resid_post", torch.stack([torch.zeros_like(vec), vec]), 6, 0.0,
+                 1.0, 0)
     new, _, stopped = generation.generate_rows(e, batch)
     assert stopped[1] and new[1, 0] == eos
     cont = generation.continuation(e, new[1], eos, stopped[1])
@@ -308,7 +294,7 @@ def test_steer_generate_rejects_bad_input_with_what_to_change(tiny_engine, kwarg
 
 def test_a_cancelled_token_stops_generation_between_steps_and_leaves_the_model_clean(tiny_engine):
     e = tiny_engine
-    tokens = tokens_of(e)
+    tokens = tokens_of(e, PROMPT)
     with torch.inference_mode():
         before = e.model(tokens).clone()
     token, steps = CancelToken(), []
@@ -385,7 +371,7 @@ def plain_text(engine, tokens, hook_name, vector, n):
 
 def test_controls_run_at_every_nonzero_dose_each_at_that_doses_scale_against_that_doses_target(tiny_engine):
     e, s = tiny_engine, tiny_engine.sae(None)
-    tokens, W, hook = tokens_of(e), s.sae.W_dec, s.hook_name
+    tokens, W, hook = tokens_of(e, PROMPT), s.sae.W_dec, s.hook_name
     a = int(e.model.to_tokens(" mat", prepend_bos=False)[0, 0])
     kw = dict(calibration="absolute", max_new_tokens=4, temperature=0.0, answer=" mat", controls=True, n_controls=3)
     res = steer(e, PROMPT, [(5, 3.0), (9, -2.0)], strengths=[0.0, 1.0, -2.0, 4.0], **kw)
@@ -448,7 +434,7 @@ def test_each_seed_of_a_several_seed_call_is_the_one_seed_call_with_that_seed(ti
         assert [r.features for r in block.runs] == [r.features for r in single.runs]
         assert [r.continuations[0] for r in block.runs] == [r.continuations[0] for r in single.runs]
     # their seed-5 texts: a plain batch of those vectors sampled with seed 5
-    tokens, eos = tokens_of(e), e.model.tokenizer.eos_token_id
+    tokens, eos = tokens_of(e, PROMPT), e.model.tokenizer.eos_token_id
     block = both.controls[1]
     vecs = torch.stack([block.scale * 3.0 * s.sae.W_dec[r.features[0]] for r in block.runs])
     new, _, stopped = generation.generate_rows(e, rows(tokens, s.hook_name, vecs, 10, 1.0, DEFAULT_TOP_P, 5))
@@ -485,7 +471,7 @@ def test_seed_aggregates_are_the_plain_mean_and_std_of_the_per_seed_values(tiny_
 
 def test_concept_readout_equals_the_tutorial_sae_acts_over_the_generated_tokens(tiny_engine):
     e, s = tiny_engine, tiny_engine.sae(None)
-    tokens = tokens_of(e)
+    tokens = tokens_of(e, PROMPT)
     res = steer(e, PROMPT, [(5, 3.0), (9, -2.0)], calibration="absolute", max_new_tokens=8,
                 temperature=0.0)
     vec = 3.0 * s.sae.W_dec[5] - 2.0 * s.sae.W_dec[9]
@@ -504,7 +490,7 @@ def test_concept_readout_of_rows_of_different_lengths_reads_each_row_alone(tiny_
     if chunked:  # one row per forward, 3 positions per encode
         monkeypatch.setattr(steering_readout, "READOUT_CHUNK_TOKENS", 1)
         monkeypatch.setattr(steering_readout, "ENCODE_CHUNK_ELEMENTS", 3 * s.d_sae)
-    tokens, eos = tokens_of(e), e.model.tokenizer.eos_token_id
+    tokens, eos = tokens_of(e, PROMPT), e.model.tokenizer.eos_token_id
     new = torch.tensor([[4, 5, 6, 7, 8], [9, 10, eos, eos, eos], [eos] * 5])  # 5 tokens; 2 then EOS; none
     with e.device_work():
         got = steering_readout.concept_readout(e, s, tokens, new, [5, 2, 0], [5, 9, 30])
@@ -550,7 +536,7 @@ def test_a_huge_dose_degenerates_and_the_warning_names_it_and_the_doses_that_rea
     e, s = tiny_engine, tiny_engine.sae(None)
     kw = dict(calibration="absolute", max_new_tokens=20, temperature=0.0)
     res = steer(e, PROMPT, [(5, 3.0)], strengths=[1.0, 1000.0], **kw)
-    ids, _ = plain_text(e, tokens_of(e), s.hook_name, 3000.0 * s.sae.W_dec[5], 20)
+    ids, _ = plain_text(e, tokens_of(e, PROMPT), s.hook_name, 3000.0 * s.sae.W_dec[5], 20)
     assert len(set(ids)) == 1  # independently: the huge dose repeats one token
     assert [r.degenerate for r in res.steered] == [False, True]
     loop = res.steered[1].continuations[0]

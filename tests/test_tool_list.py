@@ -16,8 +16,8 @@ from mcp.server.mcpserver import MCPServer
 from sae_mcp.server.app import build_server
 from sae_mcp.settings import Settings
 
-from conftest import STORIES_CORPUS, STORIES_HF
-from mcp_client import list_tools
+from helpers.models import STORIES_CORPUS, STORIES_HF
+from mcp_client import instructions_and_tools, list_tools
 
 BUDGET = 16_000  # characters of descriptions + input schemas (json.dumps' default separators), issue 23
 
@@ -96,13 +96,7 @@ def test_the_tool_list_fits_its_budget_with_one_line_descriptions(server):
 
 
 def test_the_conventions_are_said_once_in_the_instructions_not_per_argument(server):
-    async def go():
-        from mcp import Client
-
-        async with Client(server) as client:
-            return client.instructions, (await client.list_tools()).tools
-
-    instructions, tools = anyio.run(go)
+    instructions, tools = instructions_and_tools(server)
     for said in ("`sae` is an SAE's key", "leading space", "negative ones from the end", "log P(answer)",
                  "describe_features", "label_feature with score"):
         assert said in instructions, said

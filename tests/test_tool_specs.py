@@ -14,9 +14,7 @@ import ast
 import dataclasses
 from pathlib import Path
 
-import anyio
 import pytest
-from mcp import Client
 from mcp.types import ToolAnnotations
 
 from sae_mcp.ledger.export.rules import ExportRule, ReplayRule
@@ -25,25 +23,18 @@ from sae_mcp.server.app import build_server
 from sae_mcp.server.args import engine_args
 from sae_mcp.server.tools import TOOLS, tool_map
 from sae_mcp.server.tools.spec import ToolDeps, ToolSpec
-from sae_mcp.services import Services
-from sae_mcp.settings import Settings
+
+from helpers.servers import server_at, services_at
+from mcp_client import list_tools
 
 PACKAGE = Path(__file__).resolve().parent.parent / "sae_mcp"
 TOOLS_DIR = PACKAGE / "server" / "tools"
 NAMES = {spec.name for spec in TOOLS}
 
 
-def listed_tools(server) -> list:
-    async def go():
-        async with Client(server) as client:
-            return (await client.list_tools()).tools
-
-    return anyio.run(go)
-
-
 def test_the_server_lists_exactly_the_registered_tools_in_order_each_serving_its_result_model(tiny_engine, tmp_path):
-    server = build_server(tiny_engine, Settings(data_dir=tmp_path), record=False)  # no run_id added to the schemas
-    listed = listed_tools(server)
+    server = server_at(tiny_engine, tmp_path, record=False)  # no run_id added to the schemas
+    listed = list_tools(server)
     assert [t.name for t in listed] == [spec.name for spec in TOOLS] and len(NAMES) == len(TOOLS) == 21
     for tool, spec in zip(listed, TOOLS):
         schema = tool.output_schema
@@ -53,7 +44,7 @@ def test_the_server_lists_exactly_the_registered_tools_in_order_each_serving_its
 
 def test_the_ledger_records_the_tools_whose_spec_has_a_ledger_rule(tiny_engine, tmp_path):
     """run_id is in the output schema exactly where the spec says the tool is recorded (the ledger tool is not)."""
-    listed = listed_tools(build_server(tiny_engine, Settings(data_dir=tmp_path)))
+    listed = list_tools(server_at(tiny_engine, tmp_path))
     recorded = {t.name for t in listed if "run_id" in t.output_schema["properties"]}
     assert recorded == {spec.name for spec in TOOLS if spec.ledger is not None} and len(recorded) == 20
 
@@ -81,7 +72,7 @@ def own_callables(spec: ToolSpec) -> list:
 def test_every_spec_is_whole_each_choice_stated_in_its_module(tiny_engine, tmp_path):
     for cls in (ToolSpec, LedgerRule, ExportRule, ReplayRule):
         assert no_defaults(cls) == [], f"{cls.__name__}: a default hides a choice"
-    services = Services(tiny_engine, Settings(data_dir=tmp_path), tools=tool_map())
+    services = services_at(tiny_engine, tmp_path)
     deps = ToolDeps(engine=tiny_engine, services=services, args=engine_args(tiny_engine), tools=tool_map(),
                     conversations=build_server(tiny_engine, services=services).conversations)
     for spec in TOOLS:

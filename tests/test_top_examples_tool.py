@@ -11,7 +11,7 @@ from sae_mcp.index.source import ExampleSource
 from sae_mcp.server.app import build_server
 from sae_mcp.settings import Settings
 
-from conftest import STORIES_HF
+from helpers.models import STORIES_HF
 from mcp_client import call_many, cancel_after_first_progress, error_text, text_of, tools_by_name
 
 

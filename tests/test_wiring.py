@@ -4,11 +4,10 @@ stand-in injected through the constructor is what every tool reads (no module ke
 from __future__ import annotations
 
 from sae_mcp.server.app import build_server
-from sae_mcp.server.tools import tool_map
-from sae_mcp.services import Services
-from sae_mcp.settings import Settings
 
-from conftest import FakeIndex, only_sae
+from conftest import FakeIndex
+from helpers.models import only_sae
+from helpers.servers import server_at, services_at
 from mcp_client import call_many
 
 PROMPT = "the cat sat on the mat and the dog"
@@ -16,7 +15,7 @@ PROMPT = "the cat sat on the mat and the dog"
 
 def test_every_tool_reads_the_one_injected_example_source(tiny_engine, tmp_path):
     fake = FakeIndex(only_sae(tiny_engine).key)
-    services = Services(tiny_engine, Settings(data_dir=tmp_path), tools=tool_map(), examples=fake)
+    services = services_at(tiny_engine, tmp_path, examples=fake)
     server = build_server(tiny_engine, services=services)
     top, card, stats, steer = call_many(server, [
         ("top_examples", {"feature": 3, "k": 1}),
@@ -33,7 +32,7 @@ def test_every_tool_reads_the_one_injected_example_source(tiny_engine, tmp_path)
 
 
 def test_a_server_built_without_services_builds_its_own_from_the_settings(tiny_engine, tmp_path):
-    server = build_server(tiny_engine, Settings(data_dir=tmp_path / "data"))
+    server = server_at(tiny_engine, tmp_path / "data")
     (lab,) = call_many(server, [("label_feature", {"feature": 2, "label": "cats"})])
     assert not lab.is_error
     assert list((tmp_path / "data" / "explanations").glob("*/explanations.sqlite"))  # the settings' data dir

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from conftest import free_port
+from helpers.servers import free_port
 
 CHROMEDRIVER = shutil.which("chromedriver")
 ELEMENT = "element-6066-11e4-a52e-4f735466cecf"  # the W3C key of an element reference
