@@ -4,7 +4,6 @@ CardData (cards/data.py). The person's HTML page of the same card is pages/route
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from sae_mcp.cards.data import CardData, gather_card
 from sae_mcp.one_line import shown
@@ -128,5 +127,6 @@ def activation_line(s: FeatureSummary) -> str:
     return " · ".join(parts)
 
 
-def card_markdown(services: Services, feature: int, sae: str | None = None, **kw: Any) -> str:
-    return to_markdown(gather_card(services, feature, sae, **kw))
+def card_markdown(services: Services, feature: int, sae: str | None = None, n_examples: int = 5, n_tokens: int = 8
+                  ) -> str:
+    return to_markdown(gather_card(services, feature, sae, n_examples, n_tokens))

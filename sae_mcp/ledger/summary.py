@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from typing import Any
 
 from sae_mcp.ledger.rule import LedgerRule, Recorded, rule_of
+from sae_mcp.ledger.store import LedgerStore, Run, Session
 
 SHOWN = 60  # characters of a string argument shown
 
 
-def fmt(x: Any) -> str:
+def fmt(x: object) -> str:
     return f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
@@ -60,19 +60,19 @@ def summarize(rule: LedgerRule, result: dict | None, ok: bool = True, error: str
         return json.dumps(result, ensure_ascii=False, separators=(",", ":"))[:160]
 
 
-def summary_of(run: Any, tools: Mapping[str, Recorded]) -> str:
+def summary_of(run: Run, tools: Mapping[str, Recorded]) -> str:
     """A store Run's key numbers: the line written with it, else (a run recorded before those were) computed from
     its result by its tool's rule."""
     return run.summary if run.summary is not None else summarize(rule_of(tools, run.tool), run.result, run.ok,
                                                                  run.error)
 
 
-def run_line(run: Any, tools: Mapping[str, Recorded]) -> str:
+def run_line(run: Run, tools: Mapping[str, Recorded]) -> str:
     """A store Run as one line: id, time, tool, arguments -> key numbers."""
     return f"{run.id} {when(run.time)} {run.tool}({args_line(run.given)}) -> {summary_of(run, tools)}"
 
 
-def session_line(store: Any, s: Any) -> str:
+def session_line(store: LedgerStore, s: Session) -> str:
     """A store Session as one line: id, time span, runs, model, client, first prompt (or search query)."""
     env = store.env(s.env) or {}
     model = (env.get("model") or {}).get("name", "?")

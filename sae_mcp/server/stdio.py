@@ -24,10 +24,11 @@ import logging
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, BinaryIO
 
 import anyio
 import mcp_types as types
+from anyio.streams.memory import MemoryObjectSendStream
 from mcp.server.mcpserver import MCPServer
 from mcp.server.stdio import stdio_server
 from mcp.shared.message import SessionMessage
@@ -47,15 +48,15 @@ SHOWN = 200  # characters of a parser's message quoted back
 TOO_DEEP = "invalid JSON: nested deeper than the 200 levels of arrays and objects the parser reads; send flatter data"
 
 
-def parse_error(message: str, request_id: Any = None) -> types.JSONRPCError:
+def parse_error(message: str, request_id: str | int | None = None) -> types.JSONRPCError:
     return _error(types.PARSE_ERROR, f"parse error: {message}", request_id)
 
 
-def invalid_request(message: str, request_id: Any = None) -> types.JSONRPCError:
+def invalid_request(message: str, request_id: str | int | None = None) -> types.JSONRPCError:
     return _error(types.INVALID_REQUEST, f"invalid request: {message}", request_id)
 
 
-def _error(code: int, message: str, request_id: Any) -> types.JSONRPCError:
+def _error(code: int, message: str, request_id: str | int | None) -> types.JSONRPCError:
     return types.JSONRPCError(jsonrpc="2.0", id=request_id, error=types.ErrorData(code=code, message=message))
 
 
@@ -150,12 +151,12 @@ def _has_lone_surrogate(obj: Any) -> bool:
 class CheckedLines:
     """The client's lines as the SDK's reader iterates them (str), malformed ones answered here instead."""
 
-    def __init__(self, binary_stdin: Any):
+    def __init__(self, binary_stdin: BinaryIO):
         self._stdin = anyio.wrap_file(binary_stdin)
-        self._write: Any = None
+        self._write: MemoryObjectSendStream[SessionMessage] | None = None  # set by answer_with before it is used
         self._ready = anyio.Event()
 
-    def answer_with(self, write_stream: Any) -> None:
+    def answer_with(self, write_stream: MemoryObjectSendStream[SessionMessage]) -> None:
         """The SDK's outgoing stream: replies to malformed lines go through its one stdout writer."""
         self._write = write_stream
         self._ready.set()
@@ -169,6 +170,7 @@ class CheckedLines:
                 continue
             log.warning("answered a malformed message with %d: %s", checked.error.code, checked.error.message)
             await self._ready.wait()
+            assert self._write is not None  # answer_with set it before _ready
             try:
                 await self._write.send(SessionMessage(checked))
             except (anyio.ClosedResourceError, anyio.BrokenResourceError):

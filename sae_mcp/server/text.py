@@ -75,11 +75,16 @@ def controls_lines(c: Controls, head: str = "controls") -> list[str]:
     return lines + ([f"  note: {c.note}"] if c.note else []) + ([f"  caution: {c.caution}"] if c.caution else [])
 
 
-def as_tool_result(result: Any, render: Callable[[Any], str] | None) -> Any:
-    """A pydantic result -> CallToolResult(text: its tool's rendering, else compact JSON; structured: the whole
-    result). A CallToolResult, or an InputRequiredResult (the 2026 wire's request for client input, e.g. sampling:
-    tools/score_explanation.py), passes as is."""
-    if isinstance(result, BaseModel) and not isinstance(result, (CallToolResult, InputRequiredResult)):
-        text = render(result) if render is not None else compact_json(result.model_dump(mode="json"))
-        return CallToolResult(content=[text_content(text)], structured_content=result.model_dump(mode="json"))
-    return result
+def as_tool_result(result: BaseModel, render: Callable[[Any], str] | None) -> CallToolResult | InputRequiredResult:
+    """A pydantic result -> tool_result(result, render). A CallToolResult, or an InputRequiredResult (the 2026 wire's
+    request for client input, e.g. sampling: tools/score_explanation.py), passes as is."""
+    if isinstance(result, (CallToolResult, InputRequiredResult)):
+        return result
+    return tool_result(result, render)
+
+
+def tool_result(result: BaseModel, render: Callable[[Any], str] | None) -> CallToolResult:
+    """A result model -> CallToolResult(text: its tool's rendering, else compact JSON; structured: the whole
+    result). `render` takes the result's own model."""
+    text = render(result) if render is not None else compact_json(result.model_dump(mode="json"))
+    return CallToolResult(content=[text_content(text)], structured_content=result.model_dump(mode="json"))

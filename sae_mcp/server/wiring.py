@@ -42,7 +42,7 @@ from mcp.server.mcpserver.exceptions import ToolError, UnexpectedResourceError, 
 from mcp.types import CallToolResult, GetPromptResult, TextContent
 from mcp_types import INVALID_PARAMS, InputRequiredResult
 from mcp_types import Tool as MCPTool
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from sae_mcp.circuits.store import CircuitStore, circuit_of
 from sae_mcp.errors import SaeMcpError
@@ -299,12 +299,13 @@ def validation_message(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def domain_errors(fn: Callable[..., Any], render: Callable[[Any], str] | None) -> Callable[..., Any]:
+def domain_errors(fn: Callable[..., BaseModel], render: Callable[[Any], str] | None
+                  ) -> Callable[..., CallToolResult | InputRequiredResult]:
     """Our domain errors become the SDK's ToolError (the caller sees our message as an isError result), and a
     result model becomes a compact CallToolResult (its text rendered by `render`)."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> CallToolResult | InputRequiredResult:  # the tool's own arguments
         try:
             return as_tool_result(fn(*args, **kwargs), render)
         except SaeMcpError as exc:

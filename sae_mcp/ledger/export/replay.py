@@ -16,13 +16,17 @@ The replaying server records nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sae_mcp.ledger.export.rules import Handed, replay_rule
 from sae_mcp.ledger.export.session import SessionData
 from sae_mcp.ledger.recording import digest_of, without_volatile
 from sae_mcp.ledger.rule import rule_of
-from sae_mcp.ledger.store import MAX_RESULT_CHARS, fit, scrub, secrets_in
+from sae_mcp.ledger.store import MAX_RESULT_CHARS, Run, fit, scrub, secrets_in
+
+if TYPE_CHECKING:  # the SDK is imported when a replay runs
+    from mcp.server.mcpserver import MCPServer
+    from mcp.types import CallToolResult
 
 ARGS_CUT = "its arguments were cut in the ledger (a rejected call's are): it cannot be sent again as it was"
 SHOWN = 80  # characters of a differing value shown
@@ -39,7 +43,7 @@ class Replayed:
     detail: str = ""
 
 
-def _show(v: Any) -> str:
+def _show(v: object) -> str:
     text = repr(v)
     return text if len(text) <= SHOWN else text[:SHOWN] + "..."
 
@@ -83,7 +87,7 @@ def _view(volatile: tuple[str, ...], result: dict | None, cut: bool) -> dict:
     return fit(body, MAX_RESULT_CHARS, size=MAX_RESULT_CHARS + 1)[0] if cut else body
 
 
-def compare(run, result: Any, volatile: tuple[str, ...]) -> Replayed:
+def compare(run: Run, result: CallToolResult, volatile: tuple[str, ...]) -> Replayed:
     """A recorded run against the CallToolResult its call gives now (`volatile`: its tool's volatile fields, left
     out of the comparison)."""
     text = " ".join(getattr(c, "text", "") for c in getattr(result, "content", []))
@@ -106,7 +110,7 @@ def compare(run, result: Any, volatile: tuple[str, ...]) -> Replayed:
     return Replayed(run.id, run.tool, "differs", where or "beyond the part of the result the ledger kept")
 
 
-def replay(server: Any, data: SessionData, in_place: bool = False) -> list[Replayed]:
+def replay(server: MCPServer, data: SessionData, in_place: bool = False) -> list[Replayed]:
     """Every run of the session through one in-memory client connection to `server`, in the recorded order, sent
     as its tool's replay rule says; with `in_place` (the real data dir), the tools whose rule says so skipped."""
     import anyio

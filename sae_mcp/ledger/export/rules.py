@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from sae_mcp.ledger.rule import JSON, LedgerRule
 from sae_mcp.ledger.store import Run
@@ -89,7 +89,7 @@ class Handed:
         if recorded and replayed:
             self._found[recorded] = (replayed, secret)
 
-    def get(self, recorded: Any) -> tuple[str, str | None] | None:
+    def get(self, recorded: object) -> tuple[str, str | None] | None:
         """(the replayed challenge id, its secret or None) for a recorded challenge id, or None."""
         return self._found.get(recorded) if isinstance(recorded, str) else None
 

@@ -78,7 +78,7 @@ def load_session(store: LedgerStore, ref: str | None, tools: Mapping[str, Export
                        scored_elsewhere=sorted(elsewhere, key=lambda r: r.time))
 
 
-def md_text(text: Any, max_chars: int | None = None) -> str:
+def md_text(text: object, max_chars: int | None = None) -> str:
     """Untrusted text as inert markdown on one line (see the module's docstring), cut to max_chars when given."""
     line = one_line(str(text))
     if max_chars is not None and len(line) > max_chars:
@@ -87,7 +87,7 @@ def md_text(text: Any, max_chars: int | None = None) -> str:
     return URL.sub(lambda m: "&#58;//" if m[0] == "://" else m[0][:3] + "&#46;", line)
 
 
-def md_code(text: Any) -> str:
+def md_code(text: object) -> str:
     """An identifier (a run id, a weights hash, an SAE key) as a markdown code span: one line, no backtick inside
     (the only character that ends one; HTML and links inside a code span are text)."""
     return "`" + one_line(str(text)).replace("`", "'") + "`"

@@ -14,7 +14,7 @@ import functools
 import logging
 import warnings
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import anyio.from_thread
 from mcp import MCPError
@@ -24,6 +24,7 @@ from mcp.types import (
     ClientCapabilities,
     CreateMessageRequest,
     CreateMessageRequestParams,
+    CreateMessageResult,
     SamplingCapability,
     SamplingMessage,
     TextContent,
@@ -55,7 +56,7 @@ NO_SAMPLING = ("the client does not offer MCP sampling, so the server cannot ask
                "yourself with submit_predictions (from the explanation alone)")
 
 
-def make(deps: ToolDeps) -> Callable[..., Any]:
+def make(deps: ToolDeps) -> Callable[..., ScoreExplanation | InputRequiredResult]:
     A, scorer = deps.args, deps.services.scorer
     low, high = MIN_ACTIVATION_RANGE
 
@@ -73,7 +74,7 @@ def make(deps: ToolDeps) -> Callable[..., Any]:
         min_activation: Annotated[float, Field(ge=low, le=high, description="Firing: max >= this x feature max")] = (
             DEFAULT_MIN_ACTIVATION),
         mcp_context: Context | None = None,
-    ) -> ScoreExplanation:
+    ) -> ScoreExplanation | InputRequiredResult:  # (the SDK leaves InputRequiredResult out of the output schema)
         """Score an explanation blind: contexts to judge from the explanation alone, then submit_predictions."""
         session = deps.conversations.id_of(mcp_context)
         reply = _sampled_reply(mcp_context) if auto else None
@@ -91,14 +92,15 @@ def make(deps: ToolDeps) -> Callable[..., Any]:
     return score_explanation
 
 
-def _can_sample(ctx: Any) -> bool:
+def _can_sample(ctx: Context) -> bool:
     try:
         return bool(ctx.session.check_client_capability(ClientCapabilities(sampling=SamplingCapability())))
     except (AttributeError, ValueError):  # outside a request (the CLI): no client to ask
         return False
 
 
-def _auto(scorer: ExplanationScorer, issued: Issued, ctx: Any, session: str | None) -> Any:
+def _auto(scorer: ExplanationScorer, issued: Issued, ctx: Context | None, session: str | None
+          ) -> ScoreExplanation | InputRequiredResult:
     """Ask the client's model to answer the blind set: an InputRequiredResult on the 2026 wire (its request_state,
     which only this client gets back, carries the submit secret), a back-channel request on older ones; the blind
     set and its secret with a note when the client cannot sample or the request failed."""
@@ -127,7 +129,7 @@ def _sampling_params(prompt: str, max_tokens: int) -> CreateMessageRequestParams
     )
 
 
-async def _create_message(ctx: Any, prompt: str, max_tokens: int) -> Any:
+async def _create_message(ctx: Context, prompt: str, max_tokens: int) -> CreateMessageResult:
     params = _sampling_params(prompt, max_tokens)
     with warnings.catch_warnings():  # deprecated on the 2026 wire; this is the older wire's way
         warnings.simplefilter("ignore", MCPDeprecationWarning)
@@ -135,14 +137,18 @@ async def _create_message(ctx: Any, prompt: str, max_tokens: int) -> Any:
                                                 temperature=params.temperature, related_request_id=ctx.request_id)
 
 
-def _text_of(result: Any) -> str:
-    content = result.content if isinstance(result.content, list) else [result.content]
+def _text_of(result: object) -> str:
+    """The text of a client's answer to a sampling request (a message: one content block or a list of them)."""
+    content = getattr(result, "content", None)
+    content = content if isinstance(content, list) else [content]
     return "".join(getattr(c, "text", "") for c in content)
 
 
-def _sampled_reply(ctx: Any) -> tuple[str, str, str, str] | None:
+def _sampled_reply(ctx: Context | None) -> tuple[str, str, str, str] | None:
     """(challenge id, its submit secret, the model's answer, the model's name) when this call is the retry carrying
     a sampling answer (2026 wire), else None."""
+    if ctx is None:
+        return None
     try:
         state, responses = ctx.request_state, ctx.input_responses
     except (AttributeError, ValueError):

@@ -52,13 +52,15 @@ class ToolDeps:
     args: Args
     """The engine's bounded argument types (server/args.py)."""
     tools: Mapping[str, ToolSpec[Any]]
-    """Every registered tool by name (ledger(run=) shows a run as its own tool rendered it)."""
+    """Every registered tool by name, whatever its result model (ledger(run=) shows a run as its own tool rendered
+    it)."""
     conversations: Conversations
     """Which conversation a call came in (server/conversations.py)."""
 
 
-ToolFactory = Callable[[ToolDeps], Callable[..., Any]]
-"""(deps) -> the tool's function, as the SDK registers it."""
+ToolFactory = Callable[[ToolDeps], Callable[..., BaseModel]]
+"""(deps) -> the tool's function, as the SDK registers it: its arguments are its input schema; it answers with its
+result model (or a CallToolResult / InputRequiredResult, models too, passed on as they are)."""
 AnnotationsOf = Callable[[ToolDeps], ToolAnnotations]
 """(deps) -> the tool's MCP annotations (a corpus tool's open-world hint depends on the corpus)."""
 Resources = Callable[[MCPServer, ToolDeps], None]

@@ -25,7 +25,7 @@ from sae_mcp.ledger.rule import JSON, LedgerRule, ResolveContext
 from sae_mcp.results.corpus import Example, TopExamples
 from sae_mcp.server.progress import progress_reporter
 from sae_mcp.server.render import histogram_png
-from sae_mcp.server.text import as_tool_result, fmt, join, warnings_lines
+from sae_mcp.server.text import fmt, join, tool_result, warnings_lines
 from sae_mcp.server.tools.spec import ToolDeps, ToolSpec
 from sae_mcp.settings import Settings
 
@@ -72,7 +72,7 @@ def make(deps: ToolDeps) -> Callable[..., CallToolResult]:
         progress = progress_reporter(mcp_context, cancel, "tokens scanned")
         view = View(k, context, intervals, per_interval)
         res = source.top_examples(sae, feature, view, max_scan_tokens, progress=progress, cancel=cancel)
-        result = as_tool_result(res, render)
+        result = tool_result(res, render)
         if plot:
             png = histogram_png(res.histogram, f"{res.sae} feature {feature}: fired on {res.n_fired:,} of "
                                 f"{res.tokens_scanned:,} tokens (density {res.density:.3g}, max activation "
