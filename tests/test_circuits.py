@@ -19,6 +19,7 @@ from sae_mcp.engine.logits import answer_token_ids
 from sae_mcp.errors import InvalidInput
 
 from helpers.models import engine_on
+from helpers.servers import stories_settings_at
 
 PROMPT = "Lily had a red ball. She gave the ball to"
 SOURCE = "Tom had a red ball. He gave the ball to"  # one token longer: ' T', 'om'
@@ -333,10 +334,8 @@ def test_bad_trace_options_are_refused_with_what_to_change(engine):
 @pytest.fixture(scope="module")
 def server(engine, tmp_path_factory):
     from sae_mcp.server.app import build_server
-    from sae_mcp.settings import Settings
 
-    settings = Settings(model=str(demo.MODEL_DIR), saes=tuple(str(d) for d in demo.SAE_DIRS), corpus=str(demo.CORPUS),
-                        data_dir=tmp_path_factory.mktemp("circuits_data"))
+    settings = stories_settings_at(tmp_path_factory.mktemp("circuits_data"), *demo.SAE_DIRS)
     return build_server(engine, settings)
 
 

@@ -17,16 +17,9 @@ from sae_mcp.index.source import resume_state
 from sae_mcp.index.store import IndexStore
 from sae_mcp.index.view import merge_identical, quantile_bands
 
+from helpers.index import plain_hash
+
 S = SAMPLES_PER_BIN
-
-
-def plain_hash(p: int) -> int:
-    """pos_hash in Python integers (arbitrary precision: no int64 wrap can hide here)."""
-    x = p ^ (p >> 16)
-    x = (x * 0x7FEB352D) % 2**32
-    x ^= x >> 15
-    x = (x * 0x046CA68B) % 2**32
-    return x ^ (x >> 16)
 
 
 def plain_sample_bin(v: float) -> int:

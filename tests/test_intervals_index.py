@@ -1,5 +1,5 @@
 """Interval samples and merged contexts of a real stories260K index (and of the on-demand one-feature scan) against
-the brute-force loop of test_scan_index.py (the tutorial's way: every window through run_with_cache_with_saes),
+the brute-force loop of helpers/index.py (the tutorial's way: every window through run_with_cache_with_saes),
 plus an index file from before interval samples (format 1): it opens, answers with a warning, and is rebuilt."""
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ import math
 import sqlite3
 
 import pytest
-from test_interval_samples import plain_hash
-from test_scan_index import FEATURES, TOKENS, brute_force, plain_top, settings_for
 
 from sae_mcp.index.source import DEFAULT_CONTEXT, ExampleSource
 from sae_mcp.index.view import View
 
+from helpers.index import FEATURES, TOKENS, brute_force, make_format_1, plain_hash, plain_top
 from helpers.models import stories_texts
+from helpers.servers import stories_settings_at
 
 LENGTH = 128  # window: BOS + 127 document tokens
 
@@ -39,7 +39,7 @@ def plain(stories_engine):
 @pytest.fixture(scope="module")
 def indexed(stories_engine, stories_sae_dir, tmp_path_factory):
     """One window per batch: the plain loop's arithmetic, so locations match it exactly."""
-    src = ExampleSource(stories_engine, settings_for(stories_sae_dir, tmp_path_factory.mktemp("iv")))
+    src = ExampleSource(stories_engine, stories_settings_at(tmp_path_factory.mktemp("iv"), stories_sae_dir))
     src.build_index(None, TOKENS, batch_windows=1)
     return src
 
@@ -127,7 +127,7 @@ def test_interval_samples_lie_in_their_bands_count_their_tokens_and_are_the_bott
 def test_the_on_demand_scan_of_one_feature_gives_the_same_intervals(plain, stories_engine, stories_sae_dir,
                                                                     tmp_path, indexed):
     acts, locs, gpos, _ = plain
-    src = ExampleSource(stories_engine, settings_for(stories_sae_dir, tmp_path))
+    src = ExampleSource(stories_engine, stories_settings_at(tmp_path, stories_sae_dir))
     for f in (27, 45):
         res = src.top_examples(None, f, View(3, DEFAULT_CONTEXT, 5, 4, merge=False), max_scan_tokens=TOKENS)
         assert res.source == "scan" and res.tokens_scanned == len(locs)
@@ -137,25 +137,15 @@ def test_the_on_demand_scan_of_one_feature_gives_the_same_intervals(plain, stori
             (b.lower, b.tokens, [(e.document, e.offset) for e in b.examples]) for b in ix.intervals]
 
 
-def make_format_1(path):
-    """Turn an index file into what the code before interval samples wrote: no sample columns, format 1."""
-    con = sqlite3.connect(path)
-    for col in ("samp_pos", "samp_vals", "samp_bins"):
-        con.execute(f"ALTER TABLE scans DROP COLUMN {col}")
-    con.execute("UPDATE meta SET value = '1' WHERE key = 'format'")
-    con.commit()
-    con.close()
-
-
 def test_an_index_from_before_interval_samples_answers_with_a_warning_and_build_index_rebuilds_it(
         stories_engine, stories_sae_dir, tmp_path):
-    first = ExampleSource(stories_engine, settings_for(stories_sae_dir, tmp_path))
+    first = ExampleSource(stories_engine, stories_settings_at(tmp_path, stories_sae_dir))
     rep = first.build_index(None, 3_000)
     before = first.top_examples(None, 9, View(5, DEFAULT_CONTEXT))
     first.index_store(stories_engine.sae(None)).close()
     make_format_1(rep.path)
 
-    old = ExampleSource(stories_engine, settings_for(stories_sae_dir, tmp_path))  # a restart with the old file
+    old = ExampleSource(stories_engine, stories_settings_at(tmp_path, stories_sae_dir))  # a restart with the old file
     res = old.top_examples(None, 9, View(5, DEFAULT_CONTEXT, 4))
     assert res.source == "index" and res.intervals is None and res.examples == before.examples
     (warning,) = res.warnings

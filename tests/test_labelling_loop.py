@@ -14,9 +14,8 @@ import torch
 from mcp import Client
 
 from sae_mcp.server.app import build_server
-from sae_mcp.settings import Settings
 
-from helpers.models import STORIES_CORPUS, STORIES_HF, only_sae
+from helpers.models import only_sae
 from helpers.servers import indexed_stories_services
 from mcp_client import call_many, error_text, text_of
 
@@ -27,12 +26,10 @@ pytestmark = [pytest.mark.usefixtures("lexical_only")]
 def setup(stories_engine, stories_sae_dir, tmp_path_factory):
     data = tmp_path_factory.mktemp("labelling_loop")
     services = indexed_stories_services(stories_engine, stories_sae_dir, data, tokens=30_000)
-    settings = Settings(model=str(STORIES_HF), saes=(str(stories_sae_dir),), corpus=str(STORIES_CORPUS),
-                        data_dir=data)
     _, row, _, _ = services.examples.feature_row(None, 0)
     density = row.n_fired / row.tokens
     fired = [f for f in range(len(density)) if 0.003 < density[f] < 0.05]  # firing often enough for a blind set
-    return build_server(stories_engine, settings, services=services), services, fired
+    return build_server(stories_engine, services.settings, services=services), services, fired
 
 
 def plain_lens(engine, feature: int, k: int, excluded: set[int]) -> tuple[list[str], list[str]]:

@@ -21,6 +21,7 @@ from sae_mcp.index.shards import Shard, batch_for, plan_shards, reuse_shards
 from sae_mcp.index.store import StoredScan
 
 from helpers.models import STORIES_CORPUS, STORIES_HF, STORIES_HOOK
+from helpers.servers import stories_settings_at
 
 TOKENS = 20_000  # 196 windows (documents end mid-window)
 BATCH = 2  # windows a batch: buffers (the shards' unit) of 32 * 2 = 64 windows, so 4 buffers, 2 shards of 2
@@ -141,10 +142,8 @@ def ray_cluster():
 
 
 def settings_for(sae_dir, data_dir):
-    from sae_mcp.settings import Settings
 
-    return Settings(model=str(STORIES_HF), saes=(str(sae_dir),), corpus=str(STORIES_CORPUS), data_dir=data_dir,
-                    device="cpu")
+    return stories_settings_at(data_dir, sae_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")

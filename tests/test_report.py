@@ -13,10 +13,9 @@ from mcp import Client
 
 from sae_mcp.ledger.store import LedgerStore
 from sae_mcp.server.app import build_server
-from sae_mcp.settings import Settings
 
-from helpers.models import STORIES_CORPUS, STORIES_HF, only_sae
-from helpers.servers import cli
+from helpers.models import only_sae
+from helpers.servers import cli, stories_settings_at
 
 PROMPT = "Lily said, \"Can we play?\" Tom said, \"Can I"
 
@@ -35,8 +34,7 @@ def sessions(stories_engine, tmp_path_factory):
     of feature 5 scored but not labelled; a call that fails; a label citing nothing. Session 2 (a later
     conversation): the label of feature 7 scored again, by its label_id."""
     data_dir = tmp_path_factory.mktemp("report_data")
-    server = build_server(stories_engine, Settings(model=str(STORIES_HF), corpus=str(STORIES_CORPUS),
-                                                   saes=(str(only_sae(stories_engine).source),), data_dir=data_dir))
+    server = build_server(stories_engine, stories_settings_at(data_dir, only_sae(stories_engine).source))
 
     async def first():
         async with Client(server) as client:

@@ -18,12 +18,11 @@ from sae_mcp.index.store import StoredScan
 from sae_mcp.index.view import View
 from sae_mcp.settings import Settings
 
+from helpers.index import FEATURES, TOKENS, brute_force, plain_top
 from helpers.models import STORIES_CORPUS, STORIES_HF, STORIES_HOOK, engine_on, stories_texts
-from helpers.plain import tutorial_sae_acts
+from helpers.servers import stories_settings_at
 
-TOKENS = 12_000  # ~100 windows: brute force ~2 s
 K = 12
-FEATURES = list(range(0, 256, 9))  # a sample of 29 features
 
 
 # ------------------------------------------------------------------------------------------- tie rule (unit)
@@ -66,42 +65,14 @@ def test_firing_entries_are_exactly_the_entries_above_zero(dtype):
 # ------------------------------------------------------------------------------------------- brute force
 
 
-def brute_force(engine, max_tokens: int):
-    """Every scanned token's activations [N, d_sae] and its (document, offset), windows one at a time."""
-    tok, ctx, bos = engine.model.tokenizer, 128, 1
-    rows, locs, n = [], [], 0
-    for d, text in enumerate(stories_texts()):
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        for start in range(0, len(ids), ctx - 1):
-            if n >= max_tokens:
-                break
-            window = torch.tensor([[bos] + ids[start : start + ctx - 1]])
-            acts = tutorial_sae_acts(engine, window)[0, 1:]  # BOS is context, not scanned
-            rows.append(acts)
-            locs += [(d, start + p) for p in range(acts.shape[0])]
-            n += acts.shape[0]
-        if n >= max_tokens:
-            break
-    return torch.cat(rows), locs
-
-
-def plain_top(acts, locs, feature: int, k: int):
-    order = sorted(range(len(locs)), key=lambda i: (-float(acts[i, feature]), i))
-    return [(float(acts[i, feature]), locs[i]) for i in order[:k] if acts[i, feature] > 0]
-
-
 @pytest.fixture(scope="module")
 def brute(stories_engine):
     return brute_force(stories_engine, TOKENS)
 
 
-def settings_for(engine_dir, data_dir, corpus=STORIES_CORPUS) -> Settings:
-    return Settings(model=str(STORIES_HF), saes=(str(engine_dir),), corpus=str(corpus), data_dir=data_dir)
-
-
 @pytest.fixture
 def source(stories_engine, stories_sae_dir, tmp_path):
-    return ExampleSource(stories_engine, settings_for(stories_sae_dir, tmp_path))
+    return ExampleSource(stories_engine, stories_settings_at(tmp_path, stories_sae_dir))
 
 
 # ------------------------------------------------------------------------------------------- correctness
@@ -191,12 +162,12 @@ def test_on_demand_scan_of_one_feature_matches_brute_force(stories_engine, sourc
 
 
 def test_rerun_reuses_and_a_larger_budget_resumes_to_the_fresh_result(stories_engine, stories_sae_dir, tmp_path):
-    a = ExampleSource(stories_engine, settings_for(stories_sae_dir, tmp_path / "a"))
+    a = ExampleSource(stories_engine, stories_settings_at(tmp_path / "a", stories_sae_dir))
     first = a.build_index(None, 4_000)
     assert not first.reused and a.build_index(None, 4_000).reused
     resumed = a.build_index(None, 9_000)
     assert not resumed.reused and resumed.tokens_scanned >= 9_000
-    b = ExampleSource(stories_engine, settings_for(stories_sae_dir, tmp_path / "b"))
+    b = ExampleSource(stories_engine, stories_settings_at(tmp_path / "b", stories_sae_dir))
     fresh = b.build_index(None, 9_000)
     assert fresh.tokens_scanned == resumed.tokens_scanned
     for f in FEATURES[:8]:
@@ -218,7 +189,7 @@ def test_cancel_keeps_the_last_whole_buffer_and_a_rerun_resumes_to_the_uninterru
     from sae_mcp.index import scan as scan_mod
 
     monkeypatch.setattr(scan_mod, "BUFFER_BATCHES", 2)  # buffers of 2 batches x 16 windows
-    src = ExampleSource(stories_engine, settings_for(stories_sae_dir, tmp_path / "a"))
+    src = ExampleSource(stories_engine, stories_settings_at(tmp_path / "a", stories_sae_dir))
     cancel = CancelToken()
     seen = []
 
@@ -233,7 +204,7 @@ def test_cancel_keeps_the_last_whole_buffer_and_a_rerun_resumes_to_the_uninterru
     assert row.tokens == seen[1] and row.windows == 32 and not row.exhausted  # the first buffer, whole
     rep = src.build_index(None, 20_000, batch_windows=16)
     assert not rep.reused and rep.tokens_scanned >= 20_000
-    whole = ExampleSource(stories_engine, settings_for(stories_sae_dir, tmp_path / "b"))
+    whole = ExampleSource(stories_engine, stories_settings_at(tmp_path / "b", stories_sae_dir))
     assert whole.build_index(None, 20_000, batch_windows=16).tokens_scanned == rep.tokens_scanned
     a = src.index_store(stories_engine.sae(None)).load_scan("index")
     b = whole.index_store(stories_engine.sae(None)).load_scan("index")
@@ -244,8 +215,8 @@ def test_cancel_keeps_the_last_whole_buffer_and_a_rerun_resumes_to_the_uninterru
 def test_a_different_corpus_makes_a_separate_index(stories_engine, stories_sae_dir, tmp_path):
     txt = tmp_path / "few.txt"
     txt.write_text("\n".join(t.replace("\n", " ") for t in stories_texts(30)) + "\n", encoding="utf-8")
-    a = ExampleSource(stories_engine, settings_for(stories_sae_dir, tmp_path / "d"))
-    b = ExampleSource(stories_engine, settings_for(stories_sae_dir, tmp_path / "d", corpus=txt))
+    a = ExampleSource(stories_engine, stories_settings_at(tmp_path / "d", stories_sae_dir))
+    b = ExampleSource(stories_engine, stories_settings_at(tmp_path / "d", stories_sae_dir, corpus=str(txt)))
     ra = a.build_index(None, 3_000)
     rb = b.build_index(None, 10**9)
     assert ra.path != rb.path and rb.exhausted and not rb.reused

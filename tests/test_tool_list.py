@@ -14,9 +14,8 @@ import pytest
 from mcp.server.mcpserver import MCPServer
 
 from sae_mcp.server.app import build_server
-from sae_mcp.settings import Settings
 
-from helpers.models import STORIES_CORPUS, STORIES_HF
+from helpers.servers import stories_settings_at
 from mcp_client import instructions_and_tools, list_tools
 
 BUDGET = 16_000  # characters of descriptions + input schemas (json.dumps' default separators), issue 23
@@ -24,8 +23,7 @@ BUDGET = 16_000  # characters of descriptions + input schemas (json.dumps' defau
 
 @pytest.fixture(scope="module")
 def server(stories_engine, stories_sae_dir, tmp_path_factory):
-    settings = Settings(model=str(STORIES_HF), saes=(str(stories_sae_dir),), corpus=str(STORIES_CORPUS),
-                        data_dir=tmp_path_factory.mktemp("tool_list"))
+    settings = stories_settings_at(tmp_path_factory.mktemp("tool_list"), stories_sae_dir)
     return build_server(stories_engine, settings)
 
 

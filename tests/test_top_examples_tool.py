@@ -11,7 +11,7 @@ from sae_mcp.index.source import ExampleSource
 from sae_mcp.server.app import build_server
 from sae_mcp.settings import Settings
 
-from helpers.models import STORIES_HF
+from helpers.servers import stories_settings_at
 from mcp_client import call_many, cancel_after_first_progress, error_text, text_of, tools_by_name
 
 
@@ -57,8 +57,7 @@ def test_bad_inputs_are_errors_that_say_what_to_change_and_the_next_call_works(s
 
 
 def test_missing_corpus_file_is_an_error_and_the_server_keeps_working(stories_engine, stories_sae_dir, tmp_path):
-    st = Settings(model=str(STORIES_HF), saes=(str(stories_sae_dir),), corpus=str(tmp_path / "missing.jsonl"),
-                  data_dir=tmp_path)
+    st = stories_settings_at(tmp_path, stories_sae_dir, corpus=str(tmp_path / "missing.jsonl"))
     srv = build_server(stories_engine, st)
     bad, info = call_many(srv, [("top_examples", {"feature": 3}), ("model_info", {})])
     assert "missing.jsonl does not exist" in error_text(bad) and "--corpus" in error_text(bad)
@@ -167,7 +166,7 @@ def test_intervals_through_mcp_give_bands_by_quantile_with_sampled_examples(serv
 
 
 def test_an_index_from_before_interval_samples_answers_through_mcp_with_a_warning(stories_engine, stories_settings):
-    from test_intervals_index import make_format_1
+    from helpers.index import make_format_1
 
     first = ExampleSource(stories_engine, stories_settings)
     path = first.build_index(None, 3000).path
