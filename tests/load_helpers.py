@@ -54,6 +54,23 @@ def slow_generation(monkeypatch, gate: Gate | None = None) -> list[float]:
     return times
 
 
+def slow_scan(monkeypatch, step_s: float) -> list[float]:
+    """Make every scan batch's state update sleep step_s; -> the list of the batches' start times, filled as they
+    run."""
+    from sae_mcp.index import scan as scan_module
+
+    batches: list[float] = []
+    real = scan_module.update_state
+
+    def slow_update(*a):
+        batches.append(time.monotonic())
+        time.sleep(step_s)
+        return real(*a)
+
+    monkeypatch.setattr(scan_module, "update_state", slow_update)
+    return batches
+
+
 def wait_until(predicate, timeout_s: float = 5.0) -> float:
     """Poll until predicate() holds; the seconds it took (fails after timeout_s)."""
     t0 = time.monotonic()

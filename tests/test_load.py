@@ -26,7 +26,7 @@ from sae_mcp.services import MEASURING, Services
 from sae_mcp.settings import Settings
 
 from helpers.servers import server_at
-from load_helpers import STEER, Gate, fresh_engine, slow_generation, wait_until
+from load_helpers import STEER, Gate, fresh_engine, slow_generation, slow_scan, wait_until
 from mcp_client import call_many, error_text
 
 # Explanation search ranks lexically here: MiniLM's one-time load (~1 s on this box, on the first search) is not
@@ -440,21 +440,12 @@ def test_a_second_scan_of_a_row_being_scanned_is_answered_busy_or_cancelled_not_
     for the device, so it is answered busy after the busy timeout, or stops when cancelled, while the first runs."""
     from sae_mcp.engine.runtime import CancelToken
     from sae_mcp.errors import Cancelled
-    from sae_mcp.index import scan as scan_module
 
     engine = fresh_engine(tiny_loaded, tiny_engine, busy_timeout_s=0.3)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"the cat sat on the mat {i} and Lily saw the dog" for i in range(600)))
     source = ExampleSource(engine, Settings(corpus=str(corpus), data_dir=tmp_path / "data"))
-    batches: list[float] = []
-    real = scan_module.update_state
-
-    def slow_update(*a):
-        batches.append(time.monotonic())
-        time.sleep(0.1)
-        return real(*a)
-
-    monkeypatch.setattr(scan_module, "update_state", slow_update)
+    batches = slow_scan(monkeypatch, 0.1)
     first_cancel, outcome = CancelToken(), {}
 
     def first():

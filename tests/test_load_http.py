@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-import time
 
 import anyio
 import anyio.to_thread
@@ -25,7 +24,16 @@ from sae_mcp.engine.runtime import Engine
 from sae_mcp.server.app import build_server
 from sae_mcp.settings import Settings
 
-from load_helpers import PROMPT, STEER, Cancels, fresh_engine, record_cancels, slow_generation, wait_until
+from load_helpers import (
+    PROMPT,
+    STEER,
+    Cancels,
+    fresh_engine,
+    record_cancels,
+    slow_generation,
+    slow_scan,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -178,21 +186,10 @@ def test_a_queued_call_without_progress_leaves_the_queue_when_its_2025_client_di
 
 def slow_batches(tmp_path, monkeypatch) -> tuple[Settings, list[float]]:
     """A corpus and settings, with every scan batch slowed by 0.3 s -> (settings, the batches' start times)."""
-    from sae_mcp.index import scan as scan_module
-
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"the cat sat on the mat {i % 10} and Lily saw the dog" for i in range(600)),
                       encoding="utf-8")
-    batches: list[float] = []
-    real = scan_module.update_state
-
-    def slow_update(*a):
-        batches.append(time.monotonic())
-        time.sleep(0.3)
-        return real(*a)
-
-    monkeypatch.setattr(scan_module, "update_state", slow_update)
-    return Settings(corpus=str(corpus), data_dir=tmp_path / "data"), batches
+    return Settings(corpus=str(corpus), data_dir=tmp_path / "data"), slow_scan(monkeypatch, 0.3)
 
 
 def row_waits(monkeypatch) -> list[str]:
