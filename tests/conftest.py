@@ -24,9 +24,6 @@ if "SAE_MCP_DATA_DIR" not in os.environ:
 import pytest
 import torch
 
-from sae_mcp.index.view import View
-from sae_mcp.results.corpus import Example, FeatureSummary, Histogram, TopExamples
-
 from helpers.models import (
     STORIES_CORPUS,
     STORIES_HF,
@@ -39,41 +36,6 @@ from helpers.models import (
 from helpers.servers import server_at, stories_settings_at
 
 torch.set_num_threads(1)
-
-
-class FakeIndex:
-    """Stands in for the example source (services.examples) with its real result models: an index that exists,
-    recording what was asked of it."""
-
-    def __init__(self, key: str):
-        self.key = key
-        self.calls: list[str] = []
-
-    def _summary(self, feature: int) -> dict:
-        return dict(sae=self.key, feature=feature, max_activation=4.2, density=0.0123, n_fired=123,
-                    tokens_scanned=10_000, histogram=Histogram(edges=[0.1, 1.0, 2.0, 4.2], counts=[100, 20, 3]))
-
-    def feature_summary(self, sae, feature):
-        self.calls.append("summary")
-        return FeatureSummary(**self._summary(feature))
-
-    def top_examples(self, sae, feature, view, *args, **kw):
-        self.calls.append(f"top_examples k={view.k}")
-        ex = Example(activation=4.2, token=" cat", tokens=["<s>", "the", " cat", " sat", " on"], position=2, document=0,
-                     offset=1)
-        return TopExamples(**self._summary(feature), source="index", corpus="fake", context_size=8, examples=[ex])
-
-    def cached_top_examples(self, sae, feature, k=10, **kw):
-        self.calls.append(f"cached_top_examples k={k}")
-        return self.top_examples(sae, feature, View(k, 10))
-
-    def densities(self, sae):
-        self.calls.append("densities")
-        return torch.linspace(0, 0.5, 128)
-
-    def max_activation(self, sae, feature, max_scan_tokens=None):
-        self.calls.append(f"max_activation {feature}")
-        return 4.2, "index"
 
 
 @pytest.fixture

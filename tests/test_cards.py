@@ -18,17 +18,12 @@ from sae_mcp.server.tools import tool_map
 from sae_mcp.services import Services
 from sae_mcp.settings import Settings
 
-from conftest import FakeIndex
 from helpers.models import only_sae
-from helpers.servers import server_at, services_at
+from helpers.servers import FakeIndex, server_at, services_at
 from mcp_client import call_many, error_text, read_resource
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("lexical_only")
-
-
-def services_with(engine, tmp_path, examples=None) -> Services:
-    return services_at(engine, tmp_path, examples=examples)
 
 
 def test_resource_template_matches_a_dotted_hook_name(tiny_engine, tmp_path):
@@ -46,7 +41,7 @@ def test_card_holds_labels_imports_logit_lens_and_moments(tiny_engine, tmp_path)
     from sae_mcp.engine import logits as lg
 
     s = only_sae(tiny_engine)
-    services = services_with(tiny_engine, tmp_path)
+    services = services_at(tiny_engine, tmp_path)
     services.explanations.import_rows(s.store_key, [(9, "imported: about dogs", "gpt-4o-mini")], "neuronpedia")
     services.explanations.add_label(s.store_key, 9, "dog and cat words", evidence="get_feature_acts on 'the dog'")
     md = card_text.card_markdown(services, 9, s.key, n_tokens=3)
@@ -61,7 +56,7 @@ def test_card_holds_labels_imports_logit_lens_and_moments(tiny_engine, tmp_path)
 def test_card_uses_the_index_when_built_and_marks_the_firing_token(tiny_engine, tmp_path):
     s = only_sae(tiny_engine)
     fake = FakeIndex(s.key)
-    services = services_with(tiny_engine, tmp_path, examples=fake)
+    services = services_at(tiny_engine, tmp_path, examples=fake)
     md = card_text.card_markdown(services, 3, s.key, n_examples=4)
     assert "density 0.0123 · of 10,000 tokens · max activation 4.2" in md
     assert "histogram `█▂▁` (0.1 .. 4.2)" in md
@@ -83,7 +78,7 @@ def test_card_never_scans_when_the_index_has_no_summary(tiny_engine, tmp_path):
         def top_examples(self, *a, **k):  # pragma: no cover - must not be called
             raise AssertionError("a card must not start a scan")
 
-    services = services_with(tiny_engine, tmp_path, examples=Empty(only_sae(tiny_engine).key))
+    services = services_at(tiny_engine, tmp_path, examples=Empty(only_sae(tiny_engine).key))
     assert NOT_INDEXED in card_text.card_markdown(services, 3)
 
 
@@ -122,7 +117,7 @@ def test_card_moments_read_as_feature_stats_reports_them(tiny_engine, tmp_path, 
     # Centred, plus the float noise a centred W_U leaves on real models (stories260K's card read mean -1.3e-08).
     monkeypatch.setattr(stats, "logit_weights",
                         lambda e, sae, idx: real(e, sae, idx) - real(e, sae, idx).mean(1, keepdim=True) - 1.3e-8)
-    md = card_text.card_markdown(services_with(tiny_engine, tmp_path), 9)
+    md = card_text.card_markdown(services_at(tiny_engine, tmp_path), 9)
     (f,) = LogitWeightStats(tiny_engine).feature_stats(features=[9]).features
     assert f.mean == 0.0
     assert (
@@ -146,7 +141,7 @@ def test_an_index_read_failure_shows_on_that_card_and_the_next_card_reads_the_in
                 raise self.failures.pop()
             return super().feature_summary(sae, feature)
 
-    services = services_with(tiny_engine, tmp_path, examples=Flaky(only_sae(tiny_engine).key))
+    services = services_at(tiny_engine, tmp_path, examples=Flaky(only_sae(tiny_engine).key))
     first = card_text.card_markdown(services, 3)
     assert "index unavailable (RuntimeError: index file locked)" in first and "promotes:" in first
     second = card_text.card_markdown(services, 3)
@@ -203,7 +198,7 @@ def test_stats_tools_through_the_client(tiny_engine, tmp_path):
 
 
 def test_feature_stats_uses_index_densities(tiny_engine, tmp_path):
-    server = build_server(tiny_engine, services=services_with(tiny_engine, tmp_path, examples=FakeIndex("k")))
+    server = build_server(tiny_engine, services=services_at(tiny_engine, tmp_path, examples=FakeIndex("k")))
     (res,) = call_many(server, [("feature_stats", {"sort_by": "density", "top": 2, "max_density": 0.25})])
     out = res.structured_content
     assert [f["feature"] for f in out["features"]] == [63, 62]  # linspace(0, .5, 128): 63 is the last <= 0.25

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from sae_mcp.server.app import build_server
 
-from conftest import FakeIndex
 from helpers.models import only_sae
-from helpers.servers import server_at, services_at
+from helpers.servers import FakeIndex, server_at, services_at
 from mcp_client import call_many
 
 PROMPT = "the cat sat on the mat and the dog"

@@ -1,6 +1,6 @@
 """Settings, services and MCP servers over an engine, each with a data dir of the test's own (a server built on
-Settings() defaults would write into the environment's SAE_MCP_DATA_DIR); the environment of a `sae-mcp`
-subprocess, the CLI in this process, and a free localhost port."""
+Settings() defaults would write into the environment's SAE_MCP_DATA_DIR), and a stand-in example source; the
+environment of a `sae-mcp` subprocess, the CLI in this process, and a free localhost port."""
 
 from __future__ import annotations
 
@@ -12,7 +12,11 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+
 from sae_mcp.engine.runtime import Engine
+from sae_mcp.index.view import View
+from sae_mcp.results.corpus import Example, FeatureSummary, Histogram, TopExamples
 from sae_mcp.server.tools import tool_map
 from sae_mcp.services import Services
 from sae_mcp.settings import Settings
@@ -55,6 +59,41 @@ def indexed_stories_services(engine: Engine, sae_dir: Path, data_dir: Path, toke
     services = Services(engine, stories_settings_at(data_dir, sae_dir), tools=tool_map())
     services.examples.build_index(None, tokens)
     return services
+
+
+class FakeIndex:
+    """Stands in for the example source (services.examples) with its real result models: an index that exists,
+    recording what was asked of it."""
+
+    def __init__(self, key: str):
+        self.key = key
+        self.calls: list[str] = []
+
+    def _summary(self, feature: int) -> dict:
+        return dict(sae=self.key, feature=feature, max_activation=4.2, density=0.0123, n_fired=123,
+                    tokens_scanned=10_000, histogram=Histogram(edges=[0.1, 1.0, 2.0, 4.2], counts=[100, 20, 3]))
+
+    def feature_summary(self, sae, feature):
+        self.calls.append("summary")
+        return FeatureSummary(**self._summary(feature))
+
+    def top_examples(self, sae, feature, view, *args, **kw):
+        self.calls.append(f"top_examples k={view.k}")
+        ex = Example(activation=4.2, token=" cat", tokens=["<s>", "the", " cat", " sat", " on"], position=2, document=0,
+                     offset=1)
+        return TopExamples(**self._summary(feature), source="index", corpus="fake", context_size=8, examples=[ex])
+
+    def cached_top_examples(self, sae, feature, k=10, **kw):
+        self.calls.append(f"cached_top_examples k={k}")
+        return self.top_examples(sae, feature, View(k, 10))
+
+    def densities(self, sae):
+        self.calls.append("densities")
+        return torch.linspace(0, 0.5, 128)
+
+    def max_activation(self, sae, feature, max_scan_tokens=None):
+        self.calls.append(f"max_activation {feature}")
+        return 4.2, "index"
 
 
 def volatile(tool: str) -> tuple[str, ...]:
