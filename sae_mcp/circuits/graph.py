@@ -44,7 +44,7 @@ from sae_mcp.engine.attribution import SaeCapture, backward_pass, resolve_saes
 from sae_mcp.engine.attribution_checks import ERROR, CleanSae, MetricAt
 from sae_mcp.engine.logits import answer_token_ids, answer_variant_warning
 from sae_mcp.engine.metric import Metric, metric_for
-from sae_mcp.engine.runtime import CancelToken, Engine, context_warning, position_index
+from sae_mcp.engine.runtime import CancelToken, Engine, FwdHooks, context_warning, position_index
 from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.errors import InvalidInput
 from sae_mcp.results import collect_warnings, rounded
@@ -212,9 +212,9 @@ def _edge_backward(engine: Engine, up: SaeState, down: SaeState, tokens: torch.T
         kept["x"] = x
         return x
 
-    hooks = [(f"{up.sae.hook_name}.hook_sae_acts_post", lambda a, hook: acts_leaf),
-             (f"{up.sae.hook_name}.hook_sae_error", lambda e, hook: err_leaf),
-             (down.sae.hook_name, keep_input)]
+    hooks: FwdHooks = [(f"{up.sae.hook_name}.hook_sae_acts_post", lambda a, hook: acts_leaf),
+                       (f"{up.sae.hook_name}.hook_sae_error", lambda e, hook: err_leaf),
+                       (down.sae.hook_name, keep_input)]
     with torch.enable_grad(), model.saes(saes=[up.sae.sae], use_error_term=True), model.hooks(fwd_hooks=hooks):
         model(tokens.expand(R, -1), return_type=None, stop_at_layer=down.sae.layer + 1,
               attention_mask=torch.ones((R, S), dtype=tokens.dtype, device=tokens.device))

@@ -224,7 +224,8 @@ def _run(engine: Engine, request: PatchRequest, plan: PatchPlan, cancel: CancelT
     clean_at, source_at = acts_p[p_idx], acts_s[s_idx]  # [n_pos, d_sae] each
     delta_pos = source_at - clean_at  # [n_pos, d_sae]
     differing = (delta_pos != 0).any(0).nonzero().flatten().tolist()
-    control_sets, note = [], None
+    control_sets: list[list[int]] = []  # per control set, its features
+    note: str | None = None
     if plan.features is not None and plan.controls:
         with engine.device_work():
             first_order = _first_order(engine, s, tokens, plan.metric, pairs, delta_pos)
@@ -254,6 +255,7 @@ def _run(engine: Engine, request: PatchRequest, plan: PatchPlan, cancel: CancelT
 
 def _condition(engine: Engine, plan: PatchPlan, logits: torch.Tensor) -> PatchCondition:
     top, ans = next_token_table(engine, logits, plan.top_k, plan.answer_ids)
+    assert ans is not None  # scored: a patch has an answer
     return PatchCondition(metric=rounded(float(plan.metric.of(logits)), 6), answer_probability=ans.probability,
                           top=top)
 
@@ -320,25 +322,25 @@ def _multi_token(engine: Engine, what: str, ids: list[int] | None) -> str | None
 def _assemble(engine: Engine, plan: PatchPlan, runs: Runs) -> PatchResult:
     m_clean, m_source = float(plan.metric.of(runs.clean)), float(plan.metric.of(runs.source))
     gap = m_source - m_clean
-    listed = plan.features is not None
-    patched = runs.logits[0] if listed else None
-    effect = float(plan.metric.of(patched)) - m_clean if listed else None
+    listed = plan.features  # the features patched together (None: a sweep, each alone)
+    patched = runs.logits[0] if listed is not None else None
+    effect = float(plan.metric.of(patched)) - m_clean if patched is not None else None
     return PatchResult(
         sae=plan.sae.key, metric=plan.metric.name, metric_kind=plan.metric.kind, tokens=runs.tokens,
         source_tokens=runs.source_tokens, positions=[[p, q] for p, q in runs.pairs],
         clean=_condition(engine, plan, runs.clean),
-        patched=_condition(engine, plan, patched) if listed else None,
+        patched=_condition(engine, plan, patched) if patched is not None else None,
         source=_condition(engine, plan, runs.source),
         features=[PatchedFeature(feature=f, clean_activation=rounded(float(runs.clean_sum[f])),
-                                 source_activation=rounded(float(runs.source_sum[f]))) for f in plan.features]
-        if listed else None,
-        effect=rounded(effect, 6) if listed else None,
-        recovered=_recovered(effect, gap) if listed else None,
-        kl=rounded(float(kl(runs.clean, patched)), 6) if listed else None,
-        sweep=None if listed else _sweep(plan, runs, gap),
+                                 source_activation=rounded(float(runs.source_sum[f]))) for f in listed]
+        if listed is not None else None,
+        effect=rounded(effect, 6) if effect is not None else None,
+        recovered=_recovered(effect, gap) if effect is not None else None,
+        kl=rounded(float(kl(runs.clean, patched)), 6) if patched is not None else None,
+        sweep=None if listed is not None else _sweep(plan, runs, gap),
         n_differing=len(runs.differing),
-        n_swept=None if listed else len(runs.swept),
-        controls=_controls(plan, runs) if listed and plan.controls else None,
+        n_swept=None if listed is not None else len(runs.swept),
+        controls=_controls(plan, runs) if listed is not None and plan.controls else None,
         warnings=_warnings(engine, plan, runs),
     )
 

@@ -221,7 +221,7 @@ def generated_ids(row: torch.Tensor, eos: int | None) -> list[int]:
 def continuation(engine: Engine, row: torch.Tensor, eos: int | None, stopped: bool) -> Continuation:
     """One row of new tokens [T] -> its text up to EOS, as served."""
     ids = generated_ids(row, eos)
-    text = engine.model.tokenizer.decode(ids) if ids else ""
+    text = engine.decode(ids) if ids else ""
     return Continuation(text=text, n_tokens=len(ids), stopped_at_eos=stopped)
 
 

@@ -103,7 +103,7 @@ def _run(
     new, stats, stopped = _generate(engine, tokens, plan, rows, vectors, use_cache, cancel, progress)  # new [B, T]
     if cancel is not None:
         cancel.check()  # cancelled during the last step: skip the readout
-    eos = engine.model.tokenizer.eos_token_id
+    eos = engine.tokenizer.eos_token_id
     lengths = [len(generated_ids(row, eos)) for row in new]  # per batch row, before EOS
     with engine.device_work():  # the plain model: no hook attached
         readouts = concept_readout(engine, s, tokens, new, lengths, plan.features)

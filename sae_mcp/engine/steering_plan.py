@@ -275,7 +275,7 @@ def _max_activations(
                 f"feature {f} never fired in the corpus (max activation {m}); max_activation calibration "
                 "cannot scale it: pass calibration='absolute' with a coefficient"
             )
-    return maxes
+    return list(maxes)  # typed as the plan holds them (None where not calibrated)
 
 
 def _check_coefficients(features: list[int], coefficients: list[float], scales: list[float]) -> None:

@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Literal, overload
 
 import numpy as np
 import torch
@@ -90,7 +91,7 @@ def resumable(prev: StoredScan | None) -> bool:
 def resume_state(prev: StoredScan | None, device) -> ScanState | None:
     """A stored scan row -> the running state on the device (None: start afresh, also for a row without
     samples: see resumable)."""
-    if not resumable(prev):
+    if prev is None or prev.samp_pos is None or prev.samp_vals is None or not resumable(prev):
         return None
 
     def dev(a: np.ndarray) -> torch.Tensor:
@@ -159,6 +160,12 @@ class ExampleSource:
                         bos_id(self.engine, s), s.d_sae, s.weights_id)
         return index_path(self.settings.data_dir, model_key, s.store_key, src.key), meta
 
+    @overload
+    def index_store(self, s: LoadedSAE, create: Literal[True] = True) -> IndexStore: ...
+
+    @overload
+    def index_store(self, s: LoadedSAE, create: bool) -> IndexStore | None: ...
+
     def index_store(self, s: LoadedSAE, create: bool = True) -> IndexStore | None:
         """The index file of (model, SAE weights, corpus); None when create=False and it does not exist."""
         path, meta = self.index_location(s)
@@ -200,7 +207,9 @@ class ExampleSource:
             return None
         cached = self._loaded.get(key)
         if cached is None or cached.updated != updated:
-            cached = self._loaded[key] = index.load_scan(name)
+            cached = index.load_scan(name)  # (None: deleted meanwhile)
+            if cached is not None:
+                self._loaded[key] = cached
         return cached
 
     def _index_row(self, s: LoadedSAE) -> tuple[IndexStore, StoredScan] | None:
@@ -253,7 +262,9 @@ class ExampleSource:
             if st.tokens == 0:
                 raise InvalidInput(f"the corpus {src.describe()} has no text to scan")
             checkpoint.save(st)
-            return index, self._scan_row(index, name), False
+            row = self._scan_row(index, name)
+            assert row is not None  # just saved
+            return index, row, False
 
     def build_index(self, sae: str | None, max_tokens: int, progress: Progress | None = None,
                     cancel: CancelToken | None = None, batch_windows: int | None = None) -> IndexReport:
@@ -296,7 +307,8 @@ class ExampleSource:
         if not 1 <= view.per_interval <= MAX_PER_INTERVAL:
             raise InvalidInput(f"per_interval={view.per_interval} is out of range: 1..{MAX_PER_INTERVAL} examples")
 
-    def _answer(self, s: LoadedSAE, index: IndexStore, row: StoredScan, col: int, feature: int, source: str,
+    def _answer(self, s: LoadedSAE, index: IndexStore, row: StoredScan, col: int, feature: int,
+                source: Literal["index", "scan"],
                 view: View, contexts: dict | None = None) -> TopExamples:
         length = self.window_length(s)
         nbos = 1 if bos_id(self.engine, s) is not None else 0
@@ -339,7 +351,7 @@ class ExampleSource:
             log.debug("no cached scan for %s: %s", s.key, exc)
             return None
         row = None if index is None else self._scan_row(index, f"feature:{feature}")
-        if row is None or row.tokens == 0:
+        if index is None or row is None or row.tokens == 0:
             return None
         return self._answer(s, index, row, 0, feature, "scan", view, contexts)
 

@@ -16,10 +16,9 @@ from sae_mcp.circuits import patching
 from sae_mcp.engine.controls import MAX_CONTROLS
 from sae_mcp.engine.runtime import CancelToken
 from sae_mcp.ledger.export.preamble import METRIC_HELPER
-from sae_mcp.ledger.export.rules import AS_GIVEN, ExportRule
+from sae_mcp.ledger.export.rules import AS_GIVEN, ExportRule, Redone
 from sae_mcp.ledger.export.session import items, lit
 from sae_mcp.ledger.rule import JSON, LedgerRule
-from sae_mcp.ledger.store import Run
 from sae_mcp.results.circuits import PatchCondition, PatchResult
 from sae_mcp.server.progress import progress_reporter
 from sae_mcp.server.text import controls_lines, fmt, join, tok, warnings_lines
@@ -51,7 +50,7 @@ def make(deps: ToolDeps) -> Callable[..., PatchResult]:
         controls: Annotated[bool, Field(description="Matched features patched alike")] = False,
         n_controls: Annotated[int, Field(ge=1, le=MAX_CONTROLS)] = 5,
         seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0,
-        mcp_context: Context = None,
+        mcp_context: Context | None = None,
     ) -> PatchResult:
         """On a minimal pair, patch features to their source_prompt values: the metric's gap recovered."""
         cancel = CancelToken()
@@ -78,7 +77,8 @@ def render(r: PatchResult) -> str:
              f"{gap:+.4g}); positions patched (prompt:source) {pairs}; {r.n_differing} features differ there"]
     if r.patched is not None:
         lines.append(f"patched together: metric {fmt(r.patched.metric)}, effect {r.effect:+.4g}, recovered "
-                     f"{'n/a' if r.recovered is None else fmt(r.recovered)} of the difference, KL {fmt(r.kl)}")
+                     f"{'n/a' if r.recovered is None else fmt(r.recovered)} of the difference, KL "
+                     f"{'n/a' if r.kl is None else fmt(r.kl)}")
         lines.append("features (clean -> source activation, summed over the positions): " + "; ".join(
             f"{f.feature} {fmt(f.clean_activation)} -> {fmt(f.source_activation)}" for f in r.features or []))
     if r.sweep is not None:
@@ -114,7 +114,7 @@ def patched_logits(key, tokens, pairs, features, source_acts):
 '''
 
 
-def cell(run: Run) -> str:
+def cell(run: Redone) -> str:
     r, res = run.resolved, run.result
     a, c = (r.get("answer_ids") or [None])[0], (r.get("counterfactual_ids") or [None])[0]
     listed = res.get("patched") is not None

@@ -6,7 +6,7 @@ No `from __future__ import annotations`: the SDK reads the tool's annotations at
 """
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated, Literal
 
 from mcp.server.mcpserver import Context
@@ -29,7 +29,7 @@ from sae_mcp.engine.steering_plan import (
 from sae_mcp.errors import InvalidInput, SaeMcpError
 from sae_mcp.index.source import DEFAULT_SCAN_TOKENS, ExampleSource
 from sae_mcp.ledger import summary as ls
-from sae_mcp.ledger.export.rules import AS_GIVEN, ExportRule
+from sae_mcp.ledger.export.rules import AS_GIVEN, ExportRule, Redone
 from sae_mcp.ledger.export.session import items, lit, md_text
 from sae_mcp.ledger.rule import JSON, LedgerRule, ResolveContext
 from sae_mcp.ledger.store import Run
@@ -113,7 +113,7 @@ def make(deps: ToolDeps) -> Callable[..., SteerResult]:
         controls: Annotated[bool, Field(description="Random features, matched norms")] = False,
         n_controls: Annotated[int, Field(ge=1, le=MAX_CONTROLS)] = 5,
         control_strength: ControlStrength = None,
-        mcp_context: Context = None,
+        mcp_context: Context | None = None,
     ) -> SteerResult:
         """Generate with features added at their SAE's hook, dose by dose beside the unsteered text."""
         calib = max_activation_of(services.examples) if calibration == "max_activation" else None
@@ -141,7 +141,9 @@ def _continuation(c: Continuation, feature_names: list[str]) -> str:
     if c.concept_readout:
         flags.append("readout " + " ".join(f"{n}={fmt(v)}" for n, v in zip(feature_names, c.concept_readout)))
     if c.degenerate:
-        flags.append(f"degenerate (repetition {fmt(c.repetition)}, loss ratio {fmt(c.loss_ratio)})")
+        repetition = "n/a" if c.repetition is None else fmt(c.repetition)
+        loss_ratio = "n/a" if c.loss_ratio is None else fmt(c.loss_ratio)
+        flags.append(f"degenerate (repetition {repetition}, loss ratio {loss_ratio})")
     return f"  [{', '.join(flags)}] {c.text!r}"
 
 
@@ -153,7 +155,8 @@ def render(r: SteerResult) -> str:
             f"{f.feature} strength {fmt(f.strength)} -> coefficient {fmt(f.coefficient)}"
             + (f" (max activation {fmt(f.max_activation)} from {f.max_activation_source})"
                if f.max_activation is not None else "") + f", decoder norm {fmt(f.decoder_norm)}" for f in r.features),
-        "unsteered" + (f": metric {r.metric} = {fmt(r.unsteered_metric)}" if r.metric else "")
+        "unsteered" + (f": metric {r.metric} = {fmt(r.unsteered_metric)}"
+                       if r.metric and r.unsteered_metric is not None else "")
         + (" readout " + " ".join(f"{n}={fmt(v)}" for n, v in zip(names, r.unsteered_concept_readout))
            if r.unsteered_concept_readout else ""),
         *(_continuation(c, names) for c in r.unsteered),
@@ -161,7 +164,7 @@ def render(r: SteerResult) -> str:
     for run in r.steered:
         readout = ""
         if run.concept_readout:
-            std = run.concept_readout_std or [None] * len(run.concept_readout)
+            std: Sequence[float | None] = run.concept_readout_std or [None] * len(run.concept_readout)
             readout = ", readout " + " ".join(
                 f"{n}={fmt(m)}" + (f"±{fmt(s)}" if s is not None else "")
                 for n, m, s in zip(names, run.concept_readout, std))
@@ -171,7 +174,7 @@ def render(r: SteerResult) -> str:
                      f"changed {fmt(run.changed_fraction)}, degenerate {fmt(run.degenerate_fraction)} of seeds")
         lines += [_continuation(c, names) for c in run.continuations]
     for c in r.controls or []:
-        lines += controls_lines(c, head=f"controls at dose {fmt(c.scale)}")
+        lines += controls_lines(c, head=f"controls at dose {'n/a' if c.scale is None else fmt(c.scale)}")
     return join(lines + warnings_lines(r.warnings))
 
 
@@ -245,7 +248,7 @@ def generate(key, tokens, vector, max_new_tokens, temperature, top_p, seed, eos_
 '''
 
 
-def cell(run: Run) -> str:
+def cell(run: Redone) -> str:
     r, res = run.resolved, run.result
     ans = (r.get("answer_ids") or [None])[0]
     runs = [(s["scale"], s["kl_next_token"], s["mean_kl_prompt"], s.get("answer_probability"),

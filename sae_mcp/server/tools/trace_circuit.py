@@ -15,10 +15,9 @@ from sae_mcp.circuits import graph
 from sae_mcp.engine.attribution_checks import MAX_STEPS
 from sae_mcp.engine.runtime import CancelToken, Engine
 from sae_mcp.ledger.export.preamble import METRIC_HELPER
-from sae_mcp.ledger.export.rules import AS_GIVEN, ExportRule
+from sae_mcp.ledger.export.rules import AS_GIVEN, ExportRule, Redone
 from sae_mcp.ledger.export.session import items, lit
 from sae_mcp.ledger.rule import JSON, LedgerRule, ResolveContext
-from sae_mcp.ledger.store import Run
 from sae_mcp.results.circuits import CircuitResult
 from sae_mcp.server.progress import progress_reporter
 from sae_mcp.server.text import fmt, join, tok, warnings_lines
@@ -32,7 +31,7 @@ def label_nodes(services: Services, engine: Engine, result: CircuitResult) -> Ci
     """Each feature node with the newest label of its feature, when it has one (the explanation store)."""
     labels: dict[tuple[str, int], str | None] = {}
     for n in result.graph.nodes:
-        if n.kind != "feature":
+        if n.kind != "feature" or n.sae is None or n.feature is None:  # (a feature node names both)
             continue
         key = (n.sae, n.feature)
         if key not in labels:
@@ -60,7 +59,7 @@ def make(deps: ToolDeps) -> Callable[..., CircuitResult]:
         position: Annotated[Annotated[int, A.position], Field(description="Where the metric is read")] = -1,
         method: Literal["gradient", "integrated_gradients"] = "gradient",
         steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 8,
-        mcp_context: Context = None,
+        mcp_context: Context | None = None,
     ) -> CircuitResult:
         """A sparse feature circuit across SAEs (Marks et al.): nodes, edges, faithfulness, paths."""
         cancel = CancelToken()
@@ -83,10 +82,10 @@ def render(r: CircuitResult) -> str:
 
     def name(node_id: str) -> str:
         n = nodes.get(node_id)
-        if n is None or n.kind == "metric":
+        if n is None or n.kind == "metric" or n.sae is None:
             return "metric"
         what = "err" if n.kind == "error" else str(n.feature)
-        return f"{short[n.sae]}/{what}@{n.position} {tok(n.token)}"
+        return f"{short[n.sae]}/{what}@{n.position} {tok(n.token or '')}"
 
     f = r.faithfulness
     lines = [
@@ -106,7 +105,8 @@ def render(r: CircuitResult) -> str:
             continue
         exact = f" ({fmt(n.exact_contribution)})" if n.exact_contribution is not None else ""
         label = f", {n.label[:80]!r}" if n.label else ""
-        lines.append(f"  {name(n.node_id)}: {fmt(n.attribution)}{exact}{label}")
+        attribution = "n/a" if n.attribution is None else fmt(n.attribution)  # (None: the metric node only)
+        lines.append(f"  {name(n.node_id)}: {attribution}{exact}{label}")
     lines.append("the whole graph (nodes, edges with weights) is in the structured content")
     return join(lines + warnings_lines(r.warnings))
 
@@ -190,7 +190,7 @@ def masked_metric(tokens, keys, keep, position, answer_id, cf_id):
 '''
 
 
-def cell(run: Run) -> str:
+def cell(run: Redone) -> str:
     r, res = run.resolved, run.result
     graph = res["graph"]
     a, c = (r.get("answer_ids") or [None])[0], (r.get("counterfactual_ids") or [None])[0]
