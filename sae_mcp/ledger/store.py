@@ -194,7 +194,7 @@ class Pruned:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# What is stored: bounded copies and secrets
+# What is stored: bounded copies and secrets (the walkers below take any JSON value: Any)
 
 
 def bounded(value: Any, max_list: int = BOUNDED_LIST, max_str: int = BOUNDED_STR, max_keys: int | None = None,

@@ -33,25 +33,27 @@ import secrets
 import threading
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from sae_mcp.engine.runtime import CancelToken
+from sae_mcp.engine.runtime import CancelToken, Engine
 from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.errors import InvalidInput, NotFound
 from sae_mcp.index.samples import MAX_POS
 from sae_mcp.index.scan import batch_windows_for, bos_id, windows_pad_id
-from sae_mcp.index.source import Progress
+from sae_mcp.index.source import ExampleSource, Progress
 from sae_mcp.index.store import IndexStore, StoredScan
-from sae_mcp.ledger.rule import tools_where
+from sae_mcp.ledger.recording import Ledger
+from sae_mcp.ledger.rule import Recorded, tools_where
 from sae_mcp.results import rounded
 from sae_mcp.results.scoring import BlindContext, BlindSet, ExplanationScore
 from sae_mcp.scoring import blind_set as sc
 from sae_mcp.scoring.results import looked_up, not_blind_warning, score_result
-from sae_mcp.scoring.store import Challenge
+from sae_mcp.scoring.store import Challenge, ScoreStore
 
 # Long enough to read 100 contexts and answer; short enough that a forgotten challenge is not answered after its
 # contexts have been looked up with other tools (get_feature_acts on a context gives its answer away).
@@ -124,8 +126,27 @@ def secret_hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+class ScorerServices(Protocol):
+    """What the scorer reads of the server's Services (services/__init__.py, a layer above this one)."""
+
+    @property
+    def engine(self) -> Engine: ...
+
+    @property
+    def tools(self) -> Mapping[str, Recorded]: ...
+
+    @property
+    def examples(self) -> ExampleSource: ...
+
+    @property
+    def scores(self) -> ScoreStore: ...
+
+    @property
+    def ledger(self) -> Ledger: ...
+
+
 class ExplanationScorer:
-    def __init__(self, services: Any):
+    def __init__(self, services: ScorerServices):
         self.services = services
         self.engine = services.engine
         # Tools that show a feature's activations on a text the caller gives (their string arguments are that text).
@@ -363,7 +384,7 @@ def _check_secret(c: Challenge, given: str | None) -> None:
 
 
 def _strings(value: Any) -> list[str]:
-    """Every string in a call's arguments (a prompt, each prompt of a set)."""
+    """Every string in a call's arguments (a prompt, each prompt of a set): any JSON value."""
     if isinstance(value, str):
         return [value]
     if isinstance(value, dict):
@@ -425,7 +446,7 @@ def _answer(cid: str, it: sc.Item, toks: list[str], method: str, threshold: floa
             "start": it.start}
 
 
-def window_activations(engine: Any, s: LoadedSAE, feature: int, windows: list[list[int]],
+def window_activations(engine: Engine, s: LoadedSAE, feature: int, windows: list[list[int]],
                        cancel: CancelToken | None = None) -> list[np.ndarray]:
     """The feature's activation at every position of each window (token ids, BOS first when the SAE has one), as
     the model computes it when it reads the window: one turn of the device, batches as a scan makes them."""
@@ -443,6 +464,6 @@ def window_activations(engine: Any, s: LoadedSAE, feature: int, windows: list[li
             for j, w in enumerate(chunk):
                 ids[j, : len(w)] = torch.tensor(w)
             acts = engine.encode(s, engine.forward_to_hook(ids.to(engine.device), s))[..., feature]  # [B, T]
-            acts = acts.float().cpu().numpy()
-            out += [acts[j, : len(w)] for j, w in enumerate(chunk)]
+            rows = acts.float().cpu().numpy()
+            out += [rows[j, : len(w)] for j, w in enumerate(chunk)]
     return out

@@ -102,6 +102,7 @@ def _diagnose(text: str, exc: ValidationError) -> types.JSONRPCError:
     return invalid_request(_request_problem(obj, exc), request_id)
 
 
+# The checks below read a line's parsed JSON, any JSON value (Any).
 def _request_problem(obj: Any, exc: ValidationError) -> str:
     """Valid JSON that is no JSON-RPC 2.0 message MCP takes -> what is wrong with it."""
     if isinstance(obj, list):

@@ -66,8 +66,8 @@ def _sae_key(engine: Engine, sae: str) -> str:
 
 
 def without_cut_marks(value: Any) -> tuple[Any, int]:
-    """A cut copy (ledger/store.py bounded()) without the {'left_out': n} items that end its shortened lists, so it
-    validates as the result it was cut from; and how many items they stood for."""
+    """A cut copy of any JSON value (ledger/store.py bounded()) without the {'left_out': n} items that end its
+    shortened lists, so it validates as the result it was cut from; and how many items they stood for."""
     if isinstance(value, dict):
         pairs = [(k, without_cut_marks(v)) for k, v in value.items()]
         return {k: v for k, (v, _) in pairs}, sum(n for _, (_, n) in pairs)
