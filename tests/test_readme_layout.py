@@ -163,4 +163,4 @@ def test_ci_runs_the_test_command_the_readme_gives():
     assert "HF_HUB_OFFLINE=1 python -m pytest -q" in readme_test_commands(text)
     assert ci_problems(text, (REPO / ".ci" / "run").read_text(encoding="utf-8")) == []
     assert ci_problems(text, "ruff check .\npython -m pytest -q\n") == [
-        ".ci/run does not run `HF_HUB_OFFLINE=1 python -m pytest -q`"]
+        ".ci/run does not run `mypy sae_mcp`", ".ci/run does not run `HF_HUB_OFFLINE=1 python -m pytest -q`"]
