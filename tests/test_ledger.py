@@ -16,8 +16,9 @@ import time
 
 import pytest
 
+from sae_mcp.ledger.bounds import bounded, scrub
 from sae_mcp.ledger.recording import digest_of
-from sae_mcp.ledger.store import LedgerStore, bounded, ledger_path, scrub
+from sae_mcp.ledger.store import LedgerStore, ledger_path
 from sae_mcp.store.explanations import ExplanationStore
 
 from helpers.models import STORIES_HF, only_sae

@@ -11,8 +11,9 @@ import time
 import pytest
 from mcp.types import CallToolResult, TextContent
 
+from sae_mcp.ledger.bounds import BOUNDED_STR, MAX_ERROR_CHARS, MAX_REJECTED_CHARS, SECRET_MARK
 from sae_mcp.ledger.recording import digest_of
-from sae_mcp.ledger.store import BOUNDED_STR, MAX_ERROR_CHARS, MAX_REJECTED_CHARS, SECRET_MARK, LedgerStore, ledger_path
+from sae_mcp.ledger.store import LedgerStore, ledger_path
 from sae_mcp.ledger.summary import summary_of
 from sae_mcp.server.tools import tool_map
 

@@ -137,7 +137,7 @@ def test_a_cut_copy_of_a_long_result_is_checked_on_what_it_kept(tmp_path):
 
     import torch
 
-    from sae_mcp.ledger.store import Run
+    from sae_mcp.ledger.records import Run
     from sae_mcp.server.tools.get_feature_acts import cell as feature_acts
 
     acts = torch.zeros(3, 64)  # [seq, d_sae]
@@ -164,7 +164,7 @@ def test_replay_reads_last_digits_moved_as_close_and_a_real_change_as_differs():
 
     from sae_mcp.ledger.export.replay import FLOAT_RTOL, compare
     from sae_mcp.ledger.recording import digest_of
-    from sae_mcp.ledger.store import Run
+    from sae_mcp.ledger.records import Run
 
     recorded = {"tokens": ["<s>", "a"], "diffs": [{"feature": 3, "effect_size": -16.976, "exact": 0.795124}]}
     run = Run(id="r1", session="s", env="e", time=0.0, tool="compare_prompts", given={}, resolved={}, wall_s=0.0,

@@ -17,7 +17,8 @@ from mcp import Client
 
 from sae_mcp.ledger.export import cells, write_py
 from sae_mcp.ledger.export.session import SessionData, load_session
-from sae_mcp.ledger.store import LedgerStore, Run
+from sae_mcp.ledger.records import Run
+from sae_mcp.ledger.store import LedgerStore
 from sae_mcp.server.app import build_server
 from sae_mcp.server.tools import tool_map
 from sae_mcp.settings import Settings

@@ -5,7 +5,7 @@ many runs match in all."""
 
 from __future__ import annotations
 
-from sae_mcp.ledger.store import SECRET_MARK
+from sae_mcp.ledger.bounds import SECRET_MARK
 from sae_mcp.server.text import compact_json
 
 from mcp_client import call_many, text_of

@@ -17,10 +17,10 @@ Recording never changes a result (the digest is taken without run_id) and never 
 recording is logged and the answer goes out without a run_id. The digest is the SHA-256 of the result's
 canonical JSON without the fields that vary between identical calls (its rule's volatile fields: timings of an
 index build, the ids a store hands out) and
-with the value of any secret field replaced (ledger/store.py SECRET_FIELDS: a blind set's submit secret is never
-written), so a replay compares digests. What is stored of the arguments, the result and the error, and the size
-cap (pruning the oldest runs no label cites), are ledger/store.py's; the cap is DEFAULT_MAX_MB, or
-SAE_MCP_LEDGER_MAX_MB megabytes when set.
+with the value of any secret field replaced (ledger/bounds.py SECRET_FIELDS: a blind set's submit secret is never
+written), so a replay compares digests. What is stored of the arguments, the result and the error is
+ledger/bounds.py's; the size cap (pruning the oldest runs no label cites) is ledger/store.py's; the cap is
+DEFAULT_MAX_MB, or SAE_MCP_LEDGER_MAX_MB megabytes when set.
 """
 
 from __future__ import annotations
@@ -41,25 +41,21 @@ import pydantic_core
 
 from sae_mcp.engine.runtime import Engine
 from sae_mcp.errors import InvalidInput
-from sae_mcp.ledger.env import env_id, environment
-from sae_mcp.ledger.resolve import features_of, resolve
-from sae_mcp.ledger.rule import Recorded, ResolveContext, rule_of, tools_where
-from sae_mcp.ledger.store import (
-    DEFAULT_MAX_MB,
+from sae_mcp.ledger.bounds import (
     MAX_REJECTED_CHARS,
     MAX_RESULT_CHARS,
-    PRUNE_BATCH,
-    PRUNE_TO,
     SECRET_FIELDS,
     SECRET_MARK,
-    LedgerStore,
-    Run,
     fit,
-    ledger_path,
     scrub,
     secrets_in,
     without_secrets,
 )
+from sae_mcp.ledger.env import env_id, environment
+from sae_mcp.ledger.records import Run
+from sae_mcp.ledger.resolve import features_of, resolve
+from sae_mcp.ledger.rule import Recorded, ResolveContext, rule_of, tools_where
+from sae_mcp.ledger.store import DEFAULT_MAX_MB, PRUNE_BATCH, PRUNE_TO, LedgerStore, ledger_path
 from sae_mcp.ledger.summary import summarize
 from sae_mcp.settings import Settings
 from sae_mcp.store.explanations import explanations_db_path

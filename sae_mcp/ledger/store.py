@@ -23,16 +23,8 @@ ledger lost. One statement per call keeps recording cheap (~0.1 ms): a session's
 run, and its run count and last time are read from the runs.
 
 What is stored (record())
-    accepted calls  the arguments whole (replay and the exports redo the call from them; the tools' schemas bound
-                    them), the result whole up to MAX_RESULT_CHARS of JSON, else cut (fit(): long lists to their
-                    first items, long strings to their start, each cut saying how much it left out)
-    rejected calls  the arguments cut as results are: each string to BOUNDED_STR characters, the whole to
-                    MAX_REJECTED_CHARS (args_cut = 1; replay skips them). 165 label_feature calls with a 3.5 MB
-                    label (rejected: labels take 1,000 characters) grew the ledger by 1.16 GB when they were stored
-                    whole, 1.0 MB now (bench/bench_ledger.py --flood); every error message is cut to
-                    MAX_ERROR_CHARS, a tool's or a client's name to MAX_NAME_CHARS
-    never           a field named in SECRET_FIELDS (a blind set's submit secret), in the arguments, the result or
-                    the error: its value is replaced by SECRET_MARK before anything is written
+    the arguments and the result, bounded (a rejected call's arguments and every error message cut), secrets
+    replaced: ledger/bounds.py says how
 
 The size cap (prune())
     The runs hold at most max_bytes of the file's pages (default DEFAULT_MAX_MB, SAE_MCP_LEDGER_MAX_MB to change;
@@ -55,14 +47,24 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Any
-
-import pydantic_core
 
 from sae_mcp.errors import NotFound
+from sae_mcp.ledger.bounds import (
+    BRIEF_CHARS,
+    MAX_ERROR_CHARS,
+    MAX_NAME_CHARS,
+    MAX_REJECTED_CHARS,
+    brief_of,
+    cut,
+    fit,
+    scrub,
+    secrets_in,
+    to_json,
+    without_secrets,
+)
+from sae_mcp.ledger.records import Pruned, Run, Session
 from sae_mcp.store.db import open_db
 
 SCHEMA = """
@@ -108,22 +110,7 @@ RUN_COLUMNS = f"{LIGHT_COLUMNS}, given, resolved, result"
 SESSION_QUERY = ("SELECT s.id, s.started, coalesce(max(r.time), s.started), s.env, s.client, count(r.seq) "
                  "FROM sessions s LEFT JOIN runs r ON r.session = s.id")
 
-MAX_RESULT_CHARS = 256_000  # a stored result's JSON; larger ones are cut (fit)
-MAX_REJECTED_CHARS = 16_000  # a rejected call's arguments (as given, and as resolved), JSON
-MAX_ERROR_CHARS = 2_000
-MAX_NAME_CHARS = 200  # a tool's or a client's name as stored (a client names both, and the call is recorded)
-BRIEF_CHARS = 1_000  # the listing copy of the arguments (args_line shows 60 characters of each)
-BOUNDED_LIST = 32
-BOUNDED_STR = 2_000
-MAX_DEPTH = 24  # JSON nested deeper is cut (results nest < 10 levels; a client can send more)
-CUTS = ((BOUNDED_LIST, BOUNDED_STR), (8, 200), (2, 40))
-"""(items per list and keys per dict, characters per string) of fit()'s successive cuts; the first keeps every
-key of a dict (a result model's fields)."""
-BRIEF_CUTS = ((8, 120), (2, 40))
 MAX_FEATURES_INDEXED = 256  # features of one run written for ledger(feature=) (the tools take at most 64)
-SECRET_FIELDS = frozenset({"submit_secret"})
-SECRET_MARK = "(secret, not recorded)"
-MIN_SECRET_PREFIX = 8  # an error message quoting this many leading characters of a secret has them replaced
 
 DEFAULT_MAX_MB = 1024
 PRUNE_TO = 0.9  # past the cap, runs are deleted until the pages in use are under this share of it
@@ -133,138 +120,6 @@ PRUNE_STEP = 8  # runs deleted between two looks at the size (not many more than
 
 def ledger_path(data_dir: Path) -> Path:
     return Path(data_dir) / "ledger" / "ledger.sqlite"
-
-
-@dataclass
-class Run:
-    """One recorded tool call (results and arguments as JSON data)."""
-
-    id: str
-    session: str
-    env: str | None
-    time: float
-    tool: str
-    given: dict
-    """The arguments as given (a listing, runs(light=True), holds the brief copy: long values cut)."""
-    resolved: dict | None
-    wall_s: float
-    ok: bool
-    error: str | None = None
-    digest: str | None = None
-    result: dict | None = None
-    """A copy of the result (None in a listing: `summary` has its key numbers)."""
-    result_chars: int | None = None
-    truncated: bool = False
-    """The result copy was cut (fit)."""
-    args_cut: bool = False
-    """The arguments were cut (a rejected call's, beyond MAX_REJECTED_CHARS or BOUNDED_STR)."""
-    summary: str | None = None
-    """Its key numbers in one line (ledger/summary.py summarize), written with the run; None for a run recorded before
-    summaries were (listed with its result instead)."""
-    sae: str | None = None
-    """The key of the SAE the run addressed (None: none, or several)."""
-    features: list[int] = field(default_factory=list)
-    """The features it was about; written with the run (a filter of runs()), not read back."""
-    result_json: str | None = None
-    """The stored result as JSON text, when the writer already has it (saves a second dump)."""
-
-
-@dataclass(frozen=True)
-class Session:
-    id: str
-    started: float
-    last: float
-    env: str | None
-    client: str | None
-    n_runs: int
-
-
-@dataclass(frozen=True)
-class Pruned:
-    """What a prune deleted and kept."""
-
-    runs: int
-    """Runs deleted."""
-    kept: int
-    """Runs it would have deleted but kept: a label cites them."""
-    sessions: list[str]
-    """Sessions it left without runs, deleted with them."""
-    used_bytes: int
-    """Bytes of the file's pages in use after it."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# What is stored: bounded copies and secrets (the walkers below take any JSON value: Any)
-
-
-def bounded(value: Any, max_list: int = BOUNDED_LIST, max_str: int = BOUNDED_STR, max_keys: int | None = None,
-            depth: int = 0) -> Any:
-    """A copy with lists cut to max_list items (then {'left_out': n}), strings to max_str characters, dicts to
-    max_keys keys when given (then 'left_out_keys': n) and nesting to MAX_DEPTH."""
-    if depth >= MAX_DEPTH and isinstance(value, (dict, list)):
-        return {"left_out": "nested deeper"}
-    if isinstance(value, dict):
-        kept = list(value.items())[:max_keys] if max_keys is not None else value.items()
-        out = {_cut(str(k), max_str): bounded(v, max_list, max_str, max_keys, depth + 1) for k, v in kept}
-        if max_keys is not None and len(value) > max_keys:
-            out["left_out_keys"] = len(value) - max_keys
-        return out
-    if isinstance(value, list):
-        kept = [bounded(v, max_list, max_str, max_keys, depth + 1) for v in value[:max_list]]
-        return kept + ([{"left_out": len(value) - max_list}] if len(value) > max_list else [])
-    return _cut(value, max_str) if isinstance(value, str) else value
-
-
-def _cut(text: str, max_str: int) -> str:
-    return text if len(text) <= max_str else text[:max_str] + f"... ({len(text) - max_str} characters left out)"
-
-
-def fit(value: Any, max_chars: int, cuts: Sequence[tuple[int, int]] = CUTS, size: int | None = None
-        ) -> tuple[Any, bool]:
-    """(value, False) when its JSON (`size` characters, when known) is within max_chars; else (a bounded copy,
-    True): each of `cuts` in turn until one fits, else a dict saying how large it was."""
-    size = len(_json(value) or "") if size is None else size
-    if size <= max_chars:
-        return value, False
-    for i, (n, chars) in enumerate(cuts):
-        cut = bounded(value, n, chars, max_keys=n if i else None)
-        if len(_json(cut) or "") <= max_chars:
-            return cut, True
-    return {"left_out": f"{size:,} characters of JSON"}, True
-
-
-def scrub(value: Any) -> Any:
-    """A copy with every field named in SECRET_FIELDS, at any depth, holding SECRET_MARK instead."""
-    if isinstance(value, dict):
-        return {k: SECRET_MARK if k in SECRET_FIELDS else scrub(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [scrub(v) for v in value]
-    return value
-
-
-def secrets_in(value: Any) -> list[str]:
-    """The text values of the fields named in SECRET_FIELDS, at any depth."""
-    if isinstance(value, dict):
-        return [x for k, v in value.items() for x in ([str(v)] if k in SECRET_FIELDS and v else secrets_in(v))]
-    if isinstance(value, list):
-        return [x for v in value for x in secrets_in(v)]
-    return []
-
-
-def without_secrets(text: str, secrets: Iterable[str]) -> str:
-    """`text` with each secret, and each of its leading parts of MIN_SECRET_PREFIX or more characters (an error
-    message quotes a value's start), replaced by SECRET_MARK."""
-    for secret in secrets:
-        for n in range(len(secret), MIN_SECRET_PREFIX - 1, -1):
-            if secret[:n] in text:
-                text = text.replace(secret[:n], SECRET_MARK)
-                break
-    return text
-
-
-def brief_of(given: dict) -> dict:
-    """The listing copy of the arguments: each string cut to 120 characters, the whole to BRIEF_CHARS."""
-    return fit(given, BRIEF_CHARS, BRIEF_CUTS)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -313,7 +168,7 @@ class LedgerStore:
     def put_session(self, session: str, started: float, env: str | None, client: str | None) -> None:
         with self._lock:
             self.conn.execute("INSERT OR IGNORE INTO sessions (id, started, env, client) VALUES (?, ?, ?, ?)",
-                              (session, started, env, None if client is None else _cut(client, MAX_NAME_CHARS)))
+                              (session, started, env, None if client is None else cut(client, MAX_NAME_CHARS)))
 
     def record(self, run: Run) -> int:
         """The run as one row (one statement: committed when this returns), stored as the module's docstring says:
@@ -327,14 +182,14 @@ class LedgerStore:
             given, cut_given = fit(given, MAX_REJECTED_CHARS)
             resolved, cut_resolved = fit(resolved, MAX_REJECTED_CHARS)
             args_cut = args_cut or cut_given or cut_resolved
-        error = run.error if run.error is None else _cut(without_secrets(run.error, secrets), MAX_ERROR_CHARS)
-        result = run.result_json if run.result_json is not None else _json(run.result)
+        error = run.error if run.error is None else cut(without_secrets(run.error, secrets), MAX_ERROR_CHARS)
+        result = run.result_json if run.result_json is not None else to_json(run.result)
         features = " ".join(map(str, run.features[:MAX_FEATURES_INDEXED]))
-        given_json = _json(given) or "{}"
-        brief = given_json if len(given_json) <= BRIEF_CHARS else _json(brief_of(given))
-        row = (run.id, run.session, run.env, run.time, _cut(run.tool, MAX_NAME_CHARS), run.wall_s, int(run.ok), error,
+        given_json = to_json(given) or "{}"
+        brief = given_json if len(given_json) <= BRIEF_CHARS else to_json(brief_of(given))
+        row = (run.id, run.session, run.env, run.time, cut(run.tool, MAX_NAME_CHARS), run.wall_s, int(run.ok), error,
                run.digest, run.result_chars, int(run.truncated), int(args_cut), run.summary, brief, given_json,
-               _json(resolved), result, run.sae, f" {features} " if features else None)
+               to_json(resolved), result, run.sae, f" {features} " if features else None)
         with self._lock:
             self.conn.execute(f"INSERT INTO runs ({LIGHT_COLUMNS}, brief, given, resolved, result, sae, features) "
                               f"VALUES ({','.join('?' * len(row))})", row)
@@ -514,10 +369,6 @@ def _filters(session: str | None, tool: str | None, feature: int | None, sae: st
         args += [f"% {int(feature)} %"] + ([sae] if sae else [])
     return (" WHERE " + " AND ".join(where) if where else ""), args
 
-
-def _json(value: object) -> str | None:
-    """JSON text (pydantic-core writes it ~4x faster than json.dumps: this runs before every answer)."""
-    return None if value is None else pydantic_core.to_json(value, fallback=str).decode()
 
 
 def _run_of(row: Sequence) -> Run:

@@ -12,8 +12,9 @@ import json
 import time
 from collections.abc import Mapping
 
+from sae_mcp.ledger.records import Run, Session
 from sae_mcp.ledger.rule import LedgerRule, Recorded, rule_of
-from sae_mcp.ledger.store import LedgerStore, Run, Session
+from sae_mcp.ledger.store import LedgerStore
 
 SHOWN = 60  # characters of a string argument shown
 

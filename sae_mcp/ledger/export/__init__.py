@@ -22,7 +22,7 @@ from pathlib import Path
 from sae_mcp.ledger.export.preamble import preamble
 from sae_mcp.ledger.export.rules import ExportRule, Redone, export_rule
 from sae_mcp.ledger.export.session import Cell, SessionData, label_markdown, md_text, run_markdown
-from sae_mcp.ledger.store import Run
+from sae_mcp.ledger.records import Run
 
 FORMATS = ("py", "ipynb", "md")
 

@@ -7,7 +7,7 @@ listed first (weights hashes, package versions), then each run. By default the c
 order), so a result depends on the model, the SAEs, the corpus and the code alone; `--in-place` uses the real data
 dir instead (its index and cached scans answer, and a tool whose replay rule says skip_in_place, the one that
 writes labels, is skipped). A recorded failure replays as 'same' when it fails again with the same message; one
-whose arguments the ledger cut (a rejected call's, ledger/store.py) is skipped. Each tool's replay rule (in its
+whose arguments the ledger cut (a rejected call's, ledger/bounds.py) is skipped. Each tool's replay rule (in its
 module) adjusts what it is sent again: the seed a blind set was drawn with, so that the same set is drawn; a blind
 set's id and submit secret, which is never recorded, so that the runs answering it answer the set drawn again.
 The replaying server records nothing.
@@ -18,11 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from sae_mcp.ledger.bounds import MAX_RESULT_CHARS, fit, scrub, secrets_in
 from sae_mcp.ledger.export.rules import Handed, replay_rule
 from sae_mcp.ledger.export.session import SessionData
 from sae_mcp.ledger.recording import digest_of, without_volatile
+from sae_mcp.ledger.records import Run
 from sae_mcp.ledger.rule import rule_of
-from sae_mcp.ledger.store import MAX_RESULT_CHARS, Run, fit, scrub, secrets_in
 
 if TYPE_CHECKING:  # the SDK is imported when a replay runs
     from mcp.server.mcpserver import MCPServer

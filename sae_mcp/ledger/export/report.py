@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sae_mcp.ledger.export.rules import Label, export_rule
 from sae_mcp.ledger.export.session import SessionData, call_markdown, md_code, md_text, recorded_summary
-from sae_mcp.ledger.store import Run
+from sae_mcp.ledger.records import Run
 from sae_mcp.ledger.summary import fmt, when
 
 

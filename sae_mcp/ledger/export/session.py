@@ -20,8 +20,9 @@ from typing import Any
 
 from sae_mcp.errors import NotFound
 from sae_mcp.ledger.export.rules import Exported, Label, export_rule
+from sae_mcp.ledger.records import Run
 from sae_mcp.ledger.rule import rule_of
-from sae_mcp.ledger.store import LedgerStore, Run
+from sae_mcp.ledger.store import LedgerStore
 from sae_mcp.ledger.summary import args_line, first_prompt, summarize, when
 from sae_mcp.one_line import one_line
 

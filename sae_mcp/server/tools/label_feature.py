@@ -14,8 +14,8 @@ from pydantic import BaseModel, Field
 from sae_mcp.engine.runtime import CancelToken
 from sae_mcp.errors import InvalidInput, SaeMcpError
 from sae_mcp.ledger.export.rules import ExportRule, Handed, Label, ReplayRule
+from sae_mcp.ledger.records import Run
 from sae_mcp.ledger.rule import JSON, LedgerRule, ResolveContext
-from sae_mcp.ledger.store import Run
 from sae_mcp.results.explain import LabelRecorded
 from sae_mcp.scoring.blind_set import DEFAULT_MIN_ACTIVATION, MIN_ACTIVATION_RANGE
 from sae_mcp.scoring.results import brief, brief_text

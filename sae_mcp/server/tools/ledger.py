@@ -25,7 +25,8 @@ from pydantic import BaseModel, Field, ValidationError
 
 from sae_mcp.engine.runtime import Engine
 from sae_mcp.errors import InvalidInput, SaeMcpError
-from sae_mcp.ledger.store import BOUNDED_LIST, SECRET_FIELDS, Run
+from sae_mcp.ledger.bounds import BOUNDED_LIST, SECRET_FIELDS
+from sae_mcp.ledger.records import Run
 from sae_mcp.ledger.summary import args_line, run_line, session_line, summary_of, when
 from sae_mcp.server.text import compact_json, text_content
 from sae_mcp.server.tools.spec import ToolDeps, ToolSpec, read_only
@@ -66,7 +67,7 @@ def _sae_key(engine: Engine, sae: str) -> str:
 
 
 def without_cut_marks(value: Any) -> tuple[Any, int]:
-    """A cut copy of any JSON value (ledger/store.py bounded()) without the {'left_out': n} items that end its
+    """A cut copy of any JSON value (ledger/bounds.py bounded()) without the {'left_out': n} items that end its
     shortened lists, so it validates as the result it was cut from; and how many items they stood for."""
     if isinstance(value, dict):
         pairs = [(k, without_cut_marks(v)) for k, v in value.items()]

@@ -31,8 +31,8 @@ from sae_mcp.index.source import DEFAULT_SCAN_TOKENS, ExampleSource
 from sae_mcp.ledger import summary as ls
 from sae_mcp.ledger.export.rules import AS_GIVEN, ExportRule, Redone
 from sae_mcp.ledger.export.session import items, lit, md_text
+from sae_mcp.ledger.records import Run
 from sae_mcp.ledger.rule import JSON, LedgerRule, ResolveContext
-from sae_mcp.ledger.store import Run
 from sae_mcp.results.causal import Continuation, SteerResult
 from sae_mcp.server.progress import progress_reporter
 from sae_mcp.server.text import controls_lines, fmt, join, warnings_lines

@@ -12,9 +12,9 @@ from mcp.server.mcpserver import Context
 from pydantic import Field
 
 from sae_mcp.ledger import summary as ls
+from sae_mcp.ledger.bounds import SECRET_FIELDS
 from sae_mcp.ledger.export.rules import ExportRule, Handed, ReplayRule
 from sae_mcp.ledger.rule import JSON, LedgerRule
-from sae_mcp.ledger.store import SECRET_FIELDS
 from sae_mcp.results.scoring import ExplanationScore
 from sae_mcp.server.text import fmt, join, warnings_lines
 from sae_mcp.server.tools.spec import ToolDeps, ToolSpec, hands_out_challenges
