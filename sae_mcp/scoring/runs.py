@@ -8,9 +8,9 @@ predictions made on it scored and stored with the explanation (score_explanation
                                                   -> ExplanationScore (stored)
       .blind_set(challenge_id)                    -> the BlindSet of an open challenge
 
-What is drawn, and the truth, is scoring.py's; the rates are score_metrics.py's. Here: reading the feature's row
-of the index (an on-demand scan of it when there is no index, as top_examples does), running the model and SAE
-over the windows searched (in batches, one device turn each), and the challenge's rules:
+What is drawn, and the truth, is scoring/blind_set.py's; the rates are scoring/metrics.py's; running the model and
+SAE over the windows searched (in batches, one device turn each) is scoring/draw.py's. Here: reading the feature's
+row of the index (an on-demand scan of it when there is no index, as top_examples does), and the challenge's rules:
 - it expires CHALLENGE_TTL_S after it was handed out, and is answered once;
 - answering needs its id (public: the ledger, replay and the two-step CLI flow use it) and its submit secret, a
   random token handed out once with the blind set; the store keeps only its SHA-256, so the ledger, exports,
@@ -32,7 +32,6 @@ import json
 import secrets
 import threading
 import time
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -43,15 +42,14 @@ import torch
 from sae_mcp.engine.runtime import CancelToken, Engine
 from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.errors import InvalidInput, NotFound
-from sae_mcp.index.samples import MAX_POS
-from sae_mcp.index.scan import batch_windows_for, bos_id, windows_pad_id
 from sae_mcp.index.source import ExampleSource, Progress
-from sae_mcp.index.store import IndexStore, StoredScan
+from sae_mcp.index.store import StoredScan
 from sae_mcp.ledger.recording import Ledger
 from sae_mcp.ledger.rule import Recorded, tools_where
 from sae_mcp.results import rounded
 from sae_mcp.results.scoring import BlindContext, BlindSet, ExplanationScore
 from sae_mcp.scoring import blind_set as sc
+from sae_mcp.scoring.draw import Drawn, draw, feature_view
 from sae_mcp.scoring.results import looked_up, not_blind_warning, score_result
 from sae_mcp.scoring.store import Challenge, ScoreStore
 
@@ -100,16 +98,6 @@ class Issued:
     blind: BlindSet
     submit_secret: str  # handed out once; only its SHA-256 is stored
 
-
-@dataclass(frozen=True)
-class Drawn:
-    """A blind set's contexts and how they were found."""
-
-    items: list[sc.Item]
-    bands: tuple[sc.Band, ...]  # of the firing candidates' own max, highest first
-    short: list[tuple[sc.Band, int, int]]  # (band, its share, what it held) of the bands that fell short
-    windows_run: int
-    firing_windows: int  # firing candidates among them
 
 
 def question(method: str, n_true: int, n: int) -> str:
@@ -169,14 +157,15 @@ class ExplanationScorer:
         seed = secrets.randbelow(2**31) if request.seed is None else int(request.seed)
         index, row, col, source = self.services.examples.feature_row(s.key, feature, progress=progress,
                                                                      cancel=cancel)
-        view = self._view(s, feature, index, row, col, source, request.min_activation)
+        view = feature_view(self.engine, self.services.examples, s, feature, index, row, col, source,
+                            request.min_activation)
         if view.max_activation <= 0:
             raise InvalidInput(f"feature {feature} never fired in the {row.tokens:,} tokens scanned: there is nothing "
                                "to score; build_index with more tokens, or score a feature that fires")
         set_key = hashlib.sha1(json.dumps([s.store_key, feature, method, n, seed, request.min_activation,
                                            str(index.path), row.tokens, row.windows]).encode()).hexdigest()
         view = dataclasses.replace(view, revealed=_spans(self.services.scores.revealed(s.store_key, feature)))
-        drawn = self._draw(s, feature, index, view, n, method, np.random.default_rng(seed), cancel)
+        drawn = draw(self.engine, s, feature, index, view, n, method, np.random.default_rng(seed), cancel)
         return self._hand_out(s, request, text, label_id, DrawnFrom(row, source, seed, set_key), view, drawn)
 
     def _explanation(self, s: LoadedSAE, feature: int, text: str | None, label_id: int | None
@@ -195,78 +184,6 @@ class ExplanationScorer:
         if not text:
             raise InvalidInput("no explanation given: pass `explanation` (the text to score) or a `label_id`")
         return text, store.label_id_of(s.store_key, feature, text)
-
-    def _view(self, s: LoadedSAE, feature: int, index: IndexStore, row: StoredScan, col: int, source: str,
-              min_activation: float) -> sc.FeatureView:
-        """The feature as the blind set needs it. Seen: every window holding an entry the index keeps of it (its
-        top 50 and its interval samples, every bin), and those of its own on-demand scan when one was cached
-        before the index was built (top_examples showed from it then; windows are numbered alike)."""
-        length = self.services.examples.window_length(s)
-        top = [(float(v), int(p)) for v, p in zip(row.top_vals[:, col], row.top_pos[:, col]) if v > 0]
-        seen = set(_kept_windows(row, col, length))
-        own = index.load_scan(f"feature:{feature}") if source == "index" else None
-        if own is not None:
-            seen.update(_kept_windows(own, 0, length))
-        wins = index.get_windows(list({p // length for _, p in top}))
-        counts = Counter(wins[p // length][2][p % length] for _, p in top if p // length in wins)
-        top_tokens = tuple(t for t, c in counts.most_common(sc.NEAR_MISS_TOKENS) if c >= 2)
-        nbos = 1 if bos_id(self.engine, s) is not None else 0
-        return sc.FeatureView(length=length, nbos=nbos, n_windows=int(row.windows),
-                              max_activation=top[0][0] if top else 0.0, seen_windows=frozenset(seen),
-                              top_tokens=top_tokens, min_activation=min_activation)
-
-    def _draw(self, s: LoadedSAE, feature: int, index: IndexStore, view: sc.FeatureView, n: int, method: str,
-              rng: np.random.Generator, cancel: CancelToken | None) -> Drawn:
-        pool = sc.pool_windows(view, rng)
-        tokens = {w: ids for w, (_, _, ids) in index.get_windows(pool).items()}
-        span = sc.context_length([tokens[w] for w in pool if w in tokens], view.nbos)
-        seen = [ids for _, _, ids in index.get_windows(list(view.seen_windows)).values()]
-        view = dataclasses.replace(view, span=span, shown_grams=sc.grams(seen, span))
-        usable = [w for w in pool if w in tokens and sc.long_enough(tokens[w], view)]
-        ran, candidates = self._scan(s, feature, view, usable, tokens, n, rng, cancel)
-        firing, bands, short = sc.draw_firing(candidates, n // 2, rng)
-        self._add_near_windows(s, feature, view, usable, tokens, ran, n, cancel)
-        items = sc.compose(view, firing, ran, tokens, n, method, rng)
-        n_firing = sum(it.kind == "firing" for it in items)
-        if min(n_firing, len(items) - n_firing) < sc.MIN_PER_CLASS:
-            what = ("where it fires" if n_firing < sc.MIN_PER_CLASS else f"of {view.span} tokens where it is 0")
-            raise InvalidInput(f"too few held-out contexts {what} for a blind set: of the {len(ran)} windows run "
-                               f"(outside the {len(view.seen_windows)} windows its top examples and interval samples "
-                               f"show, and the {sum(map(len, view.revealed.values()))} contexts of its answered blind "
-                               f"sets) {len(candidates)} fire at min_activation {view.min_activation:g}; build_index "
-                               "with more tokens" + (", or lower min_activation" if view.min_activation >
-                                                     sc.DEFAULT_MIN_ACTIVATION else ""))
-        return Drawn(items, bands, short, len(ran), len(candidates))
-
-    def _scan(self, s: LoadedSAE, feature: int, view: sc.FeatureView, usable: list[int], tokens: dict[int, list[int]],
-              n: int, rng: np.random.Generator, cancel: CancelToken | None
-              ) -> tuple[dict[int, np.ndarray], list[sc.Item]]:
-        """Run the usable pool windows, SCAN_BATCH at a time in their random order, until scanned_enough ->
-        (window -> its activations [T], for every window run, in that order; the firing candidates among them)."""
-        ran: dict[int, np.ndarray] = {}
-        candidates: list[sc.Item] = []
-        quiet = 0
-        for i in range(0, len(usable), sc.SCAN_BATCH):
-            batch = usable[i : i + sc.SCAN_BATCH]
-            for w, acts in zip(batch, window_activations(self.engine, s, feature, [tokens[w] for w in batch], cancel)):
-                ran[w] = acts
-                found = sc.firing_candidate(view, w, tokens[w], acts, rng)
-                candidates += [found] if found is not None else []
-                quiet += bool(sc.quiet_starts(view, w, tokens[w], acts))
-            if sc.scanned_enough(len(candidates), quiet, n):
-                break
-        return ran, candidates
-
-    def _add_near_windows(self, s: LoadedSAE, feature: int, view: sc.FeatureView, usable: list[int],
-                          tokens: dict[int, list[int]], ran: dict[int, np.ndarray], n: int,
-                          cancel: CancelToken | None) -> None:
-        """Run more pool windows holding a top token when those run hold too few for the near misses (twice the
-        near misses wanted, and 2 spare), appended to `ran`."""
-        top = set(view.top_tokens)
-        holds = [w for w in usable if top.intersection(tokens[w][view.nbos :])]
-        want = 2 * sc.quotas(n, bool(top))[1] + 2 - sum(w in ran for w in holds)
-        more = [w for w in holds if w not in ran][: max(0, want)]
-        ran.update(zip(more, window_activations(self.engine, s, feature, [tokens[w] for w in more], cancel)))
 
     def _hand_out(self, s: LoadedSAE, request: BlindSetRequest, text: str, label_id: int | None, origin: DrawnFrom,
                   view: sc.FeatureView, drawn: Drawn) -> Issued:
@@ -394,13 +311,6 @@ def _strings(value: Any) -> list[str]:
     return []
 
 
-def _kept_windows(row: StoredScan, col: int, length: int) -> list[int]:
-    """The windows of every entry a scan row keeps of a feature: its top list and its interval samples (all bins)."""
-    pos = [int(p) for v, p in zip(row.top_vals[:, col], row.top_pos[:, col]) if v > 0]
-    if row.samp_pos is not None:
-        pos += [int(p) for p in row.samp_pos[col].ravel() if p != MAX_POS]
-    return [p // length for p in pos]
-
 
 def _draw_warnings(drawn: Drawn, n: int, source: str, row: StoredScan) -> list[str]:
     out = [f"band {b.number} (context max {b.lower:.4g}-{b.upper:.4g}) holds {held} firing context(s), not its "
@@ -444,26 +354,3 @@ def _answer(cid: str, it: sc.Item, toks: list[str], method: str, threshold: floa
             "max": rounded(max(it.acts)), "max_at": it.max_at, "mark": mark,
             "mark_act": None if mark is None else rounded(it.acts[mark]), "tokens": toks, "window": it.window,
             "start": it.start}
-
-
-def window_activations(engine: Engine, s: LoadedSAE, feature: int, windows: list[list[int]],
-                       cancel: CancelToken | None = None) -> list[np.ndarray]:
-    """The feature's activation at every position of each window (token ids, BOS first when the SAE has one), as
-    the model computes it when it reads the window: one turn of the device, batches as a scan makes them."""
-    if not windows:
-        return []
-    pad = windows_pad_id(engine)
-    batch = batch_windows_for(engine, s, max(map(len, windows)), s.d_sae)
-    out: list[np.ndarray] = []
-    with engine.device_work(), torch.inference_mode():
-        for i in range(0, len(windows), batch):
-            if cancel is not None:
-                cancel.check()
-            chunk = windows[i : i + batch]
-            ids = torch.full((len(chunk), max(map(len, chunk))), pad, dtype=torch.long)  # [B, T] right-padded
-            for j, w in enumerate(chunk):
-                ids[j, : len(w)] = torch.tensor(w)
-            acts = engine.encode(s, engine.forward_to_hook(ids.to(engine.device), s))[..., feature]  # [B, T]
-            rows = acts.float().cpu().numpy()
-            out += [rows[j, : len(w)] for j, w in enumerate(chunk)]
-    return out
