@@ -113,21 +113,23 @@ from sae_mcp.index import scan as scan_mod
 from sae_mcp.index.samples import at, fold_samples
 from sae_mcp.index.scan import (
     BUFFER_BATCHES,
+    autocast_for,
+    batch_windows_for,
+    compute_dtype,
+    encode_buffer,
+    windows_pad_id,
+)
+from sae_mcp.index.source import ExampleSource
+from sae_mcp.index.state import (
     HIST_BINS,
     HIST_LO,
     HIST_PER_DECADE,
     ScanState,
     _dense_candidates,
     _key,
-    autocast_for,
-    batch_windows_for,
-    compute_dtype,
-    encode_buffer,
     firing_entries,
     update_state,
-    windows_pad_id,
 )
-from sae_mcp.index.source import ExampleSource
 from sae_mcp.settings import Settings
 
 

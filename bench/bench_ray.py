@@ -49,7 +49,8 @@ from common import CORPUS, STORIES_HF, stories_engine
 
 from sae_mcp.index.merge import merge_states
 from sae_mcp.index.samples import MAX_POS, SAMPLE_BINS, SAMPLES_PER_BIN
-from sae_mcp.index.scan import HIST_BINS, KEEP, ScanState
+from sae_mcp.index.scan import KEEP
+from sae_mcp.index.state import HIST_BINS, ScanState
 from sae_mcp.settings import Settings
 
 

@@ -47,7 +47,7 @@ from sae_mcp.engine.corpus import Window, iter_windows, pad_windows, resolve_cor
 from sae_mcp.engine.loading import LoadedModel
 from sae_mcp.engine.runtime import Engine
 from sae_mcp.engine.saes import LoadedSAE
-from sae_mcp.index import scan as scan_module
+from sae_mcp.index import state as state_module
 from sae_mcp.index.scan import ScanRequest, autocast_for, encode_buffer, scan, windows_pad_id
 from sae_mcp.index.store import IndexStore
 
@@ -99,10 +99,11 @@ def tutorial_one_feature(engine: Engine, sae: LoadedSAE, batch: list[Window], fe
 
 
 class FoldTimer:
-    """Wraps the scan's fold_samples to time it (a sync before and after on CUDA, so it times only itself)."""
+    """Wraps the state update's fold_samples (index/state.py) to time it (a sync before and after on CUDA, so it
+    times only itself)."""
 
     def __init__(self, device: str):
-        self.real, self.sync, self.seconds = scan_module.fold_samples, device.startswith("cuda"), 0.0
+        self.real, self.sync, self.seconds = state_module.fold_samples, device.startswith("cuda"), 0.0
 
     def __call__(self, *args) -> None:
         if self.sync:
@@ -115,11 +116,11 @@ class FoldTimer:
 
 
 def measure(name: str, engine: Engine, sae: LoadedSAE, batches: list[list[Window]], str_tok) -> None:
-    timer = scan_module.fold_samples = FoldTimer(str(engine.device))
+    timer = state_module.fold_samples = FoldTimer(str(engine.device))
     try:
         _measure(name, engine, sae, batches, str_tok, timer)
     finally:
-        scan_module.fold_samples = timer.real
+        state_module.fold_samples = timer.real
 
 
 def _measure(name: str, engine: Engine, sae: LoadedSAE, batches: list[list[Window]], str_tok, timer) -> None:

@@ -1,4 +1,4 @@
-"""The scan's state update (scan.update_state: in place, the top-K pre-filtered by each feature's K-th kept value
+"""The scan's state update (state.update_state: in place, the top-K pre-filtered by each feature's K-th kept value
 and merged only for the features that changed) against a brute force written plainly here in numpy over every
 entry of every batch: top-K by (value desc, position asc), firing counts, histogram, interval samples. Random
 batches with ties everywhere, features that never fire, dense and sparse activations, batches out of position order
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sae_mcp.index.samples import FINE_PER_BIN, MAX_POS, SAMPLES_PER_BIN, pos_hash
-from sae_mcp.index.scan import HIST_BINS, HIST_LO, HIST_PER_DECADE, ScanState, update_state
+from sae_mcp.index.state import HIST_BINS, HIST_LO, HIST_PER_DECADE, ScanState, update_state
 
 
 def brute(acts: np.ndarray, pos: np.ndarray, k: int) -> dict:

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from sae_mcp.index.samples import MAX_POS, SAMPLE_BINS, SAMPLES_PER_BIN, pos_hash
-from sae_mcp.index.scan import ScanState, update_state
 from sae_mcp.index.source import resume_state
+from sae_mcp.index.state import ScanState, update_state
 from sae_mcp.index.store import IndexStore
 from sae_mcp.index.view import merge_identical, quantile_bands
 

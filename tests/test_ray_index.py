@@ -16,8 +16,8 @@ import torch
 from sae_mcp.index import ray_driver as ray_index
 from sae_mcp.index.merge import merge_all, merge_states
 from sae_mcp.index.ray_worker import Cursor, FailAfter, Walk, walk, windows_at
-from sae_mcp.index.scan import ScanState, update_state
 from sae_mcp.index.shards import Shard, batch_for, plan_shards, reuse_shards
+from sae_mcp.index.state import ScanState, update_state
 from sae_mcp.index.store import StoredScan
 
 from helpers.models import STORIES_CORPUS, STORIES_HF, STORIES_HOOK

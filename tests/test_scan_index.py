@@ -12,8 +12,8 @@ import torch
 
 from sae_mcp.engine.runtime import CancelToken
 from sae_mcp.errors import Cancelled
-from sae_mcp.index.scan import ScanState, update_state
 from sae_mcp.index.source import DEFAULT_CONTEXT, ExampleSource
+from sae_mcp.index.state import ScanState, update_state
 from sae_mcp.index.store import StoredScan
 from sae_mcp.index.view import View
 from sae_mcp.settings import Settings
@@ -52,7 +52,7 @@ def test_update_state_keeps_exactly_the_k_largest_with_ties_by_earlier_position(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_firing_entries_are_exactly_the_entries_above_zero(dtype):
     """The word-wise fast path against the plain `> 0`: +0.0, -0.0, negatives, tiny positives, odd lengths."""
-    from sae_mcp.index.scan import firing_entries
+    from sae_mcp.index.state import firing_entries
 
     torch.manual_seed(0)
     acts = (torch.randn(301, 67) - 1.5).to(dtype)

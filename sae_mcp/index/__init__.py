@@ -1,7 +1,8 @@
 """The feature index: one pass over the corpus keeps, per SAE feature, its top-K activating windows, density, a
 log-spaced activation histogram and interval samples per activation band.
 
-    scan.py        the scan: forward to the SAE's hook, encode, update the state (ScanState) a batch at a time
+    scan.py        the scan: windows read ahead and batched by length, forward to the SAE's hook, encode
+    state.py       ScanState and update_state: each batch folded into the running top-K, counts and histogram
     samples.py     interval samples: fine bins per band, kept by a position hash (a fair sample without storing all)
     merge.py       merging two states (shards, resumed scans) exactly as one pass would have kept them
     store.py       IndexStore: the scanned state in SQLite, checkpointed and resumable

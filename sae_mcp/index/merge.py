@@ -26,7 +26,7 @@ from collections.abc import Iterable
 import torch
 
 from sae_mcp.index.samples import SAMPLES_PER_BIN, slot_key
-from sae_mcp.index.scan import ScanState, _key
+from sae_mcp.index.state import ScanState, _key
 
 
 def merge_top(a_vals: torch.Tensor, a_pos: torch.Tensor, b_vals: torch.Tensor, b_pos: torch.Tensor

@@ -36,7 +36,8 @@ import torch
 from sae_mcp.engine.corpus import CorpusSource, Window, iter_documents, iter_windows, tokenized_documents
 from sae_mcp.engine.hub import Hub
 from sae_mcp.index import scan as scan_mod
-from sae_mcp.index.scan import ScanRequest, ScanState, batch_windows_for, bos_id, compute_dtype, scan
+from sae_mcp.index.scan import ScanRequest, batch_windows_for, bos_id, compute_dtype, scan
+from sae_mcp.index.state import ScanState
 from sae_mcp.index.store import StoredScan
 from sae_mcp.settings import Settings
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from sae_mcp.index.merge import merge_all
 from sae_mcp.index.ray_worker import Walk
-from sae_mcp.index.scan import ScanState
 from sae_mcp.index.source import INDEX, resume_state
+from sae_mcp.index.state import ScanState
 from sae_mcp.index.store import IndexStore, StoredScan
 
 SHARD_PREFIX = "index/shard-"

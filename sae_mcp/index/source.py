@@ -41,7 +41,8 @@ from sae_mcp.engine.runtime import CancelToken, Engine
 from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.errors import Busy, Cancelled, InvalidInput, SaeMcpError
 from sae_mcp.index.samples import SAMPLE_BINS, SAMPLES_PER_BIN
-from sae_mcp.index.scan import KEEP, ScanRequest, ScanState, bos_id, compute_dtype, hist_edges, scan
+from sae_mcp.index.scan import KEEP, ScanRequest, bos_id, compute_dtype, scan
+from sae_mcp.index.state import ScanState, hist_edges
 from sae_mcp.index.store import IndexStore, StoredScan, index_path, meta_for
 from sae_mcp.index.view import (
     DEFAULT_PER_INTERVAL,

@@ -29,7 +29,7 @@ import torch
 
 from sae_mcp.engine.runtime import Engine
 from sae_mcp.index.samples import MAX_POS, SAMPLES_PER_BIN, pos_hash
-from sae_mcp.index.scan import HIST_BINS, hist_edges
+from sae_mcp.index.state import HIST_BINS, hist_edges
 from sae_mcp.index.store import IndexStore, StoredScan
 from sae_mcp.results import collect_warnings, rounded
 from sae_mcp.results.corpus import Example, Interval
