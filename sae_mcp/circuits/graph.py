@@ -40,8 +40,9 @@ from sae_mcp.circuits.faithfulness import faithfulness
 from sae_mcp.circuits.nodes import Node
 from sae_mcp.circuits.paths import METRIC, top_paths
 from sae_mcp.engine import attribution_checks as checks
-from sae_mcp.engine.attribution import SaeCapture, backward_pass, resolve_saes
+from sae_mcp.engine.attribution import backward_pass, resolve_saes
 from sae_mcp.engine.attribution_checks import ERROR, CleanSae, MetricAt
+from sae_mcp.engine.attribution_hooks import SaeCapture
 from sae_mcp.engine.logits import answer_token_ids, answer_variant_warning
 from sae_mcp.engine.metric import Metric, metric_for
 from sae_mcp.engine.runtime import CancelToken, Engine, FwdHooks, context_warning, position_index
