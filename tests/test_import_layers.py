@@ -1,6 +1,7 @@
-"""Imports point down only (issue 21): each top-level package or module of sae_mcp/ has a layer, and every import in
-it, at module level or inside a function, names something in a lower layer or in its own package. A new package
-fails here until it is given a layer, so the order below stays the map of the house.
+"""The shape of the house (issue 21). Imports point down only: each top-level package or module of sae_mcp/ has a
+layer, and every import in it, at module level or inside a function, names something in a lower layer or in its own
+package. A new package fails here until it is given a layer, so the order below stays the map of the house. And no
+module is over 400 lines.
 
     the commands       cli*.py, __main__.py: parse arguments, build the server or a service, print
     server/            the MCP face: the tools (server/tools/), wiring, transports, security, progress
@@ -89,3 +90,10 @@ def test_the_check_sees_a_function_level_import_upward(tmp_path):
     probe.write_text("import os\n\n\ndef f():\n    from sae_mcp.server.app import build_server\n", encoding="utf-8")
     assert imported(probe) == [(5, "server")]
     assert LAYER_OF["server"] < LAYER_OF["engine"]
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_module_is_over_400_lines(path):
+    """A module a reader takes in top to bottom: past 400 lines, split it along a seam a reader would name."""
+    lines = path.read_text(encoding="utf-8").count("\n")
+    assert lines <= 400, f"{path.relative_to(PACKAGE)} has {lines} lines"
