@@ -311,6 +311,34 @@ def test_faithfulness_equals_an_ablation_by_hand(engine):
     assert engine.is_clean()
 
 
+OVERSHOOT_PROMPT, OVERSHOOT_ANSWER = "Once upon a time, there was a little girl named Lily. She", " was"
+
+
+def ratios_by_hand(f) -> tuple[float, float]:
+    """Faithfulness and completeness from the four metrics the result reports (Marks et al.'s definitions)."""
+    gap = f.metric_full - f.metric_empty
+    return (f.metric_circuit - f.metric_empty) / gap, (f.metric_without_circuit - f.metric_empty) / gap
+
+
+def test_a_faithfulness_outside_0_1_is_flagged_as_not_a_share_and_names_the_metrics_to_read(engine):
+    """A small m(M) - m(empty) (a generic answer the traced SAEs carry little of) turns the ratios into numbers an
+    agent would read as 'more than faithful': the result says they are not shares and gives the four metrics."""
+    res = trace(engine, OVERSHOOT_PROMPT, OVERSHOOT_ANSWER, max_nodes=10)
+    faithful, complete = ratios_by_hand(res.faithfulness)
+    assert not -0.2 <= faithful <= 1.2  # the case this test is about (measured 5.33 on the demo)
+    flagged = [w for w in res.warnings or [] if "not a share" in w]
+    assert len(flagged) == 1 and f"faithfulness {faithful:.3g}" in flagged[0]
+    assert f"{res.faithfulness.metric_full:.4g}" in flagged[0] and f"{res.faithfulness.metric_empty:.4g}" in flagged[0]
+    assert ("completeness" in flagged[0]) == (not -0.2 <= complete <= 1.2)
+
+
+def test_ratios_inside_0_1_carry_no_such_warning(engine):
+    res = trace(engine, PROMPT, ANSWER, counterfactual=COUNTERFACTUAL, max_nodes=20)
+    faithful, complete = ratios_by_hand(res.faithfulness)
+    assert -0.2 <= faithful <= 1.2 and -0.2 <= complete <= 1.2  # within the margin (measured -0.15, 1.03)
+    assert not any("not a share" in w for w in res.warnings or [])
+
+
 def test_every_kept_node_carries_its_exact_contribution(engine):
     res = trace(engine, PROMPT, ANSWER, counterfactual=COUNTERFACTUAL, max_nodes=10)
     assert all(n.exact_contribution is not None for n in res.graph.nodes if n.kind != "metric")

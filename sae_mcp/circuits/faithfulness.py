@@ -5,6 +5,10 @@
 m(M) the model's metric; m(C) with every node outside the circuit zeroed at every traced SAE (every SAE spliced with
 its error term, so the circuit's nodes are recomputed from what still reaches them); m(empty) with every node
 zeroed (each SAE then writes its b_dec); m(M \\ C) with the circuit's nodes zeroed. BOS is never ablated.
+
+Both are ratios over m(M) - m(empty). Where that gap is small, or the circuit overshoots what the model does, they
+leave [0, 1] and stop being shares of the behaviour (measured on the demo: 'Once upon a time, there was a little girl
+named Lily. She' -> ' was', 10 nodes: gap 0.44, faithfulness 5.33, completeness -0.90); ratio_warning says so.
 """
 
 from __future__ import annotations
@@ -69,3 +73,20 @@ def faithfulness(engine: Engine, saes: list[LoadedSAE], prepend_bos: bool, token
     )
 
 
+
+
+OVERSHOOT = 0.2  # a ratio further than this outside [0, 1] is not read as a share (a 0.2 margin for near-1 noise)
+
+
+def ratio_warning(f: Faithfulness) -> str | None:
+    """Faithfulness or completeness outside [0, 1] by more than OVERSHOOT: say they are not shares, and why."""
+    outside = [f"{name} {value:.3g}" for name, value in (("faithfulness", f.faithfulness),
+                                                         ("completeness", f.completeness))
+               if value is not None and not -OVERSHOOT <= value <= 1 + OVERSHOOT]
+    if not outside:
+        return None
+    gap = f.metric_full - f.metric_empty
+    return (f"{' and '.join(outside)} outside [0, 1]: not a share of the behaviour. Both divide by m(model) - "
+            f"m(nothing) = {gap:.3g}; the circuit alone gives {f.metric_circuit:.4g} and without it "
+            f"{f.metric_without_circuit:.4g} against the model's {f.metric_full:.4g} and nothing's "
+            f"{f.metric_empty:.4g}: read those, or trace an answer the traced SAEs carry more of")

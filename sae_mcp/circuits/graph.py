@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sae_mcp.circuits.faithfulness import faithfulness
+from sae_mcp.circuits.faithfulness import faithfulness, ratio_warning
 from sae_mcp.circuits.nodes import Node
 from sae_mcp.circuits.paths import METRIC, top_paths
 from sae_mcp.engine import attribution_checks as checks
@@ -49,7 +49,7 @@ from sae_mcp.engine.runtime import CancelToken, Engine, FwdHooks, context_warnin
 from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.errors import InvalidInput
 from sae_mcp.results import collect_warnings, rounded
-from sae_mcp.results.circuits import CircuitEdge, CircuitGraph, CircuitNode, CircuitResult
+from sae_mcp.results.circuits import CircuitEdge, CircuitGraph, CircuitNode, CircuitResult, Faithfulness
 
 MAX_NODES = 256
 MAX_TRACE_ELEMENTS = 1 << 26  # positions x features, summed over the traced SAEs (a [S, d_sae] float each)
@@ -279,7 +279,7 @@ def _node_of(n: Node, plan: TracePlan, states: list[SaeState], tokens: list[str]
 
 
 def _warnings(engine: Engine, plan: TracePlan, last: torch.Tensor, n_tokens: int, kept: list[Node],
-              exact: list[float], metric: float) -> list[str] | None:
+              exact: list[float], metric: float, faithful: Faithfulness) -> list[str] | None:
     bad = [(n, x) for n, x in zip(kept, exact) if checks.disagrees(n.attribution, x, metric)]
     keys = [s.key for s in plan.saes]
     named = "; ".join(f"{n.node_id(keys)} ({n.attribution:.3g} vs {x:.3g})" for n, x in bad[:10])
@@ -291,6 +291,7 @@ def _warnings(engine: Engine, plan: TracePlan, last: torch.Tensor, n_tokens: int
         "method='integrated_gradients', and read their edges as estimates" if bad else None,
         "one SAE traced: the graph has nodes and their edges into the metric only; trace two or more SAEs for "
         "edges between layers" if len(plan.saes) == 1 else None,
+        ratio_warning(faithful),
     )
 
 
@@ -358,5 +359,5 @@ def trace_circuit(
                            n_layers=int(engine.model.cfg.n_layers), saes=keys,
                            nodes=nodes + [CircuitNode(node_id=METRIC, kind="metric", attribution=rounded(metric, 6))],
                            edges=links),
-        warnings=_warnings(engine, plan, last, tokens.shape[1], kept, exact, metric),
+        warnings=_warnings(engine, plan, last, tokens.shape[1], kept, exact, metric, faithful),
     )
