@@ -339,6 +339,19 @@ def test_ratios_inside_0_1_carry_no_such_warning(engine):
     assert not any("not a share" in w for w in res.warnings or [])
 
 
+def test_a_multi_token_counterfactual_is_named_with_its_tokens_as_patch_features_names_it(engine):
+    """The metric's name shows only the first token (logit[' her'] - logit[' h'] for ' him'), which reads as a typo:
+    both circuit tools say the text is several tokens and only the first is scored."""
+    pieces = engine.str_tokens(torch.tensor(answer_token_ids(engine, " him")))
+    assert len(pieces) > 1  # ' him' is two tokens in the demo's vocabulary: the case this test is about
+    traced = trace(engine, PROMPT, ANSWER, counterfactual=" him", max_nodes=5, verify=False)
+    patched = patch(engine, PAIR_A, PAIR_B, ANSWER, counterfactual=" him", sae=sae_of(engine, 3).key, top_k=3)
+    said = f"the counterfactual is tokens {pieces}: only the first is scored"
+    for res in (traced, patched):
+        assert said in (res.warnings or [])
+        assert not any(w.startswith("the answer is tokens") for w in res.warnings or [])  # ' her' is one token
+
+
 def test_every_kept_node_carries_its_exact_contribution(engine):
     res = trace(engine, PROMPT, ANSWER, counterfactual=COUNTERFACTUAL, max_nodes=10)
     assert all(n.exact_contribution is not None for n in res.graph.nodes if n.kind != "metric")

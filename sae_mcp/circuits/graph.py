@@ -44,7 +44,7 @@ from sae_mcp.engine.attribution import backward_pass, resolve_saes
 from sae_mcp.engine.attribution_checks import ERROR, CleanSae, MetricAt
 from sae_mcp.engine.attribution_hooks import SaeCapture
 from sae_mcp.engine.logits import answer_token_ids, answer_variant_warning
-from sae_mcp.engine.metric import Metric, metric_for
+from sae_mcp.engine.metric import Metric, metric_for, multi_token_warning
 from sae_mcp.engine.runtime import CancelToken, Engine, FwdHooks, context_warning, position_index
 from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.errors import InvalidInput
@@ -95,6 +95,7 @@ class TracePlan:
     metric: Metric
     answer: str
     answer_ids: list[int]
+    counterfactual_ids: list[int] | None
     position: int
     prepend_bos: bool
     node_threshold: float
@@ -135,7 +136,7 @@ def _plan(engine: Engine, request: CircuitRequest) -> TracePlan:
     a_ids = answer_token_ids(engine, answer)
     c_ids = answer_token_ids(engine, counterfactual) if counterfactual is not None else None
     return TracePlan(saes=loaded, metric=metric_for(engine, a_ids, c_ids, answer, counterfactual), answer=answer,
-                     answer_ids=a_ids, position=request.position, prepend_bos=bos.pop(),
+                     answer_ids=a_ids, counterfactual_ids=c_ids, position=request.position, prepend_bos=bos.pop(),
                      node_threshold=request.node_threshold, max_nodes=request.max_nodes,
                      edge_threshold=request.edge_threshold, method=request.method, steps=request.steps,
                      verify=request.verify)
@@ -285,6 +286,8 @@ def _warnings(engine: Engine, plan: TracePlan, last: torch.Tensor, n_tokens: int
     named = "; ".join(f"{n.node_id(keys)} ({n.attribution:.3g} vs {x:.3g})" for n, x in bad[:10])
     return collect_warnings(
         answer_variant_warning(engine, last, plan.answer, plan.answer_ids),
+        multi_token_warning(engine, "answer", plan.answer_ids),
+        multi_token_warning(engine, "counterfactual", plan.counterfactual_ids),
         *(context_warning(s, n_tokens) for s in plan.saes),
         f"{len(bad)} kept node(s) whose attribution is far from its exact contribution (attribution vs exact): "
         f"{named}{' ...' if len(bad) > 10 else ''}; the metric is not linear in them here: rerun with "

@@ -34,7 +34,7 @@ from sae_mcp.engine.controls import (
     rounded_effects,
 )
 from sae_mcp.engine.logits import answer_token_ids, answer_variant_warning, next_token_table
-from sae_mcp.engine.metric import Metric, metric_for
+from sae_mcp.engine.metric import Metric, metric_for, multi_token_warning
 from sae_mcp.engine.runtime import CancelToken, Engine, context_warning, position_index
 from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.errors import InvalidInput
@@ -301,8 +301,8 @@ def _warnings(engine: Engine, plan: PatchPlan, runs: Runs) -> list[str] | None:
     silent = [f for f in plan.features or [] if f not in set(runs.differing)]
     return collect_warnings(
         answer_variant_warning(engine, runs.clean, plan.answer, plan.answer_ids),
-        _multi_token(engine, "answer", plan.answer_ids),
-        _multi_token(engine, "counterfactual", plan.counterfactual_ids),
+        multi_token_warning(engine, "answer", plan.answer_ids),
+        multi_token_warning(engine, "counterfactual", plan.counterfactual_ids),
         context_warning(plan.sae, runs.prompt_len),
         f"feature(s) {silent} have the same activation on both prompts at the patched positions: patching them "
         "changes nothing; pick features that differ (compare_prompts)" if silent else None,
@@ -311,12 +311,6 @@ def _warnings(engine: Engine, plan: PatchPlan, runs: Runs) -> list[str] | None:
         "no feature differs between the prompts at these positions: nothing to patch; pick positions where the "
         "prompts differ" if not runs.differing else None,
     )
-
-
-def _multi_token(engine: Engine, what: str, ids: list[int] | None) -> str | None:
-    if not ids or len(ids) == 1:
-        return None
-    return f"the {what} is tokens {engine.str_tokens(torch.tensor(ids))}: only the first is scored"
 
 
 def _assemble(engine: Engine, plan: PatchPlan, runs: Runs) -> PatchResult:

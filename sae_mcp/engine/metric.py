@@ -66,3 +66,11 @@ def metric_for(engine, answer_ids: list[int], counterfactual_ids: list[int] | No
     a_tok = engine.str_tokens(torch.tensor(answer_ids[:1]))[0]
     c_tok = engine.str_tokens(torch.tensor(counterfactual_ids[:1]))[0] if counterfactual_ids else None
     return Metric(answer_ids[0], counterfactual_ids[0] if counterfactual_ids else None, a_tok, c_tok)
+
+
+def multi_token_warning(engine, what: str, ids: list[int] | None) -> str | None:
+    """'the counterfactual is tokens [' h', 'im']: only the first is scored' when `what` (answer or counterfactual)
+    tokenizes to several tokens, else None: the metric's name shows only the first, which reads as a typo."""
+    if not ids or len(ids) == 1:
+        return None
+    return f"the {what} is tokens {engine.str_tokens(torch.tensor(ids))}: only the first is scored"
