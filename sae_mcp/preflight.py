@@ -16,6 +16,7 @@ from itertools import islice
 from pathlib import Path
 
 from sae_mcp.errors import LoadError, SaeMcpError
+from sae_mcp.one_line import shown
 from sae_mcp.settings import Settings
 
 PROBED_DOCUMENTS = 8  # a corpus whose first documents read is taken as readable; the rest is read when scanned
@@ -97,5 +98,5 @@ def check_corpus(spec: str) -> None:
 
 
 def _one_line(text: str, most: int = 300) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= most else text[:most] + "..."
+    """A library's error message on one line, cut to `most` characters (the rule the cards and exports use)."""
+    return shown(text, most)[0]

@@ -463,6 +463,7 @@ def test_a_person_opens_the_dashboard_in_chromium_with_the_token_once_in_the_url
         deadline = time.time() + 20
         while not server.started and time.time() < deadline:
             time.sleep(0.05)
+        assert server.started, "uvicorn did not start"
         base = f"http://127.0.0.1:{policy.port}"
         opened = dump_dom(f"{base}/features/{key}/6?token={TOKEN}&text=the%20cat%20sat", tmp_path / "p1", 8000)
         assert f"Feature 6 · {key}" in opened

@@ -88,3 +88,8 @@ def tool_result(result: BaseModel, render: Callable[[Any], str] | None) -> CallT
     result). `render` takes the result's own model."""
     text = render(result) if render is not None else compact_json(result.model_dump(mode="json"))
     return CallToolResult(content=[text_content(text)], structured_content=result.model_dump(mode="json"))
+
+
+def first_only(what: str, tokens: list[str] | None) -> str:
+    """'; counterfactual tokens [' sa', 'd'], only the first scored' when the text is several tokens, else ''."""
+    return f"; {what} tokens {tokens}, only the first scored" if tokens and len(tokens) > 1 else ""

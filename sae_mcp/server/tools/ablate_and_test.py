@@ -18,7 +18,7 @@ from sae_mcp.ledger.export.rules import AS_GIVEN, ExportRule, Redone
 from sae_mcp.ledger.export.session import items, lit, md_text
 from sae_mcp.ledger.rule import JSON, LedgerRule, ResolveContext
 from sae_mcp.results.causal import AblationResult, NextTokenTable
-from sae_mcp.server.text import controls_lines, fmt, join, tok, warnings_lines
+from sae_mcp.server.text import controls_lines, first_only, fmt, join, tok, warnings_lines
 from sae_mcp.server.tools.spec import ToolDeps, ToolSpec, read_only
 
 
@@ -57,17 +57,12 @@ def _condition(name: str, t: NextTokenTable) -> str:
                                                                             for x in t.top))
 
 
-def _first_only(what: str, tokens: list[str] | None) -> str:
-    """'; counterfactual tokens [' sa', 'd'], only the first scored' when the text is several tokens, else ''."""
-    return f"; {what} tokens {tokens}, only the first scored" if tokens and len(tokens) > 1 else ""
-
-
 def render(r: AblationResult) -> str:
     cf = r.counterfactual
     where = "every position" if r.positions is None else f"positions {r.positions}"
     lines = [
         f"sae {r.sae}: ablated at {where}; metric {r.metric}"
-        + _first_only("answer", r.answer.tokens) + (_first_only("counterfactual", cf.tokens) if cf else "")
+        + first_only("answer", r.answer.tokens) + (first_only("counterfactual", cf.tokens) if cf else "")
         + "; per condition: metric (change vs baseline), P(answer) (change), raw logit (change), KL from baseline, "
         "answer rank (0-based), top tokens",
         "features: " + "; ".join(

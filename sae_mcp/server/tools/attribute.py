@@ -17,7 +17,7 @@ from sae_mcp.ledger.export.rules import ExportRule, Handed, Redone, ReplayRule
 from sae_mcp.ledger.export.session import items, lit, md_text
 from sae_mcp.ledger.rule import JSON, LedgerRule, ResolveContext
 from sae_mcp.results.causal import Attribution
-from sae_mcp.server.text import fmt, join, tok, warnings_lines
+from sae_mcp.server.text import first_only, fmt, join, tok, warnings_lines
 from sae_mcp.server.tools.spec import ToolDeps, ToolSpec, read_only
 
 
@@ -54,9 +54,7 @@ def render(r: Attribution) -> str:
     method = (f"integrated gradients, {ig.steps} steps; features along their path, errors along theirs"
               if ig is not None else "gradient x activation, first order")
     lines = [f"metric {r.metric} = {fmt(r.metric_value)} ({method})"
-             + (f"; answer tokens {r.answer_tokens}, only the first scored" if r.multi_token else "")
-             + (f"; counterfactual tokens {r.counterfactual_tokens}, only the first scored"
-                if r.counterfactual_multi_token else "")]
+             + first_only("answer", r.answer_tokens) + first_only("counterfactual", r.counterfactual_tokens)]
     for key in r.per_token:
         lines.append(f"sae {key}: error share {fmt(r.error_share[key])} over positions "
                      f"{r.error_share_positions[0]}..{r.error_share_positions[1]}; totals: features "
