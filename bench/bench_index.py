@@ -13,9 +13,10 @@ Both are measured at two token budgets and compared on the difference (marginal 
 (opening the index file, the first batch's allocations) cancel: the best of --repeats runs of each budget, the runs
 interleaved, since a shared box moves single runs by +-10-30%. Beside the wall clock, the same per CPU second of
 this process (steadier on a shared CPU box; meaningless on a GPU). --variants measures issue 24's changes switched
-on one at a time (before, +encode, +update, after) in the same interleaved run; --profile times and profiles one
-batch of the user path (forward, encode, update). Also printed: the share of the forward's token slots that are
-padding, in corpus order (how scans batched before) and bucketed by length (now).
+on one at a time (before, +encode, +update, +forward, after) in the same interleaved run; --profile times and
+profiles three batches of the user path (forward, encode + firing entries, update) after a warm-up scan. Also
+printed: the share of the forward's token slots that are padding, in corpus order (how scans batched before) and
+bucketed by length (now).
 
 Shapes: the real stories260K model with a 4096-wide SAE, and a gpt2-small-shaped random model (12 layers,
 d_model 768, vocab 50257) with a 24576-wide SAE at blocks.7.hook_resid_pre, fed the same corpus through the
@@ -27,27 +28,35 @@ corpus gives the real distribution of window lengths). Both SAEs are random but 
 
 Issue 24 (the index at GPU speed), 2026-12-06. The GPU figure is still open this round: no GPU was lent to this
 session. The one command that gives it, on one H100 or H200 (the user path, the bare forward + encode, their ratio,
-before and after issue 24's changes, and a profile of one batch; a few minutes):
+before and after issue 24's changes, and a profile of three batches; a few minutes):
 
     python bench/bench_index.py --device cuda --tokens 1000000 --corpus-repeat 10 --skip-stories \
-        --variants before,after --profile
+        --variants before,+forward,after --profile
 
 What changed: the forward to a residual-stream hook runs transformer-lens' modules with fused SDPA attention
 (engine/fast_forward.py), the SAE encode is computed in place in the scan's precision, into a reused buffer on CPU
 (engine/fast_encode.py), and the state update is written in place, merging only the features that have an entry
-at or above their K-th kept value (scan.update_state). CPU figures, the shared 2-core dev box, 1 thread, torch 2.13,
-wall clock (per CPU second within 1-2% of it):
+at or above their K-th kept value (state.update_state); those three are variant +forward. Variant after adds the
+second round: the firing entries found inside the encode (index/firing.py), a cache-sized block of rows at a time,
+by numpy. CPU figures, the shared 2-core dev box, 1 thread, torch 2.13, wall clock (per CPU second within 1-2% of
+it):
 
-    python bench/bench_index.py --tokens 60000 --repeats 3 --skip-gpt2 --variants before,+encode,+update,after
+    python bench/bench_index.py --tokens 60000 --repeats 3 --skip-gpt2 --variants before,+encode,+update,+forward
     stories260K, SAE 64x4096          user path     bare fwd+encode   user / bare
     before                            15.7k tok/s   17.8k tok/s       0.88
-    after                             38.8k         58.3k             0.67
-    (another run, best of differences: before 13.9k / 18.1k 0.77, after 39.7k / 57.8k 0.69)
+    +forward                          38.8k         58.3k             0.67
+    (another run, best of differences: before 13.9k / 18.1k 0.77, +forward 39.7k / 57.8k 0.69)
 
-    python bench/bench_index.py --tokens 4000 --repeats 3 --skip-stories --variants before,+encode,+update,after
+    python bench/bench_index.py --tokens 4000 --repeats 3 --skip-stories --variants before,+encode,+update,+forward
     gpt2-small shape, SAE 768x24576   user path     bare fwd+encode   user / bare
     before                            520 tok/s     547 tok/s         0.95
-    after                             610           596               1.02 (another run: 0.94 before, 0.99 after)
+    +forward                          610           596               1.02 (another run: 0.94 before, 0.99 after)
+
+    The second round, side by side (--variants +forward,after; two runs of stories, one of gpt2):
+    stories260K                       user path     bare fwd+encode   user / bare
+    +forward                          37.1k, 39.2k  57.3k, 58.5k      0.65, 0.67
+    after                             44.2k, 46.7k  62.2k, 62.3k      0.71, 0.75
+    gpt2-small shape                  598 tok/s     609 tok/s         0.98 (+forward 611 / 611, 1.00: noise)
 
 The intermediate variants moved by more than their differences between runs (the box is shared), so each change's
 own share was measured apart, old and new interleaved on the same batches (best of 3; the old update is
@@ -60,12 +69,16 @@ update_before below, the old encode sae-lens' own, the old forward transformer-l
     forward to the hook       302 -> 70 ms (4.35x)                 1774 -> 1572 ms (1.13x; matmul-bound on CPU)
                               (bench/bench_fast_forward.py: the other ways in measured there did not pay)
 
-So on stories260K the user path is ~2.5x faster, but the bare forward + encode is ~3.3x faster, and the ratio fell:
-the tiny model's forward now costs about as much as its 4096-wide SAE's encode, and the update (~60 ms a batch)
-is now 40% of a batch (--profile: forward 75 ms, encode 67, update 95 cold). Half the update is finding the ~490k
-firing entries among 33M activations (aten::nonzero, ~28 ms); the next step would find them inside the encode, a
-cache-sized block of rows at a time (a prototype: encode + firing entries 100 -> 80 ms a batch). At the gpt2 shape
-the CPU is bound by the matrix products (forward 74%, encode 24%, update 2%) and the user path is at the bare.
+So on stories260K the first round made the user path ~2.5x faster, but the bare forward + encode ~3.3x, and the
+ratio fell: the tiny model's forward costs about as much as its 4096-wide SAE's encode, and the update (~60 ms a
+batch) was 40% of a batch, half of it finding the ~460k firing entries among 33M activations (torch nonzero).
+The second round finds them inside the encode while each block is in cache, and trims the update (shifts for
+int64 division, the merge ranks keys alone, candidates cut to the rows used): --profile, 3 warm batches of 64
+windows after 60k tokens: forward 72 ms, encode + firing entries 72 (the encode alone 56), update 24 (was ~33).
+What is left of the gap at this shape is reading 33M activations once (~16 ms: numpy's compare and flatnonzero,
+~0.5 ns an entry) and ~40 torch ops over ~460k entries (~24 ms), against a bare batch of ~128 ms; 0.9 there needs
+a native kernel that compares, compacts and counts in one pass (not in torch's op set). At the gpt2 shape the CPU is
+bound by the matrix products (forward 74%, encode 24%, update 2%) and the user path is at the bare.
 
 --gpu-extras also times feature_stats and token_set_enrichment at the gpt2 shape (a 50257-token synthetic
 vocabulary) and compares bf16-autocast top examples with fp32 ones on the same windows.
@@ -110,6 +123,7 @@ from sae_mcp.engine.runtime import Engine
 from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.engine.stats import LogitWeightStats
 from sae_mcp.index import scan as scan_mod
+from sae_mcp.index import state as state_mod
 from sae_mcp.index.samples import at, fold_samples
 from sae_mcp.index.scan import (
     BUFFER_BATCHES,
@@ -127,7 +141,6 @@ from sae_mcp.index.state import (
     ScanState,
     _dense_candidates,
     _key,
-    firing_entries,
     update_state,
 )
 from sae_mcp.settings import Settings
@@ -185,36 +198,65 @@ def user(engine: Engine, sae: LoadedSAE, tokens: int, batch: int, corpus: Path) 
         return since(t)
 
 
-# Issue 24's changes, switched on one more at a time, to measure each side by side in one run.
+# Issue 24's changes, switched on one more at a time, to measure each side by side in one run. "+forward" is where
+# the first round of them ended (2026-12-06, the figures above); "after" adds the second (firing entries).
 VARIANTS = {"before": set(), "+encode": {"encode"}, "+update": {"encode", "update"},
-            "after": {"encode", "update", "forward"}}
+            "+forward": {"encode", "update", "forward"}, "after": {"encode", "update", "forward", "firing"}}
 
 
 @contextlib.contextmanager
 def changes(on: set[str]):
     """Run with only the `on` changes of issue 24: encode (fast_encode's in-place encode and the scan's reused
     buffer), update (the state updated in place, only the features with a candidate merged), forward
-    (fast_forward's fused attention); the others as they were before it (update_before for the update)."""
-    saved = fast_encode._kind, fast_forward.supported, scan_mod.update_state
+    (fast_forward's fused attention), firing (the firing entries found inside the encode, a cache-sized block of
+    rows at a time, by numpy: index/firing.py); the others as they were before it (update_before for the update,
+    wordwise_firing after the encode in one block for the firing entries)."""
+    saved = (fast_encode._kind, fast_forward.supported, scan_mod.update_state, scan_mod.encode_firing,
+             fast_encode.BLOCK_BYTES, state_mod.firing_entries)
     if "encode" not in on:
         fast_encode._kind = lambda sae: None  # sae-lens' encode, no buffer (encode_buffer asks can_fuse)
     if "forward" not in on:
         fast_forward.supported = lambda model, hook_name: False  # transformer-lens' forward, stopped at the layer
     if "update" not in on:
         scan_mod.update_state = update_before
+    if "firing" not in on:
+        fast_encode.BLOCK_BYTES = 0  # every W_enc is "too large": the encode in one block (the bare side's too)
+        scan_mod.encode_firing = encode_then_find
+        state_mod.firing_entries = wordwise_firing
     try:
         yield
     finally:
-        fast_encode._kind, fast_forward.supported, scan_mod.update_state = saved
+        (fast_encode._kind, fast_forward.supported, scan_mod.update_state, scan_mod.encode_firing,
+         fast_encode.BLOCK_BYTES, state_mod.firing_entries) = saved
 
 
-def update_before(state: ScanState, acts: torch.Tensor, pos: torch.Tensor) -> ScanState:
+def encode_then_find(engine: Engine, sae: LoadedSAE, x: torch.Tensor, buf, fidx):
+    """scan.encode_firing as it was before the firing change: the encode alone, update_state finds the entries."""
+    acts = engine.encode(sae, x, out=buf)
+    return (acts if fidx is None else acts[:, fidx]), None
+
+
+def wordwise_firing(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The firing entries as found before the firing change (commit d7e4c17): torch.nonzero over int64 words of
+    two fp32 (or four 16-bit) floats, then the words with a set bit float by float; the values gathered after."""
+    x = acts.reshape(-1)
+    per = 8 // x.element_size()
+    if x.element_size() not in (2, 4) or x.numel() % per:
+        flat = (x > 0).nonzero().squeeze(1)
+    else:
+        words = x.view(torch.int64).nonzero().squeeze(1)
+        ints = x.view(torch.int32 if per == 2 else torch.int16).view(-1, per)
+        hit = (at(ints, words) > 0).nonzero()
+        flat = at(words, hit[:, 0]) * per + hit[:, 1]
+    return flat, at(x, flat)
+
+
+def update_before(state: ScanState, acts: torch.Tensor, pos: torch.Tensor, firing=None) -> ScanState:
     """scan.update_state as it was before issue 24 (commit ae9cdae), for the side-by-side figures: new histogram
     and count tensors each batch, and every feature's [2K, F] top-K merged, the batch's candidates laid out dense."""
     n, f = acts.shape
     k = state.top_vals.shape[0]
-    flat = firing_entries(acts)
-    vals = at(acts.reshape(-1), flat)
+    flat, vals = state_mod.firing_entries(acts)
     rows, cols = flat // f, flat % f
     b = ((vals.float().log10() - HIST_LO) * HIST_PER_DECADE).floor().clamp_(0, HIST_BINS - 1).long()
     cells = cols * HIST_BINS + b
@@ -274,45 +316,53 @@ def measure(name: str, engine: Engine, sae: LoadedSAE, tokens: int, batch: int, 
               f"({n / uc:,.0f}, {n / bc:,.0f}, {bc / uc:.3f})")
 
 
-def profile_batch(engine: Engine, sae: LoadedSAE, corpus: Path, batch: int, rows: int = 12) -> None:
-    """One batch of the user path's work (the longest windows), timed part by part (synced) and profiled: where
-    the device's time goes (CUDA) or the CPU's."""
+def profile_batch(engine: Engine, sae: LoadedSAE, corpus: Path, batch: int, warm_tokens: int, n: int = 3,
+                  rows: int = 12) -> None:
+    """The user path's work on n batches after a scan of warm_tokens (the state as warm as at the start of the
+    measured marginal), timed part by part (synced) and profiled: where the device's time goes (CUDA) or the
+    CPU's. Also the documents read and tokenized a batch (the scan does that on its read-ahead thread)."""
     from torch.profiler import ProfilerActivity, profile
 
-    ws = sorted(corpus_windows(engine.model.tokenizer, 128 * batch * 2, corpus), key=lambda w: -len(w.ids))[:batch]
-    ids, valid = pad_windows(ws, windows_pad_id(engine), bos=True)
-    ids, keep = ids.to(engine.device), valid.reshape(-1).nonzero().squeeze(1).to(engine.device)
-    pos = torch.arange(keep.numel(), device=engine.device)
+    t = time.perf_counter()
+    ws = corpus_windows(engine.model.tokenizer, warm_tokens + 128 * batch * 2 * n, corpus)
+    read = (time.perf_counter() - t) * batch / len(ws)
+    request = scan_mod.ScanRequest(context_size=128, bos=True, max_tokens=warm_tokens)
+    state = scan_mod.scan(engine, sae, iter(ws), request)
+    rest = sorted(ws[state.windows :], key=lambda w: -len(w.ids))  # the next windows, longest first
     cuda = str(engine.device).startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     buf = encode_buffer(engine, sae, batch * 128)
-    state = ScanState.empty(sae.d_sae, scan_mod.KEEP, engine.device)
+    if buf is not None:
+        buf.zero_()  # its pages faulted in now, as a scan's are after its first batch
     parts: dict[str, float] = {}
 
-    def step(record: bool) -> None:
-        nonlocal state
+    def step(b: list) -> None:
+        ids, valid = pad_windows(b, windows_pad_id(engine), bos=True)
+        pos = (torch.tensor([w.index * 128 for w in b])[:, None] + torch.arange(ids.shape[1])).reshape(-1)
+        ids, keep = ids.to(engine.device), valid.reshape(-1).nonzero().squeeze(1).to(engine.device)
         with torch.inference_mode(), autocast_for(engine):
             for part, fn in (("forward", lambda: engine.forward_to_hook(ids, sae)),
-                             ("encode", lambda: engine.encode(sae, x.reshape(-1, x.shape[-1])[keep], out=buf)),
-                             ("update", lambda: update_state(state, acts, pos + state.tokens))):
+                             ("encode + firing", lambda: scan_mod.encode_firing(
+                                 engine, sae, x.reshape(-1, x.shape[-1])[keep], buf, None)),
+                             ("update", lambda: update_state(state, acts, pos[keep].to(engine.device), firing))):
                 sync()
                 t = time.perf_counter()
                 out = fn()
                 sync()
-                parts[part] = parts.get(part, 0.0) + (time.perf_counter() - t if record else 0.0)
+                parts[part] = parts.get(part, 0.0) + time.perf_counter() - t
                 if part == "forward":
                     x = out
-                elif part == "encode":
-                    acts = out
-            state.tokens += keep.numel()
+                elif part == "encode + firing":
+                    acts, firing = out
 
-    step(False)  # warm
+    for i in range(n):  # timed without the profiler (its per-op cost inflates the blocked encode's many ops)
+        step(rest[i * batch : (i + 1) * batch])
+    print(f"\n-- {n} batches of {batch} windows after {state.tokens:,} tokens, ms a batch: " + ", ".join(
+        f"{k} {v * 1000 / n:.1f}" for k, v in parts.items()) + f"; read + tokenize {read * 1000:.1f} (read-ahead)")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        step(True)
-    total = sum(parts.values())
-    print(f"\n-- profile of one batch ({keep.numel():,} scanned tokens, {len(ws)} windows): " + ", ".join(
-        f"{k} {v * 1000:.1f} ms ({v / total:.0%})" for k, v in parts.items()))
+        for i in range(n, 2 * n):
+            step(rest[i * batch : (i + 1) * batch])
     print(prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
                                     row_limit=rows, max_name_column_width=40))
 
@@ -456,7 +506,7 @@ def main() -> None:
         measure("stories260K (real), SAE 64x4096, TinyStories", engine, sae, args.tokens, batch, args.repeats, corpus,
                 variants)
         if args.profile:
-            profile_batch(engine, sae, corpus, batch)
+            profile_batch(engine, sae, corpus, batch, args.tokens)
     if args.skip_gpt2:
         return
     g_engine, g_sae = gpt2_engine(args.device, engine.model.tokenizer, getattr(torch, args.model_dtype))
@@ -465,7 +515,7 @@ def main() -> None:
     measure("gpt2-small shape (random), SAE 768x24576, TinyStories windows", g_engine, g_sae, args.tokens, batch,
             args.repeats, corpus, variants)
     if args.profile:
-        profile_batch(g_engine, g_sae, corpus, batch)
+        profile_batch(g_engine, g_sae, corpus, batch, args.tokens)
     if args.device.startswith("cuda"):
         print(f"peak GPU memory allocated: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     if args.gpu_extras:

@@ -1,7 +1,8 @@
 """The in-place encode (engine/fast_encode.py) against sae-lens' own encode, for each architecture it computes
 (StandardSAE, JumpReLUSAE, TopKSAE, sae-lens 6 classes saved and loaded as SAELens folders like make_sae_folder's),
-with and without apply_b_dec_to_input, on random inputs and on the real stories260K activations; and the settings
-it cannot match falling back to sae-lens' encode (runtime normalisation, a hook on the SAE, another class)."""
+with and without apply_b_dec_to_input, on random inputs and on the real stories260K activations, whole or a block of
+rows at a time; and the settings it cannot match falling back to sae-lens' encode (runtime normalisation, a hook on
+the SAE, another class)."""
 
 from __future__ import annotations
 
@@ -85,6 +86,32 @@ def test_the_encode_writes_into_a_reused_buffer_and_equals_sae_lens(tmp_path, ki
     with torch.inference_mode():  # a buffer that does not fit is ignored
         small = fast_encode.encode(sae, torch.randn(301, D_IN), out=buf)
     assert small.data_ptr() != buf.data_ptr() and small.shape == (301, D_SAE)
+
+
+@pytest.mark.parametrize(("kind", "cfg"), CASES, ids=[f"{k}-{'-'.join(c) or 'default'}" for k, c in CASES])
+def test_the_encode_in_blocks_of_rows_equals_sae_lens_and_hands_each_block_once(tmp_path, kind, cfg, monkeypatch):
+    """Into a buffer, a block of rows at a time (BLOCK_BYTES made small: 4 blocks of 64 rows and a short one): the
+    result is sae-lens' encode, and on_block sees every row once, in order, already final (a view of the result);
+    where W_enc is larger than a block, one block of all rows."""
+    sae = saved_sae(tmp_path, kind, **cfg)
+    torch.manual_seed(6)
+    x = torch.randn(301, D_IN)
+    buf = torch.empty(400, D_SAE)
+    for block_bytes, firsts in ((64 * D_SAE * 4, [0, 64, 128, 192, 256]), (D_IN * D_SAE * 4 - 1, [0])):
+        monkeypatch.setattr(fast_encode, "BLOCK_BYTES", block_bytes)  # W_enc: D_IN * D_SAE * 4 bytes
+        seen = []
+        with torch.inference_mode():
+            got = fast_encode.encode(sae, x, out=buf, on_block=lambda b, r0: seen.append((r0, b.clone(), b)))
+            ref = reference(sae, x)
+        assert got.data_ptr() == buf.data_ptr() and got.shape == (301, D_SAE)
+        assert_close(got, ref)
+        assert [r0 for r0, _, _ in seen] == firsts
+        assert torch.equal(torch.cat([c for _, c, _ in seen]), got)  # final when handed
+        assert all(b.data_ptr() == got[r0].data_ptr() for r0, _, b in seen)
+    seen = []
+    with torch.inference_mode():
+        got = fast_encode.encode(sae, x, on_block=lambda b, r0: seen.append((r0, b)))  # no buffer: one block
+    assert len(seen) == 1 and seen[0][0] == 0 and seen[0][1].data_ptr() == got.data_ptr()
 
 
 def test_the_jumprelu_threshold_is_strict_at_the_exact_pre_activation(tmp_path):

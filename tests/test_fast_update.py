@@ -2,7 +2,9 @@
 and merged only for the features that changed) against a brute force written plainly here in numpy over every
 entry of every batch: top-K by (value desc, position asc), firing counts, histogram, interval samples. Random
 batches with ties everywhere, features that never fire, dense and sparse activations, batches out of position order
-(a scan sorts a buffer's windows by length), bf16 activations; and the real stories260K activations."""
+(a scan sorts a buffer's windows by length), bf16 activations, F a power of two or not, the firing entries found
+by update_state or handed in block by block as the encode finds them; the real stories260K activations; and a scan
+finding them inside the encode against one finding them after it, bit for bit."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from sae_mcp.index.firing import FiringEntries
 from sae_mcp.index.samples import FINE_PER_BIN, MAX_POS, SAMPLES_PER_BIN, pos_hash
 from sae_mcp.index.state import HIST_BINS, HIST_LO, HIST_PER_DECADE, ScanState, update_state
 
@@ -49,11 +52,19 @@ def check(state: ScanState, ref: dict) -> None:
     assert got == ref["samples"]
 
 
-def fold(batches: list[tuple[torch.Tensor, torch.Tensor]], f: int, k: int) -> ScanState:
+def fold(batches: list[tuple[torch.Tensor, torch.Tensor]], f: int, k: int, block: int = 0) -> ScanState:
+    """The batches folded into an empty state; block > 0: each batch's firing entries handed in as the encode finds
+    them (FiringEntries fed `block` rows at a time), else found by update_state."""
     state = ScanState.empty(f, k, "cpu")
     with torch.inference_mode():
         for acts, pos in batches:
-            out = update_state(state, acts, pos)
+            firing = None
+            if block:
+                found = FiringEntries(f)
+                for r0 in range(0, acts.shape[0], block):
+                    found.add(acts[r0 : r0 + block], r0)
+                firing = found.entries()
+            out = update_state(state, acts, pos, firing)
             assert out is state  # in place
     return state
 
@@ -73,15 +84,19 @@ def random_batches(seed: int, n_batches: int, rows: int, f: int, fire: float, di
     return out
 
 
-@pytest.mark.parametrize(("fire", "distinct", "k"), [(0.03, 3, 5), (0.03, 1000, 7), (0.6, 4, 5), (0.3, 50, 12)],
-                         ids=["sparse-ties", "sparse-distinct", "dense-ties", "dense-to-sparse"])
-def test_update_state_equals_brute_force_on_random_batches(fire, distinct, k):
-    batches = random_batches(0, 9, 61, 83, fire, distinct)
-    state = fold(batches, 83, k)
+@pytest.mark.parametrize(("fire", "distinct", "k", "f", "block"),
+                         [(0.03, 3, 5, 83, 0), (0.03, 1000, 7, 83, 0), (0.6, 4, 5, 83, 0), (0.3, 50, 12, 83, 0),
+                          (0.03, 3, 5, 64, 0), (0.05, 20, 6, 64, 13), (0.05, 20, 6, 83, 13)],
+                         ids=["sparse-ties", "sparse-distinct", "dense-ties", "dense-to-sparse", "power-of-two",
+                              "encode-found-power-of-two", "encode-found"])
+def test_update_state_equals_brute_force_on_random_batches(fire, distinct, k, f, block):
+    """F a power of two takes the shifts instead of the division; block: the firing entries handed in."""
+    batches = random_batches(0, 9, 61, f, fire, distinct)
+    state = fold(batches, f, k, block)
     acts = torch.cat([a for a, _ in batches]).numpy()
     pos = torch.cat([p for _, p in batches]).numpy()
     ref = brute(acts, pos, k)
-    assert (ref["n_fired"] == 0).sum() >= 83 // 4  # features that never fire are in
+    assert (ref["n_fired"] == 0).sum() >= f // 4  # features that never fire are in
     check(state, ref)
 
 
@@ -131,3 +146,42 @@ def test_update_state_equals_brute_force_on_real_stories_activations(stories_eng
     ref = brute(acts.numpy(), pos.numpy(), 10)
     assert (ref["n_fired"] == 0).any() and (ref["n_fired"] > 0).sum() > 100
     check(state, ref)
+    check(fold(batches, s.d_sae, 10, block=50), ref)  # the firing entries as the encode hands them
+
+
+def test_a_scan_finding_the_firing_entries_inside_the_encode_equals_one_finding_them_after(stories_engine,
+                                                                                           monkeypatch):
+    """The scan's CPU path (the encode in blocks of rows, each block's firing entries found while in cache) against
+    the same encode with update_state finding the entries afterwards: every part of the state bit-equal, over
+    batches of 8 windows in blocks of 64 rows (the blocked encode against sae-lens': test_fast_encode.py)."""
+    from sae_mcp.engine import fast_encode
+    from sae_mcp.engine.corpus import iter_windows, resolve_corpus
+    from sae_mcp.index import firing
+    from sae_mcp.index import scan as scan_mod
+
+    from helpers.models import STORIES_CORPUS
+
+    engine = stories_engine
+    (s,) = engine.saes.values()
+    windows = []
+    for w in iter_windows(resolve_corpus(str(STORIES_CORPUS)), engine.model.tokenizer, 128, 1):
+        windows.append(w)
+        if len(windows) == 40:
+            break
+
+    def run() -> ScanState:
+        request = scan_mod.ScanRequest(context_size=128, bos=True, max_tokens=10**6, batch_windows=8)
+        return scan_mod.scan(engine, s, iter(windows), request)
+
+    assert fast_encode.can_fuse(s.sae) and s.d_in <= 64  # W_enc [d_in, d_sae] fits in a block of 64 rows
+    monkeypatch.setattr(fast_encode, "BLOCK_BYTES", 64 * s.d_sae * 4)
+    blocks = []
+    monkeypatch.setattr(firing.FiringEntries, "add", lambda self, b, r0, add=firing.FiringEntries.add: (
+        blocks.append(b.shape[0]), add(self, b, r0))[1])
+    inside = run()
+    assert sum(blocks) == inside.tokens and max(blocks) == 64 and len(blocks) > 40  # every row once, in blocks
+    monkeypatch.setattr(scan_mod, "encode_firing", lambda engine, sae, x, buf, fidx: (engine.encode(sae, x, buf), None))
+    after = run()
+    assert inside.tokens == after.tokens > 4000 and int(inside.n_fired.sum()) > 10_000
+    for name in ("top_vals", "top_pos", "n_fired", "hist", "samp_pos", "samp_vals"):
+        assert torch.equal(getattr(inside, name), getattr(after, name)), name

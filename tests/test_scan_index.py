@@ -50,16 +50,39 @@ def test_update_state_keeps_exactly_the_k_largest_with_ties_by_earlier_position(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_firing_entries_are_exactly_the_entries_above_zero(dtype):
-    """The word-wise fast path against the plain `> 0`: +0.0, -0.0, negatives, tiny positives, odd lengths."""
-    from sae_mcp.index.state import firing_entries
+@pytest.mark.parametrize("chunk", [1 << 19, 1000], ids=["one-chunk", "chunks"])
+def test_firing_entries_are_exactly_the_entries_above_zero(dtype, chunk, monkeypatch):
+    """numpy's compare of the bits, a chunk at a time (chunk edges inside rows), against the plain `> 0`: +0.0,
+    -0.0, negatives, tiny positives, odd lengths, a strided view; whole or handed in blocks of rows as the encode
+    hands them."""
+    from sae_mcp.index import firing
 
+    monkeypatch.setattr(firing, "CHUNK", chunk)
     torch.manual_seed(0)
     acts = (torch.randn(301, 67) - 1.5).to(dtype)
     acts[0, 0], acts[0, 1], acts[0, 2], acts[1, 3] = -0.0, 0.0, 1e-30, -1e-30
-    for a in (acts, acts[:, :66], acts.relu()):
-        a = a.contiguous()
-        assert torch.equal(firing_entries(a), (a.reshape(-1) > 0).nonzero().squeeze(1))
+    for a in (acts, acts[:, :66].contiguous(), acts.relu(), acts[:, 5:9]):
+        want = (a.reshape(-1) > 0).nonzero().squeeze(1)
+        flat, vals = firing.firing_entries(a)
+        assert torch.equal(flat, want) and torch.equal(vals, a.reshape(-1)[want])
+        found = firing.FiringEntries(a.shape[1])
+        for r0 in range(0, a.shape[0], 23):  # blocks of rows, the last one short
+            found.add(a[r0 : r0 + 23], r0)
+        flat, vals = found.entries()
+        assert torch.equal(flat, want) and torch.equal(vals, a.reshape(-1)[want])
+
+
+def test_a_scan_of_nan_activations_is_refused_by_name():
+    """NaN activations (broken weights, an overflowing dtype) would read as firing by their bits and land in no
+    histogram bin; the update refuses them with a reason instead of an index error, and the state is unchanged."""
+    from sae_mcp.index.state import ScanState, update_state
+
+    state = ScanState.empty(8, 3, "cpu")
+    acts = torch.zeros(4, 8)
+    acts[1, 2], acts[2, 5] = 1.0, float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        update_state(state, acts, torch.arange(4))
+    assert int(state.n_fired.sum()) == 0 and int(state.hist.sum()) == 0
 
 
 # ------------------------------------------------------------------------------------------- brute force

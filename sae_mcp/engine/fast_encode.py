@@ -17,12 +17,20 @@ bias and ReLU in place 66 ms. So `out` lets a caller (the scan) hand in the buff
 under bf16 autocast the product is bf16 and the fp32 bias would promote sae-lens' sum to an fp32 [tokens, d_sae]
 tensor; in place it stays in the scan's precision (bf16), half the bytes for the state update to read.
 
+Blocks: into `out`, the product is computed a block of rows at a time (~2 MB, BLOCK_BYTES) where W_enc is no larger
+than a block, and each block gets its bias and activation while in cache; `on_block` hands each finished block to
+the caller, and the scan finds its firing entries there (index/firing.py). Measured on stories260K (8128
+tokens x 4096 features, 1 thread, best of 5): the encode 67 -> 56 ms (the matrix product alone ~53). Blocked or
+not, it equals sae-lens' encode to float tolerance (a BLAS may sum a block's products in another order).
+
 Anything this cannot match exactly falls back to sae-lens' encode: another class (gated, batch-top-k, matryoshka,
 transcoders, subclasses), a runtime normalisation of the input (normalize_activations other than "none"), hook_z
 reshaping, sparse top-k activations, or a hook attached to one of the SAE's hook points (it must see the values).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -54,17 +62,34 @@ def can_fuse(sae) -> bool:
     return _kind(sae) is not None
 
 
-def encode(sae, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def encode(sae, x: torch.Tensor, out: torch.Tensor | None = None,
+           on_block: Callable[[torch.Tensor, int], None] | None = None) -> torch.Tensor:
     """x [..., d_in] -> sae-lens' sae.encode(x) [..., d_sae]. With `out` (a contiguous [M, d_sae] buffer, M >= N,
-    x 2-d [N, d_in]): the product is written into out's first N rows when they fit, and the result is a view of
-    them, valid until the caller reuses the buffer; otherwise a new tensor."""
+    x 2-d [N, d_in]): the result is written into out's first N rows when they fit, a block of rows at a time where
+    that pays (_block_rows), and is a view of them, valid until the caller reuses the buffer; otherwise a new
+    tensor. `on_block(block [r, d_sae], first_row)` is called on every finished block of rows in order, while it is
+    still in the CPU's cache (the scan finds its firing entries there); on the whole result when not blocked."""
     kind = _kind(sae)
     if kind is None:
-        return sae.encode(x)
+        return _each(sae.encode(x), on_block)
     sae_in = x.to(sae.dtype)
     if sae.cfg.apply_b_dec_to_input:
         sae_in = sae_in - sae.b_dec  # [..., d_in]: cheap next to [..., d_sae]
-    pre = _product(sae_in, sae.W_enc, out)  # [..., d_sae], the one big tensor
+    scale = sae.W_dec.norm(dim=-1) if kind == "topk" and sae.cfg.rescale_acts_by_decoder_norm else None  # [d_sae]
+    target = _into(sae_in, sae.W_enc, out)  # [N, d_sae]: out's first N rows, or None
+    if target is None:
+        return _each(_activate(sae, kind, sae_in @ sae.W_enc, scale), on_block)
+    step = _block_rows(sae.W_enc, target)
+    for r0 in range(0, target.shape[0], step):
+        block = torch.matmul(sae_in[r0 : r0 + step], sae.W_enc, out=target[r0 : r0 + step])  # [r, d_sae]
+        _activate(sae, kind, block, scale)
+        if on_block is not None:
+            on_block(block, r0)
+    return target
+
+
+def _activate(sae, kind: str, pre: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """pre = sae_in @ W_enc [..., d_sae] -> the SAE's activations, in place (rows independent of each other)."""
     pre.add_(sae.b_enc)  # sae-lens: sae_in @ W_enc + b_enc
     if kind == "standard":
         return pre.relu_()
@@ -74,19 +99,40 @@ def encode(sae, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
         # NaN stays NaN both ways (NaN <= t is False).
         pre.relu_()
         return pre.masked_fill_(pre <= sae.threshold, 0)
-    if sae.cfg.rescale_acts_by_decoder_norm:
-        pre.mul_(sae.W_dec.norm(dim=-1))
+    if scale is not None:
+        pre.mul_(scale)
     vals, idx = torch.topk(pre, k=sae.activation_fn.k, dim=-1, sorted=False)  # as sae-lens' TopK, [..., k]
     return pre.zero_().scatter_(-1, idx, vals.relu_())
 
 
-def _product(sae_in: torch.Tensor, w_enc: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """sae_in @ W_enc, into out's first rows when out fits. Never under autocast (an out= product is not cast):
-    there the device's caching allocator reuses memory anyway (CUDA), and the buffer is for the CPU."""
+def _each(acts: torch.Tensor, on_block: Callable[[torch.Tensor, int], None] | None) -> torch.Tensor:
+    if on_block is not None:
+        on_block(acts.reshape(-1, acts.shape[-1]), 0)
+    return acts
+
+
+def _into(sae_in: torch.Tensor, w_enc: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor | None:
+    """out's first N rows when the product sae_in @ W_enc can be written there, else None. Never under autocast
+    (an out= product is not cast): there the device's caching allocator reuses memory anyway (CUDA), and the
+    buffer is for the CPU."""
     n = sae_in.shape[0]
     if (out is None or sae_in.ndim != 2 or torch.is_autocast_enabled(sae_in.device.type)
             or out.ndim != 2 or out.shape[1] != w_enc.shape[1] or out.shape[0] < n
             or out.dtype != torch.promote_types(sae_in.dtype, w_enc.dtype) or out.device != sae_in.device
             or not out.is_contiguous()):
-        return sae_in @ w_enc
-    return torch.matmul(sae_in, w_enc, out=out[:n])
+        return None
+    return out[:n]
+
+
+# A block of the product's rows is finished (bias, activation) while it is in cache: ~2 MB, L2 + some of L3. Only
+# where W_enc is as small (it is read again for every block): stories260K's 64 x 4096 (1 MB), not gpt2-small's
+# 768 x 24576 (75 MB), whose product is bound by the matrix product anyway.
+BLOCK_BYTES = 2 << 20
+
+
+def _block_rows(w_enc: torch.Tensor, target: torch.Tensor) -> int:
+    """Rows per block of `target` [N, d_sae]: BLOCK_BYTES of them where W_enc fits in BLOCK_BYTES, else all."""
+    row = target.shape[1] * target.element_size()
+    if w_enc.numel() * w_enc.element_size() > BLOCK_BYTES or row == 0:
+        return max(target.shape[0], 1)
+    return max(1, BLOCK_BYTES // row)

@@ -321,11 +321,13 @@ class Engine:
             act = act.flatten(-2)
         return act
 
-    def encode(self, sae: LoadedSAE, acts: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(self, sae: LoadedSAE, acts: torch.Tensor, out: torch.Tensor | None = None,
+               on_block: Callable[[torch.Tensor, int], None] | None = None) -> torch.Tensor:
         """[..., d_in] -> SAE post-activation feature values [..., d_sae] (the hook_sae_acts_post values): sae-lens'
-        encode, computed in place for ReLU / JumpReLU / TopK SAEs (fast_encode.py; `out`: a buffer to reuse)."""
+        encode, computed in place for ReLU / JumpReLU / TopK SAEs (fast_encode.py; `out`: a buffer to reuse;
+        `on_block(rows, first_row)`: handed each finished block of rows, as fast_encode.encode says)."""
         with torch.inference_mode():
-            return fast_encode.encode(sae.sae, acts.to(sae.sae.dtype), out)
+            return fast_encode.encode(sae.sae, acts.to(sae.sae.dtype), out, on_block)
 
 
 def _byte_level_alphabet() -> dict[str, int]:

@@ -2,6 +2,7 @@
 log-spaced activation histogram and interval samples per activation band.
 
     scan.py        the scan: windows read ahead and batched by length, forward to the SAE's hook, encode
+    firing.py      a batch's firing entries (activations > 0), found inside the encode a block of rows at a time
     state.py       ScanState and update_state: each batch folded into the running top-K, counts and histogram
     samples.py     interval samples: fine bins per band, kept by a position hash (a fair sample without storing all)
     merge.py       merging two states (shards, resumed scans) exactly as one pass would have kept them

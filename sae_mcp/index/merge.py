@@ -26,18 +26,16 @@ from collections.abc import Iterable
 import torch
 
 from sae_mcp.index.samples import SAMPLES_PER_BIN, slot_key
-from sae_mcp.index.state import ScanState, _key
+from sae_mcp.index.state import ScanState, _merge_top
 
 
 def merge_top(a_vals: torch.Tensor, a_pos: torch.Tensor, b_vals: torch.Tensor, b_pos: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two [K, F] top-K states -> the top-K [K, F] of their union on the scan's (value desc, position asc) key,
-    exactly as update_state merges a batch into the running state (the same _key, the same sorted topk)."""
-    k = a_vals.shape[0]
-    all_v = torch.cat([a_vals, b_vals])  # [2K, F]
-    all_p = torch.cat([a_pos, b_pos])
-    keep = _key(all_v, all_p).topk(k, dim=0).indices  # [K, F], sorted by key desc
-    return all_v.gather(0, keep), all_p.gather(0, keep)
+    by the merge update_state uses."""
+    merged = _merge_top(a_vals, a_pos, b_vals, b_pos, None)
+    assert merged is not None  # only None for an empty column selection
+    return merged
 
 
 def merge_samples(a_pos: torch.Tensor, a_vals: torch.Tensor, b_pos: torch.Tensor, b_vals: torch.Tensor
