@@ -50,11 +50,12 @@ def test_update_state_keeps_exactly_the_k_largest_with_ties_by_earlier_position(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("chunk", [1 << 19, 1000], ids=["one-chunk", "chunks"])
-def test_firing_entries_are_exactly_the_entries_above_zero(dtype, chunk, monkeypatch):
-    """numpy's compare of the bits, a chunk at a time (chunk edges inside rows), against the plain `> 0`: +0.0,
-    -0.0, negatives, tiny positives, odd lengths, a strided view; whole or handed in blocks of rows as the encode
-    hands them."""
+@pytest.mark.parametrize(("chunk", "by_torch"), [(1 << 19, False), (1000, False), (1000, True)],
+                         ids=["one-chunk", "chunks", "torch-as-on-a-gpu"])
+def test_firing_entries_are_exactly_the_entries_above_zero(dtype, chunk, by_torch, monkeypatch):
+    """numpy's compare of the bits, a chunk at a time (chunk edges inside rows), and torch's (the path a GPU
+    takes), against the plain `> 0`: +0.0, -0.0, negatives, tiny positives, odd lengths, a strided view; whole or
+    handed in blocks of rows as the encode hands them."""
     from sae_mcp.index import firing
 
     monkeypatch.setattr(firing, "CHUNK", chunk)
@@ -63,9 +64,9 @@ def test_firing_entries_are_exactly_the_entries_above_zero(dtype, chunk, monkeyp
     acts[0, 0], acts[0, 1], acts[0, 2], acts[1, 3] = -0.0, 0.0, 1e-30, -1e-30
     for a in (acts, acts[:, :66].contiguous(), acts.relu(), acts[:, 5:9]):
         want = (a.reshape(-1) > 0).nonzero().squeeze(1)
-        flat, vals = firing.firing_entries(a)
+        flat, vals = firing.firing_entries(a, by_torch)
         assert torch.equal(flat, want) and torch.equal(vals, a.reshape(-1)[want])
-        found = firing.FiringEntries(a.shape[1])
+        found = firing.FiringEntries(a.shape[1], by_torch)
         for r0 in range(0, a.shape[0], 23):  # blocks of rows, the last one short
             found.add(a[r0 : r0 + 23], r0)
         flat, vals = found.entries()

@@ -29,8 +29,9 @@ class FiringEntries:
     (the way before) 40 ms; this over the whole tensor 19 ms; inside the blocked encode ~17 ms. Elsewhere (CUDA) one
     torch nonzero per block."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, by_torch: bool = False):
         self.width = width  # F: a row's length, for the flat index
+        self.by_torch = by_torch  # torch's nonzero on the CPU too: the path a GPU takes (tests)
         self.mask: np.ndarray | None = None  # the reused [CHUNK] bool mask (CPU)
         self.idx: list[torch.Tensor] = []  # [m] flat indices of each chunk, ascending
         self.vals: list[torch.Tensor] = []  # [m] their values
@@ -40,7 +41,7 @@ class FiringEntries:
         x = block.contiguous().view(-1)  # [r*F]
         offset = first_row * self.width
         bits = _BITS.get(x.element_size())
-        if x.device.type != "cpu" or bits is None:
+        if x.device.type != "cpu" or bits is None or self.by_torch:
             flat = ((x.view(bits) if bits is not None else x) > 0).nonzero().squeeze(1)  # [m]
             self.idx.append(flat + offset)
             self.vals.append(x.index_select(0, flat))
@@ -63,8 +64,8 @@ class FiringEntries:
         return torch.cat(self.idx), torch.cat(self.vals)
 
 
-def firing_entries(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def firing_entries(acts: torch.Tensor, by_torch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """acts [N, F] -> (flat indices [nnz] ascending, values [nnz]) of its entries > 0, in one piece."""
-    found = FiringEntries(acts.shape[-1])
+    found = FiringEntries(acts.shape[-1], by_torch)
     found.add(acts, 0)
     return found.entries()
