@@ -82,7 +82,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     import time
 
-    from sae_mcp.ledger.recording import cited_runs, kept_tools, ledger_cap
+    from sae_mcp.ledger.recording import kept_tools, ledger_cap
+    from sae_mcp.store.explanations import cited_runs
 
     store, data_dir = _store(args)
     before = time.time() - args.older_than_days * 86400 if args.older_than_days is not None else None

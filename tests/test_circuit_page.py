@@ -265,6 +265,23 @@ def test_the_store_keeps_only_the_newest_graphs_and_older_pages_go_404(engine, t
     assert all(get(services, f"/circuits/{r}").status_code == 200 for r in runs[1:])
 
 
+def test_a_graph_a_label_cites_outlives_the_bounds_and_its_page_stays(engine, tmp_path):
+    """A label cites a trace's run as evidence; more traces than the store keeps follow. The cited graph's page
+    still answers (the person checking the label opens it), the uncited ones beyond the bound go 404."""
+    services = services_on(engine, tmp_path)
+    server = build_server(engine, services.settings, services=services)
+    services.circuits.max_graphs = 2  # the store the server wires (with its cited runs), made small
+    first = call_tool(server, "trace_circuit", TRACE).structured_content
+    node = next(n for n in first["graph"]["nodes"] if n["kind"] == "feature")
+    label = call_tool(server, "label_feature", {"sae": node["sae"], "feature": node["feature"],
+                                                "label": "story openings", "evidence_runs": [first["run_id"]]})
+    assert not label.is_error, text_of(label)
+    runs = [r.structured_content["run_id"] for r in call_many(server, [("trace_circuit", TRACE)] * 3)]
+    assert services.circuits.run_ids() == [runs[2], runs[1], first["run_id"]]
+    assert get(services, f"/circuits/{first['run_id']}").status_code == 200
+    assert get(services, f"/circuits/{runs[0]}").status_code == 404
+
+
 def test_the_store_bound_in_bytes_deletes_the_oldest_but_always_keeps_the_newest(tmp_path):
     graph = {"schema_name": "sae-mcp circuit 1", "nodes": ["x" * 1000]}
     store = CircuitStore(tmp_path / "c.sqlite", max_bytes=2_500)

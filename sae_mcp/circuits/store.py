@@ -10,9 +10,11 @@ holds a circuit (its schema_name starts with 'sae-mcp circuit', results/circuits
 
 Policy: the newest MAX_GRAPHS (200) graphs, and at most MAX_BYTES (64 MiB) of JSON in all; after each write the
 oldest beyond either bound are deleted (the newest is always kept) and the freed pages go back to the file system
-(incremental auto-vacuum). A graph is small unless asked large: the demo's 40-node trace is 51 kB, max_nodes=256 on
-two SAEs (16,132 edges) 1.8 MB, so 64 MiB holds at least 35 of the largest; writing one of those takes
-~20 ms (measured on 2 shared cores, bounds applied), so the server writes on a worker thread.
+(incremental auto-vacuum). A graph whose run a label cites as evidence is never deleted (the person checking the
+label opens its page), as the ledger never prunes a cited run; cited graphs count toward the bounds, so the store
+outgrows them only by graphs that labels cite. A graph is small unless asked large: the demo's 40-node trace is
+51 kB, max_nodes=256 on two SAEs (16,132 edges) 1.8 MB, so 64 MiB holds at least 35 of the largest; writing one of
+those takes ~20 ms (measured on 2 shared cores, bounds applied), so the server writes on a worker thread.
 
 The file is opened on first use, and a read creates nothing: a dashboard with no traced circuit has no file.
 """
@@ -23,6 +25,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,9 +72,11 @@ class StoredCircuit:
 
 
 class CircuitStore:
-    def __init__(self, path: Path, max_graphs: int = MAX_GRAPHS, max_bytes: int = MAX_BYTES):
+    def __init__(self, path: Path, max_graphs: int = MAX_GRAPHS, max_bytes: int = MAX_BYTES,
+                 cited: Callable[[], set[str]] = set):
         self.path = Path(path)
         self.max_graphs, self.max_bytes = max_graphs, max_bytes
+        self.cited = cited  # the run ids labels cite as evidence (read only when something would be deleted)
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
 
@@ -103,13 +108,18 @@ class CircuitStore:
                 conn.execute("PRAGMA incremental_vacuum")
 
     def _bound(self, conn: sqlite3.Connection) -> int:
-        """Delete the oldest rows beyond MAX_GRAPHS or beyond MAX_BYTES counted from the newest (which stays)."""
+        """Delete the oldest rows beyond MAX_GRAPHS or beyond MAX_BYTES counted from the newest (which stays), except
+        those of cited runs."""
         stale = conn.execute(
-            "SELECT seq FROM (SELECT seq, ROW_NUMBER() OVER w AS n, SUM(bytes) OVER w AS total FROM graphs "
-            "WINDOW w AS (ORDER BY seq DESC ROWS UNBOUNDED PRECEDING)) WHERE n > 1 AND (n > ? OR total > ?)",
+            "SELECT seq, run_id FROM (SELECT seq, run_id, ROW_NUMBER() OVER w AS n, SUM(bytes) OVER w AS total "
+            "FROM graphs WINDOW w AS (ORDER BY seq DESC ROWS UNBOUNDED PRECEDING)) "
+            "WHERE n > 1 AND (n > ? OR total > ?)",
             (self.max_graphs, self.max_bytes),
         ).fetchall()
-        conn.executemany("DELETE FROM graphs WHERE seq = ?", stale)
+        if stale:
+            cited = self.cited()
+            stale = [(seq, run_id) for seq, run_id in stale if run_id not in cited]
+        conn.executemany("DELETE FROM graphs WHERE seq = ?", [(seq,) for seq, _ in stale])
         return len(stale)
 
     def get(self, run_id: str) -> StoredCircuit | None:

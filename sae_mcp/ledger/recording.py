@@ -26,11 +26,9 @@ DEFAULT_MAX_MB, or SAE_MCP_LEDGER_MAX_MB megabytes when set.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import secrets
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -58,7 +56,7 @@ from sae_mcp.ledger.rule import Recorded, ResolveContext, rule_of, tools_where
 from sae_mcp.ledger.store import DEFAULT_MAX_MB, PRUNE_BATCH, PRUNE_TO, LedgerStore, ledger_path
 from sae_mcp.ledger.summary import summarize
 from sae_mcp.settings import Settings
-from sae_mcp.store.explanations import explanations_db_path
+from sae_mcp.store.explanations import cited_runs
 
 log = logging.getLogger(__name__)
 
@@ -293,22 +291,3 @@ def ledger_cap() -> int:
 def kept_tools(tools: Mapping[str, Recorded]) -> list[str]:
     """The tools whose successful runs are never pruned (their rule keeps them: the runs that recorded a label)."""
     return tools_where(tools, lambda rule: rule.keeps_runs)
-
-
-def cited_runs(data_dir: Path) -> set[str]:
-    """Every run id a label cites as evidence, in each model's explanation store of the data dir (read-only)."""
-    folder = explanations_db_path(data_dir, "any").parent.parent  # <data_dir>/explanations/<model>/...
-    out: set[str] = set()
-    for path in sorted(folder.glob(f"*/{explanations_db_path(data_dir, 'any').name}")):
-        try:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
-            try:
-                rows = conn.execute("SELECT evidence_runs FROM labels WHERE evidence_runs IS NOT NULL").fetchall()
-            finally:
-                conn.close()
-        except sqlite3.Error as exc:  # a store written before labels cited runs has no such column: none cited
-            log.debug("no cited runs read from %s: %s", path, exc)
-            continue
-        for (text,) in rows:
-            out.update(r for r in json.loads(text) if isinstance(r, str))
-    return out

@@ -43,7 +43,7 @@ from sae_mcp.results import SaeFidelity
 from sae_mcp.scoring.runs import ExplanationScorer
 from sae_mcp.scoring.store import ScoreStore
 from sae_mcp.settings import Settings
-from sae_mcp.store.explanations import ExplanationStore
+from sae_mcp.store.explanations import ExplanationStore, cited_runs
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,11 @@ class Services:
     @property
     def circuits(self) -> CircuitStore:
         """Circuit graphs by run id (<data_dir>/circuits): written by the server after the ledger recorded a
-        trace, read by the circuit page."""
+        trace, read by the circuit page; a graph a label cites is kept past the store's bounds."""
         with self._lock:
             if self._circuits is None:
-                self._circuits = CircuitStore(circuits_path(self.settings.data_dir))
+                data_dir = self.settings.data_dir
+                self._circuits = CircuitStore(circuits_path(data_dir), cited=lambda: cited_runs(data_dir))
             return self._circuits
 
     def fidelity(self, sae_key: str) -> tuple[SaeFidelity | None, str | None]:

@@ -25,6 +25,7 @@ Ranking
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sqlite3
 import threading
@@ -40,6 +41,7 @@ from sae_mcp.errors import InvalidInput
 from sae_mcp.store.db import open_db, slug
 from sae_mcp.store.embedders import Embedder, default_embedder
 
+log = logging.getLogger(__name__)
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009): dampens the weight of the very top ranks
 MIN_COSINE = 0.2  # semantic candidates below this similarity are unrelated for MiniLM; they are not returned
 # Function words left out of a lexical match: OR-ed, any of them would match most descriptions.
@@ -88,6 +90,26 @@ CREATE TABLE IF NOT EXISTS embeddings (
 def explanations_db_path(data_dir: Path, model_key: str) -> Path:
     """`model_key`: LoadedModel.store_key (the official name, or the local folder's path)."""
     return Path(data_dir) / "explanations" / slug(model_key) / "explanations.sqlite"
+
+
+def cited_runs(data_dir: Path) -> set[str]:
+    """Every ledger run id a label cites as evidence, in each model's explanation store of the data dir (read-only):
+    what the ledger never prunes and the circuit store never deletes."""
+    folder = explanations_db_path(data_dir, "any").parent.parent  # <data_dir>/explanations/<model>/...
+    out: set[str] = set()
+    for path in sorted(folder.glob(f"*/{explanations_db_path(data_dir, 'any').name}")):
+        try:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+            try:
+                rows = conn.execute("SELECT evidence_runs FROM labels WHERE evidence_runs IS NOT NULL").fetchall()
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:  # a store written before labels cited runs has no such column: none cited
+            log.debug("no cited runs read from %s: %s", path, exc)
+            continue
+        for (text,) in rows:
+            out.update(r for r in json.loads(text) if isinstance(r, str))
+    return out
 
 
 @dataclass
