@@ -24,7 +24,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import anyio
 import mcp_types as types
@@ -188,7 +188,8 @@ async def checked_stdio_server():
         binary = sys.stdin.buffer
     lines = CheckedLines(binary)
     try:
-        async with stdio_server(stdin=lines) as (read_stream, write_stream):
+        # The SDK's stdio_server only iterates its stdin (`async for line in stdin`), which CheckedLines does.
+        async with stdio_server(stdin=cast("anyio.AsyncFile[str]", lines)) as (read_stream, write_stream):
             lines.answer_with(write_stream)
             yield read_stream, write_stream
     finally:
