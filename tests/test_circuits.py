@@ -311,6 +311,86 @@ def test_faithfulness_equals_an_ablation_by_hand(engine):
     assert engine.is_clean()
 
 
+def plain_means(engine, s, tokens):
+    """Each feature's mean activation and the SAE's mean error over the document tokens of tokens [B, T] (BOS left
+    out), the plain way: the hook's activations cached, sae-lens' own encode and decode."""
+    with torch.inference_mode():
+        _, cache = engine.model.run_with_cache(tokens, names_filter=[s.hook_name])
+        x = cache[s.hook_name][:, 1:].flatten(0, 1)  # [N, d_in]
+        acts = s.sae.encode(x)  # [N, d_sae]
+        return acts.mean(0), (x - s.sae.decode(acts)).mean(0), x.shape[0]
+
+
+def test_mean_ablated_faithfulness_equals_an_ablation_to_the_means_by_hand(engine):
+    """Ablated features set to their mean activation and ablated error nodes to the SAE's mean error (means taken
+    here over the first stories): the three ablated metrics against the same ablation written with plain hooks,
+    and different from zero ablation's (so the check can tell the two apart)."""
+    from sae_mcp.circuits.faithfulness import AblationMeans
+
+    from helpers.models import stories_texts
+
+    tok = engine.model.tokenizer
+    docs = [tok(t, add_special_tokens=False)["input_ids"] for t in stories_texts(40)]
+    corpus = torch.tensor([[1] + d[:63] for d in docs if len(d) >= 63][:12])  # [12, 64]: BOS + 63 tokens
+    saes = [sae_of(engine, 1), sae_of(engine, 3)]
+    means = {s.key: plain_means(engine, s, corpus) for s in saes}
+    res = trace_circuit(engine, CircuitRequest(PROMPT, ANSWER, counterfactual=COUNTERFACTUAL, max_nodes=20,
+                                               ablation="mean"),
+                        means_of=lambda s: AblationMeans(*means[s.key]))
+    zero = trace(engine, PROMPT, ANSWER, counterfactual=COUNTERFACTUAL, max_nodes=20).faithfulness
+    tokens = engine.to_tokens(PROMPT)
+    circuit = {key_of(n) for n in res.graph.nodes if n.kind != "metric"}
+
+    def kept(like, layer, errors: bool, keep: str):
+        """True where kept: the circuit's nodes (of this SAE, features or errors) and BOS."""
+        nodes = torch.zeros(like.shape[:2] if errors else like.shape, dtype=torch.bool)
+        for (lay, p, f) in circuit:
+            if lay == layer and (f == "error") == errors:
+                nodes[(0, p) if errors else (0, p, f)] = True
+        out = {"circuit": nodes.clone(), "rest": ~nodes, "none": torch.zeros_like(nodes)}[keep]
+        out[:, 0] = True  # BOS is never ablated
+        return out[..., None] if errors else out
+
+    def ablated(keep: str) -> float:
+        hooks = []
+        for s in saes:
+            mf, me, _ = means[s.key]
+            hooks += [(f"{s.hook_name}.hook_sae_acts_post",
+                       lambda a, hook, s=s, mf=mf: torch.where(kept(a, s.layer, False, keep), a, mf)),
+                      (f"{s.hook_name}.hook_sae_error",
+                       lambda e, hook, s=s, me=me: torch.where(kept(e, s.layer, True, keep), e, me))]
+        with torch.inference_mode(), engine.model.saes(saes=[s.sae for s in saes], use_error_term=True):
+            logits = engine.model.run_with_hooks(tokens, fwd_hooks=hooks)[0, -1]
+        engine.clean_model()
+        return metric(engine, logits)
+
+    f = res.faithfulness
+    assert f.ablation == "mean" and f.mean_tokens == corpus.shape[0] * 63
+    assert f.metric_circuit == pytest.approx(ablated("circuit"), abs=1e-4)
+    assert f.metric_without_circuit == pytest.approx(ablated("rest"), abs=1e-4)
+    assert f.metric_empty == pytest.approx(ablated("none"), abs=1e-4)
+    assert f.metric_full == pytest.approx(zero.metric_full, abs=1e-6)
+    assert abs(f.metric_empty - zero.metric_empty) > 1e-2  # the means are not zeros
+    assert engine.is_clean()
+
+
+def test_the_means_are_each_feature_and_error_mean_over_the_corpus_windows(engine, tmp_path):
+    """Services.ablation_means over the SAE's corpus windows against plain_means of the same windows; kept."""
+    from sae_mcp.index.fidelity import MEAN_WINDOWS, sample_tokens
+    from sae_mcp.server.tools import tool_map
+    from sae_mcp.services import Services
+
+    services = Services(engine, stories_settings_at(tmp_path, *demo.SAE_DIRS), tools=tool_map())
+    s = sae_of(engine, 3)
+    got = services.ablation_means(s)
+    windows = sample_tokens(services.examples, engine, s, windows=MEAN_WINDOWS)
+    features, error, n = plain_means(engine, s, windows)
+    assert windows.shape[0] == MEAN_WINDOWS and got.tokens == n == MEAN_WINDOWS * (windows.shape[1] - 1)
+    torch.testing.assert_close(got.features, features.float(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got.error, error.float(), atol=1e-5, rtol=1e-4)
+    assert services.ablation_means(s) is got
+
+
 OVERSHOOT_PROMPT, OVERSHOOT_ANSWER = "Once upon a time, there was a little girl named Lily. She", " was"
 
 
@@ -400,6 +480,25 @@ def test_trace_circuit_over_mcp_reads_compactly_with_labels_and_bounds_say_what_
     assert node["label"] == "a name, then a pronoun" and "'a name, then a pronoun'" in text
     assert len(text) < len(str(out)) / 3 and "faithfulness (zero ablation)" in text and "top paths" in text
     assert text.count("\n") < 60
+
+
+def test_mean_ablation_over_mcp_names_its_tokens_and_without_a_corpus_says_what_to_pass(server, engine, tmp_path):
+    from sae_mcp.server.app import build_server
+
+    from mcp_client import call_many, error_text
+
+    asked = {"prompt": PROMPT, "answer": ANSWER, "counterfactual": COUNTERFACTUAL, "max_nodes": 8}
+    mean, bogus = call_many(server, [("trace_circuit", {**asked, "ablation": "mean"}),
+                                     ("trace_circuit", {**asked, "ablation": "half"})])
+    f = mean.structured_content["faithfulness"]
+    assert f["ablation"] == "mean" and f["mean_tokens"] > 5000
+    assert f"faithfulness (mean ablation over {f['mean_tokens']:,} corpus tokens)" in mean.content[0].text
+    assert bogus.is_error and "'zero'" in error_text(bogus) and "'mean'" in error_text(bogus)
+    lost = build_server(engine, stories_settings_at(tmp_path, *demo.SAE_DIRS, corpus=str(tmp_path / "gone.jsonl")))
+    (no_corpus, zero) = call_many(lost, [("trace_circuit", {**asked, "ablation": "mean"}),
+                                         ("trace_circuit", asked)])
+    assert no_corpus.is_error and "pass ablation='zero'" in error_text(no_corpus)
+    assert not zero.is_error  # the server keeps working, and zero ablation needs no corpus
 
 
 def test_the_graph_converts_to_circuit_tracers_json_node_for_node_and_link_for_link(engine):

@@ -63,9 +63,9 @@ def test_a_session_across_every_tool_is_recorded_completely(recorded):
     assert by_tool["ablate_and_test"]["control_sets"] == [c["features"] for c in controls]
     assert by_tool["ablate_and_test"]["seed"] == 0
     assert by_tool["top_examples"]["corpus"]["kind"] == "jsonl" and by_tool["top_examples"]["tokens_scanned"] >= 4000
-    blind = results[23].structured_content["challenge"]  # score_explanation, no seed given: the drawn one recorded
-    assert by_tool["score_explanation"]["seed"] == blind["seed"] and "seed" not in calls[23][1]
-    assert not results[24].is_error and by_tool["submit_predictions"]["challenge_id"] == blind["challenge_id"]
+    blind = results[24].structured_content["challenge"]  # score_explanation, no seed given: the drawn one recorded
+    assert by_tool["score_explanation"]["seed"] == blind["seed"] and "seed" not in calls[24][1]
+    assert not results[25].is_error and by_tool["submit_predictions"]["challenge_id"] == blind["challenge_id"]
     env = store.env(runs[0].env)
     assert env["model"]["weights"]["kind"] == "sha256" and env["model"]["processing"]["fold_ln"] is True
     assert env["saes"][0]["weights_id"] == sae.weights_id and env["saes"][0]["dtype"] == "float32"
@@ -103,7 +103,7 @@ def test_the_ledger_reads_back_through_the_tool_and_the_resources(recorded):
     assert listing.structured_content["runs"] == []  # this connection made no recorded call (ledger is not recorded)
     assert "KL" in text_of(steer) and len(text_of(steer)) < 600
     (scored,) = call_many(server, [("ledger", {"tool": "submit_predictions"})])
-    m = results[24].structured_content["metrics"]
+    m = results[25].structured_content["metrics"]
     assert f"balanced accuracy {m['balanced_accuracy']:.4g} [{m['interval_95'][0]:.4g}," in text_of(scored)
     sessions = read_resource(server, "ledger://sessions").contents[0].text
     first = recorded["store"].runs()[0].session

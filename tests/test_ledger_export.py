@@ -38,7 +38,7 @@ def test_the_exported_script_redoes_every_run_without_sae_mcp(session, tmp_path)
     path = tmp_path / "session.py"
     rc, out = cli("ledger", "export", "--data-dir", str(session["data_dir"]), "--session", session["data"].id,
                   "--format", "py", "--out", str(path))
-    assert rc == 0 and "28 runs, 2 labels" in out
+    assert rc == 0 and "29 runs, 2 labels" in out
     source = path.read_text()
     imported = {(n.module or "").split(".")[0] for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name.split(".")[0] for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Import)
@@ -54,10 +54,10 @@ def test_the_exported_script_redoes_every_run_without_sae_mcp(session, tmp_path)
     tools = ["get_feature_acts", "compare_prompts", "compare_prompts (sets)", "next_token", "next_token",
              "project_to_vocab", "project_to_vocab", "top_examples", "ablate_and_test", "attribute (gradient)",
              "attribute (integrated_gradients)", "steer_generate", "steer_generate", "patch_features",
-             "patch_features", "trace_circuit"]
+             "patch_features", "trace_circuit", "trace_circuit"]
     assert [line.split(" ", 1)[1].split(" reproduced")[0] for line in redone] == tools
     assert "2 of 2 texts identical" in redone[11] or "3 of 3" in redone[11]  # greedy: asserted exactly
-    assert done.stdout.strip().endswith("every redone run matched the ledger (16 runs)")
+    assert done.stdout.strip().endswith("every redone run matched the ledger (17 runs)")
 
 
 def test_the_exported_notebook_is_valid_and_executes(session, tmp_path):
@@ -80,7 +80,7 @@ def test_the_exported_notebook_is_valid_and_executes(session, tmp_path):
     except Exception as exc:  # no kernel can start here (sandbox, missing kernelspec): say so
         pytest.skip(f"a Jupyter kernel could not run here: {type(exc).__name__}: {exc}")
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert printed.count("reproduced") == 16 and "every redone run matched the ledger (16 runs)" in printed
+    assert printed.count("reproduced") == 17 and "every redone run matched the ledger (17 runs)" in printed
 
 
 def test_the_markdown_report_has_the_question_the_findings_the_setup_and_every_run(session, tmp_path):
@@ -117,7 +117,7 @@ def test_replay_finds_no_difference_unchanged_and_reports_a_swapped_sae(session,
     base = ["ledger", "replay", "--data-dir", str(session["data_dir"]), "--session", sid, "--device", "cpu"]
     rc, out = cli(*base)
     assert rc == 0, out
-    assert "28 same, 0 differ, 0 skipped" in out and "changed since the recording" not in out
+    assert "29 same, 0 differ, 0 skipped" in out and "changed since the recording" not in out
     other = make_sae_folder(tmp_path / "other_sae", 64, 256, STORIES_HOOK, seed=3)
     rc, out = cli(*base, "--sae", str(other))
     assert rc == 1
@@ -159,7 +159,7 @@ def test_a_cut_copy_of_a_long_result_is_checked_on_what_it_kept(tmp_path):
 def test_replay_reads_last_digits_moved_as_close_and_a_real_change_as_differs():
     """Another thread count or device moves the last digits of a float (measured: 0.795124 -> 0.795123, and a
     Cohen's d of two-prompt sets -16.976 -> -16.97): replay says 'close', not 'differs'; a moved number beyond the
-    tolerance, or any other field, still differs."""
+    tolerance, or any other field, still differs; a field the recorded result lacks counts only when not null."""
     from mcp.types import CallToolResult
 
     from sae_mcp.ledger.export.replay import FLOAT_RTOL, compare
@@ -179,3 +179,7 @@ def test_replay_reads_last_digits_moved_as_close_and_a_real_change_as_differs():
     moved = compare(run, now(exact=0.795124 * (1 + 3 * FLOAT_RTOL)), volatile("compare_prompts"))
     assert moved.status == "differs" and "diffs[0].exact" in moved.detail
     assert compare(run, now(feature=4), volatile("compare_prompts")).status == "differs"
+    # a field a later version added: null says nothing for this call (same); a value is a difference
+    assert compare(run, now(added=None), volatile("compare_prompts")).status == "same"
+    added = compare(run, now(added=2), volatile("compare_prompts"))
+    assert added.status == "differs" and "diffs[0].added: new" in added.detail

@@ -1,10 +1,13 @@
-"""Faithfulness of a circuit, as Marks et al. (2024) define it, with zero ablation:
+"""Faithfulness of a circuit, as Marks et al. (2024) define it, with zero or mean ablation:
 
     faithfulness = (m(C) - m(empty)) / (m(M) - m(empty))      completeness = (m(M \\ C) - m(empty)) / (m(M) - m(empty))
 
-m(M) the model's metric; m(C) with every node outside the circuit zeroed at every traced SAE (every SAE spliced with
-its error term, so the circuit's nodes are recomputed from what still reaches them); m(empty) with every node
-zeroed (each SAE then writes its b_dec); m(M \\ C) with the circuit's nodes zeroed. BOS is never ablated.
+m(M) the model's metric; m(C) with every node outside the circuit ablated at every traced SAE (every SAE spliced
+with its error term, so the circuit's nodes are recomputed from what still reaches them); m(empty) with every node
+ablated; m(M \\ C) with the circuit's nodes ablated. BOS is never ablated. Zero ablation sets a node to 0 (with
+every node zeroed an SAE writes its b_dec); mean ablation sets a feature to its mean activation and an error node to
+the SAE's mean error vector, both over corpus tokens (ablation_means; Marks et al.'s choice: a zeroed error term
+removes what the SAE misses, often far from anything the model sees).
 
 Both are ratios over m(M) - m(empty). Where that gap is small, or the circuit overshoots what the model does, they
 leave [0, 1] and stop being shares of the behaviour (measured on the demo: 'Once upon a time, there was a little girl
@@ -12,6 +15,8 @@ named Lily. She' -> ' was', 10 nodes: gap 0.44, faithfulness 5.33, completeness 
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -23,16 +28,44 @@ from sae_mcp.results import rounded
 from sae_mcp.results.circuits import Faithfulness
 
 
+@dataclass(frozen=True)
+class AblationMeans:
+    """What mean ablation sets one SAE's nodes to: means over corpus document tokens (BOS left out)."""
+
+    features: torch.Tensor  # [d_sae] each feature's mean activation (its zeros included)
+    error: torch.Tensor  # [d_in] the mean error term x - decode(encode(x))
+    tokens: int  # document tokens averaged over
+
+
+def ablation_means(engine: Engine, s: LoadedSAE, tokens: torch.Tensor) -> AblationMeans:
+    """tokens [B, T] (corpus windows) -> the SAE's AblationMeans over their document tokens. Call inside
+    device_work(). The error is the one the spliced model's hook_sae_error sees: the SAE's input minus its
+    reconstruction."""
+    first = 1 if s.prepend_bos else 0  # BOS is context, not a document token
+    with torch.inference_mode():
+        x = engine.forward_to_hook(tokens.to(engine.device), s)[:, first:].flatten(0, 1)  # [N, d_in]
+        acts = engine.encode(s, x)  # [N, d_sae]
+        err = x.to(acts.dtype) - s.sae.decode(acts)  # [N, d_in]
+        return AblationMeans(features=acts.float().mean(0), error=err.float().mean(0), tokens=int(x.shape[0]))
+
+
 def _masked_metric(engine: Engine, saes: list[LoadedSAE], tokens: torch.Tensor, at: MetricAt,
-                   keep: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """The metric with every traced SAE spliced (error term on), its features multiplied by keep[i][0] [S, d_sae]
-    and its error by keep[i][1] [S] (1 = kept, 0 = zero-ablated)."""
+                   keep: list[tuple[torch.Tensor, torch.Tensor]], means: list[AblationMeans] | None) -> float:
+    """The metric with every traced SAE spliced (error term on), its features kept where keep[i][0] [S, d_sae] is
+    True and its error where keep[i][1] [S] is; elsewhere zeroed (means None) or set to means[i]."""
     model = engine.model
     hooks: FwdHooks = []
-    for s, (feat, err) in zip(saes, keep):
-        hooks.append((f"{s.hook_name}.hook_sae_acts_post", lambda a, hook, m=feat: a * m.to(a.dtype)))
-        hooks.append((f"{s.hook_name}.hook_sae_error",
-                      lambda e, hook, m=err: e * m.to(e.dtype).reshape(1, -1, *[1] * (e.ndim - 2))))
+    for i, (s, (feat, err)) in enumerate(zip(saes, keep)):
+        if means is None:
+            hooks.append((f"{s.hook_name}.hook_sae_acts_post", lambda a, hook, m=feat: a * m.to(a.dtype)))
+            hooks.append((f"{s.hook_name}.hook_sae_error",
+                          lambda e, hook, m=err: e * m.to(e.dtype).reshape(1, -1, *[1] * (e.ndim - 2))))
+            continue
+        mf, me = means[i].features, means[i].error  # [d_sae], [d_in]
+        hooks.append((f"{s.hook_name}.hook_sae_acts_post",  # a [1, S, d_sae]
+                      lambda a, hook, m=feat, v=mf: torch.where(m.to(a.device), a, v.to(a.device, a.dtype))))
+        hooks.append((f"{s.hook_name}.hook_sae_error",  # e [1, S, d_in]
+                      lambda e, hook, m=err, v=me: torch.where(m.to(e.device)[:, None], e, v.to(e.device, e.dtype))))
     with engine.device_work(), torch.inference_mode(), model.saes(saes=[s.sae for s in saes], use_error_term=True):
         with model.hooks(fwd_hooks=hooks):
             return float(at.of(model(tokens, return_type="logits"))[0])
@@ -58,15 +91,18 @@ def _masks(saes: list[LoadedSAE], S: int, first: int, nodes: list[Node], inside:
 
 
 def faithfulness(engine: Engine, saes: list[LoadedSAE], prepend_bos: bool, tokens: torch.Tensor, at: MetricAt,
-                 metric: float, circuit: list[Node]) -> Faithfulness:
-    """The metric of the model, the circuit alone, without it and with nothing, and the two ratios."""
+                 metric: float, circuit: list[Node], means: list[AblationMeans] | None = None) -> Faithfulness:
+    """The metric of the model, the circuit alone, without it and with nothing, and the two ratios; ablated nodes
+    zeroed, or set to `means` (one per SAE) when given."""
     S, first = tokens.shape[1], 1 if prepend_bos else 0
-    empty = _masked_metric(engine, saes, tokens, at, _masks(saes, S, first, [], inside=True))
-    with_c = _masked_metric(engine, saes, tokens, at, _masks(saes, S, first, circuit, inside=True))
-    without = _masked_metric(engine, saes, tokens, at, _masks(saes, S, first, circuit, inside=False))
+    empty = _masked_metric(engine, saes, tokens, at, _masks(saes, S, first, [], inside=True), means)
+    with_c = _masked_metric(engine, saes, tokens, at, _masks(saes, S, first, circuit, inside=True), means)
+    without = _masked_metric(engine, saes, tokens, at, _masks(saes, S, first, circuit, inside=False), means)
     gap = metric - empty
     return Faithfulness(
-        ablation="zero", metric_full=rounded(metric, 6), metric_empty=rounded(empty, 6),
+        ablation="zero" if means is None else "mean",
+        mean_tokens=None if means is None else min(m.tokens for m in means),
+        metric_full=rounded(metric, 6), metric_empty=rounded(empty, 6),
         metric_circuit=rounded(with_c, 6), metric_without_circuit=rounded(without, 6),
         faithfulness=rounded((with_c - empty) / gap, 4) if abs(gap) > 1e-9 else None,
         completeness=rounded((without - empty) / gap, 4) if abs(gap) > 1e-9 else None,

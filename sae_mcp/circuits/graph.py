@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sae_mcp.circuits.faithfulness import faithfulness, ratio_warning
+from sae_mcp.circuits.faithfulness import AblationMeans, faithfulness, ratio_warning
 from sae_mcp.circuits.nodes import Node
 from sae_mcp.circuits.paths import METRIC, top_paths
 from sae_mcp.engine import attribution_checks as checks
@@ -52,6 +52,7 @@ from sae_mcp.results import collect_warnings, rounded
 from sae_mcp.results.circuits import CircuitEdge, CircuitGraph, CircuitNode, CircuitResult, Faithfulness
 
 MAX_NODES = 256
+ABLATIONS = ("zero", "mean")  # faithfulness: nodes set to 0, or to their mean over corpus tokens
 MAX_TRACE_ELEMENTS = 1 << 26  # positions x features, summed over the traced SAEs (a [S, d_sae] float each)
 EDGE_ELEMENTS = 1 << 26  # floats a batched edge forward may hold: rows x positions x (d_sae's + 8 d_model)
 MAX_EDGE_ROWS = 64
@@ -74,9 +75,12 @@ class CircuitRequest:
     method: str = "gradient"  # 'gradient' or 'integrated_gradients'
     steps: int = 8  # integrated gradients' steps
     verify: bool = True  # each kept node's exact contribution computed (its attribution checked)
+    ablation: str = "zero"  # faithfulness' ablation: 'zero' or 'mean' (over corpus tokens)
 
     def check(self) -> None:
-        """What needs no model: the method, steps, max_nodes and the thresholds in their ranges."""
+        """What needs no model: the method, steps, ablation, max_nodes and the thresholds in their ranges."""
+        if self.ablation not in ABLATIONS:
+            raise InvalidInput(f"ablation {self.ablation!r} is unknown; pass 'zero' or 'mean'")
         if self.method not in checks.METHODS:
             raise InvalidInput(f"method {self.method!r} is unknown; pass 'gradient' or 'integrated_gradients'")
         if not 1 <= self.steps <= checks.MAX_STEPS:
@@ -303,11 +307,18 @@ def trace_circuit(
     request: CircuitRequest,
     progress: Progress | None = None,
     cancel: CancelToken | None = None,
+    means_of: Callable[[LoadedSAE], AblationMeans] | None = None,
 ) -> CircuitResult:
     """A sparse feature circuit over request.saes (default every loaded SAE, one per hook, by layer) for the metric
     at request.position: nodes, edges between consecutive SAEs, faithfulness, the strongest paths. `progress(done,
-    total)` follows its steps; `cancel` stops it between them."""
+    total)` follows its steps; `cancel` stops it between them. `means_of(sae)`: its AblationMeans, asked for each
+    traced SAE before any device work when request.ablation is 'mean' (required then)."""
     plan = _plan(engine, request)
+    means = None
+    if request.ablation == "mean":
+        if means_of is None:
+            raise InvalidInput("ablation='mean' needs each SAE's means over its corpus; none are available here")
+        means = [means_of(s) for s in plan.saes]
     tokens = engine.to_tokens(request.prompt, prepend_bos=plan.prepend_bos)  # [1, S]
     _check_size(plan, tokens.shape[1])
     pos = position_index(plan.position, tokens.shape[1])
@@ -341,7 +352,7 @@ def trace_circuit(
             found = edges_between(engine, states[i], states[j], tokens, sources, targets, check)
             edges.update({k: w for k, w in found.items() if abs(w) >= plan.edge_threshold})
         step()
-    faithful = faithfulness(engine, plan.saes, plan.prepend_bos, tokens, at, metric, kept)
+    faithful = faithfulness(engine, plan.saes, plan.prepend_bos, tokens, at, metric, kept, means)
     step()
     str_tokens = engine.str_tokens(tokens)
     nodes = [_node_of(n, plan, states, str_tokens, x) for n, x in zip(kept, exact + [None] * len(kept))]

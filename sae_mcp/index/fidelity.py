@@ -23,17 +23,20 @@ from sae_mcp.index.source import ExampleSource
 from sae_mcp.results import SaeFidelity, rounded
 
 FIDELITY_WINDOWS = 4  # windows of the SAE's context size: 512 tokens for a 128-token SAE
+MEAN_WINDOWS = 64  # for mean ablation's feature means (trace_circuit): 8,128 document tokens for a 128-token SAE,
+# so a feature firing on 1 token in 1,000 is seen ~8 times
 
 
-def sample_tokens(examples: ExampleSource, engine: Engine, s: LoadedSAE) -> torch.Tensor:
-    """The first FIDELITY_WINDOWS full-length windows of the SAE's corpus -> tokens [B, T] (B may be fewer;
-    0 rows when the corpus has no full window). Raises the corpus' NotFound/LoadError when there is none."""
+def sample_tokens(examples: ExampleSource, engine: Engine, s: LoadedSAE, windows: int = FIDELITY_WINDOWS
+                  ) -> torch.Tensor:
+    """The first `windows` full-length windows of the SAE's corpus -> tokens [B, T] (B may be fewer; 0 rows when
+    the corpus has no full window). Raises the corpus' NotFound/LoadError when there is none."""
     length = window_context(s.context_size, engine.model.cfg.n_ctx)
     rows = []
     for w in iter_windows(examples.corpus(s), engine.corpus_tokenizer, length, bos_id(engine, s), hub=engine.hub):
         if len(w.ids) == length:
             rows.append(w.ids)
-        if len(rows) == FIDELITY_WINDOWS:
+        if len(rows) == windows:
             break
     return torch.tensor(rows, dtype=torch.long).reshape(len(rows), length)
 

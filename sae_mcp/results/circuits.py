@@ -102,7 +102,9 @@ class CircuitPath(BaseModel):
 
 
 class Faithfulness(BaseModel):
-    ablation: str = Field(description="'zero': ablated nodes are set to 0 (errors too)")
+    ablation: str = Field(description="'zero': ablated nodes are set to 0 (errors too); 'mean': to their mean over "
+                          "corpus tokens (a feature's mean activation, the SAE's mean error vector)")
+    mean_tokens: int | None = Field(default=None, description="Mean ablation: the corpus tokens the means are over")
     metric_full: float = Field(description="m(M): the model")
     metric_empty: float = Field(description="m(empty): every node of every traced SAE ablated")
     metric_circuit: float = Field(description="m(C): every node outside the circuit ablated")

@@ -31,11 +31,13 @@ from collections.abc import Mapping
 
 import torch
 
+from sae_mcp.circuits.faithfulness import AblationMeans, ablation_means
 from sae_mcp.circuits.store import CircuitStore, circuits_path
 from sae_mcp.engine.runtime import Engine
+from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.engine.stats import LogitWeightStats
-from sae_mcp.errors import Busy, SaeMcpError
-from sae_mcp.index.fidelity import measure_fidelity, sample_tokens
+from sae_mcp.errors import Busy, InvalidInput, SaeMcpError
+from sae_mcp.index.fidelity import MEAN_WINDOWS, measure_fidelity, sample_tokens
 from sae_mcp.index.source import ExampleSource
 from sae_mcp.ledger.recording import Ledger
 from sae_mcp.ledger.rule import Recorded
@@ -69,6 +71,7 @@ class Services:
         self._fidelity: dict[str, tuple[SaeFidelity | None, str | None]] = {}  # SAE key -> (measured, why not)
         self._fidelity_guards: dict[str, threading.Lock] = {}  # SAE key -> one measurement at a time
         self._fidelity_started: set[str] = set()  # SAE keys fidelity_now has sent to a background measurement
+        self._means: dict[str, AblationMeans] = {}  # SAE key -> its means for mean ablation, once measured
         self._lock = threading.Lock()
 
     @property
@@ -170,6 +173,22 @@ class Services:
             return "kept"
         finally:
             guard.release()
+
+    def ablation_means(self, s: LoadedSAE) -> AblationMeans:
+        """The SAE's feature and error means over the first MEAN_WINDOWS full windows of its corpus (mean
+        ablation), measured on first use and kept. Raises, saying what to pass instead, when there is no corpus."""
+        if s.key not in self._means:
+            try:
+                tokens = sample_tokens(self.examples, self.engine, s, windows=MEAN_WINDOWS)
+            except SaeMcpError as exc:
+                raise InvalidInput(f"ablation='mean' needs {s.key}'s corpus for its means, and it cannot be read "
+                                   f"({exc}); pass ablation='zero' or a corpus (--corpus)") from exc
+            if tokens.shape[0] == 0:
+                raise InvalidInput(f"ablation='mean' needs full-length windows of {s.key}'s corpus for its means, "
+                                   "and it has none; pass ablation='zero'")
+            with self.engine.device_work():
+                self._means[s.key] = ablation_means(self.engine, s, tokens)
+        return self._means[s.key]
 
     def _max_activation(self, sae_key: str, feature: int) -> tuple[float, str] | None:
         """The cached max activation steering calibrated with (the ledger records the exact coefficient); None from

@@ -43,6 +43,7 @@ def session_calls() -> list[tuple[str, dict]]:
         ("patch_features", {"prompt": "Lily saw a cat. She", "source_prompt": "Lily saw a dog. She", "answer": " was",
                             "counterfactual": " had", "features": [5, 9]}),
         ("trace_circuit", {"prompt": PROMPT, "answer": " was", "max_nodes": 12}),
+        ("trace_circuit", {"prompt": PROMPT, "answer": " was", "max_nodes": 12, "ablation": "mean"}),
         ("project_to_vocab", {"feature": 99999}),  # fails: out of range
         ("build_index", {"tokens": 20000}),
         ("search_explanations", {"query": "girl"}),

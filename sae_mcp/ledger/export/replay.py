@@ -57,10 +57,13 @@ def close(a: Any, b: Any, rtol: float) -> bool:
 
 def first_difference(a: Any, b: Any, path: str = "", rtol: float = 0.0) -> str | None:
     """Where two JSON values first differ ('positions[2].top[0].activation: recorded 1.5, now 1.25'), or None;
-    numbers within rtol count as equal."""
+    numbers within rtol count as equal. A field the recorded result lacks and now null is no difference: an
+    optional field a later version added, saying nothing for this call."""
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
             where = f"{path}.{k}" if path else k
+            if k not in a and b[k] is None:
+                continue
             if k not in a or k not in b:
                 return f"{where}: {'new' if k not in a else 'gone'} (now {_show(b.get(k))}, recorded {_show(a.get(k))})"
             found = first_difference(a[k], b[k], where, rtol)

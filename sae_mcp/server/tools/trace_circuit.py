@@ -51,7 +51,7 @@ def make(deps: ToolDeps) -> Callable[..., CircuitResult]:
         counterfactual: Annotated[str, A.answer] | None = None,
         saes: Annotated[
             list[Annotated[str, Field(max_length=256)]] | None,
-            Field(max_length=64, description="Default: every SAE, one per hook"),
+            Field(max_length=64, description="Default: all, one per hook"),
         ] = None,
         node_threshold: Annotated[Threshold, Field(description="Min |attribution|")] = 0.0,
         max_nodes: Annotated[int, Field(ge=1, le=graph.MAX_NODES)] = 40,
@@ -59,17 +59,19 @@ def make(deps: ToolDeps) -> Callable[..., CircuitResult]:
         position: Annotated[Annotated[int, A.position], Field(description="Where the metric is read")] = -1,
         method: Literal["gradient", "integrated_gradients"] = "gradient",
         steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 8,
+        ablation: Literal["zero", "mean"] = "zero",
         mcp_context: Context | None = None,
     ) -> CircuitResult:
-        """A sparse feature circuit across SAEs (Marks et al.): nodes, edges, faithfulness, paths."""
+        """Sparse feature circuit (Marks et al.): nodes, edges, faithfulness, paths."""
         cancel = CancelToken()
         progress = progress_reporter(mcp_context, cancel, "steps (nodes, checks, each SAE pair, faithfulness)")
         request = graph.CircuitRequest(
             prompt=prompt, answer=answer, counterfactual=counterfactual, saes=None if saes is None else tuple(saes),
             node_threshold=node_threshold, max_nodes=max_nodes, edge_threshold=edge_threshold, position=position,
-            method=method, steps=steps,
+            method=method, steps=steps, ablation=ablation,
         )
-        result = graph.trace_circuit(engine, request, progress=progress, cancel=cancel)
+        result = graph.trace_circuit(engine, request, progress=progress, cancel=cancel,
+                                     means_of=services.ablation_means)
         return label_nodes(services, engine, result)
 
     return trace_circuit
@@ -92,7 +94,8 @@ def render(r: CircuitResult) -> str:
         f"metric {r.metric} = {fmt(r.metric_value)}; SAEs " + ", ".join(f"{short[k]} = {k}" for k in r.saes)
         + f"; {r.n_nodes} of {r.n_candidate_nodes} nodes kept ({r.attribution_kept:.0%} of |attribution|), "
         f"{r.n_edges} edges",
-        f"faithfulness ({f.ablation} ablation) {'n/a' if f.faithfulness is None else fmt(f.faithfulness)}, "
+        f"faithfulness ({f.ablation} ablation{mean_over(f.mean_tokens)}) "
+        f"{'n/a' if f.faithfulness is None else fmt(f.faithfulness)}, "
         f"completeness {'n/a' if f.completeness is None else fmt(f.completeness)}: metric of the model "
         f"{fmt(f.metric_full)}, circuit alone {fmt(f.metric_circuit)}, without it {fmt(f.metric_without_circuit)}, "
         f"nothing {fmt(f.metric_empty)}",
@@ -109,6 +112,10 @@ def render(r: CircuitResult) -> str:
         lines.append(f"  {name(n.node_id)}: {attribution}{exact}{label}")
     lines.append("the whole graph (nodes, edges with weights) is in the structured content")
     return join(lines + warnings_lines(r.warnings))
+
+
+def mean_over(tokens: int | None) -> str:
+    return "" if tokens is None else f" over {tokens:,} corpus tokens"
 
 
 def resolve(r: JSON, result: JSON, ctx: ResolveContext) -> JSON:
@@ -219,12 +226,25 @@ for up, src, down, dst, weight in {lit(checked, 33)}:  # the strongest edges
     g = grads[down][1][dst[0]]
     g_down = g if dst[1] is None else g @ SAES[down].W_dec[dst[1]]
     close(edge_by_hand(tokens, up, down, src, dst, g_down), weight, f"edge {{up}} {{src}} -> {{down}} {{dst}}")
+""" + _faithfulness_checks(f, run.truncated) + f"print({run.id!r}, 'trace_circuit reproduced')\n"
+
+
+def _faithfulness_checks(f: JSON, truncated: bool) -> str:
+    """The export's checks of m(empty) and m(C), by zero ablation; mean ablation's means (over corpus tokens the
+    notebook does not load) are not in the ledger, so those runs say so instead."""
+    if f.get("ablation") == "mean":
+        return (f"# faithfulness by mean ablation over {f.get('mean_tokens')} corpus tokens: the means are not in the "
+                "ledger, so m(empty) and m(C) are not redone here\n")
+    out = f"""\
 close(masked_metric(tokens, keys, {{k: set() for k in keys}}, position, answer_id, cf_id), {f['metric_empty']},
       "every node ablated")
-""" + ("" if run.truncated else f"""\
+"""
+    if not truncated:
+        out += f"""\
 circuit = {{key: {{(p, f) for k, p, f, _ in nodes if k == key}} for key in keys}}
 close(masked_metric(tokens, keys, circuit, position, answer_id, cf_id), {f['metric_circuit']}, "the circuit alone")
-""") + f"print({run.id!r}, 'trace_circuit reproduced')\n"
+"""
+    return out
 
 
 SPEC = ToolSpec(
