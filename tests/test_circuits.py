@@ -374,18 +374,21 @@ def test_mean_ablated_faithfulness_equals_an_ablation_to_the_means_by_hand(engin
     assert engine.is_clean()
 
 
-def test_the_means_are_each_feature_and_error_mean_over_the_corpus_windows(engine, tmp_path):
-    """Services.ablation_means over the SAE's corpus windows against plain_means of the same windows; kept."""
-    from sae_mcp.index.fidelity import MEAN_WINDOWS, sample_tokens
+def test_the_means_are_each_feature_and_error_mean_over_the_corpus_windows(engine, tmp_path, monkeypatch):
+    """Services.ablation_means over the SAE's corpus windows, a few at a time, against plain_means of all of them
+    at once; kept."""
+    from sae_mcp.circuits import faithfulness
+    from sae_mcp.index.fidelity import MEAN_TOKENS, mean_windows, sample_tokens
     from sae_mcp.server.tools import tool_map
     from sae_mcp.services import Services
 
     services = Services(engine, stories_settings_at(tmp_path, *demo.SAE_DIRS), tools=tool_map())
     s = sae_of(engine, 3)
+    monkeypatch.setattr(faithfulness, "MEAN_CHUNK_ELEMENTS", 5 * 128 * s.d_sae)  # 5 windows at a time: 13 chunks
     got = services.ablation_means(s)
-    windows = sample_tokens(services.examples, engine, s, windows=MEAN_WINDOWS)
+    windows = sample_tokens(services.examples, engine, s, windows=mean_windows(engine, s))
     features, error, n = plain_means(engine, s, windows)
-    assert windows.shape[0] == MEAN_WINDOWS and got.tokens == n == MEAN_WINDOWS * (windows.shape[1] - 1)
+    assert windows.shape == (64, 128) and got.tokens == n == MEAN_TOKENS
     torch.testing.assert_close(got.features, features.float(), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got.error, error.float(), atol=1e-5, rtol=1e-4)
     assert services.ablation_means(s) is got

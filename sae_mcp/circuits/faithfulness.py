@@ -37,16 +37,26 @@ class AblationMeans:
     tokens: int  # document tokens averaged over
 
 
+MEAN_CHUNK_ELEMENTS = 1 << 25  # activations held at once while averaging: 128 MB of fp32 (24576 wide: ~1.4k tokens)
+
+
 def ablation_means(engine: Engine, s: LoadedSAE, tokens: torch.Tensor) -> AblationMeans:
-    """tokens [B, T] (corpus windows) -> the SAE's AblationMeans over their document tokens. Call inside
-    device_work(). The error is the one the spliced model's hook_sae_error sees: the SAE's input minus its
-    reconstruction."""
+    """tokens [B, T] (corpus windows) -> the SAE's AblationMeans over their document tokens, a few windows at a
+    time (the [tokens, d_sae] activations of all of them could be GBs). Call inside device_work(). The error is the
+    one the spliced model's hook_sae_error sees: the SAE's input minus its reconstruction."""
     first = 1 if s.prepend_bos else 0  # BOS is context, not a document token
+    per_chunk = max(1, MEAN_CHUNK_ELEMENTS // (tokens.shape[1] * s.d_sae))  # windows at a time
+    feat_sum = torch.zeros(s.d_sae, dtype=torch.float64, device=engine.device)
+    err_sum = torch.zeros(s.d_in, dtype=torch.float64, device=engine.device)
+    n = 0
     with torch.inference_mode():
-        x = engine.forward_to_hook(tokens.to(engine.device), s)[:, first:].flatten(0, 1)  # [N, d_in]
-        acts = engine.encode(s, x)  # [N, d_sae]
-        err = x.to(acts.dtype) - s.sae.decode(acts)  # [N, d_in]
-        return AblationMeans(features=acts.float().mean(0), error=err.float().mean(0), tokens=int(x.shape[0]))
+        for chunk in tokens.split(per_chunk):
+            x = engine.forward_to_hook(chunk.to(engine.device), s)[:, first:].flatten(0, 1)  # [N, d_in]
+            acts = engine.encode(s, x)  # [N, d_sae]
+            feat_sum += acts.sum(0, dtype=torch.float64)
+            err_sum += (x.to(acts.dtype) - s.sae.decode(acts)).sum(0, dtype=torch.float64)  # [d_in]
+            n += int(x.shape[0])
+    return AblationMeans(features=(feat_sum / max(n, 1)).float(), error=(err_sum / max(n, 1)).float(), tokens=n)
 
 
 def _masked_metric(engine: Engine, saes: list[LoadedSAE], tokens: torch.Tensor, at: MetricAt,

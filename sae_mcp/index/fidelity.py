@@ -23,8 +23,14 @@ from sae_mcp.index.source import ExampleSource
 from sae_mcp.results import SaeFidelity, rounded
 
 FIDELITY_WINDOWS = 4  # windows of the SAE's context size: 512 tokens for a 128-token SAE
-MEAN_WINDOWS = 64  # for mean ablation's feature means (trace_circuit): 8,128 document tokens for a 128-token SAE,
-# so a feature firing on 1 token in 1,000 is seen ~8 times
+MEAN_TOKENS = 8128  # mean ablation's sample (trace_circuit): ~8k document tokens, 64 windows of a 128-token SAE, so
+# a feature firing on 1 token in 1,000 is seen ~8 times; an SAE of longer contexts takes fewer, longer windows
+
+
+def mean_windows(engine: Engine, s: LoadedSAE) -> int:
+    """Windows of the SAE's corpus that hold MEAN_TOKENS document tokens (each window: BOS + length - 1 of them)."""
+    length = window_context(s.context_size, engine.model.cfg.n_ctx)
+    return max(1, -(-MEAN_TOKENS // max(length - 1, 1)))
 
 
 def sample_tokens(examples: ExampleSource, engine: Engine, s: LoadedSAE, windows: int = FIDELITY_WINDOWS

@@ -37,7 +37,7 @@ from sae_mcp.engine.runtime import Engine
 from sae_mcp.engine.saes import LoadedSAE
 from sae_mcp.engine.stats import LogitWeightStats
 from sae_mcp.errors import Busy, InvalidInput, SaeMcpError
-from sae_mcp.index.fidelity import MEAN_WINDOWS, measure_fidelity, sample_tokens
+from sae_mcp.index.fidelity import mean_windows, measure_fidelity, sample_tokens
 from sae_mcp.index.source import ExampleSource
 from sae_mcp.ledger.recording import Ledger
 from sae_mcp.ledger.rule import Recorded
@@ -175,11 +175,12 @@ class Services:
             guard.release()
 
     def ablation_means(self, s: LoadedSAE) -> AblationMeans:
-        """The SAE's feature and error means over the first MEAN_WINDOWS full windows of its corpus (mean
-        ablation), measured on first use and kept. Raises, saying what to pass instead, when there is no corpus."""
+        """The SAE's feature and error means over the first ~MEAN_TOKENS document tokens of its corpus, in full
+        windows (mean ablation), measured on first use and kept. Raises, saying what to pass instead, when there is no
+        corpus."""
         if s.key not in self._means:
             try:
-                tokens = sample_tokens(self.examples, self.engine, s, windows=MEAN_WINDOWS)
+                tokens = sample_tokens(self.examples, self.engine, s, windows=mean_windows(self.engine, s))
             except SaeMcpError as exc:
                 raise InvalidInput(f"ablation='mean' needs {s.key}'s corpus for its means, and it cannot be read "
                                    f"({exc}); pass ablation='zero' or a corpus (--corpus)") from exc
