@@ -46,15 +46,15 @@ def ablation_means(engine: Engine, s: LoadedSAE, tokens: torch.Tensor) -> Ablati
     one the spliced model's hook_sae_error sees: the SAE's input minus its reconstruction."""
     first = 1 if s.prepend_bos else 0  # BOS is context, not a document token
     per_chunk = max(1, MEAN_CHUNK_ELEMENTS // (tokens.shape[1] * s.d_sae))  # windows at a time
-    feat_sum = torch.zeros(s.d_sae, dtype=torch.float64, device=engine.device)
-    err_sum = torch.zeros(s.d_in, dtype=torch.float64, device=engine.device)
+    # chunk sums in fp32 on the device, added up in fp64 on the CPU (MPS has no fp64)
+    feat_sum, err_sum = torch.zeros(s.d_sae, dtype=torch.float64), torch.zeros(s.d_in, dtype=torch.float64)
     n = 0
     with torch.inference_mode():
         for chunk in tokens.split(per_chunk):
             x = engine.forward_to_hook(chunk.to(engine.device), s)[:, first:].flatten(0, 1)  # [N, d_in]
             acts = engine.encode(s, x)  # [N, d_sae]
-            feat_sum += acts.sum(0, dtype=torch.float64)
-            err_sum += (x.to(acts.dtype) - s.sae.decode(acts)).sum(0, dtype=torch.float64)  # [d_in]
+            feat_sum += acts.sum(0, dtype=torch.float32).cpu()
+            err_sum += (x.to(acts.dtype) - s.sae.decode(acts)).sum(0, dtype=torch.float32).cpu()  # [d_in]
             n += int(x.shape[0])
     return AblationMeans(features=(feat_sum / max(n, 1)).float(), error=(err_sum / max(n, 1)).float(), tokens=n)
 
