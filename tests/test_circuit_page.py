@@ -198,6 +198,15 @@ def test_the_page_states_the_faithfulness_figures_counts_and_top_paths(traced):
         assert f"{p['weight']:+.4g}" in paths
 
 
+def test_a_mean_ablation_trace_names_its_means_on_the_page(engine, tmp_path):
+    settings = Settings(data_dir=tmp_path, dashboard_url=BASE, corpus=str(demo.CORPUS))
+    services = Services(engine, settings, tools=tool_map())
+    server = build_server(engine, settings, services=services)
+    res = call_tool(server, "trace_circuit", {**TRACE, "max_nodes": 8, "ablation": "mean"}).structured_content
+    n = res["faithfulness"]["mean_tokens"]
+    assert n > 5000 and f"metric under mean ablation (means over {n:,} corpus tokens)" in page(services, res["run_id"])
+
+
 def test_tokens_run_along_the_axis_one_column_per_position(traced):
     services, result = traced
     svg = Svg(page(services, result["run_id"]))

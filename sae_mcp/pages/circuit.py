@@ -258,7 +258,9 @@ def _figures(r: CircuitResult, d: Layout) -> str:
                          "(m(C) − m(∅)) / (m(M) − m(∅)); ~1: the circuit alone reproduces the behaviour</span>"),
         ("completeness", f"<span class='num' id='completeness'>{_num(f.completeness)}</span> <span class='meta'>"
                          "(m(M∖C) − m(∅)) / (m(M) − m(∅)); ~0: nothing outside the circuit does it</span>"),
-        (f"metric under {e(f.ablation)} ablation", f"<span class='num'>m(M) {f.metric_full:+.4g} · m(∅) "
+        (f"metric under {e(f.ablation)} ablation" + ("" if f.mean_tokens is None else
+                                                     f" (means over {f.mean_tokens:,} corpus tokens)"),
+         f"<span class='num'>m(M) {f.metric_full:+.4g} · m(∅) "
          f"{f.metric_empty:+.4g} · m(C) {f.metric_circuit:+.4g} · m(M∖C) {f.metric_without_circuit:+.4g}</span>"),
         ("nodes", f"<span class='num' id='n-nodes'>{r.n_nodes:,}</span> kept of {r.n_candidate_nodes:,} with a "
                   f"nonzero attribution, carrying {100 * r.attribution_kept:.1f}% of the total |attribution|"),
