@@ -33,6 +33,9 @@ before and after issue 24's changes, and a profile of three batches; a few minut
     python bench/bench_index.py --device cuda --tokens 1000000 --corpus-repeat 10 --skip-stories \
         --variants before,+forward,after --profile
 
+The lent GPU machines reach no package index and lack transformer-lens, sae-lens and pydantic: bench/gpu_wheels.sh
+downloads them here as wheels (~44 MB, into .whl/) and gives the command that installs them there and runs this.
+
 What changed: the forward to a residual-stream hook runs transformer-lens' modules with fused SDPA attention
 (engine/fast_forward.py), the SAE encode is computed in place in the scan's precision, into a reused buffer on CPU
 (engine/fast_encode.py), and the state update is written in place, merging only the features that have an entry
