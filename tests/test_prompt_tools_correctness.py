@@ -235,11 +235,28 @@ def test_byte_fallback_tokens_show_their_bytes_instead_of_replacement_characters
     assert "\ufffd" not in "".join(out.tokens)
 
 
+def test_an_ascii_byte_piece_shows_its_character_and_the_lens_filter_reads_whole_texts(stories_engine):
+    """SentencePiece's '<0x20>' (the space) decodes to '' alone: shown as ' ', not as an empty token in a logit
+    lens. And the built-in sets' filter keeps a byte piece only when its whole text is one whitespace character:
+    '' (which `in " \t\n\r"` would let through) is left out with the other byte pieces."""
+    from sae_mcp.engine.token_sets import excluded_from_builtin, vocab_strings
+
+    tok = stories_engine.model.tokenizer
+    space, cr, e2 = tok.convert_tokens_to_ids(["<0x20>", "<0x0D>", "<0xE2>"])
+    assert tok.decode([space]) == ""  # the loss this puts right
+    assert stories_engine.str_tokens(torch.tensor([space, cr, e2])) == [" ", "\r", "<0xE2>"]
+    vocab = vocab_strings(stories_engine)
+    excluded = excluded_from_builtin(stories_engine, vocab)
+    assert space not in excluded and cr not in excluded and e2 in excluded
+    vocab[space] = ""  # as str_tokens wrote it before
+    assert space in excluded_from_builtin(stories_engine, vocab)
+
+
 def test_byte_level_bpe_pieces_map_back_to_their_utf8_bytes():
     """Against the tokenizers library's own byte-level alphabet and pre-tokenizer (GPT-2, Llama 3, Qwen style)."""
     from tokenizers.pre_tokenizers import ByteLevel
 
-    from sae_mcp.engine.runtime import _BYTE_LEVEL, _bytes_of_piece
+    from sae_mcp.engine.pieces import _BYTE_LEVEL, _bytes_of_piece
 
     assert set(_BYTE_LEVEL) == set(ByteLevel.alphabet())
     for text in ("😀", " 東京", "é"):

@@ -41,6 +41,7 @@ from sae_mcp.engine.loading import (
     preflight_offline,
     processing_for,
 )
+from sae_mcp.engine.pieces import shown_piece
 from sae_mcp.engine.saes import LoadedSAE, load_sae, split_alias
 from sae_mcp.errors import Cancelled, InvalidInput, LoadError, NotFound
 from sae_mcp.results import ModelInfo, SaeInfo
@@ -229,24 +230,12 @@ class Engine:
         return tokens
 
     def str_tokens(self, tokens: torch.Tensor) -> list[str]:
-        """[seq] or [1, seq] ids -> one string per token, as the tokenizer writes it.
-
-        SentencePiece tokenizers (Llama, Gemma) drop a token's leading space when it is decoded alone; the piece
-        keeps it as U+2581, so we put the space back (' Lily' and 'Lily' stay distinguishable). A token holding
-        part of a multi-byte character decodes to U+FFFD alone; we show its bytes instead ('<0xF0><0x9F>'), so an
-        agent can tell the positions of an emoji apart.
-        """
+        """[seq] or [1, seq] ids -> one string per token, as the tokenizer writes it: each token decoded alone, put
+        right where that loses what the token is (a SentencePiece leading space, part of a multi-byte character,
+        an ASCII byte piece: pieces.shown_piece)."""
         ids = [int(i) for i in tokens.reshape(-1).tolist()]
         pieces = self.tokenizer.convert_ids_to_tokens(ids)
-        out = []
-        for i, piece in zip(ids, pieces):
-            text = self.decode([i])
-            if "\ufffd" in text and isinstance(piece, str):
-                text = _bytes_of_piece(piece) or text
-            elif isinstance(piece, str) and piece.startswith("\u2581") and not text.startswith(" "):
-                text = " " + text
-            out.append(text)
-        return out
+        return [shown_piece(self.decode([i]), piece) for i, piece in zip(ids, pieces)]
 
     # -- device work --------------------------------------------------------------------------------------------
 
@@ -328,33 +317,6 @@ class Engine:
         `on_block(rows, first_row)`: handed each finished block of rows, as fast_encode.encode says)."""
         with torch.inference_mode():
             return fast_encode.encode(sae.sae, acts.to(sae.sae.dtype), out, on_block)
-
-
-def _byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's byte-level BPE writes each byte as a printable character: printable Latin-1 bytes stand for
-    themselves, the other 68 bytes for code points 256 and up, in byte order. Inverse map: char -> byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
-                 *range(ord("\xae"), ord("\xff") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[chr(b)] = b
-        else:
-            table[chr(256 + extra)] = b
-            extra += 1
-    return table
-
-
-_BYTE_LEVEL = _byte_level_alphabet()
-
-
-def _bytes_of_piece(piece: str) -> str | None:
-    """A vocabulary piece holding raw bytes -> '<0xF0><0x9F>'; None when it is not a byte piece."""
-    if piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback: already in this form
-        return piece
-    if piece and all(c in _BYTE_LEVEL for c in piece):  # byte-level BPE (GPT-2, Llama 3, Qwen)
-        return "".join(f"<0x{_BYTE_LEVEL[c]:02X}>" for c in piece)
-    return None
 
 
 def model_info(engine: Engine) -> ModelInfo:

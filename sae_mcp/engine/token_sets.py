@@ -97,7 +97,8 @@ def excluded_from_builtin(engine: Engine, vocab: list[str]) -> frozenset[int]:
     special = set(getattr(tok, "all_special_ids", None) or [])
     out = set()
     for i, (text, piece) in enumerate(zip(vocab, pieces)):
-        byte_piece = isinstance(piece, str) and piece.startswith("<0x") and text not in KEPT_WHITESPACE
+        kept = len(text) == 1 and text in KEPT_WHITESPACE  # whole text: '' is `in` every string
+        byte_piece = isinstance(piece, str) and piece.startswith("<0x") and not kept
         control = any(unicodedata.category(c).startswith("C") and c not in KEPT_WHITESPACE for c in text)
         if i in special or byte_piece or control:
             out.add(i)
