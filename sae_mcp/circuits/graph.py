@@ -25,8 +25,9 @@ Edges into the metric are the attributions of the last SAE's nodes. Weights are 
 Faithfulness (Marks et al.): with zero ablation, (m(C) - m(empty)) / (m(M) - m(empty)), m(C) the metric with every
 node outside the circuit zeroed at every traced SAE (the circuit's nodes recomputed from what reaches them),
 m(empty) with every node zeroed (each SAE then writes its b_dec), m(M) the model; and completeness from m(M \\ C),
-the circuit's nodes zeroed. Mean ablation would need each feature's mean activation, which the index does not
-keep yet.
+the circuit's nodes zeroed. With ablation='mean' (request.ablation), ablated nodes are set to their means over
+corpus tokens instead (faithfulness.py: AblationMeans, asked of means_of); node attributions and exact
+contributions stay zero-based ("what zeroing the node does").
 """
 
 from __future__ import annotations
