@@ -394,6 +394,43 @@ def test_the_means_are_each_feature_and_error_mean_over_the_corpus_windows(engin
     assert services.ablation_means(s) is got
 
 
+def test_a_call_queued_while_the_means_are_measured_answers_between_their_chunks(engine, monkeypatch):
+    """The means take the device a chunk of windows at a time (issue 20's short calls between long steps): a
+    next_token started after the first chunk answers before the means are done (by order, with a hang guard; it
+    would wait to the end if the device were held across chunks), and the means equal those measured alone."""
+    import threading
+
+    from sae_mcp.circuits import faithfulness
+    from sae_mcp.engine import logits as L
+
+    from helpers.models import stories_texts
+
+    tok = engine.model.tokenizer
+    docs = [tok(t, add_special_tokens=False)["input_ids"] for t in stories_texts(40)]
+    tokens = torch.tensor([[1] + d[:63] for d in docs if len(d) >= 63][:12])  # [12, 64]
+    s = sae_of(engine, 3)
+    monkeypatch.setattr(faithfulness, "MEAN_CHUNK_ELEMENTS", 3 * 64 * s.d_sae)  # 4 chunks of 3 windows
+    alone = faithfulness.ablation_means(engine, s, tokens)
+    order: list[str] = []
+    done = threading.Event()
+
+    def short_call() -> None:
+        L.next_token(engine, PROMPT, top_k=3)
+        order.append("next_token")
+        done.set()
+
+    def after_chunk(i: int) -> None:
+        if i == 1:
+            threading.Thread(target=short_call, daemon=True).start()
+            done.wait(60)  # a hang guard only: it answers at once while the device is free between chunks
+
+    interleaved = faithfulness.ablation_means(engine, s, tokens, after_chunk=after_chunk)
+    order.append("means")
+    assert order == ["next_token", "means"]
+    assert torch.equal(interleaved.features, alone.features) and torch.equal(interleaved.error, alone.error)
+    assert interleaved.tokens == alone.tokens == 12 * 63 and engine.is_clean()
+
+
 OVERSHOOT_PROMPT, OVERSHOOT_ANSWER = "Once upon a time, there was a little girl named Lily. She", " was"
 
 

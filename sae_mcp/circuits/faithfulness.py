@@ -16,6 +16,7 @@ named Lily. She' -> ' was', 10 nodes: gap 0.44, faithfulness 5.33, completeness 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,22 +41,27 @@ class AblationMeans:
 MEAN_CHUNK_ELEMENTS = 1 << 25  # activations held at once while averaging: 128 MB of fp32 (24576 wide: ~1.4k tokens)
 
 
-def ablation_means(engine: Engine, s: LoadedSAE, tokens: torch.Tensor) -> AblationMeans:
+def ablation_means(engine: Engine, s: LoadedSAE, tokens: torch.Tensor,
+                   after_chunk: Callable[[int], None] | None = None) -> AblationMeans:
     """tokens [B, T] (corpus windows) -> the SAE's AblationMeans over their document tokens, a few windows at a
-    time (the [tokens, d_sae] activations of all of them could be GBs). Call inside device_work(). The error is the
-    one the spliced model's hook_sae_error sees: the SAE's input minus its reconstruction."""
+    time (the [tokens, d_sae] activations of all of them could be GBs), taking the device per chunk: other calls
+    answer between chunks, and an abandoned call stops at the next one. `after_chunk(chunks done)` runs after each,
+    off the device. The error is the one the spliced model's hook_sae_error sees: the SAE's input minus its
+    reconstruction."""
     first = 1 if s.prepend_bos else 0  # BOS is context, not a document token
     per_chunk = max(1, MEAN_CHUNK_ELEMENTS // (tokens.shape[1] * s.d_sae))  # windows at a time
     # chunk sums in fp32 on the device, added up in fp64 on the CPU (MPS has no fp64)
     feat_sum, err_sum = torch.zeros(s.d_sae, dtype=torch.float64), torch.zeros(s.d_in, dtype=torch.float64)
     n = 0
-    with torch.inference_mode():
-        for chunk in tokens.split(per_chunk):
+    for i, chunk in enumerate(tokens.split(per_chunk)):
+        with engine.device_work(), torch.inference_mode():
             x = engine.forward_to_hook(chunk.to(engine.device), s)[:, first:].flatten(0, 1)  # [N, d_in]
             acts = engine.encode(s, x)  # [N, d_sae]
             feat_sum += acts.sum(0, dtype=torch.float32).cpu()
             err_sum += (x.to(acts.dtype) - s.sae.decode(acts)).sum(0, dtype=torch.float32).cpu()  # [d_in]
             n += int(x.shape[0])
+        if after_chunk is not None:
+            after_chunk(i + 1)
     return AblationMeans(features=(feat_sum / max(n, 1)).float(), error=(err_sum / max(n, 1)).float(), tokens=n)
 
 

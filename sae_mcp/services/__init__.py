@@ -187,8 +187,7 @@ class Services:
             if tokens.shape[0] == 0:
                 raise InvalidInput(f"ablation='mean' needs full-length windows of {s.key}'s corpus for its means, "
                                    "and it has none; pass ablation='zero'")
-            with self.engine.device_work():
-                self._means[s.key] = ablation_means(self.engine, s, tokens)
+            self._means[s.key] = ablation_means(self.engine, s, tokens)  # takes the device per chunk
         return self._means[s.key]
 
     def _max_activation(self, sae_key: str, feature: int) -> tuple[float, str] | None:
