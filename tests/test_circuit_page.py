@@ -346,7 +346,7 @@ def test_serve_over_http_serves_the_circuit_page_beside_mcp(engine, tmp_path):
 
 def test_the_page_renders_in_chromium_under_the_csp_with_every_node_linked(traced, artifacts, tmp_path):
     from helpers.browser import CHROMIUM, chromium
-    from helpers.servers import serve_pages
+    from helpers.servers import serving_pages
     from webdriver_client import CHROMEDRIVER, WebDriver
 
     if CHROMIUM is None or CHROMEDRIVER is None:
@@ -354,29 +354,28 @@ def test_the_page_renders_in_chromium_under_the_csp_with_every_node_linked(trace
     services, result = traced
     graph = result["graph"]
     features = [n for n in graph["nodes"] if n["kind"] == "feature"]
-    server, thread, base = serve_pages(services)
-    driver = WebDriver(CHROMIUM, tmp_path / "profile", width=1500, height=1400)
-    try:
-        url = f"{base}/circuits/{result['run_id']}"
-        driver.get(url)
-        assert driver.wait_for("return document.querySelectorAll('svg.circuit .node').length") == len(graph["nodes"])
-        hrefs = driver.script("return [...document.querySelectorAll('svg.circuit a')].map(a => a.href.baseVal ?? "
-                              "a.getAttribute('href'))")
-        assert sorted(hrefs) == sorted(feature_path(n["sae"], n["feature"]) for n in features)
-        assert driver.script("return document.querySelectorAll('script').length") == 0  # the label stayed text
-        box = driver.script("const b = document.getElementById('circuit').getBoundingClientRect(); "
-                            "return [b.width, b.height]")
-        assert box[0] > 500 and box[1] > 200  # drawn, not blocked
-        first = features[0]
-        driver.click(f"svg.circuit g[data-node='{first['node_id']}'] a circle")  # a node is a working link
-        title = driver.wait_for("return document.getElementById('title')?.textContent.startsWith('Feature') && "
-                                "document.getElementById('title').textContent")
-        assert title == f"Feature {first['feature']} · {first['sae']}"
-        shot = artifacts / "circuit_page.png"
-        chromium(url, tmp_path / "p2", f"--screenshot={shot}", "--window-size=1500,1400")
-        assert shot.stat().st_size > 10_000
-        print(f"screenshot: {shot}")
-    finally:
-        driver.close()
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serving_pages(services) as base:
+        driver = WebDriver(CHROMIUM, tmp_path / "profile", width=1500, height=1400)
+        try:
+            url = f"{base}/circuits/{result['run_id']}"
+            driver.get(url)
+            drawn = driver.wait_for("return document.querySelectorAll('svg.circuit .node').length")
+            assert drawn == len(graph["nodes"])
+            hrefs = driver.script("return [...document.querySelectorAll('svg.circuit a')].map(a => a.href.baseVal ?? "
+                                  "a.getAttribute('href'))")
+            assert sorted(hrefs) == sorted(feature_path(n["sae"], n["feature"]) for n in features)
+            assert driver.script("return document.querySelectorAll('script').length") == 0  # the label stayed text
+            box = driver.script("const b = document.getElementById('circuit').getBoundingClientRect(); "
+                                "return [b.width, b.height]")
+            assert box[0] > 500 and box[1] > 200  # drawn, not blocked
+            first = features[0]
+            driver.click(f"svg.circuit g[data-node='{first['node_id']}'] a circle")  # a node is a working link
+            title = driver.wait_for("return document.getElementById('title')?.textContent.startsWith('Feature') && "
+                                    "document.getElementById('title').textContent")
+            assert title == f"Feature {first['feature']} · {first['sae']}"
+            shot = artifacts / "circuit_page.png"
+            chromium(url, tmp_path / "p2", f"--screenshot={shot}", "--window-size=1500,1400")
+            assert shot.stat().st_size > 10_000
+            print(f"screenshot: {shot}")
+        finally:
+            driver.close()

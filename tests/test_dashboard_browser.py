@@ -15,7 +15,7 @@ from sae_mcp.pages.feature import PAGE_CONTEXT, PAGE_INTERVALS, PAGE_PER_INTERVA
 
 from helpers.browser import CHROMIUM, NO_CHROMIUM, chromium, dump_dom
 from helpers.models import only_sae
-from helpers.servers import indexed_stories_services, serve_pages, services_at
+from helpers.servers import indexed_stories_services, services_at, serving_pages
 from mcp_client import call_tool
 from page_dom import parse
 from webdriver_client import CHROMEDRIVER, WebDriver
@@ -27,10 +27,8 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
 def dashboard(tiny_engine, tmp_path):
     """The tiny model's pages for the length of one test."""
     services = services_at(tiny_engine, tmp_path / "data")
-    server, thread, base = serve_pages(services)
-    yield services, base
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving_pages(services) as base:
+        yield services, base
 
 
 def screenshot(url: str, profile, name: str, artifacts: Path, height: int, wait_ms: int = 0) -> Path:
@@ -73,10 +71,8 @@ def stories_site(stories_engine, stories_sae_dir, tmp_path_factory):
     from sae_mcp.server.app import build_server
 
     services = indexed_stories_services(stories_engine, stories_sae_dir, tmp_path_factory.mktemp("browser"))
-    server, thread, base = serve_pages(services)
-    yield services, build_server(stories_engine, services.settings, services=services, record=False), base
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving_pages(services) as base:
+        yield services, build_server(stories_engine, services.settings, services=services, record=False), base
 
 
 def busiest_banded_feature(services) -> int:

@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import anyio
@@ -34,7 +33,7 @@ from sae_mcp.server.sessions import SessionLimiter
 from sae_mcp.services import Services
 
 from helpers.models import STORIES_HF, only_sae
-from helpers.servers import free_port, services_at
+from helpers.servers import free_port, services_at, serving_pages
 
 TOKEN = "test-token-0123456789abcdef"
 INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
@@ -446,25 +445,12 @@ def test_the_token_redirect_never_leaves_this_server(path):
 def test_a_person_opens_the_dashboard_in_chromium_with_the_token_once_in_the_url(tiny_engine, tmp_path, key):
     """The page URL with ?token= redirects with the cookie set; the browser follows and renders the card, and the
     test box's script reaches its JSON endpoint with that cookie."""
-    import uvicorn
-
     from helpers.browser import CHROMIUM, NO_CHROMIUM, dump_dom
 
     if CHROMIUM is None:
         pytest.skip(NO_CHROMIUM)
     services = services_at(tiny_engine, tmp_path / "data")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))  # bound here: no other process can take the port before uvicorn listens on it
-    policy = HttpPolicy(port=sock.getsockname()[1], token=TOKEN)
-    server = uvicorn.Server(uvicorn.Config(dashboard_app(services, policy), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.time() + 20
-        while not server.started and time.time() < deadline:
-            time.sleep(0.05)
-        assert server.started, "uvicorn did not start"
-        base = f"http://127.0.0.1:{policy.port}"
+    with serving_pages(services, token=TOKEN) as base:
         opened = dump_dom(f"{base}/features/{key}/6?token={TOKEN}&text=the%20cat%20sat", tmp_path / "p1", 8000)
         assert f"Feature 6 · {key}" in opened
         # the test box's script fetched its JSON with the cookie (same origin: no Origin header to refuse)
@@ -472,10 +458,6 @@ def test_a_person_opens_the_dashboard_in_chromium_with_the_token_once_in_the_url
         assert box.count("data-act=") == 4, box  # <s> the cat sat
         refused = dump_dom(f"{base}/features/{key}/6", tmp_path / "p2")  # a fresh browser has no cookie
         assert "needs the server's token" in refused and "Feature 6" not in refused
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 # ------------------------------------------------------------------------------------------------ the CLI

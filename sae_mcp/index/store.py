@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sae_mcp.store.db import open_db, slug
+from sae_mcp.store.db import add_columns, open_db, slug
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -98,10 +98,7 @@ class IndexStore:
         self.path = Path(path)
         self.conn = open_db(self.path)
         self.conn.executescript(SCHEMA)
-        have = [c[1] for c in self.conn.execute("PRAGMA table_info(scans)")]
-        for col, kind in ADDED_COLUMNS:  # a file from before the column existed
-            if col not in have:
-                self.conn.execute(f"ALTER TABLE scans ADD COLUMN {col} {kind}")
+        add_columns(self.conn, "scans", ADDED_COLUMNS)  # a file from before the column existed
         self._lock = threading.Lock()
         old = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
         if old and not same_meta(old, meta):

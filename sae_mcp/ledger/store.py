@@ -65,7 +65,7 @@ from sae_mcp.ledger.bounds import (
     without_secrets,
 )
 from sae_mcp.ledger.records import Pruned, Run, Session
-from sae_mcp.store.db import open_db
+from sae_mcp.store.db import add_columns, open_db
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS envs (id TEXT PRIMARY KEY, body TEXT NOT NULL, created REAL NOT NULL);
@@ -136,7 +136,7 @@ class LedgerStore:
         # server on the same data dir holds the lock for one insert); past this the run is logged as not recorded.
         self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         self.conn.executescript(SCHEMA)
-        self._add_columns()
+        add_columns(self.conn, "runs", ADDED_COLUMNS)  # a ledger written before them
         self.conn.executescript(INDEXES)
         self._lock = threading.Lock()
 
@@ -146,17 +146,6 @@ class LedgerStore:
 
     def close(self) -> None:
         self.conn.close()
-
-    def _add_columns(self) -> None:
-        """A ledger written before ADDED_COLUMNS gets them (a second server may add one first)."""
-        have = {row[1] for row in self.conn.execute("PRAGMA table_info(runs)")}
-        for name, kind in ADDED_COLUMNS:
-            try:
-                if name not in have:
-                    self.conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
-            except sqlite3.OperationalError as exc:
-                if "duplicate column" not in str(exc):
-                    raise
 
     # -- writing ------------------------------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sae_mcp.store.db import open_db
+from sae_mcp.store.db import add_columns, open_db
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS challenges (
@@ -100,13 +100,7 @@ class ScoreStore:
 
     def _add_columns(self) -> None:
         """Add the challenges' columns a store written before them lacks (one transaction: two servers may open it)."""
-        def go(conn: sqlite3.Connection) -> None:
-            have = {r[1] for r in conn.execute("PRAGMA table_info(challenges)")}
-            for name, kind in ADDED_COLUMNS.items():
-                if name not in have:
-                    conn.execute(f"ALTER TABLE challenges ADD COLUMN {name} {kind}")
-
-        self._write(go)
+        self._write(lambda conn: add_columns(conn, "challenges", ADDED_COLUMNS.items()))
 
     def close(self) -> None:
         self.conn.close()

@@ -38,7 +38,7 @@ from typing import Literal
 import numpy as np
 
 from sae_mcp.errors import InvalidInput
-from sae_mcp.store.db import open_db, slug
+from sae_mcp.store.db import add_columns, open_db, slug
 from sae_mcp.store.embedders import Embedder, default_embedder
 
 log = logging.getLogger(__name__)
@@ -156,14 +156,7 @@ class ExplanationStore:
     def _migrate(self) -> None:
         """Stores written before labels had an idempotency key (or cited runs) get the column (a second server may
         add it first)."""
-        have = {row[1] for row in self.conn.execute("PRAGMA table_info(labels)")}
-        for column in ("idempotency_key", "evidence_runs"):
-            try:
-                if column not in have:
-                    self.conn.execute(f"ALTER TABLE labels ADD COLUMN {column} TEXT")
-            except sqlite3.OperationalError as exc:
-                if "duplicate column" not in str(exc):
-                    raise
+        add_columns(self.conn, "labels", [("idempotency_key", "TEXT"), ("evidence_runs", "TEXT")])
         self.conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS labels_idempotency ON labels (idempotency_key) "
                           "WHERE idempotency_key IS NOT NULL")
 

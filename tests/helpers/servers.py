@@ -10,6 +10,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -113,20 +114,29 @@ def cli(*argv: str) -> tuple[int, str]:
     return rc, out.getvalue()
 
 
-def serve_pages(services: Services):
-    """The dashboard app on a localhost port, served by uvicorn on a thread: (server, thread, base URL)."""
+@contextlib.contextmanager
+def serving_pages(services: Services, token: str | None = None) -> Iterator[str]:
+    """The dashboard app served by uvicorn on a thread, on a loopback socket bound here (no other process can take
+    the port before uvicorn listens on it); yields the base URL, and stops it afterwards. Without a token: Host/Origin
+    checks and CSP on, no login."""
     import uvicorn
 
     from sae_mcp.server.http import dashboard_app
     from sae_mcp.server.security import HttpPolicy
 
-    port = free_port()
-    app = dashboard_app(services, HttpPolicy(port=port))  # loopback without a token: Host/Origin checks and CSP on
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    policy = HttpPolicy(port=sock.getsockname()[1], token=token)
+    server = uvicorn.Server(uvicorn.Config(dashboard_app(services, policy), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.time() + 20  # a hang guard
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    return server, thread, f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 20  # a hang guard
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        assert server.started, "uvicorn did not start"
+        yield f"http://127.0.0.1:{policy.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
